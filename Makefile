@@ -1,0 +1,34 @@
+# Two commands set up everything on a fresh machine:
+#   make demo   -> builds .venv, runs the main job end to end on the offline synthetic cohort
+#   make test   -> builds .venv (with test extras), runs the test suite (slow tests excluded)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is capped here by the machine; elsewhere pip picks the user's own build.
+TORCH_SPEC ?= torch<=2.14.1 torchvision<=0.29.1
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export MPLBACKEND ?= Agg
+
+.PHONY: venv demo test test-all clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch<=2.14.1" "torchvision<=0.29.1"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/slice2vol demo --out runs/demo
+
+test: venv
+	$(PY) -m pytest -q
+
+test-all: venv
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) runs

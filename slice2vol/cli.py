@@ -1,0 +1,83 @@
+"""Command line: ``slice2vol <command> ...``.
+
+Each subcommand lives in ``slice2vol/commands/<name>.py`` and defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Command modules import heavy libraries inside
+``run`` so that ``slice2vol --help`` stays fast. A module listed here that does not exist yet is
+skipped, so jobs can be added one file at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from slice2vol import __version__
+
+# Order is the order shown in --help.
+COMMANDS = (
+    "info",
+    "synth",
+    "encoders",
+    "cache",
+    "aggregate",
+    "finetune",
+    "pretrain",
+    "embed",
+    "bench",
+    "index",
+    "search",
+    "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slice2vol",
+        description="2D foundation models vs native-3D encoders on brain MRI.",
+    )
+    parser.add_argument("--version", action="version", version=f"slice2vol {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"slice2vol.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"slice2vol.commands.{name}":
+                continue
+            raise
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status (0 ok, 1 some subjects failed, 2 usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+        # Known user errors get one line, not a traceback.
+        if args.verbose:
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"slice2vol {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Cohorts: a CSV manifest or a folder/BIDS glob -> subjects with image paths and labels.
+
+A manifest is a CSV with a ``subject_id`` column, one column per image modality (values are paths
+ending in ``.nii`` or ``.nii.gz``, relative to the manifest's folder), an optional segmentation
+column (``seg``), optional other label maps (columns whose name contains ``mask`` or ``lesion``),
+and any label columns. Rows that cannot be used (duplicate IDs, missing files) are recorded in
+``Cohort.failures`` and left out; the other subjects load normally.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+
+from slice2vol.data.io import Volume, VolumeConfig, VolumeError, load_volume
+
+LabelType = Literal["categorical", "continuous"]
+_NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read at all (the message names the file)."""
+
+
+@dataclass
+class Subject:
+    subject_id: str
+    images: dict[str, Path]
+    seg: Path | None = None
+    maps: dict[str, Path] = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Failure:
+    subject_id: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.subject_id}: {self.message}"
+
+
+@dataclass
+class Cohort:
+    """Subjects that can be loaded, label metadata, and the rows that could not.
+
+    Attributes:
+        subjects: usable subjects in manifest order.
+        label_types: label column -> ``categorical`` or ``continuous``.
+        failures: rows left out, with the reason.
+        source: the manifest file or folder.
+    """
+
+    subjects: list[Subject]
+    label_types: dict[str, LabelType]
+    failures: list[Failure] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    @property
+    def ids(self) -> list[str]:
+        return [s.subject_id for s in self.subjects]
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.subjects[0].images) if self.subjects else []
+
+    def subset(self, ids: Sequence[str]) -> "Cohort":
+        wanted = set(ids)
+        return Cohort([s for s in self.subjects if s.subject_id in wanted], dict(self.label_types),
+                      list(self.failures), self.source)
+
+    def labels(self) -> pd.DataFrame:
+        """Label table indexed by subject_id (one column per label)."""
+        rows = [{"subject_id": s.subject_id, **s.labels} for s in self.subjects]
+        return pd.DataFrame(rows, columns=["subject_id", *self.label_types]).set_index("subject_id")
+
+    def iter_volumes(
+        self, cfg: VolumeConfig | None = None, *, with_seg: bool = True
+    ) -> Iterator[Volume]:
+        """Loads subjects one by one; a subject that fails is appended to ``failures`` and skipped."""
+        for subject in self.subjects:
+            try:
+                yield load_subject(subject, cfg, with_seg=with_seg)
+            except VolumeError as err:
+                self.failures.append(Failure(subject.subject_id, err.path, str(err)))
+
+    def failure_report(self) -> str:
+        if not self.failures:
+            return "no failures"
+        lines = [f"{len(self.failures)} subject(s) failed:"]
+        lines += [f"  {f}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def load_subject(subject: Subject, cfg: VolumeConfig | None = None, *, with_seg: bool = True) -> Volume:
+    """Loads one manifest subject (all modalities as channels, plus seg and other maps)."""
+    return load_volume(
+        subject.images,
+        cfg,
+        seg=subject.seg if with_seg else None,
+        maps=subject.maps if with_seg else None,
+        subject_id=subject.subject_id,
+    )
+
+
+def infer_label_type(values: pd.Series, max_classes: int = 10) -> LabelType:
+    """Non-numeric, boolean, or integer with few distinct values -> categorical; else continuous."""
+    values = values.dropna()
+    if values.empty:
+        return "categorical"
+    if values.dtype == bool or not pd.api.types.is_numeric_dtype(values):
+        return "categorical"
+    as_float = values.astype(float)
+    if np.all(np.equal(np.mod(as_float, 1), 0)) and as_float.nunique() <= max_classes:
+        return "categorical"
+    return "continuous"
+
+
+def _is_path_column(series: pd.Series) -> bool:
+    values = series.dropna().astype(str)
+    return not values.empty and bool(values.map(lambda v: bool(_NIFTI.search(v))).all())
+
+
+def load_manifest(
+    path: str | Path,
+    *,
+    id_column: str = "subject_id",
+    image_columns: Sequence[str] | None = None,
+    seg_column: str | None = "seg",
+    label_columns: Sequence[str] | None = None,
+    label_types: dict[str, LabelType] | None = None,
+) -> Cohort:
+    """Reads a CSV manifest into a :class:`Cohort`.
+
+    Args:
+        path: the CSV file; relative image paths are resolved against its folder.
+        id_column: column holding unique subject IDs.
+        image_columns: modality columns in channel order; default: every column of NIfTI paths
+            that is not the segmentation or a mask/lesion map.
+        seg_column: segmentation column, if present.
+        label_columns: label columns; default: every remaining column.
+        label_types: overrides for the inferred label types.
+
+    Raises:
+        ManifestError: unreadable file, missing id column or no image column.
+    """
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype={id_column: str})
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: cannot read manifest ({' '.join(str(err).split())[:120]})") from None
+    if id_column not in table.columns:
+        raise ManifestError(f"{path}: no {id_column!r} column (columns: {list(table.columns)})")
+    root = path.parent
+    path_columns = [c for c in table.columns if c != id_column and _is_path_column(table[c])]
+    if seg_column not in table.columns:
+        seg_column = None
+    map_columns = [c for c in path_columns if c != seg_column and re.search("mask|lesion", c, re.I)]
+    if image_columns is None:
+        image_columns = [c for c in path_columns if c != seg_column and c not in map_columns]
+    missing_cols = [c for c in image_columns if c not in table.columns]
+    if missing_cols or not image_columns:
+        raise ManifestError(f"{path}: image column(s) {missing_cols or '(none found)'} not in {list(table.columns)}")
+    if label_columns is None:
+        label_columns = [c for c in table.columns if c not in {id_column, seg_column, *path_columns}]
+    types = {c: infer_label_type(table[c]) for c in label_columns}
+    types.update(label_types or {})
+    return _build_cohort(table, root, str(path), id_column, list(image_columns), seg_column,
+                         map_columns, types)
+
+
+def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
+                  image_columns: list[str], seg_column: str | None, map_columns: list[str],
+                  types: dict[str, LabelType]) -> Cohort:
+    failures: list[Failure] = []
+    ids = table[id_column].astype(str).str.strip()
+    duplicated = set(ids[ids.duplicated()])
+    for dup in sorted(duplicated):
+        count = int((ids == dup).sum())
+        failures.append(Failure(dup, source, f"{source}: duplicate subject_id {dup!r} ({count} rows); all left out"))
+
+    def resolve(value: Any) -> Path | None:
+        if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+            return None
+        p = Path(str(value).strip()).expanduser()
+        return p if p.is_absolute() else root / p
+
+    subjects: list[Subject] = []
+    for sid, (_, row) in zip(ids, table.iterrows()):
+        if sid in duplicated:
+            continue
+        if sid in ("", "nan"):
+            failures.append(Failure("?", source, f"{source}: row {_ + 2} has no subject_id"))
+            continue
+        images = {c: resolve(row[c]) for c in image_columns}
+        seg = resolve(row[seg_column]) if seg_column else None
+        maps = {c: p for c in map_columns if (p := resolve(row[c])) is not None}
+        absent = [f"{c} ({p})" if p else f"{c} (empty)" for c, p in images.items() if p is None or not p.exists()]
+        if seg is not None and not seg.exists():
+            absent.append(f"{seg_column} ({seg})")
+        absent += [f"{c} ({p})" for c, p in maps.items() if not p.exists()]
+        if absent:
+            first = next((p for p in [*images.values(), seg] if p is not None), source)
+            failures.append(Failure(sid, str(first), f"{first}: file not found: {', '.join(absent)}"))
+            continue
+        labels = {c: _clean(row[c], types[c]) for c in types}
+        subjects.append(Subject(sid, images, seg, maps, labels))  # type: ignore[arg-type]
+    return Cohort(subjects, types, failures, source)
+
+
+def _clean(value: Any, kind: LabelType) -> Any:
+    if pd.isna(value):
+        return None
+    if kind == "continuous":
+        return float(value)
+    return value.item() if hasattr(value, "item") else value
+
+
+def cohort_from_glob(
+    root: str | Path,
+    pattern: str = "sub-*/**/anat/*.nii*",
+    *,
+    id_regex: str = r"(sub-[A-Za-z0-9]+)",
+    modality_regex: str = r"_([A-Za-z0-9]+)\.nii",
+    participants: str | Path | None = None,
+) -> Cohort:
+    """Builds a cohort from files matching a glob (BIDS layout by default).
+
+    The subject ID is the first match of ``id_regex`` in the path (default: BIDS ``sub-XX``; for a
+    flat folder use ``id_regex=r"^([^.]+)"``); the modality is ``modality_regex`` on the file name
+    (BIDS suffix such as ``T1w``). Labels come from ``participants.tsv`` under ``root`` (or the
+    file given), if present.
+    """
+    root = Path(root)
+    files = sorted(p for p in root.glob(pattern) if _NIFTI.search(p.name))
+    if not files:
+        raise ManifestError(f"{root}: no NIfTI file matches {pattern!r}")
+    rows: dict[str, dict[str, str]] = {}
+    failures: list[Failure] = []
+    for f in files:
+        rel = f.relative_to(root)
+        m = re.search(id_regex, str(rel))
+        sid = m.group(1) if m else f.name.split(".nii")[0]
+        mm = re.search(modality_regex, f.name)
+        modality = mm.group(1) if mm else "image"
+        row = rows.setdefault(sid, {"subject_id": sid})
+        if modality in row:
+            failures.append(Failure(sid, str(f), f"{f}: second {modality} image for {sid} "
+                                                   f"(first: {row[modality]}); subject left out"))
+            row["__dup__"] = "1"
+        row[modality] = str(f)
+    table = pd.DataFrame([r for r in rows.values() if "__dup__" not in r])
+    labels: dict[str, LabelType] = {}
+    part = Path(participants) if participants else root / "participants.tsv"
+    if part.exists() and not table.empty:
+        sep = "\t" if part.suffix == ".tsv" else ","
+        info = pd.read_csv(part, sep=sep, dtype={"participant_id": str})
+        key = "participant_id" if "participant_id" in info.columns else info.columns[0]
+        info = info.rename(columns={key: "subject_id"})
+        table = table.merge(info, on="subject_id", how="left")
+        labels = {c: infer_label_type(info[c]) for c in info.columns if c != "subject_id"}
+    image_cols = [c for c in table.columns if c != "subject_id" and c not in labels]
+    cohort = _build_cohort(table, root, str(root), "subject_id", image_cols, None, [], labels)
+    cohort.failures[:0] = failures
+    return cohort
