@@ -1,0 +1,90 @@
+"""Manifests and globs: relative paths, label types, duplicate IDs, missing files, BIDS."""
+
+from __future__ import annotations
+
+import pytest
+
+from slice2vol.data import ManifestError, cohort_from_glob, load_manifest
+from slice2vol.data.manifest import infer_label_type
+from tests.conftest import blob_volume, write_nifti
+
+import pandas as pd
+
+
+def _files(tmp_path, names):
+    return [write_nifti(tmp_path / "img" / n, blob_volume(seed=i)) for i, n in enumerate(names)]
+
+
+def test_relative_paths_labels_and_modalities(tmp_path):
+    _files(tmp_path, ["a_t1.nii.gz", "a_t2.nii.gz", "b_t1.nii.gz", "b_t2.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,t2,dx,score\n"
+                   "a,img/a_t1.nii.gz,img/a_t2.nii.gz,AD,1.5\n"
+                   "b,img/b_t1.nii.gz,img/b_t2.nii.gz,CN,2.25\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"] and cohort.modalities == ["t1", "t2"]
+    assert cohort.label_types == {"dx": "categorical", "score": "continuous"}
+    assert cohort.subjects[0].images["t1"] == tmp_path / "img" / "a_t1.nii.gz"
+    volumes = list(cohort.iter_volumes())
+    assert volumes[0].data.shape[0] == 2
+    assert cohort.labels().loc["b", "score"] == 2.25
+
+
+def test_duplicate_ids_reported_and_others_load(tmp_path):
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\nx,img/a.nii.gz\ny,img/b.nii.gz\nx,img/c.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["y"]
+    assert len(cohort.failures) == 1 and "duplicate subject_id 'x' (2 rows)" in cohort.failures[0].message
+    assert str(csv) in cohort.failures[0].message
+    assert [v.subject_id for v in cohort.iter_volumes()] == ["y"]
+
+
+def test_missing_file_reported_and_others_load(tmp_path):
+    _files(tmp_path, ["a.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\na,img/a.nii.gz\nb,img/gone.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a"]
+    assert "gone.nii.gz" in cohort.failures[0].message and "file not found" in cohort.failures[0].message
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["M", "F", "M"], "categorical"),
+    ([0, 1, 1, 0], "categorical"),
+    ([23.4, 50.1, 70.0], "continuous"),
+    (list(range(30)), "continuous"),
+    ([True, False], "categorical"),
+])
+def test_label_type_inference(values, expected):
+    assert infer_label_type(pd.Series(values)) == expected
+
+
+def test_unreadable_manifest_and_missing_id_column(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found"):
+        load_manifest(tmp_path / "nope.csv")
+    csv = tmp_path / "m.csv"
+    csv.write_text("id,t1\na,a.nii.gz\n")
+    with pytest.raises(ManifestError, match="no 'subject_id' column"):
+        load_manifest(csv)
+
+
+def test_bids_glob_with_participants(tmp_path):
+    for sid in ("sub-01", "sub-02"):
+        for suffix in ("T1w", "FLAIR"):
+            write_nifti(tmp_path / sid / "anat" / f"{sid}_{suffix}.nii.gz", blob_volume())
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\tgroup\nsub-01\t30.5\tA\nsub-02\t41.2\tB\n")
+    cohort = cohort_from_glob(tmp_path)
+    assert cohort.ids == ["sub-01", "sub-02"]
+    assert sorted(cohort.modalities) == ["FLAIR", "T1w"]
+    assert cohort.label_types == {"age": "continuous", "group": "categorical"}
+    assert next(cohort.iter_volumes()).data.shape[0] == 2
+
+
+@pytest.mark.ixi
+def test_ixi_manifest_loads_as_is(ixi_manifest):
+    cohort = load_manifest(ixi_manifest)
+    assert len(cohort) == 48 and cohort.modalities == ["t1"]
+    assert all(s.seg is not None and s.seg.exists() for s in cohort.subjects)
+    assert set(cohort.labels()["sex"]) == {"F", "M"}
