@@ -146,8 +146,10 @@ def slice_volume(
             content_box = (top, left, height, width)
             pad = (left, cfg.size - width - left, top, cfg.size - height - top)
             if len(keep):
+                # antialiasing only matters (and only costs) when shrinking
+                shrink = height < rows or width < cols
                 images = F.interpolate(images, size=(height, width), mode="bilinear",
-                                       align_corners=False, antialias=True)
+                                       align_corners=False, antialias=shrink)
                 images = F.pad(images, pad)
                 if labels is not None:
                     labels = F.interpolate(labels[:, None].float(), size=(height, width),
