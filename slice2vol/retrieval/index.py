@@ -1,0 +1,541 @@
+"""The FAISS index of volume embeddings: build, tune, measure recall, save, load, search.
+
+Similarity is the inner product of L2-normalised vectors (cosine). ``flat`` is exact; ``ivf``
+(inverted lists over k-means cells) and ``hnsw`` (navigable small-world graph) are approximate and
+are tuned at build time: the search-time knob (``nprobe`` / ``efSearch``) is raised until the
+measured recall@k against exact search reaches ``target_recall``, and the whole sweep is stored in
+the index metadata so a reader can see what the approximation costs.
+
+On disk an index is a folder::
+
+    index.faiss   the FAISS index (vector i is subject ids[i])
+    meta.json     ids, config, recall sweep, build time, provenance of the embeddings
+    labels.csv    label columns of the indexed subjects (index subject_id)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+
+from slice2vol.config import from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+IndexKind = Literal["flat", "ivf", "hnsw"]
+# search-time knob sweeps used when tuning (values above the possible maximum are dropped)
+NPROBE_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+class ProvenanceError(ValueError):
+    """Embeddings (or a query pipeline) that do not come from the same features as the index."""
+
+
+@dataclass
+class IndexConfig:
+    """How the index is built.
+
+    Attributes:
+        kind: ``flat`` (exact), ``ivf`` or ``hnsw`` (approximate).
+        nlist: IVF cells; ``None`` = ``4 * sqrt(N)``, at most ``N / 39`` (FAISS needs ~39
+            training points per cell).
+        nprobe: IVF cells visited per query; ``None`` = tuned to ``target_recall``.
+        hnsw_m: HNSW graph degree.
+        ef_construction: HNSW build beam width.
+        ef_search: HNSW search beam width; ``None`` = tuned to ``target_recall``.
+        target_recall: recall@``recall_k`` the tuning aims for.
+        recall_k: k of the measured recall.
+        recall_queries: how many indexed vectors serve as tuning/measurement queries.
+        train_size: IVF k-means sample size, ``None`` = ``min(N, 64 * nlist)``.
+        seed: sampling seed (queries, k-means).
+    """
+
+    kind: IndexKind = "flat"
+    nlist: int | None = None
+    nprobe: int | None = None
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int | None = None
+    target_recall: float = 0.95
+    recall_k: int = 10
+    recall_queries: int = 1000
+    train_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"index kind must be flat, ivf or hnsw, got {self.kind!r}")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """(N, D) -> float32 (N, D) with unit L2 rows; a zero row is an error (it has no direction)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a (N, D) array of embeddings, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{int((~np.isfinite(x)).any(1).sum())} embedding(s) contain NaN/Inf")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError(f"{int((norms == 0).sum())} embedding(s) are all zeros; cosine is undefined")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+def default_nlist(n: int) -> int:
+    return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact top-k found in the approximate top-k, rows of (Q, >=k) ids."""
+    hits = [len(set(a[:k]) & set(e[:k])) for a, e in zip(approx.tolist(), exact.tolist())]
+    return float(np.mean(hits) / k)
+
+
+def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k+1) neighbour ids -> (Q, k) without the query's own id (leave-one-out)."""
+    out = np.empty((len(ids), k), dtype=ids.dtype)
+    for row, (found, own) in enumerate(zip(ids, self_ids)):
+        kept = found[found != own][:k]
+        out[row] = np.pad(kept, (0, k - len(kept)), constant_values=-1)
+    return out
+
+
+def set_search_param(index: Any, kind: str, value: int | None) -> None:
+    """Sets ``nprobe`` (IVF) or ``efSearch`` (HNSW) on a FAISS index; nothing for flat."""
+    if value is None or kind == "flat":
+        return
+    if kind == "ivf":
+        index.nprobe = int(value)
+    else:
+        index.hnsw.efSearch = int(value)
+
+
+def build_faiss(x: np.ndarray, cfg: IndexConfig) -> tuple[Any, dict]:
+    """Builds (and trains) a FAISS inner-product index on normalised vectors.
+
+    Args:
+        x: float32 (N, D), unit rows.
+        cfg: index options.
+
+    Returns:
+        (index, dict of resolved build parameters and timings).
+    """
+    import faiss
+
+    n, dim = x.shape
+    info: dict[str, Any] = {}
+    start = time.perf_counter()
+    if cfg.kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif cfg.kind == "ivf":
+        nlist = cfg.nlist or default_nlist(n)
+        if nlist > n:
+            raise ValueError(f"nlist={nlist} is larger than the {n} vectors to index")
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = cfg.seed
+        train_n = min(n, cfg.train_size or 64 * nlist)
+        rng = np.random.default_rng(cfg.seed)
+        sample = x if train_n == n else x[np.sort(rng.choice(n, train_n, replace=False))]
+        index.cp.max_points_per_centroid = max(1, math.ceil(train_n / nlist))  # no silent resampling
+        index.train(sample)
+        info.update(nlist=nlist, train_size=train_n)
+    else:
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cfg.ef_construction
+        info.update(hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction)
+    info["train_s"] = time.perf_counter() - start
+    index.add(x)
+    info["build_s"] = time.perf_counter() - start
+    if cfg.kind == "ivf":
+        index.make_direct_map()  # so vectors can be read back by position (query by subject ID)
+    return index, info
+
+
+def tune_search_param(index: Any, x: np.ndarray, cfg: IndexConfig) -> dict:
+    """Measures leave-one-out recall@k against exact search over a sweep of the search knob.
+
+    Queries are ``cfg.recall_queries`` indexed vectors; their own hit is removed from both the
+    exact and the approximate lists so the trivial self-match does not inflate recall. The knob is
+    set to the given value, or to the smallest swept value that reaches ``target_recall``.
+
+    Returns:
+        ``dict(param=..., value=..., recall=..., query_ms=..., sweep=[{value, recall, query_ms}])``;
+        for ``flat`` recall is 1 by construction.
+    """
+    import faiss
+
+    n = x.shape[0]
+    k = min(cfg.recall_k, n - 1)
+    if cfg.kind == "flat" or k < 1:
+        return {"param": None, "value": None, "recall": 1.0, "k": k, "sweep": []}
+    rng = np.random.default_rng(cfg.seed + 1)
+    q_idx = np.sort(rng.choice(n, min(n, cfg.recall_queries), replace=False))
+    queries = x[q_idx]
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    _, truth = exact.search(queries, k + 1)
+    truth = _drop_self(truth, q_idx, k)
+    param = "nprobe" if cfg.kind == "ivf" else "ef_search"
+    fixed = cfg.nprobe if cfg.kind == "ivf" else cfg.ef_search
+    if fixed is not None:
+        grid = [fixed]
+    elif cfg.kind == "ivf":
+        grid = [v for v in NPROBE_GRID if v < index.nlist] + [index.nlist]
+    else:
+        grid = [v for v in EF_SEARCH_GRID if v >= k + 1]
+    sweep = []
+    chosen = None
+    for value in grid:
+        set_search_param(index, cfg.kind, value)
+        start = time.perf_counter()
+        _, found = index.search(queries, k + 1)
+        ms = 1000 * (time.perf_counter() - start) / len(queries)
+        rec = recall_at_k(_drop_self(found, q_idx, k), truth, k)
+        sweep.append({"value": int(value), "recall": rec, "query_ms": ms})
+        if chosen is None and rec >= cfg.target_recall:
+            chosen = sweep[-1]
+            if fixed is None:
+                break
+    if chosen is None:
+        chosen = sweep[-1]
+        if fixed is None:
+            log.warning("%s: recall@%d %.3f < target %.2f even at %s=%d", cfg.kind, k, chosen["recall"],
+                        cfg.target_recall, param, chosen["value"])
+    set_search_param(index, cfg.kind, chosen["value"])
+    return {"param": param, "value": chosen["value"], "recall": chosen["recall"], "k": k,
+            "query_ms": chosen["query_ms"], "queries": len(q_idx), "sweep": sweep}
+
+
+def array_sha256(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
+
+
+@dataclass
+class Index:
+    """Volume embeddings of a cohort in a FAISS index, with subject IDs, labels and provenance.
+
+    Build from arrays with :meth:`build`, from a feature store with :meth:`from_store`, or read a
+    saved one with :meth:`load`. Search with :meth:`search` (vectors), :meth:`search_subject` (an
+    indexed ID) or :meth:`search_nifti` (a new scan, embedded like the indexed ones).
+
+    Attributes:
+        faiss_index: the FAISS index; vector i is ``ids[i]``.
+        ids: subject IDs in index order.
+        labels: DataFrame indexed by subject_id (may have no columns).
+        label_types: label column -> ``categorical`` | ``continuous``.
+        provenance: where the embeddings come from (store, feature set, encoder, aggregator).
+        config: the :class:`IndexConfig` used.
+        stats: build timings, dimension, tuned search parameter and measured recall.
+    """
+
+    faiss_index: Any
+    ids: list[str]
+    labels: pd.DataFrame
+    label_types: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    config: IndexConfig = field(default_factory=IndexConfig)
+    stats: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self._position = {sid: i for i, sid in enumerate(self.ids)}
+        if len(self._position) != len(self.ids):
+            dupes = sorted({s for s in self.ids if self.ids.count(s) > 1})
+            raise ValueError(f"duplicate subject IDs in the index: {dupes[:5]}")
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        ids: Sequence[str],
+        *,
+        labels: pd.DataFrame | None = None,
+        label_types: dict[str, str] | None = None,
+        provenance: dict[str, Any] | None = None,
+        config: IndexConfig | None = None,
+    ) -> "Index":
+        """Indexes (N, D) embeddings of subjects ``ids`` (rows are L2-normalised first).
+
+        Args:
+            embeddings: (N, D) volume embeddings.
+            ids: N subject IDs.
+            labels: optional label table indexed by subject_id (rows are matched by ID).
+            label_types: optional label column -> kind.
+            provenance: how the embeddings were made (kept in the metadata, checked on queries).
+            config: index kind and parameters.
+        """
+        cfg = config or IndexConfig()
+        ids = [str(i) for i in ids]
+        if len(ids) != len(embeddings):
+            raise ValueError(f"{len(ids)} IDs for {len(embeddings)} embeddings")
+        if len(ids) == 0:
+            raise ValueError("no embeddings to index")
+        x = normalize_rows(embeddings)
+        index, build_info = build_faiss(x, cfg)
+        tuning = tune_search_param(index, x, cfg)
+        if labels is None:
+            table = pd.DataFrame(index=pd.Index(ids, name="subject_id"))
+        else:
+            table = labels.copy()
+            table.index = table.index.astype(str)
+            table = table.reindex(ids)
+            table.index.name = "subject_id"
+        prov = dict(provenance or {})
+        prov.setdefault("vectors_sha256", array_sha256(embeddings))
+        stats = {"n": len(ids), "dim": int(x.shape[1]), "metric": "cosine (inner product of unit vectors)",
+                 **build_info, "tuning": tuning}
+        log.info("built %s index of %d x %d in %.2f s (recall@%s %.3f)", cfg.kind, len(ids), x.shape[1],
+                 build_info["build_s"], tuning["k"], tuning["recall"])
+        return cls(index, ids, table, dict(label_types or {}), prov, cfg, stats)
+
+    @classmethod
+    def from_store(
+        cls,
+        store: Any,
+        embeddings: str,
+        *,
+        config: IndexConfig | None = None,
+        manifest: str | Path | None = None,
+    ) -> "Index":
+        """Indexes the volume-embedding set ``embeddings`` of a feature store.
+
+        Args:
+            store: a path to the HDF5 store or an open :class:`slice2vol.cache.FeatureStore`.
+            embeddings: name of the volume-embedding set (``FeatureStore.volume_embedding_names()``).
+            config: index options.
+            manifest: optional cohort manifest; its image paths are remembered for galleries.
+        """
+        from slice2vol.retrieval.provenance import store_provenance
+
+        store = _open_store(store)
+        names = store.volume_embedding_names()
+        if embeddings not in names:
+            raise KeyError(f"{_store_name(store)}: no volume embeddings named {embeddings!r}; "
+                           f"available: {', '.join(names) or 'none (run slice2vol aggregate first)'}")
+        ids, x, _ = store.volume_embeddings(embeddings)
+        labels = _store_labels(store)
+        prov = store_provenance(store, embeddings)
+        if manifest is not None:
+            prov["images"] = _manifest_images(manifest)
+            prov["manifest"] = str(Path(manifest).resolve())
+        return cls.build(x, ids, labels=labels, label_types=dict(getattr(store, "label_types", {}) or {}),
+                         provenance=prov, config=config)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Writes ``index.faiss``, ``meta.json`` and ``labels.csv`` into ``directory``."""
+        import faiss
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.faiss_index, str(directory / "index.faiss"))
+        self.labels.to_csv(directory / "labels.csv")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "faiss_version": faiss.__version__,
+            "config": to_dict(self.config),
+            "stats": self.stats,
+            "label_types": self.label_types,
+            "provenance": self.provenance,
+            "ids": self.ids,
+        }
+        (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        self.path = directory
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Index":
+        """Reads an index folder written by :meth:`save`."""
+        import faiss
+
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{directory}: not an index folder (no meta.json); "
+                                    f"build one with 'slice2vol index build'")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: index format {meta.get('format_version')} is not "
+                             f"{FORMAT_VERSION}; rebuild it with this version of slice2vol")
+        cfg = from_dict(IndexConfig, meta["config"])
+        index = faiss.read_index(str(directory / "index.faiss"))
+        if index.ntotal != len(meta["ids"]):
+            raise ValueError(f"{directory}: index.faiss holds {index.ntotal} vectors but meta.json "
+                             f"lists {len(meta['ids'])} IDs")
+        if cfg.kind == "ivf":
+            index.make_direct_map()
+        set_search_param(index, cfg.kind, (meta["stats"].get("tuning") or {}).get("value"))
+        labels = pd.read_csv(directory / "labels.csv", index_col=0, dtype={0: str})
+        labels.index = labels.index.astype(str)
+        return cls(index, [str(i) for i in meta["ids"]], labels, meta.get("label_types", {}),
+                   meta.get("provenance", {}), cfg, meta.get("stats", {}), directory)
+
+    # -- queries -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.faiss_index.d)
+
+    def __contains__(self, subject_id: object) -> bool:
+        return subject_id in self._position
+
+    def vector(self, subject_id: str) -> np.ndarray:
+        """The stored unit vector (D,) of an indexed subject."""
+        if subject_id not in self._position:
+            close = [s for s in self.ids if str(subject_id).lower() in s.lower()][:5]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"subject {subject_id!r} is not in the index ({len(self)} subjects){hint}")
+        return self.faiss_index.reconstruct(self._position[subject_id])
+
+    def search_arrays(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Raw search: (Q, D) queries -> (similarities (Q, k), positions (Q, k)), -1 where missing."""
+        q = normalize_rows(np.atleast_2d(queries))
+        if q.shape[1] != self.dim:
+            raise ProvenanceError(f"query embedding has dimension {q.shape[1]}, the index has {self.dim}")
+        return self.faiss_index.search(q, min(k, len(self)))
+
+    def search(self, queries: np.ndarray, k: int = 10, *, query_ids: Sequence[str] | None = None,
+               exclude_self: bool = False) -> pd.DataFrame:
+        """Top-k neighbours of one (D,) or several (Q, D) query vectors.
+
+        Args:
+            queries: (D,) or (Q, D) embeddings made like the indexed ones.
+            k: neighbours per query.
+            query_ids: names of the queries for the ``query`` column (default ``q0``, ``q1``, ...).
+            exclude_self: drop a neighbour whose ID equals the query ID.
+
+        Returns:
+            DataFrame with columns ``query, rank, subject_id, similarity`` and the label columns,
+            ``rank`` starting at 1, sorted by query then rank.
+        """
+        q = np.atleast_2d(queries)
+        names = [f"q{i}" for i in range(len(q))] if query_ids is None else [str(s) for s in query_ids]
+        sims, pos = self.search_arrays(q, k + int(exclude_self))
+        rows = []
+        for name, sim_row, pos_row in zip(names, sims, pos):
+            rank = 0
+            for sim, p in zip(sim_row, pos_row):
+                if p < 0 or (exclude_self and self.ids[p] == name) or rank == k:
+                    continue
+                rank += 1
+                rows.append({"query": name, "rank": rank, "subject_id": self.ids[p], "similarity": float(sim)})
+        table = pd.DataFrame(rows, columns=["query", "rank", "subject_id", "similarity"])
+        if len(self.labels.columns):
+            table = table.join(self.labels, on="subject_id")
+        return table
+
+    def search_subject(self, subject_id: str, k: int = 10) -> pd.DataFrame:
+        """Neighbours of an indexed subject (itself first, similarity 1)."""
+        return self.search(self.vector(subject_id), k, query_ids=[subject_id])
+
+    def search_nifti(self, path: str | Path | Sequence[str | Path] | dict, k: int = 10, *,
+                     embedder: Any = None, **embedder_kwargs: Any) -> pd.DataFrame:
+        """Neighbours of a new scan, embedded through the indexed set's own pipeline.
+
+        Args:
+            path: the NIfTI file (or modality -> file mapping for multi-channel cohorts).
+            k: neighbours.
+            embedder: a :class:`slice2vol.retrieval.embed.VolumeEmbedder`; by default one is built
+                from the index provenance (``embedder_kwargs`` go to it: ``weights``, ``device``...).
+
+        Raises:
+            ProvenanceError: the pipeline cannot be rebuilt exactly (weights differ, unknown
+                aggregator, ...).
+        """
+        from slice2vol.retrieval.embed import VolumeEmbedder
+
+        embedder = embedder or VolumeEmbedder.from_provenance(self.provenance, **embedder_kwargs)
+        embedder.check_against(self.provenance)
+        vector = embedder.embed(path)
+        name = Path(path).name if isinstance(path, (str, Path)) else "query"
+        return self.search(vector, k, query_ids=[name])
+
+    def search_store(self, store: Any, subject_id: str, k: int = 10, embeddings: str | None = None) -> pd.DataFrame:
+        """Neighbours of a subject whose embedding lives in another store of the same provenance.
+
+        Raises:
+            ProvenanceError: the store's features or aggregation differ from the index's.
+        """
+        from slice2vol.retrieval.provenance import check_compatible, store_provenance
+
+        store = _open_store(store)
+        name = embeddings or self.provenance.get("embeddings", {}).get("name")
+        if name not in store.volume_embedding_names():
+            raise ProvenanceError(f"{_store_name(store)}: no volume embeddings named {name!r} "
+                                  f"(the index was built from {name!r})")
+        check_compatible(self.provenance, store_provenance(store, name))
+        ids, x, _ = store.volume_embeddings(name)
+        if subject_id not in ids:
+            raise KeyError(f"subject {subject_id!r} is not in {_store_name(store)}")
+        return self.search(x[ids.index(subject_id)], k, query_ids=[subject_id])
+
+    def image_paths(self, subject_id: str) -> dict[str, str] | None:
+        """Image file(s) of an indexed subject when known (for galleries), else None."""
+        images = self.provenance.get("images") or {}
+        return images.get(subject_id)
+
+    def describe(self) -> str:
+        tuning = self.stats.get("tuning", {})
+        knob = f", {tuning['param']}={tuning['value']}" if tuning.get("param") else ""
+        emb = self.provenance.get("embeddings", {})
+        return (f"{self.config.kind} index of {len(self)} subjects x {self.dim} dims{knob}; "
+                f"recall@{tuning.get('k')} {tuning.get('recall', 1.0):.3f}; embeddings "
+                f"{emb.get('name', '?')!r} of {self.provenance.get('store', {}).get('path', '?')}")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def _open_store(store: Any) -> Any:
+    if isinstance(store, (str, Path)):
+        from slice2vol.cache import FeatureStore
+
+        if not Path(store).exists():
+            raise FileNotFoundError(f"{store}: feature store not found")
+        return FeatureStore(store, mode="r")
+    return store
+
+
+def _store_name(store: Any) -> str:
+    return str(getattr(store, "path", store))
+
+
+def _store_labels(store: Any) -> pd.DataFrame | None:
+    try:
+        labels = store.labels()
+    except (AttributeError, KeyError):
+        return None
+    return labels if isinstance(labels, pd.DataFrame) else None
+
+
+def _manifest_images(manifest: str | Path) -> dict[str, dict[str, str]]:
+    from slice2vol.data.manifest import load_manifest
+
+    cohort = load_manifest(manifest)
+    return {s.subject_id: {m: str(Path(p).resolve()) for m, p in s.images.items()} for s in cohort.subjects}

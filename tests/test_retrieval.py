@@ -1,0 +1,178 @@
+"""Retrieval: FAISS index build/save/load/search, recall of approximate indexes, provenance checks,
+new-scan queries through the cached pipeline, and the gallery."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+faiss = pytest.importorskip("faiss")
+
+from slice2vol.retrieval import Index, IndexConfig, ProvenanceError, recall_at_k  # noqa: E402
+from slice2vol.retrieval.provenance import check_compatible, provenance_differences  # noqa: E402
+from slice2vol.retrieval.synthetic import FittedMixture, clustered_embeddings  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    faiss.omp_set_num_threads(1)
+
+
+def _ids(n):
+    return [f"sub-{i:04d}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    return clustered_embeddings(3000, 64, n_clusters=24, rank=16, seed=3)
+
+
+# -- building and searching on arrays -------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_self_query_is_first_with_similarity_one(kind, clustered):
+    raw = clustered[:800] * np.linspace(0.5, 3, 800, dtype=np.float32)[:, None]  # norms must not matter
+    index = Index.build(raw, _ids(800), config=IndexConfig(kind=kind, recall_queries=200))
+    for sid in ["sub-0000", "sub-0417", "sub-0799"]:
+        table = index.search_subject(sid, k=5)
+        assert list(table.columns[:4]) == ["query", "rank", "subject_id", "similarity"]
+        assert table["subject_id"].iloc[0] == sid
+        assert table["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-5)
+        assert table["rank"].tolist() == [1, 2, 3, 4, 5]
+        assert np.all(np.diff(table["similarity"].to_numpy()) <= 1e-6)
+
+
+def test_flat_search_matches_numpy_cosine(clustered):
+    x = clustered[:500] + 0.01
+    index = Index.build(x, _ids(500))
+    q = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32) + x[:3]
+    table = index.search(q, k=7)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    sims = qn @ xn.T
+    for i in range(3):
+        rows = table[table["query"] == f"q{i}"]
+        expected = np.argsort(-sims[i])[:7]
+        assert rows["subject_id"].tolist() == [f"sub-{j:04d}" for j in expected]
+        np.testing.assert_allclose(rows["similarity"], sims[i, expected], atol=1e-5)
+
+
+def test_labels_join_and_exclude_self(clustered):
+    ids = _ids(50)
+    labels = pd.DataFrame({"age": np.arange(50) + 20.5, "sex": ["F", "M"] * 25},
+                          index=pd.Index(ids, name="subject_id")).iloc[::-1]  # row order must not matter
+    index = Index.build(clustered[:50], ids, labels=labels, label_types={"age": "continuous", "sex": "categorical"})
+    table = index.search(index.vector("sub-0010"), k=3, query_ids=["sub-0010"], exclude_self=True)
+    assert "sub-0010" not in table["subject_id"].tolist() and len(table) == 3
+    for row in table.itertuples():
+        j = int(row.subject_id[4:])
+        assert row.age == pytest.approx(j + 20.5) and row.sex == ["F", "M"][j % 2]
+
+
+@pytest.mark.parametrize("kind,param", [("ivf", "nprobe"), ("hnsw", "ef_search")])
+def test_approximate_recall_against_exact(kind, param, clustered):
+    """Tuned approximate index reaches the target recall@10 on held-out queries vs exact search."""
+    base, queries = clustered[:2500], clustered[2500:2800]
+    cfg = IndexConfig(kind=kind, target_recall=0.95, recall_queries=300, nlist=32, hnsw_m=16)
+    index = Index.build(base, _ids(2500), config=cfg)
+    tuning = index.stats["tuning"]
+    assert tuning["param"] == param and tuning["recall"] >= 0.95
+    assert tuning["sweep"] and tuning["sweep"][-1]["value"] == tuning["value"]
+    exact = faiss.IndexFlatIP(64)
+    exact.add(base)
+    _, truth = exact.search(queries, 10)
+    _, found = index.search_arrays(queries, 10)
+    assert recall_at_k(found, truth, 10) >= 0.93  # held-out queries, a little below the tuned value
+    # the knob matters: at its smallest value recall is lower than at the tuned one
+    small = 1 if kind == "ivf" else 10
+    setattr(index.faiss_index, "nprobe", small) if kind == "ivf" else setattr(index.faiss_index.hnsw, "efSearch", small)
+    _, coarse = index.search_arrays(queries, 10)
+    assert recall_at_k(coarse, truth, 10) < recall_at_k(found, truth, 10)
+
+
+def test_recall_at_k_hand_computed():
+    approx = np.array([[1, 2, 3], [4, 5, 6]])
+    exact = np.array([[3, 2, 9], [7, 8, 9]])
+    assert recall_at_k(approx, exact, 3) == pytest.approx((2 / 3 + 0) / 2)
+    assert recall_at_k(approx[:, :1], exact[:, :1], 1) == 0.0
+
+
+def test_isotropic_noise_is_harder_than_clustered():
+    """Why the bench uses structured vectors: the same IVF setting recalls far less on noise."""
+    noise = np.random.default_rng(0).normal(size=(3000, 64)).astype(np.float32)
+    cfg = IndexConfig(kind="ivf", nlist=32, nprobe=2, recall_queries=200)
+    on_noise = Index.build(noise, _ids(3000), config=cfg).stats["tuning"]["recall"]
+    on_clusters = Index.build(clustered_embeddings(3000, 64, seed=1), _ids(3000), config=cfg).stats["tuning"]["recall"]
+    assert on_clusters > on_noise + 0.2
+
+
+def test_fitted_mixture_samples_look_like_the_data(clustered):
+    model = FittedMixture.fit(clustered[:400], rank=8, n_components=4)
+    sample = model.sample(2000, seed=1)
+    assert sample.shape == (2000, 64) and sample.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(sample, axis=1), 1, atol=1e-5)
+    # mean cosine to the data centre is close to the data's own
+    centre = clustered[:400].mean(0)
+    centre /= np.linalg.norm(centre)
+    assert abs(float((sample @ centre).mean()) - float((clustered[:400] @ centre).mean())) < 0.05
+
+
+def test_save_load_roundtrip(tmp_path, clustered):
+    ids = _ids(300)
+    labels = pd.DataFrame({"age": np.linspace(20, 80, 300)}, index=pd.Index(ids, name="subject_id"))
+    index = Index.build(clustered[:300], ids, labels=labels, provenance={"note": "arrays"},
+                        config=IndexConfig(kind="hnsw", hnsw_m=8, recall_queries=100))
+    index.save(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert meta["config"]["kind"] == "hnsw" and meta["stats"]["tuning"]["recall"] > 0.9
+    assert meta["provenance"]["note"] == "arrays" and len(meta["provenance"]["vectors_sha256"]) == 64
+    loaded = Index.load(tmp_path / "idx")
+    assert loaded.faiss_index.hnsw.efSearch == index.stats["tuning"]["value"]
+    pd.testing.assert_frame_equal(loaded.search_subject("sub-0007", 6), index.search_subject("sub-0007", 6))
+    assert "hnsw index of 300 subjects x 64 dims" in loaded.describe()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((3, 4), np.float32), "all zeros"),
+    (np.array([[1, np.nan], [1, 2]], np.float32), "NaN"),
+    (np.ones(4, np.float32), r"\(N, D\)"),
+])
+def test_bad_embeddings_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Index.build(bad, _ids(len(bad)))
+
+
+def test_query_errors_are_clear(clustered, tmp_path):
+    index = Index.build(clustered[:20], _ids(20))
+    with pytest.raises(KeyError, match=r"'sub-99' is not in the index \(20 subjects\)"):
+        index.search_subject("sub-99")
+    with pytest.raises(ProvenanceError, match="dimension 32, the index has 64"):
+        index.search(np.ones(32, np.float32))
+    with pytest.raises(ValueError, match="duplicate subject IDs"):
+        Index.build(clustered[:2], ["a", "a"])
+    with pytest.raises(FileNotFoundError, match="not an index folder"):
+        Index.load(tmp_path)
+    with pytest.raises(ProvenanceError, match="built from raw arrays"):
+        index.search_nifti(tmp_path / "x.nii.gz")
+
+
+# -- provenance -------------------------------------------------------------------------------------
+def _prov(feature_set="abc", sha="1" * 64, method="mean", params=None):
+    return {"store": {"path": "/s.h5", "feature_set": feature_set, "provenance": {}},
+            "embeddings": {"name": method, "provenance": {"method": method, "params": params or {}}},
+            "pipeline": {"encoder": "tv/x", "weights_sha256": sha, "volume_cfg": {}, "slice_cfg": {"stride": 2},
+                         "aggregator": {"method": method, "params": params or {}, "planes": None}}}
+
+
+def test_provenance_differences_name_what_differs():
+    assert provenance_differences(_prov(), _prov()) == []
+    problems = provenance_differences(_prov(), _prov(feature_set="zzz", sha="2" * 64, method="max"))
+    text = " ".join(problems)
+    assert "feature set 'zzz'" in text and "weights_sha256" in text and "aggregator method: 'max'" in text
+    with pytest.raises(ProvenanceError, match="not made like the indexed ones"):
+        check_compatible(_prov(), _prov(params={"p": 2}))
