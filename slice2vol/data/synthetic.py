@@ -37,7 +37,8 @@ class SynthConfig:
     """Knobs of the generator; defaults give a cohort a good encoder separates.
 
     Attributes:
-        n_subjects: cohort size; half get lesions (alternating, so any prefix is balanced).
+        n_subjects: cohort size; half get lesions (alternating, so any prefix is balanced), and
+            site alternates in pairs so it does not predict the lesion label.
         seed: master seed.
         spacing: output voxel size in mm (2.0 is the template's own grid; 4.0 makes tiny test cohorts).
         deformation_mm: standard deviation of the smooth displacement field.
@@ -149,7 +150,8 @@ def make_subject(template: _Template, cfg: SynthConfig, index: int) -> dict:
     rng = np.random.default_rng([cfg.seed, index])
     lesion = index % 2
     atrophy = float(rng.uniform(0, 1))
-    site = "A" if rng.uniform() < 0.5 else "B"
+    # site cycles A, A, B, B so it is balanced and independent of the lesion label in any prefix
+    site = "A" if (index // 2) % 2 == 0 else "B"
     shape = template.t1.shape
     vox_mm = 2.0
 
