@@ -1,0 +1,256 @@
+"""timm models (``timm/<name>``): ResNets, WideResNet, EfficientNet-Lite0, ViT, Swin, DINOv2, MAE.
+
+Preprocessing is resolved from the model's own pretrained config (``timm.data.resolve_data_config``):
+mean/std, interpolation, and ``crop_pct`` -> shorter side ``floor(size / crop_pct)`` then a centre crop,
+exactly timm's eval transform. Note ``vit_*_patch16_224`` default tags use mean = std = 0.5.
+
+Input size per family (``img_size=``):
+  * CNNs (ResNet, WideResNet, EfficientNet): any size; the network is fully convolutional and
+    globally pooled, so only preprocessing changes. Tokens: the last map (input / 32 per side).
+  * ViT / DINOv2 / MAE: any multiple of the patch size; the model is built for that size and
+    position embeddings are interpolated (bicubic) when weights of another size are loaded.
+    DINOv2 defaults to 224 (16 x 16 patches of 14 px), not its 518 pretraining size (5x cheaper).
+  * Swin: multiples of 32; built for that size (window attention tables are resized on load).
+
+Pooling: CNN ``avg`` (as the classifier) | ``gem`` | ``max``; ViT ``cls`` (after the final norm) |
+``mean`` (of patch tokens, MAE's default) | ``cls_mean`` (concatenated, DINOv2's linear-probe
+feature, 2 x width); Swin ``avg`` | ``max``.
+
+Weights: ``random``; ``hub[:tag]`` (HF cache first, then a download after a fast reachability
+check); or a local timm state dict (``.pth``/``.bin``/``.safetensors``). A checkpoint whose tensor
+names differ but whose tensors map one-to-one in order (the shared EfficientNet-Lite0 file) is
+loaded by order with every shape checked.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slice2vol.encoders.base import (
+    ENCODERS,
+    Encoder,
+    EncoderInfo,
+    WeightsUnavailable,
+    apply_preprocess_overrides,
+    assign_state_dict,
+    hf_download,
+    load_state_dict,
+    parse_weights,
+    pool_feature_map,
+    sha256_file,
+    timm_resize_size,
+    to_2tuple,
+)
+
+
+class TimmEncoder(Encoder):
+    """A timm model used through ``forward_features``; ``self.model`` keeps the classifier.
+
+    Args:
+        model: the timm model.
+        info: resolved encoder facts.
+        kind: ``cnn`` (maps (B, D, h, w)), ``vit`` (tokens (B, P + T, D)), ``swin`` ((B, h, w, D)).
+        pooling: see module docstring.
+    """
+
+    def __init__(self, model: nn.Module, info: EncoderInfo, kind: str, pooling: str, gem_p: float = 3.0) -> None:
+        super().__init__()
+        self.model = model
+        self.info = info
+        self.kind = kind
+        self.pooling = pooling
+        self.gem_p = gem_p
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self.channels_last_friendly = kind == "cnn"
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        patch = self.info.patch_size or 1
+        return (x.shape[-2] // patch, x.shape[-1] // patch)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.model.forward_features(x)
+        if self.kind == "cnn":
+            return pool_feature_map(feats, self.pooling, self.gem_p)
+        if self.kind == "swin":
+            return pool_feature_map(feats.permute(0, 3, 1, 2), self.pooling, self.gem_p)
+        patches = feats[:, self.num_prefix_tokens:]
+        if self.pooling == "cls":
+            return feats[:, 0]
+        if self.pooling == "mean":
+            return patches.mean(1)
+        return torch.cat([feats[:, 0], patches.mean(1)], dim=1)  # cls_mean
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        feats = self.model.forward_features(x)
+        if self.kind == "cnn":
+            return feats.flatten(2).transpose(1, 2), (feats.shape[-2], feats.shape[-1])
+        if self.kind == "swin":
+            return feats.flatten(1, 2), (feats.shape[1], feats.shape[2])
+        return feats[:, self.num_prefix_tokens:], self._grid(x)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw images (B, C, h, w) in [0, 1] -> logits of the model's own head (B, num_classes)."""
+        return self.model(self._prepare(x))
+
+
+_POOLINGS = {"cnn": ("avg", "gem", "max"), "swin": ("avg", "max", "gem"), "vit": ("cls", "mean", "cls_mean")}
+
+
+def _kind(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name.startswith("Swin"):
+        return "swin"
+    if hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
+        return "vit"
+    return "cnn"
+
+
+def _filter_checkpoint(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's own per-architecture checkpoint adapter (pos-embed resampling, original-repo names)."""
+    module = sys.modules.get(type(model).__module__)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    return state if fn is None else fn(state, model)
+
+
+def build_timm(name: str, weights: str | Path | None = "random", *, img_size: int | tuple[int, int] | None = None,
+               pooling: str | None = None, gem_p: float = 3.0, model_kwargs: dict[str, Any] | None = None,
+               default_img_size: int | None = None, default_pooling: str | None = None,
+               **overrides: Any) -> TimmEncoder:
+    """Builds ``timm/<name>``.
+
+    Args:
+        name: timm model name, optionally with a pretrained tag (``vit_base_patch16_224.mae``).
+        weights: ``random``, ``hub[:tag]`` or a local state-dict file.
+        img_size: input side (or (H, W)); see the module docstring for what each family allows.
+        pooling: see the module docstring; default per family.
+        model_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth=2`` for tests,
+            ``dynamic_img_size=True``).
+        default_img_size: the registry entry's default when ``img_size`` is not given.
+        default_pooling: the registry entry's default pooling.
+        **overrides: ``mean``, ``std``, ``crop_pct``, ``interpolation``, ``channel_mode``.
+    """
+    import timm
+    from timm.data import resolve_data_config
+
+    key = f"timm/{name}"
+    kind_w, ref = parse_weights(weights)
+    arch, _, key_tag = name.partition(".")
+    tag = ref if kind_w == "hub" and ref else key_tag
+    model_name = f"{arch}.{tag}" if tag else arch
+    kwargs = dict(model_kwargs or {})
+    size = img_size or default_img_size
+    is_vit_like = not arch.startswith(("resnet", "wide_resnet", "efficientnet"))
+    if size is not None and is_vit_like:
+        kwargs["img_size"] = to_2tuple(size)
+    try:
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        raise ValueError(f"{key}: {err}") from None
+    sha, used = "", "random"
+    if kind_w == "hub":
+        repo = dict(model.pretrained_cfg).get("hf_hub_id")
+        if not repo:
+            raise WeightsUnavailable(f"{key}: tag {model_name!r} has no Hugging Face hub id. "
+                                     f"Pass a local checkpoint instead: --weights /path/to/{arch}.safetensors")
+        path = hf_download(key, repo, ("model.safetensors", "pytorch_model.bin"),
+                           f"--weights /path/to/{arch}.safetensors (a timm state dict)")
+        assign_state_dict(model, _filter_checkpoint(load_state_dict(path), model), key, path)
+        sha, used = sha256_file(path), f"hub:{repo}"
+    elif kind_w == "file":
+        assign_state_dict(model, _filter_checkpoint(load_state_dict(ref), model), key, ref)
+        sha, used = sha256_file(ref), ref
+
+    kind = _kind(model)
+    pooling = pooling or default_pooling or _POOLINGS[kind][0]
+    if pooling not in _POOLINGS[kind]:
+        raise ValueError(f"{key}: pooling must be one of {_POOLINGS[kind]}, got {pooling!r}")
+    data = resolve_data_config({}, model=model)
+    if kind == "vit":
+        patch = int(to_2tuple(model.patch_embed.patch_size)[0])
+        input_size = to_2tuple(model.patch_embed.img_size)
+    else:
+        patch = 32
+        input_size = to_2tuple(size or data["input_size"][1:])
+    width = int(model.num_features)
+    info = EncoderInfo(
+        key=key, embed_dim=width * (2 if pooling == "cls_mean" else 1), input_size=input_size,
+        mean=tuple(data["mean"]), std=tuple(data["std"]), patch_size=patch, token_dim=width, source="timm",
+        weights=used, weights_sha256=sha, pooling=pooling, resize="shorter",
+        resize_size=timm_resize_size(input_size, float(data["crop_pct"])),
+        interpolation=str(data["interpolation"]),
+        extra={"arch": model_name, "kind": kind, "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 0)),
+               "crop_pct": float(data["crop_pct"])},
+    )
+    apply_preprocess_overrides(info, **overrides)
+    return TimmEncoder(model, info, kind=kind, pooling=pooling, gem_p=gem_p)
+
+
+# -- registry: one builder per model; metadata lets `slice2vol encoders` list without building ----
+_CNN = dict(family="timm", input_size=224, img_size="any (fully convolutional)")
+_VIT = dict(family="timm", input_size=224, img_size="multiple of the patch (pos-embed interpolated)")
+
+
+@ENCODERS.register("timm/resnet18", embed_dim=512, params_m=11.69, **_CNN)
+def timm_resnet18(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
+    """ResNet-18, timm default tag ``a1_in1k`` preprocessing (crop_pct 0.95, bicubic)."""
+    return build_timm("resnet18", weights, **kwargs)
+
+
+@ENCODERS.register("timm/resnet50", embed_dim=2048, params_m=25.56, **_CNN)
+def timm_resnet50(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
+    """ResNet-50, tag ``a1_in1k`` preprocessing (crop_pct 0.95, bicubic)."""
+    return build_timm("resnet50", weights, **kwargs)
+
+
+@ENCODERS.register("timm/wide_resnet50_2", embed_dim=2048, params_m=68.88, **_CNN)
+def timm_wide_resnet50_2(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
+    """Wide ResNet-50-2, tag ``racm_in1k`` (crop_pct 0.875)."""
+    return build_timm("wide_resnet50_2", weights, **kwargs)
+
+
+@ENCODERS.register("timm/efficientnet_lite0", embed_dim=1280, params_m=4.65, **_CNN)
+def timm_efficientnet_lite0(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
+    """EfficientNet-Lite0 (crop_pct 0.875); the shared ImageNet file loads by tensor order."""
+    return build_timm("efficientnet_lite0", weights, **kwargs)
+
+
+@ENCODERS.register("timm/vit_small_patch16_224", embed_dim=384, params_m=22.05, **_VIT)
+def timm_vit_small_patch16_224(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
+    """ViT-S/16, tag ``augreg_in21k_ft_in1k`` (mean = std = 0.5, crop_pct 0.9); CLS pooling."""
+    return build_timm("vit_small_patch16_224", weights, **kwargs)
+
+
+@ENCODERS.register("timm/vit_base_patch16_224", embed_dim=768, params_m=86.57, **_VIT)
+def timm_vit_base_patch16_224(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
+    """ViT-B/16, tag ``augreg2_in21k_ft_in1k`` (mean = std = 0.5, crop_pct 0.9); CLS pooling."""
+    return build_timm("vit_base_patch16_224", weights, **kwargs)
+
+
+@ENCODERS.register("timm/swin_tiny_patch4_window7_224", embed_dim=768, params_m=28.29, family="timm",
+                   input_size=224, img_size="multiple of 32")
+def timm_swin_tiny_patch4_window7_224(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
+    """Swin-T, tag ``ms_in1k`` (crop_pct 0.9); average of the last stage's tokens."""
+    return build_timm("swin_tiny_patch4_window7_224", weights, **kwargs)
+
+
+@ENCODERS.register("timm/vit_small_patch14_dinov2", embed_dim=384, params_m=22.06, **_VIT)
+def timm_vit_small_patch14_dinov2(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
+    """DINOv2 ViT-S/14 (``lvd142m``), built at 224 px by default (pretrained at 518); CLS pooling."""
+    return build_timm("vit_small_patch14_dinov2", weights, default_img_size=224, **kwargs)
+
+
+@ENCODERS.register("timm/vit_base_patch14_dinov2", embed_dim=768, params_m=86.58, **_VIT)
+def timm_vit_base_patch14_dinov2(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
+    """DINOv2 ViT-B/14 (``lvd142m``), built at 224 px by default (pretrained at 518); CLS pooling."""
+    return build_timm("vit_base_patch14_dinov2", weights, default_img_size=224, **kwargs)
+
+
+@ENCODERS.register("timm/vit_base_patch16_224.mae", embed_dim=768, params_m=85.80, **_VIT)
+def timm_vit_base_patch16_224_mae(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
+    """MAE ViT-B/16 encoder (no classifier); mean of patch tokens, as MAE's fine-tuning head."""
+    return build_timm("vit_base_patch16_224.mae", weights, default_pooling="mean", **kwargs)

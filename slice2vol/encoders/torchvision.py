@@ -1,0 +1,181 @@
+"""torchvision CNNs (``tv/<arch>``): MobileNetV2, ResNet-18/50.
+
+Preprocessing follows the weights' own ``transforms()`` (``ImageClassification``): shorter side to
+``resize_size`` (bilinear, antialiased), centre crop to ``crop_size``, ImageNet mean/std. Any
+``img_size`` works (fully convolutional + global pooling); the resize keeps the weights'
+``crop_size / resize_size`` ratio.
+
+Weights: ``random``; ``hub[:TAG]`` (``TAG`` a torchvision weights name such as ``IMAGENET1K_V2``,
+default ``DEFAULT``; the torch hub cache is used first); or a local ``.pth``/``.safetensors`` state
+dict with torchvision's names (e.g. ``/work/shared/weights/mobilenet_v2-b0353104.pth``).
+
+``encode`` pools the last feature map (``avg`` as the classifier does, or ``gem``/``max``);
+``tokens`` is that map flattened, grid = its spatial size. The full network (classifier included)
+stays reachable as ``encoder.model``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slice2vol.encoders.base import (
+    ENCODERS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Encoder,
+    EncoderInfo,
+    apply_preprocess_overrides,
+    assign_state_dict,
+    load_state_dict,
+    parse_weights,
+    pool_feature_map,
+    require_hub,
+    sha256_file,
+    to_2tuple,
+)
+
+# arch -> (feature dim, output stride, params in millions); kept here so listing needs no build
+_ARCHS: dict[str, tuple[int, int, float]] = {
+    "mobilenet_v2": (1280, 32, 3.50),
+    "resnet18": (512, 32, 11.69),
+    "resnet50": (2048, 32, 25.56),
+}
+
+
+class TorchvisionEncoder(Encoder):
+    """A torchvision classifier used up to its last feature map.
+
+    Args:
+        model: the torchvision model (classifier kept, see ``classify``).
+        info: resolved encoder facts.
+        pooling: ``avg`` (default), ``gem`` or ``max`` over the last feature map.
+    """
+
+    channels_last_friendly = True
+
+    def __init__(self, model: nn.Module, info: EncoderInfo, pooling: str = "avg", gem_p: float = 3.0) -> None:
+        super().__init__()
+        self.model = model
+        self.info = info
+        self.pooling = pooling
+        self.gem_p = gem_p
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (B, 3, H, W) -> last feature map (B, D, H/32, W/32)."""
+        m = self.model
+        if hasattr(m, "features"):  # MobileNet/EfficientNet style
+            return m.features(x)
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return pool_feature_map(self.feature_map(x), self.pooling, self.gem_p)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        fmap = self.feature_map(x)
+        return fmap.flatten(2).transpose(1, 2), (fmap.shape[-2], fmap.shape[-1])
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw images (B, C, h, w) in [0, 1] -> ImageNet logits (B, 1000) through the original head."""
+        return self.model(self._prepare(x))
+
+
+def _weights_enum(arch: str, tag: str):
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    try:
+        return enum[tag or "DEFAULT"]
+    except KeyError:
+        raise ValueError(f"tv/{arch}: unknown weights tag {tag!r}; known: {[w.name for w in enum]}") from None
+
+
+def _preset_of_file(arch: str, path: str) -> str | None:
+    """The weights preset whose official file name ``path`` carries (e.g. ``mobilenet_v2-b0353104.pth``)."""
+    from torchvision.models import get_model_weights
+
+    name = os.path.basename(path)
+    for spec in get_model_weights(arch):
+        if os.path.basename(spec.url) == name:
+            return spec.name
+    return None
+
+
+def build_torchvision(arch: str, weights: str | Path | None = "random", *, img_size: int | tuple[int, int] | None = None,
+                      pooling: str = "avg", gem_p: float = 3.0, preprocess_tag: str | None = None,
+                      **overrides: Any) -> TorchvisionEncoder:
+    """Builds ``tv/<arch>``.
+
+    Args:
+        arch: torchvision model name.
+        weights: ``random``, ``hub[:TAG]`` or a local state-dict file.
+        img_size: network input size (default the weights' ``crop_size``, 224).
+        pooling: ``avg``, ``gem`` or ``max``.
+        preprocess_tag: whose ``transforms()`` to follow (default: the ``hub`` tag; for a file
+            named like an official torchvision file, that file's preset; else ``DEFAULT``,
+            which is V2 with resize 232 for mobilenet_v2 and resnet50).
+        **overrides: ``mean``, ``std``, ``crop_pct``, ``interpolation``, ``channel_mode``.
+    """
+    import torchvision
+
+    key = f"tv/{arch}"
+    kind, ref = parse_weights(weights)
+    if kind == "hub":
+        preprocess_tag = ref
+    elif kind == "file" and preprocess_tag is None:
+        preprocess_tag = _preset_of_file(arch, ref)
+    spec = _weights_enum(arch, preprocess_tag or "DEFAULT")
+    model = torchvision.models.get_model(arch, weights=None)
+    sha, used = "", "random"
+    if kind == "hub":
+        hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        path = hub_dir / os.path.basename(spec.url)
+        if not path.exists():
+            require_hub(key, f"torchvision weights {spec}", f"--weights /path/to/{path.name}",
+                        host="download.pytorch.org")
+            torch.hub.load_state_dict_from_url(spec.url, map_location="cpu", check_hash=True)
+        assign_state_dict(model, load_state_dict(path), key, str(path))
+        sha, used = sha256_file(path), f"hub:{spec.name}"
+    elif kind == "file":
+        assign_state_dict(model, load_state_dict(ref), key, ref)
+        sha, used = sha256_file(ref), ref
+    preset = spec.transforms()
+    crop = int(preset.crop_size[0])
+    resize = int(preset.resize_size[0])
+    size = to_2tuple(img_size or crop)
+    dim, stride, _ = _ARCHS[arch]
+    info = EncoderInfo(
+        key=key, embed_dim=dim, input_size=size, mean=tuple(preset.mean) or IMAGENET_MEAN,
+        std=tuple(preset.std) or IMAGENET_STD, patch_size=stride, token_dim=dim, source="torchvision",
+        weights=used, weights_sha256=sha, pooling=pooling, resize="shorter",
+        resize_size=int(round(max(size) * resize / crop)),
+        interpolation=str(preset.interpolation.value), extra={"arch": arch, "weights_preset": spec.name},
+    )
+    apply_preprocess_overrides(info, **overrides)
+    return TorchvisionEncoder(model, info, pooling=pooling, gem_p=gem_p)
+
+
+_META = dict(family="torchvision", input_size=224, img_size="any (fully convolutional)")
+
+
+@ENCODERS.register("tv/mobilenet_v2", embed_dim=1280, params_m=3.50, **_META)
+def tv_mobilenet_v2(weights: str | Path | None = "random", **kwargs: Any) -> TorchvisionEncoder:
+    """MobileNetV2; the shared ImageNet file ``mobilenet_v2-b0353104.pth`` is IMAGENET1K_V1 (resize 256, crop 224)."""
+    return build_torchvision("mobilenet_v2", weights, **kwargs)
+
+
+@ENCODERS.register("tv/resnet18", embed_dim=512, params_m=11.69, **_META)
+def tv_resnet18(weights: str | Path | None = "random", **kwargs: Any) -> TorchvisionEncoder:
+    """ResNet-18 (ImageNet V1 preset: resize 256, crop 224, bilinear)."""
+    return build_torchvision("resnet18", weights, **kwargs)
+
+
+@ENCODERS.register("tv/resnet50", embed_dim=2048, params_m=25.56, **_META)
+def tv_resnet50(weights: str | Path | None = "random", **kwargs: Any) -> TorchvisionEncoder:
+    """ResNet-50 (DEFAULT preset IMAGENET1K_V2: resize 232, crop 224, bilinear)."""
+    return build_torchvision("resnet50", weights, **kwargs)
