@@ -176,3 +176,129 @@ def test_provenance_differences_name_what_differs():
     assert "feature set 'zzz'" in text and "weights_sha256" in text and "aggregator method: 'max'" in text
     with pytest.raises(ProvenanceError, match="not made like the indexed ones"):
         check_compatible(_prov(), _prov(params={"p": 2}))
+
+
+# -- from a real feature store: cache -> aggregate -> index -> search ----------------------------------
+ENCODER = "tv/resnet18"
+ENCODER_KW = {"img_size": 32}
+
+
+def _cohort(root, n=6, shape=(24, 28, 20)):
+    from tests.conftest import blob_volume, write_nifti
+
+    rows = []
+    for i in range(n):
+        vol = blob_volume(shape, seed=i)
+        vol *= 1 + 0.3 * np.sin(np.linspace(0, (i + 1) * 3.0, shape[0]))[:, None, None]  # subject-specific
+        write_nifti(root / f"s{i}.nii.gz", vol)
+        rows.append({"subject_id": f"s{i}", "t1": f"s{i}.nii.gz", "age": 20 + 7 * i, "sex": "FM"[i % 2]})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
+
+
+def _cache(manifest, store, weights, slice_stride=2):
+    from slice2vol.aggregate.store import aggregate_store
+    from slice2vol.data.manifest import load_manifest
+    from slice2vol.data.slicing import SliceConfig
+    from slice2vol.extract import cache_cohort
+
+    report = cache_cohort(load_manifest(manifest), ENCODER, store, weights=weights, encoder_kwargs=ENCODER_KW,
+                          slice_cfg=SliceConfig(size=32, stride=slice_stride), batch_size=16, progress=False)
+    assert report.ok, report.summary()
+    return aggregate_store(store, "mean", plot=False)
+
+
+@pytest.fixture(scope="module")
+def cohort_store(tmp_path_factory):
+    """Six small subjects cached with a saved checkpoint, mean-aggregated, indexed (flat)."""
+    import torch
+
+    from slice2vol.encoders import build_encoder
+
+    root = tmp_path_factory.mktemp("retrieval")
+    torch.manual_seed(0)
+    torch.save(build_encoder(ENCODER, **ENCODER_KW).state_dict(), root / "weights.pth")
+    manifest = _cohort(root)
+    name = _cache(manifest, root / "store.h5", str(root / "weights.pth"))
+    index = Index.from_store(root / "store.h5", name, manifest=manifest)
+    index.save(root / "index")
+    return root, name, Index.load(root / "index")
+
+
+def test_store_index_records_ids_labels_and_provenance(cohort_store):
+    root, name, index = cohort_store
+    assert sorted(index.ids) == [f"s{i}" for i in range(6)]
+    assert index.labels.loc["s3", "age"] == 41 and index.labels.loc["s3", "sex"] == "M"
+    pipe = index.provenance["pipeline"]
+    assert pipe["encoder"] == ENCODER and pipe["aggregator"]["method"] == "mean"
+    assert pipe["weights"] == "file" and len(pipe["weights_sha256"]) == 64 and len(pipe["state_sha256"]) == 64
+    assert index.provenance["embeddings"]["name"] == name and index.provenance["store"]["feature_set"]
+    assert index.image_paths("s2")["t1"].endswith("s2.nii.gz")
+
+
+def test_nifti_query_equals_id_query(cohort_store):
+    """A subject's own file, embedded on the fly, finds the same neighbours as its ID, itself first."""
+    root, _, index = cohort_store
+    for sid in ["s0", "s4"]:
+        by_id = index.search_subject(sid, k=6)
+        by_file = index.search_nifti(root / f"{sid}.nii.gz", k=6)
+        assert by_file["subject_id"].iloc[0] == sid
+        assert by_file["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-3)  # float16 store rounding
+        assert by_file["subject_id"].tolist() == by_id["subject_id"].tolist()
+        np.testing.assert_allclose(by_file["similarity"], by_id["similarity"], atol=1e-3)
+
+
+def test_changed_weights_file_is_refused(cohort_store, tmp_path):
+    import torch
+
+    root, _, index = cohort_store
+    state = torch.load(root / "weights.pth", weights_only=True)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] + 1e-3
+    torch.save(state, tmp_path / "other.pth")
+    with pytest.raises(ProvenanceError, match=r"sha256 .* different weights"):
+        index.search_nifti(root / "s1.nii.gz", weights=tmp_path / "other.pth")
+    with pytest.raises(ProvenanceError, match="not found here; pass the same checkpoint with --weights"):
+        index.search_nifti(root / "s1.nii.gz", weights=tmp_path / "missing.pth")
+
+
+def test_store_of_other_provenance_is_refused(cohort_store, tmp_path):
+    root, name, index = cohort_store
+    manifest = _cohort(tmp_path, n=2)
+    other = _cache(manifest, tmp_path / "other.h5", str(root / "weights.pth"), slice_stride=3)
+    with pytest.raises(ProvenanceError) as err:
+        index.search_store(tmp_path / "other.h5", "s1", embeddings=other)
+    message = str(err.value)
+    assert "not made like the indexed ones" in message and "feature set" in message and "stride" in message
+
+
+def test_cli_build_search_json_and_gallery(cohort_store, tmp_path, capsys):
+    from PIL import Image
+
+    from slice2vol.cli import main
+
+    root, name, _ = cohort_store
+    assert main(["index", "build", "--store", str(root / "store.h5"), "--embeddings", name,
+                 "--out", str(tmp_path / "idx"), "--manifest", str(root / "manifest.csv")]) == 0
+    capsys.readouterr()
+    gallery = tmp_path / "g.html"
+    assert main(["search", "--index", str(tmp_path / "idx"), "--subject", "s2", "-k", "3", "--json",
+                 "--gallery", str(gallery)]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["query"] == "s2" and [n["rank"] for n in payload["neighbours"]] == [1, 2, 3]
+    first = payload["neighbours"][0]
+    assert first["subject_id"] == "s2" and first["similarity"] == pytest.approx(1, abs=1e-5)
+    assert first["age"] == 34 and first["sex"] == "F"
+    page = gallery.read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 4  # the query + 3 neighbours
+    strip = np.asarray(Image.open(io.BytesIO(base64.b64decode(images[0]))))
+    assert strip.ndim == 2 and strip.shape[0] == 128 and strip.std() > 10  # three panels with content
+    assert "similarity 1.0000" in page and "age 34" in page
+    png = tmp_path / "g.png"
+    assert main(["search", "--index", str(tmp_path / "idx"), "--nifti", str(root / "s2.nii.gz"), "-k", "2",
+                 "--gallery", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert "s2" in table.splitlines()[2] and Image.open(png).size[0] > 300
+    assert main(["search", "--index", str(tmp_path / "idx"), "--subject", "nope"]) == 2
+    assert "'nope' is not in the index" in capsys.readouterr().err

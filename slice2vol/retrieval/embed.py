@@ -23,34 +23,62 @@ from slice2vol.retrieval.index import ProvenanceError
 log = logging.getLogger(__name__)
 
 
-def _weights_problem(pipeline: Mapping[str, Any], weights: str | None) -> tuple[str, str | None]:
-    """Resolves the weights to load and checks the file's sha256 against the recorded one.
+def resolve_weights(pipeline: Mapping[str, Any], weights: str | None) -> str:
+    """The weights string to rebuild the indexed encoder with; a local file's sha256 is checked.
 
-    Returns:
-        (weights string for ``build_encoder``, problem message or None).
+    Raises:
+        ProvenanceError: the recorded file is missing here, or the given file is another checkpoint.
     """
-    from slice2vol.encoders.base import parse_weights, sha256_file
+    from slice2vol.encoders.base import sha256_file
 
-    recorded = str(pipeline.get("weights") or "random")
-    expected_sha = str(pipeline.get("weights_sha256") or "")
+    kind = str(pipeline.get("weights") or "random")
     key = pipeline.get("encoder")
-    chosen = str(weights) if weights is not None else recorded
-    kind, value = ("file", chosen) if Path(chosen).exists() else (None, None)
-    if kind is None:
-        if chosen in ("", "random", "none"):
-            return chosen, (f"the indexed embeddings of {key} come from randomly initialised weights, which "
-                            f"cannot be rebuilt; index embeddings of saved weights (a checkpoint file), "
-                            f"or embed the scan with the same encoder object yourself")
-        if chosen == "hub" or chosen.startswith("hub:"):
-            return chosen, None
-        return chosen, (f"weights file {chosen} (recorded for {key}) not found here; pass the same "
-                        f"checkpoint with --weights PATH (its sha256 must be {expected_sha or 'recorded'})")
-    kind, value = parse_weights(chosen)
-    sha = sha256_file(value)
-    if expected_sha and sha != expected_sha:
-        return chosen, (f"weights file {value} has sha256 {sha[:16]}..., but the indexed embeddings were "
-                        f"made with sha256 {expected_sha[:16]}... ({recorded}); these are different weights")
-    return chosen, None
+    if kind == "random" or kind.startswith("hub"):
+        if weights is not None:
+            raise ProvenanceError(f"the indexed embeddings of {key} use {kind!r} weights, not a file; "
+                                  f"drop --weights {weights}")
+        return kind
+    expected = str(pipeline.get("weights_sha256") or "")
+    path = Path(weights if weights is not None else str(pipeline.get("weights_path") or ""))
+    if not path.is_file() and not path.is_dir():
+        raise ProvenanceError(f"weights file {path} (recorded for {key}) not found here; pass the same "
+                              f"checkpoint with --weights PATH (sha256 {expected[:16]}...)")
+    sha = sha256_file(path)
+    if expected and sha != expected:
+        raise ProvenanceError(f"weights file {path} has sha256 {sha[:16]}..., but the indexed embeddings "
+                              f"were made with sha256 {expected[:16]}...: these are different weights")
+    return str(path)
+
+
+def rebuild_encoder(pipeline: Mapping[str, Any], weights: str | None = None, device: str = "cpu") -> Any:
+    """Builds the indexed encoder exactly as the cache job did, and proves it by state sha256.
+
+    Random weights are rebuilt with the recorded seed (the cache seeds them for this reason); the
+    parameters' sha256 must equal the recorded ``state_sha256``.
+    """
+    import torch
+
+    from slice2vol.encoders.base import build_encoder
+    from slice2vol.extract import state_sha256
+
+    key = pipeline["encoder"]
+    chosen = resolve_weights(pipeline, weights)
+    kwargs = dict(pipeline.get("encoder_kwargs") or {})
+    seed = int(kwargs.pop("random_seed", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_encoder(key, weights=chosen, **kwargs)
+    encoder.eval()
+    expected = str(pipeline.get("state_sha256") or "")
+    if expected:
+        got = state_sha256(encoder)
+        if got != expected:
+            raise ProvenanceError(f"the rebuilt {key} ({chosen}) has parameters with sha256 {got[:16]}..., "
+                                  f"not the indexed {expected[:16]}...: the model or its weights changed")
+    if hasattr(encoder, "optimize"):
+        amp = pipeline.get("amp")
+        encoder.optimize(amp=amp if str(device).startswith("cuda") and amp not in (None, "none") else None)
+    return encoder.to(device)
 
 
 @dataclass
@@ -76,6 +104,7 @@ class VolumeEmbedder:
     feature_dtype: str = "float16"
     batch_size: int = 32
     device: str = "cpu"
+    _state_sha256: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_provenance(
@@ -110,18 +139,14 @@ class VolumeEmbedder:
                                   "so new scans cannot be embedded like its vectors")
         volume_cfg = from_dict(VolumeConfig, pipeline.get("volume_cfg") or {})
         slice_cfg = from_dict(SliceConfig, pipeline.get("slice_cfg") or {})
+        state = None
         if encoder is None:
-            from slice2vol.encoders.base import build_encoder
-
-            chosen, problem = _weights_problem(pipeline, None if weights is None else str(weights))
-            if problem:
-                raise ProvenanceError(problem)
-            encoder = build_encoder(pipeline["encoder"], weights=chosen, **(pipeline.get("encoder_kwargs") or {}))
-            encoder = encoder.to(device)
+            encoder = rebuild_encoder(pipeline, None if weights is None else str(weights), device)
+            state = pipeline.get("state_sha256") or None  # verified by rebuild_encoder
         if aggregator is None:
             aggregator = _build_aggregator(pipeline.get("aggregator") or {})
         embedder = cls(encoder, volume_cfg, slice_cfg, aggregator, pipeline,
-                       str(pipeline.get("feature_dtype") or "float16"), batch_size, device)
+                       str(pipeline.get("feature_dtype") or "float16"), batch_size, device, state)
         embedder.check_against(provenance)
         return embedder
 
@@ -139,40 +164,67 @@ class VolumeEmbedder:
                                 f"indexed {want[:16]}...")
             if pipeline.get("embed_dim") and info.embed_dim != pipeline["embed_dim"]:
                 problems.append(f"encoder dimension {info.embed_dim} is not the indexed {pipeline['embed_dim']}")
+        want_state = str(pipeline.get("state_sha256") or "")
+        if want_state and self._state_sha256 is None:
+            from slice2vol.extract import state_sha256
+
+            self._state_sha256 = state_sha256(self.encoder)
+        if want_state and self._state_sha256 != want_state:
+            problems.append(f"encoder parameters have sha256 {self._state_sha256[:16]}..., not the "
+                            f"indexed {want_state[:16]}...")
         if problems:
             raise ProvenanceError("cannot embed a scan like the indexed cohort: " + "; ".join(problems))
 
     # -- the pipeline --------------------------------------------------------------------------
-    def load(self, images: str | Path | Sequence | dict, subject_id: str | None = None):
-        """NIfTI file(s) -> :class:`~slice2vol.data.io.Volume` with the indexed VolumeConfig."""
-        from slice2vol.data.io import load_volume
+    @property
+    def planes(self) -> tuple[str, ...]:
+        """Planes the aggregator uses (those of the embedding set, else every cached plane)."""
+        agg = self.pipeline.get("aggregator") or {}
+        planes = agg.get("planes") or self.pipeline.get("store_planes") or self.slice_cfg.planes
+        return tuple(planes)
 
-        return load_volume(images, self.volume_cfg, subject_id=subject_id)
+    def load_slices(self, images: str | Path | Sequence | dict, subject_id: str = "query") -> dict:
+        """NIfTI file(s) -> ``plane -> (images (S, C*k, H, W), indices (S,), positions (S, 3))``.
 
-    def slice_features(self, volume: Any) -> dict[str, Any]:
-        """Volume -> ``plane -> PlaneBag`` of (S, D) slice features, rounded like the store's."""
+        Uses the cache job's own dataset (:class:`slice2vol.extract.VolumeSlicesDataset`), so
+        loading and slicing are the code that made the indexed features.
+        """
+        from slice2vol.data.io import VolumeError
+        from slice2vol.data.manifest import Subject
+        from slice2vol.extract import VolumeSlicesDataset
+
+        if isinstance(images, (str, Path)):
+            named = {"image": Path(images)}
+        elif isinstance(images, dict):
+            named = {k: Path(v) for k, v in images.items()}
+        else:
+            named = {f"image{i}": Path(p) for i, p in enumerate(images)}
+        dataset = VolumeSlicesDataset([(Subject(subject_id, named), self.planes)], self.volume_cfg, self.slice_cfg)
+        item = dataset[0]
+        if item.error:
+            raise VolumeError(item.path or next(iter(named.values())), item.error.split(": ", 1)[-1])
+        return item.planes
+
+    def slice_features(self, planes: Mapping[str, Any]) -> dict[str, Any]:
+        """Sliced planes -> ``plane -> PlaneBag`` of (S, D) features, rounded through the store dtype."""
         import torch
 
         from slice2vol.aggregate.base import PlaneBag
-        from slice2vol.data.slicing import slice_volume
 
         bag = {}
-        planes = slice_volume(volume, self.slice_cfg, device=self.device)
         with torch.inference_mode():
-            for plane, ps in planes.items():
-                chunks = [self.encoder.encode(ps.images[i:i + self.batch_size]).float().cpu()
-                          for i in range(0, len(ps), self.batch_size)]
+            for plane, (images, indices, positions) in planes.items():
+                chunks = [self.encoder.encode(images[i:i + self.batch_size].to(self.device)).float().cpu()
+                          for i in range(0, len(indices), self.batch_size)]
                 feats = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
-                # the store keeps features in feature_dtype; round the same way for identical vectors
+                # the store keeps features in feature_dtype: round the same way for the same vectors
                 feats = feats.astype(self.feature_dtype).astype(np.float32)
-                bag[plane] = PlaneBag(feats, positions=np.asarray(ps.positions, dtype=np.float64),
-                                      indices=np.asarray(ps.indices))
+                bag[plane] = PlaneBag(feats, positions=np.asarray(positions), indices=np.asarray(indices))
         return bag
 
     def embed(self, images: str | Path | Sequence | dict) -> np.ndarray:
         """One scan -> its volume embedding (D',) float32."""
-        volume = images if hasattr(images, "data") and hasattr(images, "affine") else self.load(images)
-        bag = self.slice_features(volume)
+        bag = self.slice_features(self.load_slices(images))
         return np.asarray(self.aggregator.transform([bag])[0], dtype=np.float32)
 
 

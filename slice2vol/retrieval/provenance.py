@@ -15,12 +15,12 @@ from slice2vol.retrieval.index import ProvenanceError
 
 # provenance keys that describe when/where a job ran, not what it computed
 VOLATILE_KEYS = frozenset({
-    "created", "created_at", "timestamp", "time", "date", "elapsed_s", "duration_s", "host", "hostname",
-    "user", "n", "n_subjects", "subjects", "ids", "path", "store", "store_path", "written", "updated",
-    "num_workers", "batch_size", "device", "progress", "shard", "shards", "failures", "done", "skipped",
-    "manifest", "cohort", "source", "git", "command", "argv", "version", "slice2vol_version",
-    "torch_version", "python",
+    "created", "host", "versions", "package_version", "slice2vol", "weights_path", "argv", "history",
 })
+# keys of a volume-embedding set's provenance that say what was computed (aggregate_store)
+EMBEDDING_IDENTITY_KEYS = ("kind", "aggregator", "method", "params", "planes", "label", "task", "objective",
+                           "trainable", "train_ids_sha256", "out_dim", "encoder", "weights_sha256",
+                           "input_size")
 
 
 def _first(mapping: Mapping[str, Any] | None, *keys: str, default: Any = None) -> Any:
@@ -45,13 +45,14 @@ def pipeline_from_store(store_prov: Mapping[str, Any], embedding_prov: Mapping[s
         encoder = {"key": encoder}
     key = _first(store_prov, "encoder_key", "encoder.key", "encoder_info.key")
     weights = _first(store_prov, "weights", "encoder.weights", "encoder_info.weights", default="random")
+    weights_path = _first(store_prov, "weights_path", "encoder.weights_path")
     sha = _first(store_prov, "weights_sha256", "encoder.weights_sha256", "encoder_info.weights_sha256",
                  default="")
     aggregator = {
         "method": _first(embedding_prov, "method", "aggregator.method", "aggregator", default=embeddings),
         "params": dict(_first(embedding_prov, "params", "aggregator.params", default={}) or {}),
         "planes": _first(embedding_prov, "planes", "aggregator.planes"),
-        "requires_fit": bool(_first(embedding_prov, "requires_fit", "aggregator.requires_fit", default=False)),
+        "requires_fit": bool(_first(embedding_prov, "trainable", "requires_fit", default=False)),
     }
     if isinstance(aggregator["method"], Mapping):
         aggregator["method"] = aggregator["method"].get("method", embeddings)
@@ -59,6 +60,9 @@ def pipeline_from_store(store_prov: Mapping[str, Any], embedding_prov: Mapping[s
         "encoder": key,
         "encoder_kwargs": dict(_first(store_prov, "encoder_kwargs", "encoder.kwargs", default={}) or {}),
         "weights": str(weights),
+        "weights_path": str(weights_path) if weights_path else None,
+        "state_sha256": str(_first(store_prov, "state_sha256", default="") or ""),
+        "amp": _first(store_prov, "amp", default="none"),
         "weights_sha256": str(sha or ""),
         "embed_dim": _first(encoder, "embed_dim"),
         "volume_cfg": dict(_first(store_prov, "volume_cfg", "volume_config", "volume", default={}) or {}),
@@ -73,11 +77,13 @@ def store_provenance(store: Any, embeddings: str) -> dict[str, Any]:
     store_prov = dict(store.provenance or {})
     _, _, emb_prov = store.volume_embeddings(embeddings)
     path = getattr(store, "path", None)
+    pipeline = pipeline_from_store(store_prov, emb_prov or {}, embeddings)
+    pipeline["store_planes"] = list(getattr(store, "planes", []) or [])
     return {
         "store": {"path": str(Path(path).resolve()) if path else None,
                   "feature_set": str(store.feature_set), "provenance": store_prov},
         "embeddings": {"name": embeddings, "provenance": dict(emb_prov or {})},
-        "pipeline": pipeline_from_store(store_prov, emb_prov or {}, embeddings),
+        "pipeline": pipeline,
     }
 
 
@@ -90,6 +96,11 @@ def stable(value: Any) -> Any:
     return value
 
 
+def embedding_identity(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a volume-embedding set's provenance that determines the vectors."""
+    return {k: stable(provenance[k]) for k in EMBEDDING_IDENTITY_KEYS if k in provenance}
+
+
 def provenance_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
     """Human-readable differences between two index/store provenance records (empty = same)."""
     problems: list[str] = []
@@ -98,15 +109,16 @@ def provenance_differences(expected: Mapping[str, Any], actual: Mapping[str, Any
     if fs_a != fs_b:
         problems.append(f"feature set {fs_b!r} differs from the index's {fs_a!r}")
     pa, pb = expected.get("pipeline") or {}, actual.get("pipeline") or {}
-    for key in ("encoder", "weights_sha256", "encoder_kwargs", "volume_cfg", "slice_cfg", "embed_dim"):
+    for key in ("encoder", "weights_sha256", "state_sha256", "encoder_kwargs", "volume_cfg", "slice_cfg",
+                "feature_dtype", "embed_dim"):
         if stable(pa.get(key)) != stable(pb.get(key)):
             problems.append(f"{key}: {pb.get(key)!r} differs from the index's {pa.get(key)!r}")
     agg_a, agg_b = pa.get("aggregator") or {}, pb.get("aggregator") or {}
     for key in ("method", "params", "planes"):
         if stable(agg_a.get(key)) != stable(agg_b.get(key)):
             problems.append(f"aggregator {key}: {agg_b.get(key)!r} differs from the index's {agg_a.get(key)!r}")
-    emb_a = stable(_first(expected, "embeddings.provenance", default={}))
-    emb_b = stable(_first(actual, "embeddings.provenance", default={}))
+    emb_a = embedding_identity(_first(expected, "embeddings.provenance", default={}))
+    emb_b = embedding_identity(_first(actual, "embeddings.provenance", default={}))
     if emb_a != emb_b and not any(p.startswith("aggregator") for p in problems):
         keys = sorted(k for k in set(emb_a) | set(emb_b) if emb_a.get(k) != emb_b.get(k))
         problems.append(f"volume-embedding provenance differs in {keys}")
