@@ -1,0 +1,558 @@
+"""The caching job: cohort -> DataLoader workers (read + slice) -> packed batches -> encoder -> store.
+
+Data flow, with shapes::
+
+    Subject --worker--> VolumeItem{plane: (S, C*k, H, W)} --packer--> (B, C*k, H, W) full batches
+        --encoder.encode--> (B, D) --scatter--> SubjectFeatures{plane: (S, D)} --commit--> part segment
+
+Workers return failures instead of raising, so one corrupt volume costs one subject. Slices of
+several volumes fill each batch (the encoder never runs a ragged half batch except the very last).
+On CUDA the batch is staged in pinned memory and copied with ``non_blocking=True`` while the
+previous batch is still running. Completed subjects are committed to the store in atomic part
+files every ``commit_every`` subjects (see :mod:`slice2vol.cache`), and the store is compacted at the
+end; a restarted job skips every (subject, plane) already committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from slice2vol.cache import FeatureStore, PlaneFeatures, SubjectFeatures, config_hash_of, run_context
+from slice2vol.config import to_dict
+from slice2vol.data.io import VolumeConfig, VolumeError
+from slice2vol.data.manifest import Cohort, Failure, Subject, load_subject
+from slice2vol.data.slicing import SliceConfig, slice_volume
+
+log = logging.getLogger(__name__)
+
+
+# -- shards ---------------------------------------------------------------------------------------
+def parse_shard(shard: str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``"i/n"`` or ``(i, n)`` -> (i, n), checked; ``None`` stays ``None``."""
+    if shard is None or shard == "":
+        return None
+    if isinstance(shard, str):
+        try:
+            i, n = (int(v) for v in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}") from None
+    else:
+        i, n = (int(v) for v in shard)
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
+    return i, n
+
+
+def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """The shard of this process under torchrun (RANK/WORLD_SIZE) or a SLURM array job.
+
+    SLURM array ids may start anywhere (``--array=1-8``): the shard is
+    ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``.
+    """
+    env = os.environ if env is None else env
+    if int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env:
+        return parse_shard((int(env["RANK"]), int(env["WORLD_SIZE"])))
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        task = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return parse_shard((task, int(env["SLURM_ARRAY_TASK_COUNT"])))
+    return None
+
+
+def shard_path(path: str | Path, index: int, count: int) -> Path:
+    """``out.h5`` -> ``out.shard-01-of-04.h5``: every shard writes its own file."""
+    path = Path(path)
+    width = len(str(count - 1))
+    suffix = path.suffix or ".h5"
+    return path.with_name(f"{path.name[:-len(path.suffix)] if path.suffix else path.name}"
+                          f".shard-{index:0{width}d}-of-{count}{suffix}")
+
+
+def shard_subjects(subjects: Sequence[Subject], index: int, count: int) -> list[Subject]:
+    """Round-robin over manifest order: balanced, and the same for every shard given the same manifest."""
+    return list(subjects[index::count])
+
+
+# -- provenance -----------------------------------------------------------------------------------
+def state_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes and bytes), any device."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def feature_provenance(encoder: Any, encoder_key: str, encoder_kwargs: Mapping[str, Any],
+                       volume_cfg: VolumeConfig, slice_cfg: SliceConfig, *, dtype: str, tokens: bool,
+                       amp: str | None = None, state_hash: str | None = None) -> dict[str, Any]:
+    """Provenance dict for features made by ``encoder`` (identity keys + volatile run context).
+
+    The weights *path* is kept as ``weights_path`` (volatile): shards on different machines read the
+    same checkpoint from different paths; the sha256 is what identifies it.
+    """
+    info = encoder.info.to_dict()
+    weights = str(info.pop("weights", "random"))
+    slice_dict = to_dict(slice_cfg)
+    slice_dict.pop("planes")  # planes can be added to a feature set later; they do not change features
+    kind = "file" if weights not in ("random", "") and not weights.startswith("hub") else weights
+    return {
+        "encoder": encoder_key,
+        "encoder_kwargs": {k: v for k, v in dict(encoder_kwargs).items()},
+        "weights": kind or "random",
+        "weights_sha256": info.get("weights_sha256", ""),
+        "weights_path": weights,
+        "state_sha256": state_hash or state_sha256(encoder),
+        "encoder_info": info,
+        "volume_config": to_dict(volume_cfg),
+        "slice_config": slice_dict,
+        "dtype": dtype,
+        "tokens": bool(tokens),
+        "amp": amp or "none",
+        **run_context(),
+    }
+
+
+# -- worker side ----------------------------------------------------------------------------------
+@dataclass
+class VolumeItem:
+    """What a DataLoader worker returns for one subject.
+
+    Attributes:
+        subject_id: the subject.
+        planes: plane -> (images (S, C*k, H, W) float32, indices (S,), positions (S, 3)).
+        error: one-line reason when loading or slicing failed (``planes`` is then empty).
+        path: file that failed, if known.
+        seconds: time spent reading and slicing.
+    """
+
+    subject_id: str
+    planes: dict[str, tuple[torch.Tensor, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    error: str | None = None
+    path: str = ""
+    seconds: float = 0.0
+
+
+class VolumeSlicesDataset(torch.utils.data.Dataset):
+    """Map-style dataset: item i = the slices of subject i in the planes it still needs.
+
+    Args:
+        jobs: (subject, planes to compute) pairs.
+        volume_cfg: how volumes are read.
+        slice_cfg: how they are sliced (its ``planes`` are replaced per job).
+    """
+
+    def __init__(self, jobs: Sequence[tuple[Subject, tuple[str, ...]]], volume_cfg: VolumeConfig,
+                 slice_cfg: SliceConfig) -> None:
+        self.jobs = list(jobs)
+        self.volume_cfg = volume_cfg
+        self.slice_cfg = slice_cfg
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> VolumeItem:
+        subject, planes = self.jobs[i]
+        start = time.perf_counter()
+        try:
+            volume = load_subject(subject, self.volume_cfg, with_seg=False)
+            sliced = slice_volume(volume, dataclasses.replace(self.slice_cfg, planes=tuple(planes)))
+            out = {p: (s.images.float().contiguous(), s.indices, s.positions) for p, s in sliced.items()}
+            return VolumeItem(subject.subject_id, out, seconds=time.perf_counter() - start)
+        except VolumeError as err:
+            return VolumeItem(subject.subject_id, error=str(err), path=err.path,
+                              seconds=time.perf_counter() - start)
+        except (OSError, ValueError, RuntimeError, MemoryError) as err:
+            first = next(iter(subject.images.values()), "")
+            msg = " ".join(str(err).split())[:200]
+            return VolumeItem(subject.subject_id, error=f"{first}: {type(err).__name__}: {msg}",
+                              path=str(first), seconds=time.perf_counter() - start)
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+# -- report ---------------------------------------------------------------------------------------
+@dataclass
+class CacheReport:
+    """What a caching job did.
+
+    Attributes:
+        store: the file written (a shard file under sharding).
+        done: subjects computed by this run (complete and committed).
+        skipped: subjects already complete in the store (not recomputed).
+        failures: subjects that could not be cached, with the reason (manifest rows included).
+        slices: slices encoded by this run.
+        seconds: wall time of the job.
+        encode_seconds: time inside the encoder.
+        feature_set: the store's feature-set hash.
+        shard: (i, n) or None.
+    """
+
+    store: Path
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    slices: int = 0
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    feature_set: str = ""
+    shard: tuple[int, int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        rate = self.slices / self.seconds if self.seconds else 0.0
+        shard = f" (shard {self.shard[0]}/{self.shard[1]})" if self.shard else ""
+        lines = [f"{self.store}{shard}: feature set {self.feature_set}; {len(self.done)} subject(s) cached, "
+                 f"{len(self.skipped)} already present, {len(self.failures)} failed; {self.slices} slices "
+                 f"in {self.seconds:.1f} s ({rate:.1f} slices/s, encoder busy "
+                 f"{100 * self.encode_seconds / max(self.seconds, 1e-9):.0f}%)"]
+        if self.failures:
+            lines.append(f"{len(self.failures)} subject(s) failed:")
+            lines += [f"  {f.subject_id}: {f.message}" for f in self.failures]
+        return "\n".join(lines)
+
+
+# -- packing and encoding ---------------------------------------------------------------------------
+class _Pending:
+    """One subject in flight: its slices wait in the packer, its outputs fill up per plane."""
+
+    def __init__(self, item: VolumeItem, dim: int, token_shape: tuple[int, ...] | None) -> None:
+        self.item = item
+        self.remaining = sum(len(v[1]) for v in item.planes.values())
+        self.features = {p: np.empty((len(v[1]), dim), np.float32) for p, v in item.planes.items()}
+        self.tokens = ({p: np.empty((len(v[1]), *token_shape), np.float32) for p, v in item.planes.items()}
+                       if token_shape else None)
+        self.grid: tuple[int, int] | None = None
+        self.error: str | None = None
+
+    def result(self, labels: dict | None) -> SubjectFeatures:
+        planes = {}
+        for p, (_, indices, positions) in self.item.planes.items():
+            planes[p] = PlaneFeatures(self.features[p], indices, positions,
+                                      None if self.tokens is None else self.tokens[p], self.grid)
+        return SubjectFeatures(self.item.subject_id, planes, labels)
+
+
+class _Encoder:
+    """Runs full batches through the encoder, one batch in flight (CUDA overlap), results to numpy."""
+
+    def __init__(self, encoder: Any, device: torch.device, batch_size: int, tokens: bool) -> None:
+        self.encoder = encoder
+        self.device = device
+        self.batch_size = batch_size
+        self.tokens = tokens
+        self.cuda = device.type == "cuda"
+        self._buffers: list[torch.Tensor] = []
+        self._next = 0
+        self.seconds = 0.0
+
+    def staging(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A (B, C, H, W) host buffer: pinned on CUDA, two of them alternating."""
+        if not self._buffers or self._buffers[0].shape[1:] != shape[1:]:
+            self._buffers = [torch.empty(shape, pin_memory=self.cuda) for _ in range(2 if self.cuda else 1)]
+        buf = self._buffers[self._next % len(self._buffers)]
+        self._next += 1
+        return buf
+
+    @torch.inference_mode()
+    def submit(self, batch: torch.Tensor) -> tuple[Any, ...]:
+        start = time.perf_counter()
+        x = batch.to(self.device, non_blocking=True)
+        features = self.encoder.encode(x)
+        tokens = grid = None
+        if self.tokens:
+            tokens, grid = self.encoder.tokens(x)
+        if self.cuda:  # start the device -> host copies; the caller waits only when it needs them
+            features = features.to("cpu", non_blocking=True)
+            tokens = None if tokens is None else tokens.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            event = None
+        self.seconds += time.perf_counter() - start
+        return features, tokens, grid, event
+
+    def wait(self, handle: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray | None, Any]:
+        features, tokens, grid, event = handle
+        start = time.perf_counter()
+        if event is not None:
+            event.synchronize()
+        self.seconds += time.perf_counter() - start
+        return (features.float().numpy(), None if tokens is None else tokens.float().numpy(), grid)
+
+
+def _probe_shapes(encoder: Any, item: VolumeItem, device: torch.device, tokens: bool
+                  ) -> tuple[int, tuple[int, ...] | None]:
+    """Embedding dim and token shape (T, Dt), from one real slice (encoders may not know T)."""
+    images = next(v[0] for v in item.planes.values() if len(v[1]))
+    with torch.inference_mode():
+        x = images[:1].to(device)
+        dim = int(encoder.encode(x).shape[1])
+        shape = tuple(encoder.tokens(x)[0].shape[1:]) if tokens else None
+    return dim, shape
+
+
+# -- the job ------------------------------------------------------------------------------------------
+def cache_cohort(
+    cohort: Cohort,
+    encoder_key: str | Any,
+    store_path: str | Path,
+    *,
+    weights: str = "random",
+    encoder_kwargs: Mapping[str, Any] | None = None,
+    volume_cfg: VolumeConfig | None = None,
+    slice_cfg: SliceConfig | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "cpu",
+    shard: str | Sequence[int] | None = None,
+    save_tokens: bool = False,
+    progress: bool = True,
+    dtype: str = "float16",
+    amp: str | None = None,
+    commit_every: int = 8,
+    commit_seconds: float = 120.0,
+    compact: bool = True,
+    seed: int = 0,
+) -> CacheReport:
+    """Embeds every slice of a cohort with a 2D encoder into a feature store, resumably.
+
+    Args:
+        cohort: subjects (and labels, stored with the features).
+        encoder_key: registry key, e.g. ``timm/resnet18``, or an already built :class:`Encoder`.
+        store_path: the store file; under sharding the shard's own file (see :func:`shard_path`).
+        weights: ``random`` (seeded with ``seed``), ``hub[:tag]`` or a local checkpoint.
+        encoder_kwargs: family options (``img_size``, ``pooling``, ...); part of the feature set.
+        volume_cfg, slice_cfg: reading and slicing; part of the feature set (except ``planes``).
+        batch_size: slices per forward pass, packed across volumes.
+        num_workers: DataLoader processes reading and slicing volumes (0: in this process).
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (``cuda`` under torchrun uses ``LOCAL_RANK``).
+        shard: ``"i/n"`` / (i, n); default: from torchrun or SLURM array variables, else no sharding.
+        save_tokens: also store patch tokens (S, T, Dt) for dense probes (a second forward pass).
+        progress: tqdm bar with subjects, slices/s and ETA.
+        dtype: ``float16`` (default, half the disk) or ``float32``.
+        amp: ``bf16``/``fp16`` autocast on CUDA (part of the feature set).
+        commit_every, commit_seconds: completed subjects are committed (crash-safe) every this many
+            subjects or seconds, whichever comes first; a kill loses at most that much work.
+        compact: merge the committed parts into the main file at the end.
+        seed: torch seed for ``random`` weights, so shards and reruns get the same network.
+
+    Returns:
+        A :class:`CacheReport`; ``report.ok`` is False when some subject failed.
+
+    Raises:
+        StoreMismatch: the store holds features of another feature set.
+        RuntimeError: another process is writing the same store.
+    """
+    from slice2vol.encoders import build_encoder
+
+    t0 = time.perf_counter()
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+    volume_cfg = volume_cfg or VolumeConfig()
+    slice_cfg = slice_cfg or SliceConfig()
+    encoder_kwargs = dict(encoder_kwargs or {})
+    shard_ = parse_shard(shard) if shard is not None else shard_from_env()
+    store_path = Path(store_path)
+    if shard_ and shard_[1] > 1:
+        store_path = shard_path(store_path, *shard_)
+    subjects = shard_subjects(cohort.subjects, *shard_) if shard_ else list(cohort.subjects)
+    report = CacheReport(store_path, shard=shard_, failures=list(cohort.failures))
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if isinstance(encoder_key, str):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # random weights must be identical across shards and reruns
+            encoder = build_encoder(encoder_key, weights=weights, **encoder_kwargs)
+        key = encoder_key
+    else:
+        encoder, key = encoder_key, encoder_key.info.key
+    encoder.eval()
+    state_hash = state_sha256(encoder)
+    if hasattr(encoder, "optimize"):
+        encoder.optimize(amp=amp if dev.type == "cuda" else None)
+    encoder.to(dev)
+    provenance = feature_provenance(encoder, key, encoder_kwargs, volume_cfg, slice_cfg, dtype=dtype,
+                                    tokens=save_tokens, amp=amp, state_hash=state_hash)
+    if weights == "random":
+        provenance["encoder_kwargs"] = {**provenance["encoder_kwargs"], "random_seed": seed}
+    report.feature_set = config_hash_of(provenance)
+
+    store = FeatureStore(store_path, mode="a")
+    with store.writer_lock():
+        store.clean_tmp()
+        store.refresh()
+        store.check_identity(provenance)
+        jobs: list[tuple[Subject, tuple[str, ...]]] = []
+        for subject in subjects:
+            missing = tuple(p for p in slice_cfg.planes if not store.has(subject.subject_id, p))
+            if missing:
+                jobs.append((subject, missing))
+            else:
+                report.skipped.append(subject.subject_id)
+        if report.skipped:
+            log.info("%s: %d subject(s) already cached, %d to do", store_path, len(report.skipped), len(jobs))
+        labels = {s.subject_id: s.labels for s in cohort.subjects}
+        _run_jobs(jobs, encoder, store, provenance, labels, dict(cohort.label_types), report,
+                  volume_cfg=volume_cfg, slice_cfg=slice_cfg, batch_size=batch_size,
+                  num_workers=num_workers, device=dev, save_tokens=save_tokens, progress=progress,
+                  dtype=dtype, commit_every=commit_every, commit_seconds=commit_seconds)
+        report.seconds = time.perf_counter() - t0
+        if not report.done:  # nothing new: leave the main file alone (only finish a killed run's parts)
+            if compact:
+                store.compact()
+            store.close()
+            return report
+        event = {k: v for k, v in run_context().items() if k != "versions"}
+        event.update(event="cache", shard=list(shard_) if shard_ else None, done=len(report.done),
+                     skipped=len(report.skipped), slices=report.slices, seconds=round(report.seconds, 1),
+                     failures=[{"subject_id": f.subject_id, "message": f.message} for f in report.failures])
+        if compact:
+            store.compact(history=[event])
+        else:
+            store._commit_part(provenance=provenance, history=[event])
+    store.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict, label_types: dict,
+              report: CacheReport, *, volume_cfg, slice_cfg, batch_size: int, num_workers: int,
+              device: torch.device, save_tokens: bool, progress: bool, dtype: str, commit_every: int,
+              commit_seconds: float) -> None:
+    """Main loop: load (workers) -> pack -> encode -> scatter -> commit."""
+    if not jobs:
+        return
+    dataset = VolumeSlicesDataset(jobs, volume_cfg, slice_cfg)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity,
+        prefetch_factor=2 if num_workers else None, persistent_workers=False,
+    )
+    runner = _Encoder(encoder, device, batch_size, save_tokens)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=f"cache {provenance['encoder']}", unit="subj", dynamic_ncols=True)
+    queue: deque[tuple[_Pending, str, int]] = deque()  # (subject, plane, first slice not yet batched)
+    queued = 0  # slices waiting in `queue`
+    completed: list[SubjectFeatures] = []
+    last_commit = time.perf_counter()
+    shapes: tuple[int, tuple[int, ...] | None] | None = None
+    in_flight: tuple[tuple[Any, ...], list[tuple[_Pending, str, int, int]]] | None = None
+    start = time.perf_counter()
+
+    def commit(force: bool = False) -> None:
+        nonlocal completed, last_commit
+        if completed and (force or len(completed) >= commit_every
+                          or time.perf_counter() - last_commit >= commit_seconds):
+            store.commit_subjects(completed, provenance, dtype=dtype, label_types=label_types)
+            report.done.extend(s.subject_id for s in completed)
+            log.debug("committed %d subject(s)", len(completed))
+            completed, last_commit = [], time.perf_counter()
+
+    def finish(pending: _Pending) -> None:
+        if pending.error:
+            report.failures.append(Failure(pending.item.subject_id, pending.item.path, pending.error))
+        else:
+            completed.append(pending.result(labels.get(pending.item.subject_id)))
+        if bar is not None:
+            bar.update(1)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(slices_s=f"{report.slices / max(elapsed, 1e-9):.1f}", failed=len(report.failures))
+        commit()
+
+    def collect(flight) -> None:
+        handle, placements = flight
+        feats, toks, grid = runner.wait(handle)
+        if dtype == "float16" and np.abs(feats).max(initial=0) > 65000:
+            bad = {p.item.subject_id for p, *_ in placements}
+            for pending, *_ in placements:
+                pending.error = (f"features exceed the float16 range (max |x| = {np.abs(feats).max():.3g}); "
+                                 "cache with --dtype float32")
+            log.warning("float16 overflow for %s", sorted(bad))
+        at = 0
+        for pending, plane, lo, hi in placements:
+            n = hi - lo
+            pending.features[plane][lo:hi] = feats[at:at + n]
+            if toks is not None:
+                pending.tokens[plane][lo:hi] = toks[at:at + n]  # type: ignore[index]
+                pending.grid = tuple(int(g) for g in grid)  # type: ignore[assignment]
+            at += n
+            pending.remaining -= n
+            if pending.remaining == 0:
+                finish(pending)
+        report.slices += at
+
+    def launch(n: int) -> None:
+        """Packs the next n queued slices into one batch and submits it."""
+        nonlocal queued, in_flight
+        first = queue[0][0].item.planes[queue[0][1]][0]
+        buf = runner.staging((n, *first.shape[1:]))
+        placements = []
+        filled = 0
+        while filled < n:
+            pending, plane, lo = queue[0]
+            images = pending.item.planes[plane][0]
+            take = min(n - filled, len(images) - lo)
+            buf[filled:filled + take].copy_(images[lo:lo + take])
+            placements.append((pending, plane, lo, lo + take))
+            filled += take
+            if lo + take == len(images):
+                queue.popleft()
+            else:
+                queue[0] = (pending, plane, lo + take)
+        queued -= n
+        handle = runner.submit(buf[:n])
+        if in_flight is not None:  # the previous batch ran while this one was packed
+            collect(in_flight)
+        in_flight = (handle, placements)
+
+    try:
+        for item in loader:
+            if item.error:
+                report.failures.append(Failure(item.subject_id, item.path, item.error))
+                if bar is not None:
+                    bar.update(1)
+                continue
+            if shapes is None and any(len(v[1]) for v in item.planes.values()):
+                shapes = _probe_shapes(encoder, item, device, save_tokens)
+            pending = _Pending(item, shapes[0] if shapes else int(encoder.info.embed_dim),
+                               shapes[1] if shapes else None)
+            if pending.remaining == 0:  # no slice passed min_foreground: an empty but complete subject
+                finish(pending)
+                continue
+            for plane, (_, indices, _) in item.planes.items():
+                if len(indices):
+                    queue.append((pending, plane, 0))
+                    queued += len(indices)
+            while queued >= batch_size:
+                launch(batch_size)
+        if queued:
+            launch(queued)
+        if in_flight is not None:
+            collect(in_flight)
+            in_flight = None
+        commit(force=True)
+    finally:
+        report.encode_seconds += runner.seconds
+        if bar is not None:
+            bar.close()
