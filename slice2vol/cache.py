@@ -12,7 +12,8 @@ killed, committed *part segments* in ``STORE.h5.parts/``. Every segment has the 
     /planes/<plane>/positions (N, 3) float32 slice centre in world mm (RAS)
     /planes/<plane>/tokens    (N, T, Dt)    optional patch tokens, attrs grid = (gh, gw)
     /labels                   JSON records {subject_id: {column: value}}, attrs label_types (JSON)
-    /volumes/<name>/ids       (N,) str;  /volumes/<name>/X (N, D) float32; attrs provenance (JSON)
+    /volumes/<name>/ids       (N,) str;  /volumes/<name>/X (N, D) float32; attrs provenance (JSON), name
+                              ('/' in a set name is stored as %2F)
 
 Segments are written once, completely, to a temporary name, flushed, fsync'ed and renamed into place
 (``os.replace`` is atomic on POSIX), so a SIGKILL at any moment leaves only whole segments and
@@ -209,7 +210,7 @@ class _Segment:
     def file(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
             # A handle inherited through fork must not be used: HDF5 state is per process.
-            self._file = h5py.File(self.path, "r", locking=False)
+            self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
             if self._file.attrs.get("format") != FORMAT:
                 raise ValueError(f"{self.path}: not a slice2vol feature store (format attribute missing)")
@@ -256,7 +257,10 @@ class _Segment:
         return records, json.loads(ds.attrs.get("label_types", "{}"))
 
     def volume_names(self) -> list[str]:
-        return list(self.file.get("volumes", {}).keys())
+        return [_vol_name(k) for k in self.file.get("volumes", {}).keys()]
+
+    def volume_group(self, name: str) -> h5py.Group | None:
+        return self.file.get("volumes", {}).get(_vol_key(name))
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -558,7 +562,7 @@ class FeatureStore:
     def volume_embeddings(self, name: str) -> tuple[list[str], np.ndarray, dict]:
         """One set of volume embeddings: (ids, X (N, D) float32, provenance)."""
         for seg in reversed(self.segments):  # newest wins
-            group = seg.file.get("volumes", {}).get(name)
+            group = seg.volume_group(name)
             if group is not None:
                 ids = [s.decode() if isinstance(s, bytes) else str(s) for s in group["ids"][()]]
                 return ids, group["X"][()].astype(np.float32), json.loads(group.attrs.get("provenance", "{}"))
@@ -739,6 +743,15 @@ def config_hash_of(provenance: Mapping[str, Any]) -> str:
     return config_hash(_jsonable(identity_of(provenance)))
 
 
+def _vol_key(name: str) -> str:
+    """Set names may contain '/' (``ssl/simclr3d``); HDF5 would make that a nested group."""
+    return name.replace("%", "%25").replace("/", "%2F")
+
+
+def _vol_name(key: str) -> str:
+    return key.replace("%2F", "/").replace("%25", "%")
+
+
 def _runs(items: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """Joins (start, stop, at) row ranges that are consecutive in source and destination."""
     runs: list[list[int]] = []
@@ -790,7 +803,8 @@ def _write_labels(f: h5py.File, records: Mapping[str, Any], types: Mapping[str, 
 
 
 def _write_volume(f: h5py.File, name: str, ids: Sequence[str], X: np.ndarray, prov: Mapping) -> None:
-    group = f.create_group(f"volumes/{name}")
+    group = f.create_group(f"volumes/{_vol_key(name)}")
+    group.attrs["name"] = name
     group.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=_STR)
     group.create_dataset("X", data=np.asarray(X, dtype=np.float32))
     group.attrs["provenance"] = _dumps(dict(prov))
@@ -864,7 +878,7 @@ def _merge_segments(segments: Sequence[_Segment], out: Path, *, extra_history: S
             for name in seg.volume_names():
                 volumes[name] = seg  # newest wins
         for name, seg in volumes.items():
-            f.copy(seg.file["volumes"][name], f.require_group("volumes"), name=name)
+            f.copy(seg.volume_group(name), f.require_group("volumes"), name=_vol_key(name))
     return duplicates
 
 

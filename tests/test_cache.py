@@ -1,0 +1,240 @@
+"""The feature store: layout, reads (single, bulk, Dataset, workers), crash leftovers, merge checks."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from slice2vol.cache import (
+    FeatureStore,
+    PlaneFeatures,
+    SliceBagDataset,
+    StoreMismatch,
+    SubjectFeatures,
+    config_hash_of,
+    diff_dicts,
+    merge_stores,
+    pad_bags,
+    run_context,
+)
+
+PROV = {"encoder": "test/x", "encoder_kwargs": {}, "weights": "random", "weights_sha256": "",
+        "state_sha256": "ab" * 32, "encoder_info": {"key": "test/x", "embed_dim": 8},
+        "volume_config": {"spacing": None}, "slice_config": {"size": 32, "stride": 1},
+        "dtype": "float16", "tokens": True, "amp": "none", **run_context()}
+TYPES = {"age": "continuous", "sex": "categorical", "site": "categorical"}
+
+
+def fake_subject(i: int, planes=("axial", "coronal"), dim: int = 8) -> SubjectFeatures:
+    """Subject i: S = 3 + i slices whose features encode (subject, plane, slice) exactly in float16."""
+    out = {}
+    for k, plane in enumerate(planes):
+        s = 3 + i
+        feats = np.zeros((s, dim), np.float32)
+        feats[:, 0], feats[:, 1], feats[:, 2] = i, k, np.arange(s)
+        feats[:, 3:] = np.random.default_rng(10 * i + k).normal(size=(s, dim - 3))
+        out[plane] = PlaneFeatures(feats, np.arange(s) * 2 + k, np.tile([i, k, 0.5], (s, 1)),
+                                   tokens=np.full((s, 4, 2), i, np.float32), grid=(2, 2))
+    return SubjectFeatures(f"s{i}", out, {"age": 30.0 + i, "sex": "MF"[i % 2], "site": i % 3})
+
+
+def write_store(path: Path, ids=range(4), commit_every: int = 2, compact: bool = True) -> FeatureStore:
+    store = FeatureStore(path, mode="a")
+    subjects = [fake_subject(i) for i in ids]
+    with store.writer_lock():
+        for start in range(0, len(subjects), commit_every):
+            store.commit_subjects(subjects[start:start + commit_every], PROV, label_types=TYPES)
+        if compact:
+            store.compact()
+    return FeatureStore(path)
+
+
+def test_layout_and_roundtrip(tmp_path: Path) -> None:
+    store = write_store(tmp_path / "s.h5")
+    assert store.subjects() == ["s0", "s1", "s2", "s3"] and store.planes == ["axial", "coronal"]
+    assert store.feature_set == config_hash_of(PROV) and store.provenance["encoder"] == "test/x"
+    X = store.slice_features("s2", "coronal")
+    assert X.dtype == np.float32 and X.shape == (5, 8)
+    np.testing.assert_array_equal(X[:, :3], np.c_[np.full(5, 2), np.ones(5), np.arange(5)])
+    np.testing.assert_allclose(X, fake_subject(2).planes["coronal"].features, rtol=1e-3, atol=1e-3)
+    meta = store.slice_meta("s2", "coronal")
+    np.testing.assert_array_equal(meta["indices"], [1, 3, 5, 7, 9])
+    np.testing.assert_array_equal(meta["positions"][0], [2, 1, 0.5])
+    tokens, grid = store.slice_tokens("s3", "axial")
+    assert tokens.shape == (6, 4, 2) and grid == (2, 2) and (tokens == 3).all()
+    labels = store.labels()
+    assert list(labels.columns) == ["age", "sex", "site"] and labels.index.name == "subject_id"
+    assert labels.loc["s1"].tolist() == [31.0, "F", 1] and store.label_types == TYPES
+    # one contiguous float16 dataset per plane, subjects located by offsets
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        group = f["planes/axial"]
+        assert group["features"].shape == (3 + 4 + 5 + 6, 8) and group["features"].dtype == np.float16
+        assert group["features"].chunks is None and group["features"].compression is None
+        np.testing.assert_array_equal(group["offsets"][()], [0, 3, 7, 12, 18])
+        assert f.attrs["format"] == "slice2vol.features"
+    with pytest.raises(KeyError, match="no plane 'sagittal'"):
+        store.slice_features("s0", "sagittal")
+    with pytest.raises(KeyError, match="'nobody' has no axial"):
+        store.slice_features("nobody", "axial")
+
+
+def test_bulk_reads_match_single_reads(tmp_path: Path) -> None:
+    # main file + two uncompacted parts: the reader sees them as one store
+    write_store(tmp_path / "b.h5", ids=range(6), commit_every=3)
+    store = FeatureStore(tmp_path / "b.h5", mode="a")
+    with store.writer_lock():
+        store.commit_subjects([fake_subject(6)], PROV, label_types=TYPES)
+        store.commit_subjects([fake_subject(7)], PROV, label_types=TYPES)
+    store = FeatureStore(tmp_path / "b.h5")
+    assert len(store.segment_paths()) == 3 and len(store) == 8
+    for subset in (["s7", "s1"], ["s5", "s0", "s7", "s3", "s6", "s2", "s1", "s4"]):  # sparse, dense paths
+        X, offsets, meta = store.load_packed(subset, "coronal", meta=True)
+        assert offsets[-1] == len(X) == sum(3 + int(s[1]) for s in subset)
+        for i, sid in enumerate(subset):
+            np.testing.assert_array_equal(X[offsets[i]:offsets[i + 1]], store.slice_features(sid, "coronal"))
+            np.testing.assert_array_equal(meta["indices"][offsets[i]:offsets[i + 1]],
+                                          store.slice_meta(sid, "coronal")["indices"])
+    bags = store.load_slices(["s4", "s6"], ["axial"])
+    assert [b.shape for b in bags["axial"]] == [(7, 8), (9, 8)]
+    with pytest.raises(KeyError, match="1 subject"):
+        store.load_packed(["s0", "zz"], "axial")
+
+
+def test_dataset_in_dataloader_workers(tmp_path: Path) -> None:
+    store = write_store(tmp_path / "d.h5", ids=range(5))
+    store.slice_features("s0", "axial")  # open handles in the parent first: workers must reopen
+    pickle.loads(pickle.dumps(store)).slice_features("s1", "axial")
+    dataset = SliceBagDataset(store, planes=["axial", "coronal"], label="age")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2,
+                                         collate_fn=lambda items: (pad_bags(items, "axial"), items))
+    seen = []
+    for (padded, mask), items in loader:
+        assert padded.shape[0] == mask.shape[0] == len(items)
+        for row, item in enumerate(items):
+            n = 3 + int(item["subject_id"][1:])
+            assert mask[row].sum() == n and item["label"] == 30.0 + n - 3
+            torch.testing.assert_close(padded[row, :n], torch.from_numpy(store.slice_features(item["subject_id"], "axial")))
+            seen.append(item["subject_id"])
+    assert seen == store.subjects()
+    preloaded = SliceBagDataset(tmp_path / "d.h5", preload=True)
+    torch.testing.assert_close(preloaded[3]["features"]["coronal"], dataset[3]["features"]["coronal"])
+
+
+def test_crash_leftovers_are_ignored_and_cleaned(tmp_path: Path) -> None:
+    path = tmp_path / "k.h5"
+    write_store(path, ids=range(3))
+    store = FeatureStore(path, mode="a")
+    # a kill while writing leaves half a file under a temporary name ...
+    (store.parts_dir).mkdir()
+    (store.parts_dir / "part-x.h5.1234abcd.tmp").write_bytes(b"\x89HDF\r\n half a file")
+    (tmp_path / "k.h5.deadbeef.tmp").write_bytes(b"\x89HDF")
+    # ... and a kill after compaction but before the parts were deleted leaves a duplicate part
+    with store.writer_lock():
+        store.commit_subjects([fake_subject(1), fake_subject(3)], PROV, label_types=TYPES)
+    reader = FeatureStore(path)
+    assert reader.subjects() == ["s0", "s1", "s2", "s3"]  # s1 once, from the main file
+    with store.writer_lock():
+        assert store.clean_tmp() == 2
+        store.compact()
+    with h5py.File(path, "r") as f:
+        assert [x.decode() for x in f["planes/axial/ids"][()]] == ["s0", "s1", "s2", "s3"]
+    assert not store.parts_dir.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_writer_lock_and_read_only(tmp_path: Path) -> None:
+    store = write_store(tmp_path / "l.h5", ids=[0])
+    with pytest.raises(PermissionError, match="read-only"):
+        store.write_volume_embeddings("mean", ["s0"], np.zeros((1, 2)))
+    writer = FeatureStore(tmp_path / "l.h5", mode="a")
+    with writer.writer_lock():
+        with pytest.raises(RuntimeError, match="another process is writing"):
+            with FeatureStore(tmp_path / "l.h5", mode="a").writer_lock():
+                pass
+    with pytest.raises(FileNotFoundError, match="feature store not found"):
+        FeatureStore(tmp_path / "none.h5").subjects()
+
+
+def test_volume_embeddings(tmp_path: Path) -> None:
+    store = write_store(tmp_path / "v.h5", ids=range(3))
+    writer = FeatureStore(tmp_path / "v.h5", mode="a")
+    X = np.arange(12, dtype=np.float32).reshape(3, 4)
+    writer.write_volume_embeddings("mean", ["s0", "s1", "s2"], X, {"method": "mean", "planes": ["axial"]})
+    writer.write_volume_embeddings("ssl/simclr3d", ["s2", "s0"], X[:2] * 2, {"model": "simclr3d"})
+    writer.write_volume_embeddings("mean", ["s0", "s1", "s2"], X + 1, {"method": "mean", "planes": ["coronal"]})
+    store.refresh()
+    assert store.volume_embedding_names() == ["mean", "ssl/simclr3d"]
+    ids, got, prov = store.volume_embeddings("mean")
+    assert ids == ["s0", "s1", "s2"] and np.array_equal(got, X + 1)  # newest set of a name wins
+    assert prov["planes"] == ["coronal"] and prov["slice_feature_set"] == store.feature_set and prov["created"]
+    with writer.writer_lock():
+        writer.compact()
+    ids, got, prov = FeatureStore(tmp_path / "v.h5").volume_embeddings("ssl/simclr3d")
+    assert ids == ["s2", "s0"] and np.array_equal(got, X[:2] * 2) and prov["model"] == "simclr3d"
+    with pytest.raises(ValueError, match=r"expected \(2, D\)"):
+        writer.write_volume_embeddings("bad", ["a", "b"], np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        writer.write_volume_embeddings("bad", ["a"], np.full((1, 2), np.nan))
+    with pytest.raises(KeyError, match="no volume embeddings 'nope'"):
+        store.volume_embeddings("nope")
+
+
+def test_volume_only_store(tmp_path: Path) -> None:
+    """A 3D encoder writes embeddings and labels to a store that has no slice features."""
+    store = FeatureStore(tmp_path / "3d.h5", mode="a")
+    store.write_labels({"a": {"age": 40.0}, "b": {"age": 50.0}}, {"age": "continuous"})
+    store.write_volume_embeddings("ssl/mae3d", ["a", "b"], np.eye(2))
+    reader = FeatureStore(tmp_path / "3d.h5")
+    assert reader.feature_set == "" and reader.planes == [] and reader.subjects() == []
+    assert reader.labels()["age"].tolist() == [40.0, 50.0]
+    assert reader.volume_embeddings("ssl/mae3d")[0] == ["a", "b"]
+
+
+def test_check_identity_names_the_difference(tmp_path: Path) -> None:
+    store = write_store(tmp_path / "i.h5", ids=[0])
+    other = {**PROV, "slice_config": {"size": 64, "stride": 1}, "host": "elsewhere"}
+    with pytest.raises(StoreMismatch, match=r"slice_config.size: 32 -> 64"):
+        FeatureStore(tmp_path / "i.h5", mode="a").check_identity(other)
+    # volatile keys (host, date, versions) do not make another feature set
+    FeatureStore(tmp_path / "i.h5", mode="a").check_identity({**PROV, "host": "elsewhere", "created": "x"})
+    assert store.feature_set == config_hash_of({**PROV, "host": "elsewhere"})
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ({"x": 1}, {"x": 1}, []),
+    ({"x": 1, "y": {"z": [1, 2]}}, {"x": 1, "y": {"z": [1, 3]}}, ["y.z: [1, 2] -> [1, 3]"]),
+    ({"x": 1}, {}, ["x: 1 -> (absent)"]),
+    ({"t": (1, 2)}, {"t": [1, 2]}, []),  # tuples and lists are the same in JSON
+])
+def test_diff_dicts(a, b, expected) -> None:
+    assert diff_dicts(a, b) == expected
+
+
+def test_merge_checks_provenance_and_labels(tmp_path: Path) -> None:
+    write_store(tmp_path / "a.h5", ids=[0, 1])
+    write_store(tmp_path / "b.h5", ids=[2, 3], compact=False)  # a shard killed before compaction
+    counts = merge_stores(tmp_path / "ab.h5", [tmp_path / "a.h5", tmp_path / "b.h5"])
+    assert counts["subjects"] == {"axial": 4, "coronal": 4}
+    merged = FeatureStore(tmp_path / "ab.h5")
+    np.testing.assert_array_equal(merged.slice_features("s3", "axial"), FeatureStore(tmp_path / "b.h5").slice_features("s3", "axial"))
+    assert merged.labels().index.tolist() == ["s0", "s1", "s2", "s3"]
+
+    odd = FeatureStore(tmp_path / "c.h5", mode="a")
+    with odd.writer_lock():
+        odd.commit_subjects([fake_subject(4)], {**PROV, "weights_sha256": "f" * 64}, label_types=TYPES)
+    with pytest.raises(StoreMismatch, match=r"weights_sha256: '' -> 'ffff"):
+        merge_stores(tmp_path / "ac.h5", [tmp_path / "a.h5", tmp_path / "c.h5"])
+    newer = FeatureStore(tmp_path / "d.h5", mode="a")
+    with newer.writer_lock():
+        versions = {**PROV["versions"], "torch": "9.9.9"}
+        newer.commit_subjects([fake_subject(5)], {**PROV, "versions": versions}, label_types=TYPES)
+    with pytest.raises(StoreMismatch, match=r"versions.torch: .* -> '9.9.9'"):
+        merge_stores(tmp_path / "ad.h5", [tmp_path / "a.h5", tmp_path / "d.h5"])
+    merge_stores(tmp_path / "ad.h5", [tmp_path / "a.h5", tmp_path / "d.h5"], allow_version_mismatch=True)
+    assert len(FeatureStore(tmp_path / "ad.h5")) == 3
+    with pytest.raises(ValueError, match="also an input"):
+        merge_stores(tmp_path / "a.h5", [tmp_path / "a.h5", tmp_path / "b.h5"])
