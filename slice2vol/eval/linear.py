@@ -1,0 +1,125 @@
+"""Linear probes: L2 logistic regression and ridge, regularisation chosen inside the training fold.
+
+``fit(x_train, y_train)`` is all a probe ever sees of a fold: the sweep over a log-spaced grid of C
+(or ridge alpha) is scored by an inner stratified K-fold on those rows, standardisation statistics
+are fitted on the inner-training rows of each inner fold and again on the whole training fold for
+the final refit. The outer test fold cannot influence any choice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class LinearConfig:
+    """Attributes:
+    Cs: inverse L2 strengths swept by the logistic probe.
+    alphas: ridge penalties swept by the regression probe.
+    inner_folds: folds of the inner validation split (on the training fold only).
+    max_iter: solver iterations.
+    """
+
+    Cs: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 3, 8))
+    alphas: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 5, 8))
+    inner_folds: int = 3
+    max_iter: int = 2000
+
+
+class _Standardizer:
+    def fit(self, x: np.ndarray) -> "_Standardizer":
+        self.mean_ = x.mean(0)
+        self.scale_ = x.std(0)
+        self.scale_[self.scale_ < 1e-8] = 1.0
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean_) / self.scale_
+
+
+def _inner_splits(y: np.ndarray, n_folds: int, classification: bool, seed: int):
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if classification:
+        counts = np.unique(y, return_counts=True)[1]
+        n_folds = max(2, min(n_folds, int(counts.min())))
+        return list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    n_folds = max(2, min(n_folds, len(y) // 2))
+    return list(KFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y))))
+
+
+class LinearProbe:
+    """Standardise -> logistic regression (classification) or ridge (regression).
+
+    Attributes (after ``fit``):
+        best_param_: the chosen C (classification) or alpha (regression).
+        sweep_: param -> mean inner-validation score (log-loss negated, or negated MSE).
+        scaler_: the standardiser fitted on the whole training fold.
+    """
+
+    def __init__(self, task: str = "classification", cfg: LinearConfig | None = None, seed: int = 0) -> None:
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task must be classification or regression, got {task!r}")
+        self.task = task
+        self.cfg = cfg or LinearConfig()
+        self.seed = seed
+
+    def _model(self, param: float):
+        from sklearn.linear_model import LogisticRegression, Ridge
+
+        if self.task == "classification":
+            return LogisticRegression(C=param, max_iter=self.cfg.max_iter)
+        return Ridge(alpha=param)
+
+    def _score(self, model, x: np.ndarray, y: np.ndarray) -> float:
+        if self.task == "classification":
+            proba = model.predict_proba(x)
+            column = {c: i for i, c in enumerate(model.classes_)}
+            # a validation class absent from inner-training gets probability ~0
+            p = np.array([proba[i, column[v]] if v in column else 1e-12 for i, v in enumerate(y)])
+            return float(np.mean(np.log(np.clip(p, 1e-12, 1))))  # mean log-likelihood
+        return float(-np.mean((model.predict(x) - y) ** 2))
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "LinearProbe":
+        """Sweeps the penalty on inner folds of (x, y), then refits on all of it.
+
+        Args:
+            x: (N, D) training features of one outer fold.
+            y: (N,) training targets.
+        """
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y)
+        if self.task == "regression":
+            y = y.astype(np.float64)
+        grid: Sequence[float] = self.cfg.Cs if self.task == "classification" else self.cfg.alphas
+        inner = _inner_splits(y, self.cfg.inner_folds, self.task == "classification", self.seed)
+        self.sweep_: dict[float, float] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence chatter at extreme C is expected
+            for param in grid:
+                scores = []
+                for tr, va in inner:
+                    scaler = _Standardizer().fit(x[tr])
+                    model = self._model(param).fit(scaler.transform(x[tr]), y[tr])
+                    scores.append(self._score(model, scaler.transform(x[va]), y[va]))
+                self.sweep_[float(param)] = float(np.mean(scores))
+            # ties go to the stronger penalty (smaller C / larger alpha)
+            ordered = sorted(grid) if self.task == "classification" else sorted(grid, reverse=True)
+            self.best_param_ = max(ordered, key=lambda p: self.sweep_[float(p)])
+            self.scaler_ = _Standardizer().fit(x)
+            self.model_ = self._model(self.best_param_).fit(self.scaler_.transform(x), y)
+        if self.task == "classification":
+            self.classes_ = self.model_.classes_
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """(M, D) -> (M, C) class probabilities in the order of ``classes_``."""
+        return self.model_.predict_proba(self.scaler_.transform(np.asarray(x, dtype=np.float64)))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """(M, D) -> (M,) class labels or continuous predictions."""
+        return self.model_.predict(self.scaler_.transform(np.asarray(x, dtype=np.float64)))

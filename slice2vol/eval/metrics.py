@@ -1,0 +1,174 @@
+"""Metrics with uncertainty: fold mean ± sd, subject-level bootstrap intervals, paired tests.
+
+Predictions are kept out-of-fold: for each repeat every subject is predicted once by the model that
+did not see it, giving ``preds`` of shape (R, N) (regression, or a class-probability score) or
+(R, N, C) (class probabilities). A bootstrap sample draws subjects with replacement and the metric
+is averaged over repeats; a paired comparison of two encoders uses the same draws (bootstrap) or
+swaps the two encoders' predictions per subject (permutation), which is what "is A better than B on
+these subjects?" needs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "macro_f1")
+REGRESSION_METRICS = ("mae", "rmse", "pearson_r", "r2")
+LOWER_IS_BETTER = {"mae", "rmse"}
+
+
+def _binary_auc(pos: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney AUC with ties counted half; NaN when one class is absent."""
+    from scipy.stats import rankdata
+
+    n_pos = int(pos.sum())
+    n_neg = len(pos) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(score)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _classification_metric(name: str, y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
+    # numpy versions (checked against scikit-learn in the tests): the bootstrap calls them 10^4 times
+    if name == "roc_auc":
+        if len(classes) == 2:
+            return _binary_auc(y_true == classes[1], proba[:, 1])
+        present = [c for c in range(len(classes)) if np.any(y_true == classes[c])]
+        if len(present) < 2:
+            return math.nan
+        sub = proba[:, present] / np.clip(proba[:, present].sum(1, keepdims=True), 1e-12, None)
+        return float(np.mean([_binary_auc(y_true == classes[c], sub[:, j]) for j, c in enumerate(present)]))
+    pred = classes[np.argmax(proba, axis=1)]
+    if name == "accuracy":
+        return float(np.mean(pred == y_true))
+    if name == "balanced_accuracy":
+        return float(np.mean([np.mean(pred[y_true == c] == c) for c in classes if np.any(y_true == c)]))
+    if name == "macro_f1":
+        f1 = []
+        for c in classes:
+            tp = np.sum((pred == c) & (y_true == c))
+            denom = np.sum(pred == c) + np.sum(y_true == c)
+            f1.append(2 * tp / denom if denom else 0.0)
+        return float(np.mean(f1))
+    raise KeyError(f"unknown classification metric {name!r}; known: {CLASSIFICATION_METRICS}")
+
+
+def classification_metrics(y_true: Sequence, proba: np.ndarray, classes: Sequence) -> dict[str, float]:
+    """Accuracy, balanced accuracy, ROC AUC (one-vs-rest macro for > 2 classes), macro F1.
+
+    Args:
+        y_true: (N,) labels.
+        proba: (N, C) class probabilities, columns in the order of ``classes``.
+        classes: (C,) class labels.
+    """
+    y_true, proba, classes = np.asarray(y_true), np.asarray(proba), np.asarray(classes)
+    return {m: _classification_metric(m, y_true, proba, classes) for m in CLASSIFICATION_METRICS}
+
+
+def regression_metrics(y_true: Sequence, y_pred: Sequence) -> dict[str, float]:
+    """MAE, RMSE, Pearson r and R^2 of (N,) predictions."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    err = y_pred - y_true
+    ss_tot = float(np.sum((y_true - y_true.mean()) ** 2))
+    if y_true.std() > 0 and y_pred.std() > 0:
+        r = float(np.corrcoef(y_true, y_pred)[0, 1])
+    else:
+        r = math.nan
+    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2))),
+            "pearson_r": r, "r2": float(1 - np.sum(err ** 2) / ss_tot) if ss_tot > 0 else math.nan}
+
+
+def metric_fn(name: str, kind: str, classes: Sequence | None = None) -> Callable[[np.ndarray, np.ndarray], float]:
+    """A function ``(y_true (N,), preds (N,) or (N, C)) -> float`` for one metric."""
+    if kind == "categorical":
+        cls = np.asarray(classes)
+        return lambda y, p: _classification_metric(name, np.asarray(y), np.asarray(p), cls)
+    return lambda y, p: regression_metrics(y, p)[name]
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation, ignoring NaN (sd is 0 for one value)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _over_repeats(fn, y: np.ndarray, preds: np.ndarray, idx: np.ndarray) -> float:
+    vals = [fn(y[idx], preds[r][idx]) for r in range(len(preds))]
+    vals = [v for v in vals if np.isfinite(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def bootstrap_ci(y_true: Sequence, preds: np.ndarray, fn: Callable, *, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Subject-level percentile bootstrap interval of a metric of out-of-fold predictions.
+
+    Args:
+        y_true: (N,) targets.
+        preds: (R, N) or (R, N, C) out-of-fold predictions of R repeats.
+        fn: metric ``(y, p) -> float``.
+
+    Returns:
+        (point estimate on all subjects, lower, upper).
+    """
+    y = np.asarray(y_true)
+    preds = np.asarray(preds)
+    n = len(y)
+    point = _over_repeats(fn, y, preds, np.arange(n))
+    rng = np.random.default_rng(seed)
+    stats = np.array([_over_repeats(fn, y, preds, rng.integers(0, n, n)) for _ in range(n_boot)])
+    stats = stats[np.isfinite(stats)]
+    if len(stats) == 0:
+        return point, math.nan, math.nan
+    a = (1 - level) / 2
+    return point, float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+
+
+def paired_test(y_true: Sequence, preds_a: np.ndarray, preds_b: np.ndarray, fn: Callable, *,
+                n_boot: int = 1000, n_perm: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Is encoder A better than B on the same subjects and splits?
+
+    Args:
+        y_true: (N,) targets.
+        preds_a, preds_b: (R, N[, C]) out-of-fold predictions of the two encoders on the same splits.
+        fn: metric ``(y, p) -> float``.
+
+    Returns:
+        ``delta`` = metric(A) - metric(B), its paired-bootstrap interval ``ci_low``/``ci_high``, and
+        ``p_value`` of a two-sided paired permutation test that swaps A and B per subject
+        (identical predictions give p = 1).
+    """
+    y = np.asarray(y_true)
+    a, b = np.asarray(preds_a), np.asarray(preds_b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired predictions differ in shape: {a.shape} vs {b.shape}")
+    n = len(y)
+    full = np.arange(n)
+    delta = _over_repeats(fn, y, a, full) - _over_repeats(fn, y, b, full)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        boots.append(_over_repeats(fn, y, a, idx) - _over_repeats(fn, y, b, idx))
+    boots_arr = np.asarray(boots)
+    boots_arr = boots_arr[np.isfinite(boots_arr)]
+    lo_q = (1 - level) / 2
+    ci = (float(np.quantile(boots_arr, lo_q)), float(np.quantile(boots_arr, 1 - lo_q))) if len(boots_arr) else (math.nan, math.nan)
+    extreme = 0
+    for _ in range(n_perm):
+        swap = rng.random(n) < 0.5
+        mask = swap.reshape((1, n) + (1,) * (a.ndim - 2))
+        pa, pb = np.where(mask, b, a), np.where(mask, a, b)
+        d = _over_repeats(fn, y, pa, full) - _over_repeats(fn, y, pb, full)
+        # small tolerance: float noise must not make identical encoders "significant"
+        if abs(d) >= abs(delta) - 1e-12:
+            extreme += 1
+    p_value = (1 + extreme) / (1 + n_perm)
+    return {"delta": float(delta), "ci_low": ci[0], "ci_high": ci[1], "p_value": float(p_value)}

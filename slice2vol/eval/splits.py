@@ -1,0 +1,234 @@
+"""Subject-level cross-validation splits, saved to JSON and reused by every encoder.
+
+The classic error in slice-based MRI studies is a split made over slices: neighbouring slices of
+one subject land in train and test and accuracy is inflated by tens of points. Here a split is a
+property of *subject IDs only*: :func:`make_splits` refuses repeated IDs, a :class:`Fold` holds
+ID lists, and :meth:`SubjectSplits.positions` maps them onto the rows of a feature matrix whose
+rows must themselves be unique subjects. There is no way to ask for a split of slice rows.
+
+Stratification: by class for categorical targets, by quantile bins for continuous ones; an optional
+group column (site, or subject for longitudinal rows) keeps related rows in one fold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class SplitError(ValueError):
+    """A split request that would leak (repeated IDs) or cannot be made (too few subjects)."""
+
+
+@dataclass
+class SplitConfig:
+    """How subject-level folds are drawn.
+
+    Attributes:
+        n_folds: K of the K-fold.
+        n_repeats: number of repetitions, each with its own shuffling seed (``seed + repeat``).
+        seed: base seed.
+        n_bins: quantile bins used to stratify a continuous target.
+        group: optional label column whose equal values must stay in one fold.
+    """
+
+    n_folds: int = 5
+    n_repeats: int = 1
+    seed: int = 0
+    n_bins: int = 4
+    group: str | None = None
+
+
+@dataclass
+class Fold:
+    """One train/test partition of subject IDs."""
+
+    repeat: int
+    fold: int
+    train: list[str]
+    test: list[str]
+
+
+@dataclass
+class SubjectSplits:
+    """Repeated K-fold over subject IDs.
+
+    Attributes:
+        subject_ids: the subjects covered, each exactly once per repeat in some test fold.
+        folds: all folds of all repeats.
+        meta: how they were made (config, target, stratification).
+    """
+
+    subject_ids: list[str]
+    folds: list[Fold]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_repeats(self) -> int:
+        return 1 + max(f.repeat for f in self.folds)
+
+    def repeat(self, r: int) -> list[Fold]:
+        return [f for f in self.folds if f.repeat == r]
+
+    def positions(self, row_ids: Sequence[str], fold: Fold) -> tuple[np.ndarray, np.ndarray]:
+        """Row positions of ``fold``'s train and test subjects in a table whose rows are ``row_ids``.
+
+        Raises:
+            SplitError: ``row_ids`` repeats an ID (slice-level rows) or lacks a split subject.
+        """
+        index = _unique_index(row_ids, "feature rows")
+        missing = [s for s in fold.train + fold.test if s not in index]
+        if missing:
+            raise SplitError(f"{len(missing)} split subject(s) have no feature row, e.g. {missing[:3]}")
+        return (np.array([index[s] for s in fold.train], dtype=np.int64),
+                np.array([index[s] for s in fold.test], dtype=np.int64))
+
+    def validate(self) -> None:
+        """Checks that no subject straddles train/test and each repeat tests every subject once."""
+        universe = set(self.subject_ids)
+        for r in range(self.n_repeats):
+            seen: list[str] = []
+            for f in self.repeat(r):
+                overlap = set(f.train) & set(f.test)
+                if overlap:
+                    raise SplitError(f"repeat {r} fold {f.fold}: subject(s) in train and test: {sorted(overlap)[:3]}")
+                if set(f.train) | set(f.test) != universe:
+                    raise SplitError(f"repeat {r} fold {f.fold}: does not cover the subjects")
+                seen += f.test
+            if sorted(seen) != sorted(universe):
+                raise SplitError(f"repeat {r}: test folds do not partition the subjects")
+
+    def to_dict(self) -> dict:
+        return {"subject_ids": list(self.subject_ids), "meta": self.meta,
+                "folds": [{"repeat": f.repeat, "fold": f.fold, "train": f.train, "test": f.test}
+                          for f in self.folds]}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SubjectSplits":
+        data = json.loads(Path(path).read_text())
+        splits = cls(list(data["subject_ids"]), [Fold(**f) for f in data["folds"]], data.get("meta", {}))
+        splits.validate()
+        return splits
+
+
+def _unique_index(ids: Sequence[str], what: str) -> dict[str, int]:
+    ids = [str(i) for i in ids]
+    index = {s: i for i, s in enumerate(ids)}
+    if len(index) != len(ids):
+        seen: set[str] = set()
+        dup = next(s for s in ids if s in seen or seen.add(s))  # type: ignore[func-returns-value]
+        raise SplitError(
+            f"{what}: subject ID {dup!r} appears more than once; splits are made over subjects, not "
+            "slices (aggregate slice features to one row per subject first)")
+    return index
+
+
+def stratification_labels(y: Sequence, kind: str, n_bins: int) -> np.ndarray:
+    """Integer strata: classes for ``categorical``, quantile bins for ``continuous``."""
+    y = np.asarray(y)
+    if kind == "categorical":
+        _, codes = np.unique(y.astype(str), return_inverse=True)
+        return codes
+    values = y.astype(float)
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    return np.searchsorted(edges, values, side="right")
+
+
+def make_splits(
+    subject_ids: Sequence[str],
+    y: Sequence | None = None,
+    kind: str = "categorical",
+    *,
+    groups: Sequence | None = None,
+    cfg: SplitConfig | None = None,
+) -> SubjectSplits:
+    """Draws repeated (stratified, grouped) K-fold splits over unique subject IDs.
+
+    Args:
+        subject_ids: (N,) unique IDs; a repeated ID (e.g. one row per slice) raises.
+        y: (N,) target used for stratification, or None for plain K-fold.
+        kind: ``categorical`` or ``continuous`` (binned into ``cfg.n_bins`` quantiles).
+        groups: (N,) group value per subject; equal values never straddle folds.
+        cfg: folds, repeats, seed.
+
+    Returns:
+        validated :class:`SubjectSplits`.
+    """
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    cfg = cfg or SplitConfig()
+    ids = [str(s) for s in subject_ids]
+    _unique_index(ids, "make_splits")
+    n = len(ids)
+    if n < cfg.n_folds:
+        raise SplitError(f"{n} subjects cannot make {cfg.n_folds} folds")
+    strata = None
+    if y is not None:
+        strata = stratification_labels(y, kind, cfg.n_bins)
+        counts = np.bincount(strata)
+        if counts[counts > 0].min() < cfg.n_folds:
+            # too few members in a stratum: merge rare strata with their neighbour for continuous
+            # targets, fall back to plain K-fold for categorical ones
+            if kind == "continuous":
+                strata = stratification_labels(y, kind, max(1, n // (2 * cfg.n_folds)))
+            elif counts[counts > 0].min() < 2:
+                log.warning("a class has fewer than 2 subjects; splitting without stratification")
+                strata = None
+    folds: list[Fold] = []
+    for r in range(cfg.n_repeats):
+        seed = cfg.seed + r
+        if groups is not None:
+            g = np.asarray([str(v) for v in groups])
+            if strata is not None:
+                splitter = StratifiedGroupKFold(cfg.n_folds, shuffle=True, random_state=seed)
+                parts = splitter.split(np.zeros(n), strata, g)
+            else:
+                # GroupKFold has no shuffle in old sklearn: shuffle group order ourselves
+                rng = np.random.default_rng(seed)
+                uniq = rng.permutation(np.unique(g))
+                remap = {v: i for i, v in enumerate(uniq)}
+                parts = GroupKFold(cfg.n_folds).split(np.zeros(n), groups=[remap[v] for v in g])
+        elif strata is not None:
+            parts = StratifiedKFold(cfg.n_folds, shuffle=True, random_state=seed).split(np.zeros(n), strata)
+        else:
+            parts = KFold(cfg.n_folds, shuffle=True, random_state=seed).split(np.zeros(n))
+        for k, (tr, te) in enumerate(parts):
+            folds.append(Fold(r, k, [ids[i] for i in tr], [ids[i] for i in te]))
+    meta = {"n_folds": cfg.n_folds, "n_repeats": cfg.n_repeats, "seed": cfg.seed, "n_bins": cfg.n_bins,
+            "group": cfg.group, "kind": kind, "stratified": strata is not None}
+    splits = SubjectSplits(ids, folds, meta)
+    splits.validate()
+    return splits
+
+
+def load_or_make_splits(path: str | Path, subject_ids: Sequence[str], y: Sequence | None, kind: str,
+                        *, groups: Sequence | None = None, cfg: SplitConfig | None = None) -> SubjectSplits:
+    """Reuses the splits saved at ``path`` when they cover exactly ``subject_ids``; else makes and saves.
+
+    Every encoder of a comparison goes through the same file, so their scores are paired.
+    """
+    path = Path(path)
+    cfg = cfg or SplitConfig()
+    if path.exists():
+        saved = SubjectSplits.load(path)
+        same_cfg = all(saved.meta.get(k) == v for k, v in
+                       {"n_folds": cfg.n_folds, "n_repeats": cfg.n_repeats, "seed": cfg.seed}.items())
+        if sorted(saved.subject_ids) == sorted(map(str, subject_ids)) and same_cfg:
+            return saved
+        log.warning("%s: saved splits cover other subjects or settings; drawing new ones", path)
+    splits = make_splits(subject_ids, y, kind, groups=groups, cfg=cfg)
+    splits.save(path)
+    return splits

@@ -1,0 +1,77 @@
+"""Linear probe: penalty sweep on training data only, standardisation inside the fold, sklearn refit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from slice2vol.eval import runner
+from slice2vol.eval.linear import LinearConfig, LinearProbe
+from slice2vol.eval.splits import SplitConfig, make_splits
+
+
+def data(n=60, d=20, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.5, 20, d)  # very different feature scales
+    y = (x[:, 0] / x[:, 0].std() + 0.5 * rng.normal(size=n) > 0).astype(int)
+    return x, y
+
+
+def test_refit_equals_sklearn_pipeline_with_chosen_c():
+    x, y = data()
+    probe = LinearProbe("classification", LinearConfig(Cs=(0.001, 0.1, 10.0))).fit(x[:40], y[:40])
+    assert probe.best_param_ in (0.001, 0.1, 10.0) and set(probe.sweep_) == {0.001, 0.1, 10.0}
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=probe.best_param_, max_iter=2000)).fit(x[:40], y[:40])
+    np.testing.assert_allclose(probe.predict_proba(x[40:]), ref.predict_proba(x[40:]), atol=1e-4)
+    # standardisation statistics are the training fold's own
+    np.testing.assert_allclose(probe.scaler_.mean_, x[:40].mean(0))
+
+
+def test_ridge_probe():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(80, 10))
+    y = x @ rng.normal(size=10) + 0.1 * rng.normal(size=80)
+    probe = LinearProbe("regression").fit(x[:60], y[:60])
+    ref = make_pipeline(StandardScaler(), Ridge(alpha=probe.best_param_)).fit(x[:60], y[:60])
+    np.testing.assert_allclose(probe.predict(x[60:]), ref.predict(x[60:]), rtol=1e-6)
+    assert probe.best_param_ <= 10  # weak penalty wins on a noiseless linear target
+    assert np.corrcoef(probe.predict(x[60:]), y[60:])[0, 1] > 0.95
+
+
+def test_c_sweep_uses_only_training_rows(monkeypatch):
+    """Through the runner: every fit and every inner validation of the sweep sees training rows only."""
+    x, y = data(n=40)
+    x[:, -1] = np.arange(40)  # row id in the last column survives as a marker (before scaling)
+    seen: list[tuple[set, set]] = []
+
+    class Spy(LinearProbe):
+        def fit(self, xs, ys):
+            seen.append(set(np.asarray(xs)[:, -1].astype(int)))
+            return super().fit(xs, ys)
+
+    monkeypatch.setattr(runner, "LinearProbe", Spy)
+    ids = [f"s{i}" for i in range(40)]
+    splits = make_splits(ids, y, "categorical", cfg=SplitConfig(n_folds=4, n_repeats=2))
+    cfg = runner.ExperimentConfig(tasks=["linear"], linear=LinearConfig(Cs=(0.01, 1.0)))
+    runner._probe_one(x, y, "categorical", np.array([0, 1]), splits, cfg, ["linear"])
+    assert len(seen) == 8
+    for rows, fold in zip(seen, splits.folds):
+        train = {int(s[1:]) for s in fold.train}
+        assert rows == train and not rows & {int(s[1:]) for s in fold.test}
+
+
+def test_sweep_does_not_depend_on_held_out_rows():
+    x, y = data()
+    a = LinearProbe("classification").fit(x[:40], y[:40])
+    x2 = x.copy()
+    x2[40:] = 1e6  # garbage test rows
+    b = LinearProbe("classification").fit(x2[:40], y[:40])
+    assert a.sweep_ == b.sweep_ and a.best_param_ == b.best_param_
+
+
+def test_bad_task():
+    with pytest.raises(ValueError, match="classification or regression"):
+        LinearProbe("clustering")

@@ -1,0 +1,97 @@
+"""Metrics equal scikit-learn; bootstrap intervals and paired tests behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import pearsonr
+from sklearn import metrics as skm
+
+from slice2vol.eval.metrics import (bootstrap_ci, classification_metrics, mean_sd, metric_fn, paired_test,
+                                    regression_metrics)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_classification_metrics_match_sklearn(n_classes):
+    rng = np.random.default_rng(n_classes)
+    classes = np.array(["a", "b", "c"][:n_classes])
+    y = classes[rng.integers(0, n_classes, 60)]
+    proba = rng.dirichlet(np.ones(n_classes), 60)
+    proba[np.arange(60), np.searchsorted(classes, y)] += 0.3  # some signal
+    proba /= proba.sum(1, keepdims=True)
+    ours = classification_metrics(y, proba, classes)
+    pred = classes[proba.argmax(1)]
+    assert ours["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert ours["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert ours["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    auc = (skm.roc_auc_score(y == classes[1], proba[:, 1]) if n_classes == 2
+           else skm.roc_auc_score(y, proba, multi_class="ovr", labels=classes))
+    assert ours["roc_auc"] == pytest.approx(auc)
+
+
+def test_auc_with_ties_and_one_class():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([[0.5, 0.5]] * 4)
+    assert classification_metrics(y, p, [0, 1])["roc_auc"] == pytest.approx(0.5)
+    assert np.isnan(classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.4, 0.6]]), [0, 1])["roc_auc"])
+
+
+def test_regression_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.normal(50, 10, 40)
+    p = y + rng.normal(0, 5, 40)
+    ours = regression_metrics(y, p)
+    assert ours["mae"] == pytest.approx(skm.mean_absolute_error(y, p))
+    assert ours["rmse"] == pytest.approx(np.sqrt(skm.mean_squared_error(y, p)))
+    assert ours["r2"] == pytest.approx(skm.r2_score(y, p))
+    assert ours["pearson_r"] == pytest.approx(pearsonr(y, p)[0])
+
+
+def test_mean_sd():
+    assert mean_sd([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert mean_sd([4.0, float("nan")]) == (4.0, 0.0)
+
+
+def test_bootstrap_ci_contains_point_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    fn = metric_fn("mae", "continuous")
+    widths = []
+    for n in (30, 300):
+        y = rng.normal(size=n)
+        preds = (y + rng.normal(size=n))[None]
+        point, lo, hi = bootstrap_ci(y, preds, fn, n_boot=300, seed=0)
+        assert lo <= point <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+    # a perfect classifier has a degenerate interval at 1
+    y = np.array([0, 1] * 10)
+    perfect = np.eye(2)[y][None]
+    assert bootstrap_ci(y, perfect, metric_fn("accuracy", "categorical", [0, 1]), n_boot=100) == (1.0, 1.0, 1.0)
+
+
+def test_paired_test_identical_encoders_p_one():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 40)
+    preds = rng.dirichlet([1, 1], (2, 40))
+    res = paired_test(y, preds, preds.copy(), metric_fn("roc_auc", "categorical", [0, 1]), n_boot=200, n_perm=200)
+    assert res["delta"] == 0 and res["p_value"] == pytest.approx(1.0)
+    assert res["ci_low"] == res["ci_high"] == 0
+
+
+def test_paired_test_detects_a_better_encoder():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    good = np.clip(np.eye(2)[y] * 0.6 + rng.random((60, 2)) * 0.4, 1e-3, None)[None]
+    noise = rng.dirichlet([1, 1], (1, 60))
+    res = paired_test(y, good, noise, metric_fn("roc_auc", "categorical", [0, 1]), n_boot=300, n_perm=300)
+    assert res["delta"] > 0.3 and res["ci_low"] > 0 and res["p_value"] < 0.01
+    # symmetric: B vs A gives the negative difference and the same p-value
+    rev = paired_test(y, noise, good, metric_fn("roc_auc", "categorical", [0, 1]), n_boot=300, n_perm=300)
+    assert rev["delta"] == pytest.approx(-res["delta"]) and rev["p_value"] < 0.01
+    # regression: lower-is-better metric, delta < 0 when A is better
+    yc = rng.normal(size=50)
+    res = paired_test(yc, (yc + 0.1 * rng.normal(size=50))[None], rng.normal(size=(1, 50)),
+                      metric_fn("mae", "continuous"), n_boot=200, n_perm=200)
+    assert res["delta"] < 0 and res["p_value"] < 0.01
+    with pytest.raises(ValueError, match="shape"):
+        paired_test(yc, np.zeros((1, 50)), np.zeros((2, 50)), metric_fn("mae", "continuous"))

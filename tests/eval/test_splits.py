@@ -1,0 +1,94 @@
+"""Subject-level splits: no subject straddles folds, slice-level splits are impossible, reuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slice2vol.eval.runner import ExperimentConfig, _probe_one
+from slice2vol.eval.splits import SplitConfig, SplitError, SubjectSplits, load_or_make_splits, make_splits
+
+IDS = [f"sub-{i:02d}" for i in range(30)]
+
+
+@pytest.mark.parametrize("kind,y,groups", [
+    ("categorical", np.array(["F", "M"] * 15), None),
+    ("continuous", np.linspace(20, 80, 30), None),
+    ("categorical", None, None),
+    ("categorical", np.array(["a", "b", "c"] * 10), [f"site{i % 6}" for i in range(30)]),
+    ("continuous", np.linspace(20, 80, 30), [f"fam{i // 3}" for i in range(30)]),
+])
+def test_no_subject_straddles_folds(kind, y, groups):
+    cfg = SplitConfig(n_folds=5, n_repeats=3, seed=1)
+    splits = make_splits(IDS, y, kind, groups=groups, cfg=cfg)
+    assert len(splits.folds) == 15 and splits.n_repeats == 3
+    for r in range(3):
+        tested = []
+        for fold in splits.repeat(r):
+            assert not set(fold.train) & set(fold.test)
+            assert sorted(fold.train + fold.test) == sorted(IDS)
+            tested += fold.test
+            if groups is not None:
+                g = dict(zip(IDS, groups))
+                assert not {g[s] for s in fold.train} & {g[s] for s in fold.test}
+        assert sorted(tested) == sorted(IDS)  # every subject tested exactly once per repeat
+    # repeats differ (different seeds)
+    assert splits.repeat(0)[0].test != splits.repeat(1)[0].test
+
+
+def test_stratification_balances_classes_and_bins():
+    y = np.array(["F"] * 10 + ["M"] * 20)
+    splits = make_splits(IDS, y, "categorical", cfg=SplitConfig(n_folds=5))
+    lab = dict(zip(IDS, y))
+    for fold in splits.folds:
+        assert sorted(lab[s] for s in fold.test).count("F") == 2  # 10 F over 5 folds
+    age = np.arange(30.0)
+    splits = make_splits(IDS, age, "continuous", cfg=SplitConfig(n_folds=5, n_bins=3))
+    ages = dict(zip(IDS, age))
+    for fold in splits.folds:
+        tested = [ages[s] for s in fold.test]
+        assert min(tested) < 10 and max(tested) >= 20  # every fold spans young to old
+
+
+def test_slice_level_split_is_impossible():
+    slice_rows = [s for s in IDS[:6] for _ in range(4)]  # 4 slices per subject
+    with pytest.raises(SplitError, match="not slices"):
+        make_splits(slice_rows, None)
+    splits = make_splits(IDS[:10], None, cfg=SplitConfig(n_folds=2))
+    with pytest.raises(SplitError, match="more than once"):
+        splits.positions([s for s in IDS[:10] for _ in range(3)], splits.folds[0])
+    # the runner's probe loop goes through positions(): a slice-level table cannot be evaluated
+    cfg = ExperimentConfig(tasks=["knn"])
+    bad = SubjectSplits([s for s in IDS[:10] for _ in range(2)], splits.folds, {})
+    with pytest.raises(SplitError):
+        _probe_one(np.zeros((20, 4)), np.zeros(20), "continuous", None, bad, cfg, ["knn"])
+
+
+def test_positions_map_ids_to_rows_and_detect_missing():
+    splits = make_splits(IDS[:10], None, cfg=SplitConfig(n_folds=2, seed=3))
+    rows = list(reversed(IDS[:10]))
+    tr, te = splits.positions(rows, splits.folds[0])
+    assert [rows[i] for i in tr] == splits.folds[0].train
+    assert [rows[i] for i in te] == splits.folds[0].test
+    with pytest.raises(SplitError, match="no feature row"):
+        splits.positions(rows[:-1], splits.folds[0])
+
+
+def test_saved_splits_are_reused(tmp_path):
+    path = tmp_path / "sex.json"
+    y = np.array(["F", "M"] * 15)
+    first = load_or_make_splits(path, IDS, y, "categorical", cfg=SplitConfig(n_folds=3, seed=7))
+    assert path.exists()
+    # another encoder, rows in another order, other seed in the stratifier: same saved splits
+    again = load_or_make_splits(path, list(reversed(IDS)), y[::-1], "categorical", cfg=SplitConfig(n_folds=3, seed=7))
+    assert again.to_dict() == first.to_dict()
+    loaded = SubjectSplits.load(path)
+    assert loaded.to_dict() == first.to_dict()
+    # a different subject set makes new splits
+    other = load_or_make_splits(path, IDS[:-3], y[:-3], "categorical", cfg=SplitConfig(n_folds=3, seed=7))
+    assert len(other.subject_ids) == 27
+
+
+def test_too_few_subjects():
+    with pytest.raises(SplitError, match="cannot make"):
+        make_splits(IDS[:3], None, cfg=SplitConfig(n_folds=5))
