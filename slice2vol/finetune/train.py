@@ -1,0 +1,409 @@
+"""Fine-tuning a 2D encoder on a cohort's slices; the result is an ordinary weights file of the family.
+
+Modes (what trains):
+    * ``frozen``: nothing in the encoder (only the objective's head: a linear probe / projector);
+    * ``last_blocks``: the last N blocks (ViT blocks, ResNet/EfficientNet/MobileNet blocks) and every
+      parameter after them (final norm);
+    * ``lora``: low-rank adapters on the attention projections (``attn.qkv``, ``attn.proj``) only.
+
+Objectives:
+    * ``simclr``: two augmented views of each slice, a projection MLP, NT-Xent (label free);
+    * ``supervised``: k slices per subject, encoded, mean-pooled and fed to a linear head on a
+      label column (cross-entropy for categorical labels, MSE on the standardised value for
+      continuous ones). Needs an explicit list of training subjects so that evaluation subjects
+      never shape the weights.
+
+The checkpoint is the encoder network's full state dict with LoRA merged (``encoder.safetensors``):
+``build_encoder(key, weights=path, **encoder_kwargs)`` loads it like any pretrained file, so the
+fine-tuned encoder caches and evaluates like any other. ``finetune.json`` beside it records the base
+weights and their sha256, the checkpoint's sha256, the config, the training subjects and the losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from slice2vol.config import to_dict
+from slice2vol.finetune.data import AugmentConfig, SliceBank, augment, standardise
+from slice2vol.finetune.lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, merge_lora
+
+log = logging.getLogger(__name__)
+
+try:
+    from slice2vol.ssl.losses import nt_xent
+except ImportError:  # pragma: no cover - TODO: drop once slice2vol.ssl.losses is always present
+    import torch.nn.functional as F
+
+    def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+        """SimCLR NT-Xent over 2B views (local copy of ``slice2vol.ssl.losses.nt_xent``)."""
+        batch = z1.shape[0]
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        sim = (z @ z.t() / temperature).fill_diagonal_(float("-inf"))
+        targets = torch.cat([torch.arange(batch, 2 * batch), torch.arange(0, batch)]).to(z.device)
+        return F.cross_entropy(sim, targets)
+
+
+@dataclass
+class LoRAConfig:
+    """Adapter options: ``targets`` are regexes searched in module names (timm ViT attention by default)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+
+@dataclass
+class FinetuneData:
+    """Which slices train the model (cut exactly as the cache cuts them).
+
+    Attributes:
+        planes, stride, min_foreground, context: see :class:`~slice2vol.data.SliceConfig`.
+        slice_size: side of the stored slices (the encoder then resizes to its input size).
+        slices_per_subject: k slices mean-pooled per subject (``supervised``).
+        train_ids: file with one subject ID per line, or ``all``; ``None`` means all subjects for
+            ``simclr`` and is refused for ``supervised``.
+    """
+
+    planes: list[str] = field(default_factory=lambda: ["axial", "coronal", "sagittal"])
+    stride: int = 2
+    min_foreground: float = 0.1
+    context: int = 1
+    slice_size: int = 224
+    slices_per_subject: int = 8
+    train_ids: str | None = None
+
+
+@dataclass
+class FinetuneTrain:
+    """Optimisation. ``batch_size``: slices per step (``simclr``) or subjects per step (``supervised``)."""
+
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 0.1
+    proj_dim: int = 128
+    proj_hidden: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 10
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run (YAML under ``configs/finetune/``; CLI flags and ``--set`` win)."""
+
+    encoder: str = "timm/vit_small_patch16_224"
+    weights: str = "random"
+    encoder_kwargs: dict = field(default_factory=dict)
+    mode: Literal["frozen", "last_blocks", "lora"] = "lora"
+    last_blocks: int = 2
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    objective: Literal["simclr", "supervised"] = "simclr"
+    label: str | None = None
+    data: FinetuneData = field(default_factory=FinetuneData)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: FinetuneTrain = field(default_factory=FinetuneTrain)
+
+
+# -- what trains --------------------------------------------------------------------------------
+def find_blocks(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The network's blocks in forward order, as (qualified name, module).
+
+    timm ViT/EfficientNet ``blocks`` (stages flattened), ResNet ``layer1..4`` (flattened),
+    torchvision ``features`` children.
+    """
+
+    def flatten(prefix: str, container: nn.Module) -> list[tuple[str, nn.Module]]:
+        out = []
+        for name, child in container.named_children():
+            if isinstance(child, nn.Sequential):  # a stage of blocks (EfficientNet)
+                out += [(f"{prefix}.{name}.{n}", c) for n, c in child.named_children()]
+            else:
+                out.append((f"{prefix}.{name}", child))
+        return out
+
+    if isinstance(getattr(net, "blocks", None), nn.Module):
+        return flatten("blocks", net.blocks)
+    if all(hasattr(net, f"layer{i}") for i in range(1, 5)):
+        return [(f"layer{i}.{n}", c) for i in range(1, 5) for n, c in getattr(net, f"layer{i}").named_children()]
+    if isinstance(getattr(net, "features", None), nn.Module):
+        return [(f"features.{n}", c) for n, c in net.features.named_children()]
+    raise TypeError(f"{type(net).__name__}: cannot find its blocks (need .blocks, .layer1-4 or .features)")
+
+
+def setup_trainable(net: nn.Module, cfg: FinetuneConfig) -> dict[str, Any]:
+    """Freezes ``net`` and unfreezes what ``cfg.mode`` trains (injecting LoRA layers in place).
+
+    Returns:
+        ``{"trainable": names of trainable encoder parameters, "lora_layers": adapted layer names,
+        "train_modules": modules to keep in train mode}``.
+    """
+    for p in net.parameters():
+        p.requires_grad_(False)
+    lora_layers: list[str] = []
+    train_modules: list[nn.Module] = []
+    if cfg.mode == "lora":
+        c = cfg.lora
+        lora_layers = inject_lora(net, c.targets, c.rank, c.alpha, c.dropout)
+        for p in lora_parameters(net):
+            p.requires_grad_(True)
+        train_modules = [m for m in net.modules() if isinstance(m, LoRALinear)]
+    elif cfg.mode == "last_blocks":
+        blocks = find_blocks(net)
+        n = cfg.last_blocks
+        if not 1 <= n <= len(blocks):
+            raise ValueError(f"last_blocks must be in 1..{len(blocks)} for this network, got {n}")
+        first = blocks[-n][0] + "."
+        names = [name for name, _ in net.named_parameters()]
+        start = next(i for i, name in enumerate(names) if name.startswith(first))
+        params = dict(net.named_parameters())
+        for name in names[start:]:  # the last n blocks and everything registered after them
+            params[name].requires_grad_(True)
+        train_modules = [m for _, m in blocks[-n:]]
+        tail_names = {name.rsplit(".", 1)[0] for name in names[start:]}
+        train_modules += [m for name, m in net.named_modules() if name in tail_names]
+    elif cfg.mode != "frozen":
+        raise ValueError(f"mode must be frozen, last_blocks or lora, got {cfg.mode!r}")
+    trainable = [name for name, p in net.named_parameters() if p.requires_grad]
+    return {"trainable": trainable, "lora_layers": lora_layers, "train_modules": train_modules}
+
+
+def set_train_mode(net: nn.Module, train_modules: list[nn.Module]) -> None:
+    """Eval mode everywhere (frozen batch norms keep their statistics) except the trained modules."""
+    net.eval()
+    for m in train_modules:
+        m.train()
+
+
+# -- objectives ---------------------------------------------------------------------------------
+class Objective(nn.Module):
+    """A head plus the loss of one training step; ``step_loss(encoder, bank, generator) -> scalar``."""
+
+    def step_loss(self, encoder, bank: SliceBank, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SimCLRObjective(Objective):
+    """Two augmented views per slice -> projection MLP -> NT-Xent."""
+
+    def __init__(self, embed_dim: int, cfg: FinetuneConfig) -> None:
+        super().__init__()
+        t = cfg.train
+        self.head = nn.Sequential(nn.Linear(embed_dim, t.proj_hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(t.proj_hidden, t.proj_dim))
+        self.cfg = cfg
+
+    def loss(self, encoder, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """NT-Xent of two random views of ``images`` (B, C, H, W)."""
+        views = torch.cat([augment(images, self.cfg.augment, generator), augment(images, self.cfg.augment, generator)])
+        z = self.head(encoder.encode(views))
+        z1, z2 = z.chunk(2)
+        return nt_xent(z1, z2, self.cfg.train.temperature)
+
+    def step_loss(self, encoder, bank: SliceBank, generator: torch.Generator) -> torch.Tensor:
+        device = next(self.head.parameters()).device
+        return self.loss(encoder, bank.sample(self.cfg.train.batch_size, generator).to(device), generator)
+
+
+class SupervisedObjective(Objective):
+    """k slices per subject -> encoder -> mean over slices -> linear head -> CE or MSE."""
+
+    def __init__(self, embed_dim: int, cfg: FinetuneConfig, targets: np.ndarray, kind: str,
+                 classes: list | None = None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.classes = classes
+        out = len(classes) if kind == "categorical" else 1
+        self.head = nn.Linear(embed_dim, out)
+        self.register_buffer("targets", torch.as_tensor(targets, dtype=torch.long if kind == "categorical"
+                                                         else torch.float32))
+        self.cfg = cfg
+
+    def loss(self, encoder, images: torch.Tensor, subjects: torch.Tensor) -> torch.Tensor:
+        """images (n * k, C, H, W) of subjects (n,), k = ``slices_per_subject``."""
+        k = self.cfg.data.slices_per_subject
+        pooled = encoder.encode(images).view(len(subjects), k, -1).mean(1)
+        out = self.head(pooled)
+        y = self.targets[subjects.to(self.targets.device)]
+        if self.kind == "categorical":
+            return nn.functional.cross_entropy(out, y)
+        return nn.functional.mse_loss(out.squeeze(1), y)
+
+    def step_loss(self, encoder, bank: SliceBank, generator: torch.Generator) -> torch.Tensor:
+        images, subjects = bank.sample_subjects(self.cfg.train.batch_size, self.cfg.data.slices_per_subject, generator)
+        return self.loss(encoder, images.to(self.targets.device), subjects)
+
+
+def supervised_targets(cohort, label: str, ids: list[str]) -> tuple[list[str], np.ndarray, str, dict]:
+    """(subjects with a label, targets, kind, stats) for ``label``; categorical -> class indices."""
+    if label not in cohort.label_types:
+        raise ValueError(f"label {label!r} not in the manifest; labels: {sorted(cohort.label_types)}")
+    kind = cohort.label_types[label]
+    column = cohort.labels()[label].reindex(ids)
+    column = column[column.notna()]
+    if column.empty:
+        raise ValueError(f"label {label!r}: no training subject has a value")
+    if kind == "categorical":
+        classes = sorted(column.unique().tolist(), key=str)
+        if len(classes) < 2:
+            raise ValueError(f"label {label!r}: needs >= 2 classes among training subjects, got {classes}")
+        lookup = {c: i for i, c in enumerate(classes)}
+        return list(column.index), np.array([lookup[v] for v in column]), kind, {"classes": classes}
+    values, mean, std = standardise(column.to_numpy(dtype=np.float64))
+    return list(column.index), values, kind, {"mean": mean, "std": std}
+
+
+# -- training loop ------------------------------------------------------------------------------
+def train_steps(encoder, objective: Objective, bank: SliceBank, cfg: FinetuneConfig, train_modules: list[nn.Module],
+                progress: bool = True, batch_fn: Callable[[torch.Generator], torch.Tensor] | None = None) -> list[float]:
+    """Runs ``cfg.train.steps`` AdamW steps and returns the loss of each step.
+
+    ``batch_fn`` replaces the objective's sampling (tests use it to train on one fixed batch).
+    """
+    from tqdm.auto import tqdm
+
+    t = cfg.train
+    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
+    groups = [{"params": list(objective.parameters()), "lr": t.head_lr}]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": t.lr})
+    optimiser = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+    generator = torch.Generator().manual_seed(t.seed)
+    net = encoder.model
+    losses: list[float] = []
+    bar = tqdm(range(t.steps), desc=f"finetune {cfg.mode}/{cfg.objective}", disable=not progress)
+    for step in bar:
+        set_train_mode(net, train_modules)
+        objective.train()
+        loss = batch_fn(generator) if batch_fn is not None else objective.step_loss(encoder, bank, generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss.item()} (lower the learning rate)")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        if step % max(1, t.log_every) == 0 or step == t.steps - 1:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            log.debug("step %d loss %.5f", step, losses[-1])
+    net.eval()
+    return losses
+
+
+def save_checkpoint(encoder, out_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Merges LoRA layers (in place) and writes ``encoder.safetensors`` + ``finetune.json`` in ``out_dir``.
+
+    Returns:
+        Path of the safetensors file, loadable with ``build_encoder(key, weights=path)``.
+    """
+    from safetensors.torch import save_file
+
+    from slice2vol.encoders import sha256_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged = merge_lora(encoder.model)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.model.state_dict().items()}
+    path = out / "encoder.safetensors"
+    save_file(state, str(path), metadata={"encoder": encoder.info.key, "format": "slice2vol-finetune"})
+    record = dict(record)
+    record.update({"checkpoint": path.name, "checkpoint_sha256": sha256_file(path), "merged_lora_layers": merged,
+                   "load_with": f"build_encoder({encoder.info.key!r}, weights={str(path)!r}"
+                                f"{''.join(f', {k}={v!r}' for k, v in record.get('encoder_kwargs', {}).items())})"})
+    (out / "finetune.json").write_text(json.dumps(record, indent=2, default=str))
+    return path
+
+
+def run_finetune(cfg: FinetuneConfig, cohort, out_dir: str | Path, *, volume_cfg=None,
+                 bank: SliceBank | None = None, progress: bool = True) -> Path:
+    """Builds the encoder, trains it as ``cfg`` says on ``cohort`` and writes the checkpoint.
+
+    Args:
+        cfg: the run.
+        cohort: a :class:`~slice2vol.data.Cohort` (subjects to slice, labels).
+        out_dir: output folder (``encoder.safetensors``, ``finetune.json``, ``head.safetensors``).
+        volume_cfg: how volumes are loaded (default :class:`~slice2vol.data.VolumeConfig`).
+        bank: pre-built slices (skips loading; tests).
+
+    Returns:
+        Path of the merged checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    from slice2vol.data import SliceConfig
+    from slice2vol.encoders import build_encoder
+
+    start = time.time()
+    torch.manual_seed(cfg.train.seed)
+    device = torch.device(cfg.train.device)
+    ids = _train_ids(cfg, cohort)
+    if bank is None:
+        d = cfg.data
+        slice_cfg = SliceConfig(planes=tuple(d.planes), stride=d.stride, min_foreground=d.min_foreground,
+                                context=d.context, size=d.slice_size)
+        bank = SliceBank.from_cohort(cohort.subset(ids), slice_cfg, volume_cfg, progress=progress)
+    else:
+        bank = bank.subset([i for i in ids if i in bank.ids])
+    encoder = build_encoder(cfg.encoder, weights=cfg.weights, **cfg.encoder_kwargs).to(device)
+    setup = setup_trainable(encoder.model, cfg)
+    n_trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    extra: dict[str, Any] = {}
+    if cfg.objective == "simclr":
+        objective: Objective = SimCLRObjective(encoder.info.embed_dim, cfg)
+    elif cfg.objective == "supervised":
+        if not cfg.label:
+            raise ValueError("objective 'supervised' needs a label column (--label)")
+        labelled, targets, kind, extra = supervised_targets(cohort, cfg.label, bank.ids)
+        bank = bank.subset(labelled)
+        objective = SupervisedObjective(encoder.info.embed_dim, cfg, targets, kind, extra.get("classes"))
+        extra["kind"] = kind
+    else:
+        raise ValueError(f"objective must be simclr or supervised, got {cfg.objective!r}")
+    objective.to(device)
+    log.info("%s: %s/%s on %d slices of %d subjects, %d trainable encoder parameters",
+             cfg.encoder, cfg.mode, cfg.objective, len(bank), len(bank.ids), n_trainable)
+    losses = train_steps(encoder, objective, bank, cfg, setup["train_modules"], progress=progress)
+    record = {
+        "encoder": cfg.encoder, "encoder_kwargs": cfg.encoder_kwargs,
+        "base_weights": encoder.info.weights, "base_weights_sha256": encoder.info.weights_sha256,
+        "mode": cfg.mode, "objective": cfg.objective, "label": cfg.label, "label_info": extra,
+        "config": to_dict(cfg), "trained_subjects": bank.ids, "n_slices": len(bank),
+        "trainable_parameters": n_trainable, "trainable_tensors": setup["trainable"],
+        "lora_layers": setup["lora_layers"], "losses": losses, "steps": len(losses),
+        "seconds": round(time.time() - start, 1), "torch": torch.__version__,
+        "failures": [str(f) for f in bank.failures],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path = save_checkpoint(encoder, out_dir, record)
+    save_file({k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()},
+              str(Path(out_dir) / "head.safetensors"))
+    return path
+
+
+def _train_ids(cfg: FinetuneConfig, cohort) -> list[str]:
+    all_ids = [s.subject_id for s in cohort.subjects]
+    spec = cfg.data.train_ids
+    if spec is None:
+        if cfg.objective == "supervised":
+            raise ValueError("supervised fine-tuning needs data.train_ids (a file of training subject IDs, or "
+                             "'all' if no evaluation will use this cohort): otherwise evaluation subjects would "
+                             "shape the weights")
+        return all_ids
+    if spec == "all":
+        return all_ids
+    wanted = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    unknown = sorted(set(wanted) - set(all_ids))
+    if unknown:
+        raise ValueError(f"{spec}: {len(unknown)} subject IDs not in the manifest, e.g. {unknown[:3]}")
+    return wanted
