@@ -1,0 +1,215 @@
+"""Volume embeddings of a native-3D encoder, written into the feature store like any other set.
+
+Two ways to embed a volume (loaded with the training run's volume config when known):
+
+* ``whole``: the head, cropped to its bounding box, is fitted (aspect ratio kept, zero-padded) into
+  ``input_size`` and encoded in one pass — what a CNN trained on crops of the same grid expects;
+* ``sliding``: the volume is fitted into the training grid (``volume_size``), tiled with windows of
+  ``input_size`` (``overlap`` between neighbours), windows with too little head are skipped and
+  the window embeddings are mean-pooled — the exact input distribution of crop-based pretraining.
+
+The result is one (N, D) set per name in :class:`slice2vol.cache.FeatureStore`, with the manifest
+labels stored alongside, so the benchmark evaluates it exactly like aggregated 2D features.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from slice2vol.config import to_dict
+from slice2vol.data.io import VolumeConfig, VolumeError
+from slice2vol.data.manifest import Cohort, Failure, load_subject
+from slice2vol.ssl.data import fit_to_grid, prepare_volume
+from slice2vol.ssl.trainer import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """A trained encoder from an SSL checkpoint (``<run>/last``), in eval mode.
+
+    The module maps (B, C, *spatial) -> (B, embed_dim); its ``slice2vol_meta`` attribute holds the
+    checkpoint meta (method, config, sha256 of the weights) that :func:`embed_cohort` uses for
+    preprocessing and provenance.
+    """
+    from slice2vol.encoders.base import sha256_file
+
+    model, cfg, meta = load_checkpoint(path, map_location)
+    encoder = model.encoder.eval()
+    meta["weights_sha256"] = sha256_file(meta["encoder_file"])
+    meta["key"] = f"ssl{cfg.spatial_dims}d/{cfg.method}"
+    encoder.slice2vol_meta = meta
+    return encoder
+
+
+@dataclass
+class ExportReport:
+    """Outcome of :func:`embed_cohort`."""
+
+    name: str
+    store: Path
+    done: list[str] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    embed_dim: int = 0
+
+
+def windows(shape: Sequence[int], size: Sequence[int], overlap: float = 0.5) -> list[tuple[slice, ...]]:
+    """Window boxes of ``size`` covering ``shape`` (last window flush with the end), stride ``size * (1 - overlap)``."""
+    axes = []
+    for n, s in zip(shape, size):
+        if s >= n:
+            axes.append([0])
+            continue
+        stride = max(1, int(s * (1 - overlap)))
+        starts = list(range(0, n - s + 1, stride))
+        if starts[-1] != n - s:
+            starts.append(n - s)
+        axes.append(starts)
+    return [tuple(slice(a, a + s) for a, s in zip(corner, size)) for corner in itertools.product(*axes)]
+
+
+@torch.no_grad()
+def embed_volume(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | None = None, *,
+                 window: Sequence[int], overlap: float = 0.5, min_foreground: float = 0.05,
+                 batch_size: int = 8, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Sliding-window embedding of one volume.
+
+    Args:
+        model: (B, C, *window) -> (B, D).
+        image: (C, X, Y, Z); zero-padded up to ``window`` where smaller.
+        mask: (X, Y, Z) head mask; windows with a smaller head fraction than ``min_foreground`` are
+            skipped (the most-foreground window is always kept).
+        window: window size.
+
+    Returns:
+        (D,) mean of the window embeddings.
+    """
+    pad = []
+    for n, s in reversed(list(zip(image.shape[1:], window))):
+        extra = max(0, s - n)
+        pad += [extra // 2, extra - extra // 2]
+    if any(pad):
+        image = torch.nn.functional.pad(image, pad)
+        mask = None if mask is None else torch.nn.functional.pad(mask[None].float(), pad)[0] > 0.5
+    boxes = windows(image.shape[1:], window, overlap)
+    if mask is not None:
+        fg = torch.tensor([float(mask[b].float().mean()) for b in boxes])
+        keep = [b for b, f in zip(boxes, fg) if f >= min_foreground] or [boxes[int(fg.argmax())]]
+        boxes = keep
+    feats = []
+    for start in range(0, len(boxes), batch_size):
+        crops = torch.stack([image[(slice(None), *b)] for b in boxes[start:start + batch_size]]).float()
+        feats.append(model(crops.to(device)).float().cpu())
+    return torch.cat(feats).mean(0)
+
+
+def embed_cohort(model: torch.nn.Module, cohort: Cohort, store_path: str | Path, name: str, *,
+                 input_size: Sequence[int] = (96, 96, 96), mode: str = "whole",
+                 volume_cfg: VolumeConfig | None = None, volume_size: Sequence[int] | None = None,
+                 overlap: float = 0.5, min_foreground: float = 0.05, batch_size: int = 4,
+                 device: str | torch.device = "cpu", provenance: dict[str, Any] | None = None,
+                 write_labels: bool = True, progress: bool = True) -> ExportReport:
+    """Embeds every subject of ``cohort`` with a 3D encoder and writes the set ``name`` to the store.
+
+    Args:
+        model: ``embed_dim`` attribute, (B, C, X, Y, Z) -> (B, embed_dim); from :func:`load_encoder`
+            it also carries the checkpoint meta used for defaults and provenance.
+        cohort: subjects to embed (failures are recorded, the others written).
+        store_path: the ``.h5`` feature store (created if needed).
+        name: volume-embedding set name, e.g. ``ssl3d/simclr``.
+        input_size: network input (``whole``) or window (``sliding``) size. A model with a fixed
+            input size (ViT/MAE) in ``whole`` mode always gets that size.
+        mode: ``whole`` or ``sliding``.
+        volume_cfg: loading options; default: the training run's (head-cropped), else
+            ``VolumeConfig(crop_foreground=True)``.
+        volume_size: grid the volume is fitted into before sliding windows; default: the training
+            run's ``data.volume_size`` (``None`` keeps the loaded grid).
+        overlap, min_foreground: sliding windows (see :func:`embed_volume`).
+        batch_size: volumes (whole) or windows (sliding) per forward pass.
+        provenance: extra provenance keys.
+        write_labels: also store the cohort's labels (so the benchmark finds targets in the store).
+
+    Returns:
+        :class:`ExportReport` with the subjects written and the failures.
+    """
+    from tqdm.auto import tqdm
+
+    from slice2vol.cache import FeatureStore
+
+    if mode not in ("whole", "sliding"):
+        raise ValueError(f"mode must be 'whole' or 'sliding', got {mode!r}")
+    meta = getattr(model, "slice2vol_meta", {}) or {}
+    data_cfg = (meta.get("config") or {}).get("data", {})
+    if volume_cfg is None:
+        from slice2vol.config import from_dict
+
+        volume_cfg = from_dict(VolumeConfig, data_cfg["volume"]) if "volume" in data_cfg else \
+            VolumeConfig(crop_foreground=True)
+    if volume_size is None and data_cfg.get("volume_size"):
+        volume_size = tuple(data_cfg["volume_size"])
+    input_size = tuple(int(s) for s in input_size)
+    fixed = getattr(model, "fixed_size", None)
+    if fixed is not None and tuple(fixed) != input_size:
+        log.warning("%s: encoder needs input %s; using it instead of %s", name, tuple(fixed), input_size)
+        input_size = tuple(fixed)
+    model = model.to(device).eval()
+    report = ExportReport(name, Path(store_path), embed_dim=int(getattr(model, "embed_dim", 0)))
+    rows: list[np.ndarray] = []
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        with torch.no_grad():
+            X = model(torch.stack([img for _, img in pending]).to(device)).float().cpu().numpy()
+        for (sid, _), x in zip(pending, X):
+            report.done.append(sid)
+            rows.append(x)
+        pending.clear()
+
+    for subject in tqdm(cohort.subjects, desc=f"embed {name}", disable=not progress):
+        try:
+            volume = load_subject(subject, volume_cfg, with_seg=False)
+        except VolumeError as err:
+            report.failures.append(Failure(subject.subject_id, err.path, str(err)))
+            log.warning("skipping %s", err)
+            continue
+        if mode == "whole":
+            image = fit_to_grid(torch.from_numpy(np.ascontiguousarray(volume.data, dtype=np.float32)),
+                                volume.spacing, input_size)
+            pending.append((subject.subject_id, image))
+            if len(pending) >= batch_size:
+                flush()
+        else:
+            image, mask = prepare_volume(volume, volume_size)
+            x = embed_volume(model, image, mask, window=input_size, overlap=overlap,
+                             min_foreground=min_foreground, batch_size=batch_size, device=device)
+            report.done.append(subject.subject_id)
+            rows.append(x.numpy())
+    flush()
+    if not rows:
+        raise ValueError(f"{cohort.source}: no subject could be embedded ({len(report.failures)} failures)")
+    X = np.stack(rows).astype(np.float32)
+    report.embed_dim = X.shape[1]
+    prov = {
+        "encoder": meta.get("key", type(model).__name__), "kind": "native-3d", "method": meta.get("method"),
+        "checkpoint": meta.get("checkpoint"), "weights_sha256": meta.get("weights_sha256", ""),
+        "ssl_config_hash": meta.get("config_hash"), "train_step": meta.get("step"),
+        "mode": mode, "input_size": list(input_size), "overlap": overlap if mode == "sliding" else None,
+        "volume_size": list(volume_size) if volume_size else None, "volume_config": to_dict(volume_cfg),
+        "embed_dim": int(X.shape[1]), "n_failures": len(report.failures), **(provenance or {}),
+    }
+    store = FeatureStore(store_path, mode="a")
+    if write_labels and cohort.label_types:
+        done = set(report.done)
+        records = {s.subject_id: dict(s.labels) for s in cohort.subjects if s.subject_id in done}
+        store.write_labels(records, dict(cohort.label_types))
+    store.write_volume_embeddings(name, report.done, X, prov)
+    return report
