@@ -14,6 +14,7 @@ from slice2vol.adapt.base import (
     Adapted3DInfo,
     build_adapted,
     convert_modules,
+    embed_adapted,
     network_of,
 )
 from slice2vol.adapt.inflate import InflatedConv3d, inflate_conv, inflate_encoder, inflate_network  # registers
@@ -22,6 +23,6 @@ from slice2vol.adapt.vit3d import PatchEmbed3d, ViT3DTrunk, vit3d_encoder  # reg
 
 __all__ = [
     "ADAPTERS", "ACSConv3d", "Adapted3DEncoder", "Adapted3DInfo", "InflatedConv3d", "PatchEmbed3d",
-    "ViT3DTrunk", "acs_encoder", "acs_network", "acs_split", "build_adapted", "convert_modules",
+    "ViT3DTrunk", "acs_encoder", "acs_network", "acs_split", "build_adapted", "convert_modules", "embed_adapted",
     "inflate_conv", "inflate_encoder", "inflate_network", "network_of", "vit3d_encoder",
 ]

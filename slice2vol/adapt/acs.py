@@ -91,7 +91,7 @@ class ACSConv3d(nn.Module):
             return F.conv3d(x, self.dense_kernel(), self.bias, self.stride, self.padding, self.dilation, self.groups)
         k, s, p, d = self.kernel_size[0], self.stride, self.padding, self.dilation
         outs, start = [], 0
-        for axis, (weight, n) in enumerate(zip(self.kernels_3d(), self.split)):
+        for axis, (weight, n) in enumerate(zip(self.kernels_3d(), self.split, strict=True)):
             if n == 0:
                 continue
             xi = x[:, start:start + n] if depthwise else x

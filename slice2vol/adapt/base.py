@@ -123,6 +123,13 @@ class Adapted3DEncoder(nn.Module):
         """Volumes (B, C, X, Y, Z) in [0, 1] -> embeddings (B, embed_dim)."""
         return self.forward_features(self.preprocess(x))
 
+    @property
+    def slice2vol_meta(self) -> dict[str, Any]:
+        """Provenance in the form :func:`slice2vol.ssl.export.embed_cohort` records for 3D encoders."""
+        base = self.info.base
+        return {"key": self.info.key, "method": self.info.method, "checkpoint": base.get("weights", ""),
+                "weights_sha256": base.get("weights_sha256", ""), "config": {}}
+
     def extra_repr(self) -> str:
         return f"key={self.info.key!r}, embed_dim={self.embed_dim}, depth_axis={self.info.depth_axis}"
 
@@ -286,11 +293,16 @@ def common_handlers() -> list[tuple[Callable[[nn.Module], bool], Handler]]:
 
         handlers.append((lambda m: type(m) is BatchNormAct2d, _bn_act))
         handlers.append((lambda m: isinstance(m, SelectAdaptivePool2d),
-                         lambda m: GlobalPool3d(m.pool_type, bool(m.flatten and not isinstance(m.flatten, nn.Identity)))))
+                         lambda m: GlobalPool3d(m.pool_type, _flattens(m))))
     except ImportError:  # pragma: no cover - timm is a core dependency
         pass
     handlers.append((_is_squeeze_excite, lambda m: SqueezeExcite3d(m)))
     return handlers
+
+
+def _flattens(pool: nn.Module) -> bool:
+    """Whether a timm ``SelectAdaptivePool2d`` flattens (in its ``flatten`` module or its fast pool)."""
+    return not isinstance(pool.flatten, nn.Identity) or bool(getattr(pool.pool, "flatten", False) is True)
 
 
 def _is_squeeze_excite(m: nn.Module) -> bool:
@@ -403,3 +415,22 @@ def build_adapted(key: str, weights: str | None = "random", encoder_kwargs: dict
     builder = ADAPTERS.get(method)
     encoder = build_encoder(base_key, weights=weights, **(encoder_kwargs or {}))
     return builder(encoder, **options)
+
+
+def embed_adapted(key: str, cohort: Any, store_path: str, *, weights: str | None = "random",
+                  encoder_kwargs: dict | None = None, options: dict | None = None, name: str | None = None,
+                  input_size: tuple[int, int, int] = (96, 96, 96), **embed_kwargs: Any):
+    """Builds ``key`` (e.g. ``inflate/tv/mobilenet_v2``) and writes its volume embeddings to a store.
+
+    A thin wrapper of :func:`slice2vol.ssl.export.embed_cohort` (``mode='whole'``: the cropped head
+    fitted into ``input_size``) that records the adaptation's provenance.
+
+    Returns:
+        The exporter's report (subjects done, failures).
+    """
+    from slice2vol.ssl.export import embed_cohort
+
+    model = build_adapted(key, weights=weights, encoder_kwargs=encoder_kwargs, **(options or {}))
+    provenance = {"adaptation": model.info.to_dict()}
+    return embed_cohort(model, cohort, store_path, name or key, input_size=input_size, provenance=provenance,
+                        **embed_kwargs)

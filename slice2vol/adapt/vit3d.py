@@ -112,7 +112,10 @@ class ViT3DTrunk(nn.Module):
         prefix, patches = pos[:, :n_prefix], pos[:, n_prefix:]
         depth = self.depth_pos_embed
         if depth.shape[-1] != gd:
-            depth = F.interpolate(depth, size=gd, mode="linear", align_corners=True) if gd > 1 else depth.mean(-1, keepdim=True)
+            if gd > 1:
+                depth = F.interpolate(depth, size=gd, mode="linear", align_corners=True)
+            else:
+                depth = depth.mean(-1, keepdim=True)
         depth = depth.transpose(1, 2)  # (1, gd, D)
         patches = patches.reshape(1, ga, gb, 1, -1) + depth.reshape(1, 1, 1, gd, -1)
         return (prefix if n_prefix else None), patches.reshape(1, ga * gb * gd, -1)

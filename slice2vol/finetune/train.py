@@ -267,7 +267,8 @@ def supervised_targets(cohort, label: str, ids: list[str]) -> tuple[list[str], n
 
 # -- training loop ------------------------------------------------------------------------------
 def train_steps(encoder, objective: Objective, bank: SliceBank, cfg: FinetuneConfig, train_modules: list[nn.Module],
-                progress: bool = True, batch_fn: Callable[[torch.Generator], torch.Tensor] | None = None) -> list[float]:
+                progress: bool = True,
+                batch_fn: Callable[[torch.Generator], torch.Tensor] | None = None) -> list[float]:
     """Runs ``cfg.train.steps`` AdamW steps and returns the loss of each step.
 
     ``batch_fn`` replaces the objective's sampling (tests use it to train on one fixed batch).

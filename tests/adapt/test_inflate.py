@@ -127,3 +127,14 @@ def test_build_adapted_keys_input_size_and_provenance():
         build_adapted("inflate")
     with pytest.raises(ValueError, match="expected volumes"):
         model(torch.rand(2, 1, 32, 32))
+
+
+@pytest.mark.parametrize("pool_type", ["avg", "max", "avgmax", "catavgmax"])
+def test_timm_global_pool_is_replaced_by_a_3d_global_pool(pool_type):
+    from timm.layers import SelectAdaptivePool2d
+
+    pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+    x = torch.randn(2, 4, 5, 5)
+    expected = pool(x)
+    pool3d = inflate_network(nn.Sequential(pool))  # converts in place
+    torch.testing.assert_close(pool3d(x.unsqueeze(-1).expand(-1, -1, -1, -1, 3)), expected)
