@@ -1,0 +1,266 @@
+"""Segment Anything image encoders (``sam/vit_b``, ``sam/vit_l``, ``sam/vit_h``) and MedSAM (``medsam/vit_b``).
+
+Only the image encoder is built (``segment_anything.modeling.ImageEncoderViT`` with the arguments of
+``build_sam.py``); prompt encoder and mask decoder are not needed for slice features.
+
+Outputs:
+  * ``tokens``: the neck output (B, 256, g, g) as (B, g * g, 256), grid (g, g), g = img_size / 16
+    (64 x 64 at 1024 px) — what ``SamPredictor.features`` holds.
+  * ``encode``: the mean of those tokens (256-d; ``pooling="max"`` for the max). With SAM's
+    longest-side resize a non-square slice leaves padded rows/columns (the mean colour) that the mean
+    includes; slices cut with ``SliceConfig(size=...)`` are square, so nothing is padded.
+
+Preprocessing, batched, reproducing each official per-image recipe:
+  * SAM (``SamPredictor.set_image``): longest side to ``img_size`` (PIL bilinear through torchvision,
+    i.e. antialiased), pixel mean/std (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375) on the
+    0-255 scale (= ImageNet's on [0, 1]), zero padding at the bottom/right to a square.
+  * MedSAM (``MedSAM_Inference.py`` in bowang-lab/MedSAM): grey replicated to 3 channels, squashed to
+    ``img_size`` x ``img_size`` (``skimage.transform.resize(order=3, anti_aliasing=True)``, clipped to the
+    image's own range; here bicubic, antialiased when shrinking, clipped the same way), then min-max to
+    [0, 1]; no mean/std (the encoder is called directly, bypassing ``Sam.preprocess``).
+
+Input size (``img_size=``, a multiple of 16, default 1024): the encoder is built for that size; it costs
+972 / 227 / 69 GFLOPs per slice at 1024 / 512 / 256 px for vit_b. Loading 1024-px weights at another
+size resizes the absolute position embedding (1, 64, 64, C) bicubically (antialiased, as timm and
+open_clip do) to (1, g, g, C), and the relative-position tables of the global-attention blocks
+(2 * 64 - 1, head_dim) linearly to (2g - 1, head_dim) — the same interpolation SAM's ``get_rel_pos``
+applies on the fly to mismatched tables. Windowed blocks keep their 14 x 14 windows and tables.
+The networks were trained at 1024 px only, so reduced sizes are an approximation to measure, not a
+free speed-up.
+
+Weights: ``random`` (SAM's own init: zero position tables); ``hub`` = Meta's checkpoints from
+dl.fbaipublicfiles.com, via the torch hub cache (``$TORCH_HOME/hub/checkpoints``); MedSAM's is only on
+Google Drive, so ``hub`` uses a ``medsam_vit_b.pth`` placed in that cache or fails with instructions;
+or a local file: a full ``Sam`` state dict as ``sam_model_registry[arch](checkpoint=PATH)`` reads (Meta's
+``sam_vit_b_01ec64.pth``, ``medsam_vit_b.pth``) or the image encoder's alone. Files are read with
+``weights_only=True`` (``build_sam.py`` itself unpickles them unsafely).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slice2vol.encoders.base import (
+    ENCODERS,
+    Encoder,
+    EncoderInfo,
+    WeightsUnavailable,
+    apply_preprocess_overrides,
+    assign_state_dict,
+    load_state_dict,
+    parse_weights,
+    require_hub,
+    sha256_file,
+)
+
+# build_sam.py: encoder width, depth, heads, global-attention block indexes
+SAM_ARCHS: dict[str, dict[str, Any]] = {
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+SAM_URLS = {
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+}
+MEDSAM_FILE = "medsam_vit_b.pth"
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+PATCH = 16
+NECK_CHANS = 256
+POOLINGS = ("mean", "max")
+
+
+class SAMEncoder(Encoder):
+    """A SAM ``ImageEncoderViT`` behind :class:`Encoder`; MedSAM's own preprocessing when ``intensity='minmax'``.
+
+    Args:
+        image_encoder: ``segment_anything.modeling.ImageEncoderViT``.
+        info: resolved encoder facts.
+        pooling: ``mean`` or ``max`` over the (g, g) neck map.
+    """
+
+    def __init__(self, image_encoder: nn.Module, info: EncoderInfo, pooling: str = "mean") -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.info = info
+        self.pooling = pooling
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """SAM: the base longest-side path. MedSAM: squash resize, clip to the input range, min-max."""
+        if self.info.intensity != "minmax":
+            return super().preprocess(x)
+        x = self.adapt_channels(x.float())
+        lo = x.amin((1, 2, 3), keepdim=True)
+        hi = x.amax((1, 2, 3), keepdim=True)
+        size = tuple(self.info.input_size)
+        if tuple(x.shape[-2:]) != size:
+            mode = self.info.interpolation
+            # skimage smooths only when shrinking; when enlarging, plain bicubic is the closer match
+            # to its cubic spline (measured on IXI slices: mean |diff| 1.1 vs 1.6 grey levels)
+            shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+            x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=shrink and mode != "nearest")
+            x = torch.maximum(torch.minimum(x, hi), lo)  # skimage resize(clip=True)
+            lo = x.amin((1, 2, 3), keepdim=True)
+            hi = x.amax((1, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-8)
+        mean = torch.tensor(self.info.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.info.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        feature_map = self.image_encoder(x)  # (B, 256, g, g)
+        return feature_map.flatten(2).transpose(1, 2), (feature_map.shape[-2], feature_map.shape[-1])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        feature_map = self.image_encoder(x)
+        if self.pooling == "max":
+            return feature_map.amax((-2, -1))
+        return feature_map.mean((-2, -1))
+
+
+def resize_position_tables(state: dict[str, torch.Tensor], image_encoder: nn.Module) -> list[str]:
+    """Resizes ``pos_embed`` and ``*.rel_pos_h/w`` in ``state`` to ``image_encoder``'s shapes, in place.
+
+    Returns:
+        Names of the resized tensors.
+    """
+    own = image_encoder.state_dict()
+    resized = []
+    pos = state.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
+        grid = tuple(own["pos_embed"].shape[1:3])
+        pos = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=grid, mode="bicubic", align_corners=False,
+                            antialias=True)
+        state["pos_embed"] = pos.permute(0, 2, 3, 1).contiguous()
+        resized.append("pos_embed")
+    for name, table in list(state.items()):
+        if name.endswith(("rel_pos_h", "rel_pos_w")) and name in own and table.shape != own[name].shape:
+            length = own[name].shape[0]
+            # exactly segment_anything's get_rel_pos interpolation
+            table = F.interpolate(table.reshape(1, table.shape[0], -1).permute(0, 2, 1).float(), size=length,
+                                  mode="linear")
+            state[name] = table.reshape(-1, length).permute(1, 0).contiguous()
+            resized.append(name)
+    return resized
+
+
+def _hub_checkpoint(key: str, family: str, arch: str, local_hint: str) -> Path:
+    """Meta's SAM checkpoint from the torch hub cache or dl.fbaipublicfiles.com; MedSAM from the cache only."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    if family == "medsam":
+        path = cache / MEDSAM_FILE
+        if path.exists():
+            return path
+        raise WeightsUnavailable(
+            f"{key}: MedSAM's checkpoint ({MEDSAM_FILE}) is distributed through the Google Drive link in "
+            f"https://github.com/bowang-lab/MedSAM (README) and cannot be downloaded automatically. Download it "
+            f"and pass a local checkpoint instead: {local_hint}, or place it at {path}")
+    url = SAM_URLS[arch]
+    path = cache / url.rsplit("/", 1)[1]
+    if path.exists():
+        return path
+    require_hub(key, url, local_hint, host=url)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(path), progress=True)
+    return path
+
+
+def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, img_size: int = 1024,
+              pooling: str = "mean", embed_dim: int | None = None, depth: int | None = None,
+              num_heads: int | None = None, global_attn_indexes: tuple[int, ...] | None = None,
+              window_size: int = 14, **overrides: Any) -> SAMEncoder:
+    """Builds ``sam/<arch>`` or ``medsam/<arch>``.
+
+    Args:
+        family: ``sam`` or ``medsam`` (preprocessing and where hub weights come from).
+        arch: ``vit_b``, ``vit_l`` or ``vit_h``.
+        weights: ``random``, ``hub`` or a local checkpoint.
+        img_size: square input side, a multiple of 16 (see module docstring).
+        pooling: ``mean`` or ``max`` of the neck map for ``encode``.
+        embed_dim, depth, num_heads, global_attn_indexes, window_size: architecture overrides
+            (tests build 2-block encoders); default ``build_sam.py``'s.
+        **overrides: ``mean``, ``std``, ``interpolation``, ``channel_mode``.
+    """
+    from segment_anything.modeling import ImageEncoderViT
+
+    key = f"{family}/{arch}"
+    if pooling not in POOLINGS:
+        raise ValueError(f"{key}: pooling must be one of {POOLINGS}, got {pooling!r}")
+    if img_size % PATCH or img_size < PATCH:
+        raise ValueError(f"{key}: img_size must be a positive multiple of {PATCH}, got {img_size}")
+    kind, ref = parse_weights(weights)
+    if kind == "hub" and ref:
+        raise ValueError(f"{key}: SAM checkpoints have no tags; use weights='hub'")
+    spec = dict(SAM_ARCHS[arch])
+    for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads),
+                        ("global_attn_indexes", global_attn_indexes)):
+        if value is not None:
+            spec[name] = value
+    image_encoder = ImageEncoderViT(
+        img_size=img_size, patch_size=PATCH, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        qkv_bias=True, use_rel_pos=True, window_size=window_size, out_chans=NECK_CHANS,
+        embed_dim=spec["embed_dim"], depth=spec["depth"], num_heads=spec["num_heads"],
+        global_attn_indexes=tuple(spec["global_attn_indexes"]),
+    )
+    local_hint = f"weights='/path/to/{MEDSAM_FILE if family == 'medsam' else SAM_URLS[arch].rsplit('/', 1)[1]}' " \
+                 f"(CLI: --weights PATH)"
+    sha, used, resized = "", "random", []
+    if kind in ("hub", "file"):
+        path = _hub_checkpoint(key, family, arch, local_hint) if kind == "hub" else Path(ref)
+        state = load_state_dict(path)
+        if any(k.startswith("image_encoder.") for k in state):  # a full Sam checkpoint
+            state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
+        resized = resize_position_tables(state, image_encoder)
+        assign_state_dict(image_encoder, state, key, source=str(path), optional_prefixes=())
+        sha, used = sha256_file(path), str(path) if kind == "file" else f"hub:{path.name}"
+    grid = img_size // PATCH
+    medsam = family == "medsam"
+    info = EncoderInfo(
+        key=key, embed_dim=NECK_CHANS, input_size=(img_size, img_size),
+        mean=(0.0, 0.0, 0.0) if medsam else tuple(m / 255 for m in SAM_PIXEL_MEAN),
+        std=(1.0, 1.0, 1.0) if medsam else tuple(s / 255 for s in SAM_PIXEL_STD),
+        patch_size=PATCH, token_dim=NECK_CHANS, source="segment_anything", weights=used, weights_sha256=sha,
+        pooling=pooling, resize="squash" if medsam else "longest", intensity="minmax" if medsam else "unit",
+        interpolation="bicubic" if medsam else "bilinear",
+        extra={"arch": arch, "grid": [grid, grid], "vit_width": spec["embed_dim"], "depth": spec["depth"],
+               "global_attn_indexes": list(spec["global_attn_indexes"]), "window_size": window_size,
+               "resized_tables": resized},
+    )
+    apply_preprocess_overrides(info, **overrides)
+    return SAMEncoder(image_encoder, info, pooling=pooling).eval()
+
+
+# -- registry ----------------------------------------------------------------------------------
+_META = dict(embed_dim=NECK_CHANS, input_size=1024, img_size="multiple of 16 (pos-embed and rel-pos interpolated)")
+
+
+@ENCODERS.register("sam/vit_b", params_m=89.67, family="sam", **_META)
+def sam_vit_b(weights: str | Path | None = "random", **kwargs: Any) -> SAMEncoder:
+    """SAM ViT-B image encoder; 64 x 64 x 256 neck tokens at 1024 px."""
+    return build_sam("sam", "vit_b", weights, **kwargs)
+
+
+@ENCODERS.register("sam/vit_l", params_m=308.28, family="sam", **_META)
+def sam_vit_l(weights: str | Path | None = "random", **kwargs: Any) -> SAMEncoder:
+    """SAM ViT-L image encoder; 64 x 64 x 256 neck tokens at 1024 px."""
+    return build_sam("sam", "vit_l", weights, **kwargs)
+
+
+@ENCODERS.register("sam/vit_h", params_m=637.03, family="sam", **_META)
+def sam_vit_h(weights: str | Path | None = "random", **kwargs: Any) -> SAMEncoder:
+    """SAM ViT-H image encoder; 64 x 64 x 256 neck tokens at 1024 px."""
+    return build_sam("sam", "vit_h", weights, **kwargs)
+
+
+@ENCODERS.register("medsam/vit_b", params_m=89.67, family="medsam", **_META)
+def medsam_vit_b(weights: str | Path | None = "random", **kwargs: Any) -> SAMEncoder:
+    """MedSAM (SAM ViT-B fine-tuned on 1.5M medical image-mask pairs): min-max input, 1024 px squash."""
+    return build_sam("medsam", "vit_b", weights, **kwargs)
