@@ -1,0 +1,295 @@
+"""Running an aggregator on a feature store: bags in, volume embeddings (+ attention) out.
+
+Trainable aggregators are fitted on the *training* subjects only (``train_ids``); every subject is
+then embedded with the fitted aggregator. The written provenance names the method, its parameters,
+the planes, the label, and the sorted training ids with their hash, so a reader of the embeddings
+can check which subjects the aggregator saw.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from slice2vol.aggregate.base import (
+    PLANE_ORDER,
+    Aggregator,
+    BagError,
+    PlaneBag,
+    build_aggregator,
+    check_bags,
+    slice_coordinates,
+)
+
+log = logging.getLogger(__name__)
+
+TASK_OF_LABEL_TYPE = {"categorical": "classification", "continuous": "regression"}
+
+
+def open_store(store: Any, mode: str = "r"):
+    """A FeatureStore for a path; objects with the store API are passed through (tests, callers)."""
+    if isinstance(store, (str, Path)):
+        from slice2vol.cache import FeatureStore
+
+        return FeatureStore(store, mode=mode)
+    return store
+
+
+def load_bags(store: Any, subjects: Sequence[str] | None = None, planes: Sequence[str] | None = None,
+              *, tokens: bool = False) -> tuple[list[str], list[dict[str, PlaneBag]]]:
+    """Reads subjects' slice features (and positions, indices, optionally tokens) from a store.
+
+    Args:
+        store: a FeatureStore or a path to one.
+        subjects: subject ids (default: every completed subject).
+        planes: planes to read (default: all cached planes).
+        tokens: also read patch tokens when cached (silently absent otherwise).
+
+    Returns:
+        (subject ids, bags) in the same order.
+    """
+    store = open_store(store)
+    ids = list(store.subjects()) if subjects is None else list(subjects)
+    planes = list(store.planes) if planes is None else list(planes)
+    bags = []
+    for sid in ids:
+        bag = {}
+        for plane in planes:
+            meta = store.slice_meta(sid, plane)
+            tok = grid = None
+            if tokens:
+                try:
+                    tok, grid = store.slice_tokens(sid, plane)
+                except (KeyError, LookupError, ValueError, RuntimeError):
+                    tok = grid = None
+            bag[plane] = PlaneBag(np.asarray(store.slice_features(sid, plane), np.float32),
+                                  positions=meta.get("positions"), indices=meta.get("indices"),
+                                  tokens=tok, token_grid=grid)
+        bags.append(bag)
+    return ids, bags
+
+
+def ids_sha256(ids: Iterable[str]) -> str:
+    """Order-independent hash of a set of subject ids."""
+    return hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()
+
+
+def default_name(agg: Aggregator, method: str, label: str | None, planes: Sequence[str] | None,
+                 all_planes: Sequence[str]) -> str:
+    """``mean``, ``fusion-mean``, ``fusion-mil-attn``, ``mil-sex``, ``mil-ssl``, ``mean-axial``..."""
+    parts = [method]
+    if method == "fusion":
+        parts.append(agg.base)
+        if agg.mode == "attention":
+            parts.append("attn")
+    if agg.requires_fit:
+        parts.append(label if label else "ssl")
+    if planes is not None and set(planes) != set(all_planes):
+        parts.append("+".join(p for p in PLANE_ORDER if p in set(planes)))
+    return "-".join(parts)
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
+def save_attention(path: Path, ids: Sequence[str], attention: Sequence[dict[str, np.ndarray]],
+                   bags: Sequence[dict[str, PlaneBag]], planes: Sequence[str]) -> Path:
+    """Writes attention as flat arrays (no pickles): per plane ``weights_<plane>`` (sum S,),
+    ``offsets_<plane>`` (N + 1,), ``indices_<plane>``, ``coords_<plane>`` (mm, centred), and
+    ``plane_weights`` (N, P) when the aggregator attends across planes."""
+    arrays: dict[str, np.ndarray] = {"subjects": np.asarray(ids, dtype=str), "planes": np.asarray(planes, dtype=str)}
+    for plane in planes:
+        if plane not in attention[0]:
+            continue
+        w = [a[plane] for a in attention]
+        arrays[f"weights_{plane}"] = np.concatenate(w).astype(np.float32)
+        arrays[f"offsets_{plane}"] = np.concatenate([[0], np.cumsum([len(x) for x in w])]).astype(np.int64)
+        arrays[f"coords_{plane}"] = np.concatenate([slice_coordinates(b[plane], plane) for b in bags])
+        arrays[f"indices_{plane}"] = np.concatenate(
+            [b[plane].indices if b[plane].indices is not None else np.arange(len(b[plane])) for b in bags])
+    if "planes" in attention[0]:
+        arrays["plane_weights"] = np.stack([a["planes"] for a in attention]).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def load_attention(path: str | Path) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """Inverse of :func:`save_attention`: subject -> plane -> {weights, indices, coords}."""
+    with np.load(path) as data:
+        ids = data["subjects"].tolist()
+        out: dict = {sid: {} for sid in ids}
+        for plane in data["planes"].tolist():
+            if f"weights_{plane}" not in data:
+                continue
+            off = data[f"offsets_{plane}"]
+            for i, sid in enumerate(ids):
+                sl = slice(off[i], off[i + 1])
+                out[sid][plane] = {k: data[f"{k}_{plane}"][sl] for k in ("weights", "indices", "coords")}
+        if "plane_weights" in data:
+            for i, sid in enumerate(ids):
+                out[sid]["planes"] = {"weights": data["plane_weights"][i]}
+    return out
+
+
+def aggregate_store(
+    store_path: Any,
+    method: str,
+    *,
+    planes: Sequence[str] | None = None,
+    name: str | None = None,
+    train_ids: Sequence[str] | str | None = None,
+    label: str | None = None,
+    out_dir: str | Path | None = None,
+    plot: bool = True,
+    chunk: int = 64,
+    **params,
+) -> str:
+    """Aggregates every subject of a feature store and writes the volume embeddings back.
+
+    Args:
+        store_path: the FeatureStore path (or an open store).
+        method: registered aggregator name (``mean``, ``mil``, ``fusion``, ...).
+        planes: planes to aggregate (default: all cached planes).
+        name: name of the written embedding set (default from method/label/planes).
+        train_ids: subjects a trainable aggregator is fitted on: the training split, never the
+            evaluation subjects; ``"all"`` fits on every subject (only for label-free use you
+            will not evaluate on the same subjects). Ignored by parameter-free aggregators.
+        label: label column for supervised fitting (none: label-free objective).
+        out_dir: where attention arrays and plots go (default ``<store>_aggregate/<name>/``
+            beside the store).
+        plot: write attention PNGs.
+        chunk: subjects read at a time when embedding.
+        **params: the aggregator's constructor parameters.
+
+    Returns:
+        The name of the written volume-embedding set.
+
+    Raises:
+        ValueError: a trainable method without ``train_ids``, unknown subjects/label/planes.
+    """
+    store = open_store(store_path, mode="a")
+    all_planes = list(store.planes)
+    if planes is not None:
+        planes = [planes] if isinstance(planes, str) else list(planes)
+        unknown = [p for p in planes if p not in all_planes]
+        if unknown:
+            raise ValueError(f"plane(s) {unknown} are not cached in this store (cached: {all_planes})")
+    use_planes = planes or all_planes
+    agg = build_aggregator(method, planes=planes, **params)
+    ids = list(store.subjects())
+    if not ids:
+        raise ValueError("the store holds no completed subject")
+    wants_tokens = bool(getattr(agg, "wants_tokens", False))
+
+    fit_ids: list[str] = []
+    task = None
+    if agg.requires_fit:
+        if train_ids is None:
+            raise ValueError(
+                f"aggregator {method!r} is trainable: pass train_ids (the training subjects, the only "
+                "ones it will be fitted on), or train_ids='all' to knowingly fit on every subject")
+        fit_ids = ids if isinstance(train_ids, str) and train_ids == "all" else [str(s) for s in train_ids]
+        missing = sorted(set(fit_ids) - set(ids))
+        if missing:
+            raise ValueError(f"{len(missing)} train id(s) not in the store, e.g. {missing[:5]}")
+        y = None
+        if label is not None:
+            labels = store.labels()
+            if label not in labels.columns:
+                raise ValueError(f"label {label!r} not in the store's labels {list(labels.columns)}")
+            values = labels.reindex(fit_ids)[label]
+            keep = values.notna().to_numpy()
+            if not keep.all():
+                log.warning("%d training subject(s) lack %r and are not used for fitting", int((~keep).sum()), label)
+            fit_ids = [s for s, k in zip(fit_ids, keep) if k]
+            y = values.to_numpy()[keep]
+            ltype = getattr(store, "label_types", {}).get(label)
+            if "task" in agg.get_params() and agg.task == "auto" and ltype in TASK_OF_LABEL_TYPE:
+                agg.set_params(task=TASK_OF_LABEL_TYPE[ltype])
+        _, train_bags = load_bags(store, fit_ids, use_planes, tokens=wants_tokens)
+        agg.fit(train_bags, y)
+        del train_bags
+        task = getattr(agg, "task_", None)
+    else:
+        if train_ids is not None or label is not None:
+            log.info("%s is parameter-free: train_ids/label are not used", method)
+
+    name = name or default_name(agg, method, label, planes, all_planes)
+    out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(store, store_path, name)
+    rows, attention, coords, att_bags = [], [], [], []
+    for start in range(0, len(ids), chunk):
+        chunk_ids, bags = load_bags(store, ids[start:start + chunk], use_planes, tokens=wants_tokens)
+        try:
+            rows.append(agg.transform(bags))
+        except BagError as err:
+            for sid, bag in zip(chunk_ids, bags):  # name the subject, not its index in the chunk
+                try:
+                    check_bags([bag], use_planes)
+                except BagError as one:
+                    raise BagError(f"subject {sid}{str(one).removeprefix('bag 0')}") from None
+            raise err
+        if agg.has_attention:
+            attention.extend(agg.attention(bags))
+            coords.extend({p: slice_coordinates(b[p], p) for p in b} for b in bags)
+            att_bags.extend({p: PlaneBag(b[p].features[:, :0], b[p].positions, b[p].indices) for p in b}
+                            for b in bags)  # keep geometry, drop features
+    X = np.concatenate(rows).astype(np.float32)
+    if not np.isfinite(X).all():
+        bad = [ids[i] for i in np.where(~np.isfinite(X).all(1))[0][:5]]
+        raise ValueError(f"non-finite volume embeddings for e.g. {bad}; check the cached features")
+
+    fitted_planes = list(getattr(agg, "planes_", None) or use_planes)
+    provenance = {
+        "kind": "aggregate",
+        "aggregator": method,
+        "params": _json_safe(agg.get_params()),
+        "planes": fitted_planes,
+        "label": label,
+        "task": task,
+        "objective": getattr(agg, "objective_", None) if agg.requires_fit else None,
+        "trainable": bool(agg.requires_fit),
+        "n_train": len(fit_ids),
+        "train_ids": sorted(fit_ids),
+        "train_ids_sha256": ids_sha256(fit_ids) if fit_ids else None,
+        "out_dim": int(X.shape[1]),
+        "source_feature_set": getattr(store, "feature_set", None),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    from slice2vol import __version__
+
+    provenance["slice2vol"] = __version__
+    if attention:
+        att_path = save_attention(out_dir / "attention.npz", ids, attention, att_bags, fitted_planes)
+        provenance["attention_file"] = str(att_path)
+        if plot:
+            labels = None
+            if label is not None and task == "classification":
+                labels = store.labels().reindex(ids)[label].astype(str).tolist()
+            pngs = _plot_attention(attention, coords, out_dir, labels, f"{name}:", fitted_planes)
+            provenance["attention_plots"] = [str(p) for p in pngs]
+        (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    store.write_volume_embeddings(name, ids, X, provenance)
+    log.info("wrote volume embeddings %r: %d subjects x %d", name, X.shape[0], X.shape[1])
+    return name
+
+
+def _plot_attention(attention, coords, out_dir, labels, title, plane_names) -> list[Path]:
+    from slice2vol.aggregate.plots import plot_attention
+
+    return plot_attention(attention, coords, out_dir, labels=labels, title=title, plane_names=plane_names)
+
+
+def _default_out_dir(store: Any, store_path: Any, name: str) -> Path:
+    path = store_path if isinstance(store_path, (str, Path)) else getattr(store, "path", None)
+    if path is None:
+        return Path("aggregate") / name
+    path = Path(path)
+    return path.parent / f"{path.stem}_aggregate" / name

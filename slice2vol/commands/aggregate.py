@@ -1,0 +1,112 @@
+"""``slice2vol aggregate``: slice features in a store -> volume embeddings (or a CV estimate)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HELP = "aggregate cached slice features into volume embeddings (mean, max, gem, mil, transformer, fusion, head3d)"
+
+
+@dataclass
+class AggregateConfig:
+    """What ``slice2vol aggregate`` runs (YAML under ``configs/aggregate/``; CLI flags win).
+
+    Attributes:
+        method: registered aggregator name.
+        planes: planes to aggregate (``None``: all cached).
+        label: label column for supervised fitting / cross-validation.
+        name: embedding-set name (default derived from method, label, planes).
+        params: the aggregator's constructor parameters.
+    """
+
+    method: str = "mean"
+    planes: list[str] | None = None
+    label: str | None = None
+    name: str | None = None
+    params: dict = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", nargs="?", help="feature store written by `slice2vol cache`")
+    parser.add_argument("--config", help="YAML config, e.g. configs/aggregate/mil.yaml")
+    parser.add_argument("--method", help="aggregator (see --list)")
+    parser.add_argument("--planes", help="comma-separated planes (default: all cached)")
+    parser.add_argument("--label", help="label column: supervised fitting, or the --cv target")
+    parser.add_argument("--name", help="name of the written embedding set")
+    parser.add_argument("--train-ids", metavar="FILE|all",
+                        help="subjects a trainable aggregator is fitted on (one id per line), or 'all'")
+    parser.add_argument("--out-dir", help="attention arrays/plots (default: <store>_aggregate/<name>/)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw attention plots")
+    parser.add_argument("--cv", type=int, metavar="K",
+                        help="instead of writing embeddings, K-fold CV of the method on --label")
+    parser.add_argument("--cv-out", help="JSON file for the --cv per-fold metrics")
+    parser.add_argument("--seed", type=int, default=0, help="CV fold assignment")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. params.hidden=64 params.epochs=30")
+    parser.add_argument("--list", action="store_true", help="list aggregators and exit")
+
+
+def _read_ids(value: str) -> list[str] | str:
+    if value == "all":
+        return "all"
+    lines = Path(value).read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from slice2vol.aggregate import AGGREGATORS, aggregate_store, cross_validate_aggregator, load_bags
+    from slice2vol.aggregate.store import TASK_OF_LABEL_TYPE, open_store
+    from slice2vol.config import load_config
+
+    if args.list:
+        for name in AGGREGATORS.names():
+            cls = AGGREGATORS.get(name)
+            trainable = "fusion: depends on base/mode" if name == "fusion" else (
+                "trainable" if cls.requires_fit else "parameter-free")
+            doc = (cls.__doc__ or "").strip().splitlines()[0]
+            print(f"{name:12s} {trainable:30s} {doc}")
+        return 0
+    if not args.store:
+        raise ValueError("give the feature store path (or --list)")
+    cfg = load_config(AggregateConfig, args.config, args.set)
+    for key in ("method", "label", "name"):
+        if getattr(args, key):
+            setattr(cfg, key, getattr(args, key))
+    if args.planes:
+        cfg.planes = [p for p in args.planes.split(",") if p]
+
+    if args.cv:
+        if not cfg.label:
+            raise ValueError("--cv needs --label")
+        store = open_store(args.store)
+        labels = store.labels()
+        if cfg.label not in labels.columns:
+            raise ValueError(f"label {cfg.label!r} not in the store's labels {list(labels.columns)}")
+        known = set(labels.index[labels[cfg.label].notna()])
+        ids = [s for s in store.subjects() if s in known]
+        ids, bags = load_bags(store, ids, cfg.planes, tokens=bool(getattr(AGGREGATORS.get(cfg.method), "wants_tokens", False)))
+        task = TASK_OF_LABEL_TYPE.get(store.label_types.get(cfg.label), "classification")
+        y = labels.loc[ids, cfg.label].to_numpy()
+        res = cross_validate_aggregator(bags, y, cfg.method, task=task, folds=args.cv, seed=args.seed,
+                                        planes=cfg.planes, **cfg.params)
+        for i, fold in enumerate(res.folds):
+            print(f"fold {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in fold.items()))
+        print(f"{cfg.method} {cfg.label} ({task}, {len(ids)} subjects, {args.cv}-fold, predictor "
+              f"{res.predictor}): {res.format()}")
+        if args.cv_out:
+            Path(args.cv_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.cv_out).write_text(json.dumps({
+                "method": cfg.method, "params": cfg.params, "planes": cfg.planes, "label": cfg.label,
+                "task": task, "folds": res.folds, "summary": res.summary(), "predictor": res.predictor,
+                "seed": args.seed, "n_subjects": len(ids), "store": str(args.store)}, indent=2))
+        return 0
+
+    train_ids = _read_ids(args.train_ids) if args.train_ids else None
+    name = aggregate_store(args.store, cfg.method, planes=cfg.planes, name=cfg.name, train_ids=train_ids,
+                           label=cfg.label, out_dir=args.out_dir, plot=not args.no_plot, **cfg.params)
+    print(name)
+    return 0

@@ -1,0 +1,76 @@
+"""Cross-validation helper: folds, metrics vs scikit-learn, no leakage across folds."""
+
+import numpy as np
+import pytest
+from sklearn import metrics
+
+from slice2vol.aggregate import build_aggregator, cross_validate_aggregator
+from slice2vol.aggregate.evaluate import fold_metrics, subject_folds
+
+
+def test_subject_folds_partition_and_stratify():
+    y = np.array([0] * 10 + [1] * 20)
+    folds = subject_folds(y, "classification", 5, seed=0)
+    test = np.concatenate([te for _, te in folds])
+    assert sorted(test) == list(range(30))
+    for train, te in folds:
+        assert not set(train) & set(te) and y[te].sum() == 4  # 1:2 ratio kept
+    age = np.linspace(20, 80, 25)
+    for _, te in subject_folds(age, "regression", 5, seed=1):
+        # one subject from each age quintile per fold
+        assert sorted(np.searchsorted(np.quantile(age, [0.2, 0.4, 0.6, 0.8]), age[te], side="right")) == [0, 1, 2, 3, 4]
+
+
+def test_fold_metrics_match_sklearn():
+    y = np.array(["F", "M", "M", "F", "M"])
+    proba = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9], [0.2, 0.8]])
+    out = fold_metrics("classification", y, proba, np.array(["F", "M"]))
+    assert out["auc"] == pytest.approx(metrics.roc_auc_score(y == "M", proba[:, 1]))
+    assert out["accuracy"] == pytest.approx(0.6)
+    t, p = np.array([30.0, 40, 50, 60]), np.array([32.0, 41, 47, 66])
+    out = fold_metrics("regression", t, p, np.array([]))
+    assert out["mae"] == pytest.approx(3.0) and out["r"] == pytest.approx(np.corrcoef(t, p)[0, 1])
+
+
+def test_cross_validation_of_mean_pooling_on_a_linear_signal():
+    rng = np.random.default_rng(0)
+    n = 40
+    age = rng.uniform(20, 80, n)
+    bags = [{"axial": rng.normal(0, 1, (6, 5)) + np.array([a / 10, 0, 0, 0, 0])} for a in age]
+    res = cross_validate_aggregator(bags, age, "mean", task="regression", folds=4, seed=0)
+    assert len(res.folds) == 4 and res.predictor == "probe"
+    mae, sd = res.summary()["mae"]
+    assert mae < 5.0 and sd >= 0 and np.isfinite(res.predictions).all()
+    assert "mae" in res.format() and "±" in res.format()
+
+
+def test_trainable_aggregator_is_refitted_per_fold_on_its_training_subjects(monkeypatch):
+    bags = [{"axial": np.full((3, 2), float(i))} for i in range(20)]
+    y = np.arange(20) % 2
+    fitted = []
+    mil_cls = type(build_aggregator("mil"))
+    original = mil_cls.fit
+
+    def spy(self, fit_bags, fit_y=None):
+        fitted.append(sorted(int(b["axial"][0, 0]) for b in fit_bags))
+        return original(self, fit_bags, fit_y)
+
+    monkeypatch.setattr(mil_cls, "fit", spy)
+    res = cross_validate_aggregator(bags, y, "mil", folds=4, seed=0, hidden=4, epochs=1)
+    assert len(fitted) == 4
+    folds = subject_folds(y, "classification", 4, 0)
+    for ids, (train, test) in zip(fitted, folds):
+        assert ids == sorted(train) and not set(ids) & set(test)
+    assert res.predictor == "head"
+
+
+def test_cross_validation_errors():
+    bags = [{"axial": np.ones((3, 2))}] * 4
+    with pytest.raises(ValueError, match="4 bags but 3 labels"):
+        cross_validate_aggregator(bags, [0, 1, 0], "mean")
+    with pytest.raises(ValueError, match="missing"):
+        cross_validate_aggregator(bags, [1.0, np.nan, 2.0, 3.0], "mean", task="regression", folds=2)
+    with pytest.raises(ValueError, match="task must be"):
+        cross_validate_aggregator(bags, [0, 1, 0, 1], "mean", task="survival")
+    with pytest.raises(ValueError, match="predictor='head'"):
+        cross_validate_aggregator(bags, [0, 1, 0, 1], "mean", folds=2, predictor="head")

@@ -1,0 +1,134 @@
+"""Trainable aggregators: the known-signal test, shapes, determinism, batch independence, errors."""
+
+import numpy as np
+import pytest
+
+from slice2vol.aggregate import BagError, PlaneBag, build_aggregator, cross_validate_aggregator
+from tests.aggregate.synthetic import witness_bags
+
+FAST = dict(epochs=40, lr=1e-2, dropout=0.0, seed=0)
+TRAINABLE = [
+    ("mil", dict(hidden=16, attn_dim=16)),
+    ("mil", dict(hidden=16, attn_dim=16, gated=False)),
+    ("transformer", dict(d_model=16, heads=2, depth=1)),
+    ("head3d", dict(channels=8, depth=1)),
+    ("fusion", dict(base="mil", mode="attention", base_params=dict(hidden=16, attn_dim=8))),
+    ("fusion", dict(base="gem", mode="attention")),
+    ("fusion", dict(base="transformer", mode="concat", base_params=dict(d_model=8, heads=2, depth=1))),
+]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return witness_bags(80, dim=8, seed=1)
+
+
+def test_attention_mil_finds_the_witness_slices_and_beats_mean_pooling():
+    """Class 1 differs only in 3 axial slices; the class means of every feature are equal."""
+    bags, y, witness = witness_bags(72, dim=8, amplitude=6.0, seed=0)
+    mean_cv = cross_validate_aggregator(bags, y, "mean", folds=3, seed=0)
+    fast = {k: v for k, v in FAST.items() if k not in ("seed", "epochs")}
+    # a narrow slice embedding (hidden=16) memorises noise instead; 64 finds the witnesses
+    mil_cv = cross_validate_aggregator(bags, y, "mil", folds=3, seed=0, hidden=64, attn_dim=32, epochs=30, **fast)
+    mean_auc, mil_auc = mean_cv.summary()["auc"][0], mil_cv.summary()["auc"][0]
+    assert mean_cv.predictor == "probe" and mil_cv.predictor == "head"
+    assert mean_auc < 0.7, mean_auc  # nothing to see in the mean
+    assert mil_auc > 0.9, mil_auc
+    train, test = np.arange(48), np.arange(48, 72)
+    mil = build_aggregator("mil", hidden=64, attn_dim=32, **FAST).fit([bags[i] for i in train], y[train])
+    attention = mil.attention([bags[i] for i in test])
+    for a, i in zip(attention, test):
+        assert set(a) == {"axial", "coronal", "sagittal"}
+        assert sum(w.sum() for w in a.values()) == pytest.approx(1.0, abs=1e-5)
+        assert len(a["axial"]) == len(bags[i]["axial"])
+    mass = [a["axial"][witness[i]].sum() for a, i in zip(attention, test) if y[i] == 1]
+    uniform = 3 / np.mean([sum(len(pb) for pb in bags[i].values()) for i in test])
+    assert np.mean(mass) > 0.5 > 10 * uniform, (np.mean(mass), uniform)
+
+
+@pytest.mark.parametrize("method, params", TRAINABLE, ids=lambda v: str(v)[:40])
+def test_trainable_fit_transform_predict(data, method, params):
+    bags, y, _ = data
+    train, test = [bags[i] for i in range(60)], [bags[i] for i in range(60, 80)]
+    fast = {**FAST, "epochs": 15}
+    agg = build_aggregator(method, **params, **fast)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        agg.transform(test)
+    agg.fit(train, y[:60])
+    assert agg.requires_fit and agg.objective_ == "supervised" and agg.task_ == "classification"
+    assert agg.history_[-1] < agg.history_[0]
+    X = agg.transform(test)
+    assert X.shape == (20, agg.out_dim_) and X.dtype == np.float32 and np.isfinite(X).all()
+    proba = agg.predict_proba(test)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    assert set(agg.predict(test)) <= {0, 1}
+    # a subject's embedding does not depend on the other subjects in its batch (padding/masks)
+    np.testing.assert_allclose(agg.transform(test[3:4]), X[3:4], rtol=1e-4, atol=1e-5)
+    # same seed, same model
+    again = build_aggregator(method, **params, **fast).fit(train, y[:60])
+    np.testing.assert_allclose(again.transform(test), X, rtol=1e-4, atol=1e-5)
+    if agg.has_attention:
+        att = agg.attention(test)
+        assert len(att) == 20 and all(np.isfinite(w).all() for a in att for w in a.values())
+
+
+def test_regression_head_is_in_target_units(data):
+    bags, y, _ = data
+    target = 50.0 + 10.0 * y + np.random.default_rng(0).normal(0, 1, len(y))
+    agg = build_aggregator("mil", hidden=16, attn_dim=16, task="regression", **FAST).fit(bags[:60], target[:60])
+    pred = agg.predict(bags[60:])
+    assert agg.task_ == "regression" and pred.shape == (20,)
+    assert np.abs(pred - target[60:]).mean() < 5.0  # predicting the mean would give ~5
+    with pytest.raises(RuntimeError, match="only defined for classification"):
+        agg.predict_proba(bags[60:])
+
+
+@pytest.mark.parametrize("views", ["subsets", "planes"])
+def test_label_free_contrastive_objective(data, views):
+    bags, _, _ = data
+    agg = build_aggregator("mil", hidden=16, attn_dim=8, views=views, epochs=15, lr=1e-2, dropout=0.0)
+    agg.fit(bags[:40])  # no labels -> contrastive
+    assert agg.objective_ == "contrastive" and agg.history_[-1] < agg.history_[0]
+    assert agg.transform(bags[40:]).shape == (40, 16)
+    with pytest.raises(RuntimeError, match="without labels"):
+        agg.predict(bags[40:])
+
+
+@pytest.mark.parametrize(
+    "method, params, fit_kwargs, error, match",
+    [
+        ("mil", {}, {"y": np.zeros(3)}, ValueError, r"shape \(80,\)"),
+        ("mil", {"objective": "supervised"}, {}, ValueError, "needs labels"),
+        ("mil", {}, {"y": np.zeros(80, int)}, ValueError, ">= 2 classes"),
+        ("mil", {"task": "regression"}, {"y": np.full(80, np.nan)}, ValueError, "missing"),
+        ("fusion", {"base": "mil", "views": "planes"}, {}, ValueError, "views='planes'"),
+        ("mil", {"views": "slices"}, {}, ValueError, "views must be"),
+        ("transformer", {"d_model": 10, "heads": 4}, None, ValueError, "divisible"),
+        ("fusion", {"mode": "sum"}, None, ValueError, "mode must be"),
+    ],
+)
+def test_trainable_errors(data, method, params, fit_kwargs, error, match):
+    bags, _, _ = data
+    with pytest.raises(error, match=match):
+        agg = build_aggregator(method, epochs=1, **params)
+        agg.fit(bags, **fit_kwargs)
+
+
+def test_feature_dimension_must_match_the_fit(data):
+    bags, y, _ = data
+    agg = build_aggregator("mil", hidden=8, epochs=1).fit(bags[:10], y[:10])
+    with pytest.raises(BagError, match="differs from the fitted"):
+        agg.transform([{p: np.ones((4, 5)) for p in bags[0]}])
+
+
+def test_head3d_reads_tokens_when_every_bag_has_them():
+    rng = np.random.default_rng(0)
+    y = np.arange(16) % 2
+    bags = []
+    for label in y:
+        tokens = rng.normal(0, 1, (6, 4, 3)).astype(np.float32)
+        tokens[2:4, :, 0] += 3.0 * label  # signal in the tokens only
+        bags.append({"axial": PlaneBag(tokens.mean(1) * 0, tokens=tokens, token_grid=(2, 2))})
+    agg = build_aggregator("head3d", channels=8, depth=1, **FAST).fit(bags, y)
+    assert agg.uses_tokens_ and agg.module_.reduce.in_channels == 3
+    assert (agg.predict(bags) == y).mean() == 1.0
