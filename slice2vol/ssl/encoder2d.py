@@ -64,11 +64,13 @@ def build_ssl2d(method: str, weights: str | Path | None = "random", **kwargs) ->
     size = tuple(cfg.data.slice_size)
     with torch.no_grad():
         fm = backbone.feature_map(torch.zeros(1, cfg.in_channels, *size))
+    # the run resized slices bilinearly; older EncoderInfo versions have no ``interpolation`` field
+    interp = {"interpolation": "bilinear"} if "interpolation" in EncoderInfo.__dataclass_fields__ else {}
     info = EncoderInfo(key=f"ssl2d/{method}", embed_dim=backbone.embed_dim, input_size=size,
                        in_chans=cfg.in_channels, mean=(0.0,) * cfg.in_channels, std=(1.0,) * cfg.in_channels,
                        patch_size=size[0] // fm.shape[2], token_dim=int(fm.shape[1]), source="slice2vol.ssl",
                        weights=weights_label, weights_sha256=digest, pooling="avg",
-                       extra={"backbone": cfg.backbone.name, "method": method})
+                       extra={"backbone": cfg.backbone.name, "method": method}, **interp)
     return SSLSliceEncoder(backbone, info)
 
 

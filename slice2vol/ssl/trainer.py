@@ -227,7 +227,7 @@ def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> P
 
 
 def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
-          stop_after: int | None = None, extra_meta: dict | None = None) -> TrainResult:
+          stop_after: int | None = None, extra_meta: dict | None = None, plot: bool = True) -> TrainResult:
     """Trains ``model`` on ``dataset.sample(batch_size)`` batches for ``cfg.train.steps`` optimiser steps.
 
     Args:
@@ -239,6 +239,7 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
         progress: tqdm bar with loss and samples/s.
         stop_after: return after this step without checkpointing (simulates a killed job in tests).
         extra_meta: more keys for ``meta.json`` (e.g. the manifest used).
+        plot: write ``loss_curve.png`` at the end.
     """
     from tqdm.auto import tqdm
 
@@ -332,13 +333,14 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
     curve = None
     if history:
         _write_metrics(out_dir, history)
+    if history and plot:
         curve = plot_loss_curve(history, out_dir / "loss_curve.png", f"{cfg.method} {cfg.spatial_dims}D")
     return TrainResult(out_dir, step, history[-1]["loss"] if history else float("nan"), history,
                        last if last.exists() else None, curve)
 
 
 def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, resume: bool = True,
-             progress: bool = True, stop_after: int | None = None) -> TrainResult:
+             progress: bool = True, stop_after: int | None = None, plot: bool = True) -> TrainResult:
     """Builds data and model from ``cfg`` and trains (seeded; resumes from ``out_dir/last``).
 
     Args:
@@ -363,4 +365,4 @@ def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, res
     dataset = make_dataset(bank, cfg.spatial_dims, cfg.data)
     extra = {"n_subjects": len(bank), "source": getattr(cohort, "source", "")}
     return train(model, dataset, cfg, out_dir, resume=resume, progress=progress, stop_after=stop_after,
-                 extra_meta=extra)
+                 extra_meta=extra, plot=plot)

@@ -76,6 +76,22 @@ def fit_fixed_batch(cfg: SSLConfig, bank, tmp_path, n: int = 4):
     batch = make_dataset(bank, cfg.spatial_dims, cfg.data).sample(n)
     model = build_method(cfg)
     before = loss_at_seed(model, batch)
-    result = train(model, FixedBatch(batch), cfg, tmp_path, progress=False)
+    result = train(model, FixedBatch(batch), cfg, tmp_path, progress=False, plot=False)
     after = loss_at_seed(model, batch)
     return before, after, result
+
+
+@pytest.fixture
+def blob_manifest(tmp_path):
+    """A 3-subject manifest of small synthetic NIfTI heads with age/sex labels (always available)."""
+    import pandas as pd
+
+    from tests.conftest import blob_volume, write_nifti
+
+    rows = []
+    for i in range(3):
+        path = write_nifti(tmp_path / "nii" / f"s{i}.nii.gz", blob_volume((24, 28, 20), seed=i))
+        rows.append({"subject_id": f"s{i}", "age": 20.5 + 10 * i, "sex": "MF"[i % 2], "t1": str(path)})
+    csv = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return csv
