@@ -218,13 +218,14 @@ def build_openclip(name: str, weights: str | Path | None = "random", *, img_size
     if img_size is not None and not is_timm:
         model_cfg["vision_cfg"]["image_size"] = img_size
     quick = bool(spec.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
-    visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu=quick)
-
     local_hint = (f"weights='/path/to/open_clip_pytorch_model.bin' (CLI: --weights PATH), e.g. downloaded "
                   f"from https://huggingface.co/{repo_hint}")
+    # weights first: an unavailable download fails before the (seconds-long) tower initialisation
+    path = _download(key, spec, local_hint) if kind == "hub" else ref
+    visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu=quick)
+
     sha, used = "", "random"
     if kind in ("hub", "file"):
-        path = _download(key, spec, local_hint) if kind == "hub" else ref
         state = _read_checkpoint(key, path, repo_hint)
         if not is_timm:
             _resize_pos_embed(state, visual)

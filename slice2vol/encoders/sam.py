@@ -204,17 +204,18 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
                         ("global_attn_indexes", global_attn_indexes)):
         if value is not None:
             spec[name] = value
+    local_hint = f"weights='/path/to/{MEDSAM_FILE if family == 'medsam' else SAM_URLS[arch].rsplit('/', 1)[1]}' " \
+                 f"(CLI: --weights PATH)"
+    # weights first: an unavailable download fails before the (seconds-long) encoder initialisation
+    path = _hub_checkpoint(key, family, arch, local_hint) if kind == "hub" else Path(ref) if kind == "file" else None
     image_encoder = ImageEncoderViT(
         img_size=img_size, patch_size=PATCH, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
         qkv_bias=True, use_rel_pos=True, window_size=window_size, out_chans=NECK_CHANS,
         embed_dim=spec["embed_dim"], depth=spec["depth"], num_heads=spec["num_heads"],
         global_attn_indexes=tuple(spec["global_attn_indexes"]),
     )
-    local_hint = f"weights='/path/to/{MEDSAM_FILE if family == 'medsam' else SAM_URLS[arch].rsplit('/', 1)[1]}' " \
-                 f"(CLI: --weights PATH)"
     sha, used, resized = "", "random", []
-    if kind in ("hub", "file"):
-        path = _hub_checkpoint(key, family, arch, local_hint) if kind == "hub" else Path(ref)
+    if path is not None:
         state = load_state_dict(path)
         if any(k.startswith("image_encoder.") for k in state):  # a full Sam checkpoint
             state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}

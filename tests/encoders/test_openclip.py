@@ -157,6 +157,29 @@ def test_hub_offline_fails_fast_and_names_the_fix(monkeypatch, key):
     assert time.perf_counter() - start < 10
 
 
+def test_hub_weights_come_from_the_hf_cache(monkeypatch, tiny_clip_file):
+    """The 'openai' tag resolves to open_clip's HF repo; a cached file is used without any network."""
+    _, pt, _ = tiny_clip_file
+    asked = []
+
+    def cached(repo_id, filenames, revision=None):
+        asked.append((repo_id, filenames))
+        if repo_id == BIOMEDCLIP_REPO:
+            raise LookupError("asked for BiomedCLIP")  # stop before building a full tower
+        return str(pt)
+
+    monkeypatch.setattr(encoder_base, "hf_cached_file", cached)
+    encoder = tiny("hub")
+    assert asked == [("timm/vit_base_patch16_clip_224.openai",
+                      ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))]
+    assert encoder.info.weights == "hub:timm/vit_base_patch16_clip_224.openai"
+    assert encoder.info.weights_sha256 == encoder_base.sha256_file(pt)
+    asked.clear()
+    with pytest.raises(LookupError):
+        build_encoder(BIOMEDCLIP, "hub")
+    assert asked == [(BIOMEDCLIP_REPO, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))]
+
+
 def test_unknown_hub_tag_lists_the_known_ones():
     with pytest.raises(ValueError, match="laion2b_s34b_b88k"):
         build_encoder("openclip/ViT-B-16:openai", "hub:no-such-tag")

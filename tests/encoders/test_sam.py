@@ -206,14 +206,16 @@ def test_sam_hub_offline_fails_fast_and_names_the_fix(monkeypatch, tmp_path):
     assert time.perf_counter() - start < 10
 
 
-def test_hub_uses_a_checkpoint_in_the_torch_hub_cache(monkeypatch, tmp_path, sam_checkpoint, tiny_sam):
+@pytest.mark.parametrize("key,filename", [("sam/vit_b", "sam_vit_b_01ec64.pth"), ("medsam/vit_b", "medsam_vit_b.pth")])
+def test_hub_uses_a_checkpoint_in_the_torch_hub_cache(monkeypatch, tmp_path, sam_checkpoint, tiny_sam, key, filename):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "medsam_vit_b.pth").write_bytes(sam_checkpoint.read_bytes())
-    medsam = build_encoder("medsam/vit_b", "hub", **TINY)
-    assert medsam.info.weights == "hub:medsam_vit_b.pth"
-    assert medsam.info.weights_sha256 == encoder_base.sha256_file(sam_checkpoint)
-    torch.testing.assert_close(medsam.image_encoder.pos_embed, tiny_sam[0].image_encoder.pos_embed, rtol=0, atol=0)
+    (tmp_path / "checkpoints" / filename).write_bytes(sam_checkpoint.read_bytes())
+    encoder = build_encoder(key, "hub", **TINY)
+    assert encoder.info.weights == f"hub:{filename}"
+    assert encoder.info.weights_sha256 == encoder_base.sha256_file(sam_checkpoint)
+    torch.testing.assert_close(encoder.image_encoder.pos_embed, tiny_sam[0].image_encoder.pos_embed, rtol=0, atol=0)
 
 
 # -- registry ---------------------------------------------------------------------------------------
