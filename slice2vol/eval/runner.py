@@ -82,6 +82,7 @@ class Encoder2DEntry:
     aggregator_params: dict = field(default_factory=dict)
     batch_size: int = 32
     save_tokens: bool = False
+    dtype: str = "float16"
 
 
 @dataclass
@@ -258,6 +259,7 @@ def evaluate_sets(sets: Mapping[str, EmbeddingSet], labels, label_types: Mapping
         classes = np.unique(y) if kind == "categorical" else None
         predictions[label] = {}
         per_set: dict[str, dict] = {}
+        keys: dict[str, str] = {}
         for name in names:
             es = sets[name]
             pos = {s: i for i, s in enumerate(es.ids)}
@@ -271,23 +273,31 @@ def evaluate_sets(sets: Mapping[str, EmbeddingSet], labels, label_types: Mapping
                 if cache:
                     cache.put("probe", key, result)
             per_set[name] = result
+            keys[name] = key
             chosen.setdefault(label, {})[name] = result["chosen"]
         metrics = CLASSIFICATION_METRICS if kind == "categorical" else REGRESSION_METRICS
         primary = _primary_metric(kind)
         for name in names:
             for variant, oof in per_set[name]["oof"].items():
-                task = variant.split(":")[0]
-                var = variant.split(":", 1)[1]
                 predictions[label].setdefault(variant, {})[name] = oof
-                for metric in metrics:
-                    fn = metric_fn(metric, kind, classes)
-                    fold_vals = per_set[name]["fold_metrics"][variant][metric]
-                    mean, sd = mean_sd(fold_vals)
-                    point, lo, hi = bootstrap_ci(y, oof, fn, n_boot=cfg.n_bootstrap, seed=cfg.seed)
-                    rows.append({"task": task, "label": label, "encoder": name, "variant": var, "metric": metric,
-                                 "mean": mean, "sd": sd, "point": point, "ci_low": lo, "ci_high": hi,
-                                 "n_subjects": len(ids), "n_folds": cfg.splits.n_folds,
-                                 "n_repeats": splits.n_repeats})
+            # intervals are cached too: a rerun only re-renders
+            stats_key = _hash(keys[name], label, name, cfg.n_bootstrap, cfg.seed)
+            set_rows = cache.get("stats", stats_key) if cache else None
+            if set_rows is None:
+                set_rows = []
+                for variant, oof in per_set[name]["oof"].items():
+                    task, var = variant.split(":", 1)
+                    for metric in metrics:
+                        fn = metric_fn(metric, kind, classes)
+                        mean, sd = mean_sd(per_set[name]["fold_metrics"][variant][metric])
+                        point, lo, hi = bootstrap_ci(y, oof, fn, n_boot=cfg.n_bootstrap, seed=cfg.seed)
+                        set_rows.append({"task": task, "label": label, "encoder": name, "variant": var,
+                                         "metric": metric, "mean": mean, "sd": sd, "point": point, "ci_low": lo,
+                                         "ci_high": hi, "n_subjects": len(ids), "n_folds": cfg.splits.n_folds,
+                                         "n_repeats": splits.n_repeats})
+                if cache:
+                    cache.put("stats", stats_key, set_rows)
+            rows += set_rows
         # paired tests: every encoder vs the reference on the primary variant of each task
         for variant in _primary_variants(cfg, kind, tasks):
             if reference is None:
@@ -299,8 +309,14 @@ def evaluate_sets(sets: Mapping[str, EmbeddingSet], labels, label_types: Mapping
             for name in names:
                 if name == reference:
                     continue
-                test = paired_test(y, predictions[label][variant][name], ref_oof, fn, n_boot=cfg.n_bootstrap,
-                                   n_perm=cfg.n_permutations, seed=cfg.seed)
+                pair_key = _hash(keys[name], keys[reference], variant, primary, cfg.n_bootstrap,
+                                 cfg.n_permutations, cfg.seed)
+                test = cache.get("paired", pair_key) if cache else None
+                if test is None:
+                    test = paired_test(y, predictions[label][variant][name], ref_oof, fn, n_boot=cfg.n_bootstrap,
+                                       n_perm=cfg.n_permutations, seed=cfg.seed)
+                    if cache:
+                        cache.put("paired", pair_key, test)
                 task, var = variant.split(":", 1)
                 paired.append({"task": task, "label": label, "variant": var, "metric": primary, "encoder": name,
                                "reference": reference, **test, "n_subjects": len(ids)})
@@ -412,7 +428,8 @@ def _labels_of(cohort, cfg: ExperimentConfig):
 
 def _store_path(store_dir: Path, entry: Encoder2DEntry, weights: str, cfg: ExperimentConfig) -> Path:
     ident = config_hash({"key": entry.key, "weights": weights, "kwargs": entry.kwargs,
-                         "volume": to_dict(cfg.volume), "slices": to_dict(cfg.slices), "tokens": entry.save_tokens})
+                         "volume": to_dict(cfg.volume), "slices": to_dict(cfg.slices), "tokens": entry.save_tokens,
+                         "dtype": entry.dtype})
     return store_dir / f"{_safe(entry.name)}-{ident}.h5"
 
 
@@ -440,7 +457,8 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
             log.info("%s: caching %d subject(s) into %s", entry.name, len(todo), path)
             report = cache_cohort(cohort, entry.key, path, weights=weights, encoder_kwargs=dict(entry.kwargs),
                                   volume_cfg=cfg.volume, slice_cfg=cfg.slices, batch_size=entry.batch_size,
-                                  device=cfg.device, save_tokens=entry.save_tokens, progress=progress, seed=cfg.seed)
+                                  device=cfg.device, save_tokens=entry.save_tokens, progress=progress, seed=cfg.seed,
+                                  dtype=entry.dtype)
             failures += [str(f) for f in getattr(report, "failures", [])]
         timings[f"cache:{entry.name}"] = round(time.time() - t0, 2)
         store = FeatureStore(path, mode="r")
@@ -465,10 +483,20 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
             ids, X, prov = store.volume_embeddings(set_name)
             timings[f"aggregate:{entry.name}/{agg}"] = round(time.time() - t0, 2)
             name = f"{entry.name}/{agg}"
+            _check_degenerate(name, X)
             prov = {**prov, "store": str(path), "feature_set": feature_set, "encoder_key": entry.key,
                     "weights": weights, "store_provenance": _short_prov(store.provenance)}
             sets[name] = EmbeddingSet(name, list(ids), X, prov, "2d", entry)
     return sets, failures
+
+
+def _check_degenerate(name: str, X: np.ndarray) -> None:
+    """Refuses embeddings that are identical for every subject (nothing to evaluate)."""
+    if len(X) > 1 and float(np.abs(X - X[0]).max()) == 0.0:
+        raise ValueError(
+            f"{name}: every subject has the same embedding (max |x| = {float(np.abs(X).max()):.3g}); the encoder "
+            "output is constant or underflowed (e.g. random-init BatchNorm nets give ~1e-8 activations, which "
+            "float16 stores round to 0: set dtype: float32 for that encoder entry)")
 
 
 def _annotate(path: Path, name: str, params: dict) -> None:
@@ -508,10 +536,10 @@ def build_3d_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, sto
         set_name = _safe(entry.name)
         store = FeatureStore(path, mode="r")
         have = path.exists() and set_name in store.volume_embedding_names()
-        model = None
+        model = _load_or_train_3d(entry, cohort, manifest, base, out, progress)  # cheap once trained
         if not have:
-            model = _load_or_train_3d(entry, cohort, manifest, base, out, progress)
-            ssl_export.embed_cohort(model, cohort, path, set_name, input_size=tuple(entry.input_size))
+            ssl_export.embed_cohort(model, cohort, path, set_name, input_size=tuple(entry.input_size),
+                                    progress=progress)
             store = FeatureStore(path, mode="r")
         ids, X, prov = store.volume_embeddings(set_name)
         prov = {**prov, "store": str(path)}
@@ -548,7 +576,7 @@ def _load_or_train_3d(entry: Encoder3DEntry, cohort, manifest: Path, base: Path,
     fn = getattr(ssl_train, "pretrain", None) or getattr(ssl_train, "train", None)
     if fn is None:
         raise IntegrationError("slice2vol.ssl.train has no pretrain()/train() function")
-    result = fn(ssl_cfg, manifest, ckpt_dir)
+    result = fn(ssl_cfg, manifest, ckpt_dir, progress=progress)
     if loader is not None and last.exists():
         return loader(last)
     if hasattr(result, "forward"):
@@ -599,7 +627,8 @@ def run_segmentation(cfg: ExperimentConfig, cohort, base: Path, out: Path, cache
     for entry in cfg.encoders:
         weights = expand(entry.weights, base) if entry.weights not in ("random",) and not entry.weights.startswith("hub") \
             else entry.weights
-        key = _hash("seg", entry.key, weights, entry.kwargs, to_dict(sc), structures, to_dict(cfg.volume), ids,
+        kwargs = {**entry.kwargs, **sc.encoder_kwargs}
+        key = _hash("seg", entry.key, weights, kwargs, to_dict(sc), structures, to_dict(cfg.volume), ids,
                     splits.to_dict(), cfg.seed, cfg.slices.context)
         result = cache.get("seg", key)
         t0 = time.time()
@@ -607,7 +636,7 @@ def run_segmentation(cfg: ExperimentConfig, cohort, base: Path, out: Path, cache
             if volumes is None:
                 volumes = [load_subject(s, cfg.volume) for s in subjects]
             torch.manual_seed(cfg.seed)
-            encoder = build_encoder(entry.key, weights=weights, **entry.kwargs).to(cfg.device)
+            encoder = build_encoder(entry.key, weights=weights, **kwargs).to(cfg.device)
             box = token_box(encoder.info, sc.size)
             feats, labels, plane_slices = [], [], []
             iterator = volumes
@@ -703,15 +732,22 @@ def _embedder_2d(encoder, cfg: ExperimentConfig) -> Callable:
     return embed
 
 
-def _embedder_3d(model, input_size: Sequence[int]) -> Callable:
+def _embedder_3d(model, input_size: Sequence[int], margin: int = 4) -> Callable:
+    """Whole-volume embedding as :func:`slice2vol.ssl.export.embed_cohort` does it: the head box
+    (plus ``margin`` voxels) fitted into ``input_size`` with its aspect ratio kept."""
     import torch
-    import torch.nn.functional as F
+
+    from slice2vol.ssl.data import fit_to_grid
 
     def embed(volume, lesion):
-        x = torch.from_numpy(volume.data)[None].float()
-        x = F.interpolate(x, size=tuple(input_size), mode="trilinear", align_corners=False)
+        box = np.argwhere(volume.mask)
+        lo = np.maximum(box.min(0) - margin, 0) if len(box) else np.zeros(3, int)
+        hi = np.minimum(box.max(0) + margin + 1, volume.shape) if len(box) else np.asarray(volume.shape)
+        data = volume.data[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        image = fit_to_grid(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), volume.spacing,
+                            tuple(input_size))
         with torch.no_grad():
-            z = model(x)
+            z = model(image[None])
         return z.reshape(-1).numpy().astype(np.float32), None, None
 
     return embed
