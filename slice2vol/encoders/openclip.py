@@ -31,8 +31,11 @@ Weights: ``random``; ``hub`` (the key's tag) or ``hub:<open_clip tag>`` for the 
 architectures (e.g. ``hub:laion2b_s34b_b88k``), from the Hugging Face cache or hub; or a local file
 in open_clip's format — the full CLIP state dict that ``open_clip.create_model(arch,
 pretrained=PATH)`` reads (``visual.*`` keys; ``.bin``/``.pt``/``.pth``/``.safetensors``) or the vision
-tower's own state dict. OpenAI's original TorchScript ``.pt`` files cannot be read without unsafe
-unpickling; use the open_clip conversion on the hub (``timm/vit_*_clip_224.openai``) instead.
+tower's own state dict. A local file is taken to hold the key's tag's weights: for another open_clip
+tag of the same architecture trained with plain GELU (e.g. LAION's), pass ``quick_gelu=False`` — the
+activation has no parameters, so a checkpoint cannot reveal it. OpenAI's original TorchScript ``.pt``
+files cannot be read without unsafe unpickling; use the open_clip conversion on the hub
+(``timm/vit_*_clip_224.openai``) instead.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ def _download(key: str, cfg: dict[str, Any], local_hint: str) -> str:
         return hf_download(key, repo, names, local_hint)
     url = cfg.get("url", "")
     if not url:
-        raise WeightsUnavailable(f"{key}: no download location for these weights. Pass a local checkpoint: {local_hint}")
+        raise WeightsUnavailable(f"{key}: no download location for these weights. "
+                                 f"Pass a local checkpoint instead: {local_hint}")
     from open_clip.pretrained import download_pretrained_from_url
 
     require_hub(key, url, local_hint, host=url)
@@ -198,7 +202,7 @@ def build_openclip(name: str, weights: str | Path | None = "random", *, img_size
         raise ValueError(f"{key}: resize must be 'shorter' or 'squash', got {resize!r}")
     kind, ref = parse_weights(weights)
     if name.startswith("hf-hub:"):
-        arch, key_tag = None, ""
+        arch, key_tag, tag = None, "", ""
         model_cfg = copy.deepcopy(BIOMEDCLIP_CFG)
         repo_hint = name[len("hf-hub:"):]
         if kind == "hub" and ref:
@@ -215,6 +219,9 @@ def build_openclip(name: str, weights: str | Path | None = "random", *, img_size
     if embed_dim is not None:
         model_cfg["embed_dim"] = embed_dim
     is_timm = "timm_model_name" in model_cfg["vision_cfg"]
+    patch_cfg = 16 if is_timm else model_cfg["vision_cfg"]["patch_size"]
+    if img_size is not None and (img_size % patch_cfg or img_size < patch_cfg):
+        raise ValueError(f"{key}: img_size must be a positive multiple of the patch size {patch_cfg}, got {img_size}")
     if img_size is not None and not is_timm:
         model_cfg["vision_cfg"]["image_size"] = img_size
     quick = bool(spec.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
@@ -249,7 +256,7 @@ def build_openclip(name: str, weights: str | Path | None = "random", *, img_size
         token_dim=width, source="open_clip", weights=used, weights_sha256=sha, pooling=pooling,
         resize="shorter" if resize == "shorter" and spec.get("resize_mode", "shortest") == "shortest" else "squash",
         resize_size=min(input_size), interpolation=spec.get("interpolation", "bicubic"),
-        extra={"arch": arch or name, "tag": key_tag, "quick_gelu": quick, "tower": "timm" if is_timm else "open_clip"},
+        extra={"arch": arch or name, "tag": tag, "quick_gelu": quick, "tower": "timm" if is_timm else "open_clip"},
     )
     apply_preprocess_overrides(info, **overrides)
     return OpenCLIPEncoder(visual, info, pooling=pooling).eval()

@@ -174,6 +174,12 @@ def test_hub_weights_come_from_the_hf_cache(monkeypatch, tiny_clip_file):
                       ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))]
     assert encoder.info.weights == "hub:timm/vit_base_patch16_clip_224.openai"
     assert encoder.info.weights_sha256 == encoder_base.sha256_file(pt)
+    assert encoder.info.extra["quick_gelu"] and encoder.info.extra["tag"] == "openai"
+    assert type(encoder.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    laion = tiny("hub:laion2b_s34b_b88k")  # another tag of the architecture: plain GELU, its own repo
+    assert asked[-1][0] == "laion/CLIP-ViT-B-16-laion2B-s34B-b88K"
+    assert not laion.info.extra["quick_gelu"] and laion.info.extra["tag"] == "laion2b_s34b_b88k"
+    assert isinstance(laion.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
     asked.clear()
     with pytest.raises(LookupError):
         build_encoder(BIOMEDCLIP, "hub")
@@ -215,6 +221,8 @@ def test_mean_pooling_and_squash_resize():
     torch.testing.assert_close(emb, tokens.mean(1))
     with pytest.raises(ValueError, match="pooling must be one of"):
         tiny(pooling="gem")
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        build_encoder("openclip/ViT-B-16:openai", img_size=100, vision_cfg=TINY_VISION)
 
 
 def test_biomedclip_reduced_input_size():
