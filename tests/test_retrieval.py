@@ -123,7 +123,7 @@ def test_fitted_mixture_samples_look_like_the_data(clustered):
 
 
 def test_save_load_roundtrip(tmp_path, clustered):
-    ids = _ids(300)
+    ids = [f"{i:03d}" for i in range(300)]  # numeric-looking IDs must stay strings
     labels = pd.DataFrame({"age": np.linspace(20, 80, 300)}, index=pd.Index(ids, name="subject_id"))
     index = Index.build(clustered[:300], ids, labels=labels, provenance={"note": "arrays"},
                         config=IndexConfig(kind="hnsw", hnsw_m=8, recall_queries=100))
@@ -133,7 +133,8 @@ def test_save_load_roundtrip(tmp_path, clustered):
     assert meta["provenance"]["note"] == "arrays" and len(meta["provenance"]["vectors_sha256"]) == 64
     loaded = Index.load(tmp_path / "idx")
     assert loaded.faiss_index.hnsw.efSearch == index.stats["tuning"]["value"]
-    pd.testing.assert_frame_equal(loaded.search_subject("sub-0007", 6), index.search_subject("sub-0007", 6))
+    pd.testing.assert_frame_equal(loaded.search_subject("007", 6), index.search_subject("007", 6))
+    assert loaded.search_subject("007", 1)["age"].iloc[0] == pytest.approx(20 + 60 * 7 / 299)
     assert "hnsw index of 300 subjects x 64 dims" in loaded.describe()
 
 

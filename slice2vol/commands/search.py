@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=1))
     else:
         print(f"# {len(table)} nearest of {query_name} in {index.describe()} ({elapsed:.2f} s)")
-        print(table.drop(columns="query").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(table.drop(columns="query").to_string(index=False, formatters={"similarity": "{:.4f}".format}))
     if args.gallery:
         from slice2vol.retrieval.gallery import write_gallery
 

@@ -36,7 +36,11 @@ class Tile:
 
 
 def mid_slices(volume: Any) -> list[np.ndarray]:
-    """Three (rows, cols) float slices through the centre of the head mask, in display orientation.
+    """Three (rows, cols) float slices through the largest cross-sections of the head, in display orientation.
+
+    Along each axis the slice with the largest (smoothed) head-mask area: for a field of view that
+    includes the neck, the box centre or the centre of mass falls below the brain, while the
+    widest axial section of a head is at the level of the ventricles.
 
     Args:
         volume: a :class:`slice2vol.data.io.Volume` (first channel is shown).
@@ -49,8 +53,7 @@ def mid_slices(volume: Any) -> list[np.ndarray]:
 
     data = volume.data[0]
     mask = volume.mask if volume.mask is not None and volume.mask.any() else data > 0
-    coords = np.argwhere(mask)
-    centre = ((coords.min(0) + coords.max(0)) // 2) if len(coords) else np.array(data.shape) // 2
+    centre = [_largest_section(mask, axis) for axis in range(3)]
     spacing = volume.spacing
     panels = []
     for plane in PANEL_PLANES:
@@ -62,6 +65,16 @@ def mid_slices(volume: Any) -> list[np.ndarray]:
         row_mm, col_mm = spacing[rest[1]], spacing[rest[0]]
         panels.append(_resize(display, PANEL_HEIGHT, row_mm, col_mm))
     return panels
+
+
+def _largest_section(mask: np.ndarray, axis: int, window: int = 5) -> int:
+    """Index of the slice along ``axis`` with the largest smoothed foreground area."""
+    area = mask.sum(axis=tuple(i for i in range(3) if i != axis)).astype(float)
+    if not area.any():
+        return mask.shape[axis] // 2
+    smooth = np.convolve(area, np.ones(window) / window, mode="same")
+    best = np.flatnonzero(smooth >= smooth.max() - 1e-9)
+    return int(best[len(best) // 2])
 
 
 def _resize(image: np.ndarray, height: int, row_mm: float, col_mm: float) -> np.ndarray:
@@ -158,7 +171,7 @@ tr.query td {{ background: #2a2a40; }} img {{ display: block; image-rendering: a
 small {{ color: #999; }}
 </style></head><body>
 <h2>{html.escape(title)}</h2><p><small>{html.escape(subtitle)}</small></p>
-<p><small>Each row: sagittal, coronal, axial slice through the centre of the head
+<p><small>Each row: sagittal, coronal, axial slice through the largest cross-section of the head
 (superior/anterior up, patient left on the left).</small></p>
 <table>
 {chr(10).join(rows)}

@@ -30,6 +30,8 @@ import pandas as pd
 from slice2vol.config import from_dict, to_dict
 
 log = logging.getLogger(__name__)
+# faiss logs its CPU-feature probing at INFO; that is noise for users of the CLI
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 FORMAT_VERSION = 1
 IndexKind = Literal["flat", "ivf", "hnsw"]
@@ -379,8 +381,8 @@ class Index:
         if cfg.kind == "ivf":
             index.make_direct_map()
         set_search_param(index, cfg.kind, (meta["stats"].get("tuning") or {}).get("value"))
-        labels = pd.read_csv(directory / "labels.csv", index_col=0, dtype={0: str})
-        labels.index = labels.index.astype(str)
+        labels = pd.read_csv(directory / "labels.csv", dtype={"subject_id": str}, keep_default_na=True)
+        labels = labels.set_index("subject_id")  # IDs stay strings ("007" must not become 7)
         return cls(index, [str(i) for i in meta["ids"]], labels, meta.get("label_types", {}),
                    meta.get("provenance", {}), cfg, meta.get("stats", {}), directory)
 
