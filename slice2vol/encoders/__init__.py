@@ -3,11 +3,13 @@
 from slice2vol.encoders.base import (
     ENCODERS,
     Encoder,
+    EncoderConfig,
     EncoderInfo,
     WeightsUnavailable,
     build_encoder,
     load_state_dict,
     parse_weights,
+    pick_batch_size,
     sha256_file,
 )
 
@@ -21,5 +23,5 @@ for _family in ("torchvision", "timm", "hf", "openclip", "sam"):
         if _err.name != f"slice2vol.encoders.{_family}":
             raise
 
-__all__ = ["ENCODERS", "Encoder", "EncoderInfo", "WeightsUnavailable", "build_encoder",
-           "load_state_dict", "parse_weights", "sha256_file"]
+__all__ = ["ENCODERS", "Encoder", "EncoderConfig", "EncoderInfo", "WeightsUnavailable", "build_encoder",
+           "load_state_dict", "parse_weights", "pick_batch_size", "sha256_file"]

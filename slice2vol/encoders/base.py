@@ -629,6 +629,39 @@ def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(height), int(width))
 
 
+@dataclass
+class EncoderConfig:
+    """An encoder as a config (``configs/encoders/*.yaml``), e.g. for caching jobs.
+
+    Attributes:
+        key: registry key (``slice2vol encoders`` lists them).
+        weights: ``random``, ``hub[:tag]`` or a local file/directory.
+        kwargs: family options: ``img_size``, ``pooling``, ``crop_pct``, ``model_kwargs``, ...
+        device: where the encoder runs.
+        batch_size: slices per forward; ``None`` picks one from free memory (:func:`pick_batch_size`).
+        channels_last: memory format; ``None`` = on for CNN families.
+        compile: ``torch.compile`` the forward (long jobs only).
+        amp: ``bf16``/``fp16`` autocast on CUDA; ignored on CPU.
+    """
+
+    key: str = "tv/mobilenet_v2"
+    weights: str = "random"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    batch_size: int | None = None
+    channels_last: bool | None = None
+    compile: bool = False
+    amp: str | None = None
+
+    def build(self) -> Encoder:
+        """The encoder on ``device``, eval mode, speed options applied."""
+        encoder = build_encoder(self.key, self.weights, **self.kwargs).to(self.device)
+        return encoder.optimize(channels_last=self.channels_last, compile=self.compile, amp=self.amp)
+
+    def resolved_batch_size(self, encoder: Encoder) -> int:
+        return self.batch_size or pick_batch_size(encoder, self.device)
+
+
 def build_encoder(key: str, weights: str | Path | None = "random", **kwargs: Any) -> Encoder:
     """Builds a registered encoder in eval mode.
 

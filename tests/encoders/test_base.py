@@ -249,3 +249,26 @@ def test_embed_batches_equal_one_pass_and_pick_batch_size():
     assert 1 <= size <= 32 and size & (size - 1) == 0
     with pytest.raises(ValueError, match="no images"):
         enc.embed(x[:0])
+
+
+def test_encoder_configs_parse_and_build():
+    from pathlib import Path
+
+    from slice2vol.config import load_config
+    from slice2vol.encoders import ENCODERS
+    from slice2vol.encoders.base import EncoderConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    paths = sorted((repo / "configs" / "encoders").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        cfg = load_config(EncoderConfig, path)
+        assert cfg.key in ENCODERS, path.name
+        weights = cfg.weights if cfg.weights in ("random", "hub") else str(repo / cfg.weights)
+        if cfg.device != "cpu" or weights == "hub" or (weights != "random" and not Path(weights).exists()):
+            continue
+        cfg.weights = weights
+        encoder = cfg.build()
+        assert encoder.info.key == cfg.key and cfg.resolved_batch_size(encoder) >= 1
+        with torch.inference_mode():
+            assert encoder.encode(torch.rand(1, 1, 64, 64)).shape == (1, encoder.info.embed_dim)
