@@ -100,13 +100,14 @@ def embedding_grid(sets: Mapping[str, tuple[Sequence[str], np.ndarray]], labels,
 
 
 def score_bars(rows: Sequence[Mapping], path: str | Path, *, title: str, group_key: str = "variant",
-               bar_key: str = "encoder", metric_label: str = "") -> Path:
+               bar_key: str = "encoder", metric_label: str = "", chance: float | None = None) -> Path:
     """Grouped bars of ``point`` with ``ci_low``/``ci_high`` whiskers.
 
     Args:
         rows: result rows with ``point``, ``ci_low``, ``ci_high`` and the two keys.
         group_key: x-axis groups (e.g. task/variant).
         bar_key: bars within a group (e.g. encoder).
+        chance: draw a dashed line at this value (e.g. 0.5 for AUROC).
     """
     plt = _plt()
     groups = list(dict.fromkeys(str(r[group_key]) for r in rows))
@@ -126,6 +127,8 @@ def score_bars(rows: Sequence[Mapping], path: str | Path, *, title: str, group_k
             hi.append(r["ci_high"] - r["point"] if _finite(r.get("ci_high")) else 0)
         ax.bar(xs, ys, width, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=3, label=bar,
                color=plt.cm.tab10(b % 10))
+    if chance is not None:
+        ax.axhline(chance, color="0.4", linestyle="--", linewidth=0.8, label="chance")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, fontsize=8, rotation=15 if len(groups) > 3 else 0)
     ax.set_ylabel(metric_label)

@@ -918,7 +918,7 @@ def make_figures(sets: Mapping[str, EmbeddingSet], labels, label_types, ev: dict
         path = plots.score_bars(chosen, fig_dir / f"bars_{_safe(label)}.png", group_key="probe",
                                 title=f"{label}: {pretty} by probe (95% bootstrap CI)"
                                 + (" — lower is better" if metric in LOWER_IS_BETTER else ""),
-                                metric_label=pretty)
+                                metric_label=pretty, chance=0.5 if metric == "roc_auc" else None)
         figures.append((f"{label} ({kind}): {pretty} of every probe and encoder, pooled out-of-fold estimate "
                         "with subject-level bootstrap 95% interval", path))
     if sets:
@@ -945,7 +945,8 @@ def make_figures(sets: Mapping[str, EmbeddingSet], labels, label_types, ev: dict
         for r in anomaly["rows"]:
             r["level_scorer"] = f"{r['label']} {r['variant']}"
         path = plots.score_bars(anomaly["rows"], fig_dir / "anomaly_auroc.png", group_key="level_scorer",
-                                title="Anomaly detection on simulated lesions: AUROC (95% CI)", metric_label="AUROC")
+                                title="Anomaly detection on simulated lesions: AUROC (95% CI)", metric_label="AUROC",
+                                chance=0.5)
         figures.append(("Anomaly detection: AUROC of healthy vs lesioned held-out scans (subject level) and of "
                         "lesion-cutting slices (slice level, k-NN scorer)", path))
         ex = anomaly.get("example")
