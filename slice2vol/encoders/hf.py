@@ -228,6 +228,8 @@ def build_hf(repo: str, weights: str | Path | None = "random", *, img_size: int 
                 require_hub(key, f"hf-hub:{repo}", hint)
             source, used = repo, f"hub:{repo}" + (f"@{revision}" if revision else "")
             kwargs = {"revision": revision} if revision else {}
+            if config_path is not None:  # cached: no network at all (no commit-hash lookup either)
+                kwargs["local_files_only"] = True
         else:
             source, used, kwargs = ref, ref, {}
         model = model_class.from_pretrained(source, **kwargs)

@@ -56,3 +56,13 @@ def preprocess_8bit(encoder, images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
     return (x - mean) / std
+
+
+def fake_hf_cache(cache: Path, repo: str) -> Path:
+    """An empty snapshot directory laid out as the Hugging Face cache stores ``repo`` (commit ``c0ffee``)."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("c0ffee")
+    snapshot = root / "snapshots" / "c0ffee"
+    snapshot.mkdir(parents=True)
+    return snapshot

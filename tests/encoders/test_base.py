@@ -272,3 +272,14 @@ def test_encoder_configs_parse_and_build():
         assert encoder.info.key == cfg.key and cfg.resolved_batch_size(encoder) >= 1
         with torch.inference_mode():
             assert encoder.encode(torch.rand(1, 1, 64, 64)).shape == (1, encoder.info.embed_dim)
+
+
+@pytest.mark.slow
+def test_compiled_forward_matches_eager():
+    torch.manual_seed(0)
+    enc = TinyEncoder().eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.inference_mode():
+        eager = enc.encode(x)
+        enc.optimize(compile=True)
+        assert torch.allclose(enc.encode(x), eager, atol=1e-5)

@@ -119,3 +119,20 @@ def test_hub_request_fails_fast_with_fix(monkeypatch, tmp_path, setup):
     with pytest.raises(WeightsUnavailable, match=r"hf/facebook/dinov2-small: .*--weights /path/to/dir"):
         build_encoder("hf/facebook/dinov2-small", weights="hub")
     assert time.perf_counter() - start < 10
+
+
+def test_hub_weights_come_from_the_hf_cache_offline(monkeypatch, tmp_path, no_network):
+    import huggingface_hub.constants
+
+    from tests.encoders import fake_hf_cache
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even online, a cached repo makes no request
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    source = build_encoder("hf/facebook/dinov2-small", config_overrides=TINY)
+    source.model.save_pretrained(fake_hf_cache(tmp_path, "facebook/dinov2-small"))
+    cached = build_encoder("hf/facebook/dinov2-small", weights="hub")
+    assert cached.info.weights == "hub:facebook/dinov2-small" and len(cached.info.weights_sha256) == 64
+    x = torch.rand(1, 1, 56, 56)
+    with torch.inference_mode():
+        assert torch.equal(cached.encode(x), source.encode(x))

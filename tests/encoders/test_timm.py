@@ -160,3 +160,22 @@ def test_hub_offline_fails_fast_naming_the_fix(monkeypatch):
     with pytest.raises(WeightsUnavailable, match=r"timm/resnet18: .*--weights /path/to/resnet18.safetensors"):
         build_encoder("timm/resnet18", weights="hub")
     assert time.perf_counter() - start < 10
+
+
+def test_hub_weights_come_from_the_hf_cache_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    from tests.encoders import fake_hf_cache
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    source = build_encoder("timm/resnet18", img_size=64)
+    snapshot = fake_hf_cache(tmp_path, "timm/resnet18.a1_in1k")  # the default tag's repo
+    save_file(source.model.state_dict(), str(snapshot / "model.safetensors"))
+    cached = build_encoder("timm/resnet18", weights="hub", img_size=64)
+    assert cached.info.weights == "hub:timm/resnet18.a1_in1k" and len(cached.info.weights_sha256) == 64
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(cached.encode(x), source.encode(x))
