@@ -595,6 +595,7 @@ class FeatureStore:
             prov.setdefault("slice_feature_set", self.feature_set)
         with self.writer_lock():
             self._commit_part(volumes={name: (ids, X, prov)})
+            self._fold_parts()
         self.refresh()
 
     def write_labels(self, labels: Mapping[str, Mapping[str, Any]], label_types: Mapping[str, str]) -> None:
@@ -602,6 +603,7 @@ class FeatureStore:
         self._require_writable()
         with self.writer_lock():
             self._commit_part(labels=(dict(labels), dict(label_types)))
+            self._fold_parts()
         self.refresh()
 
     # -- writing (jobs) --------------------------------------------------------------------------
@@ -684,6 +686,24 @@ class FeatureStore:
         self._require_writable()
         return self._commit_part(provenance=provenance, subjects=subjects, dtype=dtype,
                                  label_types=label_types)
+
+    def _fold_parts(self, max_parts: int = 8) -> None:
+        """Merges many small parts into one part, leaving the (large) main file untouched.
+
+        Keeps reads cheap after many ``write_volume_embeddings`` calls without rewriting the slice
+        features. The merged part is named after the parts it replaces, so the order is kept.
+        """
+        self.refresh()
+        parts = [p for p in self.segment_paths() if p != self.path]
+        if len(parts) <= max_parts:
+            return
+        segments = [_Segment(p) for p in parts]
+        _merge_segments(segments, parts[-1].with_name(parts[-1].stem + "-folded.h5"))
+        for seg in segments:
+            seg.close()
+        for p in parts:
+            p.unlink(missing_ok=True)
+        self.refresh()
 
     def compact(self, history: Sequence[dict] = ()) -> None:
         """Merges the main file and all parts into a fresh main file, then deletes the parts.

@@ -483,6 +483,9 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
     def collect(flight) -> None:
         handle, placements = flight
         feats, toks, grid = runner.wait(handle)
+        if feats.shape[1] != placements[0][0].features[placements[0][1]].shape[1]:
+            raise RuntimeError(f"{provenance['encoder']}: encode returned {feats.shape[1]} features, "
+                               f"its EncoderInfo says embed_dim={encoder.info.embed_dim}")
         if dtype == "float16" and np.abs(feats).max(initial=0) > 65000:
             bad = {p.item.subject_id for p, *_ in placements}
             for pending, *_ in placements:
@@ -534,7 +537,9 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
                     bar.update(1)
                 continue
             if shapes is None and any(len(v[1]) for v in item.planes.values()):
-                shapes = _probe_shapes(encoder, item, device, save_tokens)
+                # the token shape (T, Dt) is only known from a forward pass; D is in the encoder info
+                shapes = (_probe_shapes(encoder, item, device, save_tokens) if save_tokens
+                          else (int(encoder.info.embed_dim), None))
             pending = _Pending(item, shapes[0] if shapes else int(encoder.info.embed_dim),
                                shapes[1] if shapes else None)
             if pending.remaining == 0:  # no slice passed min_foreground: an empty but complete subject

@@ -175,6 +175,10 @@ def test_volume_embeddings(tmp_path: Path) -> None:
         writer.compact()
     ids, got, prov = FeatureStore(tmp_path / "v.h5").volume_embeddings("ssl/simclr3d")
     assert ids == ["s2", "s0"] and np.array_equal(got, X[:2] * 2) and prov["model"] == "simclr3d"
+    for k in range(10):  # many small writes fold into one part; the main file is not rewritten
+        writer.write_volume_embeddings(f"set{k}", ["s0"], np.full((1, 2), k))
+    assert len(writer.segment_paths()) <= 1 + 8
+    assert [FeatureStore(tmp_path / "v.h5").volume_embeddings(f"set{k}")[1][0, 0] for k in range(10)] == list(range(10))
     with pytest.raises(ValueError, match=r"expected \(2, D\)"):
         writer.write_volume_embeddings("bad", ["a", "b"], np.zeros((3, 2)))
     with pytest.raises(ValueError, match="NaN"):

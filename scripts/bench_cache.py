@@ -1,0 +1,207 @@
+"""Benchmark of the caching job (issue 4), all numbers measured in one run.
+
+1. pipeline / bare forward: slices/s of ``cache_cohort`` end to end (read, slice, pack, encode,
+   write, compact) divided by slices/s of ``encoder.encode`` on the same slices pre-made as tensors,
+   same encoder object and batch size. Target >= 0.9.
+2. ours / naive: the loop a researcher writes (nibabel, per slice a PIL image, the library's
+   per-image eval transform, batch of one, plain model) vs our pipeline, slices/s. Target >= 1.5 on CPU.
+3. peak RSS of the job for a small and a large cohort (fresh processes), which should stay flat.
+
+A and B variants are interleaved (A B A B ...) because this VM's speed drifts between runs.
+
+Usage::
+
+    python scripts/bench_cache.py                          # short default: 2 IXI subjects, stride 8
+    python scripts/bench_cache.py --subjects 4 --stride 2 --reps 3
+    python scripts/bench_cache.py --rss 12,48 --rss-encoder tv/mobilenet_v2 --rss-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ixi", default=str(REPO.parent / "shared" / "data" / "ixi-hh-2mm"),
+                   help="IXI folder with participants.csv")
+    p.add_argument("--encoder", default="timm/resnet18")
+    p.add_argument("--weights", default="random", help="compute is the same for any weights")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--subjects", type=int, default=2)
+    p.add_argument("--stride", type=int, default=8)
+    p.add_argument("--planes", default="axial,coronal,sagittal")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--reps", type=int, default=2, help="A/B repetitions (interleaved)")
+    p.add_argument("--naive-slices", type=int, default=48, help="slices timed for the naive loop")
+    p.add_argument("--rss", default="12,48", help="cohort sizes for the peak-RSS runs ('' to skip)")
+    p.add_argument("--rss-encoder", default="tv/mobilenet_v2")
+    p.add_argument("--rss-size", type=int, default=64)
+    p.add_argument("--rss-stride", type=int, default=4)
+    p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help="also write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and of its (DataLoader worker) children, MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+def rss_child(args: argparse.Namespace) -> None:
+    from slice2vol.data.manifest import load_manifest
+    from slice2vol.data.slicing import SliceConfig
+    from slice2vol.extract import cache_cohort
+
+    cohort = load_manifest(Path(args.ixi) / "participants.csv")
+    cohort = cohort.subset(cohort.ids[:args.rss_child])
+    with tempfile.TemporaryDirectory() as tmp:
+        report = cache_cohort(cohort, args.rss_encoder, Path(tmp) / "rss.h5",
+                              encoder_kwargs={"img_size": args.rss_size},
+                              slice_cfg=SliceConfig(planes=tuple(args.planes.split(",")), size=args.rss_size,
+                                                    stride=args.rss_stride),
+                              batch_size=args.batch_size, num_workers=args.workers, progress=False)
+        size = (Path(tmp) / "rss.h5").stat().st_size
+    print(json.dumps({"subjects": len(report.done), "slices": report.slices, "peak_rss_mb": peak_rss_mb(),
+                      "seconds": report.seconds, "store_mb": size / 2**20}))
+
+
+def naive_loop(encoder_key: str, weights: str, cohort, slice_indices: dict, size: int, limit: int) -> tuple[int, float]:
+    """The usual research loop: nibabel, per slice a PIL image, timm/torchvision eval transform, batch of 1."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from slice2vol.data.slicing import PLANES
+    from slice2vol.encoders import build_encoder
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        encoder = build_encoder(encoder_key, weights=weights, img_size=size)  # not optimised: plain model
+    if encoder_key.startswith("timm/"):
+        import timm.data
+
+        transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=encoder.model))
+    else:
+        import torchvision.transforms as T
+
+        transform = T.Compose([T.Resize(int(size / 0.875)), T.CenterCrop(size), T.ToTensor(),
+                               T.Normalize(encoder.info.mean, encoder.info.std)])
+    n = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for subject in cohort.subjects:
+            img = nib.as_closest_canonical(nib.load(str(next(iter(subject.images.values())))))
+            data = img.get_fdata(dtype=np.float32)
+            lo, hi = np.percentile(data, [0.5, 99.5])
+            for plane, indices in slice_indices[subject.subject_id].items():
+                for index in indices:
+                    if n >= limit:
+                        return n, time.perf_counter() - start
+                    arr = np.take(data, index, axis=PLANES[plane])
+                    arr = np.clip((arr - lo) / (hi - lo), 0, 1)
+                    pil = Image.fromarray((np.rot90(arr) * 255).astype(np.uint8)).convert("RGB")
+                    x = transform(pil).unsqueeze(0)
+                    encoder.forward_features(x)
+                    n += 1
+    return n, time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.rss_child:
+        rss_child(args)
+        return
+    import numpy as np
+    import torch
+
+    from slice2vol.data.manifest import load_manifest, load_subject
+    from slice2vol.data.slicing import SliceConfig, slice_volume
+    from slice2vol.encoders import build_encoder
+    from slice2vol.extract import cache_cohort
+
+    manifest = Path(args.ixi) / "participants.csv"
+    if not manifest.exists():
+        sys.exit(f"{manifest} not found: pass --ixi PATH")
+    cohort = load_manifest(manifest)
+    cohort = cohort.subset(cohort.ids[:args.subjects])
+    slice_cfg = SliceConfig(planes=tuple(args.planes.split(",")), size=args.size, stride=args.stride)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        encoder = build_encoder(args.encoder, weights=args.weights, img_size=args.size)
+    encoder.optimize()  # the job does the same (channels_last for CNNs); both A and B use this object
+
+    # pre-made tensors: the very slices the job will encode
+    premade, indices = [], {}
+    for subject in cohort.subjects:
+        sliced = slice_volume(load_subject(subject, with_seg=False), slice_cfg)
+        premade += [ps.images for ps in sliced.values()]
+        indices[subject.subject_id] = {p: ps.indices for p, ps in sliced.items()}
+    premade_t = torch.cat(premade)
+    n_slices = len(premade_t)
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, n_slices, args.batch_size):
+                encoder.encode(premade_t[i:i + args.batch_size])
+        return n_slices / (time.perf_counter() - start)
+
+    def pipeline(tmp: Path, rep: int) -> float:
+        report = cache_cohort(cohort, encoder, tmp / f"bench{rep}.h5", slice_cfg=slice_cfg,
+                              batch_size=args.batch_size, num_workers=args.workers, progress=False)
+        assert report.ok and report.slices == n_slices, report.summary()
+        return report.slices / report.seconds
+
+    print(f"{args.encoder} @ {args.size}px, batch {args.batch_size}, {len(cohort)} IXI subjects, stride "
+          f"{args.stride}, {n_slices} slices, {torch.get_num_threads()} torch threads, {args.workers} worker(s)")
+    bare()  # warm-up (oneDNN primitive cache)
+    rates: dict[str, list[float]] = {"pipeline": [], "bare": [], "naive": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.reps):
+            rates["pipeline"].append(pipeline(Path(tmp), rep))
+            rates["bare"].append(bare())
+            n, seconds = naive_loop(args.encoder, args.weights, cohort, indices, args.size, args.naive_slices)
+            rates["naive"].append(n / seconds)
+            print(f"  rep {rep}: pipeline {rates['pipeline'][-1]:.2f}  bare {rates['bare'][-1]:.2f}  "
+                  f"naive {rates['naive'][-1]:.2f} slices/s", flush=True)
+    pipe, bare_rate, naive = (float(np.median(rates[k])) for k in ("pipeline", "bare", "naive"))
+    results = {"encoder": args.encoder, "size": args.size, "batch_size": args.batch_size, "slices": n_slices,
+               "rates": rates, "pipeline_over_bare": pipe / bare_rate, "ours_over_naive": pipe / naive}
+    print(f"pipeline / bare forward = {pipe:.2f} / {bare_rate:.2f} = {pipe / bare_rate:.3f}  (target >= 0.9)")
+    print(f"ours / naive loop       = {pipe:.2f} / {naive:.2f} = {pipe / naive:.2f}x (target >= 1.5)")
+
+    if args.rss:
+        rss = {}
+        for n in (int(v) for v in args.rss.split(",")):
+            cmd = [sys.executable, __file__, "--rss-child", str(n), "--ixi", args.ixi, "--planes", args.planes,
+                   "--rss-encoder", args.rss_encoder, "--rss-size", str(args.rss_size),
+                   "--rss-stride", str(args.rss_stride), "--batch-size", str(args.batch_size),
+                   "--workers", str(args.workers)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
+            rss[n] = json.loads(out.strip().splitlines()[-1])
+            print(f"peak RSS, {n:3d} subjects ({rss[n]['slices']} slices, {args.rss_encoder} @ {args.rss_size}px, "
+                  f"store {rss[n]['store_mb']:.1f} MiB): {rss[n]['peak_rss_mb']:.0f} MiB "
+                  f"({rss[n]['seconds']:.1f} s)", flush=True)
+        results["peak_rss"] = rss
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
