@@ -87,9 +87,13 @@ def test_sam_tokens_match_sam_predictor_set_image(ixi_manifest, tiny_sam, plane,
     with torch.inference_mode():
         tokens, grid = ours.tokens(images)
         pooled = ours.encode(images)
+        pre = ours.preprocess(images)
     assert grid == (16, 16) and tokens.shape == (2, 256, 256)
     for i, image in enumerate(images_u8):
-        predictor.set_image(np.repeat(image[0].numpy()[:, :, None], 3, axis=-1))
+        rgb = np.repeat(image[0].numpy()[:, :, None], 3, axis=-1)
+        official = sam.preprocess(torch.as_tensor(predictor.transform.apply_image(rgb)).permute(2, 0, 1)[None].float())
+        assert (pre[i] - official[0]).abs().max() < 1.01 / 57.12  # within one grey level (PIL rounds to 8 bits)
+        predictor.set_image(rgb)
         assert token_cosines(tokens[i], predictor.features).min() >= 0.999
         assert cosine(pooled[i:i + 1], predictor.features.mean((-2, -1))).item() >= 0.999
 
@@ -106,14 +110,31 @@ def test_medsam_matches_its_official_inference_recipe(ixi_manifest, tiny_sam, pl
     images_u8, images = u8_slices(ixi_manifest, plane, size)
     with torch.inference_mode():
         tokens, grid = medsam.tokens(images)
+        pre = medsam.preprocess(images)
     assert grid == (16, 16)
     for i, image in enumerate(images_u8):
         img_3c = np.repeat(image[0].numpy()[:, :, None], 3, axis=-1)
         img = transform.resize(img_3c, (256, 256), order=3, preserve_range=True, anti_aliasing=True).astype(np.uint8)
         img = (img - img.min()) / np.clip(img.max() - img.min(), a_min=1e-8, a_max=None)
+        # same image up to the script's uint8 floor after resizing
+        assert (pre[i] - torch.from_numpy(img).permute(2, 0, 1)).abs().max() <= 1.01 / 255
         with torch.inference_mode():
             reference = sam.image_encoder(torch.tensor(img).float().permute(2, 0, 1).unsqueeze(0))
         assert token_cosines(tokens[i], reference).min() >= 0.999
+
+
+@pytest.mark.parametrize("shape_in,shape_out", [((120, 90), (256, 256)), ((300, 250), (128, 96)), ((7, 1), (20, 3))])
+def test_spline_resize_matrix_is_skimage_cubic_resize(shape_in, shape_out):
+    """Enlarging, shrinking (Gaussian anti-aliasing) and degenerate sizes, against skimage itself."""
+    from skimage import transform
+
+    from slice2vol.encoders.sam import spline_resize_matrix
+
+    image = np.random.default_rng(0).random(shape_in) * 255
+    expected = transform.resize(image, shape_out, order=3, preserve_range=True, anti_aliasing=True, clip=False)
+    rows, cols = spline_resize_matrix(shape_in[0], shape_out[0]), spline_resize_matrix(shape_in[1], shape_out[1])
+    got = (rows.double() @ torch.from_numpy(image) @ cols.double().T).numpy()
+    assert np.abs(got - expected).max() < 1e-3  # float32 matrices, values up to 255
 
 
 def test_medsam_preprocess_is_squash_then_minmax():
