@@ -178,3 +178,26 @@ class _FakeCohort:
 
     def labels(self):
         return self._labels
+
+
+def test_finetuned_checkpoint_caches_like_any_encoder(tmp_path):
+    from slice2vol.cache import FeatureStore
+    from slice2vol.data import SliceConfig, load_manifest
+    from slice2vol.extract import cache_cohort
+    from slice2vol.finetune import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = _cfg(mode="lora")
+    encoder = build_encoder(cfg.encoder, **cfg.encoder_kwargs)
+    setup_trainable(encoder.model, cfg)
+    path = save_checkpoint(encoder, tmp_path / "ft", {"encoder_kwargs": TINY_VIT})
+    write_nifti(tmp_path / "s0.nii.gz", blob_volume((24, 28, 20), seed=0))
+    (tmp_path / "m.csv").write_text("subject_id,t1\ns0,s0.nii.gz\n")
+    report = cache_cohort(load_manifest(tmp_path / "m.csv"), cfg.encoder, tmp_path / "store.h5", weights=str(path),
+                          encoder_kwargs=TINY_VIT, slice_cfg=SliceConfig(planes=("axial",), stride=4, size=32),
+                          progress=False)
+    assert list(report.done) == ["s0"]
+    store = FeatureStore(tmp_path / "store.h5")
+    assert store.slice_features("s0", "axial").shape[1] == 384
+    assert json.dumps(store.provenance).count(json.loads((tmp_path / "ft" / "finetune.json").read_text())
+                                              ["checkpoint_sha256"]) >= 1
