@@ -87,13 +87,22 @@ class SAMEncoder(Encoder):
         image_encoder: ``segment_anything.modeling.ImageEncoderViT``.
         info: resolved encoder facts.
         pooling: ``mean`` or ``max`` over the (g, g) neck map.
+        micro_batch: images per encoder call; larger batches are split (see :func:`default_micro_batch`).
     """
 
-    def __init__(self, image_encoder: nn.Module, info: EncoderInfo, pooling: str = "mean") -> None:
+    def __init__(self, image_encoder: nn.Module, info: EncoderInfo, pooling: str = "mean",
+                 micro_batch: int = 1) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.info = info
         self.pooling = pooling
+        self.micro_batch = max(1, int(micro_batch))
+
+    def _neck(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> neck map (B, 256, g, g), ``micro_batch`` images at a time."""
+        if x.shape[0] <= self.micro_batch:
+            return self.image_encoder(x)
+        return torch.cat([self.image_encoder(chunk) for chunk in x.split(self.micro_batch)])
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """SAM: the base longest-side path. MedSAM: skimage's cubic-spline resize, clip to the input range, min-max."""
@@ -122,11 +131,11 @@ class SAMEncoder(Encoder):
         return (x - mean) / std
 
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        feature_map = self.image_encoder(x)  # (B, 256, g, g)
+        feature_map = self._neck(x)  # (B, 256, g, g)
         return feature_map.flatten(2).transpose(1, 2), (feature_map.shape[-2], feature_map.shape[-1])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        feature_map = self.image_encoder(x)
+        feature_map = self._neck(x)
         if self.pooling == "max":
             return feature_map.amax((-2, -1))
         return feature_map.mean((-2, -1))
@@ -182,6 +191,20 @@ def spline_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
     return (sample @ prefilter @ smooth).float()
 
 
+ATTENTION_BUDGET = 4 << 30  # bytes of global-attention scores held per encoder call
+
+
+def default_micro_batch(img_size: int, num_heads: int, budget: int = ATTENTION_BUDGET) -> int:
+    """Images per encoder call so the global-attention blocks stay within ``budget`` bytes.
+
+    Why: SAM's global blocks materialise fp32 scores (B * heads, g^2, g^2) about three times over
+    (scores, + decomposed rel-pos, softmax): at 1024 px that is 12 x 4096^2 x 4 B x 3 ~ 2.4 GB per
+    image for vit_b, so a batch of 32 would need ~77 GB. One image at 1024 px, 28 at 512 px.
+    """
+    tokens = (img_size // PATCH) ** 2
+    return max(1, budget // (3 * 4 * num_heads * tokens ** 2))
+
+
 def resize_position_tables(state: dict[str, torch.Tensor], image_encoder: nn.Module) -> list[str]:
     """Resizes ``pos_embed`` and ``*.rel_pos_h/w`` in ``state`` to ``image_encoder``'s shapes, in place.
 
@@ -232,7 +255,7 @@ def _hub_checkpoint(key: str, family: str, arch: str, local_hint: str) -> Path:
 def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, img_size: int = 1024,
               pooling: str = "mean", embed_dim: int | None = None, depth: int | None = None,
               num_heads: int | None = None, global_attn_indexes: tuple[int, ...] | None = None,
-              window_size: int = 14, **overrides: Any) -> SAMEncoder:
+              window_size: int = 14, micro_batch: int | None = None, **overrides: Any) -> SAMEncoder:
     """Builds ``sam/<arch>`` or ``medsam/<arch>``.
 
     Args:
@@ -243,6 +266,8 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
         pooling: ``mean`` or ``max`` of the neck map for ``encode``.
         embed_dim, depth, num_heads, global_attn_indexes, window_size: architecture overrides
             (tests build 2-block encoders); default ``build_sam.py``'s.
+        micro_batch: images per encoder call (memory bound, not speed: one 1024-px image is ~1 TFLOP);
+            default :func:`default_micro_batch`.
         **overrides: ``mean``, ``std``, ``interpolation``, ``channel_mode``.
     """
     from segment_anything.modeling import ImageEncoderViT
@@ -280,6 +305,7 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
         sha, used = sha256_file(path), str(path) if kind == "file" else f"hub:{path.name}"
     grid = img_size // PATCH
     medsam = family == "medsam"
+    micro_batch = micro_batch or default_micro_batch(img_size, spec["num_heads"])
     info = EncoderInfo(
         key=key, embed_dim=NECK_CHANS, input_size=(img_size, img_size),
         mean=(0.0, 0.0, 0.0) if medsam else tuple(m / 255 for m in SAM_PIXEL_MEAN),
@@ -289,10 +315,10 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
         interpolation="cubic-spline" if medsam else "bilinear",
         extra={"arch": arch, "grid": [grid, grid], "vit_width": spec["embed_dim"], "depth": spec["depth"],
                "global_attn_indexes": list(spec["global_attn_indexes"]), "window_size": window_size,
-               "resized_tables": resized},
+               "resized_tables": resized, "micro_batch": micro_batch},
     )
     apply_preprocess_overrides(info, **overrides)
-    return SAMEncoder(image_encoder, info, pooling=pooling).eval()
+    return SAMEncoder(image_encoder, info, pooling=pooling, micro_batch=micro_batch).eval()
 
 
 # -- registry ----------------------------------------------------------------------------------

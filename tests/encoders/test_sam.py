@@ -246,6 +246,7 @@ def test_sam_vit_b_builds_at_native_size():
     assert encoder.info.input_size == (1024, 1024) and encoder.info.extra["grid"] == [64, 64]
     assert sum(p.numel() for p in encoder.parameters()) == 89_670_912
     assert encoder.info.embed_dim == ENCODERS.meta("sam/vit_b")["embed_dim"] == 256
+    assert encoder.micro_batch == 1  # 1024 px: ~2.4 GB of attention scores per image
 
 
 @pytest.mark.parametrize("key", ["sam/vit_b", "medsam/vit_b"])
@@ -274,6 +275,18 @@ def test_max_pooling():
     with torch.inference_mode():
         tokens, _ = encoder.tokens(x)
         torch.testing.assert_close(encoder.encode(x), tokens.amax(1))
+
+
+def test_micro_batches_give_the_same_output(tiny_sam):
+    from slice2vol.encoders.sam import default_micro_batch
+
+    assert default_micro_batch(1024, 12) == 1 and default_micro_batch(512, 12) == 28
+    ours, _ = tiny_sam
+    one_at_a_time = build_encoder("sam/vit_b", micro_batch=1, **TINY)
+    one_at_a_time.load_state_dict(ours.state_dict())
+    x = torch.rand(3, 1, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(one_at_a_time.tokens(x)[0], ours.tokens(x)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
