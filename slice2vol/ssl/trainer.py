@@ -327,6 +327,8 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
                 break
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 checkpoint()
+        if step == tc.steps == 0 and not last.exists():
+            checkpoint()  # steps=0: the random initialisation, a baseline worth embedding too
     finally:
         bar.close()
         torch.use_deterministic_algorithms(deterministic_before)

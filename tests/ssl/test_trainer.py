@@ -85,3 +85,14 @@ def test_gradient_accumulation_equals_the_full_batch(bank, tmp_path):
         models.append(model)
     for pa, pb in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+
+
+def test_zero_steps_saves_the_random_initialisation(bank, tmp_path):
+    cfg = tiny_config("rotation", 3, steps=0)
+    result = pretrain(cfg, tmp_path, bank=bank, progress=False)
+    model, _, meta = load_checkpoint(tmp_path)
+    assert result.step == 0 and meta["step"] == 0
+    seed_everything(cfg.train.seed)
+    fresh = build_method(cfg)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
