@@ -110,3 +110,16 @@ def test_hub_without_network_fails_fast(monkeypatch, tmp_path):
     with pytest.raises(WeightsUnavailable, match=r"--weights /path/to/mobilenet_v2-7ebf99e0.pth"):
         build_encoder("tv/mobilenet_v2", weights="hub")
     assert time.perf_counter() - start < 10
+
+
+def test_hub_tag_uses_the_torch_hub_cache_offline(monkeypatch, tmp_path):
+    if not MOBILENET.exists():
+        pytest.skip(f"{MOBILENET} not present")
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / MOBILENET.name).symlink_to(MOBILENET)  # where torchvision would have downloaded it
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encoder = build_encoder("tv/mobilenet_v2", weights="hub:IMAGENET1K_V1")
+    assert encoder.info.weights == "hub:IMAGENET1K_V1" and encoder.info.weights_sha256 == MOBILENET_SHA
+    assert encoder.info.resize_size == 256  # the V1 preset's transforms
