@@ -6,6 +6,8 @@
 2. ours / naive: the loop a researcher writes (nibabel, per slice a PIL image, the library's
    per-image eval transform, batch of one, plain model) vs our pipeline, slices/s. Target >= 1.5 on CPU.
 3. peak RSS of the job for a small and a large cohort (fresh processes), which should stay flat.
+4. (``--read N``) read paths on a synthetic N-subject store: random per-subject reads, one bulk
+   ``load_packed``, and the torch Dataset through a DataLoader worker.
 
 A and B variants are interleaved (A B A B ...) because this VM's speed drifts between runs.
 
@@ -14,6 +16,7 @@ Usage::
     python scripts/bench_cache.py                          # short default: 2 IXI subjects, stride 8
     python scripts/bench_cache.py --subjects 4 --stride 2 --reps 3
     python scripts/bench_cache.py --rss 12,48 --rss-encoder tv/mobilenet_v2 --rss-size 64
+    python scripts/bench_cache.py --read 10000 --encoder none   # read paths only
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rss-encoder", default="tv/mobilenet_v2")
     p.add_argument("--rss-size", type=int, default=64)
     p.add_argument("--rss-stride", type=int, default=4)
+    p.add_argument("--read", type=int, default=0,
+                   help="also time reads from a synthetic store of this many subjects (e.g. 10000)")
+    p.add_argument("--read-slices", type=int, default=60, help="slices per subject of the read store")
+    p.add_argument("--read-dim", type=int, default=512, help="feature dim of the read store")
     p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help="also write the results as JSON here")
     return p.parse_args(argv)
@@ -78,6 +85,48 @@ def rss_child(args: argparse.Namespace) -> None:
         size = (Path(tmp) / "rss.h5").stat().st_size
     print(json.dumps({"subjects": len(report.done), "slices": report.slices, "peak_rss_mb": peak_rss_mb(),
                       "seconds": report.seconds, "store_mb": size / 2**20}))
+
+
+def read_bench(n_subjects: int, slices: int, dim: int) -> dict:
+    """Writes a synthetic store (1 plane, n x slices x dim float16) and times the read paths."""
+    import numpy as np
+    import torch
+
+    from slice2vol.cache import FeatureStore, PlaneFeatures, SliceBagDataset, SubjectFeatures
+
+    rng = np.random.default_rng(0)
+    prov = {"encoder": "bench/synthetic", "dtype": "float16"}
+    out: dict = {"subjects": n_subjects, "slices": slices, "dim": dim}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "read.h5"
+        store = FeatureStore(path, mode="a")
+        block = rng.normal(size=(slices, dim)).astype(np.float32)
+        start = time.perf_counter()
+        with store.writer_lock():
+            for lo in range(0, n_subjects, 1000):
+                subjects = [SubjectFeatures(f"s{i:05d}", {"axial": PlaneFeatures(
+                    block + i, np.arange(slices), np.zeros((slices, 3)))}) for i in range(lo, min(lo + 1000, n_subjects))]
+                store.commit_subjects(subjects, prov)
+            store.compact()
+        out["write_s"] = time.perf_counter() - start
+        out["store_mb"] = path.stat().st_size / 2**20
+        reader = FeatureStore(path)
+        ids = reader.subjects()
+        order = [ids[i] for i in rng.permutation(len(ids))]
+        start = time.perf_counter()
+        for sid in order:
+            reader.slice_features(sid, "axial")
+        out["random_single_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        X, offsets = reader.load_packed(order, "axial")
+        out["load_packed_s"] = time.perf_counter() - start
+        assert X.shape == (n_subjects * slices, dim)
+        loader = torch.utils.data.DataLoader(SliceBagDataset(reader, planes=["axial"]), batch_size=64,
+                                             num_workers=1, collate_fn=lambda items: len(items))
+        start = time.perf_counter()
+        assert sum(loader) == n_subjects
+        out["dataset_1worker_s"] = time.perf_counter() - start
+    return out
 
 
 def naive_loop(encoder_key: str, weights: str, cohort, slice_indices: dict, size: int, limit: int) -> tuple[int, float]:
@@ -127,6 +176,15 @@ def main(argv=None) -> None:
     if args.rss_child:
         rss_child(args)
         return
+    if args.read:
+        r = read_bench(args.read, args.read_slices, args.read_dim)
+        print(f"read: {r['subjects']} subjects x {r['slices']} slices x {r['dim']} float16 "
+              f"({r['store_mb']:.0f} MiB, written in {r['write_s']:.1f} s): random per-subject reads "
+              f"{r['random_single_s']:.2f} s ({1e3 * r['random_single_s'] / r['subjects']:.2f} ms each), "
+              f"load_packed all {r['load_packed_s']:.2f} s, SliceBagDataset 1 worker {r['dataset_1worker_s']:.2f} s",
+              flush=True)
+        if args.encoder == "none":
+            return
     import numpy as np
     import torch
 

@@ -90,7 +90,8 @@ def state_sha256(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy())  # buffer protocol: no copy of the tensor
     return digest.hexdigest()
 
 
@@ -279,8 +280,8 @@ class _Encoder:
         if self.tokens:
             tokens, grid = self.encoder.tokens(x)
         if self.cuda:  # start the device -> host copies; the caller waits only when it needs them
-            features = features.to("cpu", non_blocking=True)
-            tokens = None if tokens is None else tokens.to("cpu", non_blocking=True)
+            features = _to_pinned_host(features)
+            tokens = None if tokens is None else _to_pinned_host(tokens)
             event = torch.cuda.Event()
             event.record()
         else:
@@ -295,6 +296,12 @@ class _Encoder:
             event.synchronize()
         self.seconds += time.perf_counter() - start
         return (features.float().numpy(), None if tokens is None else tokens.float().numpy(), grid)
+
+
+def _to_pinned_host(x: torch.Tensor) -> torch.Tensor:
+    """Asynchronous device -> host copy (only a pinned destination makes ``non_blocking`` real)."""
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return out.copy_(x, non_blocking=True)
 
 
 def _probe_shapes(encoder: Any, item: VolumeItem, device: torch.device, tokens: bool
@@ -391,7 +398,8 @@ def cache_cohort(
         encoder.optimize(amp=amp if dev.type == "cuda" else None)
     encoder.to(dev)
     provenance = feature_provenance(encoder, key, encoder_kwargs, volume_cfg, slice_cfg, dtype=dtype,
-                                    tokens=save_tokens, amp=amp, state_hash=state_hash)
+                                    tokens=save_tokens, amp=amp if dev.type == "cuda" else None,
+                                    state_hash=state_hash)
     if weights == "random":
         provenance["encoder_kwargs"] = {**provenance["encoder_kwargs"], "random_seed": seed}
     report.feature_set = config_hash_of(provenance)
@@ -416,8 +424,8 @@ def cache_cohort(
                   num_workers=num_workers, device=dev, save_tokens=save_tokens, progress=progress,
                   dtype=dtype, commit_every=commit_every, commit_seconds=commit_seconds)
         report.seconds = time.perf_counter() - t0
-        if not report.done:  # nothing new: leave the main file alone (only finish a killed run's parts)
-            if compact:
+        if not report.done and store.exists():  # nothing new: leave the main file alone
+            if compact:  # (only finish a killed run's parts)
                 store.compact()
             store.close()
             return report
@@ -426,7 +434,7 @@ def cache_cohort(
                      skipped=len(report.skipped), slices=report.slices, seconds=round(report.seconds, 1),
                      failures=[{"subject_id": f.subject_id, "message": f.message} for f in report.failures])
         if compact:
-            store.compact(history=[event])
+            store.compact(history=[event], provenance=provenance)
         else:
             store._commit_part(provenance=provenance, history=[event])
     store.close()

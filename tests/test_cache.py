@@ -99,6 +99,8 @@ def test_bulk_reads_match_single_reads(tmp_path: Path) -> None:
             np.testing.assert_array_equal(X[offsets[i]:offsets[i + 1]], store.slice_features(sid, "coronal"))
             np.testing.assert_array_equal(meta["indices"][offsets[i]:offsets[i + 1]],
                                           store.slice_meta(sid, "coronal")["indices"])
+    raw, _ = store.load_packed(["s2", "s6"], "axial", dtype=None)
+    assert raw.dtype == np.float16 and np.array_equal(raw.astype(np.float32)[:5], store.slice_features("s2", "axial"))
     bags = store.load_slices(["s4", "s6"], ["axial"])
     assert [b.shape for b in bags["axial"]] == [(7, 8), (9, 8)]
     with pytest.raises(KeyError, match="1 subject"):

@@ -261,3 +261,15 @@ def test_ixi_mobilenet_small(ixi_manifest: Path, tmp_path: Path) -> None:
         reference = encoder.encode(sliced["coronal"].images).numpy()
     assert_fp16_close(store.slice_features(cohort.ids[1], "coronal"), reference)
     assert set(store.labels().columns) >= {"age", "sex"}
+
+
+def test_empty_shard_still_makes_a_mergeable_store(manifest: Path, tmp_path: Path) -> None:
+    cohort = load_manifest(manifest).subset(["sub0"])
+    empty = cache_cohort(cohort, KEY, tmp_path / "e.h5", slice_cfg=SLICES, shard="1/2", progress=False)
+    full = cache_cohort(cohort, KEY, tmp_path / "e.h5", slice_cfg=SLICES, shard="0/2", progress=False)
+    assert empty.done == [] and full.done == ["sub0"] and empty.feature_set == full.feature_set
+    assert FeatureStore(empty.store).feature_set == full.feature_set  # provenance even without subjects
+    from slice2vol.cache import merge_stores
+
+    merge_stores(tmp_path / "m.h5", [full.store, empty.store])
+    assert FeatureStore(tmp_path / "m.h5").subjects() == ["sub0"]
