@@ -8,6 +8,8 @@ in their own files.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -64,6 +66,7 @@ def test_builds_offline_and_forwards(key):
     assert encoder.info.weights == "random" and encoder.info.weights_sha256 == ""
     provenance = encoder.info.to_dict()
     assert provenance["key"] == key and provenance["input_size"] == [size, size]
+    assert json.loads(json.dumps(provenance)) == provenance  # storable as provenance in the feature store
 
 
 def test_unknown_key_suggests_close_matches():
