@@ -62,11 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process and of its (DataLoader worker) children, MiB."""
+def peak_rss_mb() -> tuple[float, float]:
+    """Peak resident memory (MiB) of this process, and of its largest (DataLoader worker) child."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
+    return own / 1024, children / 1024
 
 
 def rss_child(args: argparse.Namespace) -> None:
@@ -83,7 +83,9 @@ def rss_child(args: argparse.Namespace) -> None:
                                                     stride=args.rss_stride),
                               batch_size=args.batch_size, num_workers=args.workers, progress=False)
         size = (Path(tmp) / "rss.h5").stat().st_size
-    print(json.dumps({"subjects": len(report.done), "slices": report.slices, "peak_rss_mb": peak_rss_mb(),
+    own, worker = peak_rss_mb()
+    print(json.dumps({"subjects": len(report.done), "slices": report.slices, "peak_rss_mb": own,
+                      "worker_peak_rss_mb": worker,
                       "seconds": report.seconds, "store_mb": size / 2**20}))
 
 
@@ -254,7 +256,8 @@ def main(argv=None) -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
             rss[n] = json.loads(out.strip().splitlines()[-1])
             print(f"peak RSS, {n:3d} subjects ({rss[n]['slices']} slices, {args.rss_encoder} @ {args.rss_size}px, "
-                  f"store {rss[n]['store_mb']:.1f} MiB): {rss[n]['peak_rss_mb']:.0f} MiB "
+                  f"store {rss[n]['store_mb']:.1f} MiB): main process {rss[n]['peak_rss_mb']:.0f} MiB, "
+                  f"worker {rss[n]['worker_peak_rss_mb']:.0f} MiB "
                   f"({rss[n]['seconds']:.1f} s)", flush=True)
         results["peak_rss"] = rss
     if args.out:

@@ -400,7 +400,7 @@ def cache_cohort(
     provenance = feature_provenance(encoder, key, encoder_kwargs, volume_cfg, slice_cfg, dtype=dtype,
                                     tokens=save_tokens, amp=amp if dev.type == "cuda" else None,
                                     state_hash=state_hash)
-    if weights == "random":
+    if isinstance(encoder_key, str) and provenance["weights"] == "random":
         provenance["encoder_kwargs"] = {**provenance["encoder_kwargs"], "random_seed": seed}
     report.feature_set = config_hash_of(provenance)
 
@@ -565,6 +565,13 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
             collect(in_flight)
             in_flight = None
         commit(force=True)
+    except BaseException:
+        # an exception (out of memory, Ctrl-C): keep what is complete, then let it propagate
+        try:
+            commit(force=True)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            log.exception("could not commit the completed subjects")
+        raise
     finally:
         report.encode_seconds += runner.seconds
         if bar is not None:

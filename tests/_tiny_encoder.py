@@ -38,6 +38,11 @@ class TinyEncoder(Encoder):
         delay = self.delay or float(os.environ.get("TINY_ENCODER_DELAY", "0"))
         if delay:
             time.sleep(delay)
+        # TINY_ENCODER_FAIL_AFTER=k: the (k+1)-th forward pass raises, like a CUDA out-of-memory error
+        fail_after = int(os.environ.get("TINY_ENCODER_FAIL_AFTER", "-1"))
+        self.calls = getattr(self, "calls", 0) + 1
+        if 0 <= fail_after < self.calls:
+            raise RuntimeError("simulated out of memory")
         return self.conv2(torch.relu(self.conv1(x)))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

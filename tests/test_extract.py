@@ -273,3 +273,16 @@ def test_empty_shard_still_makes_a_mergeable_store(manifest: Path, tmp_path: Pat
 
     merge_stores(tmp_path / "m.h5", [full.store, empty.store])
     assert FeatureStore(tmp_path / "m.h5").subjects() == ["sub0"]
+
+
+def test_exception_keeps_completed_subjects(manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    cohort = load_manifest(manifest)
+    monkeypatch.setenv("TINY_ENCODER_FAIL_AFTER", "8")
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        cache_cohort(cohort, KEY, tmp_path / "x.h5", slice_cfg=SLICES, batch_size=5, commit_every=100,
+                     progress=False)
+    kept = FeatureStore(tmp_path / "x.h5").subjects()
+    assert 1 <= len(kept) < 6  # committed on the way out although commit_every was not reached
+    monkeypatch.delenv("TINY_ENCODER_FAIL_AFTER")
+    report = cache_cohort(cohort, KEY, tmp_path / "x.h5", slice_cfg=SLICES, batch_size=5, progress=False)
+    assert sorted(report.skipped) == sorted(kept) and len(report.done) == 6 - len(kept)
