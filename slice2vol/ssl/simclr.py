@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.nn as nn
 
 from slice2vol.ssl import METHODS
 from slice2vol.ssl.augment import MRIAugment
 from slice2vol.ssl.backbones import Backbone
-from slice2vol.ssl.base import SSLMethod, backbone_from_config, mlp
+from slice2vol.ssl.base import SSLMethod, backbone_from_config
 from slice2vol.ssl.losses import nt_xent
 
 
@@ -28,7 +29,10 @@ class SimCLR(SSLMethod):
                  temperature: float = 0.1, proj_hidden: int = 512, proj_dim: int = 128,
                  augment: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, spatial_dims, in_channels, input_size)
-        self.projector = mlp(backbone.embed_dim, proj_hidden, proj_dim)
+        # SimCLR's head: Linear-BN-ReLU-Linear. The batch norm also rules out the collapsed solution
+        # (all embeddings equal, loss stuck at log(2B - 1)) that a plain MLP head reached on CPU runs.
+        self.projector = nn.Sequential(nn.Linear(backbone.embed_dim, proj_hidden), nn.BatchNorm1d(proj_hidden),
+                                       nn.ReLU(inplace=True), nn.Linear(proj_hidden, proj_dim))
         self.temperature = temperature
         self.augment = MRIAugment(spatial_dims, self.input_size, **(augment or {}))
 

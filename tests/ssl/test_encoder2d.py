@@ -45,3 +45,19 @@ def test_2d_encoder_refuses_other_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="no hub weights"):
         build_encoder("ssl2d/simclr", weights="hub")
     assert build_encoder("ssl2d/rotation").info.weights == "random"
+
+
+def test_caching_job_accepts_a_2d_ssl_checkpoint(blob_manifest, tmp_path):
+    from slice2vol.cache import FeatureStore
+    from slice2vol.extract import cache_cohort
+
+    seed_everything(0)
+    cfg = tiny_config("rotation", 2)
+    save_checkpoint(tmp_path / "last", build_method(cfg), cfg, step=0)
+    cohort = load_manifest(blob_manifest)
+    cache_cohort(cohort, "ssl2d/rotation", tmp_path / "slices.h5", weights=str(tmp_path / "last"),
+                 slice_cfg=SliceConfig(planes=("axial",), size=32), progress=False)
+    store = FeatureStore(tmp_path / "slices.h5")
+    assert store.subjects() == ["s0", "s1", "s2"]
+    assert store.slice_features("s0", "axial").shape[1] == 32
+    assert store.provenance["encoder"] == "ssl2d/rotation"

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from slice2vol.ssl.backbones import ConvDecoder, build_backbone, probe_grid
+
+CASES = [
+    ("cnn", 3, (32, 32, 32), {"width": 4, "num_stages": 3}, 16, (4, 4, 4)),
+    ("cnn", 2, (32, 32), {"width": 4, "num_stages": 3}, 16, (4, 4)),
+    ("resnet", 3, (32, 32, 32), {"depth": 10, "block_inplanes": [8, 16, 32, 64]}, 64, (1, 1, 1)),
+    ("resnet", 2, (32, 32), {"depth": 10, "block_inplanes": [8, 16, 32, 64]}, 64, (1, 1)),
+    ("vit", 3, (32, 32, 32), {"patch_size": 16, "hidden_size": 48, "mlp_dim": 96, "num_layers": 1,
+                              "num_heads": 4}, 48, (2, 2, 2)),
+    ("vit", 2, (32, 32), {"patch_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_layers": 1, "num_heads": 4},
+     48, (4, 4)),
+    ("swin", 3, (32, 32, 32), {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 3],
+                               "window_size": 4}, 192, (1, 1, 1)),
+    pytest.param("timm", 2, (32, 32), {"model": "resnet10t"}, 512, (1, 1), marks=pytest.mark.slow),  # timm import 8 s
+]
+
+
+@pytest.mark.parametrize("name,dims,size,params,dim,grid", CASES)
+def test_backbone_shapes(name, dims, size, params, dim, grid):
+    torch.manual_seed(0)
+    net = build_backbone(name, dims, 1, size, **params).eval()
+    x = torch.rand(2, 1, *size)
+    with torch.no_grad():
+        emb, fm = net(x), net.feature_map(x)
+    assert net.embed_dim == dim and emb.shape == (2, dim)
+    assert fm.shape == (2, net.feature_dim, *grid)
+    assert probe_grid(net, 1, size) == (grid, net.feature_dim)
+    assert torch.isfinite(emb).all()
+
+
+def test_decoder_restores_the_input_size():
+    dec = ConvDecoder(3, 16, 1, grid=(3, 3, 3), out_size=(24, 24, 20))
+    assert dec(torch.rand(2, 16, 3, 3, 3)).shape == (2, 1, 24, 24, 20)
+
+
+def test_unknown_backbone_and_bad_params():
+    with pytest.raises(KeyError, match="unknown ssl backbone"):
+        build_backbone("unet", 3, 1, (32, 32, 32))
+    with pytest.raises(ValueError, match="bad parameters"):
+        build_backbone("cnn", 3, 1, (32, 32, 32), widht=8)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        build_backbone("swin", 3, 1, (40, 40, 40))
+    with pytest.raises(ValueError, match="2D"):
+        build_backbone("timm", 3, 1, (32, 32, 32))
