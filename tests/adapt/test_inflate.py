@@ -138,3 +138,25 @@ def test_timm_global_pool_is_replaced_by_a_3d_global_pool(pool_type):
     expected = pool(x)
     pool3d = inflate_network(nn.Sequential(pool))  # converts in place
     torch.testing.assert_close(pool3d(x.unsqueeze(-1).expand(-1, -1, -1, -1, 3)), expected)
+
+
+WEIGHTS = {"tv/mobilenet_v2": "mobilenet_v2-b0353104.pth", "timm/efficientnet_lite0": "efficientnet-lite0-57934424.pth"}
+
+
+@pytest.mark.ixi
+@pytest.mark.parametrize("key", sorted(WEIGHTS))
+def test_i3d_property_with_imagenet_weights_on_an_ixi_slice(ixi_manifest, key):
+    from slice2vol.data import VolumeConfig, load_manifest, load_subject
+    from slice2vol.encoders import build_encoder
+
+    path = ixi_manifest.parents[2] / "weights" / WEIGHTS[key]
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    volume = load_subject(load_manifest(ixi_manifest).subjects[0], VolumeConfig(), with_seg=False)
+    axial = torch.from_numpy(volume.data[0, :, :, volume.data.shape[3] // 2].copy())[None, None]  # (1, 1, X, Y)
+    encoder = build_encoder(key, weights=str(path))
+    with torch.no_grad():
+        expected = encoder.forward_features(normalise(encoder, axial))
+        got = inflate_encoder(encoder)(axial.unsqueeze(-1).expand(-1, -1, -1, -1, 8))
+    assert expected.abs().max() > 1  # real activations, not a vanishing random network
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
