@@ -901,12 +901,15 @@ def _merge_segments(segments: Sequence[_Segment], out: Path, *, extra_history: S
             group.create_dataset("offsets", data=offsets_out)
             src_groups = {k: seg.file["planes"][plane] for k, seg in enumerate(segments)
                           if plane in seg.index()}
-            first = next(iter(src_groups.values()))
+            rows_from = {k: sum(b - a for kk, _, a, b in entries if kk == k) for k in src_groups}
             for name in ("features", "indices", "positions", "tokens"):
-                if name not in first:
+                having = [g for g in src_groups.values() if name in g]
+                if not having:
                     continue
-                if any(name not in g for g in src_groups.values()):
+                # a part holding only zero-slice subjects has no tokens dataset: nothing to copy from it
+                if any(name not in g and rows_from[k] for k, g in src_groups.items()):
                     raise StoreMismatch(f"{out}: some segments have {plane} {name}, others do not")
+                first = max(having, key=lambda g: g[name].shape[-1] if g[name].ndim > 1 else 0)
                 src = first[name]
                 dst = group.create_dataset(name, shape=(total, *src.shape[1:]), dtype=src.dtype)
                 for attr, value in src.attrs.items():
@@ -915,6 +918,8 @@ def _merge_segments(segments: Sequence[_Segment], out: Path, *, extra_history: S
                 for (k, _, a, b), at in zip(entries, offsets_out[:-1]):
                     by_k.setdefault(k, []).append((a, b, int(at)))
                 for k, items in by_k.items():
+                    if name not in src_groups[k]:
+                        continue  # zero rows from this segment (checked above)
                     ds = src_groups[k][name]
                     for a, b, at in _runs(items):
                         for lo in range(a, b, _COPY_ROWS):

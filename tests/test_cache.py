@@ -244,3 +244,16 @@ def test_merge_checks_provenance_and_labels(tmp_path: Path) -> None:
     assert len(FeatureStore(tmp_path / "ad.h5")) == 3
     with pytest.raises(ValueError, match="also an input"):
         merge_stores(tmp_path / "a.h5", [tmp_path / "a.h5", tmp_path / "b.h5"])
+
+
+def test_zero_slice_subject_merges_with_token_parts(tmp_path: Path) -> None:
+    empty = SubjectFeatures("empty", {"axial": PlaneFeatures(np.zeros((0, 8)), np.zeros(0), np.zeros((0, 3)))})
+    store = FeatureStore(tmp_path / "z.h5", mode="a")
+    with store.writer_lock():
+        store.commit_subjects([empty], PROV)  # a part with no tokens dataset at all
+        store.commit_subjects([fake_subject(1, planes=("axial",))], PROV)
+        store.compact()
+    reader = FeatureStore(tmp_path / "z.h5")
+    assert reader.slice_features("empty", "axial").shape == (0, 8)
+    assert reader.slice_tokens("empty", "axial")[0].shape == (0, 4, 2)
+    assert (reader.slice_tokens("s1", "axial")[0] == 1).all()
