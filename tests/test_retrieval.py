@@ -158,7 +158,7 @@ def test_query_errors_are_clear(clustered, tmp_path):
         Index.build(clustered[:2], ["a", "a"])
     with pytest.raises(FileNotFoundError, match="not an index folder"):
         Index.load(tmp_path)
-    with pytest.raises(ProvenanceError, match="built from raw arrays"):
+    with pytest.raises(ProvenanceError, match="records no 2D slice-encoder pipeline"):
         index.search_nifti(tmp_path / "x.nii.gz")
 
 
@@ -265,12 +265,19 @@ def test_changed_weights_file_is_refused(cohort_store, tmp_path):
 
 def test_store_of_other_provenance_is_refused(cohort_store, tmp_path):
     root, name, index = cohort_store
-    manifest = _cohort(tmp_path, n=2)
-    other = _cache(manifest, tmp_path / "other.h5", str(root / "weights.pth"), slice_stride=3)
+    manifest = _cohort(tmp_path, n=3)
+    other = _cache(manifest, tmp_path / "other.h5", "random", slice_stride=3)
     with pytest.raises(ProvenanceError) as err:
         index.search_store(tmp_path / "other.h5", "s1", embeddings=other)
     message = str(err.value)
     assert "not made like the indexed ones" in message and "feature set" in message and "stride" in message
+    assert "weights_sha256: ''" in message  # random vs file weights (same values: the file was saved from seed 0)
+    # that store indexed on its own: random weights are rebuilt from the recorded seed, exactly
+    own = Index.from_store(tmp_path / "other.h5", other)
+    assert own.provenance["pipeline"]["encoder_kwargs"]["random_seed"] == 0
+    by_file = own.search_nifti(tmp_path / "s2.nii.gz", k=3)
+    assert by_file["subject_id"].tolist() == own.search_subject("s2", 3)["subject_id"].tolist()
+    assert by_file["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_cli_build_search_json_and_gallery(cohort_store, tmp_path, capsys):

@@ -135,8 +135,9 @@ class VolumeEmbedder:
 
         pipeline = dict(provenance.get("pipeline") or {})
         if not pipeline.get("encoder"):
-            raise ProvenanceError("the index provenance records no encoder; it was built from raw arrays, "
-                                  "so new scans cannot be embedded like its vectors")
+            raise ProvenanceError("the index provenance records no 2D slice-encoder pipeline (embeddings "
+                                  "given as arrays, or made by a 3D encoder), so a new scan cannot be "
+                                  "embedded automatically; embed it yourself and call Index.search(vector)")
         volume_cfg = from_dict(VolumeConfig, pipeline.get("volume_cfg") or {})
         slice_cfg = from_dict(SliceConfig, pipeline.get("slice_cfg") or {})
         state = None
