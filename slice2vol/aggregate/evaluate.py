@@ -99,6 +99,7 @@ def cross_validate_aggregator(
     folds: int = 5,
     seed: int = 0,
     predictor: str = "auto",
+    aggregator_seed: int | None = None,
     **params,
 ) -> CVResult:
     """K-fold subject-level CV of an aggregator + predictor.
@@ -109,10 +110,11 @@ def cross_validate_aggregator(
         method: registered aggregator name; ``params`` go to its constructor.
         task: ``classification`` or ``regression``.
         folds: number of folds (stratified; quantile bins for regression).
-        seed: fold assignment, the probe's inner folds and, unless ``params`` sets it, the
-            aggregator's own seed.
+        seed: fold assignment, the probe's inner folds and, unless ``aggregator_seed`` is
+            given, the aggregator's own seed.
         predictor: ``head`` (the aggregator's own supervised head), ``probe`` (linear probe on
             its embeddings) or ``auto`` (head for supervised trainable aggregators, else probe).
+        aggregator_seed: seed of trainable aggregators (default: ``seed``).
 
     Returns:
         A :class:`CVResult` with per-fold metrics and out-of-fold predictions.
@@ -131,7 +133,7 @@ def cross_validate_aggregator(
     if "task" in names and "task" not in params:
         params = {**params, "task": task}
     if "seed" in names:
-        params = {**params, "seed": seed}
+        params = {**params, "seed": seed if aggregator_seed is None else aggregator_seed}
     result = CVResult(method, dict(params), task, predictor)
     oof = np.full(len(y), np.nan)
     for train, test in subject_folds(y, task, folds, seed):

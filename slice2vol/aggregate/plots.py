@@ -60,7 +60,10 @@ def plot_attention(
             curves[cls].append(np.interp(grid, c, rel, left=np.nan, right=np.nan))
         for cls, rows in curves.items():
             if rows:
-                ax.plot(grid, np.nanmean(np.stack(rows), 0), color=colours[cls], lw=2,
+                stack = np.stack(rows)
+                count = np.isfinite(stack).sum(0)
+                mean = np.where(count > 0, np.nansum(stack, 0) / np.maximum(count, 1), np.nan)
+                ax.plot(grid, mean, color=colours[cls], lw=2,
                         label=f"mean ({cls})" if cls is not None else f"mean (n={len(rows)})")
         ax.axhline(1.0, color="k", ls="--", lw=0.8, label="uniform")
         ax.set_xlabel(f"{plane} slice position (mm, centred)")

@@ -91,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
         ids, bags = load_bags(store, ids, cfg.planes, tokens=bool(getattr(AGGREGATORS.get(cfg.method), "wants_tokens", False)))
         task = TASK_OF_LABEL_TYPE.get(store.label_types.get(cfg.label), "classification")
         y = labels.loc[ids, cfg.label].to_numpy()
+        params = dict(cfg.params)
         res = cross_validate_aggregator(bags, y, cfg.method, task=task, folds=args.cv, seed=args.seed,
-                                        planes=cfg.planes, **cfg.params)
+                                        aggregator_seed=params.pop("seed", None), planes=cfg.planes, **params)
         for i, fold in enumerate(res.folds):
             print(f"fold {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in fold.items()))
         print(f"{cfg.method} {cfg.label} ({task}, {len(ids)} subjects, {args.cv}-fold, predictor "

@@ -25,7 +25,8 @@ def test_writes_embeddings_from_a_config(store, tmp_path, capsys):
     ids = tmp_path / "train.txt"
     ids.write_text("# training split\n" + "\n".join(store.subjects()[:12]) + "\n")
     argv = ["aggregate", "features.h5", "--config", "configs/aggregate/mil.yaml", "--label", "group",
-            "--train-ids", str(ids), "--set", "params.epochs=2", "params.hidden=8", "--no-plot"]
+            "--train-ids", str(ids), "--set", "params.epochs=2", "params.hidden=8", "--no-plot",
+            "--out-dir", str(tmp_path / "att")]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == "mil-group"
     prov = store.volume_embeddings("mil-group")[2]
@@ -47,3 +48,10 @@ def test_usage_errors(store, capsys):
     assert "pass train_ids" in capsys.readouterr().err
     assert main(["aggregate", "features.h5", "--cv", "3"]) == 2
     assert "--cv needs --label" in capsys.readouterr().err
+
+
+def test_cv_with_a_config_that_seeds_the_aggregator(store, capsys):
+    argv = ["aggregate", "features.h5", "--config", "configs/aggregate/mil.yaml", "--label", "group",
+            "--cv", "2", "--set", "params.epochs=1", "params.hidden=4", "params.seed=3"]
+    assert main(argv) == 0
+    assert "predictor head" in capsys.readouterr().out
