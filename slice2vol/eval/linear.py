@@ -34,7 +34,9 @@ class _Standardizer:
     def fit(self, x: np.ndarray) -> "_Standardizer":
         self.mean_ = x.mean(0)
         self.scale_ = x.std(0)
-        self.scale_[self.scale_ < 1e-8] = 1.0
+        # "constant" is relative: random-init nets give features of order 1e-8 that still vary
+        top = float(self.scale_.max()) if self.scale_.size else 0.0
+        self.scale_[self.scale_ <= 1e-6 * top] = 1.0 if top == 0.0 else top
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:

@@ -159,8 +159,12 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
 
 
 # -- small helpers ------------------------------------------------------------------------------
+# bumped when evaluation code changes its numbers, so cached results are not reused
+EVAL_VERSION = 2
+
+
 def _hash(*parts: Any) -> str:
-    h = hashlib.sha1()
+    h = hashlib.sha1(f"eval-v{EVAL_VERSION}".encode())
     for p in parts:
         if isinstance(p, np.ndarray):
             h.update(np.ascontiguousarray(p).tobytes())

@@ -159,7 +159,9 @@ class DenseLinearProbe:
         tokens = tokens.float()
         flat = tokens.reshape(-1, tokens.shape[-1])
         self.mean_ = flat.mean(0)
-        self.std_ = flat.std(0).clamp_min(1e-6)
+        std = flat.std(0)
+        # relative floor: random-init nets give tokens of order 1e-8 that still vary
+        self.std_ = std.clamp_min(max(float(std.max()) * 1e-6, 1e-30))
         d = tokens.shape[-1]
         self.head_ = torch.nn.Conv2d(d, self.n_classes + 1, 1)
         torch.nn.init.normal_(self.head_.weight, std=0.01, generator=gen)

@@ -75,3 +75,11 @@ def test_sweep_does_not_depend_on_held_out_rows():
 def test_bad_task():
     with pytest.raises(ValueError, match="classification or regression"):
         LinearProbe("clustering")
+
+
+def test_tiny_scale_features_are_standardised_not_dropped():
+    """Random-init BatchNorm nets give features of order 1e-8; they still carry signal."""
+    x, y = data()
+    probe = LinearProbe("classification", LinearConfig(Cs=(0.1, 1.0))).fit(x[:40] * 1e-9, y[:40])
+    ref = LinearProbe("classification", LinearConfig(Cs=(0.1, 1.0))).fit(x[:40], y[:40])
+    np.testing.assert_allclose(probe.predict_proba(x[40:] * 1e-9), ref.predict_proba(x[40:]), atol=1e-6)

@@ -106,10 +106,11 @@ def test_anomaly_scorers_signal_and_chance(shift, low, high):
         assert low < auc < high, (scorer, auc)
 
 
-def test_scorers_fit_on_healthy_rank_outliers():
+@pytest.mark.parametrize("scale", [1.0, 1e-9])
+def test_scorers_fit_on_healthy_rank_outliers(scale):
     rng = np.random.default_rng(1)
-    train = rng.normal(size=(80, 8))
-    test = np.r_[rng.normal(size=(20, 8)), rng.normal(size=(20, 8)) + 4]
+    train = rng.normal(size=(80, 8)) * scale
+    test = np.r_[rng.normal(size=(20, 8)), rng.normal(size=(20, 8)) + 4] * scale
     for scorer in (KNNDistance(5), Mahalanobis(), OneClassSVMScorer()):
         s = scorer.fit(train).score(test)
         assert s.shape == (40,)
@@ -141,3 +142,11 @@ def test_dense_probe_signal_and_chance(shuffle):
         assert np.nanmean(dice) < 0.4  # four equiprobable classes: chance Dice ~0.25
     else:
         assert np.nanmean(dice) > 0.85
+
+
+def test_dense_probe_tiny_scale_tokens():
+    rng = np.random.default_rng(1)
+    tokens, labels = _token_data(60, rng)
+    probe = DenseLinearProbe(3, epochs=15, lr=0.05, seed=0).fit(tokens[:40] * 1e-9, (4, 4), labels[:40])
+    pred = probe.predict_proba(tokens[40:] * 1e-9, (4, 4), (16, 16)).argmax(1).numpy()
+    assert np.nanmean(dice_per_class(pred, labels[40:].numpy(), 3)) > 0.8
