@@ -540,7 +540,14 @@ def build_3d_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, sto
         set_name = _safe(entry.name)
         store = FeatureStore(path, mode="r")
         have = path.exists() and set_name in store.volume_embedding_names()
-        model = _load_or_train_3d(entry, cohort, manifest, base, out, progress)  # cheap once trained
+        try:
+            model = _load_or_train_3d(entry, cohort, manifest, base, out, progress)  # cheap once trained
+        except (ValueError, OSError, KeyError) as err:
+            if not have:
+                raise
+            # the embeddings are there; only the anomaly task needs the network itself
+            log.warning("%s: cannot load the 3D encoder (%s); its anomaly scores are skipped", entry.name, err)
+            model = None
         if not have:
             ssl_export.embed_cohort(model, cohort, path, set_name, input_size=tuple(entry.input_size),
                                     progress=progress)
@@ -565,7 +572,7 @@ def _load_or_train_3d(entry: Encoder3DEntry, cohort, manifest: Path, base: Path,
         if loader is None:
             raise IntegrationError("slice2vol.ssl.export.load_encoder is missing: cannot load 3D checkpoints")
         return loader(ckpt)
-    ckpt_dir = out / "ssl" / _safe(entry.name)
+    ckpt_dir = out / "ssl" / f"{_safe(entry.name)}-{config_hash(entry.ssl)}"  # a new config never resumes an old run
     last = ckpt_dir / "last"
     loader = getattr(ssl_export, "load_encoder", None)
     if last.exists() and loader is not None:
