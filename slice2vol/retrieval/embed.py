@@ -65,9 +65,14 @@ def rebuild_encoder(pipeline: Mapping[str, Any], weights: str | None = None, dev
     chosen = resolve_weights(pipeline, weights)
     kwargs = dict(pipeline.get("encoder_kwargs") or {})
     seed = int(kwargs.pop("random_seed", 0))
+    from slice2vol.encoders.base import WeightsUnavailable
+
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = build_encoder(key, weights=chosen, **kwargs)
+        torch.manual_seed(seed)  # as cache_cohort does, so random weights come out identical
+        try:
+            encoder = build_encoder(key, weights=chosen, **kwargs)
+        except WeightsUnavailable as err:
+            raise ProvenanceError(f"cannot rebuild the indexed encoder: {err}") from None
     encoder.eval()
     expected = str(pipeline.get("state_sha256") or "")
     if expected:
