@@ -70,8 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
-        # Known user errors get one line, not a traceback.
+    except Exception as err:  # noqa: BLE001
+        # User errors (bad input, missing file, our own error classes) get one line, not a traceback;
+        # anything else is a bug and keeps its traceback.
+        ours = type(err).__module__.startswith("slice2vol")
+        if not (ours or isinstance(err, (ValueError, KeyError, FileNotFoundError, OSError))):
+            raise
         if args.verbose:
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

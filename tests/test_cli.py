@@ -36,3 +36,25 @@ def test_info_on_manifest_reports_failures_and_goes_on(tmp_path, capsys):
     assert main(["info", str(csv)]) == 1
     out = capsys.readouterr().out
     assert "subject: a2" in out and "missing.nii.gz" in out and "file not found" in out
+
+
+def test_our_errors_are_one_line_and_bugs_keep_tracebacks(monkeypatch, small_nifti, capsys):
+    import pytest
+
+    from slice2vol.commands import info
+    from slice2vol.encoders.base import WeightsUnavailable
+
+    def offline(args):
+        raise WeightsUnavailable("timm/resnet18: cannot download ... Pass a local checkpoint instead")
+
+    monkeypatch.setattr(info, "run", offline)
+    assert main(["info", str(small_nifti)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slice2vol info: error: timm/resnet18") and "\n" not in err
+
+    def bug(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(info, "run", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["info", str(small_nifti)])
