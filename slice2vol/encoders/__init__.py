@@ -16,11 +16,13 @@ from slice2vol.encoders.base import (
 # Families register themselves on import; each import is light (heavy libraries load in builders).
 import importlib as _importlib
 
-for _family in ("torchvision", "timm", "hf", "openclip", "sam"):
+# ssl2d/<method>: 2D backbones pretrained by slice2vol.ssl, usable by the caching job like any family
+for _module in ("slice2vol.encoders.torchvision", "slice2vol.encoders.timm", "slice2vol.encoders.hf",
+                "slice2vol.encoders.openclip", "slice2vol.encoders.sam", "slice2vol.ssl.encoder2d"):
     try:
-        _importlib.import_module(f"slice2vol.encoders.{_family}")
+        _importlib.import_module(_module)
     except ModuleNotFoundError as _err:
-        if _err.name != f"slice2vol.encoders.{_family}":
+        if _err.name != _module:
             raise
 
 __all__ = ["ENCODERS", "Encoder", "EncoderConfig", "EncoderInfo", "WeightsUnavailable", "build_encoder",
