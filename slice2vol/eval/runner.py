@@ -160,7 +160,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
 
 # -- small helpers ------------------------------------------------------------------------------
 # bumped when evaluation code changes its numbers, so cached results are not reused
-EVAL_VERSION = 2
+EVAL_VERSION = 3
 
 
 def _hash(*parts: Any) -> str:
@@ -659,7 +659,8 @@ def run_segmentation(cfg: ExperimentConfig, cohort, base: Path, out: Path, cache
             for vol in iterator:
                 ps = slice_volume(vol, slice_cfg)[sc.plane]
                 tokens, grid = encoder.embed(ps.images, entry.batch_size, tokens=True)
-                feats.append(tokens.cpu().half())
+                # bfloat16 keeps float32's exponent: random-init tokens (~1e-8) would be 0 in float16
+                feats.append(tokens.cpu().to(torch.bfloat16))
                 lab = apply_lut(ps.labels, lut)
                 labels.append(labels_in_box(lab, box, (grid[0] * sc.label_scale, grid[1] * sc.label_scale)).to(torch.uint8))
                 plane_slices.append(ps)
@@ -854,10 +855,18 @@ def _score_anomaly(healthy, sick, splits: SubjectSplits, ids, ac: AnomalyConfig,
                 sl_scorer = build_scorer("knn", ac).fit(ref)
                 fs, ft = [], []
                 for i in te:
-                    for feats, hit in ((healthy[i][1], np.zeros(len(healthy[i][1]), bool)), (sick[i][1], sick[i][2])):
+                    hit = sick[i][2]
+                    if len(healthy[i][1]) != len(hit) or not hit.any():
+                        continue
+                    # positives: lesion-cutting slices; negatives: the SAME slices of the healthy scan,
+                    # so slice position (edge slices look atypical) cannot drive the AUROC
+                    for feats, truth in ((healthy[i][1][hit], np.zeros(int(hit.sum()), bool)),
+                                         (sick[i][1][hit], np.ones(int(hit.sum()), bool))):
                         fs.append(sl_scorer.score(feats))
-                        ft.append(hit)
+                        ft.append(truth)
                         slice_owner.append(np.full(len(feats), i))
+                if not fs:
+                    continue
                 fs_arr, ft_arr = np.concatenate(fs), np.concatenate(ft)
                 slice_scores.append(fs_arr)
                 slice_truth.append(ft_arr)
