@@ -1,8 +1,8 @@
 """``slice2vol demo``: the main job end to end on the offline synthetic cohort.
 
-Builds the synthetic MNI152 cohort (once), writes a cohort overview (label table and a slice gallery),
-then runs the benchmark experiment ``configs/experiments/demo.yaml`` on it: cache slice features,
-aggregate them to volume embeddings, train the 3D baselines, score every encoder, write the report.
+Runs the benchmark experiment ``configs/experiments/demo.yaml``: builds the synthetic MNI152 cohort
+(once, into ``<out>/cohort``), caches slice features, aggregates them to volume embeddings, trains the
+3D baseline, scores every encoder and writes the report; then draws a slice gallery of the cohort.
 Everything already done is reused on a second run.
 """
 
@@ -18,10 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--n", type=int, default=24, help="synthetic subjects (default 24)")
     parser.add_argument("--config", default=str(REPO / "configs" / "experiments" / "demo.yaml"),
                         help="experiment config run on the cohort")
-    parser.add_argument("--cohort-only", action="store_true", help="stop after the cohort overview")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. splits.n_repeats=1")
 
 
 def cohort_overview(manifest: Path, out: Path) -> Path:
@@ -63,27 +62,14 @@ def cohort_overview(manifest: Path, out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slice2vol.data.manifest import load_manifest
-    from slice2vol.data.synthetic import make_cohort
+    from slice2vol.commands import bench
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    status = bench.run(argparse.Namespace(config=args.config, out=str(out), overrides=list(args.overrides),
+                                          no_progress=False))
     manifest = out / "cohort" / "manifest.csv"
-    if manifest.exists() and len(load_manifest(manifest)) == args.n:
-        print(f"[demo] reusing cohort {manifest}")
-    else:
-        print(f"[demo] building synthetic cohort of {args.n} subjects in {manifest.parent}")
-        manifest = make_cohort(out / "cohort", n_subjects=args.n)
-    cohort = load_manifest(manifest)
-    print(cohort.labels().describe(include="all").to_string())
-    print(f"[demo] cohort overview: {cohort_overview(manifest, out)}")
-    if args.cohort_only:
-        return 0
-    try:
-        from slice2vol.commands import bench
-    except ModuleNotFoundError:
-        print("[demo] the benchmark is not installed in this version; stopping after the cohort")
-        return 0
-    bench_args = argparse.Namespace(config=args.config, out=str(out / "bench"),
-                                    overrides=[f"cohort.manifest={manifest.resolve()}"])
-    return bench.run(bench_args)
+    if manifest.exists():
+        print(f"[demo] cohort overview: {cohort_overview(manifest, out)}")
+    print(f"[demo] open {out / 'report.html'}")
+    return status

@@ -83,6 +83,9 @@ class Encoder2DEntry:
     batch_size: int = 32
     save_tokens: bool = False
     dtype: str = "float16"
+    # optional: skip (with a warning) when the weights file is absent, so a config that uses
+    # machine-specific weights still runs on a fresh machine
+    optional: bool = False
 
 
 @dataclass
@@ -174,8 +177,28 @@ def _hash(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+class _SafeUnpickler(pickle.Unpickler):
+    """Loads only plain containers and numpy arrays: a tampered cache file cannot run code."""
+
+    _ALLOWED_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
+                        "numpy._core.numeric", "numpy.dtypes", "collections", "builtins")
+    _BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "complex",
+                 "bool", "slice", "range"}
+
+    def find_class(self, module: str, name: str):
+        if module == "builtins" and name not in self._BUILTINS:
+            raise pickle.UnpicklingError(f"refusing builtins.{name}")
+        if module.split(".")[0] != "numpy" and module not in self._ALLOWED_MODULES:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}")
+        return super().find_class(module, name)
+
+
 class _Cache:
-    """Pickled results under ``<out>/cache``, keyed by a hash of everything they depend on."""
+    """Results under ``<out>/cache``, keyed by a hash of everything they depend on.
+
+    Values are plain containers and numpy arrays; reading goes through :class:`_SafeUnpickler`,
+    and anything else in a cache file is treated as a miss (recomputed), never executed.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -184,8 +207,11 @@ class _Cache:
     def get(self, kind: str, key: str):
         path = self.root / f"{kind}-{key}.pkl"
         if path.exists():
-            with open(path, "rb") as fh:
-                return pickle.load(fh)
+            try:
+                with open(path, "rb") as fh:
+                    return _SafeUnpickler(fh).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+                log.warning("ignoring cache file %s (%s)", path, err)
         return None
 
     def put(self, kind: str, key: str, value) -> None:
@@ -977,6 +1003,12 @@ def make_figures(sets: Mapping[str, EmbeddingSet], labels, label_types, ev: dict
     return figures
 
 
+def _weights_file_missing(entry: Encoder2DEntry, base: Path) -> bool:
+    if entry.weights == "random" or entry.weights.startswith("hub"):
+        return False
+    return not Path(expand(entry.weights, base)).exists()
+
+
 def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bool = True,
                    config_path: str | None = None) -> dict:
     """Runs every stage; returns {"paths": report files, "rows": ..., "paired": ..., "timings": ...}."""
@@ -995,6 +1027,11 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
     labels, label_types = _labels_of(cohort, cfg)
     log.info("cohort: %d subjects from %s; labels %s", len(cohort), manifest, label_types)
 
+    skipped = [e for e in cfg.encoders if e.optional and _weights_file_missing(e, base)]
+    for entry in skipped:
+        log.warning("%s: weights %s not found; skipping this optional encoder", entry.name,
+                    expand(entry.weights, base))
+    cfg = dataclasses.replace(cfg, encoders=[e for e in cfg.encoders if e not in skipped])
     sets, failures = (build_2d_sets(cfg, cohort, base, store_dir, progress, timings) if cfg.encoders else ({}, []))
     sets3d, models3d = build_3d_sets(cfg, cohort, manifest, base, store_dir, out, progress, timings)
     sets.update(sets3d)
