@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from slice2vol.eval.linear import _Standardizer
 
 
 @dataclass
@@ -44,19 +45,6 @@ class AnomalyConfig:
     size: int = 112
     max_subjects: int | None = None
     seed: int = 0
-
-
-class _Standardizer:
-    def fit(self, x: np.ndarray):
-        self.mean_ = x.mean(0)
-        self.scale_ = x.std(0)
-        # "constant" is relative: random-init nets give features of order 1e-8 that still vary
-        top = float(self.scale_.max()) if self.scale_.size else 0.0
-        self.scale_[self.scale_ <= 1e-6 * top] = 1.0 if top == 0.0 else top
-        return self
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.mean_) / self.scale_
 
 
 class KNNDistance:
