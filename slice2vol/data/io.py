@@ -266,6 +266,15 @@ def normalize_intensity(
     return out
 
 
+def named_images(images: str | Path | Sequence[str | Path] | dict[str, str | Path]) -> dict[str, Path]:
+    """A path, a list of paths or a modality -> path mapping, as an ordered modality -> Path dict."""
+    if isinstance(images, (str, Path)):
+        return {"image": Path(images)}
+    if isinstance(images, dict):
+        return {k: Path(v) for k, v in images.items()}
+    return {f"image{i}": Path(p) for i, p in enumerate(images)}
+
+
 def load_volume(
     images: str | Path | Sequence[str | Path] | dict[str, str | Path],
     cfg: VolumeConfig | None = None,
@@ -290,12 +299,7 @@ def load_volume(
         VolumeError: the first problem found, as ``"<path>: <problem>"``.
     """
     cfg = cfg or VolumeConfig()
-    if isinstance(images, (str, Path)):
-        named = {"image": Path(images)}
-    elif isinstance(images, dict):
-        named = {k: Path(v) for k, v in images.items()}
-    else:
-        named = {f"image{i}": Path(p) for i, p in enumerate(images)}
+    named = named_images(images)
     if not named:
         raise ValueError("load_volume: no image given")
     first = next(iter(named.values()))

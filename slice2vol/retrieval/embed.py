@@ -195,16 +195,11 @@ class VolumeEmbedder:
         Uses the cache job's own dataset (:class:`slice2vol.extract.VolumeSlicesDataset`), so
         loading and slicing are the code that made the indexed features.
         """
-        from slice2vol.data.io import VolumeError
+        from slice2vol.data.io import VolumeError, named_images
         from slice2vol.data.manifest import Subject
         from slice2vol.extract import VolumeSlicesDataset
 
-        if isinstance(images, (str, Path)):
-            named = {"image": Path(images)}
-        elif isinstance(images, dict):
-            named = {k: Path(v) for k, v in images.items()}
-        else:
-            named = {f"image{i}": Path(p) for i, p in enumerate(images)}
+        named = named_images(images)
         dataset = VolumeSlicesDataset([(Subject(subject_id, named), self.planes)], self.volume_cfg, self.slice_cfg)
         item = dataset[0]
         if item.error:
