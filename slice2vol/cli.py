@@ -15,6 +15,7 @@ import sys
 from typing import Sequence
 
 from slice2vol import __version__
+from slice2vol.commands._common import HelpFormatter
 
 # Order is the order shown in --help.
 COMMANDS = (
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name == f"slice2vol.commands.{name}":
                 continue
             raise
-        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        cmd = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+                             formatter_class=HelpFormatter)
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
@@ -62,6 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # third-party INFO chatter (faiss loader lines) is not ours to print
+    for noisy in ("faiss", "faiss.loader", "urllib3", "filelock", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from slice2vol import progress
+
+    progress.set_mode("none" if getattr(args, "no_progress", False) else "auto")
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2

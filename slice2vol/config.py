@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -107,19 +108,73 @@ def config_hash(*cfgs: Any, length: int = 12) -> str:
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
-    node = data
+    """Sets ``a.b.0.c = value`` in nested dicts/lists (Hydra-style dotted keys with list indices).
+
+    A numeric part indexes a list that already exists (from the YAML file); a mapping part that does
+    not exist yet is created. Indexing past the end of a list, or into a scalar, is refused.
+    """
+    node: Any = data
     parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is not a mapping")
-    node[parts[-1]] = value
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"override {key!r}: empty key part")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not re.fullmatch(r"-?\d+", part):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i]) or key!r} is a list; "
+                                  f"use an index (e.g. {'.'.join(parts[:i] + ['0'] + parts[i:])})")
+            idx = int(part)
+            if not -len(node) <= idx < len(node):
+                raise ConfigError(f"override {key!r}: index {idx} out of range (the list has {len(node)} item(s))")
+            if last:
+                node[idx] = value
+            else:
+                if node[idx] is None:
+                    node[idx] = {}
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"override {key!r}: {where.rsplit('.', 1)[0]!r} is a {type(node).__name__}, "
+                              "not a mapping or list")
+
+
+def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "c=[x,y]"]`` -> ``[("a.b", 1), ("c", ["x", "y"])]`` (values parsed as YAML)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. splits.n_folds=5 or encoders.0.weights=hub)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Applies ``key.sub.0=value`` overrides to a plain (YAML-loaded) dict in place and returns it."""
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    return data
 
 
 def load_config(
     cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = (), section: str | None = None
 ) -> C:
-    """Dataclass defaults <- YAML file (optionally one top-level ``section``) <- ``key.sub=value`` overrides."""
+    """Dataclass defaults <- YAML file (optionally one top-level ``section``) <- ``key.sub=value`` overrides.
+
+    Overrides follow Hydra's syntax: dotted keys, list indices (``encoders.0.weights=hub``), YAML values
+    (``tasks=[knn,linear]``). This is the one override syntax of every ``slice2vol`` command.
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -132,10 +187,6 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data.update(loaded)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    apply_overrides(data, overrides)
     where = str(path) if path is not None else cls.__name__
     return from_dict(cls, data, where)

@@ -16,13 +16,33 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _shared_dir(env: str, relative: str, marker: str) -> Path | None:
+    """``$<env>`` if set (even when wrong: a set variable is never silently replaced), else
+    ``../shared/<relative>`` beside the checkout when it holds ``marker``."""
+    value = os.environ.get(env)
+    if value:
+        return Path(value) if (Path(value) / marker).exists() else None
+    default = REPO.parent / "shared" / relative
+    return default if (default / marker).exists() else None
+
+
 def ixi_root() -> Path | None:
     """``$SLICE2VOL_IXI`` or ``../shared/data/ixi-hh-2mm`` beside the checkout, if it exists."""
-    candidates = [os.environ.get("SLICE2VOL_IXI"), REPO.parent / "shared" / "data" / "ixi-hh-2mm"]
-    for c in candidates:
-        if c and (Path(c) / "participants.csv").exists():
-            return Path(c)
-    return None
+    return _shared_dir("SLICE2VOL_IXI", "data/ixi-hh-2mm", "participants.csv")
+
+
+def weights_root() -> Path | None:
+    """``$SLICE2VOL_WEIGHTS`` or ``../shared/weights`` beside the checkout, if it exists."""
+    return _shared_dir("SLICE2VOL_WEIGHTS", "weights", "SHA256SUMS")
+
+
+def shared_weight(filename: str) -> Path:
+    """A real weights file from the weights folder; skips the test (naming the variable) when absent."""
+    root = weights_root()
+    if root is None or not (root / filename).exists():
+        pytest.skip(f"real weights {filename} not found: set SLICE2VOL_WEIGHTS to a folder holding it "
+                    "(or place it in ../shared/weights)")
+    return root / filename
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +56,14 @@ def ixi_dir() -> Path:
 @pytest.fixture(scope="session")
 def ixi_manifest(ixi_dir: Path) -> Path:
     return ixi_dir / "participants.csv"
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    root = weights_root()
+    if root is None:
+        pytest.skip("real weights folder not found: set SLICE2VOL_WEIGHTS or place it at ../shared/weights")
+    return root
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:

@@ -1,0 +1,129 @@
+"""The one command-line convention of every ``slice2vol`` job.
+
+Anchor: GNU long options for named inputs, plus Hydra-style ``key=value`` overrides as trailing
+positional arguments (dotted keys, list indices, YAML values: ``encoders.0.weights=hub``,
+``tasks=[knn,linear]``), applied after ``--config`` and before the job runs (see
+:func:`slice2vol.config.load_config`).
+
+One flag name per concept:
+
+==================  ====================================================================
+``--config FILE``   YAML config of the job (``configs/...``, or packaged ones by name)
+``KEY=VALUE ...``   overrides of that config (positional, last on the line)
+``--manifest FILE`` cohort CSV (or BIDS folder where the job accepts one)
+``--store FILE``    HDF5 feature store the job reads or writes
+``--out PATH``      folder (or file) the job creates; its log file goes there
+``--device DEV``    ``auto`` (default: CUDA when available), ``cpu``, ``cuda``, ``cuda:N``
+``--no-progress``   no progress output (a bar on a terminal, periodic log lines otherwise)
+``--seed N``        random seed
+==================  ====================================================================
+
+Jobs with several actions use sub-commands (``slice2vol index build``, ``slice2vol cache merge``).
+Every job module calls these helpers instead of declaring its own variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Sequence
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults in ``--help`` and keeps the line breaks of descriptions and epilogs."""
+
+
+def add_config(parser: argparse.ArgumentParser, *, required: bool = False, default: str | None = None,
+               help: str = "YAML config of this job") -> None:
+    parser.add_argument("--config", required=required, default=default, metavar="FILE", help=help)
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, Hydra style: dotted keys, list indices, YAML values, "
+                             "e.g. splits.n_folds=5 encoders.0.weights=hub tasks=[knn,linear]")
+
+
+def add_manifest(parser: argparse.ArgumentParser, *, required: bool = False,
+                 help: str = "cohort CSV: subject_id, image column(s), labels") -> None:
+    parser.add_argument("--manifest", required=required, metavar="FILE", help=help)
+
+
+def add_store(parser: argparse.ArgumentParser, *, required: bool = True,
+              help: str = "HDF5 feature store") -> None:
+    parser.add_argument("--store", required=required, metavar="FILE", help=help)
+
+
+def add_out(parser: argparse.ArgumentParser, *, required: bool = False, default: str | None = None,
+            help: str = "output folder") -> None:
+    parser.add_argument("--out", required=required, default=default, metavar="PATH", help=help)
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N")
+
+
+def add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress output (default: a bar on a terminal, plain lines every 30 s otherwise)")
+
+
+def add_seed(parser: argparse.ArgumentParser, default: int = 0) -> None:
+    parser.add_argument("--seed", type=int, default=default, help="random seed")
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto``/``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else unchanged."""
+    if device in (None, "", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_progress", False)
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The ``KEY=VALUE`` overrides given on the command line (validated: each has an ``=``)."""
+    items = list(getattr(args, "overrides", None) or [])
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise ValueError(f"unexpected argument(s) {bad}: overrides are KEY=VALUE (e.g. splits.n_folds=5)")
+    return items
+
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_run_log(out_dir: str | Path, name: str = "slice2vol.log") -> Path:
+    """Appends every log record of this process to ``<out_dir>/<name>`` (the run folder's log file).
+
+    Called by each job once its output folder is known; the file handler is added to the root logger
+    at INFO level whatever the console level, so a run folder always tells what happened.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = (out_dir / name).resolve()
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path:
+            return path
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return path
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command line as typed (for provenance), shell-quoted."""
+    import shlex
+    import sys
+
+    return " ".join(shlex.quote(a) for a in (["slice2vol", *argv] if argv is not None else sys.argv))
