@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     _common.add_run_log(out)
     try:
         result = run_experiment(cfg, base=base, out=out, progress=_common.progress_enabled(args),
-                                config_path=str(args.config), command_line=command_line())
+                                config_path=str(args.config),
+                                command_line=getattr(args, "command_line", None) or command_line())
     except IntegrationError as err:
         raise ValueError(f"pipeline piece missing: {err}") from None
     paths = result["paths"]

@@ -17,7 +17,8 @@ from typing import Sequence
 
 import yaml
 
-from slice2vol.config import ConfigError, apply_overrides, from_dict
+from slice2vol import config as _config
+from slice2vol.config import ConfigError, apply_overrides
 from slice2vol.data.io import VolumeConfig
 from slice2vol.data.slicing import SliceConfig
 from slice2vol.eval.anomaly import AnomalyConfig
@@ -157,7 +158,8 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
     for key in [k for k in data if k not in fields and k in TASKS]:
         params[key] = data.pop(key) or {}
     data["task_params"] = params
-    cfg = from_dict(ExperimentConfig, data, str(path))
+    # through the module attribute, so a caller (or a test spy) sees every config this job builds
+    cfg = _config.from_dict(ExperimentConfig, data, str(path))
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"{path}: unknown task(s) {unknown}; known: {sorted(TASKS)}")
