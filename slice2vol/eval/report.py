@@ -544,7 +544,9 @@ def notices(results: Mapping) -> list[str]:
         lines.append(text)
     wanted = (results.get("config") or {}).get("reference")
     used = results.get("reference")
-    if wanted and wanted != used and not any(e.get("name") == wanted for e in results.get("skipped") or []):
+    # a producer that lists the substitution itself (name "X" or "reference X") is not repeated
+    listed = any(wanted and wanted in str(e.get("name", "")).split() for e in results.get("skipped") or [])
+    if wanted and wanted != used and not listed:
         lines.append(f"reference: the config names {wanted}, the comparisons use {used}")
     for failure in (results.get("cohort") or {}).get("failures") or []:
         lines.append(f"cohort: {failure}")

@@ -340,3 +340,14 @@ def test_many_labels_give_a_long_summary(tmp_path, results):
     i = parsed.cells.index("ventricles")
     assert parsed.cells[i + 2:i + 9] == ["imagenet-mnv2/mean (reference)", "2d", "0.930", "[0.860, 0.980]", "ref", "",
                                          ""]
+
+
+def test_a_listed_substitution_is_not_repeated(tmp_path, results):
+    res = results[0]
+    res["config"]["reference"] = "imagenet-effnet/mean"
+    res["skipped"] = [{"name": "reference imagenet-effnet/mean", "reason": "not an embedding set of this run",
+                       "substitute": "imagenet-mnv2/mean"}]
+    html = write_report(tmp_path, res)["report.html"].read_text()
+    assert "reference imagenet-effnet/mean: skipped — not an embedding set of this run; replaced by " \
+           "imagenet-mnv2/mean" in html
+    assert "the config names" not in html
