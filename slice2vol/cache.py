@@ -1064,6 +1064,9 @@ class FeatureStore:
                 raise StoreLocked(f"{self.path}: another process is writing this store ({holder}; lock "
                                   f"{lock_path}); wait for it to finish, or give each job its own --store "
                                   "or --shard") from None
+            except OSError as err:  # e.g. ENOLCK on a filesystem without flock support
+                raise StoreError(f"{self.path}: cannot lock {lock_path} ({_short(err)}); this filesystem does not "
+                                 "support flock: write the store to a local or flock-capable disk") from None
             try:
                 fh.seek(0)
                 fh.truncate()
