@@ -35,7 +35,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from slice2vol.cache import FeatureStore, PlaneFeatures, SubjectFeatures, config_hash_of, run_context
+from slice2vol.cache import (
+    FeatureStore,
+    PlaneFeatures,
+    StoreLocked,
+    SubjectFeatures,
+    config_hash_of,
+    run_context,
+)
 from slice2vol.config import to_dict
 from slice2vol.data.io import VolumeConfig, VolumeError, fingerprint, fingerprint_changes
 from slice2vol.data.manifest import Cohort, Failure, Subject, load_subject
@@ -500,6 +507,10 @@ def cache_cohort(
     if shard_ and shard_[1] > 1:
         store_path = shard_path(store_path, *shard_)
     subjects = shard_subjects(cohort.subjects, *shard_) if shard_ else list(cohort.subjects)
+    holder = FeatureStore(store_path, mode="a").locked_by()
+    if holder:  # fail before building the encoder; the lock itself is taken below
+        raise StoreLocked(f"{store_path}: another process is writing this store ({holder}; lock {store_path}.lock); "
+                          "wait for it to finish, or give each job its own --store or --shard")
     report = CacheReport(store_path, shard=shard_, failures=list(cohort.failures))
 
     dev = torch.device(device)
