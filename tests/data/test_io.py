@@ -257,24 +257,35 @@ def test_ixi_rotated_17_degrees_features_match_nibabel_reslice(ixi_manifest, tmp
     rotated = write_nifti(tmp_path / "rotated.nii.gz", img.get_fdata(dtype=np.float32), tilt @ img.affine)
     ours = load_volume(rotated)
     assert ours.oblique_action == "resliced" and ours.obliquity_deg == pytest.approx(17.0, abs=0.01)
-    reference = nibabel.processing.resample_from_to(nib.load(str(rotated)), (ours.shape, ours.affine), order=3)
-    write_nifti(tmp_path / "reference.nii.gz", np.asarray(reference.dataobj, np.float32), reference.affine)
+    for order in (3, 1):  # nibabel's default (cubic), and trilinear to show what interpolation alone changes
+        reference = nibabel.processing.resample_from_to(nib.load(str(rotated)), (ours.shape, ours.affine), order=order)
+        write_nifti(tmp_path / f"reference{order}.nii.gz", np.asarray(reference.dataobj, np.float32), reference.affine)
     csv = tmp_path / "m.csv"
-    pd.DataFrame({"subject_id": ["ours", "reference"], "t1": ["rotated.nii.gz", "reference.nii.gz"]}).to_csv(csv, index=False)
+    pd.DataFrame({"subject_id": ["ours", "cubic", "linear"],
+                  "t1": ["rotated.nii.gz", "reference3.nii.gz", "reference1.nii.gz"]}).to_csv(csv, index=False)
     cfg = SliceConfig(size=96, stride=4)
     report = cache_cohort(load_manifest(csv), "tv/mobilenet_v2", tmp_path / "f.h5", weights=str(weights),
                           encoder_kwargs={"img_size": 96}, slice_cfg=cfg, batch_size=32, progress=False)
     assert report.ok and report.oblique == {"ours": pytest.approx(17.0, abs=0.01)}
     store = FeatureStore(tmp_path / "f.h5")
-    cosines = []
-    for plane in store.planes:
-        a, b = store.slice_features("ours", plane), store.slice_features("reference", plane)
-        ia, ib = store.slice_meta("ours", plane)["indices"], store.slice_meta("reference", plane)["indices"]
-        common, ja, jb = np.intersect1d(ia, ib, return_indices=True)
-        assert len(common) >= 0.9 * max(len(ia), len(ib))
-        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(a[ja]), torch.from_numpy(b[jb]), dim=1)
-        cosines.append(cos.numpy())
-    assert np.concatenate(cosines).mean() >= 0.99
+
+    def cosines(reference: str) -> np.ndarray:
+        out = []
+        for plane in store.planes:
+            a, b = store.slice_features("ours", plane), store.slice_features(reference, plane)
+            ia, ib = store.slice_meta("ours", plane)["indices"], store.slice_meta(reference, plane)["indices"]
+            common, ja, jb = np.intersect1d(ia, ib, return_indices=True)
+            assert len(common) >= 0.9 * max(len(ia), len(ib))
+            out.append(torch.nn.functional.cosine_similarity(torch.from_numpy(a[ja]), torch.from_numpy(b[jb]), dim=1).numpy())
+        return np.concatenate(out)
+
+    cubic, linear = cosines("cubic"), cosines("linear")
+    print(f"\nIXI rotated 17 deg, loader (cubic) vs nibabel cubic: mean cosine {cubic.mean():.4f} (min {cubic.min():.4f}); "
+          f"vs nibabel trilinear: {linear.mean():.4f} (min {linear.min():.4f}); {len(cubic)} slices")
+    # the acceptance asks >= 0.99; the loader reslices with nibabel's own resampler on its grid, so the whole
+    # pipeline agrees to rounding; only the interpolation order moves the features noticeably
+    assert cubic.mean() >= 0.999
+    assert linear.mean() < cubic.mean()
 
 
 # -- slice2vol info (issue 14 point 7) ----------------------------------------------------------------
