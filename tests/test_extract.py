@@ -393,7 +393,7 @@ def test_flipped_bit_caught_by_verify_and_recomputed_on_resume(manifest: Path, t
     err = capsys.readouterr().err
     assert "1 damaged" in err and "damaged: sub3 coronal: features fail their checksum" in err
     # aggregate (any reader) refuses the damaged subject instead of using it
-    assert main(["aggregate", str(damaged), "--method", "mean", "--no-plot"]) == 2
+    assert main(["aggregate", "--store", str(damaged), "--method", "mean", "--no-plot"]) == 2
     err = capsys.readouterr().err
     assert "damaged.h5: subject 'sub3' coronal features fail their checksum" in err and len(err.splitlines()) == 1
     # resume: only the damaged subject is recomputed, the store verifies, the others are untouched
@@ -452,7 +452,7 @@ def test_second_writer_and_aggregate_during_a_job_get_one_line_exit_2(manifest: 
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "busy.h5: another process is writing this store (pid" in err
         assert "busy.h5.lock" in err
-        assert main(["aggregate", str(out), "--method", "mean", "--no-plot"]) == 2
+        assert main(["aggregate", "--store", str(out), "--method", "mean", "--no-plot"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "busy.h5: another process is writing this store" in err
 
