@@ -7,9 +7,8 @@ Examples::
     slice2vol info feats.h5                         # a feature store (as 'slice2vol cache info')
     slice2vol info scan.nii.gz --oblique refuse     # how the caching job would treat an oblique scan
 
-Exit status: 0 ok; 1 some subjects of a manifest could not be loaded (listed at the end), or the
-single file given cannot be used (one line naming it and the problem); 2 usage error, unreadable
-manifest or store (one line on stderr).
+Exit status: 0 ok; 1 some subjects of a manifest could not be loaded (listed at the end); 2 the file
+itself cannot be used (one line on stderr naming it and the problem), or a usage error.
 """
 
 from __future__ import annotations
@@ -125,12 +124,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {f}")
             return 1
         return 0
-    try:
-        volume = load_volume(path, cfg)
-    except VolumeError as err:
-        # TODO(issue 14.7): one line on stderr with exit 2, as every other input error, once
-        # tests/test_cli.py::test_info_on_bad_file_names_it (cli's) expects it; see branch harden-info-exit2
-        print(f"error: {err}")
-        return 1
+    volume = load_volume(path, cfg)  # a VolumeError becomes one line on stderr, exit 2 (slice2vol.cli)
     _print(describe(volume, _raw_range(path), args.stride, args.min_foreground))
     return 0

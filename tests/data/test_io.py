@@ -289,11 +289,12 @@ def test_ixi_rotated_17_degrees_features_match_nibabel_reslice(ixi_manifest, tmp
 
 
 # -- slice2vol info (issue 14 point 7) ----------------------------------------------------------------
-def test_info_bad_file_one_line_naming_it(tmp_path, capsys):
+def test_info_bad_file_one_line_on_stderr_exit_2(tmp_path, capsys):
     path = write_nifti(tmp_path / "one.nii.gz", blob_volume((24, 28, 1)))
-    assert main(["info", str(path)]) == 1
-    out = capsys.readouterr().out.strip()
-    assert len(out.splitlines()) == 1 and out.startswith(f"error: {path}: a single slice, not a volume")
+    assert main(["info", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith(f"slice2vol info: error: {path}: a single slice, not a volume")
 
 
 def test_info_reports_obliquity_and_plain_numbers(tmp_path, capsys):
@@ -302,9 +303,9 @@ def test_info_reports_obliquity_and_plain_numbers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "obliquity: 28.6 deg (resliced onto the nearest RAS-aligned grid" in out
     assert "spacing_mm: (1, 1, 1)" in out and "np.float" not in out
-    assert main(["info", str(path), "--oblique", "refuse"]) == 1
-    out = capsys.readouterr().out
-    assert "oblique affine (28.6 deg" in out and "--oblique reslice" in out
+    assert main(["info", str(path), "--oblique", "refuse"]) == 2
+    err = capsys.readouterr().err
+    assert "oblique affine (28.6 deg" in err and "--oblique reslice" in err
     # a manifest with a bad row: the others are described, the failure listed at the end, exit 1
     good = write_nifti(tmp_path / "good.nii.gz", blob_volume())
     (tmp_path / "m.csv").write_text(f"subject_id;t1\ng;{good.name}\nb;{path.name}\n")
