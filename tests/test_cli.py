@@ -24,9 +24,9 @@ def test_info_on_file(small_nifti, capsys):
 def test_info_on_bad_file_names_it(tmp_path, capsys):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"\x1f\x8b\x08garbage")
-    assert main(["info", str(bad)]) == 1
-    out = capsys.readouterr().out
-    assert str(bad) in out and "\n" not in out.strip()
+    assert main(["info", str(bad)]) == 2  # an unusable input is a usage/input error (docs/cli.md)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slice2vol info: error:") and str(bad) in err and "\n" not in err
 
 
 def test_info_on_manifest_reports_failures_and_goes_on(tmp_path, capsys):
