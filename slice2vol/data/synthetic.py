@@ -255,7 +255,7 @@ def make_cohort(out_dir: str | Path, n_subjects: int | None = None, seed: int | 
     rows = []
     from slice2vol.progress import track
 
-    for i in track(range(cfg.n_subjects), desc="synth", unit="subject", enabled=progress):
+    for i in track(range(cfg.n_subjects), desc="synth", unit="subjects", enabled=progress):
         subject = make_subject(template, cfg, i)
         sid = f"synth-{cfg.seed:02d}-{i:03d}"
         affine = template.affine

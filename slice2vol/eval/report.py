@@ -391,7 +391,7 @@ def summary_grid(results: Mapping) -> tuple[list[tuple[str, int]], list[str], li
         group.append((f"{label}: {metric_name(first['metric'])}{arrow}" + (f" ({how})" if how else ""), 5))
         header += [metric_name(first["metric"]), "95% CI", "Δ vs ref", "95% CI of Δ", "p (Holm)"]
         if first.get("estimate_kind") == "fold_mean":
-            notes.append(f"{label}: mean over folds (not pooled), CI over folds.")
+            notes.append(f"{label}: {metric_name(first['metric'])} is the mean over test folds, not the pooled value.")
     kinds = {n: (info or {}).get("kind", "") for n, info in (results.get("sets") or {}).items()}
     body = []
     for name in _set_order(results):
@@ -602,11 +602,10 @@ dl.prov dt{font-weight:600}dl.prov dd{margin:0;font-family:ui-monospace,monospac
 pre{background:#f6f6f6;padding:0.8em;font-size:12px;overflow-x:auto}
 """
 
-_LEGEND = ("Estimates: pooled out-of-fold predictions over all subjects (averaged over repeats) with a "
-           "subject-level bootstrap 95% CI. Δ = metric(encoder) − metric(reference) on the same subjects and "
-           "splits, paired bootstrap 95% CI; p: two-sided paired permutation test, Holm-adjusted over the "
-           "comparisons of the run. ↑ higher is better, ↓ lower is better. Green: the CI of Δ lies wholly on the "
-           "better side of 0; red: wholly on the worse side.")
+_LEGEND = ("Each estimate comes with its 95% CI (how each is computed: see the notes above). Δ = metric(encoder) "
+           "− metric(reference) on the same subjects and splits, with its paired 95% CI; p: paired test, "
+           "Holm-adjusted over the comparisons of the run. ↑ higher is better, ↓ lower is better. Green: the CI of "
+           "Δ lies wholly on the better side of 0; red: wholly on the worse side.")
 
 
 def _img_tag(out: Path, fig: Mapping) -> str:
@@ -643,8 +642,9 @@ def _render_html(results: Mapping, out: Path) -> str:
         parts.append(f"<p class='note'>Cohort: {_esc(cohort['n_subjects'])} subjects; labels "
                      + _esc(", ".join(f"{k} ({v})" for k, v in labels.items()) or "–")
                      + f". Reference for Δ: <b>{_esc(results.get('reference') or 'none')}</b>.</p>")
-    parts += [f"<p class='note'>{_esc(n)}</p>" for n in notes]
     box = notices(results)
+    # the box below lists skipped entries; a producer's note repeating them is left out
+    parts += [f"<p class='note'>{_esc(n)}</p>" for n in notes if not (box and n.startswith("Skipped"))]
     if box:
         parts.append("<div class='box' id='skipped'><h2>Skipped or substituted</h2><ul>"
                      + "".join(f"<li>{_esc(line)}</li>" for line in box) + "</ul></div>")
