@@ -148,12 +148,16 @@ def read_bench(n_subjects: int, slices: int, dim: int) -> dict:
     return out
 
 
-def naive_loop(encoder, cohort, slice_indices: dict, size: int, limit: int, warmup: int) -> tuple[int, float]:
+def naive_loop(encoder, cohort, slice_indices: dict, size: int, limit: int, warmup: int,
+               amp: str | None = None) -> tuple[int, float]:
     """The usual research loop: nibabel, per slice a PIL image, the library's eval transform, batch of 1.
 
     Fair to it: the same encoder object as the bare run (same weights, channels_last when that has
-    it, same device), ``inference_mode``, and ``warmup`` slices run before the clock starts.
+    it, same device, the same autocast on CUDA), ``inference_mode``, and ``warmup`` slices run before
+    the clock starts.
     """
+    import contextlib
+
     import nibabel as nib
     import numpy as np
     import torch
@@ -173,9 +177,11 @@ def naive_loop(encoder, cohort, slice_indices: dict, size: int, limit: int, warm
                                T.Normalize(encoder.info.mean, encoder.info.std)])
     channels_last = bool(getattr(encoder, "_channels_last", False))
     device = encoder.device
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp and device.type == "cuda" else contextlib.nullcontext())
     n = 0
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         for subject in cohort.subjects:
             img = nib.as_closest_canonical(nib.load(str(next(iter(subject.images.values())))))
             data = img.get_fdata(dtype=np.float32)
@@ -278,7 +284,7 @@ def main(argv=None) -> None:
         return report.slices / report.seconds
 
     def naive() -> float:
-        n, seconds = naive_loop(encoder, cohort, indices, args.size, args.naive_slices, args.naive_warmup)
+        n, seconds = naive_loop(encoder, cohort, indices, args.size, args.naive_slices, args.naive_warmup, args.amp)
         return n / seconds
 
     print(f"{args.encoder} @ {args.size}px, batch {batch_size}, {len(cohort)} IXI subjects, stride "

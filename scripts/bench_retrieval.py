@@ -22,6 +22,7 @@ Examples:
     python scripts/bench_retrieval.py --sizes 1000000 --dims 384         # the 1M target
     python scripts/bench_retrieval.py --store ixi.h5 --embeddings mean --sizes 100000
     python scripts/bench_retrieval.py --sizes 0 --index ixi-index --nifti new_T1.nii.gz
+    python scripts/bench_retrieval.py --sizes 0 --index ixi-index --neighbours 5   # label agreement
 """
 
 from __future__ import annotations
@@ -175,6 +176,46 @@ def nifti_latency(index_dir: str, nifti: str, k: int, weights: str | None, repea
     return {"threads": torch.get_num_threads(), **{name: float(np.median(v)) for name, v in times.items()}}
 
 
+def neighbour_labels(index_dir: str, k: int) -> dict:
+    """Leave-one-out over an index's subjects: do the k nearest share the query's labels?
+
+    Continuous labels: mean |label - mean of the k neighbours' labels| against |label - mean of all
+    other subjects| (what knowing nothing gives). Categorical: fraction of neighbours with the
+    query's label against the chance that two distinct random subjects share it.
+    """
+    from slice2vol.retrieval import Index
+
+    index = Index.load(index_dir)
+    out = {"n": len(index), "k": k, "labels": {}}
+    neighbours = {sid: index.search_subject(sid, k + 1) for sid in index.ids}
+    for column in index.labels.columns:
+        values = index.labels[column]
+        kind = index.label_types.get(column) or ("continuous" if values.dtype.kind in "if" else "categorical")
+        rows = []
+        for sid, table in neighbours.items():
+            own = values.get(sid)
+            others = table[table["subject_id"] != sid].head(k)[column].dropna()
+            if own is None or (isinstance(own, float) and np.isnan(own)) or not len(others):
+                continue
+            if kind == "continuous":
+                rest = values.drop(sid).dropna().astype(float)
+                rows.append((abs(float(own) - float(others.astype(float).mean())), abs(float(own) - rest.mean())))
+            else:
+                rows.append(((others == own).mean(), np.nan))
+        if not rows:
+            continue
+        a = np.asarray(rows, dtype=float)
+        if kind == "continuous":
+            out["labels"][column] = {"kind": kind, "neighbours_abs_error": a[:, 0].mean(),
+                                     "cohort_mean_abs_error": a[:, 1].mean()}
+        else:
+            counts = values.dropna().value_counts().to_numpy(dtype=float)
+            total = counts.sum()
+            chance = float((counts * (counts - 1)).sum() / (total * (total - 1)))
+            out["labels"][column] = {"kind": kind, "neighbours_agree": a[:, 0].mean(), "chance": chance}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -199,6 +240,8 @@ def main(argv=None) -> int:
     parser.add_argument("--index", help="index folder, for the new-scan latency")
     parser.add_argument("--nifti", help="a NIfTI file, for the new-scan latency")
     parser.add_argument("--weights", help="local weights for the new-scan latency")
+    parser.add_argument("--neighbours", type=int, default=0,
+                        help="with --index: leave-one-out label agreement of this many nearest subjects")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved timing rounds / NIfTI repeats")
     parser.add_argument("--timing-queries", type=int, default=200,
                         help="queries of the interleaved batched exact-vs-approximate timing")
@@ -245,6 +288,17 @@ def main(argv=None) -> int:
         print(f"\nnew-scan query, median of {args.repeats} ({lat.pop('threads')} torch threads):")
         for name, seconds in lat.items():
             print(f"  {name:40s} {seconds:8.3f} s")
+    if args.index and args.neighbours:
+        check = neighbour_labels(args.index, args.neighbours)
+        result["neighbour_labels"] = check
+        print(f"\nleave-one-out over {check['n']} indexed subjects, {check['k']} nearest each:")
+        for column, r in check["labels"].items():
+            if r["kind"] == "continuous":
+                print(f"  {column}: mean |query - neighbours' mean| {r['neighbours_abs_error']:.2f} "
+                      f"(cohort mean: {r['cohort_mean_abs_error']:.2f})")
+            else:
+                print(f"  {column}: {100 * r['neighbours_agree']:.0f}% of neighbours share the query's value "
+                      f"(chance {100 * r['chance']:.0f}%)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=float))
     return 0
