@@ -10,8 +10,9 @@ batches (``resource.getrusage`` in the child); the parent adds the whole child's
 (``getrusage(RUSAGE_CHILDREN)`` differences). Variants alternate A B, B A, ... across rounds, so the
 drift of a shared or virtual machine falls on both.
 
-The ceiling is the fp32 matmul rate (``--ceiling-size`` squared, same threads) measured in a child
-of every round; each encoder is shown as a fraction of the best ceiling of the run. FLOPs of one
+The ceiling is the fp32 matmul rate (``--ceiling-size`` squared, same threads; on CUDA with
+``--amp`` the autocast dtype's) measured in a child of every round; each encoder is shown as a
+fraction of the best ceiling of the run. FLOPs of one
 slice are counted by ``torch.utils.flop_counter.FlopCounterMode`` with attention forced to the math
 SDPA kernel (the fused CPU kernel is invisible to the counter); a multiply-add counts as 2.
 
@@ -147,14 +148,21 @@ def child_encoder(args: argparse.Namespace) -> dict:
 
 
 def child_ceiling(args: argparse.Namespace) -> dict:
-    """fp32 matmul GFLOP/s, best of a few n x n products, same threads as the encoders."""
+    """Matmul GFLOP/s, best of a few n x n products, same threads as the encoders.
+
+    fp32, or on CUDA with ``--amp`` the autocast dtype (the encoders' matmuls then run in it).
+    """
     import torch
 
     from slice2vol.runtime import configure_runtime
 
     configure_runtime(threads=args.threads)
     n = args.ceiling_size
-    a, b = torch.rand(n, n, device=args.device), torch.rand(n, n, device=args.device)
+    dtype = torch.float32
+    if args.amp and torch.device(args.device).type == "cuda":
+        dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    a = torch.rand(n, n, device=args.device, dtype=dtype)
+    b = torch.rand(n, n, device=args.device, dtype=dtype)
     device = a.device
     for _ in range(2):
         a @ b
@@ -165,7 +173,8 @@ def child_ceiling(args: argparse.Namespace) -> dict:
         a @ b
         _sync(device)
         best = min(best, time.perf_counter() - start)
-    return {"gflops": 2 * n**3 / best / 1e9, "size": n, "threads": torch.get_num_threads()}
+    return {"gflops": 2 * n**3 / best / 1e9, "size": n, "threads": torch.get_num_threads(),
+            "dtype": str(dtype).replace("torch.", "")}
 
 
 # -- parent side ------------------------------------------------------------------------------------
@@ -235,7 +244,7 @@ def summarise(results: list[dict], variants: list[str], ceiling: float) -> list[
     return rows
 
 
-def print_table(rows: list[dict], ceiling: float, repeats: int) -> None:
+def print_table(rows: list[dict], ceiling: float, repeats: int, dtype: str = "fp32") -> None:
     print(f"\n| encoder | variant | slices/s (per round) | x first | CPU ms/slice | x first (CPU) | GFLOP/slice | "
           f"% of ceiling | sys s / user s (timed {repeats} batches) | minor faults / batch | child sys s / user s | "
           f"child faults |")
@@ -248,7 +257,7 @@ def print_table(rows: list[dict], ceiling: float, repeats: int) -> None:
               f"{r['timed_sys_s']:.2f} / {r['timed_user_s']:.2f} | "
               f"{r['minflt_per_batch']:,.0f} | {r['child_sys_s']:.1f} / {r['child_user_s']:.1f} | "
               f"{r['child_minflt']:,.0f} |")
-    print(f"\nceiling: fp32 matmul {ceiling:.1f} GFLOP/s (best of the run)")
+    print(f"\nceiling: {dtype} matmul {ceiling:.1f} GFLOP/s (best of the run)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -298,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     results, ceilings = [], []
     for rnd in range(args.rounds):
-        ceilings.append(run_child(["--child", "@ceiling", *common], envs[variants[-1]])["gflops"])
-        print(f"round {rnd}: matmul ceiling {ceilings[-1]:.1f} GFLOP/s", flush=True)
+        ceiling = run_child(["--child", "@ceiling", *common], envs[variants[-1]])
+        ceilings.append(ceiling["gflops"])
+        print(f"round {rnd}: {ceiling['dtype']} matmul ceiling {ceilings[-1]:.1f} GFLOP/s", flush=True)
         order = variants if rnd % 2 == 0 else variants[::-1]
         for key in args.encoders:
             for variant in order:
@@ -313,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{out['child_minflt']:,} faults)", flush=True)
     ceiling = max(ceilings)
     rows = summarise(results, variants, ceiling)
-    print_table(rows, ceiling, args.repeats)
+    print_table(rows, ceiling, args.repeats, "fp32" if not args.amp or args.device == "cpu" else args.amp)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "runs": results, "ceilings": ceilings,
                                                "args": vars(args)}, indent=1, default=str))

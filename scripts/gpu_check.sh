@@ -65,7 +65,7 @@ if [[ "$QUICK" == 1 ]]; then ROUNDS=1; REPEATS=${REPEATS_QUICK:-10}; NAIVE=${NAI
   SUBJECTS=$(( SUBJECTS < 8 ? SUBJECTS : 8 )); fi
 
 # 1. bare forward, fp32 and bf16 autocast, batch size from the probe; the ceiling is the device's
-#    fp32 matmul (TF32 off, PyTorch's default), measured in the same run
+#    matmul in the same dtype (fp32 with TF32 off, PyTorch's default; bf16), measured in the same run
 for amp in fp32 bf16; do
   extra=(); [[ "$amp" == bf16 ]] && extra=(--amp bf16)
   "$PYTHON" scripts/bench_encoders.py --device "$DEVICE" --variants project --rounds "$ROUNDS" \

@@ -242,3 +242,45 @@ def test_cli_configures_the_runtime_and_refuses_a_bad_allocator(monkeypatch, tmp
     assert main(["index", "info", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "SLICE2VOL_ALLOCATOR: bad glibc option 'mmap=1G'" in err
+
+
+# -- the benchmark's variants -------------------------------------------------------------------------
+def _bench_encoders():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_encoders", REPO / "scripts" / "bench_encoders.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_variants_differ_only_in_allocator_settings(monkeypatch):
+    bench = _bench_encoders()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the caller's allocator settings must not leak into A or B
+    monkeypatch.setenv(runtime.ALLOCATOR_ENV, "glibc")
+    default, project, env16g = (bench.variant_env(v) for v in ("default", "project", "env16g"))
+    for env in (default, project, env16g):
+        assert "MALLOC_ARENA_MAX" not in env and str(REPO) in env["PYTHONPATH"].split(os.pathsep)
+    assert default[runtime.ALLOCATOR_ENV] == "system" and runtime.ALLOCATOR_ENV not in project
+    assert env16g["MALLOC_MMAP_THRESHOLD_"] == str(16 << 30) and env16g[runtime.ALLOCATOR_ENV] == "system"
+    assert bench.variant_env("glibc:top_pad=64M")[runtime.ALLOCATOR_ENV] == "glibc:top_pad=64M"
+    monkeypatch.setattr(runtime, "find_allocator_library", lambda name: None)
+    assert bench.variant_env("preload:jemalloc") is None  # not installed: skipped, not run as glibc
+    with pytest.raises(ValueError, match="unknown allocator"):
+        bench.variant_env("glibcc")
+
+
+def test_bench_summary_speedups_are_against_the_first_variant():
+    bench = _bench_encoders()
+    run = dict(encoder="e", input=[8, 8], batch=4, flops=2e9, timed_sys_s=0.5, timed_user_s=1.5, timed_minflt=100,
+               child_sys_s=1, child_user_s=2, child_minflt=10, runtime={"allocator": "x"}, torch_threads=2)
+    results = [{**run, "variant": "default", "slices_per_s": 10.0, "rates": [10.0, 10.0]},
+               {**run, "variant": "project", "slices_per_s": 25.0, "rates": [25.0, 25.0], "timed_sys_s": 0.0},
+               {**run, "variant": "default", "slices_per_s": 12.0, "rates": [12.0, 12.0]},
+               {**run, "variant": "project", "slices_per_s": 35.0, "rates": [35.0, 35.0], "timed_sys_s": 0.0}]
+    rows = bench.summarise(results, ["default", "project"], ceiling=100.0)
+    default, project = rows
+    assert default["slices_per_s"] == 11.0 and project["slices_per_s"] == 30.0  # medians over rounds
+    assert project["speedup"] == pytest.approx(30 / 11) and default["speedup"] == 1.0
+    assert default["cpu_ms_per_slice"] == pytest.approx(1000 * 2.0 / 8) and project["cpu_speedup"] == pytest.approx(4 / 3)
+    assert project["of_ceiling"] == pytest.approx(30 * 2 / 100) and project["minflt_per_batch"] == 50

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         index = Index.from_store(args.store, args.embeddings, config=cfg, manifest=args.manifest)
         from slice2vol.runtime import runtime_record
 
-        index.stats.update(command_line=command_line(), runtime=runtime_record())
+        index.stats.update(command_line=getattr(args, "command_line", None) or command_line(),
+                           runtime=runtime_record())
         out = index.save(args.out)
         tuning = index.stats["tuning"]
         print(f"{index.describe()}\nbuilt in {index.stats['build_s']:.2f} s with {faiss.omp_get_max_threads()} "
