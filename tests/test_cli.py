@@ -277,3 +277,55 @@ def test_command_line_is_recorded_and_run_log_written(tmp_path, monkeypatch):
         if isinstance(handler, logging.FileHandler):
             logging.getLogger().removeHandler(handler)
             handler.close()
+
+
+def test_wheel_ships_the_configs_and_finds_them_from_any_folder(tmp_path):
+    """`pip install .` outside the checkout: the wheel holds configs/ as slice2vol/_configs, and the
+    demo's config lookup works from another folder with only the installed package on the path."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    # build from a clean copy: setuptools reuses a checkout's build/ folder, stale files included
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("slice2vol", "configs"):
+        shutil.copytree(REPO / name, source / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    str(source), "-w", str(wheel_dir)], check=True, cwd=tmp_path, capture_output=True)
+    (wheel,) = wheel_dir.glob("slice2vol-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        shipped = {n.split("_configs/", 1)[1] for n in names if n.startswith("slice2vol/_configs/")}
+        expected = {p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml")}
+        assert shipped == expected
+        site = tmp_path / "site"
+        zf.extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # -I: no PYTHONPATH, no user site, no cwd on the path; the extracted wheel goes first
+    code = (f"import sys; sys.path.insert(0, {str(site)!r}); "
+            "import slice2vol.config as c; from slice2vol.commands import demo; "
+            "p = c.resolve_config_path(demo.DEFAULT_CONFIG); "
+            f"assert str(p).startswith({str(site)!r}), p; "
+            "assert c.resolve_config_path('configs/experiments/ci.yaml').name == 'ci.yaml'; print(p)")
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=elsewhere, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("slice2vol/_configs/experiments/demo.yaml")
+
+
+def test_config_lookup_errors_say_where_they_looked(tmp_path, monkeypatch):
+    from slice2vol.config import ConfigError, resolve_config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("experiments/demo").name == "demo.yaml"
+    (tmp_path / "mine.yaml").write_text("name: mine\n")
+    assert resolve_config_path("mine.yaml") == Path("mine.yaml")
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found .*packaged configs"):
+        resolve_config_path("nope.yaml")
