@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from slice2vol.data.io import Volume, VolumeConfig
 from slice2vol.encoders.base import WeightsUnavailable, parse_weights, sha256_file
+from slice2vol.encoders3d.preprocess import Recipe, select_channels
 from slice2vol.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,41 @@ class Encoder3D(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class RecipeEncoder(Encoder3D):
+    """A 3D encoder whose input follows a :class:`Recipe`, with stage maps from ``stages_fn``.
+
+    Args:
+        network: the module holding the weights (saved/loaded as a whole).
+        stages_fn: (B, C, X, Y, Z) -> list of stage maps, shallowest first.
+        levels: :class:`FeatureLevel3D` of every stage.
+        info: resolved facts.
+        recipe: spatial + intensity preprocessing.
+        channel: volume channel(s) fed to the network (default the first ``in_chans``).
+    """
+
+    def __init__(self, network: nn.Module, stages_fn: Callable[[torch.Tensor], list[torch.Tensor]],
+                 levels: list[FeatureLevel3D], info: Encoder3DInfo, recipe: Recipe,
+                 channel: int | Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.network = network
+        self._stages_fn = stages_fn
+        self._levels = levels
+        self.info = info
+        self.recipe = recipe
+        self.channel = channel
+
+    def preprocess(self, volume: Volume) -> torch.Tensor:
+        """Volume -> (1, in_chans, X, Y, Z) by :attr:`recipe` (see ``info.crop`` / ``info.intensity``)."""
+        return self.recipe.apply(volume, select_channels(volume, self.info.in_chans, self.channel))
+
+    def feature_info(self) -> list[FeatureLevel3D]:
+        return list(self._levels)
+
+    def feature_maps(self, x: torch.Tensor, levels: Sequence[int] | None = None) -> list[torch.Tensor]:
+        maps = self._stages_fn(x)
+        return maps if levels is None else [maps[i] for i in levels]
+
+
 # -- pooling ---------------------------------------------------------------------------------------
 def pool3d(feature_map: torch.Tensor, pooling: str = "avg", gem_p: float = 3.0) -> torch.Tensor:
     """(B, C, x, y, z) -> (B, C) by ``avg``, ``max`` or ``gem`` (generalised mean, p = ``gem_p``)."""
@@ -362,6 +398,29 @@ def missing_weights(key: str, filename: str, where: str, layout: str) -> Weights
     return WeightsUnavailable(
         f"{key}: the published weights are not available offline. Download {filename} ({where}) and pass it "
         f"as --weights /path/to/{filename} (layout: {layout})")
+
+
+def published_weights(key: str, weights: str | Path | None, *, filename: str, where: str, layout: str,
+                      hub: Callable[[str], str] | None = None) -> tuple[WeightsKind, Path | None]:
+    """Resolves the weights string of a family with a published checkpoint.
+
+    Returns:
+        (kind, path): ``("random", None)``, or ``("hub" | "file", local checkpoint path)``.
+
+    Raises:
+        WeightsUnavailable: ``hub`` without a downloadable source or offline, naming the file to supply.
+        ValueError: ``package`` (these weights are not shipped in a PyPI package).
+    """
+    kind, detail = parse_weights3d(weights)
+    if kind == "random":
+        return "random", None
+    if kind == "package":
+        raise ValueError(f"{key}: no PyPI package ships these weights; use a local file ({filename}) or 'random'")
+    if kind == "hub":
+        if hub is None:
+            raise missing_weights(key, filename, where, layout)
+        return "hub", Path(hub(detail))
+    return "file", Path(detail)
 
 
 def file_weights(weights: str) -> tuple[str, str]:

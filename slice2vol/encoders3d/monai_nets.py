@@ -20,12 +20,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from slice2vol.data.io import Volume
 from slice2vol.encoders3d.base import (
     ENCODERS3D,
-    Encoder3D,
     Encoder3DInfo,
     FeatureLevel3D,
+    RecipeEncoder,
     file_weights,
     load_strict,
     parse_weights3d,
@@ -35,42 +34,7 @@ from slice2vol.encoders3d.base import (
     strip_prefix,
     unwrap,
 )
-from slice2vol.encoders3d.preprocess import Recipe, select_channels
-
-
-class RecipeEncoder(Encoder3D):
-    """A 3D encoder whose input follows a :class:`Recipe`, with stage maps from ``stages_fn``.
-
-    Args:
-        network: the module holding the weights (saved/loaded as a whole).
-        stages_fn: (B, C, X, Y, Z) -> list of stage maps, shallowest first.
-        levels: :class:`FeatureLevel3D` of every stage.
-        info: resolved facts.
-        recipe: spatial + intensity preprocessing.
-        channel: volume channel(s) fed to the network (default the first ``in_chans``).
-    """
-
-    def __init__(self, network: nn.Module, stages_fn: Callable[[torch.Tensor], list[torch.Tensor]],
-                 levels: list[FeatureLevel3D], info: Encoder3DInfo, recipe: Recipe,
-                 channel: int | Sequence[int] | None = None) -> None:
-        super().__init__()
-        self.network = network
-        self._stages_fn = stages_fn
-        self._levels = levels
-        self.info = info
-        self.recipe = recipe
-        self.channel = channel
-
-    def preprocess(self, volume: Volume) -> torch.Tensor:
-        """Volume -> (1, in_chans, X, Y, Z) by :attr:`recipe` (see ``info.crop`` / ``info.intensity``)."""
-        return self.recipe.apply(volume, select_channels(volume, self.info.in_chans, self.channel))
-
-    def feature_info(self) -> list[FeatureLevel3D]:
-        return list(self._levels)
-
-    def feature_maps(self, x: torch.Tensor, levels: Sequence[int] | None = None) -> list[torch.Tensor]:
-        maps = self._stages_fn(x)
-        return maps if levels is None else [maps[i] for i in levels]
+from slice2vol.encoders3d.preprocess import Recipe
 
 
 # -- networks ---------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from slice2vol.data.io import Volume, resample
 
-Intensity = Literal["zscore_nonzero", "zscore_foreground", "minmax", "percentile", "none"]
+Intensity = Literal["zscore_nonzero", "zscore_foreground", "zscore_volume", "zscore_masked", "minmax",
+                    "minmax_volume", "percentile", "range", "none"]
 Resize = Literal["pad_crop", "resize", "fit", "none"]
 
 AXES = {"RAS": (0, 1, 2), "SAR": (2, 1, 0)}
@@ -97,7 +98,8 @@ def fit_into(x: torch.Tensor, size: Sequence[int], mode: str = "trilinear") -> t
 
 
 def resize_to(x: torch.Tensor, size: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
-    """Interpolate (C, X, Y, Z) to ``size`` (``trilinear`` with ``align_corners=False``, or ``nearest``)."""
+    """Interpolate (C, X, Y, Z) to ``size``: ``trilinear`` (``align_corners=False``), ``area`` (MONAI
+    ``Resize``'s default: block averages when shrinking) or ``nearest``."""
     size = [int(s) for s in size]
     if list(x.shape[1:]) == size:
         return x
@@ -120,11 +122,16 @@ def normalize_intensity(x: torch.Tensor, valid: torch.Tensor, recipe: "Recipe") 
         if kind == "zscore_nonzero":
             # MONAI NormalizeIntensity(nonzero=True): stats on nonzero voxels, zeros stay zero
             out[c] = plain(NormalizeIntensity(nonzero=True)(channel))
-        elif kind == "zscore_foreground":
+        elif kind in ("zscore_foreground", "zscore_volume", "zscore_masked"):
             std = float(inside.std()) if inside.numel() > 1 else 1.0
             out[c] = plain(NormalizeIntensity(subtrahend=float(inside.mean()), divisor=max(std, 1e-8))(channel))
-        elif kind == "minmax":
+            if kind == "zscore_masked":  # standardised inside the mask, 0 outside (3D-Neuro-SimCLR)
+                out[c] = out[c] * valid  # here ``valid`` is the mask the statistics came from
+        elif kind in ("minmax", "minmax_volume"):
             lo, hi = float(inside.min()), float(inside.max())
+            out[c] = ((channel - lo) / max(hi - lo, 1e-8)).clamp(0, 1)
+        elif kind == "range":  # fixed window to [0, 1] (Models Genesis: MRI 0-4000)
+            lo, hi = recipe.value_range
             out[c] = ((channel - lo) / max(hi - lo, 1e-8)).clamp(0, 1)
         elif kind == "percentile":
             sample = inside.float()[:: max(1, inside.numel() // 4_000_000)]  # torch.quantile caps the size
@@ -150,6 +157,12 @@ class Recipe:
         intensity: ``zscore_nonzero`` (nnU-Net/BraTS style), ``zscore_foreground`` (inside the head
             mask), ``minmax`` (head range to [0, 1]), ``percentile`` (``percentiles`` to [0, 1]), ``none``.
         percentiles: for ``percentile``.
+        value_range: for ``range``: this window of raw values is clipped and scaled to [0, 1].
+        interpolation: ``trilinear``, ``area`` or ``nearest`` for ``resize``/``fit``.
+
+    Intensity statistics are taken over the head mask for ``zscore_foreground``, ``zscore_masked``,
+    ``minmax`` and ``percentile``, over every voxel of the (cropped) volume for ``zscore_volume`` and
+    ``minmax_volume``, and over nonzero voxels for ``zscore_nonzero``.
     """
 
     spacing: tuple[float, float, float] | None = None
@@ -161,6 +174,8 @@ class Recipe:
     axes: str = "RAS"
     intensity: Intensity = "zscore_foreground"
     percentiles: tuple[float, float] = (0.5, 99.5)
+    value_range: tuple[float, float] = (0.0, 1.0)
+    interpolation: str = "trilinear"
 
     def describe(self) -> tuple[str, str]:
         """(spatial recipe, intensity recipe) in words, for :class:`Encoder3DInfo`."""
@@ -176,7 +191,11 @@ class Recipe:
         intensity = {
             "zscore_nonzero": "z-score over nonzero voxels, zeros kept (MONAI NormalizeIntensity nonzero=True)",
             "zscore_foreground": "z-score over the head mask",
+            "zscore_volume": "z-score over the whole (cropped) volume",
+            "zscore_masked": "z-score inside the head mask, 0 outside",
             "minmax": "min-max of the head to [0, 1]",
+            "minmax_volume": "min-max of the whole volume to [0, 1] (MONAI ScaleIntensity)",
+            "range": f"raw values {self.value_range} clipped and scaled to [0, 1]",
             "percentile": f"percentiles {self.percentiles} of the head to [0, 1], clipped",
             "none": "raw intensities",
         }[self.intensity]
@@ -204,14 +223,17 @@ class Recipe:
             if self.resize == "pad_crop":
                 stacked = pad_or_crop(stacked, self.size)
             elif self.resize == "resize":
-                stacked = torch.cat([resize_to(stacked[:-2], self.size), resize_to(stacked[-2:], self.size, "nearest")])
+                stacked = torch.cat([resize_to(stacked[:-2], self.size, self.interpolation),
+                                     resize_to(stacked[-2:], self.size, "nearest")])
             elif self.resize == "fit":
-                stacked = torch.cat([fit_into(stacked[:-2], self.size), fit_into(stacked[-2:], self.size, "nearest")])
+                stacked = torch.cat([fit_into(stacked[:-2], self.size, self.interpolation),
+                                     fit_into(stacked[-2:], self.size, "nearest")])
             else:
                 raise ValueError(f"unknown resize {self.resize!r}")
         stacked = pad_divisible(stacked, self.divisor)
         x, mask, valid = stacked[:-2], stacked[-2] > 0.5, stacked[-1] > 0.5
-        stats_on = mask & valid if self.intensity in ("zscore_foreground", "minmax", "percentile") else valid
+        masked = ("zscore_foreground", "zscore_masked", "minmax", "percentile")
+        stats_on = mask & valid if self.intensity in masked else valid
         # padding holds raw 0 (air): it is normalised like the air of the volume, never counted in the stats
         x = normalize_intensity(x, stats_on, self)
         return x[None].contiguous().float()
