@@ -68,7 +68,7 @@ def test_nothing_embeddable_raises_and_writes_nothing(head_manifest, tmp_path):
     enc = build_encoder3d("3d/monai_resnet10", **KW)
     with pytest.raises(ValueError, match="no subject could be embedded"):
         embed_cohort3d(enc, load_manifest(head_manifest), tmp_path / "f.h5", "x", progress=False)
-    assert not (tmp_path / "f.h5").exists()
+    assert not FeatureStore(tmp_path / "f.h5").exists()
 
 
 def test_resumes_after_a_kill_and_matches_a_clean_run(head_manifest, tmp_path, monkeypatch):
@@ -90,7 +90,7 @@ def test_resumes_after_a_kill_and_matches_a_clean_run(head_manifest, tmp_path, m
     monkeypatch.setattr(type(enc), "embed_volume", dying)
     with pytest.raises(KeyboardInterrupt):
         embed_cohort3d(enc, cohort, store, "set", progress=False, commit_every=1)
-    assert partial_path(store, "set").exists() and not store.exists()
+    assert partial_path(store, "set").exists() and not FeatureStore(store).exists()
     monkeypatch.setattr(type(enc), "embed_volume", original)
     calls.clear()
     seen = []
