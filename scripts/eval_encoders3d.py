@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 ENCODERS = {
     "deepbet": ("3d/deepbet", "package", {}),
     "deepbet-bbox": ("3d/deepbet", "package", {"networks": ["bbox"]}),
-    "deepbet-random": ("3d/deepbet", "random", {}),
+    # the untrained control of deepbet-bbox: same network, same input and pooling, seeded random weights
+    "deepbet-bbox-random": ("3d/deepbet", "random", {"networks": ["bbox"]}),
     "monai-resnet18": ("3d/monai_resnet18", "random", {}),
 }
 
