@@ -112,16 +112,18 @@ def _registry_set(entry: Encoder3DEntry, cfg: ExperimentConfig, cohort, base: Pa
                          "sliding_window": entry.sliding_window, "ids": cohort.ids})
     path = store_dir / f"{safe_name(entry.name)}-{ident}.h5"
     set_name = safe_name(entry.name)
-    enc = build_encoder3d(entry.key, weights=weights, **entry.kwargs)
     failures: list[str] = []
+    enc = None
     store = FeatureStore(path, mode="r")
     if not (store.exists() and set_name in store.volume_embedding_names()):
+        # built only when something is to be embedded: a rerun reads the store and loads no network
+        enc = build_encoder3d(entry.key, weights=weights, **entry.kwargs).to(cfg.device)
         report = embed_cohort3d(enc, cohort, path, set_name, progress=progress, sliding_window=entry.sliding_window)
         failures = [str(f) for f in getattr(report, "failures", [])]
     ids, X, prov = FeatureStore(path, mode="r").volume_embeddings(set_name)
-    info = enc.info.to_dict() if hasattr(enc.info, "to_dict") else {}
+    info = enc.info.to_dict() if enc is not None and hasattr(enc.info, "to_dict") else {}
     prov = {**prov, "store": str(path), "encoder_key": entry.key, "weights": weights,
-            "weights_sha256": info.get("weights_sha256") or prov.get("weights_sha256")}
+            "weights_sha256": prov.get("weights_sha256") or info.get("weights_sha256")}
     return EmbeddingSet(entry.name, list(ids), X, prov, "3d", entry), enc, failures
 
 
