@@ -38,6 +38,9 @@ def test_ssl_on_the_cohort_is_disclosed_and_keyed_by_cohort(manifest, tmp_path):
     pre = data["sets"]["ssl3d"]["pretraining"]
     assert pre["n_subjects"] == 12 and pre["n_in_test_folds"] == 12 and pre["labels"] is False
     assert any("pretrained on 12 subjects, 12 of them in test folds, no labels" in n for n in data["notes"])
+    # and the report's table of sets says it beside the set
+    html = (out / "report.html").read_text()
+    assert "12 subjects, 12 of them in test folds, no labels" in html
     runs = sorted(p.name for p in (out / "ssl").iterdir())
     assert len(runs) == 1
     # the same SSL config on another cohort in the same --out: a new run, never the old model

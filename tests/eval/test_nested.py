@@ -74,6 +74,10 @@ def test_mil_fitted_inside_folds_scores_at_chance(noise, tmp_path):
     assert data["sets"]["noise/mean"]["fitted"] is None
     # the MIL set joined the paired tests against the reference like any other set
     assert {(p["task"], p["encoder"]) for p in data["paired"]} >= {("knn", "noise/mil"), ("linear", "noise/mil")}
+    assert all(p["p_value"] <= p["p_holm"] <= 1 for p in data["paired"])
+    # the report shows who fitted the set, next to both estimators
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "mil aggregator, supervised on the evaluated label on sex (inside folds)" in html
 
 
 def test_the_same_mil_fitted_on_all_subjects_leaks(noise, tmp_path):

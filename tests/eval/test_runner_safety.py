@@ -106,3 +106,45 @@ def test_optional_encoder_weights_detection(tmp_path):
     assert weights_file_missing(Encoder2DEntry("b", "tv/mobilenet_v2", weights=str(tmp_path / "no.pth")), tmp_path)
     assert not weights_file_missing(Encoder2DEntry("c", "tv/mobilenet_v2", weights="random"), tmp_path)
     assert not weights_file_missing(Encoder2DEntry("d", "tv/mobilenet_v2", weights="hub"), tmp_path)
+
+
+def test_bench_on_a_results_folder_full_of_crafted_pickles_runs_nothing(tmp_path):
+    """Issue 14.1 end to end: every cache file of a finished run (and old-style ``.pkl`` names) replaced by
+    a pickle that would run a command when unpickled, the npz arrays by pickled object arrays; ``bench``
+    on that folder recomputes (the same numbers) and nothing in it is ever executed."""
+    from pathlib import Path
+
+    import tests._tiny_encoder  # noqa: F401  - registers test/tiny_cnn
+    from slice2vol.cli import main
+    from tests.eval.test_runner import blob_cohort
+
+    repo = Path(__file__).resolve().parents[2]
+    manifest = blob_cohort(tmp_path / "data", n=10)
+    out = tmp_path / "run"
+    argv = ["bench", "--config", str(repo / "configs/experiments/ci.yaml"), "--out", str(out), "--no-progress",
+            f"cohort.manifest={manifest}", "cohort.labels=[grp]", "tasks=[knn,linear]",
+            "encoders=[{name: tiny, key: test/tiny_cnn, weights: random, dtype: float32, aggregators: [mean]}]",
+            "baselines={sets: [head_volume], chance: true}", "n_bootstrap=20", "n_permutations=10", "plots=[]"]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    payload = pickle.dumps(Evil())
+    cached = sorted((out / "cache").glob("*.json"))
+    assert cached
+    for path in cached:
+        path.write_bytes(payload)
+        path.with_suffix(".pkl").write_bytes(payload)
+    for path in (out / "cache").glob("*.npz"):
+        np.savez(path, a0=np.array([Evil()], dtype=object), allow_pickle=True)  # same name (ends in .npz)
+    assert main(argv) == 0
+    assert not marker.exists()
+    again = json.loads((out / "results.json").read_text())
+    assert [r["estimate"] for r in again["rows"]] == [r["estimate"] for r in first["rows"]]
+    # the recomputed results replaced the crafted files with plain JSON
+    for path in cached:
+        assert json.loads(path.read_text())["schema"] == "slice2vol.cache/1"
