@@ -22,7 +22,7 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _common.add_config(parser, help="YAML FinetuneConfig, e.g. configs/finetune/vit_lora_simclr.yaml")
+    _common.add_config(parser, help="YAML FinetuneConfig: a file, or a packaged config by name (finetune/cpu_smoke)")
     _common.add_manifest(parser, required=True)
     _common.add_out(parser, required=True, help="output folder (encoder.safetensors, finetune.json)")
     _common.add_device(parser)
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from slice2vol.config import load_config
+    from slice2vol.config import load_config, resolve_config_path
     from slice2vol.data import load_manifest
     from slice2vol.finetune import FinetuneConfig, run_finetune
 
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if args.train_ids:
         flags.append(f"data.train_ids={args.train_ids}")
     flags.append(f"train.device={args.device}")
-    cfg = load_config(FinetuneConfig, args.config, flags + _common.overrides_of(args))
+    config = resolve_config_path(args.config) if args.config else None  # a file, or a packaged config by name
+    cfg = load_config(FinetuneConfig, config, flags + _common.overrides_of(args))
     rank = int(os.environ.get("RANK", "0") or 0)
     _common.add_run_log(args.out, "slice2vol.log" if rank == 0 else f"slice2vol.rank{rank}.log")
     cohort = load_manifest(args.manifest)

@@ -26,7 +26,7 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _common.add_config(parser, help="YAML SSLConfig, e.g. configs/ssl/simclr_cpu.yaml")
+    _common.add_config(parser, help="YAML SSLConfig: a file, or a packaged config by name (ssl/simclr_cpu)")
     _common.add_manifest(parser, required=True)
     _common.add_out(parser, required=True, help="run directory (checkpoints in OUT/last, metrics, loss curve)")
     _common.add_device(parser)
@@ -54,7 +54,7 @@ def _read_ids(path: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slice2vol.config import load_config
+    from slice2vol.config import load_config, resolve_config_path
     from slice2vol.data.manifest import load_manifest
     from slice2vol.ssl import SSLConfig
     from slice2vol.ssl.distributed import env_world_size
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         flags.append(f"train.steps={args.steps}")
     flags.append(f"train.device={args.device}")
-    cfg = load_config(SSLConfig, args.config, flags + _common.overrides_of(args))
+    config = resolve_config_path(args.config) if args.config else None  # a file, or a packaged config by name
+    cfg = load_config(SSLConfig, config, flags + _common.overrides_of(args))
     rank = _rank()
     _common.add_run_log(args.out, "slice2vol.log" if rank == 0 else f"slice2vol.rank{rank}.log")
     cohort = load_manifest(args.manifest)
