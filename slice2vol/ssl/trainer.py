@@ -372,7 +372,8 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
 
         model.load_state_dict(load_file(str(last / "model.safetensors")))
         step = int(state["step"])
-        total = int(state.get("total_steps", total))
+        if tc.budget_flops or tc.budget_device_hours:  # the steps the budget bought stay fixed
+            total = int(state.get("total_steps", total))
         wall_before = float(state.get("wall_s", 0.0))
         meta = json.loads((last / "meta.json").read_text())
         cost = meta.get("compute")
