@@ -197,6 +197,7 @@ class TrainResult:
         total_steps: the steps the run was laid out for (``train.steps`` or the budget's).
         cost: measured :class:`~slice2vol.ssl.compute.StepCost` as a dict (FLOPs per step...).
         wall_s: training wall seconds (summed over resumed segments).
+        cpu_s: CPU seconds of the training process (user + system, all threads; summed likewise).
     """
 
     out_dir: Path
@@ -208,6 +209,7 @@ class TrainResult:
     total_steps: int = 0
     cost: dict | None = None
     wall_s: float = 0.0
+    cpu_s: float = 0.0
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -364,7 +366,7 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
 
     last = out_dir / "last"
     state = _resume_state(last, extra_meta) if resume else None
-    step, history, wall_before = 0, [], 0.0
+    step, history, wall_before, cpu_before = 0, [], 0.0, 0.0
     total = int(tc.steps)
     cost: dict | None = None
     if state is not None:
@@ -375,6 +377,7 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
         if tc.budget_flops or tc.budget_device_hours:  # the steps the budget bought stay fixed
             total = int(state.get("total_steps", total))
         wall_before = float(state.get("wall_s", 0.0))
+        cpu_before = float(state.get("cpu_s", 0.0))
         meta = json.loads((last / "meta.json").read_text())
         cost = meta.get("compute")
         if (out_dir / "metrics.json").exists():
@@ -445,20 +448,23 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
     if env.is_main:
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    wall_start = time.perf_counter()
+    wall_start, cpu_start = time.perf_counter(), _cpu_seconds()
 
     def wall() -> float:
         return wall_before + time.perf_counter() - wall_start
 
+    def cpu() -> float:
+        return cpu_before + _cpu_seconds() - cpu_start
+
     def meta_extra() -> dict:
         return {**(extra_meta or {}), "compute": cost, "total_steps": total, "world_size": env.world_size,
-                "wall_s": round(wall(), 3)}
+                "wall_s": round(wall(), 3), "cpu_s": round(cpu(), 3), "threads": torch.get_num_threads()}
 
     def checkpoint() -> Path:
         if env.is_main:
             _write_metrics(out_dir, history)
             save_checkpoint(last, unwrap(net), cfg, step, optimizer, scheduler, scaler, meta_extra(),
-                            extra_state={"total_steps": total, "wall_s": wall()})
+                            extra_state={"total_steps": total, "wall_s": wall(), "cpu_s": cpu()})
             if tc.keep_every and step % tc.keep_every == 0:
                 shutil.copytree(last, out_dir / f"step_{step:07d}", dirs_exist_ok=True)
         barrier(env)
@@ -516,6 +522,7 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
                                         env, device)
                 row = {"step": step, "loss": means[0], "lr": lr, "samples_per_s": samples / max(elapsed, 1e-9),
                        "step_time_s": window_time / window_n, "wall_s": round(wall(), 3),
+                       "cpu_s": round(cpu(), 3),
                        **({"flops": step * flops_step} if flops_step else {}),
                        **dict(zip(keys, means[1:]))}
                 history.append(row)
@@ -541,7 +548,16 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
             curve = plot_loss_curve(history, out_dir / "loss_curve.png", f"{cfg.method} {cfg.spatial_dims}D")
     barrier(env)
     return TrainResult(out_dir, step, history[-1]["loss"] if history else float("nan"), history,
-                       last if last.exists() else None, curve, total, cost, wall())
+                       last if last.exists() else None, curve, total, cost, wall(), cpu())
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads): the compute a run used, which on a
+    shared machine says more than wall time (DataLoader workers are separate processes, not counted)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _subjects_sha256(ids: Sequence[str]) -> str:
