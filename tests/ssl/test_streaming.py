@@ -137,5 +137,7 @@ def test_subject_ids_restrict_the_run_and_a_resume_refuses_another_set(blob_mani
         pretrain(cfg, tmp_path / "run", cohort=cohort, progress=False, plot=False, subject_ids=["s0", "s1"])
     with pytest.raises(ValueError, match="not in the cohort"):
         pretrain(cfg, tmp_path / "other", cohort=cohort, progress=False, subject_ids=["s0", "nobody"])
-    done = pretrain(cfg, tmp_path / "run", cohort=cohort, progress=False, plot=False, subject_ids=["s0", "s2"])
+    from slice2vol.ssl.train import pretrain as pretrain_manifest  # the runner's entry point (a manifest path)
+
+    done = pretrain_manifest(cfg, blob_manifest, tmp_path / "run", progress=False, subject_ids=["s0", "s2"])
     assert done.step == 3
