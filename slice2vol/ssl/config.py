@@ -51,6 +51,9 @@ class DataConfig:
             whole cohort in memory (:class:`~slice2vol.ssl.data.VolumeBank`).
         cache_dir: where prepared volumes go (``<run dir>/volumes`` when unset); share it between
             runs on the same cohort, and put it on a file system every rank sees under DDP.
+        crops_per_subject: samples drawn from each subject in a row (a batch holds
+            ``batch_size / crops_per_subject`` subjects); 2 gives SimCLR the two crops of one subject
+            it needs with ``method_params.positives: subject``.
         num_workers: DataLoader worker processes per training process; ``-1`` chooses
             (:func:`~slice2vol.ssl.distributed.default_num_workers`: 0 on a small CPU, up to 8 per GPU).
     """
@@ -65,6 +68,7 @@ class DataConfig:
     cache_dtype: Literal["float32", "float16"] = "float32"
     streaming: bool = True
     cache_dir: str | None = None
+    crops_per_subject: int = 1
     num_workers: int = -1
 
 

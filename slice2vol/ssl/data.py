@@ -216,8 +216,9 @@ class CropDataset:
     generator (the seeded, streaming path of the trainer).
     """
 
-    def __init__(self, bank, crop_size: Sequence[int], min_foreground: float = 0.1) -> None:
+    def __init__(self, bank, crop_size: Sequence[int], min_foreground: float = 0.1, per_subject: int = 1) -> None:
         self.bank, self.crop_size, self.min_foreground = bank, tuple(crop_size), min_foreground
+        self.per_subject = per_subject
 
     def __len__(self) -> int:
         return len(self.bank)
@@ -240,9 +241,8 @@ class CropDataset:
         return self.draw(i)
 
     def sample(self, n: int) -> torch.Tensor:
-        """(n, C, *crop_size) random crops of random subjects (global torch RNG)."""
-        idx = torch.randint(0, len(self.bank), (n,)).tolist()
-        return torch.stack([self.draw(i) for i in idx])
+        """(n, C, *crop_size) random crops of random subjects (global torch RNG), ``per_subject`` in a row."""
+        return torch.stack([self.draw(i) for i in _subject_draws(n, len(self.bank), self.per_subject)])
 
 
 class SliceDataset:
@@ -253,12 +253,12 @@ class SliceDataset:
     """
 
     def __init__(self, bank, slice_size: Sequence[int], planes: Sequence[str] = tuple(PLANES),
-                 min_foreground: float = 0.1) -> None:
+                 min_foreground: float = 0.1, per_subject: int = 1) -> None:
         unknown = [p for p in planes if p not in PLANES]
         if unknown:
             raise ValueError(f"unknown plane(s) {unknown}; known: {list(PLANES)}")
         self.bank, self.slice_size, self.planes = bank, tuple(slice_size), list(planes)
-        self.min_foreground = min_foreground
+        self.min_foreground, self.per_subject = min_foreground, per_subject
         self._valid: dict[tuple[int, str], torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -290,9 +290,16 @@ class SliceDataset:
         return self.draw(i)
 
     def sample(self, n: int) -> torch.Tensor:
-        """(n, C, *slice_size) random slices of random subjects (global torch RNG)."""
-        idx = torch.randint(0, len(self.bank), (n,)).tolist()
-        return torch.stack([self.draw(i) for i in idx])
+        """(n, C, *slice_size) random slices of random subjects (global torch RNG), ``per_subject`` in a row."""
+        return torch.stack([self.draw(i) for i in _subject_draws(n, len(self.bank), self.per_subject)])
+
+
+def _subject_draws(n: int, n_subjects: int, per_subject: int) -> list[int]:
+    """Subject index of each of ``n`` samples: random subjects, each repeated ``per_subject`` times in a row."""
+    if n % per_subject:
+        raise ValueError(f"a batch of {n} is not a whole number of groups of {per_subject} samples per subject")
+    subjects = torch.randint(0, n_subjects, (n // per_subject,)).tolist()
+    return [s for s in subjects for _ in range(per_subject)]
 
 
 def make_dataset(bank, spatial_dims: int, data_cfg) -> CropDataset | SliceDataset:
@@ -303,8 +310,9 @@ def make_dataset(bank, spatial_dims: int, data_cfg) -> CropDataset | SliceDatase
         spatial_dims: 3 (crops) or 2 (slices).
         data_cfg: :class:`~slice2vol.ssl.config.DataConfig`.
     """
+    per_subject = getattr(data_cfg, "crops_per_subject", 1)
     if spatial_dims == 3:
-        return CropDataset(bank, data_cfg.crop_size, data_cfg.min_foreground)
+        return CropDataset(bank, data_cfg.crop_size, data_cfg.min_foreground, per_subject)
     if spatial_dims == 2:
-        return SliceDataset(bank, data_cfg.slice_size, data_cfg.planes, data_cfg.min_foreground)
+        return SliceDataset(bank, data_cfg.slice_size, data_cfg.planes, data_cfg.min_foreground, per_subject)
     raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")

@@ -256,9 +256,11 @@ class PreparedVolumes:
 class SeededSamples(torch.utils.data.Dataset):
     """Map-style dataset: global sample number -> one training sample, reproducibly.
 
-    Sample ``g`` belongs to epoch ``g // N`` (N subjects): its subject is position ``g % N`` of that
-    epoch's permutation (so every subject is seen once per epoch), and its crop/slice is drawn by a
-    generator seeded from ``(seed, g)``.
+    With ``k = sampler.per_subject`` (1 unless ``data.crops_per_subject`` says otherwise), samples
+    ``g`` with the same ``g // k`` share a subject: slot ``g // k`` belongs to epoch ``slot // N``
+    (N subjects) and takes position ``slot % N`` of that epoch's permutation (every subject once per
+    epoch); each crop/slice is drawn by a generator seeded from ``(seed, g)``, so the ``k`` samples of
+    a subject are different crops of it.
 
     Args:
         sampler: a :class:`~slice2vol.ssl.data.CropDataset` or ``SliceDataset`` (``draw(i, generator)``).
@@ -271,11 +273,12 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def subject_of(self, g: int) -> int:
         n = len(self.sampler.bank)
-        epoch = g // n
+        slot = g // getattr(self.sampler, "per_subject", 1)
+        epoch = slot // n
         if self._epoch is None or self._epoch[0] != epoch:
             gen = torch.Generator().manual_seed(mix_seed(self.seed, -1, epoch))
             self._epoch = (epoch, torch.randperm(n, generator=gen).tolist())
-        return self._epoch[1][g % n]
+        return self._epoch[1][slot % n]
 
     def __getitem__(self, g: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(mix_seed(self.seed, g))

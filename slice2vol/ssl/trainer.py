@@ -619,6 +619,11 @@ def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, res
             bank = bank.subset(list(subject_ids))
         if bank.in_channels != cfg.in_channels:
             raise ValueError(f"config in_channels={cfg.in_channels} but the volumes have {bank.in_channels} channel(s)")
+        per_subject = cfg.data.crops_per_subject
+        if per_subject < 1 or cfg.train.batch_size % per_subject:
+            # a rank's micro-batch is a contiguous run of sample numbers: groups must not straddle two
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} is not a whole number of groups of "
+                             f"data.crops_per_subject={per_subject}")
         seed_everything(cfg.train.seed)
         model = build_method(cfg)
         dataset = make_dataset(bank, cfg.spatial_dims, cfg.data)
