@@ -10,6 +10,7 @@ N x volume_size^3 x 4 bytes.
 
     python scripts/bench_pretrain_rss.py                       # N = 16, 64, 256; 64^3 volumes
     python scripts/bench_pretrain_rss.py --sizes 8 32 --steps 2   # quick check
+    python scripts/bench_pretrain_rss.py --docs docs/ssl.md       # rewrites the table ``ssl_rss`` there
 
 Prints one row per (mode, N) and the ratio of the largest to the smallest cohort's peak per mode.
 Peak RSS does not depend on machine load; the wall times printed next to it do.
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=["streaming", "memory"], choices=["streaming", "memory"])
     parser.add_argument("--workdir", help="keep the cohorts and runs here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--docs", help="write the table into this markdown file (between the ssl_rss markers)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +103,30 @@ def main(argv=None) -> int:
               f"= {volume_mib * (max(args.sizes) - min(args.sizes)):.0f} MiB more if held in memory)")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
+        if args.docs:
+            write_docs(Path(args.docs), rows, args, volume_mib)
     return 0
+
+
+def write_docs(docs: Path, rows: list[dict], args, volume_mib: float) -> None:
+    """The ``ssl_rss`` table of docs/ssl.md: peak RSS per mode and cohort size, and the growth per mode."""
+    sys.path.insert(0, str(REPO / "scripts" / "reproduce"))
+    from ssl_common import markdown, stamp, write_block
+
+    command = "python scripts/bench_pretrain_rss.py"
+    if args.sizes != [16, 64, 256] or args.steps != 5 or args.volume != 64:
+        command += f" --sizes {' '.join(map(str, args.sizes))} --steps {args.steps} --volume {args.volume}"
+    table = []
+    for mode in args.modes:
+        mine = [r for r in rows if r["mode"] == mode]
+        for r in mine:
+            table.append([mode, str(r["subjects"]), f"{r['peak_rss_mib']:.0f}",
+                          f"{r['peak_rss_mib'] - mine[0]['peak_rss_mib']:+.0f}"])
+    text = (f"`{command} --docs docs/ssl.md` ({stamp()}; rotation_cpu config, {args.steps} steps of batch 8, "
+            f"{args.volume}^3 prepared volumes = {volume_mib:.1f} MiB each in memory; peak RSS of the pretrain "
+            "process from `wait4`, which does not depend on machine load; a few MiB of noise between runs)\n\n"
+            + markdown(["data", "subjects", "peak RSS (MiB)", "vs smallest cohort (MiB)"], table))
+    write_block(docs, "ssl_rss", text)
 
 
 if __name__ == "__main__":
