@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--manifest", help="cohort CSV (default: the IXI dev cohort)")
     parser.add_argument("--config", default=str(REPO / "configs" / "ssl" / "cpu_budget.yaml"))
     parser.add_argument("--out", default="runs/ssl_budget", help="working folder")
-    parser.add_argument("--repeats", type=int, default=10, help="repeats of the 5-fold CV")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of the 5-fold CV")
     parser.add_argument("--docs", help="write the tables into this markdown file (between BEGIN/END markers)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (e.g. train.steps=100)")
     args = parser.parse_args(argv)
@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     config = Path(args.config)
     config = config.relative_to(REPO) if config.is_relative_to(REPO) else config
     command = f"python scripts/reproduce/ssl_budget.py --config {config} --out {args.out}"
+    if args.repeats != 5:
+        command += f" --repeats {args.repeats}"
+    if args.overrides:
+        command += " " + " ".join(args.overrides)
     table = []
     for label, metric, digits in (("sex", "roc_auc", 2), ("age", "mae", 1)):
         for probe in ("linear", "knn"):

@@ -43,3 +43,12 @@ def test_write_block_replaces_only_its_block(tmp_path):
                                "<!-- END t2 -->\n")
     with pytest.raises(SystemExit, match="no '<!-- BEGIN t3 -->'"):
         write_block(doc, "t3", "x")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "ssl").glob("*_gpu.yaml")))
+def test_gpu_config_loads_and_builds(name):
+    """The GPU configs are never trained here: at least they load and build (no forward: 96^3 crops)."""
+    cfg = load_config(SSLConfig, REPO / "configs" / "ssl" / name, [])
+    assert cfg.train.amp and cfg.train.keep_every > 0
+    model = build_method(cfg)
+    assert model.encoder.embed_dim > 0 and tuple(model.input_size) == cfg.input_size
