@@ -131,8 +131,11 @@ def curve_sets(ctx: TaskContext, es, run_dir: Path, opts: dict) -> list[tuple[in
                          write_labels=False)
             ctx.timings[f"ssl_curve:{es.name}@{step}"] = round(time.time() - t0, 2)
         ids, X, prov = FeatureStore(store_path, mode="r").volume_embeddings(name)
+        # the checkpoints of one run share its pretraining subjects: same disclosure as the main set
         out.append((step, EmbeddingSet(f"{es.name}@{step}", list(ids), X, {**prov, "store": str(store_path)}, "3d",
-                                       es.entry)))
+                                       es.entry, fitted=getattr(es, "fitted", None),
+                                       pretraining=getattr(es, "pretraining", None),
+                                       fit_subjects=list(getattr(es, "fit_subjects", []) or []))))
     return out
 
 
@@ -140,6 +143,7 @@ class SSLCurveTask(Task):
     name = "ssl_curve"
 
     def run(self, ctx: TaskContext) -> TaskResult:
+        from slice2vol.eval.nested import FoldFittedSet
         from slice2vol.eval.tasks import get_task
 
         opts = _options(ctx)
@@ -151,11 +155,13 @@ class SSLCurveTask(Task):
         for name, es in ctx.sets.items():
             if es.kind != "3d" or (wanted and name not in wanted):
                 continue
-            run_dir = run_dir_of(es, ctx.base)
+            # a set fitted per training fold has one run per fold, not one curve
+            run_dir = None if isinstance(es, FoldFittedSet) else run_dir_of(es, ctx.base)
             if run_dir is None:
                 if wanted:
                     result.skipped.append({"name": f"ssl_curve: {name}", "substitute": None,
-                                           "reason": "not an SSL run folder (no last/ or step_*/ checkpoints)"})
+                                           "reason": "not one SSL run folder (no last/ or step_*/ checkpoints, "
+                                                     "or pretrained anew on every training fold)"})
                 continue
             points = curve_sets(ctx, es, run_dir, opts)
             if len(points) < 2:
