@@ -5,6 +5,7 @@ from slice2vol.encoders.base import (
     Encoder,
     EncoderConfig,
     EncoderInfo,
+    FeatureLevel,
     WeightsUnavailable,
     build_encoder,
     load_state_dict,
@@ -25,5 +26,5 @@ for _module in ("slice2vol.encoders.torchvision", "slice2vol.encoders.timm", "sl
         if _err.name != _module:
             raise
 
-__all__ = ["ENCODERS", "Encoder", "EncoderConfig", "EncoderInfo", "WeightsUnavailable", "build_encoder",
+__all__ = ["ENCODERS", "Encoder", "EncoderConfig", "EncoderInfo", "FeatureLevel", "WeightsUnavailable", "build_encoder",
            "load_state_dict", "parse_weights", "pick_batch_size", "sha256_file"]

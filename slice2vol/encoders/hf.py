@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,10 +36,12 @@ from slice2vol.encoders.base import (
     IMAGENET_STD,
     Encoder,
     EncoderInfo,
+    FeatureLevel,
     apply_preprocess_overrides,
     assign_state_dict,
     hf_cached_file,
     load_state_dict,
+    ordered_levels,
     parse_weights,
     require_hub,
     sha256_file,
@@ -189,6 +191,70 @@ class HFEncoder(Encoder):
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         patch = self.info.patch_size
         return self._hidden(x)[:, 1:], (x.shape[-2] // patch, x.shape[-1] // patch)
+
+    # -- dense features: output_hidden_states ---------------------------------------------------
+    def _layer_prefix(self) -> str:
+        """Module path of the transformer layers (it moved between transformers versions: MAE's
+        ``encoder.layer`` became ``layers`` in 5.x)."""
+        modules = dict(self.model.named_modules())
+        for prefix in ("vision_model.encoder.layers", "encoder.layer", "encoder.layers", "layers"):
+            if isinstance(modules.get(prefix), nn.ModuleList):
+                return prefix
+        raise RuntimeError(f"{self.info.key}: cannot find the transformer layers of {type(self.model).__name__}")
+
+    def _final_norm(self) -> nn.Module:
+        return self.model.vision_model.post_layernorm if self.kind == "clip" else self.model.layernorm
+
+    def _prefix_tokens(self) -> int:
+        """CLS plus DINOv2's register tokens (``num_register_tokens``, 0 for the plain models)."""
+        return 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+
+    def feature_info(self) -> list[FeatureLevel]:
+        """Every transformer layer (``encoder.layer.<i>``; CLIP ``vision_model.encoder.layers.<i>``),
+        ``hidden_size`` channels, stride = patch size."""
+        if getattr(self, "_feature_levels", None) is None:
+            config = self.model.config
+            self._feature_levels = [FeatureLevel(i, f"{self._layer_prefix()}.{i}", int(config.hidden_size),
+                                                 int(self.info.patch_size))
+                                    for i in range(int(config.num_hidden_layers))]
+        return list(self._feature_levels)
+
+    def forward_intermediates(self, x: torch.Tensor, levels: Sequence[int] | int | None = None, *,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """``hidden_states`` of the model called with ``output_hidden_states=True`` (entry ``i + 1``
+        is layer ``i``'s output), prefix tokens dropped, reshaped to (B, hidden, H / p, W / p);
+        ``norm=True`` applies the model's final LayerNorm (``layernorm``; CLIP ``post_layernorm``),
+        as ``Dinov2Backbone`` does with ``apply_layernorm``."""
+        chosen = self.resolve_levels(levels)
+        patch = self.info.patch_size
+        grid = (x.shape[-2] // patch, x.shape[-1] // patch)
+        prefix = self._prefix_tokens()
+
+        def compute(unique: list[int]) -> list[torch.Tensor]:
+            hidden = self._hidden_states(x)
+            maps = []
+            for i in unique:
+                tokens = hidden[i + 1]
+                if norm:
+                    tokens = self._final_norm()(tokens)
+                tokens = tokens[:, prefix:]
+                maps.append(tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid))
+            return maps
+
+        return ordered_levels(chosen, compute)
+
+    def _hidden_states(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(embeddings, layer 0, ..., layer N-1) outputs, patch order kept (MAE: no masking, no shuffle)."""
+        if self.kind == "dinov2":
+            return self.model(pixel_values=x, output_hidden_states=True).hidden_states
+        interpolate = tuple(x.shape[-2:]) != self.native_size
+        if self.kind == "mae":
+            tokens = (x.shape[-2] // self.info.patch_size) * (x.shape[-1] // self.info.patch_size)
+            noise = torch.arange(tokens, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+            return self.model(pixel_values=x, noise=noise, interpolate_pos_encoding=interpolate,
+                              output_hidden_states=True).hidden_states
+        return self.model.vision_model(pixel_values=x, interpolate_pos_encoding=interpolate,
+                                       output_hidden_states=True).hidden_states
 
 
 def build_hf(repo: str, weights: str | Path | None = "random", *, img_size: int | tuple[int, int] | None = None,

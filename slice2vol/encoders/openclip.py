@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -54,11 +54,13 @@ from slice2vol.encoders.base import (
     ENCODERS,
     Encoder,
     EncoderInfo,
+    FeatureLevel,
     WeightsUnavailable,
     apply_preprocess_overrides,
     assign_state_dict,
     hf_download,
     load_state_dict,
+    ordered_levels,
     parse_weights,
     require_hub,
     sha256_file,
@@ -118,6 +120,29 @@ class OpenCLIPEncoder(Encoder):
         _, tokens = self._forward(x)
         patch = self.info.patch_size
         return tokens, (x.shape[-2] // patch, x.shape[-1] // patch)
+
+    # -- dense features: open_clip's forward_intermediates --------------------------------------
+    def feature_info(self) -> list[FeatureLevel]:
+        """Every block of the trunk: ``transformer.resblocks.<i>`` (open_clip ViT) or ``trunk.blocks.<i>``
+        (timm trunk, BiomedCLIP); ``token_dim`` channels, stride = patch size."""
+        if getattr(self, "_feature_levels", None) is None:
+            if self.is_timm:
+                names = [f"trunk.blocks.{i}" for i in range(len(self.visual.trunk.blocks))]
+            else:
+                names = [f"transformer.resblocks.{i}" for i in range(len(self.visual.transformer.resblocks))]
+            self._feature_levels = [FeatureLevel(i, name, int(self.info.token_dim), int(self.info.patch_size))
+                                    for i, name in enumerate(names)]
+        return list(self._feature_levels)
+
+    def forward_intermediates(self, x: torch.Tensor, levels: Sequence[int] | int | None = None, *,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """``visual.forward_intermediates(indices, normalize_intermediates=norm, intermediates_only=True,
+        output_fmt='NCHW')``: block outputs without the class token, on the patch grid; ``norm``
+        applies the tower's final LayerNorm (``ln_post``; timm trunk: ``norm``)."""
+        chosen = self.resolve_levels(levels)
+        return ordered_levels(chosen, lambda unique: list(self.visual.forward_intermediates(
+            x, indices=unique, stop_early=True, normalize_intermediates=norm, intermediates_only=True,
+            output_fmt="NCHW")["image_intermediates"]))
 
 
 def _hub_spec(key: str, arch: str | None, tag: str) -> dict[str, Any]:

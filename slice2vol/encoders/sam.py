@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,10 +52,12 @@ from slice2vol.encoders.base import (
     ENCODERS,
     Encoder,
     EncoderInfo,
+    FeatureLevel,
     WeightsUnavailable,
     apply_preprocess_overrides,
     assign_state_dict,
     load_state_dict,
+    ordered_levels,
     parse_weights,
     require_hub,
     sha256_file,
@@ -133,6 +135,45 @@ class SAMEncoder(Encoder):
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         feature_map = self._neck(x)  # (B, 256, g, g)
         return feature_map.flatten(2).transpose(1, 2), (feature_map.shape[-2], feature_map.shape[-1])
+
+    # -- dense features: the encoder's blocks and its neck ---------------------------------------
+    def feature_info(self) -> list[FeatureLevel]:
+        """``blocks.<i>`` (ViT width channels) then ``neck`` (256, what ``SamPredictor.features``
+        holds), all at stride 16 (the patch size)."""
+        if getattr(self, "_feature_levels", None) is None:
+            encoder = self.image_encoder
+            width = int(encoder.patch_embed.proj.out_channels)
+            levels = [FeatureLevel(i, f"blocks.{i}", width, PATCH) for i in range(len(encoder.blocks))]
+            levels.append(FeatureLevel(len(levels), "neck", NECK_CHANS, PATCH))
+            self._feature_levels = levels
+        return list(self._feature_levels)
+
+    def forward_intermediates(self, x: torch.Tensor, levels: Sequence[int] | int | None = None, *,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """Outputs of ``ImageEncoderViT``'s own forward, caught by forward hooks on the requested
+        blocks (their (B, g, g, C) output as (B, C, g, g)) and the neck; ``micro_batch`` images per
+        call. SAM has no final norm, so ``norm`` has no effect."""
+        chosen = self.resolve_levels(levels)
+        info = self.feature_info()
+
+        def compute(unique: list[int]) -> list[torch.Tensor]:
+            modules = dict(self.image_encoder.named_modules())
+            parts: dict[int, list[torch.Tensor]] = {i: [] for i in unique}
+            handles = []
+            for i in unique:
+                def hook(_module, _inputs, output, i=i):
+                    parts[i].append(output if info[i].name == "neck" else output.permute(0, 3, 1, 2))
+                target = self.image_encoder.neck if info[i].name == "neck" else modules[info[i].name]
+                handles.append(target.register_forward_hook(hook))
+            try:
+                for chunk in x.split(self.micro_batch):
+                    self.image_encoder(chunk)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return [torch.cat(parts[i]) for i in unique]
+
+        return ordered_levels(chosen, compute)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         feature_map = self._neck(x)

@@ -25,8 +25,9 @@ loaded by order with every shape checked.
 from __future__ import annotations
 
 import sys
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,11 +36,13 @@ from slice2vol.encoders.base import (
     ENCODERS,
     Encoder,
     EncoderInfo,
+    FeatureLevel,
     WeightsUnavailable,
     apply_preprocess_overrides,
     assign_state_dict,
     hf_download,
     load_state_dict,
+    ordered_levels,
     parse_weights,
     pool_feature_map,
     sha256_file,
@@ -96,6 +99,57 @@ class TimmEncoder(Encoder):
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Raw images (B, C, h, w) in [0, 1] -> logits of the model's own head (B, num_classes)."""
         return self.model(self._prepare(x))
+
+    # -- dense features: timm's own feature_info / forward_intermediates ------------------------
+    def feature_info(self) -> list[FeatureLevel]:
+        """timm's ``model.feature_info``: CNN stage ends (strides 2-32), every ViT block (stride = patch),
+        Swin stages (4-32); names are timm's module names (``layer2``, ``blocks.5``, ``layers.1``)."""
+        if getattr(self, "_feature_levels", None) is None:
+            self._feature_levels = [FeatureLevel(i, str(f["module"]), int(f["num_chs"]), int(f["reduction"]))
+                                    for i, f in enumerate(self.model.feature_info)]
+        return list(self._feature_levels)
+
+    def forward_intermediates(self, x: torch.Tensor, levels: Sequence[int] | int | None = None, *,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """timm ``forward_intermediates(indices, norm, stop_early, output_fmt='NCHW', intermediates_only)``:
+        the same maps as ``timm.create_model(..., features_only=True)``; ViT prefix tokens dropped.
+        ``norm=True`` applies timm's final norm (ViT: every block; Swin: the last stage only)."""
+        chosen = self.resolve_levels(levels)
+        model = self.model
+        if not hasattr(model, "forward_intermediates"):
+            return ordered_levels(chosen, lambda unique: self._hooked_maps(x, unique))
+        accepted = _accepted_kwargs(model.forward_intermediates)
+        options = {k: v for k, v in dict(norm=norm, stop_early=True, output_fmt="NCHW").items() if k in accepted}
+        return ordered_levels(chosen, lambda unique: list(
+            model.forward_intermediates(x, indices=unique, intermediates_only=True, **options)))
+
+    def _hooked_maps(self, x: torch.Tensor, unique: list[int]) -> list[torch.Tensor]:
+        """Models without ``forward_intermediates``: forward hooks on the ``feature_info`` modules
+        (what timm's ``FeatureHooks`` does for ``features_only``)."""
+        info = self.feature_info()
+        modules = dict(self.model.named_modules())
+        caught: dict[int, torch.Tensor] = {}
+        handles = [modules[info[i].name].register_forward_hook(
+            lambda _m, _inp, out, i=i: caught.__setitem__(i, out)) for i in unique]
+        try:
+            self.model.forward_features(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        maps = []
+        for i in unique:
+            fmap = caught[i]
+            if fmap.ndim == 4 and fmap.shape[1] != info[i].channels and fmap.shape[-1] == info[i].channels:
+                fmap = fmap.permute(0, 3, 1, 2)  # NHWC stages (e.g. ConvNeXt-V2 variants, MLP mixers)
+            maps.append(fmap)
+        return maps
+
+
+def _accepted_kwargs(fn) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return set()
 
 
 _POOLINGS = {"cnn": ("avg", "gem", "max"), "swin": ("avg", "max", "gem"), "vit": ("cls", "mean", "cls_mean")}

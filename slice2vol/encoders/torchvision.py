@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,9 +29,11 @@ from slice2vol.encoders.base import (
     IMAGENET_STD,
     Encoder,
     EncoderInfo,
+    FeatureLevel,
     apply_preprocess_overrides,
     assign_state_dict,
     load_state_dict,
+    ordered_levels,
     parse_weights,
     pool_feature_map,
     require_hub,
@@ -83,6 +85,57 @@ class TorchvisionEncoder(Encoder):
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Raw images (B, C, h, w) in [0, 1] -> ImageNet logits (B, 1000) through the original head."""
         return self.model(self._prepare(x))
+
+    # -- dense features: torchvision's create_feature_extractor ----------------------------------
+    def _candidate_nodes(self) -> list[str]:
+        m = self.model
+        if hasattr(m, "features"):  # MobileNet/EfficientNet style: every block of ``features``
+            return [f"features.{i}" for i in range(len(m.features))]
+        return ["relu", "layer1", "layer2", "layer3", "layer4"]  # ResNets: stem, then the stages
+
+    def _extractor(self, nodes: tuple[str, ...]) -> nn.Module:
+        """``create_feature_extractor(model, nodes)``, cached; it shares the model's modules (and weights)."""
+        cache = self.__dict__.setdefault("_extractors", {})  # a plain dict: not registered as submodules
+        if nodes not in cache:
+            from torchvision.models.feature_extraction import create_feature_extractor
+
+            cache[nodes] = create_feature_extractor(self.model, return_nodes=list(nodes))
+        extractor = cache[nodes]
+        extractor.train(self.training)
+        return extractor
+
+    def feature_info(self) -> list[FeatureLevel]:
+        """The last block at each stride (stage ends), found by one probe pass through
+        ``create_feature_extractor``: MobileNetV2 ``features.1/3/6/13/18`` (strides 2-32),
+        ResNets ``relu`` (stem, 2) and ``layer1``-``layer4`` (4-32)."""
+        if getattr(self, "_feature_levels", None) is None:
+            nodes = tuple(self._candidate_nodes())
+            side = 64  # a power of two: stride = side / map side exactly
+            probe = torch.zeros(1, self.info.in_chans, side, side, device=self.device)
+            with torch.inference_mode():
+                maps = self._extractor(nodes)(probe)
+            stage_end: dict[int, tuple[str, int]] = {}
+            for name in nodes:
+                stride = side // maps[name].shape[-1]
+                stage_end[stride] = (name, int(maps[name].shape[1]))  # later blocks replace earlier ones
+            self._feature_levels = [FeatureLevel(i, name, chans, stride)
+                                    for i, (stride, (name, chans)) in enumerate(sorted(stage_end.items()))]
+            self.__dict__["_extractors"].pop(nodes, None)
+        return list(self._feature_levels)
+
+    def forward_intermediates(self, x: torch.Tensor, levels: Sequence[int] | int | None = None, *,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """Stage-end maps via ``torchvision.models.feature_extraction.create_feature_extractor``
+        (CNN stages: ``norm`` has no effect)."""
+        chosen = self.resolve_levels(levels)
+        info = self.feature_info()
+
+        def compute(unique: list[int]) -> list[torch.Tensor]:
+            nodes = tuple(info[i].name for i in unique)
+            out = self._extractor(nodes)(x)
+            return [out[name] for name in nodes]
+
+        return ordered_levels(chosen, compute)
 
 
 def _weights_enum(arch: str, tag: str):
