@@ -76,6 +76,9 @@ class EncoderInfo:
             (timm: ``floor(input / crop_pct)``; torchvision: the weights' ``resize_size``); ``None``
             means the crop is the whole resized image (crop_pct 1).
         interpolation: ``bicubic`` or ``bilinear`` (antialiased, as PIL) or ``nearest``.
+        weights_origin: for ``weights="pretrained"``, where the file was found: ``origin`` (``env``,
+            ``package``, ``hf-cache``, ``torch-cache``), ``detail`` (folder, package and version, repo),
+            ``file`` and ``sha256`` (see :mod:`slice2vol.encoders.weights`); empty otherwise.
     """
 
     key: str
@@ -96,6 +99,7 @@ class EncoderInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     resize_size: int | None = None
     interpolation: str = "bicubic"
+    weights_origin: dict[str, str] = field(default_factory=dict)
 
     @property
     def crop_pct(self) -> float:
@@ -561,20 +565,38 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def parse_weights(weights: str | Path | None) -> tuple[Literal["random", "hub", "file"], str]:
-    """``random`` | ``hub`` | ``hub:<tag>`` | path -> (kind, tag-or-path).
+#: ``weights=`` words asking for a key's published pretrained weights found locally
+#: (:mod:`slice2vol.encoders.weights`): ``pretrained``, ``imagenet`` (ImageNet keys), ``package``.
+PRETRAINED_WORDS = ("pretrained", "imagenet", "package")
+
+
+def parse_weights(weights: str | Path | None, *, pretrained: bool = False
+                  ) -> tuple[Literal["random", "hub", "file", "pretrained"], str]:
+    """``random`` | ``pretrained`` | ``imagenet`` | ``package`` | ``hub`` | ``hub:<tag>`` | path -> (kind, ref).
+
+    Args:
+        weights: the user's string.
+        pretrained: the caller resolves ``pretrained``/``imagenet``/``package`` (kind ``pretrained``,
+            ref the word); families without packaged weights leave it False and those words raise.
 
     Raises:
-        FileNotFoundError: a path that does not exist (anything not ``random``/``hub*`` is a path).
+        FileNotFoundError: a path that does not exist (anything not a word above is a path).
+        ValueError: a pretrained word for a caller that has no pretrained weights to resolve.
     """
     if weights is None or str(weights) in ("", "random", "none"):
         return "random", ""
     text = str(weights)
     if text == "hub" or text.startswith("hub:"):
         return "hub", text[4:]
+    if text in PRETRAINED_WORDS:
+        if not pretrained:
+            raise ValueError(f"weights={text!r}: this encoder has no published pretrained weights to resolve; "
+                             f"use 'random', 'hub[:tag]' or a local file")
+        return "pretrained", text
     path = Path(text).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: weights file not found (use 'random', 'hub[:tag]' or a local file)")
+        raise FileNotFoundError(f"{path}: weights file not found (use 'random', 'pretrained', 'hub[:tag]' "
+                                f"or a local file)")
     return "file", str(path)
 
 
@@ -788,11 +810,18 @@ def build_encoder(key: str, weights: str | Path | None = "random", **kwargs: Any
     """Builds a registered encoder in eval mode.
 
     Args:
-        key: registry key such as ``timm/resnet50`` (see ``slice2vol encoders``).
-        weights: ``random``, ``hub[:tag]`` or a local path.
+        key: registry key such as ``timm/resnet50`` (see ``slice2vol encoders``), or any
+            ``timm/<name>``, ``openclip/<arch>:<tag>`` or ``hf/<repo_id>`` the libraries know (open
+            registry: built from the library's own config and preprocessing).
+        weights: ``random``, ``pretrained`` (alias ``imagenet``; found locally, never downloaded),
+            ``package``, ``hub[:tag]`` or a local path.
         **kwargs: family options, e.g. ``img_size``, ``pooling``.
     """
     import slice2vol.encoders  # noqa: F401  - fills the registry
 
+    if key not in ENCODERS:  # open registry: any timm/<name>, openclip/<arch>:<tag>, hf/<repo>
+        builder = slice2vol.encoders.open_builder(key)
+        if builder is not None:
+            return builder(weights=weights, **kwargs).eval()
     encoder = ENCODERS.build(key, weights=weights, **kwargs)
     return encoder.eval()

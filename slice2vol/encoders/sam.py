@@ -62,6 +62,7 @@ from slice2vol.encoders.base import (
     require_hub,
     sha256_file,
 )
+from slice2vol.encoders.weights import PretrainedSpec, resolve_pretrained
 
 # build_sam.py: encoder width, depth, heads, global-attention block indexes
 SAM_ARCHS: dict[str, dict[str, Any]] = {
@@ -318,9 +319,20 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
         raise ValueError(f"{key}: pooling must be one of {POOLINGS}, got {pooling!r}")
     if img_size % PATCH or img_size < PATCH:
         raise ValueError(f"{key}: img_size must be a positive multiple of {PATCH}, got {img_size}")
-    kind, ref = parse_weights(weights)
+    kind, ref = parse_weights(weights, pretrained=True)
     if kind == "hub" and ref:
         raise ValueError(f"{key}: SAM checkpoints have no tags; use weights='hub'")
+    origin: dict[str, str] = {}
+    if kind == "pretrained":  # $SLICE2VOL_WEIGHTS or the torch hub cache, never a download
+        filename = MEDSAM_FILE if family == "medsam" else SAM_URLS[arch].rsplit("/", 1)[1]
+        spec_w = PretrainedSpec(
+            key=key, files=(filename,), torch_hub=True,
+            description="MedSAM (SAM ViT-B fine-tuned on 1.5M medical image-mask pairs)" if family == "medsam"
+            else f"Segment Anything {arch} (SA-1B)", dataset="MedSAM" if family == "medsam" else "SA-1B",
+            url="https://github.com/bowang-lab/MedSAM (Google Drive link in its README)" if family == "medsam"
+            else SAM_URLS[arch])
+        resolved = resolve_pretrained(spec_w, ref)
+        kind, ref, origin = "file", str(resolved.path), resolved.provenance()
     spec = dict(SAM_ARCHS[arch])
     for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads),
                         ("global_attn_indexes", global_attn_indexes)):
@@ -343,7 +355,8 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
             state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
         resized = resize_position_tables(state, image_encoder)
         assign_state_dict(image_encoder, state, key, source=str(path), optional_prefixes=())
-        sha, used = sha256_file(path), str(path) if kind == "file" else f"hub:{path.name}"
+        sha = origin.get("sha256") or sha256_file(path)
+        used = ("pretrained" if origin else str(path)) if kind == "file" else f"hub:{path.name}"
     grid = img_size // PATCH
     medsam = family == "medsam"
     micro_batch = micro_batch or default_micro_batch(img_size, spec["num_heads"])
@@ -357,6 +370,7 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
         extra={"arch": arch, "grid": [grid, grid], "vit_width": spec["embed_dim"], "depth": spec["depth"],
                "global_attn_indexes": list(spec["global_attn_indexes"]), "window_size": window_size,
                "resized_tables": resized, "micro_batch": micro_batch},
+        weights_origin=origin,
     )
     apply_preprocess_overrides(info, **overrides)
     return SAMEncoder(image_encoder, info, pooling=pooling, micro_batch=micro_batch).eval()

