@@ -5,6 +5,32 @@ The package owns the whole path from NIfTI volumes to benchmark tables: volume l
 (:mod:`slice2vol.cache`), slice-to-volume aggregation (:mod:`slice2vol.aggregate`), native-3D
 self-supervised baselines (:mod:`slice2vol.ssl`), the benchmark (:mod:`slice2vol.eval`) and
 retrieval (:mod:`slice2vol.retrieval`). Heavy libraries are imported lazily inside builders.
+
+The public API (:mod:`slice2vol.api`, docs/api.md) is reachable from here and loaded on first use,
+so ``import slice2vol`` imports nothing heavy::
+
+    import slice2vol as s2v
+    cohort = s2v.load_cohort("runs/cohort/manifest.csv")
+    table = s2v.evaluate(X, cohort.labels()["lesion"])
 """
 
 __version__ = "0.1.0"
+
+#: public names, each loaded from :mod:`slice2vol.api` on first attribute access (PEP 562)
+_API = ("load_cohort", "build_encoder", "cache_cohort", "FeatureStore", "aggregate", "evaluate")
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from slice2vol import api
+
+        value = getattr(api, name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'slice2vol' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

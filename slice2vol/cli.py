@@ -27,6 +27,7 @@ COMMANDS = (
     "finetune",
     "pretrain",
     "embed",
+    "export",
     "bench",
     "index",
     "search",
@@ -56,10 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The sub-parser of command ``name`` inside a parser made by :func:`build_parser`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    raise KeyError(f"no command {name!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status (0 ok, 1 some subjects failed, 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the command line as typed, for the provenance of whatever the job writes
+    from slice2vol.commands._common import command_line
+
+    args.command_line = command_line(list(argv) if argv is not None else None)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -167,6 +167,54 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+#: the package-data copy of the repository's ``configs/`` folder (a link to it in a checkout)
+PACKAGED_CONFIGS = "_configs"
+
+
+def packaged_configs() -> Path:
+    """The folder of configs shipped inside the installed package (``slice2vol/_configs``).
+
+    In a checkout (or an editable install) it is a link to the top-level ``configs/`` folder that users
+    edit; a wheel holds a copy of it, so ``slice2vol demo`` works from any folder after ``pip install``.
+    """
+    from importlib import resources
+
+    root = resources.files("slice2vol").joinpath(PACKAGED_CONFIGS)
+    path = Path(str(root))
+    if not path.is_dir():
+        raise ConfigError(f"{path}: the packaged configs are missing (reinstall slice2vol)")
+    return path
+
+
+def resolve_config_path(value: str | Path) -> Path:
+    """A config named on the command line -> its file.
+
+    In order: an existing file (absolute, or relative to the working directory); then the packaged
+    configs, by path relative to ``configs/`` with or without that prefix and ``.yaml``
+    (``experiments/demo``, ``experiments/demo.yaml`` and ``configs/experiments/demo.yaml`` all work
+    from any folder).
+
+    Raises:
+        ConfigError: nothing matches; the message lists where it looked.
+    """
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    rel = Path(*[p for p in path.parts if p not in ("/",)])
+    if rel.parts and rel.parts[0] == "configs":
+        rel = Path(*rel.parts[1:]) if len(rel.parts) > 1 else Path()
+    try:
+        root = packaged_configs()
+    except ConfigError:
+        root = None
+    if root is not None and not path.is_absolute() and rel.parts:
+        for candidate in (root / rel, root / rel.with_suffix(rel.suffix or ".yaml")):
+            if candidate.is_file():
+                return candidate
+    where = f"; nor under the packaged configs {root}" if root is not None else ""
+    raise ConfigError(f"{value}: config file not found (looked in {Path.cwd()}{where})")
+
+
 def load_config(
     cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = (), section: str | None = None
 ) -> C:

@@ -126,4 +126,5 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     import shlex
     import sys
 
-    return " ".join(shlex.quote(a) for a in (["slice2vol", *argv] if argv is not None else sys.argv))
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return " ".join(shlex.quote(a) for a in ["slice2vol", *args])

@@ -231,7 +231,7 @@ def make_cohort(out_dir: str | Path, n_subjects: int | None = None, seed: int | 
         out_dir: destination folder (created); files go to ``images/``, ``seg/``, ``lesions/``.
         n_subjects, seed, spacing: shortcuts overriding ``cfg``.
         cfg: full generator config.
-        progress: show a progress bar.
+        progress: report progress (a bar on a terminal, log lines otherwise; :mod:`slice2vol.progress`).
     """
     cfg = cfg or SynthConfig()
     overrides = {k: v for k, v in {"n_subjects": n_subjects, "seed": seed, "spacing": spacing}.items()
@@ -242,12 +242,9 @@ def make_cohort(out_dir: str | Path, n_subjects: int | None = None, seed: int | 
         (out / sub).mkdir(parents=True, exist_ok=True)
     template = _load_template()
     rows = []
-    indices = range(cfg.n_subjects)
-    if progress:
-        from tqdm.auto import tqdm
+    from slice2vol.progress import track
 
-        indices = tqdm(indices, desc="synth", unit="subject")
-    for i in indices:
+    for i in track(range(cfg.n_subjects), desc="synth", unit="subject", enabled=progress):
         subject = make_subject(template, cfg, i)
         sid = f"synth-{cfg.seed:02d}-{i:03d}"
         affine = template.affine
