@@ -15,26 +15,89 @@ anomalous): :class:`KNNDistance` (mean distance to the k nearest healthy rows, s
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
+from slice2vol.eval.dense_bench import DenseFeatureConfig
+from slice2vol.eval.lesions import LesionConfig, SweepConfig
 from slice2vol.eval.linear import _Standardizer
 
 
 @dataclass
-class AnomalyConfig:
+class PatchScorerConfig:
     """Attributes:
-    scorers: any of ``knn``, ``mahalanobis``, ``ocsvm``.
-    knn_k: neighbours of the k-NN distance scorer.
-    n_lesions: (min, max) lesions per volume.
-    radius_mm: (min, max) lesion semi-axis.
-    contrast: (min, max) absolute relative intensity change; the sign is drawn at random.
-    plane, stride, size: slices embedded by 2D encoders (one plane keeps the cost down).
-    max_subjects: use at most this many subjects, None for all.
-    seed: lesion placement seed.
+    levels: feature levels (:func:`slice2vol.eval.dense.select_levels` selectors); the finest
+        sets the patch grid, deeper ones are upsampled to it (PatchCore: layer2 + layer3).
+    pool: local neighbourhood aggregation, a ``pool x pool`` average over each level (PatchCore's
+        3x3), so a patch feature describes its surroundings.
+    dilate: cells within this many cells of a brain voxel are banked (healthy training scans) and
+        scored (test scans); the same selection on both sides, so brain-boundary patches (brain
+        plus skull) are compared with brain-boundary patches.
+    per_subject: coreset size kept per healthy training subject (k-centre greedy); a fold's bank
+        is the union of its training subjects' coresets (the union of k-centre coresets covers the
+        union of the sets within the largest per-subject radius).
+    presample: the coreset of a subject is chosen among at most this many of its cells (random).
+    proj_dim: random-projection width for the coreset selection (PatchCore's Johnson-Lindenstrauss
+        trick), 0 for none.
+    k: neighbours averaged for the score (PatchCore: 1).
+    position_weight: appended cell coordinates (mm) are multiplied by this before the
+        nearest-neighbour search, in standardised-feature units per mm; > 0 makes the bank
+        position-aware (a patch is compared with healthy patches from about the same place, which
+        helps when slices are roughly aligned across subjects), 0 is plain PatchCore.
+    subject_score: ``max`` of voxel scores over the brain, or ``top:N`` (mean of the N highest).
     """
 
+    levels: list = field(default_factory=lambda: ["stride:8", "stride:16"])
+    pool: int = 3
+    dilate: int = 1
+    per_subject: int = 200
+    presample: int = 20000
+    proj_dim: int = 64
+    k: int = 1
+    position_weight: float = 0.0
+    subject_score: str = "max"
+
+
+@dataclass
+class AnomalyConfig:
+    """The ``anomaly:`` block of an experiment.
+
+    Attributes:
+        features: dense feature extraction; None = the segmentation block's (then both probes read
+            the same feature files).
+        scorer: the patch scorer (:class:`PatchScorerConfig`) of every 2D encoder.
+        variants: name -> overrides of ``scorer`` fields; each variant is scored (e.g. plain
+            PatchCore and a position-aware bank); the first is the primary one.
+        lesions: the main lesion setting (:class:`~slice2vol.eval.lesions.LesionConfig`).
+        sweep: the difficulty sweep (:class:`~slice2vol.eval.lesions.SweepConfig`), None for none.
+        fpr: voxel false-positive rate on held-out healthy scans for the lesion-wise detection threshold.
+        min_lesion_voxels: a slice cuts a lesion (slice-level positive) with at least this many voxels.
+        n_folds: subject-level folds.
+        encoders: names of the experiment's 2D encoders to score (None: all).
+        twins: add the random-init twin of every pretrained encoder that has none in the list.
+        controls: name -> :class:`~slice2vol.eval.dense.IntensityFeatures` keywords (the positive
+            control: raw intensity patches through the same scorer).
+        max_subjects: use at most this many subjects, None for all.
+        seed: lesion placement seed (lesions are the same for every set).
+        scorers, knn_k, n_lesions, radius_mm, contrast, plane, stride, size: settings of the previous
+            whole-volume scorers, read only by the old runner code.
+    """
+
+    features: DenseFeatureConfig | None = None
+    scorer: PatchScorerConfig = field(default_factory=lambda: PatchScorerConfig())
+    variants: dict = field(default_factory=lambda: {"patchcore": {}})
+    lesions: LesionConfig = field(default_factory=LesionConfig)
+    sweep: SweepConfig | None = field(default_factory=SweepConfig)
+    fpr: float = 0.01
+    min_lesion_voxels: int = 5
+    n_folds: int = 4
+    encoders: list[str] | None = None
+    twins: bool = True
+    controls: dict = field(default_factory=lambda: {"intensity": {"patch": 3, "stride": 4, "coords": False}})
+    max_subjects: int | None = None
+    seed: int = 0
     scorers: tuple[str, ...] = ("knn", "mahalanobis", "ocsvm")
     knn_k: int = 5
     n_lesions: tuple[int, int] = (1, 3)
@@ -43,8 +106,6 @@ class AnomalyConfig:
     plane: str = "axial"
     stride: int = 4
     size: int = 112
-    max_subjects: int | None = None
-    seed: int = 0
 
 
 class KNNDistance:
@@ -164,37 +225,6 @@ def simulate_lesions(volume, rng: np.random.Generator, cfg: AnomalyConfig | None
 
 
 # -- patch-level anomaly scoring (PatchCore-style) ----------------------------------------------
-@dataclass
-class PatchScorerConfig:
-    """Attributes:
-    levels: feature levels (:func:`slice2vol.eval.dense.select_levels` selectors); the finest
-        sets the patch grid, deeper ones are upsampled to it (PatchCore: layer2 + layer3).
-    pool: local neighbourhood aggregation, a ``pool x pool`` average over each level (PatchCore's
-        3x3), so a patch feature describes its surroundings.
-    min_brain: a cell enters the memory bank when at least this fraction of it is brain.
-    per_subject: coreset size kept per healthy training subject (k-centre greedy); a fold's bank
-        is the union of its training subjects' coresets (the union of k-centre coresets covers the
-        union of the sets within the largest per-subject radius).
-    proj_dim: random-projection width for the coreset selection (PatchCore's Johnson-Lindenstrauss
-        trick), 0 for none.
-    k: neighbours averaged for the score (PatchCore: 1).
-    position_weight: appended cell coordinates (mm) are multiplied by this before the
-        nearest-neighbour search, in standardised-feature units per mm; > 0 makes the bank
-        position-aware (a patch is compared with healthy patches from about the same place, which
-        helps when slices are roughly aligned across subjects), 0 is plain PatchCore.
-    subject_score: ``max`` of voxel scores over the brain, or ``top:N`` (mean of the N highest).
-    """
-
-    levels: list = dataclasses.field(default_factory=lambda: ["stride:8", "stride:16"])
-    pool: int = 3
-    min_brain: float = 0.5
-    per_subject: int = 200
-    proj_dim: int = 64
-    k: int = 1
-    position_weight: float = 0.0
-    subject_score: str = "max"
-
-
 def patch_maps(ds, cfg: PatchScorerConfig, rows: np.ndarray | None = None,
                levels: Sequence[int] | None = None) -> "torch.Tensor":
     """Patch features (S, D, gh, gw) on the grid of the finest chosen level.
@@ -229,6 +259,16 @@ def cell_brain_fraction(ds, grid: tuple[int, int], rows: np.ndarray | None = Non
     mask = ds.mask if rows is None else ds.mask[rows]
     crop = torch.from_numpy(mask[:, top:top + h, left:left + w].astype(np.float32))[:, None]
     return F.adaptive_avg_pool2d(crop, grid)[:, 0].numpy()
+
+
+def scored_cells(ds, grid: tuple[int, int], dilate: int = 1, rows: np.ndarray | None = None) -> np.ndarray:
+    """(S, gh, gw) bool: cells touching the brain, dilated in-plane by ``dilate`` cells."""
+    from scipy.ndimage import binary_dilation
+
+    near = cell_brain_fraction(ds, grid, rows) > 0
+    if dilate and near.any():
+        near = binary_dilation(near, structure=np.ones((1, 3, 3), bool), iterations=dilate)
+    return near
 
 
 def cell_positions(ds, grid: tuple[int, int], rows: np.ndarray | None = None) -> np.ndarray:
@@ -269,13 +309,15 @@ def greedy_coreset(x: np.ndarray, m: int, proj_dim: int = 64, seed: int = 0) -> 
     z = torch.as_tensor(np.asarray(x, np.float32))
     if proj_dim and proj_dim < z.shape[1]:
         z = z @ (torch.randn(z.shape[1], proj_dim, generator=gen) / proj_dim ** 0.5)
+    norms = (z * z).sum(1)
     chosen = np.empty(m, dtype=np.int64)
     chosen[0] = int(torch.randint(n, (1,), generator=gen))
-    dist = ((z - z[chosen[0]]) ** 2).sum(1)
+    # squared distances as |z|^2 - 2 z.c + |c|^2: one matrix-vector product per step, no (N, d) temporaries
+    dist = norms - 2 * (z @ z[chosen[0]]) + norms[chosen[0]]
     for i in range(1, m):
         nxt = int(torch.argmax(dist))
         chosen[i] = nxt
-        dist = torch.minimum(dist, ((z - z[nxt]) ** 2).sum(1))
+        torch.minimum(dist, norms - 2 * (z @ z[nxt]) + norms[nxt], out=dist)
     return chosen
 
 
@@ -298,17 +340,21 @@ class SubjectPatches:
 
 
 def subject_patches(ds, cfg: PatchScorerConfig, seed: int = 0) -> SubjectPatches:
-    """Brain patches of one healthy subject reduced to a k-centre coreset of ``cfg.per_subject``.
+    """Brain patches (:func:`scored_cells`) of one healthy subject reduced to a k-centre coreset of
+    ``cfg.per_subject``.
 
     The coreset is chosen in the subject's own standardised space (so no feature dominates by
     scale) with the cell positions appended as the bank will see them.
     """
     feats = patch_maps(ds, cfg)                                            # (S, D, gh, gw)
     grid = tuple(feats.shape[-2:])
-    frac = cell_brain_fraction(ds, grid)
-    keep = frac >= cfg.min_brain
+    keep = scored_cells(ds, grid, cfg.dilate)
     x = feats.permute(0, 2, 3, 1).numpy()[keep].astype(np.float64)         # (N, D)
     pos = cell_positions(ds, grid)[keep]
+    total, total_sq, count = x.sum(0), (x ** 2).sum(0), len(x)
+    if len(x) > cfg.presample:  # the coreset is chosen among a random subset (statistics use every cell)
+        pick = np.sort(np.random.default_rng(seed).choice(len(x), cfg.presample, replace=False))
+        x, pos = x[pick], pos[pick]
     if len(x) == 0:
         d = feats.shape[1]
         return SubjectPatches(np.zeros((0, d), np.float32), np.zeros((0, 3), np.float32), 0, np.zeros(d), np.zeros(d))
@@ -318,7 +364,7 @@ def subject_patches(ds, cfg: PatchScorerConfig, seed: int = 0) -> SubjectPatches
     if cfg.position_weight > 0:
         z = np.concatenate([z, cfg.position_weight * pos], 1)
     idx = greedy_coreset(z.astype(np.float32), cfg.per_subject, cfg.proj_dim, seed)
-    return SubjectPatches(x[idx].astype(np.float32), pos[idx].astype(np.float32), len(x), x.sum(0), (x ** 2).sum(0))
+    return SubjectPatches(x[idx].astype(np.float32), pos[idx].astype(np.float32), count, total, total_sq)
 
 
 class PatchMemoryBank:
@@ -364,17 +410,12 @@ class PatchMemoryBank:
         sq, _ = self.index_.search(self._embed(x, pos), min(self.cfg.k, self.index_.ntotal))
         return np.sqrt(np.maximum(sq, 0)).mean(1).astype(np.float32)
 
-    def score_cells(self, ds, rows: np.ndarray | None = None, dilate: int = 1) -> np.ndarray:
-        """(S, gh, gw) patch scores of the slices ``rows``; cells farther than ``dilate`` cells
-        from any brain are not searched (score 0: they touch no brain voxel when upsampled)."""
-        from scipy.ndimage import binary_dilation
-
+    def score_cells(self, ds, rows: np.ndarray | None = None) -> np.ndarray:
+        """(S, gh, gw) patch scores of the slices ``rows``; only :func:`scored_cells` are searched,
+        the others are 0 (they touch no brain voxel when upsampled)."""
         feats = patch_maps(ds, self.cfg, rows)
         grid = tuple(feats.shape[-2:])
-        frac = cell_brain_fraction(ds, grid, rows)
-        near = frac > 0
-        if dilate:
-            near = binary_dilation(near, structure=np.ones((1, 3, 3), bool), iterations=dilate)
+        near = scored_cells(ds, grid, self.cfg.dilate, rows)
         out = np.zeros(near.shape, np.float32)
         if near.any():
             x = feats.permute(0, 2, 3, 1).numpy()[near]
@@ -459,10 +500,13 @@ def lesion_detection(scores: np.ndarray, lesion: np.ndarray, threshold: float) -
 
     from slice2vol.eval.lesions import lesion_components
 
-    labels, n = lesion_components(lesion)
-    if n == 0:
+    if not lesion.any():
         return 0, 0
-    peaks = np.asarray(maximum(scores, labels, index=np.arange(1, n + 1)))
+    # label inside the lesions' bounding box: the same components, far less work than the volume
+    where = np.argwhere(lesion)
+    box = tuple(slice(lo, hi + 1) for lo, hi in zip(where.min(0), where.max(0)))
+    labels, n = lesion_components(lesion[box])
+    peaks = np.asarray(maximum(scores[box], labels, index=np.arange(1, n + 1)))
     return int((peaks >= threshold).sum()), n
 
 

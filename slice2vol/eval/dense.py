@@ -273,10 +273,24 @@ def extract_dense(encoder: Any, volume: Any, plane: str, slice_size: int, levels
     """
     info = [_as_level(lv) for lv in encoder.feature_info()]
     chosen = select_levels(info, levels)
-    ps = slice_volume(volume, slice_config(plane, slice_size, context))[plane]
-    keep = np.arange(len(ps)) if rows is None else np.asarray(rows, dtype=np.int64)
-    images = ps.images[torch.as_tensor(keep)] if rows is not None else ps.images
     n_slices = volume.shape[PLANES[plane]]
+    if rows is None:
+        ps = slice_volume(volume, slice_config(plane, slice_size, context))[plane]
+        keep = np.arange(len(ps))
+    else:
+        # slice only the asked slices (plus their 2.5D neighbours): a sub-volume has the same
+        # in-plane geometry, so its slices are those of the whole volume
+        rows = np.asarray(rows, dtype=np.int64)
+        half = context // 2
+        span = np.unique(np.clip((rows[:, None] + np.arange(-half, half + 1)[None]).ravel(), 0, n_slices - 1))
+        axis = PLANES[plane]
+        sub = dataclasses.replace(volume, data=np.take(volume.data, span, axis=axis + 1),
+                                  mask=np.take(volume.mask, span, axis=axis),
+                                  seg=None if volume.seg is None else np.take(volume.seg, span, axis=axis))
+        ps = slice_volume(sub, slice_config(plane, slice_size, context))[plane]
+        ps.indices = span
+        keep = np.searchsorted(span, rows)
+    images = ps.images[torch.as_tensor(keep)] if rows is not None else ps.images
     coords = (ps.indices[keep] + 0.5) / n_slices
     maps = _feature_maps(encoder, images, [info[i].index for i in chosen], batch_size, coords)
     if len(maps) != len(chosen):
@@ -294,7 +308,8 @@ def extract_dense(encoder: Any, volume: Any, plane: str, slice_size: int, levels
         mask = seg_slices > 0
     if mask is None or not mask.any():  # no segmentation: the head mask, sliced the same way
         head = dataclasses.replace(volume, seg=np.asarray(volume.mask, dtype=np.int64))
-        mask = slice_volume(head, slice_config(plane, slice_size, 1))[plane].labels[keep_t].numpy() > 0
+        every = slice_volume(head, slice_config(plane, slice_size, 1))[plane].labels.numpy() > 0
+        mask = every[ps.indices[keep]]
     return DenseSlices(plane=plane, indices=ps.indices[keep].astype(np.int64), maps=stored, scales=scales,
                        levels=[info[i] for i in chosen], box=token_box(encoder.info, slice_size),
                        slice_size=slice_size, content_box=tuple(ps.content_box), grid_shape=tuple(ps.grid_shape),

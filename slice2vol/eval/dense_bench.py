@@ -226,7 +226,7 @@ class SegProbeSettings:
 def segmentation_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable[[Any], Any],
                     lut: np.ndarray, n_classes: int, folds: Sequence[tuple[np.ndarray, np.ndarray]],
                     probe: SegProbeSettings, seed: int = 0, example: int | None = 0,
-                    progress: bool = False) -> dict:
+                    permute_labels: bool = False, progress: bool = False) -> dict:
     """Subject-level cross-validated dense linear probe of one set.
 
     Args:
@@ -236,6 +236,8 @@ def segmentation_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Cal
         lut: raw label -> class (0..K).
         folds: (train positions, test positions) per fold; every subject is tested once.
         example: position of the subject whose middle slice is returned for the overlay figure.
+        permute_labels: shuffle the training pixels' classes (a negative control: Dice must fall
+            to what the class frequencies alone give).
 
     Returns:
         ``{variant: {"dice": (N, K), "hd95": (N, K), "n_train": [per fold], "levels": [...]}}``
@@ -271,6 +273,9 @@ def segmentation_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Cal
             X = np.concatenate([samples[v][i][0] for i in train])
             y = np.concatenate([samples[v][i][1] for i in train])
             w = np.concatenate([samples[v][i][2] for i in train])
+            if permute_labels:
+                perm = rng.permutation(len(y))
+                y, w = y[perm], w[perm]
             cap = max(int(probe.max_train_values // max(X.shape[1], 1)), 1000)
             if len(y) > cap:
                 keep = np.sort(rng.choice(len(y), cap, replace=False))
@@ -313,32 +318,10 @@ def _overlay(volume, truth: np.ndarray, preds: dict, axis: int) -> dict:
 
 
 # -- anomaly detection --------------------------------------------------------------------------
-@dataclass
-class AnomalySettings:
-    """The scoring part of the anomaly config (see :class:`slice2vol.eval.anomaly.AnomalyConfig`).
-
-    Attributes:
-        scorer: :class:`~slice2vol.eval.anomaly.PatchScorerConfig` fields.
-        lesions: :class:`~slice2vol.eval.lesions.LesionConfig` fields (the main setting).
-        sweep: :class:`~slice2vol.eval.lesions.SweepConfig` fields, or None for no sweep.
-        sweep_slices: the sweep scores only the slice through each lesion's centre (the most
-            lesion voxels), which is what a slice-wise encoder sees of it, at 1/20th of the cost.
-        fpr: voxel false-positive rate on held-out healthy scans that sets the detection threshold.
-        min_lesion_voxels: a slice "cuts a lesion" (slice-level positives) with at least this many.
-        n_bins: bins of the pooled pixel-AUROC bootstrap (:class:`~slice2vol.eval.anomaly.BinnedAUROC`).
-    """
-
-    scorer: dict = field(default_factory=dict)
-    lesions: dict = field(default_factory=dict)
-    sweep: dict | None = field(default_factory=dict)
-    fpr: float = 0.01
-    min_lesion_voxels: int = 5
-    n_bins: int = 2000
-
-
 def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable[[Any], Any],
-               folds: Sequence[tuple[np.ndarray, np.ndarray]], settings: AnomalySettings, *, seed: int = 0,
-               n_boot: int = 1000, example: int | None = 0, progress: bool = False) -> dict:
+               folds: Sequence[tuple[np.ndarray, np.ndarray]], scorer, lesions, sweep=None, *, fpr: float = 0.01,
+               min_lesion_voxels: int = 5, levels: Sequence | None = None, seed: int = 0, n_boot: int = 1000,
+               n_bins: int = 2000, example: int | None = 0, progress: bool = False) -> dict:
     """PatchCore-style anomaly detection of simulated lesions with one set, subject-level CV.
 
     Per fold, a memory bank of healthy brain patches of the training subjects (the union of their
@@ -347,6 +330,16 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
     changed are re-embedded. The lesions of subject ``i`` are drawn with ``rng([seed, i])`` (main
     setting) and ``rng([seed, 1000 + k, i])`` (sweep setting ``k``): the same for every set.
 
+    Args:
+        scorer: :class:`~slice2vol.eval.anomaly.PatchScorerConfig`.
+        lesions: :class:`~slice2vol.eval.lesions.LesionConfig` of the main setting.
+        sweep: :class:`~slice2vol.eval.lesions.SweepConfig` or None. The sweep scores only the
+            slice through each lesion's centre (what a slice-wise encoder sees of it).
+        fpr: voxel false-positive rate on the fold's held-out healthy scans that sets the
+            lesion-wise detection threshold.
+        min_lesion_voxels: a slice cuts a lesion (slice-level positive) with at least this many.
+        levels: level selectors (default ``scorer.levels``; controls pass their own).
+
     Returns:
         dict with per-subject arrays (``pixel_auroc``, ``healthy``/``lesioned`` subject scores,
         ``detected``/``n_lesions``), ``pixel_pooled`` (estimate and bootstrap interval over
@@ -354,18 +347,16 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
         and detection), ``thresholds`` per fold, ``example`` and ``timing_s``.
     """
     from slice2vol.data.slicing import PLANES
-    from slice2vol.eval.anomaly import (BinnedAUROC, PatchMemoryBank, PatchScorerConfig, cells_to_volume,
-                                        lesion_detection, subject_patches, subject_score, voxel_auroc)
-    from slice2vol.eval.lesions import (LesionConfig, SweepConfig, brain_mask, central_slice, changed_slices,
-                                        simulate_lesions, sweep_settings)
+    from slice2vol.eval.anomaly import (PatchMemoryBank, cells_to_volume, lesion_detection, subject_patches,
+                                        subject_score, voxel_auroc)
+    from slice2vol.eval.lesions import brain_mask, central_slice, changed_slices, simulate_lesions, sweep_settings
     from slice2vol.progress import track
 
     t0 = time.time()
-    scfg = PatchScorerConfig(**settings.scorer)
-    main_lesions = LesionConfig(**_tuples(settings.lesions))
-    sweep = sweep_settings(SweepConfig(**settings.sweep)) if settings.sweep is not None else []
-    pos = files.positions(scfg.levels)
-    levels_sel = scfg.levels
+    scfg, main_lesions = scorer, lesions
+    sweep = sweep_settings(sweep) if sweep is not None else []
+    levels_sel = list(levels if levels is not None else scfg.levels)
+    pos = files.positions(levels_sel)
     axis = PLANES[files.feat.plane]
     n = len(subjects)
     parts = []
@@ -409,7 +400,7 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
             pooled_truth.append(lesion[brain])
             pooled_owner.append(np.full(int(brain.sum()), i))
             other = tuple(a for a in range(3) if a != axis)
-            hit = np.flatnonzero(lesion.sum(axis=other) >= settings.min_lesion_voxels)
+            hit = np.flatnonzero(lesion.sum(axis=other) >= min_lesion_voxels)
             for vox, truth in ((vox_h, False), (vox_l, True)):
                 masked = np.where(brain, vox, -np.inf)
                 peaks = np.moveaxis(masked, axis, 0)[hit].reshape(len(hit), -1).max(1)
@@ -429,7 +420,7 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
             if example is not None and i == example:
                 ex = _lesion_example(volume, sick, lesion, vox_l, axis)
         # detection threshold: the (1 - fpr) quantile of held-out HEALTHY brain voxel scores of this fold
-        threshold = float(np.quantile(np.concatenate(healthy_vox), 1 - settings.fpr))
+        threshold = float(np.quantile(np.concatenate(healthy_vox), 1 - fpr))
         res["thresholds"].append(threshold)
         for i, vox_l, lesion, sweep_peaks in pending:
             res["detected"][i], res["n_lesions"][i] = lesion_detection(vox_l, lesion, threshold)
@@ -437,16 +428,12 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
                 res["sweep"][name]["detected"][i] = int(peak >= threshold)
         del pending, healthy_vox
     scores, truth, owner = map(np.concatenate, (pooled_scores, pooled_truth, pooled_owner))
-    res["pixel_pooled"] = _pooled_auroc(scores, truth, owner, n, settings.n_bins, n_boot, seed)
+    res["pixel_pooled"] = _pooled_auroc(scores, truth, owner, n, n_bins, n_boot, seed)
     res["slice"] = {"scores": np.concatenate(slice_scores), "truth": np.concatenate(slice_truth),
                     "owner": np.concatenate(slice_owner)}
     res["example"] = ex
     res["timing_s"] = round(time.time() - t0, 2)
     return res
-
-
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def _pooled_auroc(scores: np.ndarray, truth: np.ndarray, owner: np.ndarray, n: int, n_bins: int, n_boot: int,

@@ -25,26 +25,38 @@ import torch
 import torch.nn.functional as F
 
 from slice2vol.eval.dense import token_box  # noqa: F401  (re-exported: the runner imports it from here)
+from slice2vol.eval.dense_bench import DenseFeatureConfig, SegProbeSettings
 
 
 @dataclass
 class SegConfig:
-    """Attributes:
-    structures: class name -> label values of the segmentation map that form it (integers), or,
-        with ``mapping_csv`` set, a composite index (e.g. ``{"GM": [601]}``) expanded by the table.
-    mapping_csv: DLMUSE ``list_MUSE_mapping_derived.csv`` (composite index, name, single labels...).
-    plane: slicing plane for the probe.
-    stride: keep every stride-th slice of that plane.
-    size: slice side in pixels (slices are resized to it before the encoder).
-    epochs, lr, weight_decay, batch_size: head training.
-    label_scale: labels are compared at ``label_scale`` x the token grid during training (memory).
-    max_subjects: evaluate at most this many subjects (first ones of the cohort), None for all.
-    encoder_kwargs: overrides of each encoder's build options for the probe (e.g. a larger
-        ``img_size`` for a finer token grid).
+    """The ``segmentation:`` block of an experiment.
+
+    Attributes:
+        structures: class name -> label values of the segmentation map that form it (integers), or,
+            with ``mapping_csv`` set, a composite index (e.g. ``{"gm": [601]}``) expanded by the table.
+        mapping_csv: DLMUSE ``list_MUSE_mapping_derived.csv`` (composite index, name, single labels...).
+        features: how dense features are extracted (plane, slice size, probe input size); shared
+            with the anomaly probe, which reuses the same feature files when both agree.
+        probe: the linear probe (variants, pixel sampling, L-BFGS, HD95).
+        n_folds: subject-level folds (one repeat; every subject is predicted once).
+        encoders: names of the experiment's 2D encoders to probe (None: all).
+        twins: add the random-init twin of every pretrained encoder that has none in the list.
+        controls: name -> :class:`~slice2vol.eval.dense.IntensityFeatures` keywords.
+        max_subjects: evaluate at most this many subjects (first ones of the cohort), None for all.
+        plane, stride, size, epochs, lr, weight_decay, batch_size, label_scale, encoder_kwargs:
+            settings of the previous single-level token probe, read only by the old runner code.
     """
 
     structures: dict = field(default_factory=lambda: {"csf": [1], "gm": [2], "wm": [3], "ventricles": [4]})
     mapping_csv: str | None = None
+    features: DenseFeatureConfig = field(default_factory=DenseFeatureConfig)
+    probe: SegProbeSettings = field(default_factory=SegProbeSettings)
+    n_folds: int = 4
+    encoders: list[str] | None = None
+    twins: bool = True
+    controls: dict = field(default_factory=lambda: {"intensity": {"patch": 5, "stride": 1, "coords": True}})
+    max_subjects: int | None = None
     plane: str = "axial"
     stride: int = 2
     size: int = 112
@@ -53,7 +65,6 @@ class SegConfig:
     weight_decay: float = 1e-4
     batch_size: int = 64
     label_scale: int = 4
-    max_subjects: int | None = None
     encoder_kwargs: dict = field(default_factory=dict)
 
 

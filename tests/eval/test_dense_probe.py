@@ -171,3 +171,15 @@ def test_probe_on_intensities_segments_a_bright_core_and_not_with_shuffled_label
     assert good.min() > 0.8, good
     chance = _fit_and_score(vols, lut, 2, shuffle=True)
     assert chance.max() < 0.6, chance
+
+
+def test_extracting_some_rows_equals_the_same_rows_of_every_slice():
+    vol = _structured_volume(2)
+    full = extract_dense(MapEncoder(), vol, "axial", 40, [0, 1])
+    rows = np.array([0, 7, 8, 19])
+    part = extract_dense(MapEncoder(), vol, "axial", 40, [0, 1], rows=rows)
+    np.testing.assert_array_equal(part.indices, rows)
+    np.testing.assert_array_equal(part.labels, full.labels[rows])
+    np.testing.assert_array_equal(part.mask, full.mask[rows])
+    for j in range(2):
+        torch.testing.assert_close(part.level(j), full.level(j, rows), rtol=2e-3, atol=1e-12)
