@@ -14,6 +14,9 @@ so ``import slice2vol`` imports nothing heavy::
     table = s2v.evaluate(X, cohort.labels()["lesion"])
 """
 
+import sys as _sys
+import types as _types
+
 __version__ = "0.1.0"
 
 #: public names, each loaded from :mod:`slice2vol.api` on first attribute access (PEP 562)
@@ -22,7 +25,35 @@ _API = ("load_cohort", "build_encoder", "cache_cohort", "FeatureStore", "aggrega
 __all__ = ["__version__", *_API]
 
 
+class _CallableAggregate(_types.ModuleType):
+    """The subpackage :mod:`slice2vol.aggregate`, also callable as :func:`slice2vol.api.aggregate`.
+
+    ``slice2vol.aggregate`` names both the aggregation subpackage and the API function; importing the
+    subpackage makes Python bind the module to that attribute, so the module itself is made callable.
+    """
+
+    def __call__(self, *args, **kwargs):
+        from slice2vol.api import aggregate
+
+        return aggregate(*args, **kwargs)
+
+
+class _Package(_types.ModuleType):
+    def __setattr__(self, name, value):
+        # the import system binds a loaded subpackage to its parent with setattr: catch slice2vol.aggregate
+        if name == "aggregate" and type(value) is _types.ModuleType:
+            value.__class__ = _CallableAggregate
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
+
 def __getattr__(name: str):
+    if name == "aggregate":
+        import slice2vol.aggregate  # noqa: F401 - binds the (callable) subpackage to this attribute
+
+        return _sys.modules["slice2vol.aggregate"]
     if name in _API:
         from slice2vol import api
 

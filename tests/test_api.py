@@ -155,3 +155,25 @@ def test_import_is_light():
                                 "evaluate"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         s2v.nope  # noqa: B018
+
+
+def test_aggregate_is_callable_whether_or_not_the_subpackage_was_imported(tmp_path):
+    """``slice2vol.aggregate`` is the aggregation subpackage and the API function at once."""
+    code = f"""
+import numpy as np
+import slice2vol.aggregate.store   # the subpackage first: Python binds it to slice2vol.aggregate
+import slice2vol as s2v
+assert s2v.aggregate.aggregate_store is slice2vol.aggregate.store.aggregate_store
+for _ in range(2):  # the call reaches aggregate_store (which refuses the missing store), twice
+    try:
+        s2v.aggregate("missing.h5", "mean")
+    except TypeError:
+        raise
+    except Exception as err:
+        assert "store" in str(err), err
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+    import slice2vol.aggregate  # noqa: F401
+
+    assert callable(s2v.aggregate) and hasattr(s2v.aggregate, "AGGREGATORS")

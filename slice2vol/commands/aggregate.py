@@ -6,7 +6,16 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slice2vol.commands import _common
+
 HELP = "aggregate cached slice features into volume embeddings (mean, max, gem, mil, transformer, fusion, head3d)"
+DESCRIPTION = HELP + """
+
+Examples:
+  slice2vol aggregate --store ixi.h5 --method mean
+  slice2vol aggregate --store ixi.h5 --config configs/aggregate/mil.yaml --label sex --train-ids train.txt params.epochs=30
+  slice2vol aggregate --store ixi.h5 --method mil --label age --cv 5 --cv-out runs/cv-mil-age.json
+"""
 
 
 @dataclass
@@ -29,23 +38,23 @@ class AggregateConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", nargs="?", help="feature store written by `slice2vol cache`")
-    parser.add_argument("--config", help="YAML config, e.g. configs/aggregate/mil.yaml")
+    _common.add_store(parser, required=False, help="feature store written by `slice2vol cache` (required unless --list)")
+    _common.add_config(parser, help="YAML config, e.g. configs/aggregate/mil.yaml")
     parser.add_argument("--method", help="aggregator (see --list)")
     parser.add_argument("--planes", help="comma-separated planes (default: all cached)")
     parser.add_argument("--label", help="label column: supervised fitting, or the --cv target")
     parser.add_argument("--name", help="name of the written embedding set")
     parser.add_argument("--train-ids", metavar="FILE|all",
                         help="subjects a trainable aggregator is fitted on (one id per line), or 'all'")
-    parser.add_argument("--out-dir", help="attention arrays/plots (default: <store>_aggregate/<name>/)")
+    _common.add_out(parser, help="folder for attention arrays/plots (default: <store>_aggregate/<name>/)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw attention plots")
     parser.add_argument("--cv", type=int, metavar="K",
                         help="instead of writing embeddings, K-fold CV of the method on --label")
-    parser.add_argument("--cv-out", help="JSON file for the --cv per-fold metrics")
-    parser.add_argument("--seed", type=int, default=0, help="CV fold assignment")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. params.hidden=64 params.epochs=30")
+    parser.add_argument("--cv-out", metavar="FILE", help="JSON file for the --cv per-fold metrics")
+    _common.add_seed(parser)
+    _common.add_progress(parser)
     parser.add_argument("--list", action="store_true", help="list aggregators and exit")
+    _common.add_overrides(parser)
 
 
 def _read_ids(value: str) -> list[str] | str:
@@ -71,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:12s} {trainable:30s} {doc}")
         return 0
     if not args.store:
-        raise ValueError("give the feature store path (or --list)")
-    cfg = load_config(AggregateConfig, args.config, args.set)
+        raise ValueError("give the feature store with --store FILE (or --list)")
+    cfg = load_config(AggregateConfig, args.config, _common.overrides_of(args))
     for key in ("method", "label", "name"):
         if getattr(args, key):
             setattr(cfg, key, getattr(args, key))
@@ -108,6 +117,6 @@ def run(args: argparse.Namespace) -> int:
 
     train_ids = _read_ids(args.train_ids) if args.train_ids else None
     name = aggregate_store(args.store, cfg.method, planes=cfg.planes, name=cfg.name, train_ids=train_ids,
-                           label=cfg.label, out_dir=args.out_dir, plot=not args.no_plot, **cfg.params)
+                           label=cfg.label, out_dir=args.out, plot=not args.no_plot, **cfg.params)
     print(name)
     return 0

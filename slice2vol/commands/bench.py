@@ -5,28 +5,46 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "benchmark encoders (k-NN, linear, segmentation, anomaly) from an experiment config; writes the report"
+from slice2vol.commands import _common
+
+HELP = "benchmark encoders (k-NN, linear, segmentation, anomaly, ...) from an experiment config; writes the report"
+DESCRIPTION = HELP + """
+
+Examples:
+  slice2vol bench --config configs/experiments/ixi.yaml --out runs/ixi
+  slice2vol bench --config configs/experiments/ixi.yaml splits.n_repeats=5 tasks=[knn,linear]
+  slice2vol bench --config configs/experiments/ci.yaml encoders.0.aggregators=[mean,mil]
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/experiments/demo.yaml")
-    parser.add_argument("--out", default=None, help="output folder (default runs/<name>)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. splits.n_repeats=3 tasks=[knn,linear]")
+    _common.add_config(parser, required=True, help="experiment YAML, e.g. configs/experiments/demo.yaml")
+    _common.add_out(parser, help="output folder (default runs/<name>)")
+    _common.add_device(parser)
+    _common.add_seed(parser, default=None)
+    _common.add_progress(parser)
+    _common.add_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from slice2vol.commands._common import command_line, overrides_of, resolve_device
     from slice2vol.config import ConfigError
     from slice2vol.eval.runner import IntegrationError, load_experiment, run_experiment
 
     try:
-        cfg, base = load_experiment(args.config, list(getattr(args, "overrides", None) or []))
+        cfg, base = load_experiment(args.config, overrides_of(args))
     except ConfigError as err:
         raise ValueError(str(err)) from None
+    device = getattr(args, "device", None) or "auto"
+    cfg.device = resolve_device(cfg.device if device == "auto" else device)
+    if getattr(args, "seed", None) is not None:
+        cfg.seed = args.seed
     out = Path(args.out) if getattr(args, "out", None) else Path("runs") / cfg.name
+    _common.add_run_log(out)
     try:
-        result = run_experiment(cfg, base=base, out=out, progress=not getattr(args, "no_progress", False),
-                                config_path=str(args.config))
+        result = run_experiment(cfg, base=base, out=out, progress=_common.progress_enabled(args),
+                                config_path=str(args.config),
+                                command_line=getattr(args, "command_line", None) or command_line())
     except IntegrationError as err:
         raise ValueError(f"pipeline piece missing: {err}") from None
     paths = result["paths"]

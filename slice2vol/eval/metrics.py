@@ -1,4 +1,4 @@
-"""Metrics with uncertainty: fold mean ± sd, subject-level bootstrap intervals, paired tests.
+"""Metrics with uncertainty: fold mean ± sd, subject-level bootstrap intervals, paired tests, Holm.
 
 Predictions are kept out-of-fold: for each repeat every subject is predicted once by the model that
 did not see it, giving ``preds`` of shape (R, N) (regression, or a class-probability score) or
@@ -100,20 +100,57 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def _over_repeats(fn, y: np.ndarray, preds: np.ndarray, idx: np.ndarray) -> float:
-    vals = [fn(y[idx], preds[r][idx]) for r in range(len(preds))]
+def _over_repeats(fn, y: np.ndarray, preds: np.ndarray, idx: np.ndarray, fold_of: np.ndarray | None = None) -> float:
+    """The metric of subjects ``idx``: pooled per repeat (``fold_of`` None) or averaged over the
+    test folds of every repeat (``fold_of`` (R, N): each subject's test fold in each repeat)."""
+    if fold_of is None:
+        vals = [fn(y[idx], preds[r][idx]) for r in range(len(preds))]
+    else:
+        vals = []
+        for r in range(len(preds)):
+            folds = fold_of[r][idx]
+            for k in np.unique(folds):
+                sel = idx[folds == k]
+                vals.append(fn(y[sel], preds[r][sel]))
     vals = [v for v in vals if np.isfinite(v)]
     return float(np.mean(vals)) if vals else math.nan
 
 
+def fold_index(n_subjects: int, tests: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
+    """(R, N) test-fold number of every subject in every repeat, from ``(repeat, test positions)`` per fold."""
+    n_repeats = 1 + max(r for r, _ in tests)
+    out = np.full((n_repeats, n_subjects), -1, dtype=np.int64)
+    counters = [0] * n_repeats
+    for r, te in tests:
+        out[r, te] = counters[r]
+        counters[r] += 1
+    return out
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1; NaN stays NaN)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(len(p), math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = len(finite)
+    running = 0.0
+    for rank, i in enumerate(finite[np.argsort(p[finite], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
+
+
 def bootstrap_ci(y_true: Sequence, preds: np.ndarray, fn: Callable, *, n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+                 seed: int = 0, level: float = 0.95, fold_of: np.ndarray | None = None) -> tuple[float, float, float]:
     """Subject-level percentile bootstrap interval of a metric of out-of-fold predictions.
 
     Args:
         y_true: (N,) targets.
         preds: (R, N) or (R, N, C) out-of-fold predictions of R repeats.
         fn: metric ``(y, p) -> float``.
+        fold_of: (R, N) test fold of each subject (:func:`fold_index`): the estimate is then the mean
+            over folds and repeats of the per-fold metric (each draw recomputes every fold's metric on
+            the drawn subjects of that fold), instead of the metric of the pooled predictions.
 
     Returns:
         (point estimate on all subjects, lower, upper).
@@ -121,9 +158,9 @@ def bootstrap_ci(y_true: Sequence, preds: np.ndarray, fn: Callable, *, n_boot: i
     y = np.asarray(y_true)
     preds = np.asarray(preds)
     n = len(y)
-    point = _over_repeats(fn, y, preds, np.arange(n))
+    point = _over_repeats(fn, y, preds, np.arange(n), fold_of)
     rng = np.random.default_rng(seed)
-    stats = np.array([_over_repeats(fn, y, preds, rng.integers(0, n, n)) for _ in range(n_boot)])
+    stats = np.array([_over_repeats(fn, y, preds, rng.integers(0, n, n), fold_of) for _ in range(n_boot)])
     stats = stats[np.isfinite(stats)]
     if len(stats) == 0:
         return point, math.nan, math.nan
@@ -132,13 +169,15 @@ def bootstrap_ci(y_true: Sequence, preds: np.ndarray, fn: Callable, *, n_boot: i
 
 
 def paired_test(y_true: Sequence, preds_a: np.ndarray, preds_b: np.ndarray, fn: Callable, *,
-                n_boot: int = 1000, n_perm: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+                n_boot: int = 1000, n_perm: int = 1000, seed: int = 0, level: float = 0.95,
+                fold_of: np.ndarray | None = None) -> dict:
     """Is encoder A better than B on the same subjects and splits?
 
     Args:
         y_true: (N,) targets.
         preds_a, preds_b: (R, N[, C]) out-of-fold predictions of the two encoders on the same splits.
         fn: metric ``(y, p) -> float``.
+        fold_of: compare fold-mean estimates instead of pooled ones (see :func:`bootstrap_ci`).
 
     Returns:
         ``delta`` = metric(A) - metric(B), its paired-bootstrap interval ``ci_low``/``ci_high``, and
@@ -151,12 +190,12 @@ def paired_test(y_true: Sequence, preds_a: np.ndarray, preds_b: np.ndarray, fn: 
         raise ValueError(f"paired predictions differ in shape: {a.shape} vs {b.shape}")
     n = len(y)
     full = np.arange(n)
-    delta = _over_repeats(fn, y, a, full) - _over_repeats(fn, y, b, full)
+    delta = _over_repeats(fn, y, a, full, fold_of) - _over_repeats(fn, y, b, full, fold_of)
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
-        boots.append(_over_repeats(fn, y, a, idx) - _over_repeats(fn, y, b, idx))
+        boots.append(_over_repeats(fn, y, a, idx, fold_of) - _over_repeats(fn, y, b, idx, fold_of))
     boots_arr = np.asarray(boots)
     boots_arr = boots_arr[np.isfinite(boots_arr)]
     lo_q = (1 - level) / 2
@@ -166,7 +205,7 @@ def paired_test(y_true: Sequence, preds_a: np.ndarray, preds_b: np.ndarray, fn: 
         swap = rng.random(n) < 0.5
         mask = swap.reshape((1, n) + (1,) * (a.ndim - 2))
         pa, pb = np.where(mask, b, a), np.where(mask, a, b)
-        d = _over_repeats(fn, y, pa, full) - _over_repeats(fn, y, pb, full)
+        d = _over_repeats(fn, y, pa, full, fold_of) - _over_repeats(fn, y, pb, full, fold_of)
         # small tolerance: float noise must not make identical encoders "significant"
         if abs(d) >= abs(delta) - 1e-12:
             extreme += 1

@@ -24,9 +24,9 @@ def test_list(capsys):
 def test_writes_embeddings_from_a_config(store, tmp_path, capsys):
     ids = tmp_path / "train.txt"
     ids.write_text("# training split\n" + "\n".join(store.subjects()[:12]) + "\n")
-    argv = ["aggregate", "features.h5", "--config", "configs/aggregate/mil.yaml", "--label", "group",
-            "--train-ids", str(ids), "--set", "params.epochs=2", "params.hidden=8", "--no-plot",
-            "--out-dir", str(tmp_path / "att")]
+    argv = ["aggregate", "--store", "features.h5", "--config", "configs/aggregate/mil.yaml", "--label", "group",
+            "--train-ids", str(ids), "--no-plot", "--out", str(tmp_path / "att"), "params.epochs=2",
+            "params.hidden=8"]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == "mil-group"
     prov = store.volume_embeddings("mil-group")[2]
@@ -35,7 +35,7 @@ def test_writes_embeddings_from_a_config(store, tmp_path, capsys):
 
 def test_cv_prints_and_writes_fold_metrics(store, tmp_path, capsys):
     out = tmp_path / "cv.json"
-    assert main(["aggregate", "features.h5", "--method", "fusion", "--label", "score", "--cv", "4",
+    assert main(["aggregate", "--store", "features.h5", "--method", "fusion", "--label", "score", "--cv", "4",
                  "--cv-out", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.count("fold ") == 4 and "mae" in text and "regression" in text
@@ -44,14 +44,14 @@ def test_cv_prints_and_writes_fold_metrics(store, tmp_path, capsys):
 
 
 def test_usage_errors(store, capsys):
-    assert main(["aggregate", "features.h5", "--method", "mil", "--label", "group"]) == 2
+    assert main(["aggregate", "--store", "features.h5", "--method", "mil", "--label", "group"]) == 2
     assert "pass train_ids" in capsys.readouterr().err
-    assert main(["aggregate", "features.h5", "--cv", "3"]) == 2
+    assert main(["aggregate", "--store", "features.h5", "--cv", "3"]) == 2
     assert "--cv needs --label" in capsys.readouterr().err
 
 
 def test_cv_with_a_config_that_seeds_the_aggregator(store, capsys):
-    argv = ["aggregate", "features.h5", "--config", "configs/aggregate/mil.yaml", "--label", "group",
-            "--cv", "2", "--set", "params.epochs=1", "params.hidden=4", "params.seed=3"]
+    argv = ["aggregate", "--store", "features.h5", "--config", "configs/aggregate/mil.yaml", "--label", "group",
+            "--cv", "2", "params.epochs=1", "params.hidden=4", "params.seed=3"]
     assert main(argv) == 0
     assert "predictor head" in capsys.readouterr().out

@@ -48,8 +48,8 @@ def test_mean_and_mil_on_a_real_store(store_path, tmp_path):
 
 
 def test_cli_on_a_real_store(store_path, capsys):
-    assert main(["aggregate", str(store_path), "--method", "gem", "--planes", "axial"]) == 0
+    assert main(["aggregate", "--store", str(store_path), "--method", "gem", "--planes", "axial"]) == 0
     assert capsys.readouterr().out.strip() == "gem-axial"
     assert FeatureStore(store_path).volume_embeddings("gem-axial")[1].shape == (16, 6)
-    assert main(["aggregate", str(store_path), "--method", "mean", "--label", "age", "--cv", "3"]) == 0
+    assert main(["aggregate", "--store", str(store_path), "--method", "mean", "--label", "age", "--cv", "3"]) == 0
     assert "mae" in capsys.readouterr().out

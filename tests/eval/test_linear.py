@@ -8,9 +8,13 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from slice2vol.eval import runner
+from slice2vol.eval.cohort import LabelSplits
+from slice2vol.eval.experiment import ExperimentConfig
 from slice2vol.eval.linear import LinearConfig, LinearProbe
+from slice2vol.eval.sets import EmbeddingSet
 from slice2vol.eval.splits import SplitConfig, make_splits
+from slice2vol.eval.tasks import linear as linear_task
+from slice2vol.eval.tasks.base import TaskContext
 
 
 def data(n=60, d=20, seed=0):
@@ -41,8 +45,8 @@ def test_ridge_probe():
     assert np.corrcoef(probe.predict(x[60:]), y[60:])[0, 1] > 0.95
 
 
-def test_c_sweep_uses_only_training_rows(monkeypatch):
-    """Through the runner: every fit and every inner validation of the sweep sees training rows only."""
+def test_c_sweep_uses_only_training_rows(monkeypatch, tmp_path):
+    """Through the linear task: every fit of the sweep sees the training rows of its fold only."""
     x, y = data(n=40)
     x[:, -1] = np.arange(40)  # row id in the last column survives as a marker (before scaling)
     seen: list[tuple[set, set]] = []
@@ -52,24 +56,57 @@ def test_c_sweep_uses_only_training_rows(monkeypatch):
             seen.append(set(np.asarray(xs)[:, -1].astype(int)))
             return super().fit(xs, ys)
 
-    monkeypatch.setattr(runner, "LinearProbe", Spy)
+    monkeypatch.setattr(linear_task, "LinearProbe", Spy)
     ids = [f"s{i}" for i in range(40)]
     splits = make_splits(ids, y, "categorical", cfg=SplitConfig(n_folds=4, n_repeats=2))
-    cfg = runner.ExperimentConfig(tasks=["linear"], linear=LinearConfig(Cs=(0.01, 1.0)))
-    runner._probe_one(x, y, "categorical", np.array([0, 1]), splits, cfg, ["linear"])
+    cfg = ExperimentConfig(tasks=["linear"], linear=LinearConfig(Cs=(0.01, 1.0)))
+    frame = LabelSplits("y", "categorical", ids, y.astype(str), np.array(["0", "1"]), splits, tmp_path / "y.json")
+    ctx = TaskContext(cfg=cfg, base=tmp_path, out=tmp_path)
+    linear_task.TASK.evaluate_set(ctx, EmbeddingSet("x", ids, x), frame)
     assert len(seen) == 8
     for rows, fold in zip(seen, splits.folds):
         train = {int(s[1:]) for s in fold.train}
         assert rows == train and not rows & {int(s[1:]) for s in fold.test}
 
 
-def test_sweep_does_not_depend_on_held_out_rows():
-    x, y = data()
-    a = LinearProbe("classification").fit(x[:40], y[:40])
-    x2 = x.copy()
-    x2[40:] = 1e6  # garbage test rows
-    b = LinearProbe("classification").fit(x2[:40], y[:40])
+def test_held_out_rows_cannot_change_the_fold(tmp_path):
+    """Garbage in the test rows of a fold leaves that fold's fitted probe (sweep, penalty, scaler,
+    predictions of other rows) unchanged: the task hands the probe training rows only."""
+    x, y = data(n=48)
+    ids = [f"s{i}" for i in range(48)]
+    splits = make_splits(ids, y, "categorical", cfg=SplitConfig(n_folds=4))
+    fold = splits.folds[0]
+    tr, te = splits.positions(ids, fold)
+    cfg = ExperimentConfig(tasks=["linear"], linear=LinearConfig(Cs=(0.01, 0.1, 1.0, 10.0)))
+    frame = LabelSplits("y", "categorical", ids, y.astype(str), np.array(["0", "1"]), splits, tmp_path / "y.json")
+    ctx = TaskContext(cfg=cfg, base=tmp_path, out=tmp_path)
+    fitted = []
+
+    class Spy(LinearProbe):
+        def fit(self, xs, ys):
+            fitted.append(self)
+            return super().fit(xs, ys)
+
+    linear_task.LinearProbe, original = Spy, linear_task.LinearProbe
+    try:
+        x2 = x.copy()
+        x2[te] = 1e6  # garbage in this fold's test rows only
+        runs = []
+        for feats in (x, x2):
+            xs_tr, xs_te = EmbeddingSet("x", ids, feats).fold_features(frame, fold)
+            linear_task.TASK.fit_predict(ctx, xs_tr, y[tr].astype(str), xs_te, frame, fold)
+            runs.append(fitted[-1])
+    finally:
+        linear_task.LinearProbe = original
+    a, b = runs
     assert a.sweep_ == b.sweep_ and a.best_param_ == b.best_param_
+    np.testing.assert_array_equal(a.scaler_.mean_, b.scaler_.mean_)
+    # and the probe does see its training rows: changing one of them changes the fit
+    x3 = x.copy()
+    x3[tr[0]] += 50.0
+    xs_tr, xs_te = EmbeddingSet("x", ids, x3).fold_features(frame, fold)
+    c = LinearProbe("classification", cfg.linear).fit(xs_tr, y[tr].astype(str))
+    assert not np.array_equal(c.scaler_.mean_, a.scaler_.mean_)
 
 
 def test_bad_task():

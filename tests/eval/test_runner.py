@@ -57,19 +57,23 @@ def test_bench_end_to_end_and_cached_rerun(tmp_path, capsys):
     for name in ("report.html", "report.md", "results.csv", "paired.csv", "results.json"):
         assert (out / name).exists()
     data = json.loads((out / "results.json").read_text())
-    tasks = {(r["task"], r["label"]) for r in data["results"]}
+    rows = data.get("rows", data.get("results"))
+    tasks = {(r["task"], r["label"]) for r in rows}
     assert {("knn", "grp"), ("linear", "grp"), ("knn", "score"), ("linear", "score"), ("segmentation", "outer"),
             ("segmentation", "core"), ("anomaly", "subject-level"), ("anomaly", "slice-level")} <= tasks
-    assert set(data["provenance"]["embedding_sets"]) == {"tiny/mean", "tiny/max"}
-    assert data["provenance"]["reference"] == "tiny/mean"
+    assert set(data["sets"]) == {"tiny/mean", "tiny/max"}
+    assert data["reference"] == "tiny/mean" and data["schema"] == "slice2vol.results/2"
     assert {p["encoder"] for p in data["paired"]} == {"tiny/max"}
+    assert all(0 <= p["p_value"] <= p["p_holm"] <= 1 for p in data["paired"])
+    for r in rows:  # both estimators in every row, the headline says which
+        assert {"pooled", "fold_mean", "estimate", "estimate_kind"} <= set(r)
+        assert r["estimate"] == r[r["estimate_kind"]]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(data["figures"]) >= 7
     # the bright, larger core is an easy signal for the linear probe
-    auc = [r["point"] for r in data["results"] if r["task"] == "linear" and r["label"] == "grp"
-           and r["metric"] == "roc_auc"]
+    auc = [r["estimate"] for r in rows if r["task"] == "linear" and r["label"] == "grp" and r["metric"] == "roc_auc"]
     assert min(auc) > 0.8
-    core = [r["point"] for r in data["results"] if r["task"] == "segmentation" and r["label"] == "core"]
+    core = [r["estimate"] for r in rows if r["task"] == "segmentation" and r["label"] == "core"]
     assert min(core) > 0.3
     # same splits file for every encoder, subject-level
     splits = json.loads((out / "splits" / "grp.json").read_text())
@@ -79,8 +83,9 @@ def test_bench_end_to_end_and_cached_rerun(tmp_path, capsys):
     assert main(argv) == 0
     rerun = json.loads((out / "results.json").read_text())
     assert time.time() - t0 < 20
-    assert [r["point"] for r in rerun["results"]] == [r["point"] for r in data["results"]]
-    assert rerun["provenance"]["timings_s"]["probes"] < 5
+    rerun_rows = rerun.get("rows", rerun.get("results"))
+    assert [r["estimate"] for r in rerun_rows] == [r["estimate"] for r in rows]
+    assert rerun["provenance"]["timings_s"]["task:knn"] + rerun["provenance"]["timings_s"]["task:linear"] < 5
 
 
 def test_config_errors_are_clear(tmp_path):

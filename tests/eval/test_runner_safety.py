@@ -1,35 +1,108 @@
-"""Runner details: the result cache never executes code, optional encoders skip missing weights."""
+"""Runner details: the result cache is JSON + npz and never executes anything; optional encoders skip
+missing weights; cache keys follow content, not paths."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
-from slice2vol.eval.runner import Encoder2DEntry, _Cache, _weights_file_missing
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo should-not-run",))
+from slice2vol.eval.experiment import Encoder2DEntry
+from slice2vol.eval.resultcache import ResultCache, code_version, content_key
+from slice2vol.eval.sets import weights_file_missing, weights_identity
 
 
-def test_cache_round_trips_plain_values_and_refuses_code(tmp_path):
-    cache = _Cache(tmp_path)
-    value = {"auc": np.float64(0.9), "pred": np.arange(4.0), "folds": [(0, "a"), (1, "b")]}
+def test_cache_round_trips_plain_values(tmp_path):
+    cache = ResultCache(tmp_path)
+    value = {"auc": np.float64(0.9), "pred": np.arange(4.0), "folds": [(0, "a"), (1, "b")], "nan": float("nan"),
+             "nested": {"x": np.ones((2, 3), np.float32), "none": None}}
     cache.put("probe", "k1", value)
     back = cache.get("probe", "k1")
     np.testing.assert_array_equal(back["pred"], value["pred"])
-    assert back["folds"] == value["folds"]
-    (tmp_path / "probe-evil.pkl").write_bytes(pickle.dumps(_Evil()))
-    assert cache.get("probe", "evil") is None  # treated as a miss, nothing executed
+    assert back["nested"]["x"].dtype == np.float32 and back["nested"]["none"] is None
+    assert back["folds"] == [[0, "a"], [1, "b"]] and np.isnan(back["nan"]) and back["auc"] == 0.9
+    assert not list(tmp_path.glob("*.pkl"))
+    json.loads((tmp_path / "probe-k1.json").read_text())  # plain JSON
+    with pytest.raises(TypeError, match="cannot be cached"):
+        cache.put("probe", "k2", {"x": object()})
+    with pytest.raises(TypeError, match="object arrays"):
+        cache.put("probe", "k3", {"x": np.array([object()])})
+
+
+def test_crafted_files_in_a_results_folder_are_never_executed(tmp_path):
+    """A pickle renamed to the cache's names, or an npz holding a pickled object array: misses, nothing runs."""
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    cache = ResultCache(tmp_path / "cache")
+    (tmp_path / "cache" / "probe-evil.pkl").write_bytes(pickle.dumps(Evil()))
+    (tmp_path / "cache" / "probe-evil.json").write_bytes(pickle.dumps(Evil()))
+    assert cache.get("probe", "evil") is None
+    doc = {"schema": "slice2vol.cache/1", "kind": "probe", "key": "bad", "arrays": ["a0"],
+           "value": {"__ndarray__": "a0"}}
+    (tmp_path / "cache" / "probe-bad.json").write_text(json.dumps(doc))
+    np.savez(tmp_path / "cache" / "probe-bad.npz", a0=np.array([Evil()], dtype=object), allow_pickle=True)
+    assert cache.get("probe", "bad") is None
+    assert not marker.exists()
+
+
+def test_no_pickle_loading_in_the_package():
+    import slice2vol
+
+    root = os.path.dirname(slice2vol.__file__)
+    hits = subprocess.run(["grep", "-rnE", r"pickle\.(load|loads|Unpickler)|allow_pickle=True|weights_only=False",
+                           root, "--include=*.py"], capture_output=True, text=True).stdout
+    assert hits == "", hits
+
+
+def test_cache_keys_follow_content_and_code(tmp_path):
+    a = tmp_path / "a.pth"
+    b = tmp_path / "sub" / "b.pth"
+    b.parent.mkdir()
+    a.write_bytes(b"same weights")
+    b.write_bytes(b"same weights")
+    # the same file content under two paths is one identity; other content is another
+    assert weights_identity(str(a)) == weights_identity(str(b)) and weights_identity(str(a)).startswith("sha256:")
+    b.write_bytes(b"other weights")
+    assert weights_identity(str(a)) != weights_identity(str(b))
+    assert weights_identity("random") == "random"
+    x = np.arange(6.0).reshape(2, 3)
+    assert content_key("probe", x) == content_key("probe", x.copy())
+    assert content_key("probe", x) != content_key("probe", x.astype(np.float32))
+    assert content_key("probe", x) != content_key("probe", x + 1e-9)
+    assert code_version().startswith(__import__("slice2vol").__version__ + "+")
+
+
+def test_code_version_changes_with_eval_source(tmp_path):
+    """The code version is a hash of the evaluation sources: editing one changes every key."""
+    import shutil
+
+    import slice2vol
+
+    pkg = os.path.dirname(slice2vol.__file__)
+    copy = tmp_path / "slice2vol"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = "from slice2vol.eval.resultcache import code_version; print(code_version())"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    before = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True).stdout
+    with open(copy / "eval" / "metrics.py", "a") as fh:
+        fh.write("\n# a change\n")
+    after = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True).stdout
+    assert before and after and before != after
 
 
 def test_optional_encoder_weights_detection(tmp_path):
     present = tmp_path / "w.pth"
     present.write_bytes(b"x")
-    assert not _weights_file_missing(Encoder2DEntry("a", "tv/mobilenet_v2", weights=str(present)), tmp_path)
-    assert _weights_file_missing(Encoder2DEntry("b", "tv/mobilenet_v2", weights=str(tmp_path / "no.pth")), tmp_path)
-    assert not _weights_file_missing(Encoder2DEntry("c", "tv/mobilenet_v2", weights="random"), tmp_path)
-    assert not _weights_file_missing(Encoder2DEntry("d", "tv/mobilenet_v2", weights="hub"), tmp_path)
+    assert not weights_file_missing(Encoder2DEntry("a", "tv/mobilenet_v2", weights=str(present)), tmp_path)
+    assert weights_file_missing(Encoder2DEntry("b", "tv/mobilenet_v2", weights=str(tmp_path / "no.pth")), tmp_path)
+    assert not weights_file_missing(Encoder2DEntry("c", "tv/mobilenet_v2", weights="random"), tmp_path)
+    assert not weights_file_missing(Encoder2DEntry("d", "tv/mobilenet_v2", weights="hub"), tmp_path)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slice2vol.eval.runner import ExperimentConfig, _probe_one
+from slice2vol.eval.cohort import LabelSplits
+from slice2vol.eval.experiment import ExperimentConfig
+from slice2vol.eval.sets import EmbeddingSet
+from slice2vol.eval.tasks import get_task
+from slice2vol.eval.tasks.base import TaskContext
 from slice2vol.eval.splits import SplitConfig, SplitError, SubjectSplits, load_or_make_splits, make_splits
 
 IDS = [f"sub-{i:02d}" for i in range(30)]
@@ -50,18 +54,20 @@ def test_stratification_balances_classes_and_bins():
         assert min(tested) < 10 and max(tested) >= 20  # every fold spans young to old
 
 
-def test_slice_level_split_is_impossible():
+def test_slice_level_split_is_impossible(tmp_path):
     slice_rows = [s for s in IDS[:6] for _ in range(4)]  # 4 slices per subject
     with pytest.raises(SplitError, match="not slices"):
         make_splits(slice_rows, None)
     splits = make_splits(IDS[:10], None, cfg=SplitConfig(n_folds=2))
     with pytest.raises(SplitError, match="more than once"):
         splits.positions([s for s in IDS[:10] for _ in range(3)], splits.folds[0])
-    # the runner's probe loop goes through positions(): a slice-level table cannot be evaluated
-    cfg = ExperimentConfig(tasks=["knn"])
-    bad = SubjectSplits([s for s in IDS[:10] for _ in range(2)], splits.folds, {})
+    # the probe loop goes through positions(): a slice-level table cannot be evaluated
+    ctx = TaskContext(cfg=ExperimentConfig(tasks=["knn"]), base=tmp_path, out=tmp_path)
+    slice_ids = [s for s in IDS[:10] for _ in range(2)]
+    bad = SubjectSplits(slice_ids, splits.folds, {})
+    frame = LabelSplits("y", "continuous", slice_ids, np.zeros(20), None, bad, tmp_path / "y.json")
     with pytest.raises(SplitError):
-        _probe_one(np.zeros((20, 4)), np.zeros(20), "continuous", None, bad, cfg, ["knn"])
+        get_task("knn").evaluate_set(ctx, EmbeddingSet("x", slice_ids, np.zeros((20, 4))), frame)
 
 
 def test_positions_map_ids_to_rows_and_detect_missing():

@@ -1,0 +1,124 @@
+"""Stage 1 of a benchmark: the cohort, its labels, and the shared subject-level splits per label."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from slice2vol.eval.experiment import ExperimentConfig, IntegrationError, expand
+from slice2vol.eval.splits import SubjectSplits, load_or_make_splits
+
+log = logging.getLogger(__name__)
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a set or label name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def resolve_cohort(cfg: ExperimentConfig, base: Path, out: Path):
+    """Loads the manifest (or builds the synthetic cohort once) -> (Cohort, manifest path)."""
+    from slice2vol.data.manifest import load_manifest
+
+    if cfg.cohort.manifest:
+        manifest = Path(expand(cfg.cohort.manifest, base))
+        if not manifest.exists():
+            raise FileNotFoundError(f"{manifest}: manifest not found (cohort.manifest={cfg.cohort.manifest!r}; "
+                                    "set the environment variable it names or override cohort.manifest=PATH)")
+    elif cfg.cohort.synthetic is not None:
+        try:
+            from slice2vol.data.synthetic import make_cohort
+        except ImportError as err:
+            raise IntegrationError(f"synthetic cohort unavailable: {err}") from None
+        params = dict(cfg.cohort.synthetic)
+        target = out / "cohort"
+        manifest = target / "manifest.csv"
+        stamp = target / "params.json"
+        if not (manifest.exists() and stamp.exists() and json.loads(stamp.read_text()) == params):
+            log.info("building the synthetic cohort in %s (%s)", target, params)
+            manifest = Path(make_cohort(target, **params))
+            stamp.write_text(json.dumps(params))
+    else:
+        raise ValueError("cohort: set manifest or synthetic")
+    cohort = load_manifest(manifest, label_types=dict(cfg.cohort.label_types) or None)
+    if cfg.cohort.max_subjects:
+        cohort = cohort.subset(cohort.ids[: cfg.cohort.max_subjects])
+    if cohort.failures:
+        log.warning("%s", cohort.failure_report())
+    return cohort, manifest
+
+
+def labels_of(cohort, cfg: ExperimentConfig):
+    """(labels DataFrame indexed by subject ID, label -> categorical/continuous) of the evaluated labels."""
+    labels = cohort.labels()
+    types = dict(cohort.label_types)
+    wanted = cfg.cohort.labels or [c for c in types]
+    missing = [c for c in wanted if c not in labels.columns]
+    if missing:
+        raise ValueError(f"label(s) {missing} not in the manifest (columns: {list(labels.columns)})")
+    return labels, {c: types[c] for c in wanted}
+
+
+@dataclass
+class LabelSplits:
+    """The evaluation frame of one label, shared by every set and every probe task.
+
+    Attributes:
+        label, kind: the label column and ``categorical`` / ``continuous``.
+        ids: (N,) subjects, in the order of ``splits.subject_ids``.
+        y: (N,) targets (str for categorical, float64 for continuous).
+        classes: sorted classes (categorical) or None.
+        splits: the saved subject-level folds.
+        path: the split file.
+    """
+
+    label: str
+    kind: str
+    ids: list[str]
+    y: np.ndarray
+    classes: np.ndarray | None
+    splits: SubjectSplits
+    path: Path
+
+
+def _isnan(v) -> bool:
+    return isinstance(v, float) and np.isnan(v)
+
+
+def make_label_splits(labels, label_types: Mapping[str, str], subject_sets: list[set[str]],
+                      cfg: ExperimentConfig, split_dir: Path) -> dict[str, LabelSplits]:
+    """Subjects with a value and a row in every set -> saved (or reused) folds, per label.
+
+    Labels with too few subjects or a single class are skipped with a warning.
+    """
+    out: dict[str, LabelSplits] = {}
+    for label, kind in label_types.items():
+        column = labels[label]
+        common = [s for s in labels.index.astype(str)
+                  if all(s in ids for ids in subject_sets) and column.get(s) is not None
+                  and not _isnan(column.get(s))]
+        if len(common) < 2 * cfg.splits.n_folds:
+            log.warning("label %s: only %d subjects with embeddings and a value; skipped", label, len(common))
+            continue
+        y = column.reindex(common).to_numpy()
+        y = y.astype(np.float64) if kind == "continuous" else y.astype(str)
+        if kind == "categorical" and len(np.unique(y)) < 2:
+            log.warning("label %s has one class; skipped", label)
+            continue
+        groups = None
+        if cfg.splits.group:
+            groups = labels[cfg.splits.group].reindex(common).astype(str).to_numpy()
+        path = split_dir / f"{safe_name(label)}.json"
+        splits = load_or_make_splits(path, common, y, kind, groups=groups, cfg=cfg.splits)
+        ids = splits.subject_ids
+        y = column.reindex(ids).to_numpy()
+        y = y.astype(np.float64) if kind == "continuous" else y.astype(str)
+        out[label] = LabelSplits(label, kind, list(ids), y, np.unique(y) if kind == "categorical" else None,
+                                 splits, path)
+    return out
