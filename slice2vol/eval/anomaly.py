@@ -1,15 +1,16 @@
-"""Anomaly detection on simulated lesions: do embeddings notice what is not healthy anatomy?
+"""Lesion-scale anomaly detection: a PatchCore-style memory bank of healthy patches.
 
-Lesions are drawn into real held-out healthy volumes (1-3 soft-edged ellipsoids inside the brain,
-random size, location and contrast, hypo- or hyperintense); scorers are fitted on the embeddings of
-healthy *training* subjects only and score held-out subjects before and after the lesions were
-added. Subject-level AUROC compares the two; when slices are embedded, slice-level AUROC asks
-whether the slices that cut a lesion score higher than those that do not.
+Do an encoder's dense features notice what is not healthy anatomy? Lesions are simulated in real
+held-out healthy scans (:mod:`slice2vol.eval.lesions`); per fold, the brain patches of the healthy
+*training* subjects form a memory bank (per-subject k-centre coresets, :func:`subject_patches`;
+standardised; optionally position-aware), and every patch of a held-out scan is scored by its
+distance to the nearest bank patch (faiss, exact L2: :class:`PatchMemoryBank`). Patch scores are
+upsampled to voxels on the volume's own grid (:func:`cells_to_volume`) and scored at four levels:
+pixel (voxel AUROC inside the brain), region (lesion-wise detection at a fixed voxel
+false-positive rate on healthy scans), slice (lesion-cutting slices against the same healthy
+slices) and subject (pooled AUROC, and each lesioned scan against its own healthy scan).
 
-Scorers follow scikit-learn conventions (``fit(x)`` returns self, ``score(x)``: higher = more
-anomalous): :class:`KNNDistance` (mean distance to the k nearest healthy rows, standardised),
-:class:`Mahalanobis` (Ledoit-Wolf shrunk covariance of standardised rows, since N << D) and
-:class:`OneClassSVMScorer` (RBF one-class SVM).
+The cross-validation loop lives in :func:`slice2vol.eval.dense_bench.anomaly_cv`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import numpy as np
 
 from slice2vol.eval.dense_bench import DenseFeatureConfig
 from slice2vol.eval.lesions import LesionConfig, SweepConfig
-from slice2vol.eval.linear import _Standardizer
 
 
 @dataclass
@@ -42,10 +42,12 @@ class PatchScorerConfig:
     proj_dim: random-projection width for the coreset selection (PatchCore's Johnson-Lindenstrauss
         trick), 0 for none.
     k: neighbours averaged for the score (PatchCore: 1).
-    position_weight: appended cell coordinates (mm) are multiplied by this before the
-        nearest-neighbour search, in standardised-feature units per mm; > 0 makes the bank
+    position_weight: appended cell coordinates are multiplied by this before the nearest-neighbour
+        search, in standardised-feature units per coordinate unit; > 0 makes the bank
         position-aware (a patch is compared with healthy patches from about the same place, which
         helps when slices are roughly aligned across subjects), 0 is plain PatchCore.
+    position_frame: ``brain`` (coordinates 0-100 across the brain's bounding box, so that heads of
+        other sizes and placements line up) or ``mm``.
     subject_score: ``max`` of voxel scores over the brain, or ``top:N`` (mean of the N highest).
     """
 
@@ -57,6 +59,7 @@ class PatchScorerConfig:
     proj_dim: int = 64
     k: int = 1
     position_weight: float = 0.0
+    position_frame: str = "brain"
     subject_score: str = "max"
 
 
@@ -81,8 +84,6 @@ class AnomalyConfig:
             control: raw intensity patches through the same scorer).
         max_subjects: use at most this many subjects, None for all.
         seed: lesion placement seed (lesions are the same for every set).
-        scorers, knn_k, n_lesions, radius_mm, contrast, plane, stride, size: settings of the previous
-            whole-volume scorers, read only by the old runner code.
     """
 
     features: DenseFeatureConfig | None = None
@@ -98,130 +99,6 @@ class AnomalyConfig:
     controls: dict = field(default_factory=lambda: {"intensity": {"patch": 3, "stride": 4, "coords": False}})
     max_subjects: int | None = None
     seed: int = 0
-    scorers: tuple[str, ...] = ("knn", "mahalanobis", "ocsvm")
-    knn_k: int = 5
-    n_lesions: tuple[int, int] = (1, 3)
-    radius_mm: tuple[float, float] = (5.0, 12.0)
-    contrast: tuple[float, float] = (0.3, 0.6)
-    plane: str = "axial"
-    stride: int = 4
-    size: int = 112
-
-
-class KNNDistance:
-    """Mean Euclidean distance to the ``k`` nearest healthy training rows, in standardised space.
-
-    Standardising with healthy statistics first keeps one high-variance dimension from dominating;
-    Euclidean (not cosine) distance, because a lesion may move an embedding along its own direction.
-    """
-
-    def __init__(self, k: int = 5) -> None:
-        self.k = k
-
-    def fit(self, x: np.ndarray) -> "KNNDistance":
-        import faiss
-
-        x = np.asarray(x, dtype=np.float64)
-        self.scaler_ = _Standardizer().fit(x)
-        train = np.ascontiguousarray(self.scaler_.transform(x), dtype=np.float32)
-        self.index_ = faiss.IndexFlatL2(train.shape[1])
-        self.index_.add(train)
-        return self
-
-    def score(self, x: np.ndarray) -> np.ndarray:
-        query = np.ascontiguousarray(self.scaler_.transform(np.asarray(x, dtype=np.float64)), dtype=np.float32)
-        sq, _ = self.index_.search(query, min(self.k, self.index_.ntotal))
-        return np.sqrt(np.maximum(sq, 0)).mean(1)
-
-
-class Mahalanobis:
-    """Squared Mahalanobis distance under a Ledoit-Wolf covariance of standardised healthy rows."""
-
-    def fit(self, x: np.ndarray) -> "Mahalanobis":
-        from sklearn.covariance import LedoitWolf
-
-        x = np.asarray(x, dtype=np.float64)
-        self.scaler_ = _Standardizer().fit(x)
-        self.cov_ = LedoitWolf().fit(self.scaler_.transform(x))
-        return self
-
-    def score(self, x: np.ndarray) -> np.ndarray:
-        return self.cov_.mahalanobis(self.scaler_.transform(np.asarray(x, dtype=np.float64)))
-
-
-class OneClassSVMScorer:
-    """RBF one-class SVM on standardised rows; score = minus the decision function."""
-
-    def __init__(self, nu: float = 0.1) -> None:
-        self.nu = nu
-
-    def fit(self, x: np.ndarray) -> "OneClassSVMScorer":
-        from sklearn.svm import OneClassSVM
-
-        x = np.asarray(x, dtype=np.float64)
-        self.scaler_ = _Standardizer().fit(x)
-        self.svm_ = OneClassSVM(nu=self.nu, gamma="scale").fit(self.scaler_.transform(x))
-        return self
-
-    def score(self, x: np.ndarray) -> np.ndarray:
-        return -self.svm_.decision_function(self.scaler_.transform(np.asarray(x, dtype=np.float64)))
-
-
-def build_scorer(name: str, cfg: AnomalyConfig | None = None):
-    cfg = cfg or AnomalyConfig()
-    if name == "knn":
-        return KNNDistance(cfg.knn_k)
-    if name == "mahalanobis":
-        return Mahalanobis()
-    if name == "ocsvm":
-        return OneClassSVMScorer()
-    raise KeyError(f"unknown anomaly scorer {name!r}; known: knn, mahalanobis, ocsvm")
-
-
-def brain_mask(volume) -> np.ndarray:
-    """(X, Y, Z) bool: the segmentation's non-zero voxels if there is one, else the head mask."""
-    if volume.seg is not None and (volume.seg > 0).any():
-        return volume.seg > 0
-    return volume.mask
-
-
-def simulate_lesions(volume, rng: np.random.Generator, cfg: AnomalyConfig | None = None):
-    """Draws soft-edged ellipsoidal lesions into a copy of a healthy volume.
-
-    Each lesion has random semi-axes in ``radius_mm`` (anisotropic, randomly rotated), a centre
-    inside the (eroded) brain, and multiplies intensities by ``1 + c`` with ``|c|`` in ``contrast``
-    and a random sign; the edge is blended over about one voxel. Voxels outside the brain are not
-    changed.
-
-    Args:
-        volume: :class:`~slice2vol.data.io.Volume` with data (C, X, Y, Z) in [0, 1].
-
-    Returns:
-        (lesioned Volume, lesion mask (X, Y, Z) bool).
-    """
-    from scipy.ndimage import binary_erosion, gaussian_filter
-
-    cfg = cfg or AnomalyConfig()
-    brain = brain_mask(volume)
-    inner = binary_erosion(brain, iterations=3)
-    candidates = np.argwhere(inner if inner.any() else brain)
-    spacing = np.asarray(volume.spacing)
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in volume.shape], indexing="ij"), -1).astype(np.float32)
-    data = volume.data.copy()
-    lesion = np.zeros(volume.shape, dtype=bool)
-    n_lesions = int(rng.integers(cfg.n_lesions[0], cfg.n_lesions[1] + 1))
-    for _ in range(n_lesions):
-        centre = candidates[rng.integers(len(candidates))]
-        radii = rng.uniform(*cfg.radius_mm, size=3) / spacing
-        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-        local = (grid - centre) @ q  # rotated voxel offsets
-        dist = np.sqrt(((local / radii) ** 2).sum(-1))
-        soft = gaussian_filter((dist <= 1).astype(np.float32), 0.7) * brain
-        change = rng.uniform(*cfg.contrast) * rng.choice([-1.0, 1.0])
-        data = data * (1 + change * soft[None])
-        lesion |= (soft > 0.5)
-    data = np.clip(data, 0, 1).astype(np.float32)
-    return dataclasses.replace(volume, data=data, maps={**volume.maps, "sim_lesion": lesion.astype(np.uint8)}), lesion
 
 
 # -- patch-level anomaly scoring (PatchCore-style) ----------------------------------------------
@@ -271,8 +148,14 @@ def scored_cells(ds, grid: tuple[int, int], dilate: int = 1, rows: np.ndarray | 
     return near
 
 
-def cell_positions(ds, grid: tuple[int, int], rows: np.ndarray | None = None) -> np.ndarray:
-    """(S, gh, gw, 3) cell centres in mm: (through-plane, in-plane row, in-plane column)."""
+def cell_positions(ds, grid: tuple[int, int], rows: np.ndarray | None = None, frame: str = "mm") -> np.ndarray:
+    """(S, gh, gw, 3) cell centres: (through-plane, in-plane row, in-plane column).
+
+    Args:
+        frame: ``mm`` (millimetres from the first slice and the top-left of the volume's slice) or
+            ``brain`` (0-100 along each axis of the brain's bounding box, ``ds.brain_box``: heads
+            placed or sized differently in the field of view line up).
+    """
     from slice2vol.data.slicing import _IN_PLANE, PLANES
 
     top, left, h, w = ds.box
@@ -289,6 +172,13 @@ def cell_positions(ds, grid: tuple[int, int], rows: np.ndarray | None = None) ->
     out[..., 0] = zs[:, None, None]
     out[..., 1] = ys[None, :, None]
     out[..., 2] = xs[None, None, :]
+    if frame == "brain":
+        if ds.brain_box is None:
+            raise ValueError("brain-frame positions need the brain's bounding box (no brain or head mask)")
+        box = np.asarray(ds.brain_box, dtype=np.float64).reshape(3, 2)
+        out = ((out - box[:, 0]) / np.maximum(box[:, 1] - box[:, 0], 1e-6) * 100).astype(np.float32)
+    elif frame != "mm":
+        raise ValueError(f"position frame must be mm or brain, got {frame!r}")
     return out
 
 
@@ -350,7 +240,7 @@ def subject_patches(ds, cfg: PatchScorerConfig, seed: int = 0) -> SubjectPatches
     grid = tuple(feats.shape[-2:])
     keep = scored_cells(ds, grid, cfg.dilate)
     x = feats.permute(0, 2, 3, 1).numpy()[keep].astype(np.float64)         # (N, D)
-    pos = cell_positions(ds, grid)[keep]
+    pos = cell_positions(ds, grid, frame=cfg.position_frame)[keep]
     total, total_sq, count = x.sum(0), (x ** 2).sum(0), len(x)
     if len(x) > cfg.presample:  # the coreset is chosen among a random subset (statistics use every cell)
         pick = np.sort(np.random.default_rng(seed).choice(len(x), cfg.presample, replace=False))
@@ -419,7 +309,8 @@ class PatchMemoryBank:
         out = np.zeros(near.shape, np.float32)
         if near.any():
             x = feats.permute(0, 2, 3, 1).numpy()[near]
-            pos = cell_positions(ds, grid, rows)[near] if self.cfg.position_weight > 0 else None
+            pos = (cell_positions(ds, grid, rows, self.cfg.position_frame)[near] if self.cfg.position_weight > 0
+                   else None)
             out[near] = self.score(x, pos)
         return out
 

@@ -144,6 +144,9 @@ class DenseSlices:
             non-zero voxels, else the head mask), for the anomaly probe.
         spacing: (X, Y, Z) voxel size of the volume in mm.
         n_slices: slices of the plane in the whole volume.
+        brain_box: (z0, z1, r0, r1, c0, c1) extent in mm of the brain (the mask above, over the
+            whole volume) along the plane's axis (slice index x spacing) and the display rows and
+            columns (voxel centre x spacing): the frame of position-aware anomaly scoring.
     """
 
     plane: str
@@ -159,6 +162,7 @@ class DenseSlices:
     mask: np.ndarray | None = None
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     n_slices: int = 0
+    brain_box: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -201,7 +205,8 @@ class DenseSlices:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"plane": self.plane, "levels": [dataclasses.asdict(lv) for lv in self.levels], "box": list(self.box),
                 "slice_size": self.slice_size, "content_box": list(self.content_box),
-                "grid_shape": list(self.grid_shape), "spacing": list(self.spacing), "n_slices": self.n_slices}
+                "grid_shape": list(self.grid_shape), "spacing": list(self.spacing), "n_slices": self.n_slices,
+                "brain_box": None if self.brain_box is None else list(self.brain_box)}
         arrays = {"indices": self.indices, "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
         for j, (m, s) in enumerate(zip(self.maps, self.scales)):
             arrays[f"map{j}"], arrays[f"scale{j}"] = m, s
@@ -225,7 +230,28 @@ class DenseSlices:
                        content_box=tuple(meta["content_box"]), grid_shape=tuple(meta["grid_shape"]),
                        labels=z["labels"] if "labels" in z.files else None,
                        mask=z["mask"] if "mask" in z.files else None, spacing=tuple(meta["spacing"]),
-                       n_slices=int(meta["n_slices"]))
+                       n_slices=int(meta["n_slices"]),
+                       brain_box=None if meta.get("brain_box") is None else tuple(meta["brain_box"]))
+
+
+def brain_box(volume: Any, plane: str) -> tuple[float, ...] | None:
+    """(z0, z1, r0, r1, c0, c1) mm extent of the brain (segmentation non-zero, else the head mask)
+    in the frame of a plane's slices: through-plane index x spacing, display row/column centres."""
+    from slice2vol.data.slicing import _IN_PLANE, _plane_view
+
+    seg = getattr(volume, "seg", None)
+    brain = seg > 0 if seg is not None and (seg > 0).any() else np.asarray(volume.mask, bool)
+    if not brain.any():
+        return None
+    view = _plane_view(torch.from_numpy(np.ascontiguousarray(brain)), plane).numpy()   # (n, rows, cols)
+    z = np.flatnonzero(view.any((1, 2)))
+    r = np.flatnonzero(view.any((0, 2)))
+    c = np.flatnonzero(view.any((0, 1)))
+    sz = volume.spacing[PLANES[plane]]
+    r_axis, c_axis = _IN_PLANE[plane]
+    sr, sc = volume.spacing[r_axis], volume.spacing[c_axis]
+    return (float(z[0] * sz), float(z[-1] * sz), float((r[0] + 0.5) * sr), float((r[-1] + 0.5) * sr),
+            float((c[0] + 0.5) * sc), float((c[-1] + 0.5) * sc))
 
 
 def _to_half(x: np.ndarray) -> np.ndarray:
@@ -245,16 +271,20 @@ def slice_config(plane: str, slice_size: int, context: int = 1) -> SliceConfig:
 
 
 def _feature_maps(encoder: Any, images: torch.Tensor, levels: list[int], batch_size: int,
-                  slice_coords: np.ndarray | None) -> list[torch.Tensor]:
+                  slice_coords: np.ndarray | None, norm: bool) -> list[torch.Tensor]:
     fn = encoder.feature_maps
-    if slice_coords is not None and "slice_coords" in inspect.signature(fn).parameters:
-        return fn(images, levels=levels, batch_size=batch_size, slice_coords=slice_coords)
-    return fn(images, levels=levels, batch_size=batch_size)
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"levels": levels, "batch_size": batch_size}
+    if slice_coords is not None and "slice_coords" in params:
+        kwargs["slice_coords"] = slice_coords
+    if "norm" in params:  # transformer blocks: the model's final norm, as DINOv2's linear probe
+        kwargs["norm"] = norm
+    return fn(images, **kwargs)
 
 
 def extract_dense(encoder: Any, volume: Any, plane: str, slice_size: int, levels: Sequence[int | str],
                   *, rows: np.ndarray | None = None, batch_size: int = 32, context: int = 1,
-                  keep_labels: bool = True) -> DenseSlices:
+                  keep_labels: bool = True, norm: bool = True) -> DenseSlices:
     """Dense features of the slices of one plane of a volume.
 
     Args:
@@ -267,6 +297,8 @@ def extract_dense(encoder: Any, volume: Any, plane: str, slice_size: int, levels
         rows: only these slice indices along the plane (default: every slice).
         context: 2.5D stack depth (as :class:`SliceConfig`).
         keep_labels: keep the segmentation slices (raw label values) when the volume has one.
+        norm: ask for normalised transformer block outputs (``feature_maps(norm=True)``, DINOv2's
+            linear segmentation protocol); CNN stages have no such norm.
 
     Returns:
         :class:`DenseSlices` with one map per selected level.
@@ -292,7 +324,7 @@ def extract_dense(encoder: Any, volume: Any, plane: str, slice_size: int, levels
         keep = np.searchsorted(span, rows)
     images = ps.images[torch.as_tensor(keep)] if rows is not None else ps.images
     coords = (ps.indices[keep] + 0.5) / n_slices
-    maps = _feature_maps(encoder, images, [info[i].index for i in chosen], batch_size, coords)
+    maps = _feature_maps(encoder, images, [info[i].index for i in chosen], batch_size, coords, norm)
     if len(maps) != len(chosen):
         raise ValueError(f"feature_maps returned {len(maps)} maps for {len(chosen)} requested levels")
     stored, scales = [], []
@@ -314,7 +346,7 @@ def extract_dense(encoder: Any, volume: Any, plane: str, slice_size: int, levels
                        levels=[info[i] for i in chosen], box=token_box(encoder.info, slice_size),
                        slice_size=slice_size, content_box=tuple(ps.content_box), grid_shape=tuple(ps.grid_shape),
                        labels=labels, mask=mask, spacing=tuple(float(v) for v in volume.spacing),
-                       n_slices=int(n_slices))
+                       n_slices=int(n_slices), brain_box=brain_box(volume, plane))
 
 
 # -- sampling features at pixel centres ---------------------------------------------------------
@@ -389,16 +421,17 @@ class _ControlInfo:
 class IntensityFeatures:
     """Raw intensities as a dense "encoder": the probes' control.
 
-    Levels (all on the slice's own pixel grid, or every ``stride``-th pixel):
+    Levels (on the slice's own pixel grid, or every ``stride``-th pixel):
 
-    * ``patch``: the ``patch x patch`` intensity neighbourhood of each pixel (``patch**2`` channels,
-      zero beyond the slice, channel-major over the input channels);
+    * ``patch``: the raw ``patch x patch`` intensity neighbourhood centred on each output cell
+      (``patch**2`` channels, zero beyond the slice; the middle channel of a 2.5D stack), so the
+      feature keeps the pattern (a dark blob in bright tissue), not only the mean;
     * ``coords``: normalised in-slice row and column, and the slice's position along the plane's
       axis (3 channels in [0, 1]).
 
     Args:
-        patch: odd neighbourhood side.
-        stride: output stride (1 = every pixel; larger = average-pooled patches on a coarser grid).
+        patch: odd neighbourhood side in pixels.
+        stride: output stride (1 = every pixel; s = one cell every s pixels, the patch centred on it).
         coords: include the ``coords`` level.
     """
 
@@ -420,28 +453,40 @@ class IntensityFeatures:
         """Raw slices (B, C, H, W) in [0, 1] -> [(B, C_l, H // stride, W // stride)] for ``levels``."""
         levels = list(range(len(self.feature_info()))) if levels is None else list(levels)
         x = images.float()
-        b, c, h, w = x.shape
+        x = x[:, x.shape[1] // 2:x.shape[1] // 2 + 1]  # the middle channel (2.5D centre): width independent of C
+        b, _, h, w = x.shape
+        s = self.stride
+        gh, gw = h // s, w // s
         out = []
         for lv in levels:
             if lv == 0:
-                pad = self.patch // 2
-                cols = F.unfold(x, self.patch, padding=pad).reshape(b, c * self.patch ** 2, h, w)
-                if c > 1:  # the middle channel (2.5D centre) only, so the level width does not depend on C
-                    mid = c // 2
-                    cols = cols.reshape(b, c, self.patch ** 2, h, w)[:, mid]
-                fmap = cols
+                fmap = _cell_patches(x, self.patch, s)
             elif lv == 1 and self.coords:
-                ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-                xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+                ys = (torch.arange(gh, dtype=torch.float32) + 0.5) / gh
+                xs = (torch.arange(gw, dtype=torch.float32) + 0.5) / gw
                 gy, gx = torch.meshgrid(ys, xs, indexing="ij")
                 z = torch.as_tensor(np.full(b, 0.5) if slice_coords is None else slice_coords, dtype=torch.float32)
-                fmap = torch.stack([gy.expand(b, h, w), gx.expand(b, h, w), z[:, None, None].expand(b, h, w)], 1)
+                fmap = torch.stack([gy.expand(b, gh, gw), gx.expand(b, gh, gw), z[:, None, None].expand(b, gh, gw)], 1)
             else:
                 raise ValueError(f"{self.info.key}: no level {lv}")
-            if self.stride > 1:
-                fmap = F.avg_pool2d(fmap, self.stride)
             out.append(fmap)
         return out
+
+
+def _cell_patches(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, k*k, H // s, W // s): the k x k pixels centred on each cell's centre
+    (pixel ``(i + 0.5) * s - 0.5``; bilinear when that falls between pixels), zero outside."""
+    b, _, h, w = x.shape
+    gh, gw = h // s, w // s
+    off = torch.arange(k, dtype=torch.float32) - k // 2
+    py = ((torch.arange(gh, dtype=torch.float32) + 0.5) * s - 0.5)[:, None] + off[None]   # (gh, k)
+    px = ((torch.arange(gw, dtype=torch.float32) + 0.5) * s - 0.5)[:, None] + off[None]   # (gw, k)
+    ny = ((py + 0.5) / h * 2 - 1).reshape(-1)                                             # rows (i, a)
+    nx = ((px + 0.5) / w * 2 - 1).reshape(-1)                                             # cols (j, c)
+    grid = torch.stack(torch.meshgrid(nx, ny, indexing="xy"), -1)[None]                   # (1, gh*k, gw*k, 2)
+    vals = F.grid_sample(x, grid.expand(b, -1, -1, -1), mode="bilinear", padding_mode="zeros",
+                         align_corners=False)                                              # (B, 1, gh*k, gw*k)
+    return vals.reshape(b, gh, k, gw, k).permute(0, 2, 4, 1, 3).reshape(b, k * k, gh, gw)
 
 
 def describe_levels(levels: Sequence[Any], img_size: int | None) -> str:

@@ -44,6 +44,8 @@ class DenseFeatureConfig:
         encoder_kwargs: extra build options for the probe, e.g. ``{crop_pct: 1.0}`` so that a
             timm/torchvision encoder sees the whole slice instead of its central 87.5%.
         batch_size: slices per forward pass.
+        norm: normalised transformer block outputs (the model's final norm, as DINOv2's linear
+            segmentation protocol); no effect on CNNs.
         keep: keep the feature files after the last probe task (they take ~40 MB per subject
             and set at 224 px); otherwise they are removed and a rerun relies on cached results.
     """
@@ -53,6 +55,7 @@ class DenseFeatureConfig:
     img_size: int = 224
     encoder_kwargs: dict = field(default_factory=dict)
     batch_size: int = 32
+    norm: bool = True
     keep: bool = False
 
 
@@ -119,7 +122,7 @@ class DenseFeatureFiles:
     def __init__(self, root: Path, pset: ProbeSet, feat: DenseFeatureConfig, levels: Sequence, volume_identity: Any,
                  seed: int = 0, device: str = "cpu") -> None:
         self.pset, self.feat, self.levels, self.seed, self.device = pset, feat, list(levels), seed, device
-        ident = {"set": pset.identity(), "plane": feat.plane, "slice_size": feat.slice_size,
+        ident = {"set": pset.identity(), "plane": feat.plane, "slice_size": feat.slice_size, "norm": feat.norm,
                  "img_size": feat.img_size if pset.kind != "control" else None,
                  "encoder_kwargs": feat.encoder_kwargs if pset.kind != "control" else None,
                  "levels": [str(v) for v in self.levels], "volume": volume_identity, "seed": seed, "format": 1}
@@ -159,7 +162,7 @@ class DenseFeatureFiles:
         """Dense features of ``volume`` (e.g. a lesioned copy), optionally only some slices/levels."""
         return extract_dense(self.encoder, volume, self.feat.plane, self.feat.slice_size,
                              self.levels if levels is None else levels, rows=rows,
-                             batch_size=self.feat.batch_size)
+                             batch_size=self.feat.batch_size, norm=self.feat.norm)
 
     def load(self, subject_id: str) -> DenseSlices:
         return DenseSlices.load(self.path(subject_id))

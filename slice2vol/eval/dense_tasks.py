@@ -145,11 +145,18 @@ def _folds(ctx, task: str, ids: Sequence[str], n_folds: int) -> tuple[list[tuple
     return [splits.positions(list(ids), f) for f in splits.folds], splits
 
 
-def _later_task_needs(ctx, task: str, feat: DenseFeatureConfig) -> bool:
+def _later_task_needs(ctx, task: str, feat: DenseFeatureConfig, pset: ProbeSet) -> bool:
+    """Whether the anomaly task runs after ``task`` and will read this set's feature files."""
     tasks = list(ctx.cfg.tasks)
-    if task == SEG_TASK and ANOMALY_TASK in tasks and tasks.index(ANOMALY_TASK) > tasks.index(SEG_TASK):
-        return _anomaly_features(ctx.cfg) == feat
-    return False
+    if not (task == SEG_TASK and ANOMALY_TASK in tasks and tasks.index(ANOMALY_TASK) > tasks.index(SEG_TASK)):
+        return False
+    if _anomaly_features(ctx.cfg) != feat:
+        return False
+    try:
+        later = probe_sets(ctx.cfg.anomaly, ctx.cfg.encoders, ctx.base)
+    except ValueError:
+        return False
+    return any(s.identity() == pset.identity() for s in later)
 
 
 # -- rows and paired tests ----------------------------------------------------------------------
@@ -278,7 +285,7 @@ def run_segmentation(ctx) -> dict:
                 continue
             res["extract_s"] = round(files.extract_s, 2)
             res["n_slices_embedded"] = files.n_extracted
-            if not (sc.features.keep or _later_task_needs(ctx, SEG_TASK, sc.features)):
+            if not (sc.features.keep or _later_task_needs(ctx, SEG_TASK, sc.features, pset)):
                 files.remove()
             if ctx.cache:
                 ctx.cache.put("dense-seg", key, res)
@@ -459,24 +466,24 @@ def run_anomaly(ctx) -> dict:
     sweep_extras: dict = {}
     for (name, variant), res in results.items():
         rows = out["rows"]
-        rows.append(_row(ANOMALY_TASK, "pixel", name, variant, "auroc", res["pixel_auroc"], fold_of, len(folds),
+        rows.append(_row(ANOMALY_TASK, "pixel-level", name, variant, "auroc", res["pixel_auroc"], fold_of, len(folds),
                          n_boot, seed))
         pooled = res["pixel_pooled"]
-        rows.append({**_row(ANOMALY_TASK, "pixel (pooled voxels)", name, variant, "auroc", res["pixel_auroc"],
+        rows.append({**_row(ANOMALY_TASK, "pixel-level (pooled voxels)", name, variant, "auroc", res["pixel_auroc"],
                             fold_of, len(folds), 0, seed),
                      "estimate": pooled["estimate"], "pooled": pooled["estimate"], "ci_low": pooled["ci_low"],
                      "ci_high": pooled["ci_high"], "pooled_ci_low": pooled["ci_low"],
                      "pooled_ci_high": pooled["ci_high"]})
         rate = np.where(res["n_lesions"] > 0, res["detected"] / np.maximum(res["n_lesions"], 1), np.nan)
-        rows.append(_row(ANOMALY_TASK, f"region (lesions detected at {ac.fpr:.0%} voxel FPR)", name, variant,
+        rows.append(_row(ANOMALY_TASK, f"region-level (lesions detected at {ac.fpr:.0%} voxel FPR)", name, variant,
                          "detection_rate", rate, fold_of, len(folds), n_boot, seed))
         sl = res["slice"]
-        rows.append(_cluster_auc_row(ANOMALY_TASK, "slice", name, variant, sl["truth"], sl["scores"], sl["owner"],
+        rows.append(_cluster_auc_row(ANOMALY_TASK, "slice-level", name, variant, sl["truth"], sl["scores"], sl["owner"],
                                      len(ids), fold_of, len(folds), n_boot, seed))
         h, s = res["healthy"], res["lesioned"]
         rows.append(_subject_auc_row(name, variant, h, s, fold_of, len(folds), n_boot, seed))
         frac, lo, hi = paired_rank_fraction(h, s, n_boot=n_boot, seed=seed)
-        rows.append({**_row(ANOMALY_TASK, "subject (paired: lesioned > own healthy)", name, variant,
+        rows.append({**_row(ANOMALY_TASK, "subject-level (paired: lesioned > own healthy)", name, variant,
                             "fraction", (s > h).astype(float) + 0.5 * (s == h), fold_of, len(folds), 0, seed),
                      "estimate": frac, "pooled": frac, "ci_low": lo, "ci_high": hi, "pooled_ci_low": lo,
                      "pooled_ci_high": hi})
@@ -488,7 +495,7 @@ def run_anomaly(ctx) -> dict:
     reference = _reference(ctx, sets)
     for a, b in comparison_pairs(sets, reference):
         if (a, primary) in results and (b, primary) in results:
-            out["paired"].append(_paired(ANOMALY_TASK, "pixel", primary, "auroc", a, b,
+            out["paired"].append(_paired(ANOMALY_TASK, "pixel-level", primary, "auroc", a, b,
                                          results[(a, primary)]["pixel_auroc"], results[(b, primary)]["pixel_auroc"],
                                          n_boot, n_perm, seed))
     _holm(out["paired"])
@@ -540,7 +547,7 @@ def _subject_auc_row(name, variant, healthy, lesioned, fold_of, n_folds, n_boot,
     n = len(healthy)
     owner = np.r_[np.arange(n), np.arange(n)]
     truth = np.r_[np.zeros(n, bool), np.ones(n, bool)]
-    return _cluster_auc_row(ANOMALY_TASK, "subject (pooled)", name, variant, truth, np.r_[healthy, lesioned], owner,
+    return _cluster_auc_row(ANOMALY_TASK, "subject-level", name, variant, truth, np.r_[healthy, lesioned], owner,
                             n, fold_of, n_folds, n_boot, seed)
 
 
@@ -550,7 +557,7 @@ def _anomaly_figures(ctx, out: dict, results: dict, sets: Sequence[ProbeSet], pr
     figs = []
     kinds = {s.name: s.kind for s in sets}
     try:
-        levels = ["pixel", "slice", "subject (pooled)"]
+        levels = ["pixel-level", "slice-level", "subject-level"]
         rows = [r for r in out["rows"] if r["variant"] == primary and r["label"] in levels]
         png, svg = probe_plots.grouped_bars(rows, Path(ctx.out) / "figures" / "anomaly_auroc", groups=levels,
                                             sets=[s.name for s in sets], kinds=kinds, ylim=(0.3, 1.0), chance=0.5,

@@ -1,15 +1,18 @@
-"""Dense probe: a linear (1x1-conv) head on frozen patch tokens, scored by 3D Dice.
+"""Dense segmentation probe: a linear 1x1 classifier on frozen multi-level feature maps, scored in 3D.
 
-How much spatial anatomy do a 2D encoder's patch tokens hold? Tokens of the training subjects'
-slices (one plane) are standardised with training statistics, a linear map to K+1 classes is
-trained with cross-entropy on logits bilinearly upsampled to the label slice (as DINOv2's linear
-segmentation probe), and the test subjects' predictions are put back onto the original voxel grid
-with :func:`slice2vol.data.slices_to_grid` before Dice is computed per structure per subject, so
-the score is comparable with any 3D method.
+How much spatial anatomy do a 2D encoder's feature maps hold? DINOv2's linear segmentation
+protocol, on every slice of one plane: each chosen level's map is bilinearly upsampled to the label
+resolution, the levels are concatenated and standardised, and a linear map to K+1 classes is fitted
+with a (class-weighted) cross-entropy (:class:`LinearSegProbe`, multinomial logistic regression by
+L-BFGS on a class-stratified pixel sample of the training subjects' slices). Every slice of a test
+subject is predicted and put back on the volume's own voxel grid (:func:`predict_volume`), and
+Dice and the 95th-percentile Hausdorff distance are computed per structure per subject with
+MONAI's metrics (:func:`segmentation_scores`), so the score is comparable with any 3D method.
 
 Structures are sets of label values of the segmentation (e.g. DLMUSE single regions); for DLMUSE,
 :func:`muse_structures` expands composite indices (601 GM, 604 WM, 509 ventricles) with the IXI
-``labels/list_MUSE_mapping_derived.csv`` table.
+``labels/list_MUSE_mapping_derived.csv`` table. The cross-validation loop lives in
+:func:`slice2vol.eval.dense_bench.segmentation_cv`; geometry and features in :mod:`slice2vol.eval.dense`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slice2vol.eval.dense import token_box  # noqa: F401  (re-exported: the runner imports it from here)
 from slice2vol.eval.dense_bench import DenseFeatureConfig, SegProbeSettings
 
 
@@ -44,8 +46,8 @@ class SegConfig:
         twins: add the random-init twin of every pretrained encoder that has none in the list.
         controls: name -> :class:`~slice2vol.eval.dense.IntensityFeatures` keywords.
         max_subjects: evaluate at most this many subjects (first ones of the cohort), None for all.
-        plane, stride, size, epochs, lr, weight_decay, batch_size, label_scale, encoder_kwargs:
-            settings of the previous single-level token probe, read only by the old runner code.
+        epochs: ignored (the probe is fitted by L-BFGS, see ``probe.max_iter``); kept so that
+            configs written for the earlier token probe still load.
     """
 
     structures: dict = field(default_factory=lambda: {"csf": [1], "gm": [2], "wm": [3], "ventricles": [4]})
@@ -57,15 +59,7 @@ class SegConfig:
     twins: bool = True
     controls: dict = field(default_factory=lambda: {"intensity": {"patch": 5, "stride": 1, "coords": True}})
     max_subjects: int | None = None
-    plane: str = "axial"
-    stride: int = 2
-    size: int = 112
-    epochs: int = 40
-    lr: float = 0.01
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    label_scale: int = 4
-    encoder_kwargs: dict = field(default_factory=dict)
+    epochs: int | None = None
 
 
 def read_composite_mapping(path: str | Path) -> dict[int, list[int]]:
@@ -121,85 +115,6 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.nd
         if denom:
             out[k - 1] = 2.0 * np.logical_and(p, t).sum() / denom
     return out
-
-
-class DenseLinearProbe:
-    """1x1-conv head (tokens -> K+1 class logits) trained on standardised frozen tokens.
-
-    Example:
-        >>> probe = DenseLinearProbe(n_classes=4).fit(tokens, grid, labels)  # tokens (S, T, D)
-        >>> proba = probe.predict_proba(tokens_test, grid, out_size=(112, 112))  # (S, 5, 112, 112)
-    """
-
-    def __init__(self, n_classes: int, epochs: int = 40, lr: float = 0.01, weight_decay: float = 1e-4,
-                 batch_size: int = 64, seed: int = 0) -> None:
-        self.n_classes = n_classes
-        self.epochs = epochs
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.seed = seed
-
-    def _grid(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = (tokens - self.mean_) / self.std_
-        s, _, d = x.shape
-        return x.transpose(1, 2).reshape(s, d, grid[0], grid[1])  # (S, D, gh, gw)
-
-    def fit(self, tokens: torch.Tensor, grid: tuple[int, int], labels: torch.Tensor) -> "DenseLinearProbe":
-        """Trains the head.
-
-        Args:
-            tokens: (S, T, D) training tokens, T = gh * gw.
-            grid: (gh, gw).
-            labels: (S, h, w) int class maps (0..K) covering the token grid's field of view.
-        """
-        gen = torch.Generator().manual_seed(self.seed)
-        tokens = tokens.float()
-        flat = tokens.reshape(-1, tokens.shape[-1])
-        self.mean_ = flat.mean(0)
-        std = flat.std(0)
-        # relative floor: random-init nets give tokens of order 1e-8 that still vary
-        self.std_ = std.clamp_min(max(float(std.max()) * 1e-6, 1e-30))
-        d = tokens.shape[-1]
-        self.head_ = torch.nn.Conv2d(d, self.n_classes + 1, 1)
-        torch.nn.init.normal_(self.head_.weight, std=0.01, generator=gen)
-        torch.nn.init.zeros_(self.head_.bias)
-        opt = torch.optim.AdamW(self.head_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        n = len(tokens)
-        labels = labels.long()
-        # balanced class weights: small structures (ventricles) would otherwise be ignored
-        counts = torch.bincount(labels.flatten(), minlength=self.n_classes + 1).float()
-        weight = (counts.sum() / counts.clamp_min(1)) ** 0.5
-        weight = weight / weight.mean()
-        self.losses_: list[float] = []
-        for _ in range(self.epochs):
-            order = torch.randperm(n, generator=gen)
-            total = 0.0
-            for start in range(0, n, self.batch_size):
-                idx = order[start:start + self.batch_size]
-                logits = self.head_(self._grid(tokens[idx], grid))
-                logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-                loss = F.cross_entropy(logits, labels[idx], weight=weight)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-            self.losses_.append(total / n)
-        return self
-
-    @torch.no_grad()
-    def predict_proba(self, tokens: torch.Tensor, grid: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
-        """(S, T, D) tokens -> (S, K+1, *out_size) class probabilities."""
-        logits = self.head_(self._grid(tokens.float(), grid))
-        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-        return logits.softmax(1)
-
-
-def labels_in_box(labels: torch.Tensor, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
-    """Crops (S, H, W) label slices to ``box`` and resamples them (nearest) to ``size``."""
-    top, left, h, w = box
-    crop = labels[:, top:top + h, left:left + w].float()[:, None]
-    return F.interpolate(crop, size=size, mode="nearest-exact")[:, 0].long()
 
 
 def place_in_box(maps: torch.Tensor, box: tuple[int, int, int, int], full: int) -> torch.Tensor:

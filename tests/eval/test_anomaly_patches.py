@@ -134,3 +134,26 @@ def test_cell_scores_land_on_the_right_voxels():
     assert vox[:, :, 10].sum() > 0 and vox[:, :, :10].sum() == 0 and vox[:, :, 11:].sum() == 0
     # display column = RAS x (patient left at the left): the left half holds the low x indices
     assert vox[: vol.shape[0] // 2 - 2, :, 10].min() > 0.99 and vox[vol.shape[0] // 2 + 2:, :, 10].max() < 0.01
+
+
+def test_brain_frame_positions_line_up_shifted_heads():
+    from slice2vol.eval.anomaly import cell_positions
+
+    vol = _head()
+    shifted = Volume("s", np.roll(vol.data, 3, axis=1), vol.affine, np.roll(vol.mask, 3, axis=0),
+                     np.roll(vol.seg, 3, axis=0))
+    enc = IntensityFeatures(patch=1, stride=1, coords=False)
+    a = extract_dense(enc, vol, "axial", 32, [0])
+    b = extract_dense(enc, shifted, "axial", 32, [0])
+    za, ra, ca = np.asarray(a.brain_box).reshape(3, 2).T[0]
+    zb, rb, cb = np.asarray(b.brain_box).reshape(3, 2).T[0]
+    assert (zb, rb) == (za, ra) and cb == pytest.approx(ca + 3 * 4.0)   # x is the display column
+    mm_a, mm_b = cell_positions(a, (32, 32)), cell_positions(b, (32, 32))
+    np.testing.assert_allclose(mm_a, mm_b)                                # same grid in mm ...
+    pa, pb = cell_positions(a, (32, 32), frame="brain"), cell_positions(b, (32, 32), frame="brain")
+    # ... but in the brain frame a column of ``a`` matches the column 3 voxels (4 mm each) further in ``b``
+    col_mm = mm_a[0, 0, :, 2]
+    shift = np.searchsorted(col_mm, col_mm[10] + 12.0)
+    assert pb[0, 0, shift, 2] == pytest.approx(pa[0, 0, 10, 2], abs=100 * 1.0 / (b.brain_box[5] - b.brain_box[4]) * 4)
+    with pytest.raises(ValueError, match="frame"):
+        cell_positions(a, (32, 32), frame="voxels")
