@@ -5,6 +5,7 @@ from slice2vol.encoders.base import (
     Encoder,
     EncoderConfig,
     EncoderInfo,
+    FeatureLevel,
     WeightsUnavailable,
     build_encoder,
     load_state_dict,
@@ -25,5 +26,22 @@ for _module in ("slice2vol.encoders.torchvision", "slice2vol.encoders.timm", "sl
         if _err.name != _module:
             raise
 
-__all__ = ["ENCODERS", "Encoder", "EncoderConfig", "EncoderInfo", "WeightsUnavailable", "build_encoder",
-           "load_state_dict", "parse_weights", "pick_batch_size", "sha256_file"]
+_OPEN = ("slice2vol.encoders.timm", "slice2vol.encoders.openclip", "slice2vol.encoders.hf")
+
+
+def open_builder(key: str):
+    """A builder for a key outside the registry that a family library knows (``timm/<name>``,
+    ``openclip/<arch>:<tag>``, ``hf/<repo_id>``), or ``None``."""
+    for module_name in _OPEN:
+        try:
+            module = _importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue
+        builder = module.open_builder(key)
+        if builder is not None:
+            return builder
+    return None
+
+
+__all__ = ["ENCODERS", "Encoder", "EncoderConfig", "EncoderInfo", "FeatureLevel", "WeightsUnavailable", "build_encoder",
+           "load_state_dict", "open_builder", "parse_weights", "pick_batch_size", "sha256_file"]

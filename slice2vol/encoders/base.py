@@ -26,7 +26,7 @@ import os
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -76,6 +76,9 @@ class EncoderInfo:
             (timm: ``floor(input / crop_pct)``; torchvision: the weights' ``resize_size``); ``None``
             means the crop is the whole resized image (crop_pct 1).
         interpolation: ``bicubic`` or ``bilinear`` (antialiased, as PIL) or ``nearest``.
+        weights_origin: for ``weights="pretrained"``, where the file was found: ``origin`` (``env``,
+            ``package``, ``hf-cache``, ``torch-cache``), ``detail`` (folder, package and version, repo),
+            ``file`` and ``sha256`` (see :mod:`slice2vol.encoders.weights`); empty otherwise.
     """
 
     key: str
@@ -96,6 +99,7 @@ class EncoderInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     resize_size: int | None = None
     interpolation: str = "bicubic"
+    weights_origin: dict[str, str] = field(default_factory=dict)
 
     @property
     def crop_pct(self) -> float:
@@ -109,6 +113,27 @@ class EncoderInfo:
         d["input_size"] = list(self.input_size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
+
+
+@dataclass
+class FeatureLevel:
+    """One intermediate feature map an encoder exposes (see :meth:`Encoder.feature_info`).
+
+    Attributes:
+        index: position in :meth:`Encoder.feature_info` (0 = shallowest).
+        name: the library's module name (``layer2``, ``blocks.5``, ``features.6``,
+            ``encoder.layer.3``, ``transformer.resblocks.7``, ``neck``).
+        channels: C of the map (B, C, H // stride, W // stride).
+        stride: input pixels per map cell along H and W (CNN stages 2-32; ViTs: the patch size).
+    """
+
+    index: int
+    name: str
+    channels: int
+    stride: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Encoder(nn.Module):
@@ -251,17 +276,15 @@ class Encoder(nn.Module):
             images: (N, C, h, w) raw slices in [0, 1] on any device; batches move to the encoder's.
             batch_size: slices per forward pass (see :func:`pick_batch_size`).
             tokens: return ``tokens`` instead of ``encode`` output.
-            progress: show a tqdm bar.
+            progress: report progress (:mod:`slice2vol.progress`: a bar on a terminal, log lines otherwise).
 
         Returns:
             (N, embed_dim) float32 on the encoder's device, or ((N, T, token_dim), (gh, gw)).
         """
-        device = self.device
-        chunks = range(0, len(images), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
+        from slice2vol.progress import track
 
-            chunks = tqdm(chunks, desc=self.info.key, unit="batch")
+        device = self.device
+        chunks = track(range(0, len(images), batch_size), desc=self.info.key, unit="batch", enabled=progress)
         outputs, grid = [], (0, 0)
         for start in chunks:
             batch = images[start:start + batch_size].to(device, non_blocking=True)
@@ -275,12 +298,115 @@ class Encoder(nn.Module):
         result = torch.cat(outputs)
         return (result, grid) if tokens else result
 
+    # -- dense features (intermediate maps) ------------------------------------------------------
+    def feature_info(self) -> list[FeatureLevel]:
+        """The intermediate maps :meth:`forward_intermediates` can return, shallowest first.
+
+        This default (families without a library API for intermediates, e.g. ``ssl2d/*``) exposes
+        one level: the ``forward_tokens`` grid, named ``tokens``. Families override it with the
+        library's own list (timm ``feature_info``, torchvision nodes, transformer blocks).
+        """
+        cached = getattr(self, "_feature_levels", None)
+        if cached is None:
+            height, width = self.info.input_size
+            probe = torch.zeros(1, self.info.in_chans, height, width, device=self.device)
+            with torch.inference_mode():
+                tokens, grid = self.forward_tokens(probe)
+            stride = max(1, height // max(grid[0], 1))
+            cached = [FeatureLevel(0, "tokens", int(tokens.shape[-1]), int(stride))]
+            self._feature_levels = cached
+        return list(cached)
+
+    def resolve_levels(self, levels: Sequence[int] | int | None = None) -> list[int]:
+        """Level indices (negative count from the deepest; ``None`` = all) -> validated non-negative list.
+
+        Raises:
+            ValueError: an index outside the encoder's levels, naming the valid range and names.
+        """
+        n = len(self.feature_info())
+        if levels is None:
+            return list(range(n))
+        if isinstance(levels, int):
+            levels = [levels]
+        out = []
+        for level in levels:
+            if not isinstance(level, int) or isinstance(level, bool) or not -n <= level < n:
+                names = ", ".join(f"{f.index}={f.name}" for f in self.feature_info())
+                raise ValueError(f"{self.info.key}: feature level {level!r} out of range; it has {n} levels: {names}")
+            out.append(level % n)
+        if not out:
+            raise ValueError(f"{self.info.key}: no feature level requested")
+        return out
+
+    def forward_intermediates(self, x: torch.Tensor, levels: Sequence[int] | int | None = None, *,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """Preprocessed (B, in_chans, H, W) -> one NCHW map (B, C_l, H // s_l, W // s_l) per requested level.
+
+        Args:
+            x: the network input, as :meth:`preprocess` returns it.
+            levels: indices into :meth:`feature_info` in any order (negative from the deepest);
+                ``None`` = all. Maps come back in the order asked.
+            norm: apply the model's final norm to transformer block outputs (DINOv2's linear
+                segmentation protocol uses normalised tokens); CNN stages have no such norm.
+
+        ViT patch tokens are reshaped to their (H // patch, W // patch) grid, prefix/register tokens
+        dropped. This default returns the ``forward_tokens`` grid (its only level).
+        """
+        self.resolve_levels(levels)
+        tokens, grid = self.forward_tokens(x)
+        return [tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], grid[0], grid[1])]
+
+    @torch.inference_mode()
+    def feature_maps(self, images: torch.Tensor, levels: Sequence[int] | int | None = None,
+                     batch_size: int = 32, *, norm: bool = False, progress: bool = False) -> list[torch.Tensor]:
+        """Raw slices (N, C, h, w) in [0, 1] -> maps [(N, C_l, H_l, W_l)] float32 on the CPU.
+
+        Preprocesses (:meth:`preprocess`, so the maps cover the slice region ``info`` describes:
+        the centre crop of ``shorter``, the whole slice for ``squash``, the top-left of ``longest``)
+        and runs :meth:`forward_intermediates` in batches of ``batch_size`` on the encoder's device,
+        without gradients.
+        """
+        chosen = self.resolve_levels(levels)
+        if len(images) == 0:
+            raise ValueError(f"{self.info.key}: no images to embed")
+        from slice2vol.progress import bar
+
+        device = self.device
+        outputs: list[list[torch.Tensor]] = [[] for _ in chosen]
+        meter = bar(total=len(images), desc=f"{self.info.key} maps", unit="slice", enabled=progress)
+        try:
+            for start in range(0, len(images), batch_size):
+                batch = images[start:start + batch_size].to(device, non_blocking=True)
+                x = self._prepare(batch)
+                with self._autocast(x):
+                    maps = self.forward_intermediates(x, chosen, norm=norm)
+                for store, fmap in zip(outputs, maps):
+                    store.append(fmap.float().cpu().contiguous())
+                meter.update(len(batch))
+        finally:
+            meter.close()
+        return [torch.cat(store) for store in outputs]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+def ordered_levels(chosen: Sequence[int], compute) -> list[torch.Tensor]:
+    """Runs ``compute(sorted unique levels) -> maps in that order`` once and returns the maps in ``chosen``'s order.
+
+    Why: the libraries' intermediate APIs return blocks in network order; callers may ask in any
+    order, or twice for the same level.
+    """
+    unique = sorted(set(chosen))
+    maps = compute(unique)
+    if len(maps) != len(unique):
+        raise RuntimeError(f"expected {len(unique)} feature maps, the library returned {len(maps)}")
+    lookup = dict(zip(unique, maps))
+    return [lookup[i] for i in chosen]
 
 
 def gem_pool(feature_map: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
@@ -439,20 +565,38 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def parse_weights(weights: str | Path | None) -> tuple[Literal["random", "hub", "file"], str]:
-    """``random`` | ``hub`` | ``hub:<tag>`` | path -> (kind, tag-or-path).
+#: ``weights=`` words asking for a key's published pretrained weights found locally
+#: (:mod:`slice2vol.encoders.weights`): ``pretrained``, ``imagenet`` (ImageNet keys), ``package``.
+PRETRAINED_WORDS = ("pretrained", "imagenet", "package")
+
+
+def parse_weights(weights: str | Path | None, *, pretrained: bool = False
+                  ) -> tuple[Literal["random", "hub", "file", "pretrained"], str]:
+    """``random`` | ``pretrained`` | ``imagenet`` | ``package`` | ``hub`` | ``hub:<tag>`` | path -> (kind, ref).
+
+    Args:
+        weights: the user's string.
+        pretrained: the caller resolves ``pretrained``/``imagenet``/``package`` (kind ``pretrained``,
+            ref the word); families without packaged weights leave it False and those words raise.
 
     Raises:
-        FileNotFoundError: a path that does not exist (anything not ``random``/``hub*`` is a path).
+        FileNotFoundError: a path that does not exist (anything not a word above is a path).
+        ValueError: a pretrained word for a caller that has no pretrained weights to resolve.
     """
     if weights is None or str(weights) in ("", "random", "none"):
         return "random", ""
     text = str(weights)
     if text == "hub" or text.startswith("hub:"):
         return "hub", text[4:]
+    if text in PRETRAINED_WORDS:
+        if not pretrained:
+            raise ValueError(f"weights={text!r}: this encoder has no published pretrained weights to resolve; "
+                             f"use 'random', 'hub[:tag]' or a local file")
+        return "pretrained", text
     path = Path(text).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: weights file not found (use 'random', 'hub[:tag]' or a local file)")
+        raise FileNotFoundError(f"{path}: weights file not found (use 'random', 'pretrained', 'hub[:tag]' "
+                                f"or a local file)")
     return "file", str(path)
 
 
@@ -666,11 +810,18 @@ def build_encoder(key: str, weights: str | Path | None = "random", **kwargs: Any
     """Builds a registered encoder in eval mode.
 
     Args:
-        key: registry key such as ``timm/resnet50`` (see ``slice2vol encoders``).
-        weights: ``random``, ``hub[:tag]`` or a local path.
+        key: registry key such as ``timm/resnet50`` (see ``slice2vol encoders``), or any
+            ``timm/<name>``, ``openclip/<arch>:<tag>`` or ``hf/<repo_id>`` the libraries know (open
+            registry: built from the library's own config and preprocessing).
+        weights: ``random``, ``pretrained`` (alias ``imagenet``; found locally, never downloaded),
+            ``package``, ``hub[:tag]`` or a local path.
         **kwargs: family options, e.g. ``img_size``, ``pooling``.
     """
     import slice2vol.encoders  # noqa: F401  - fills the registry
 
+    if key not in ENCODERS:  # open registry: any timm/<name>, openclip/<arch>:<tag>, hf/<repo>
+        builder = slice2vol.encoders.open_builder(key)
+        if builder is not None:
+            return builder(weights=weights, **kwargs).eval()
     encoder = ENCODERS.build(key, weights=weights, **kwargs)
     return encoder.eval()

