@@ -48,6 +48,7 @@ class DenseFeatureConfig:
             segmentation protocol); no effect on CNNs.
         keep: keep the feature files after the last probe task (they take ~40 MB per subject
             and set at 224 px); otherwise they are removed and a rerun relies on cached results.
+        channels_last: run the encoder with channels-last weights (faster CPU convolutions).
     """
 
     plane: str = "axial"
@@ -57,6 +58,7 @@ class DenseFeatureConfig:
     batch_size: int = 32
     norm: bool = True
     keep: bool = False
+    channels_last: bool = True
 
 
 @dataclass
@@ -96,7 +98,10 @@ class ProbeSet:
 
         torch.manual_seed(seed)  # random-init twins are seeded like every random encoder of the run
         kwargs = {**self.kwargs, **feat.encoder_kwargs, "img_size": feat.img_size}
-        return build_encoder(self.key, weights=self.weights, **kwargs).to(device)
+        encoder = build_encoder(self.key, weights=self.weights, **kwargs).to(device)
+        # channels-last weights make PyTorch's CPU convolutions (oneDNN) run in NHWC: MobileNetV2's
+        # depthwise stages about twice as fast at probe sizes; the maps are the same up to rounding
+        return encoder.to(memory_format=torch.channels_last) if feat.channels_last else encoder
 
 
 def content_hash(*parts: Any) -> str:

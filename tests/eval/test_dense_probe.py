@@ -183,3 +183,22 @@ def test_extracting_some_rows_equals_the_same_rows_of_every_slice():
     np.testing.assert_array_equal(part.mask, full.mask[rows])
     for j in range(2):
         torch.testing.assert_close(part.level(j), full.level(j, rows), rtol=2e-3, atol=1e-12)
+
+
+def test_channels_last_encoder_gives_the_same_maps():
+    """The probes run CNNs with channels-last weights for speed; the maps must not change."""
+    import torch
+
+    from slice2vol.eval.dense_bench import DenseFeatureConfig, ProbeSet
+
+    pset = ProbeSet("mnv2", "twin", key="tv/mobilenet_v2", weights="random")
+    images = torch.rand(3, 1, 48, 48)
+    maps = {}
+    for cl in (False, True):
+        enc = pset.build(DenseFeatureConfig(img_size=64, channels_last=cl), seed=0)
+        assert next(p for p in enc.parameters() if p.dim() == 4).is_contiguous(
+            memory_format=torch.channels_last) == cl
+        maps[cl] = enc.feature_maps(images, levels=[1, 3])
+    for a, b in zip(maps[False], maps[True]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
