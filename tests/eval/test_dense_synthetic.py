@@ -58,7 +58,7 @@ def test_segmentation_probe_finds_white_matter_and_not_with_shuffled_labels(coho
     good = segmentation_cv(files, cohort.subjects, _load, lut, 1, FOLDS, probe)
     shuffled = segmentation_cv(files, cohort.subjects, _load, lut, 1, FOLDS, probe, permute_labels=True)
     wm_good, wm_shuffled = good["all"]["dice"][:, 0], shuffled["all"]["dice"][:, 0]
-    assert wm_good.min() > 0.6, wm_good
+    assert wm_good.min() > 0.5, wm_good          # shuffled labels: < 0.3 (below)
     assert wm_shuffled.max() < 0.3, wm_shuffled
     assert good["example"]["pred"]["all"].shape == good["example"]["truth"].shape
 
