@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: venv demo test test-all clean
+.PHONY: venv demo screenshot test test-all clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(VENV)/bin/slice2vol demo --out runs/demo
+
+# needs Chromium (Debian: apt-get install -y chromium); writes runs/demo/report.png
+screenshot:
+	$(PY) scripts/screenshot_report.py runs/demo/report.html --out runs/demo/report.png
 
 test: venv
 	$(PY) -m pytest -q

@@ -65,22 +65,28 @@ def load_cohort(source: str | Path, **kwargs: Any) -> "Cohort":
     return load_manifest(path, **kwargs)
 
 
-def build_encoder(key: str, weights: str | Path | None = "random", **kwargs: Any):
+def build_encoder(key: str, weights: str | Path | None = "random", *, seed: int = 0, **kwargs: Any):
     """A registered 2D encoder in eval mode (see ``slice2vol encoders`` for the keys).
 
     Args:
         key: registry key, e.g. ``tv/mobilenet_v2``, ``timm/resnet18``.
-        weights: ``random`` (seeded), ``hub[:tag]`` or a local file; see docs/encoders.md for the
-            whole resolution order.
+        weights: ``random``, ``hub[:tag]`` or a local file; see docs/encoders.md for the whole
+            resolution order.
+        seed: torch seed of ``random`` weights, so a rerun builds the same network (and resumes the
+            same feature store) without touching the global random state.
         **kwargs: family options such as ``img_size``.
 
     Returns:
         A :class:`slice2vol.encoders.Encoder`: ``encoder(x)`` maps preprocessed (B, C, H, W) slices to
         (B, D) features; ``encoder.info`` holds its preprocessing and weights provenance.
     """
+    import torch
+
     from slice2vol.encoders import build_encoder as _build
 
-    return _build(key, weights=weights, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(key, weights=weights, **kwargs)
 
 
 def cache_cohort(cohort: "Cohort | str | Path", encoder: Any, store: str | Path, *, planes: Sequence[str] | None = None,

@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from slice2vol.runtime import configure_runtime
+
+        configure_runtime()  # allocator and threads for steady-state CPU work (docs/performance.md)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,7 +10,14 @@ several volumes fill each batch (the encoder never runs a ragged half batch exce
 On CUDA the batch is staged in pinned memory and copied with ``non_blocking=True`` while the
 previous batch is still running. Completed subjects are committed to the store in atomic part
 files every ``commit_every`` subjects (see :mod:`slice2vol.cache`), and the store is compacted at the
-end; a restarted job skips every (subject, plane) already committed.
+end. A restarted job skips every (subject, plane) already committed, unless its stored rows fail their
+checksum or its input files changed since (size, mtime, then sha256: the *input fingerprint* stored
+with the features); those are recomputed, with a log line saying why.
+
+float16 stores (the default) are range-checked per batch: features that float16 would flush to zero
+(|x| below ~6e-5, e.g. random-init networks) or overflow switch the whole feature set to float32 when
+nothing was stored yet (recorded in the provenance as ``dtype_fallback``), else fail those subjects
+with a one-line reason; nothing is ever stored as silent zeros or inf.
 """
 
 from __future__ import annotations
@@ -28,11 +35,19 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from slice2vol.cache import FeatureStore, PlaneFeatures, SubjectFeatures, config_hash_of, run_context
+from slice2vol.cache import (
+    FeatureStore,
+    PlaneFeatures,
+    StoreLocked,
+    SubjectFeatures,
+    config_hash_of,
+    run_context,
+)
 from slice2vol.config import to_dict
-from slice2vol.data.io import VolumeConfig, VolumeError
+from slice2vol.data.io import VolumeConfig, VolumeError, fingerprint, fingerprint_changes
 from slice2vol.data.manifest import Cohort, Failure, Subject, load_subject
 from slice2vol.data.slicing import SliceConfig, slice_volume
+from slice2vol.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +70,15 @@ def parse_shard(shard: str | Sequence[int] | None) -> tuple[int, int] | None:
 
 
 def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
-    """The shard of this process under torchrun (RANK/WORLD_SIZE) or a SLURM array job.
+    """The shard of this process under torchrun (``RANK`` of ``WORLD_SIZE``), else None.
 
-    SLURM array ids may start anywhere (``--array=1-8``): the shard is
-    ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``.
+    SLURM array variables are deliberately *not* read: an array spec says which tasks run, not how
+    many shards there are (``--array=3`` reruns one task of 8, ``--array=0-6:2`` runs four of seven),
+    so the shard count must be explicit: ``--shard $SLURM_ARRAY_TASK_ID/N`` (``scripts/slurm_cache.sh``).
     """
     env = os.environ if env is None else env
     if int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env:
         return parse_shard((int(env["RANK"]), int(env["WORLD_SIZE"])))
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        task = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return parse_shard((task, int(env["SLURM_ARRAY_TASK_COUNT"])))
     return None
 
 
@@ -136,6 +149,8 @@ class VolumeItem:
         error: one-line reason when loading or slicing failed (``planes`` is then empty).
         path: file that failed, if known.
         seconds: time spent reading and slicing.
+        inputs: the input fingerprint (``files``: modality -> size, mtime_ns, sha256) and how an
+            oblique volume was handled (``oblique``: degrees, action), stored with the features.
     """
 
     subject_id: str
@@ -143,6 +158,7 @@ class VolumeItem:
     error: str | None = None
     path: str = ""
     seconds: float = 0.0
+    inputs: dict[str, Any] | None = None
 
 
 class VolumeSlicesDataset(torch.utils.data.Dataset):
@@ -167,10 +183,13 @@ class VolumeSlicesDataset(torch.utils.data.Dataset):
         subject, planes = self.jobs[i]
         start = time.perf_counter()
         try:
+            # hashed before reading: a file replaced meanwhile is caught by the next run's check
+            files = fingerprint(subject.images)
             volume = load_subject(subject, self.volume_cfg, with_seg=False)
             sliced = slice_volume(volume, dataclasses.replace(self.slice_cfg, planes=tuple(planes)))
             out = {p: (s.images.float().contiguous(), s.indices, s.positions) for p, s in sliced.items()}
-            return VolumeItem(subject.subject_id, out, seconds=time.perf_counter() - start)
+            inputs = {"files": files, "oblique": {"degrees": volume.obliquity_deg, "action": volume.oblique_action}}
+            return VolumeItem(subject.subject_id, out, seconds=time.perf_counter() - start, inputs=inputs)
         except VolumeError as err:
             return VolumeItem(subject.subject_id, error=str(err), path=err.path,
                               seconds=time.perf_counter() - start)
@@ -200,6 +219,9 @@ class CacheReport:
         encode_seconds: time inside the encoder.
         feature_set: the store's feature-set hash.
         shard: (i, n) or None.
+        recomputed: subject -> why it was recomputed although stored (damaged rows, changed input).
+        oblique: subject -> obliquity in degrees, for oblique volumes this run resliced or snapped.
+        notes: warnings worth a line in the summary (e.g. the float16 -> float32 fallback).
     """
 
     store: Path
@@ -211,6 +233,9 @@ class CacheReport:
     encode_seconds: float = 0.0
     feature_set: str = ""
     shard: tuple[int, int] | None = None
+    recomputed: dict[str, str] = field(default_factory=dict)
+    oblique: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -223,6 +248,13 @@ class CacheReport:
                  f"{len(self.skipped)} already present, {len(self.failures)} failed; {self.slices} slices "
                  f"in {self.seconds:.1f} s ({rate:.1f} slices/s, encoder busy "
                  f"{100 * self.encode_seconds / max(self.seconds, 1e-9):.0f}%)"]
+        if self.recomputed:
+            lines.append(f"{len(self.recomputed)} stored subject(s) recomputed:")
+            lines += [f"  {sid}: {why}" for sid, why in self.recomputed.items()]
+        if self.oblique:
+            lines.append(f"{len(self.oblique)} oblique volume(s) handled: "
+                         + ", ".join(f"{sid} ({deg:.1f} deg)" for sid, deg in self.oblique.items()))
+        lines += [f"note: {note}" for note in self.notes]
         if self.failures:
             lines.append(f"{len(self.failures)} subject(s) failed:")
             lines += [f"  {f.subject_id}: {f.message}" for f in self.failures]
@@ -247,7 +279,7 @@ class _Pending:
         for p, (_, indices, positions) in self.item.planes.items():
             planes[p] = PlaneFeatures(self.features[p], indices, positions,
                                       None if self.tokens is None else self.tokens[p], self.grid)
-        return SubjectFeatures(self.item.subject_id, planes, labels)
+        return SubjectFeatures(self.item.subject_id, planes, labels, self.item.inputs)
 
 
 class _Encoder:
@@ -296,6 +328,92 @@ class _Encoder:
             event.synchronize()
         self.seconds += time.perf_counter() - start
         return (features.float().numpy(), None if tokens is None else tokens.float().numpy(), grid)
+
+
+FLOAT16_MAX = 65504.0
+#: a slice's feature vector may lose at most this fraction of its norm to float16 rounding (normal
+#: float16 values lose ~5e-4; values below 6.1e-5 become subnormal or zero and lose far more)
+FLOAT16_MAX_REL_ERROR = 1e-2
+
+
+def float16_problem(x: np.ndarray, max_rows: int | None = None) -> str | None:
+    """Why ``x`` (rows = slices or tokens, any trailing shape) cannot be stored as float16, or None.
+
+    Overflow: any ``|x| > 65504`` (would become inf). Underflow: some row whose norm float16 changes
+    by more than :data:`FLOAT16_MAX_REL_ERROR` (its values sit in the subnormal range or below, e.g.
+    the ~1e-8 features of random-init MobileNetV2, which float16 stores as exact zeros). All-zero rows
+    are fine. ``max_rows`` checks an evenly spaced subset of rows (token blocks are large).
+    """
+    if not x.size:
+        return None
+    rows = x.reshape(len(x), -1)
+    if max_rows and len(rows) > max_rows:
+        rows = rows[:: -(-len(rows) // max_rows)]
+    row_peak = np.abs(rows).max(axis=1)
+    peak = float(row_peak.max())
+    if peak > FLOAT16_MAX:
+        return f"overflow float16 (max |x| = {peak:.3g} > {FLOAT16_MAX:g})"
+    # float16 errs by <= 2^-11 relative on normal values and <= 2^-25 absolute below 6.1e-5, so a row
+    # whose largest value exceeds this bound loses < FLOAT16_MAX_REL_ERROR: only the others need the
+    # exact round trip (keeps the check at one pass over a normal batch)
+    bound = np.sqrt(rows.shape[1]) * 2.0 ** -25 / (FLOAT16_MAX_REL_ERROR - 2.0 ** -11)
+    doubtful = rows[(row_peak < bound) & (row_peak > 0)]
+    if len(doubtful):
+        rounded = doubtful.astype(np.float16).astype(np.float32)
+        worst = float((np.linalg.norm(doubtful - rounded, axis=1) / np.linalg.norm(doubtful, axis=1)).max())
+        if worst > FLOAT16_MAX_REL_ERROR:
+            return (f"underflow float16 (max |x| = {peak:.2g}; float16 changes a slice's feature vector by "
+                    f"{100 * worst:.0f}%, values below 6.1e-05 lose precision or become 0)")
+    return None
+
+
+class _Precision:
+    """The dtype a job stores, with the per-batch range checks behind it.
+
+    A float16 job whose features do not fit float16 switches the feature set to float32 while that is
+    still possible (nothing of this feature set stored yet); otherwise the batch's subjects fail with a
+    one-line reason. Never silent zeros or inf.
+    """
+
+    def __init__(self, dtype: str, provenance: dict, can_switch: bool, report: "CacheReport") -> None:
+        self.dtype = dtype
+        self.provenance = provenance
+        self.can_switch = can_switch
+        self.report = report
+
+    def committed(self) -> None:
+        self.can_switch = False  # features are stored now: the dtype of the set is fixed
+
+    def check(self, feats: np.ndarray, tokens: np.ndarray | None, placements: Sequence[tuple]) -> None:
+        """Checks one encoded batch; marks its subjects failed when it cannot be stored."""
+        bad = ~np.isfinite(feats).all(axis=1)
+        if bad.any():
+            self._fail(placements, f"the encoder returned NaN/Inf features for {int(bad.sum())} slice(s)")
+            return
+        if self.dtype != "float16":
+            return
+        problem = float16_problem(feats) or (float16_problem(tokens, max_rows=8) if tokens is not None else None)
+        if problem is None:
+            return
+        if self.can_switch:
+            self.dtype = "float32"
+            note = {"requested": "float16", "stored": "float32", "reason": f"features {problem}"}
+            self.provenance["dtype"] = "float32"
+            self.provenance["dtype_fallback"] = note
+            self.report.feature_set = config_hash_of(self.provenance)
+            message = (f"features {problem}: storing this feature set as float32 instead of float16 "
+                       "(recorded in the provenance as dtype_fallback)")
+            self.report.notes.append(message)
+            log.warning("%s", message)
+            return
+        self._fail(placements, f"features {problem}; this store already holds float16 features of this "
+                               "feature set: cache into a new store with --dtype float32")
+
+    @staticmethod
+    def _fail(placements: Sequence[tuple], message: str) -> None:
+        for pending, *_ in placements:
+            pending.error = message
+        log.warning("%s: %s", sorted({p.item.subject_id for p, *_ in placements}), message)
 
 
 def _to_pinned_host(x: torch.Tensor) -> torch.Tensor:
@@ -350,22 +468,31 @@ def cache_cohort(
         batch_size: slices per forward pass, packed across volumes.
         num_workers: DataLoader processes reading and slicing volumes (0: in this process).
         device: ``cpu``, ``cuda`` or ``cuda:N`` (``cuda`` under torchrun uses ``LOCAL_RANK``).
-        shard: ``"i/n"`` / (i, n); default: from torchrun or SLURM array variables, else no sharding.
+        shard: ``"i/n"`` / (i, n); default: from torchrun (``RANK``/``WORLD_SIZE``), else no sharding
+            (SLURM array variables are not read: pass ``--shard $SLURM_ARRAY_TASK_ID/N``).
         save_tokens: also store patch tokens (S, T, Dt) for dense probes (a second forward pass).
-        progress: tqdm bar with subjects, slices/s and ETA.
-        dtype: ``float16`` (default, half the disk) or ``float32``.
+        progress: report subjects, slices/s and ETA (:mod:`slice2vol.progress`: a bar on a terminal,
+            periodic log lines otherwise).
+        dtype: ``float16`` (default, half the disk) or ``float32``. Every float16 batch is range-checked:
+            features float16 cannot hold switch a new feature set to float32 (``report.notes``,
+            provenance ``dtype_fallback``); a rerun with ``float16`` on such a store keeps float32.
         amp: ``bf16``/``fp16`` autocast on CUDA (part of the feature set).
         commit_every, commit_seconds: completed subjects are committed (crash-safe) every this many
             subjects or seconds, whichever comes first; a kill loses at most that much work.
         compact: merge the committed parts into the main file at the end.
         seed: torch seed for ``random`` weights, so shards and reruns get the same network.
 
+    Resuming: a (subject, plane) already in the store is skipped unless its rows fail their checksum
+    or the subject's input files changed since they were cached (the stored fingerprint: size and
+    mtime, then sha256 when those differ); such subjects are recomputed and listed in
+    ``report.recomputed`` with the reason, and the new copy replaces the old one.
+
     Returns:
         A :class:`CacheReport`; ``report.ok`` is False when some subject failed.
 
     Raises:
         StoreMismatch: the store holds features of another feature set.
-        RuntimeError: another process is writing the same store.
+        StoreLocked: another process is writing the same store (a ``RuntimeError`` too).
     """
     from slice2vol.encoders import build_encoder
 
@@ -380,6 +507,10 @@ def cache_cohort(
     if shard_ and shard_[1] > 1:
         store_path = shard_path(store_path, *shard_)
     subjects = shard_subjects(cohort.subjects, *shard_) if shard_ else list(cohort.subjects)
+    holder = FeatureStore(store_path, mode="a").locked_by()
+    if holder:  # fail before building the encoder; the lock itself is taken below
+        raise StoreLocked(f"{store_path}: another process is writing this store ({holder}; lock {store_path}.lock); "
+                          "wait for it to finish, or give each job its own --store or --shard")
     report = CacheReport(store_path, shard=shard_, failures=list(cohort.failures))
 
     dev = torch.device(device)
@@ -408,33 +539,38 @@ def cache_cohort(
     with store.writer_lock():
         store.clean_tmp()
         store.refresh()
+        store._tolerant = True  # inconsistent plane groups are recomputed, not fatal
+        _adopt_dtype_fallback(store, provenance, dtype)
+        report.feature_set = config_hash_of(provenance)
         store.check_identity(provenance)
-        jobs: list[tuple[Subject, tuple[str, ...]]] = []
-        for subject in subjects:
-            missing = tuple(p for p in slice_cfg.planes if not store.has(subject.subject_id, p))
-            if missing:
-                jobs.append((subject, missing))
-            else:
-                report.skipped.append(subject.subject_id)
-        if report.skipped:
-            log.info("%s: %d subject(s) already cached, %d to do", store_path, len(report.skipped), len(jobs))
+        jobs = _resume_jobs(store, subjects, slice_cfg.planes, report)
+        if report.skipped or report.recomputed:
+            log.info("%s: %d subject(s) already cached, %d to do (%d recomputed)", store_path,
+                     len(report.skipped), len(jobs), len(report.recomputed))
         labels = {s.subject_id: s.labels for s in cohort.subjects}
+        precision = _Precision(provenance["dtype"], provenance, can_switch=not store.feature_set, report=report)
         _run_jobs(jobs, encoder, store, provenance, labels, dict(cohort.label_types), report,
                   volume_cfg=volume_cfg, slice_cfg=slice_cfg, batch_size=batch_size,
                   num_workers=num_workers, device=dev, save_tokens=save_tokens, progress=progress,
-                  dtype=dtype, commit_every=commit_every, commit_seconds=commit_seconds)
+                  precision=precision, commit_every=commit_every, commit_seconds=commit_seconds)
         report.seconds = time.perf_counter() - t0
-        if not report.done and store.exists():  # nothing new: leave the main file alone
+        report.feature_set = config_hash_of(provenance)
+        finished_before = any(e.get("event") == "cache" and e.get("shard") == (list(shard_) if shard_ else None)
+                              for e in store.history)
+        if not report.done and store.exists() and finished_before:  # nothing new: leave the main file alone
             if compact:  # (only finish a killed run's parts)
-                store.compact()
+                store.compact(drop_broken=True)
             store.close()
             return report
         event = {k: v for k, v in run_context().items() if k != "versions"}
         event.update(event="cache", shard=list(shard_) if shard_ else None, done=len(report.done),
                      skipped=len(report.skipped), slices=report.slices, seconds=round(report.seconds, 1),
-                     failures=[{"subject_id": f.subject_id, "message": f.message} for f in report.failures])
+                     failures=[{"subject_id": f.subject_id, "message": f.message} for f in report.failures],
+                     recomputed=dict(report.recomputed), oblique=dict(report.oblique))
+        if provenance.get("dtype_fallback"):
+            event["dtype_fallback"] = provenance["dtype_fallback"]
         if compact:
-            store.compact(history=[event], provenance=provenance)
+            store.compact(history=[event], provenance=provenance, drop_broken=True)
         else:
             store._commit_part(provenance=provenance, history=[event])
     store.close()
@@ -442,11 +578,69 @@ def cache_cohort(
     return report
 
 
+def _adopt_dtype_fallback(store: FeatureStore, provenance: dict, dtype: str) -> None:
+    """A float16 job on a store that an earlier float16 job had to switch to float32 stays float32."""
+    if dtype != "float16" or not store.exists() or not store.feature_set:
+        return
+    stored = store.provenance
+    if stored.get("dtype") == "float32" and stored.get("dtype_fallback"):
+        candidate = {**provenance, "dtype": "float32", "dtype_fallback": stored["dtype_fallback"]}
+        if config_hash_of(candidate) == store.feature_set:
+            provenance.update(candidate)
+
+
+def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Sequence[str],
+                 report: CacheReport) -> list[tuple[Subject, tuple[str, ...]]]:
+    """(subject, planes to compute) for every subject not validly cached; fills skipped/recomputed.
+
+    A stored (subject, plane) is valid when its rows match their checksums and the subject's input
+    files match the stored fingerprint. Checking the checksums reads the subjects' rows once.
+    """
+    if not store.exists():
+        return [(s, tuple(planes)) for s in subjects]
+    for broken in store.broken:
+        log.warning("%s; its subjects are recomputed", broken)
+    ids = [s.subject_id for s in subjects]
+    cached = [p for p in planes if p in store.planes]
+    damaged = {(sid, plane): why for sid, plane, why in
+               store.verify(ids, cached).damaged} if cached else {}
+    jobs: list[tuple[Subject, tuple[str, ...]]] = []
+    for subject in subjects:
+        sid = subject.subject_id
+        todo: list[str] = []
+        reasons: list[str] = []
+        changed: list[str] | None = None
+        for plane in planes:
+            if not store.has(sid, plane):
+                todo.append(plane)
+                continue
+            if (sid, plane) in damaged:
+                todo.append(plane)
+                reasons.append(f"stored {plane} rows are damaged ({damaged[sid, plane]})")
+                continue
+            stored = store.subject_inputs(sid, plane)
+            if stored and stored.get("files"):
+                if changed is None:
+                    changed = fingerprint_changes(stored["files"], subject.images)
+                if changed:
+                    todo.append(plane)
+        if changed:
+            reasons.insert(0, f"input changed since it was cached ({'; '.join(changed)})")
+        if reasons:
+            report.recomputed[sid] = "; ".join(reasons)
+            log.warning("%s: %s; recomputing", sid, report.recomputed[sid])
+        if todo:
+            jobs.append((subject, tuple(todo)))
+        else:
+            report.skipped.append(sid)
+    return jobs
+
+
 def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict, label_types: dict,
               report: CacheReport, *, volume_cfg, slice_cfg, batch_size: int, num_workers: int,
-              device: torch.device, save_tokens: bool, progress: bool, dtype: str, commit_every: int,
+              device: torch.device, save_tokens: bool, progress: bool, precision: "_Precision", commit_every: int,
               commit_seconds: float) -> None:
-    """Main loop: load (workers) -> pack -> encode -> scatter -> commit."""
+    """Main loop: load (workers) -> pack -> encode -> scatter -> commit; ``precision`` checks each batch."""
     if not jobs:
         return
     dataset = VolumeSlicesDataset(jobs, volume_cfg, slice_cfg)
@@ -455,11 +649,7 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
         prefetch_factor=2 if num_workers else None, persistent_workers=False,
     )
     runner = _Encoder(encoder, device, batch_size, save_tokens)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc=f"cache {provenance['encoder']}", unit="subj", dynamic_ncols=True)
+    bar = progress_bar(len(jobs), desc=f"cache {provenance['encoder']}", unit="subj", enabled=progress)
     queue: deque[tuple[_Pending, str, int]] = deque()  # (subject, plane, first slice not yet batched)
     queued = 0  # slices waiting in `queue`
     completed: list[SubjectFeatures] = []
@@ -472,7 +662,8 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
         nonlocal completed, last_commit
         if completed and (force or len(completed) >= commit_every
                           or time.perf_counter() - last_commit >= commit_seconds):
-            store.commit_subjects(completed, provenance, dtype=dtype, label_types=label_types)
+            store.commit_subjects(completed, provenance, dtype=precision.dtype, label_types=label_types)
+            precision.committed()
             report.done.extend(s.subject_id for s in completed)
             log.debug("committed %d subject(s)", len(completed))
             completed, last_commit = [], time.perf_counter()
@@ -482,10 +673,12 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
             report.failures.append(Failure(pending.item.subject_id, pending.item.path, pending.error))
         else:
             completed.append(pending.result(labels.get(pending.item.subject_id)))
-        if bar is not None:
-            bar.update(1)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(slices_s=f"{report.slices / max(elapsed, 1e-9):.1f}", failed=len(report.failures))
+            oblique = (pending.item.inputs or {}).get("oblique") or {}
+            if oblique.get("action", "none") != "none":
+                report.oblique[pending.item.subject_id] = float(oblique.get("degrees", 0.0))
+        bar.update(1)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"slices/s={report.slices / max(elapsed, 1e-9):.1f}, failed={len(report.failures)}")
         commit()
 
     def collect(flight) -> None:
@@ -494,12 +687,7 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
         if feats.shape[1] != placements[0][0].features[placements[0][1]].shape[1]:
             raise RuntimeError(f"{provenance['encoder']}: encode returned {feats.shape[1]} features, "
                                f"its EncoderInfo says embed_dim={encoder.info.embed_dim}")
-        if dtype == "float16" and np.abs(feats).max(initial=0) > 65000:
-            bad = {p.item.subject_id for p, *_ in placements}
-            for pending, *_ in placements:
-                pending.error = (f"features exceed the float16 range (max |x| = {np.abs(feats).max():.3g}); "
-                                 "cache with --dtype float32")
-            log.warning("float16 overflow for %s", sorted(bad))
+        precision.check(feats, toks, placements)
         at = 0
         for pending, plane, lo, hi in placements:
             n = hi - lo
@@ -541,8 +729,7 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
         for item in loader:
             if item.error:
                 report.failures.append(Failure(item.subject_id, item.path, item.error))
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
                 continue
             if shapes is None and any(len(v[1]) for v in item.planes.values()):
                 # the token shape (T, Dt) is only known from a forward pass; D is in the encoder info
@@ -574,5 +761,4 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
         raise
     finally:
         report.encode_seconds += runner.seconds
-        if bar is not None:
-            bar.close()
+        bar.close()

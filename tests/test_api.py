@@ -62,6 +62,10 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert set(table.n_subjects) == {12}
     assert "roc_auc" in capsys.readouterr().out
     assert (tmp_path / "runs" / "api" / "mnv2.h5").exists()
+    # a second run resumes the same store (same seeded random network) and gives the same table
+    again: dict = {}
+    exec(compile(code, "README.md", "exec"), again)  # noqa: S102
+    pd.testing.assert_frame_equal(again["table"], table)
 
 
 def _signal(n=60, d=16, seed=0, strength=1.5):
@@ -177,3 +181,12 @@ for _ in range(2):  # the call reaches aggregate_store (which refuses the missin
     import slice2vol.aggregate  # noqa: F401
 
     assert callable(s2v.aggregate) and hasattr(s2v.aggregate, "AGGREGATORS")
+
+
+def test_random_encoder_is_seeded():
+    """A rerun of the README example must rebuild the same random network (else its store refuses it)."""
+    from slice2vol.extract import state_sha256
+
+    first = state_sha256(s2v.build_encoder("tv/mobilenet_v2", weights="random", img_size=32))
+    assert state_sha256(s2v.build_encoder("tv/mobilenet_v2", weights="random", img_size=32)) == first
+    assert state_sha256(s2v.build_encoder("tv/mobilenet_v2", weights="random", img_size=32, seed=1)) != first

@@ -257,3 +257,179 @@ def test_zero_slice_subject_merges_with_token_parts(tmp_path: Path) -> None:
     assert reader.slice_features("empty", "axial").shape == (0, 8)
     assert reader.slice_tokens("empty", "axial")[0].shape == (0, 4, 2)
     assert (reader.slice_tokens("s1", "axial")[0] == 1).all()
+
+
+# -- integrity: checksums, layout validation, verify (issue 14 point 4) -------------------------------
+def flip_bit(path: Path, dataset: str, byte: int, bit: int = 0) -> None:
+    """Flips one bit of a contiguous dataset's bytes in the file, as a bad disk or transfer would."""
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset() + byte
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        value = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([value ^ (1 << bit)]))
+
+
+def test_flipped_bit_is_caught_on_read_and_by_verify(tmp_path: Path) -> None:
+    from slice2vol.cache import StoreCorrupt
+
+    path = tmp_path / "bit.h5"
+    write_store(path, ids=range(4))
+    clean = FeatureStore(path)
+    before = {s: clean.slice_features(s, "axial") for s in clean.subjects()}
+    assert clean.verify().ok and clean.verify().checked == 8
+    clean.close()
+    # one mantissa bit of one value of s2 (rows 7:12 of axial, 8 float16 values per row)
+    flip_bit(path, "planes/axial/features", byte=(8 * 9 + 5) * 2, bit=1)
+    store = FeatureStore(path)
+    with pytest.raises(StoreCorrupt, match=r"bit\.h5: subject 's2' axial features fail their checksum"):
+        store.slice_features("s2", "axial")
+    with pytest.raises(StoreCorrupt, match="'s2'"):
+        store.load_packed(store.subjects(), "axial")
+    for sid in ("s0", "s1", "s3"):  # the others still read, unchanged
+        np.testing.assert_array_equal(store.slice_features(sid, "axial"), before[sid])
+    report = store.verify()
+    assert not report.ok and report.damaged_subjects == ["s2"] and report.checked == 7
+    assert report.damaged[0][:2] == ("s2", "axial") and "features fail their checksum" in report.damaged[0][2]
+
+
+def test_shifted_offset_is_caught(tmp_path: Path) -> None:
+    from slice2vol.cache import StoreCorrupt
+
+    path = tmp_path / "off.h5"
+    write_store(path, ids=range(4))
+    with h5py.File(path, "r+") as f:  # s1 gets one row of s2: counts 4, 5 become 5, 4 (issue: 13 and 15 rows)
+        offsets = f["planes/axial/offsets"][()]
+        offsets[2] += 1
+        f["planes/axial/offsets"][...] = offsets
+    with FeatureStore(path) as store:
+        with pytest.raises(StoreCorrupt, match="'s1' axial features fail their checksum"):
+            store.slice_features("s1", "axial")
+        assert store.verify().damaged_subjects == ["s1", "s2"]
+    with h5py.File(path, "r+") as f:  # offsets that do not end at the row count: the layout is refused
+        offsets[-1] += 3
+        f["planes/axial/offsets"][...] = offsets
+    with pytest.raises(StoreCorrupt, match=r"off\.h5: /planes/axial: offsets end at row 21 but features has 18 rows"):
+        FeatureStore(path).subjects()
+
+
+def test_corrupted_ids_name_the_file(tmp_path: Path) -> None:
+    from slice2vol.cache import StoreCorrupt
+
+    path = tmp_path / "ids.h5"
+    write_store(path, ids=range(3))
+    with h5py.File(path, "r") as f:  # overwrite the references to the id strings
+        ds = f["planes/coronal/ids"]
+        offset, size = ds.id.get_offset(), ds.id.get_storage_size()
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\x13" * size)  # addresses past the end of the file (0xff.. makes HDF5 retry for seconds)
+    with pytest.raises(StoreCorrupt, match=r"ids\.h5: /planes/coronal/ids cannot be read") as info:
+        FeatureStore(path).subjects()
+    assert "\n" not in str(info.value) and "cache verify" in str(info.value)
+    report = FeatureStore(path).verify()
+    assert not report.ok and "/planes/coronal/ids cannot be read" in report.broken[0]
+    assert report.checked == 3  # the axial plane is fine
+
+
+def test_newest_copy_of_a_subject_wins(tmp_path: Path) -> None:
+    path = tmp_path / "new.h5"
+    write_store(path, ids=range(3))
+    store = FeatureStore(path, mode="a")
+    redo = fake_subject(1)
+    redo.planes["axial"].features = redo.planes["axial"].features + 100
+    with store.writer_lock():
+        store.commit_subjects([redo], PROV, label_types=TYPES)
+    reader = FeatureStore(path)
+    assert reader.subjects() == ["s0", "s1", "s2"]  # order of first appearance kept
+    assert reader.slice_features("s1", "axial")[0, 0] == 101
+    with store.writer_lock():
+        store.compact()
+    with h5py.File(path, "r") as f:
+        assert f["planes/axial/features"][3, 0] == 101 and len(f["planes/axial/ids"]) == 3
+
+
+# -- stores readable with plain h5py (issue 15 point 7) ------------------------------------------------
+def test_store_reads_with_plain_h5py(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    path = tmp_path / "plain.h5"
+    write_store(path, ids=range(3))
+    writer = FeatureStore(path, mode="a")
+    writer.write_volume_embeddings("ssl/mean", ["s0", "s1", "s2"], np.arange(6.0).reshape(3, 2), {"method": "mean"})
+    writer.write_labels({"s9": {"age": 99.0}}, {"age": "continuous"})
+    assert not writer.parts_dir.exists() and [p.name for p in writer.segment_paths()] == ["plain.h5"]
+    # the recipe of docs/cache.md, with nothing but h5py, numpy, json and hashlib
+    with h5py.File(path, "r") as f:
+        group = f["planes/axial"]
+        ids = [s.decode() for s in group["ids"][()]]
+        offsets = group["offsets"][()]
+        i = ids.index("s2")
+        rows = group["features"][offsets[i]:offsets[i + 1]]
+        assert hashlib.sha256(rows.tobytes()).hexdigest() == group["checksums"][i].decode()
+        meta = group["indices"][offsets[i]:offsets[i + 1]].tobytes() + group["positions"][offsets[i]:offsets[i + 1]].tobytes()
+        assert hashlib.sha256(meta).hexdigest() == group["meta_checksums"][i].decode()
+        np.testing.assert_array_equal(rows.astype(np.float32), FeatureStore(path).slice_features("s2", "axial"))
+        vol = f["volumes/ssl%2Fmean"]
+        assert vol.attrs["name"] == "ssl/mean" and vol["X"][()].tolist() == [[0, 1], [2, 3], [4, 5]]
+        assert json.loads(vol.attrs["provenance"])["method"] == "mean"
+        labels = json.loads(f["labels"][()])
+        assert labels["s9"] == {"age": 99.0} and labels["s1"]["sex"] == "F"
+    # a store of volume embeddings only (3D encoders) is one .h5 file too
+    only = FeatureStore(tmp_path / "3d.h5", mode="a")
+    only.write_volume_embeddings("3d/x", ["a"], np.ones((1, 4)))
+    with h5py.File(tmp_path / "3d.h5", "r") as f:
+        assert f["volumes/3d%2Fx/X"].shape == (1, 4)
+
+
+def test_volume_embeddings_checksum(tmp_path: Path) -> None:
+    from slice2vol.cache import StoreCorrupt
+
+    path = tmp_path / "vc.h5"
+    write_store(path, ids=range(2))
+    FeatureStore(path, mode="a").write_volume_embeddings("mean", ["s0", "s1"], np.ones((2, 4)))
+    flip_bit(path, "volumes/mean/X", byte=9)
+    with pytest.raises(StoreCorrupt, match=r"vc\.h5: volume embeddings 'mean' fail their checksum"):
+        FeatureStore(path).volume_embeddings("mean")
+    assert "volume embeddings 'mean'" in FeatureStore(path).verify().broken[0]
+
+
+def test_lock_conflict_names_store_and_holder(tmp_path: Path) -> None:
+    from slice2vol.cache import StoreLocked
+
+    store = write_store(tmp_path / "lk.h5", ids=[0])
+    writer = FeatureStore(tmp_path / "lk.h5", mode="a")
+    with writer.writer_lock():
+        assert "pid" in (store.locked_by() or "")
+        with pytest.raises(StoreLocked, match=r"lk\.h5: another process is writing this store \(pid \d+ on ") as info:
+            FeatureStore(tmp_path / "lk.h5", mode="a").write_volume_embeddings("m", ["s0"], np.ones((1, 2)))
+        assert "\n" not in str(info.value) and isinstance(info.value, RuntimeError)
+    assert store.locked_by() is None
+
+
+def test_merge_refuses_missing_and_unfinished_shards(tmp_path: Path) -> None:
+    from slice2vol.cache import ShardsIncomplete, find_shards, shard_problems
+
+    def shard(i: int, n: int, finished: bool = True) -> Path:
+        path = tmp_path / f"f.shard-{i}-of-{n}.h5"
+        store = FeatureStore(path, mode="a")
+        with store.writer_lock():
+            store.commit_subjects([fake_subject(i)], PROV, label_types=TYPES)
+            if finished:
+                store.compact(history=[{"event": "cache", "shard": [i, n]}], provenance=PROV)
+        return path
+
+    paths = [shard(0, 3), shard(2, 3)]
+    assert find_shards(tmp_path / "f.h5") == paths
+    with pytest.raises(ShardsIncomplete, match=r"missing shard\(s\) \[1\] of 3 \(f\.shard-1-of-3\.h5"):
+        merge_stores(tmp_path / "f.h5", paths)
+    paths.insert(1, shard(1, 3, finished=False))  # killed: committed parts, no finished job
+    problems = shard_problems(paths)
+    assert len(problems) == 1 and "shard 1/3 did not finish" in problems[0]
+    with pytest.raises(ShardsIncomplete, match="did not finish"):
+        merge_stores(tmp_path / "f.h5", paths)
+    assert not (tmp_path / "f.h5").exists()
+    counts = merge_stores(tmp_path / "f.h5", paths, require_complete=False)
+    assert counts["subjects"]["axial"] == 3

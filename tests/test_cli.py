@@ -24,9 +24,9 @@ def test_info_on_file(small_nifti, capsys):
 def test_info_on_bad_file_names_it(tmp_path, capsys):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"\x1f\x8b\x08garbage")
-    assert main(["info", str(bad)]) == 1
-    out = capsys.readouterr().out
-    assert str(bad) in out and "\n" not in out.strip()
+    assert main(["info", str(bad)]) == 2  # an unusable input is a usage/input error (docs/cli.md)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slice2vol info: error:") and str(bad) in err and "\n" not in err
 
 
 def test_info_on_manifest_reports_failures_and_goes_on(tmp_path, capsys):
@@ -274,6 +274,103 @@ def test_command_line_is_recorded_and_run_log_written(tmp_path, monkeypatch):
     import logging
 
     for handler in list(logging.getLogger().handlers):  # do not leak the file handler into other tests
+        if isinstance(handler, logging.FileHandler):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def test_wheel_ships_the_configs_and_finds_them_from_any_folder(tmp_path):
+    """`pip install .` outside the checkout: the wheel holds configs/ as slice2vol/_configs, and the
+    demo's config lookup works from another folder with only the installed package on the path."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    # build from a clean copy: setuptools reuses a checkout's build/ folder, stale files included
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("slice2vol", "configs"):
+        shutil.copytree(REPO / name, source / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    str(source), "-w", str(wheel_dir)], check=True, cwd=tmp_path, capture_output=True)
+    (wheel,) = wheel_dir.glob("slice2vol-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        shipped = {n.split("_configs/", 1)[1] for n in names if n.startswith("slice2vol/_configs/")}
+        expected = {p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml")}
+        assert shipped == expected
+        site = tmp_path / "site"
+        zf.extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # -I: no PYTHONPATH, no user site, no cwd on the path; the extracted wheel goes first
+    code = (f"import sys; sys.path.insert(0, {str(site)!r}); "
+            "import slice2vol.config as c; from slice2vol.commands import demo; "
+            "p = c.resolve_config_path(demo.DEFAULT_CONFIG); "
+            f"assert str(p).startswith({str(site)!r}), p; "
+            "assert c.resolve_config_path('configs/experiments/ci.yaml').name == 'ci.yaml'; print(p)")
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=elsewhere, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("slice2vol/_configs/experiments/demo.yaml")
+
+
+def test_config_lookup_errors_say_where_they_looked(tmp_path, monkeypatch):
+    from slice2vol.config import ConfigError, resolve_config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("experiments/demo").name == "demo.yaml"
+    (tmp_path / "mine.yaml").write_text("name: mine\n")
+    assert resolve_config_path("mine.yaml") == Path("mine.yaml")
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found .*packaged configs"):
+        resolve_config_path("nope.yaml")
+
+
+def test_demo_runs_bench_on_the_packaged_config_then_adds_cohort_and_command_line(tmp_path, monkeypatch, capsys):
+    """The demo is bench on experiments/demo.yaml (found without a checkout path), plus the cohort
+    overview as the report's first figure and the demo's own command line in the provenance."""
+    import json
+
+    from slice2vol.commands import bench
+    from slice2vol.eval.report import SCHEMA, write_report
+
+    seen = {}
+
+    def fake_bench(args):
+        seen.update(config=args.config, out=args.out, overrides=list(args.overrides),
+                    no_progress=args.no_progress, command_line=args.command_line,
+                    device=getattr(args, "device", None))
+        out = Path(args.out)
+        cohort = out / "cohort"
+        for i in range(2):
+            write_nifti(cohort / f"s{i}.nii.gz", blob_volume(seed=i))
+        (cohort / "manifest.csv").write_text("subject_id,t1,site\ns0,s0.nii.gz,A\ns1,s1.nii.gz,B\n")
+        write_report(out, {"schema": SCHEMA, "title": "t", "config": {}, "provenance": {}, "cohort": {},
+                           "reference": None, "sets": {}, "skipped": [], "summary": [], "rows": [], "paired": [],
+                           "figures": [], "notes": []})
+        return 0
+
+    monkeypatch.setattr(bench, "run", fake_bench)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--no-progress", "--device", "cpu", "splits.n_repeats=1"]) == 0
+    assert Path(seen["config"]).parts[-3:] == ("_configs", "experiments", "demo.yaml")
+    assert seen["out"] == str(out) and seen["no_progress"] is True
+    assert "splits.n_repeats=1" in seen["overrides"]
+    assert seen["device"] == "cpu" or "device=cpu" in seen["overrides"]  # bench's --device, or the config key
+    results = json.loads((out / "results.json").read_text())
+    assert results["figures"][0]["section"] == "cohort" and results["figures"][0]["png"] == "figures/cohort.png"
+    assert results["provenance"]["command_line"].startswith("slice2vol demo --out ")
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 1 and "figures/cohort.svg" in html
+    assert (out / "slice2vol.log").exists()
+    import logging
+
+    for handler in list(logging.getLogger().handlers):
         if isinstance(handler, logging.FileHandler):
             logging.getLogger().removeHandler(handler)
             handler.close()

@@ -1,4 +1,5 @@
-"""The caching job: features vs direct encode, SIGKILL resume, shards + merge, failures, refusals."""
+"""The caching job: features vs direct encode, SIGKILL resume, shards + merge, failures, refusals,
+float16 range checks, verified resume, input fingerprints, lock conflicts, cluster scripts (issue 14)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from slice2vol.data.manifest import load_manifest, load_subject
 from slice2vol.data.slicing import SliceConfig, slice_volume
 from slice2vol.encoders import build_encoder
 from slice2vol.extract import cache_cohort, parse_shard, shard_from_env, shard_path
-from tests._tiny_encoder import KEY, make_tiny_cohort
+from tests._tiny_encoder import KEY, TinyEncoder, make_tiny_cohort
+from tests.conftest import blob_volume, shared_weight, write_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 SLICES = SliceConfig(size=32, stride=2)
@@ -98,7 +100,7 @@ def test_workers_give_the_same_store(manifest: Path, tmp_path: Path) -> None:
 def _job_command(manifest: Path, out: Path) -> list[str]:
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import tests._tiny_encoder; "
             "from slice2vol.cli import main; sys.exit(main(sys.argv[2:]))")
-    return [sys.executable, "-c", code, str(REPO), "cache", "--manifest", str(manifest), "--out", str(out),
+    return [sys.executable, "-c", code, str(REPO), "cache", "--manifest", str(manifest), "--store", str(out),
             *CLI_ARGS, "--commit-every", "1", "--workers", "0"]
 
 
@@ -146,13 +148,13 @@ def test_sigkill_mid_run_then_resume(manifest: Path, tmp_path: Path) -> None:
 
 def test_shards_and_merge_equal_single_run(manifest: Path, tmp_path: Path) -> None:
     base = ["cache", "--manifest", str(manifest), *CLI_ARGS]
-    assert main([*base, "--out", str(tmp_path / "single.h5")]) == 0
+    assert main([*base, "--out", str(tmp_path / "single.h5")]) == 0  # --out: the deprecated alias of --store
     for i in (0, 1):
-        assert main([*base, "--out", str(tmp_path / "sh.h5"), "--shard", f"{i}/2"]) == 0
+        assert main([*base, "--store", str(tmp_path / "sh.h5"), "--shard", f"{i}/2"]) == 0
     shards = [tmp_path / "sh.shard-0-of-2.h5", tmp_path / "sh.shard-1-of-2.h5"]
     assert [len(FeatureStore(p).subjects()) for p in shards] == [3, 3]
     assert set(FeatureStore(shards[0]).subjects()).isdisjoint(FeatureStore(shards[1]).subjects())
-    assert main(["cache", "merge", str(tmp_path / "merged.h5"), *map(str, shards)]) == 0
+    assert main(["cache", "merge", "--store", str(tmp_path / "merged.h5"), *map(str, shards)]) == 0
     merged = FeatureStore(tmp_path / "merged.h5")
     assert_same_store(merged, FeatureStore(tmp_path / "single.h5"))
     assert merged.history[-1]["event"] == "merge"
@@ -160,9 +162,9 @@ def test_shards_and_merge_equal_single_run(manifest: Path, tmp_path: Path) -> No
 
 def test_merge_refuses_other_provenance(manifest: Path, tmp_path: Path, capsys) -> None:
     base = ["cache", "--manifest", str(manifest), *CLI_ARGS, "--shard", "0/2"]
-    assert main([*base, "--out", str(tmp_path / "a.h5")]) == 0
-    assert main([*base[:-2], "--shard", "1/2", "--out", str(tmp_path / "b.h5"), "--encoder-arg", "img_size=40"]) == 0
-    code = main(["cache", "merge", str(tmp_path / "ab.h5"), str(tmp_path / "a.shard-0-of-2.h5"),
+    assert main([*base, "--store", str(tmp_path / "a.h5")]) == 0
+    assert main([*base[:-2], "--shard", "1/2", "--store", str(tmp_path / "b.h5"), "--encoder-arg", "img_size=40"]) == 0
+    code = main(["cache", "merge", "--store", str(tmp_path / "ab.h5"), str(tmp_path / "a.shard-0-of-2.h5"),
                  str(tmp_path / "b.shard-1-of-2.h5")])
     err = capsys.readouterr().err
     assert code == 2
@@ -177,7 +179,7 @@ def test_merge_refuses_other_provenance(manifest: Path, tmp_path: Path, capsys) 
 def test_corrupt_volume_others_finish_exit_1(tmp_path: Path, capsys) -> None:
     manifest = make_tiny_cohort(tmp_path / "cohort", n=3, corrupt=True)
     out = tmp_path / "c.h5"
-    code = main(["cache", "--manifest", str(manifest), "--out", str(out), *CLI_ARGS])
+    code = main(["cache", "--manifest", str(manifest), "--store", str(out), *CLI_ARGS])
     err = capsys.readouterr().err
     assert code == 1
     assert "1 subject(s) failed" in err and "bad: " in err and "bad.nii.gz" in err
@@ -196,7 +198,7 @@ def test_refuses_append_under_another_config(manifest: Path, tmp_path: Path, cap
     cohort = load_manifest(manifest).subset(["sub0", "sub1"])
     cache_cohort(cohort, KEY, out, slice_cfg=SLICES, progress=False)
     before = out.stat().st_mtime_ns
-    code = main(["cache", "--manifest", str(manifest), "--out", str(out), *CLI_ARGS[:-5], "--stride", "3",
+    code = main(["cache", "--manifest", str(manifest), "--store", str(out), *CLI_ARGS[:-5], "--stride", "3",
                  "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2
@@ -221,8 +223,9 @@ def test_empty_plane_subject_is_complete(manifest: Path, tmp_path: Path) -> None
     ({}, None),
     ({"RANK": "3", "WORLD_SIZE": "4"}, (3, 4)),
     ({"RANK": "0", "WORLD_SIZE": "1"}, None),
-    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "1"}, (4, 8)),
-    ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}, (0, 2)),
+    # SLURM array variables never make a shard: --array=3 (a rerun of one task) used to become 0/1
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MIN": "3"}, None),
+    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}, None),
 ])
 def test_shard_from_env(env: dict, expected) -> None:
     assert shard_from_env(env) == expected
@@ -243,8 +246,8 @@ def test_ixi_mobilenet_small(ixi_manifest: Path, tmp_path: Path, n_subjects: int
 
     if "tv/mobilenet_v2" not in ENCODERS:
         pytest.skip("tv/mobilenet_v2 not registered")
-    weights = Path("/work/shared/weights/mobilenet_v2-b0353104.pth")
-    weights_arg = str(weights) if weights.exists() else "random"
+    weights = shared_weight("mobilenet_v2-b0353104.pth")  # skips, naming SLICE2VOL_WEIGHTS, when absent
+    weights_arg = str(weights)
     cohort = load_manifest(ixi_manifest)
     cohort = cohort.subset(cohort.ids[:n_subjects])
     cfg = SliceConfig(size=64, stride=8)
@@ -253,8 +256,9 @@ def test_ixi_mobilenet_small(ixi_manifest: Path, tmp_path: Path, n_subjects: int
                           num_workers=1)
     assert report.ok and len(report.done) == n_subjects
     store = FeatureStore(tmp_path / "ixi.h5")
-    assert store.provenance["weights_sha256"] == (
-        __import__("slice2vol.encoders", fromlist=["sha256_file"]).sha256_file(weights) if weights.exists() else "")
+    from slice2vol.encoders import sha256_file
+
+    assert store.provenance["weights_sha256"] == sha256_file(weights) and store.provenance["dtype"] == "float16"
     with torch.random.fork_rng():
         torch.manual_seed(0)
         encoder = build_encoder("tv/mobilenet_v2", weights=weights_arg, img_size=64)
@@ -290,3 +294,259 @@ def test_exception_keeps_completed_subjects(manifest: Path, tmp_path: Path, monk
     monkeypatch.delenv("TINY_ENCODER_FAIL_AFTER")
     report = cache_cohort(cohort, KEY, tmp_path / "x.h5", slice_cfg=SLICES, batch_size=5, progress=False)
     assert sorted(report.skipped) == sorted(kept) and len(report.done) == 6 - len(kept)
+
+
+# -- float16 range checks (issue 14 point 2) -------------------------------------------------------
+class ScaledTiny(TinyEncoder):
+    """The tiny encoder with its features multiplied by ``scale`` (1e-8: the size of random-init
+    MobileNetV2 features, which float16 stores as exact zeros; 1e6: beyond float16)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward_features(x) * self.scale
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e6])
+def test_float16_out_of_range_falls_back_to_float32(manifest: Path, tmp_path: Path, scale: float) -> None:
+    cohort = load_manifest(manifest).subset(["sub0", "sub1", "sub2"])
+    out = tmp_path / "tiny.h5"
+    report = cache_cohort(cohort, ScaledTiny(scale), out, slice_cfg=SLICES, batch_size=5, progress=False)
+    assert report.ok and len(report.done) == 3
+    assert any("storing this feature set as float32" in n for n in report.notes)
+    store = FeatureStore(out)
+    prov = store.provenance
+    assert prov["dtype"] == "float32" and prov["dtype_fallback"]["requested"] == "float16"
+    assert ("underflow" if scale < 1 else "overflow") in prov["dtype_fallback"]["reason"]
+    encoder = ScaledTiny(scale)
+    sliced = slice_volume(load_subject(cohort.subjects[1]), SLICES)
+    with torch.inference_mode():
+        reference = encoder.encode(sliced["axial"].images).numpy()
+    stored = store.slice_features("sub1", "axial")
+    assert np.abs(stored).min() > 0 or np.abs(reference).min() == 0  # never silent zeros
+    np.testing.assert_allclose(stored, reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())
+    # a rerun with the default dtype keeps the store's float32 (same feature set): nothing recomputed
+    more = cache_cohort(load_manifest(manifest).subset(["sub0", "sub1", "sub2", "sub3"]), ScaledTiny(scale), out,
+                        slice_cfg=SLICES, batch_size=5, progress=False)
+    assert more.ok and more.skipped == ["sub0", "sub1", "sub2"] and more.done == ["sub3"]
+    assert FeatureStore(out).provenance["dtype"] == "float32"
+
+
+def test_float16_underflow_in_an_existing_float16_store_fails_the_subject(manifest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mixed.h5"
+    cohort = load_manifest(manifest)
+    first = cache_cohort(cohort.subset(["sub0"]), ScaledTiny(1.0), out, slice_cfg=SLICES, progress=False)
+    assert first.ok and FeatureStore(out).provenance["dtype"] == "float16"
+    tiny = ScaledTiny(1.0)
+    tiny.scale = 1e-8  # same parameters, same feature set, but these features do not fit float16
+    report = cache_cohort(cohort.subset(["sub0", "sub1"]), tiny, out, slice_cfg=SLICES, progress=False)
+    assert [f.subject_id for f in report.failures] == ["sub1"]
+    assert "underflow float16" in report.failures[0].message and "--dtype float32" in report.failures[0].message
+    assert FeatureStore(out).subjects() == ["sub0"]
+
+
+def test_random_mobilenet_is_not_stored_as_zeros(manifest: Path, tmp_path: Path, capsys) -> None:
+    """The issue's case: random-init tv/mobilenet_v2 gives ~1e-8 features; float16 made them 0."""
+    out = tmp_path / "mnv2.h5"
+    small = make_tiny_cohort(tmp_path / "two", n=2)
+    code = main(["cache", "--manifest", str(small), "--store", str(out), "--encoder", "tv/mobilenet_v2",
+                 "--weights", "random", "--encoder-arg", "img_size=64", "--size", "64", "--stride", "4",
+                 "--planes", "axial", "--no-progress"])
+    assert code == 0
+    assert "float32" in capsys.readouterr().out
+    store = FeatureStore(out)
+    X = store.slice_features("sub0", "axial")
+    assert store.provenance["dtype"] == "float32" and np.linalg.norm(X, axis=1).min() > 0
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the job's seed for random weights
+        encoder = build_encoder("tv/mobilenet_v2", weights="random", img_size=64)
+    sliced = slice_volume(load_subject(load_manifest(small).subjects[0]),
+                          SliceConfig(planes=("axial",), size=64, stride=4))
+    with torch.inference_mode():
+        reference = encoder.encode(sliced["axial"].images).numpy()
+    assert np.abs(reference).max() < 1e-7  # the scale float16 cannot hold
+    np.testing.assert_allclose(X, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+# -- verified resume (issue 14 point 4) --------------------------------------------------------------
+def _raw(store: FeatureStore, sid: str, plane: str) -> bytes:
+    group, start, stop = store._where(sid, plane)
+    return group["features"][start:stop].tobytes()
+
+
+def test_flipped_bit_caught_by_verify_and_recomputed_on_resume(manifest: Path, tmp_path: Path, capsys) -> None:
+    base = ["cache", "--manifest", str(manifest), *CLI_ARGS]
+    damaged, clean = tmp_path / "damaged.h5", tmp_path / "clean.h5"
+    assert main([*base, "--store", str(damaged)]) == 0
+    assert main([*base, "--store", str(clean)]) == 0
+    assert main(["cache", "verify", "--store", str(damaged)]) == 0
+    with FeatureStore(damaged) as store:
+        group, start, stop = store._where("sub3", "coronal")
+        byte = (start + 1) * group["features"].shape[1] * 2 + 7  # a value of sub3's second coronal slice
+    from tests.test_cache import flip_bit
+
+    flip_bit(damaged, "planes/coronal/features", byte=byte, bit=2)
+    capsys.readouterr()
+    assert main(["cache", "verify", str(damaged)]) == 1
+    err = capsys.readouterr().err
+    assert "1 damaged" in err and "damaged: sub3 coronal: features fail their checksum" in err
+    # aggregate (any reader) refuses the damaged subject instead of using it
+    assert main(["aggregate", "--store", str(damaged), "--method", "mean", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged.h5: subject 'sub3' coronal features fail their checksum" in err and len(err.splitlines()) == 1
+    # resume: only the damaged subject is recomputed, the store verifies, the others are untouched
+    report = cache_cohort(load_manifest(manifest), KEY, damaged, slice_cfg=SLICES, batch_size=5, progress=False)
+    assert report.ok and report.done == ["sub3"] and sorted(report.skipped) == ["sub0", "sub1", "sub2", "sub4", "sub5"]
+    assert "stored coronal rows are damaged" in report.recomputed["sub3"]
+    assert main(["cache", "verify", "--store", str(damaged)]) == 0
+    resumed, reference = FeatureStore(damaged), FeatureStore(clean)
+    for sid in reference.subjects():
+        for plane in reference.planes:
+            if sid != "sub3":  # bit-identical: never rewritten from anything but their own bytes
+                assert _raw(resumed, sid, plane) == _raw(reference, sid, plane)
+            else:
+                assert_fp16_close(resumed.slice_features(sid, plane), reference.slice_features(sid, plane))
+    assert not resumed.parts_dir.exists()
+
+
+# -- input fingerprints (issue 14 point 5) ----------------------------------------------------------
+def test_changed_input_is_recomputed(manifest: Path, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "fp.h5"
+    cohort = load_manifest(manifest).subset(["sub0", "sub1", "sub2"])
+    assert cache_cohort(cohort, KEY, out, slice_cfg=SLICES, progress=False).ok
+    before = FeatureStore(out).slice_features("sub0", "axial")
+    # a touched file (same bytes, new mtime) is not a change ...
+    os.utime(manifest.parent / "sub0.nii.gz", ns=(time.time_ns(), time.time_ns() + 10**9))
+    touched = cache_cohort(cohort, KEY, out, slice_cfg=SLICES, progress=False)
+    assert touched.done == [] and touched.recomputed == {}
+    # ... a new image under the same name is
+    write_nifti(manifest.parent / "sub1.nii.gz", blob_volume((24, 28, 20), seed=99))
+    caplog.clear()
+    report = cache_cohort(cohort, KEY, out, slice_cfg=SLICES, progress=False)
+    assert report.done == ["sub1"] and sorted(report.skipped) == ["sub0", "sub2"]
+    assert report.recomputed["sub1"].startswith("input changed since it was cached (t1 (sub1.nii.gz):")
+    assert any("sub1: input changed since it was cached" in r.message for r in caplog.records)
+    store = FeatureStore(out)
+    sliced = slice_volume(load_subject(cohort.subjects[1]), SLICES)
+    with torch.inference_mode():
+        reference = build_encoder(KEY).encode(sliced["axial"].images).numpy()
+    assert_fp16_close(store.slice_features("sub1", "axial"), reference)
+    np.testing.assert_array_equal(store.slice_features("sub0", "axial"), before)
+    stored = store.subject_inputs("sub1", "sagittal")
+    assert stored["files"]["t1"]["sha256"] and stored["oblique"] == {"degrees": 0.0, "action": "none"}
+    assert "recomputed" in store.history[-1] and "sub1" in store.history[-1]["recomputed"]
+
+
+# -- lock conflicts (issue 14 point 6) ------------------------------------------------------------
+def test_second_writer_and_aggregate_during_a_job_get_one_line_exit_2(manifest: Path, tmp_path: Path,
+                                                                      capsys) -> None:
+    out = tmp_path / "busy.h5"
+    cohort = load_manifest(manifest).subset(["sub0", "sub1"])
+    assert cache_cohort(cohort, KEY, out, slice_cfg=SLICES, progress=False).ok
+    running = FeatureStore(out, mode="a")
+    with running.writer_lock():  # a caching job holds the store
+        capsys.readouterr()
+        assert main(["cache", "--manifest", str(manifest), "--store", str(out), *CLI_ARGS]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "busy.h5: another process is writing this store (pid" in err
+        assert "busy.h5.lock" in err
+        assert main(["aggregate", "--store", str(out), "--method", "mean", "--no-plot"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "busy.h5: another process is writing this store" in err
+
+
+# -- cluster (issue 14 point 8) ----------------------------------------------------------------------
+def test_slurm_array_without_shard_is_refused(manifest: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
+    assert main(["cache", "--manifest", str(manifest), "--store", str(tmp_path / "s.h5"), *CLI_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "SLURM array task 3 without --shard" in err and not (tmp_path / "s.h5").exists()
+    # the explicit shard of a rerun task: shard 3 of 4, whatever the array spec
+    assert main(["cache", "--manifest", str(manifest), "--store", str(tmp_path / "s.h5"), *CLI_ARGS,
+                 "--shard", "3/4"]) == 0
+    assert FeatureStore(tmp_path / "s.shard-3-of-4.h5").subjects() == ["sub3"]
+
+
+def _stub(folder: Path, name: str, body: str) -> None:
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("task, shards, expected", [("3", "8", "3/8"), ("4", "7", "4/7"), ("7", "8", "7/8")])
+def test_slurm_script_passes_explicit_shard(tmp_path: Path, task: str, shards: str, expected: str) -> None:
+    _stub(tmp_path / "bin", "slice2vol", 'echo "$@" > "$ARGS_FILE"\n')
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": task,
+           "ARGS_FILE": str(tmp_path / "args")}
+    proc = subprocess.run(["bash", str(REPO / "scripts/slurm_cache.sh"), shards, "m.csv", KEY, "random", "f.h5",
+                           "--planes", "axial"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("--shard") + 1] == expected and args[args.index("--store") + 1] == "f.h5"
+    assert "--allow-failures" in args and args[-2:] == ["--planes", "axial"]
+    bad = subprocess.run(["bash", str(REPO / "scripts/slurm_cache.sh"), "2", "m.csv", KEY],
+                         env={**env, "SLURM_ARRAY_TASK_ID": "5"}, capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and "array task 5 but only 2 shard(s)" in bad.stderr
+
+
+def test_slurm_submit_creates_logs_and_a_merge_step(tmp_path: Path) -> None:
+    _stub(tmp_path / "bin", "sbatch", 'echo "$@" >> "$ARGS_FILE"; echo "4242;cluster"\n')
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "ARGS_FILE": str(tmp_path / "args"),
+           "S2V_LOGS": str(tmp_path / "run logs")}
+    proc = subprocess.run(["bash", str(REPO / "scripts/slurm_submit.sh"), "8", "my cohort.csv", KEY, "hub",
+                           "f.h5"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run logs").is_dir()
+    array, merge = (tmp_path / "args").read_text().splitlines()
+    assert "--array=0-7" in array and f"--output={tmp_path / 'run logs'}/%x-%A_%a.out" in array
+    assert array.endswith("slurm_cache.sh 8 my cohort.csv test/tiny_cnn hub f.h5")
+    assert "--dependency=afterany:4242" in merge and "slice2vol cache merge --store f.h5 --manifest my\\ cohort.csv" in merge
+
+
+def test_merge_refuses_missing_shards_and_reports_coverage(tmp_path: Path, capsys) -> None:
+    manifest = make_tiny_cohort(tmp_path / "cohort", n=3, corrupt=True)  # 4 rows, 'bad' is not NIfTI
+    base = ["cache", "--manifest", str(manifest), *CLI_ARGS, "--store", str(tmp_path / "f.h5")]
+    assert main([*base, "--shard", "0/3"]) == 0  # rows sub0, sub1, bad, sub2: shard 0 = sub0, sub2
+    assert main([*base, "--shard", "2/3"]) == 1  # shard 2 = bad: exit 1 would block an afterok merge ...
+    assert main([*base, "--shard", "2/3", "--allow-failures"]) == 0  # ... unless failures are allowed
+    capsys.readouterr()
+    assert main(["cache", "merge", "--store", str(tmp_path / "f.h5"), "--manifest", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert "missing shard(s) [1] of 3 (f.shard-1-of-3.h5" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f.h5").exists()
+    assert main([*base, "--shard", "1/3"]) == 0
+    assert main(["cache", "merge", "--store", str(tmp_path / "f.h5"), "--manifest", str(manifest)]) == 1
+    captured = capsys.readouterr()
+    assert "merged 3 store(s)" in captured.out and "coverage of" in captured.out and "3 of 4 subject(s)" in captured.out
+    assert "bad: " in captured.err and "bad.nii.gz" in captured.err
+    assert sorted(FeatureStore(tmp_path / "f.h5").subjects()) == ["sub0", "sub1", "sub2"]
+
+
+# -- oblique volumes through the job (issue 14 point 3) ----------------------------------------------
+def _rotation(degrees: float, axis: int = 0) -> np.ndarray:
+    t = np.radians(degrees)
+    c, s = np.cos(t), np.sin(t)
+    a, b = [i for i in range(3) if i != axis]
+    rot = np.eye(4)
+    rot[a, a], rot[a, b], rot[b, a], rot[b, b] = c, -s, s, c
+    return rot
+
+
+def test_oblique_volume_is_resliced_and_recorded(tmp_path: Path) -> None:
+    manifest = make_tiny_cohort(tmp_path / "cohort", n=2)
+    write_nifti(manifest.parent / "sub1.nii.gz", blob_volume((24, 28, 20), seed=1), _rotation(17.0))
+    report = cache_cohort(load_manifest(manifest), KEY, tmp_path / "o.h5", slice_cfg=SLICES, progress=False)
+    assert report.ok and report.oblique == {"sub1": pytest.approx(17.0, abs=0.01)}
+    store = FeatureStore(tmp_path / "o.h5")
+    assert store.provenance["volume_config"]["oblique"] == "reslice"
+    assert store.subject_inputs("sub1", "axial")["oblique"] == {"degrees": pytest.approx(17.0, abs=0.01),
+                                                                "action": "resliced"}
+    assert store.history[-1]["oblique"] == {"sub1": pytest.approx(17.0, abs=0.01)}
+    refused = cache_cohort(load_manifest(manifest), KEY, tmp_path / "r.h5", slice_cfg=SLICES, progress=False,
+                           volume_cfg=__import__("slice2vol.data.io", fromlist=["VolumeConfig"]).VolumeConfig(oblique="refuse"))
+    assert [f.subject_id for f in refused.failures] == ["sub1"] and "oblique affine (17.0 deg" in refused.failures[0].message

@@ -1,33 +1,122 @@
-"""``slice2vol embed``: volume embeddings of a trained 3D SSL encoder, written into a feature store."""
+"""``slice2vol embed``: one embedding per volume from a native-3D encoder, written into a feature store.
+
+Examples::
+
+    slice2vol embed --encoder 3d/deepbet --weights package --manifest cohort.csv --store feats.h5
+    slice2vol embed --encoder 3d/monai_resnet18 --manifest cohort.csv --store feats.h5 \\
+        kwargs.levels=[-1] sliding_window.roi_size=[64,64,64]
+    slice2vol embed --config my_encoder3d.yaml --manifest cohort.csv --store feats.h5
+    slice2vol embed --list                                   # the registered 3D encoders
+    slice2vol embed --checkpoint runs/simclr3d/last --manifest cohort.csv --store feats.h5   # an SSL run
+
+The config (``--config`` and ``KEY=VALUE`` overrides) is :class:`slice2vol.encoders3d.Encoder3DConfig`:
+``key``, ``weights``, ``kwargs`` (family options), ``sliding_window`` (MONAI sliding-window options, or
+null for whole volumes), ``device``. ``--encoder``/``--weights``/``--sliding-window`` are shortcuts for
+``key=``, ``weights=`` and ``sliding_window={}``. An interrupted run resumes when run again.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-HELP = "embed a cohort's volumes with a trained 3D SSL checkpoint into a feature store"
+from slice2vol.commands._common import (
+    add_config,
+    add_device,
+    add_manifest,
+    add_overrides,
+    add_progress,
+    add_store,
+    overrides_of,
+    progress_enabled,
+    resolve_device,
+)
+
+HELP = "embed a cohort's volumes with a native-3D encoder (3d/deepbet, MONAI, MedicalNet, ...) into a store"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (RUN/last) or run directory")
-    parser.add_argument("--manifest", required=True, help="cohort CSV manifest")
-    parser.add_argument("--store", required=True, help="feature store .h5 (created if needed)")
-    parser.add_argument("--name", help="volume-embedding set name (default: ssl3d/<method>)")
-    parser.add_argument("--mode", choices=("whole", "sliding"), default="whole",
-                        help="whole head in one pass, or mean of sliding training-size windows")
-    parser.add_argument("--input-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                        help="network input (whole; default: the training volume_size) or window "
-                             "(sliding; default: the training crop_size)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.epilog = __doc__.split("Examples::", 1)[1].strip("\n") if __doc__ else None
+    parser.add_argument("--encoder", metavar="KEY", help="3D encoder key, e.g. 3d/deepbet (see --list)")
+    parser.add_argument("--weights", help="random | hub[:tag] | package | local checkpoint (default: the config's, "
+                                          "else random)")
+    parser.add_argument("--list", action="store_true", help="list the registered 3D encoders and exit")
+    add_config(parser, help="YAML Encoder3DConfig (key, weights, kwargs, sliding_window, device)")
+    add_manifest(parser)
+    add_store(parser, required=False, help="HDF5 feature store written (created if needed)")
+    parser.add_argument("--name", help="embedding set name (default: the encoder key, or ssl3d/<method>)")
+    parser.add_argument("--sliding-window", action="store_true",
+                        help="tile the volume with MONAI sliding_window_inference (options: sliding_window.*=...)")
+    add_device(parser)
+    add_progress(parser)
+    ssl = parser.add_argument_group("trained SSL checkpoints (slice2vol pretrain)")
+    ssl.add_argument("--checkpoint", help="SSL checkpoint directory (RUN/last) instead of a registered encoder")
+    ssl.add_argument("--mode", choices=("whole", "sliding"), default="whole",
+                     help="whole head in one pass, or mean of sliding training-size windows")
+    ssl.add_argument("--input-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                     help="network input (whole; default: the training volume_size) or window (sliding)")
+    ssl.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    ssl.add_argument("--batch-size", type=int, default=4, help="volumes (whole) or windows (sliding) per pass")
+    add_overrides(parser)
+
+
+def _list() -> int:
+    from slice2vol.encoders3d import ENCODERS3D
+
+    print(f"{'key':28s} {'dim':>5s}  {'weights':24s} source")
+    for key in ENCODERS3D.names():
+        meta = ENCODERS3D.meta(key)
+        print(f"{key:28s} {meta.get('embed_dim', ''):>5}  {'|'.join(meta.get('weights', ())):24s} "
+              f"{meta.get('source', '')}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list()
+    missing = [flag for flag, value in (("--manifest", args.manifest), ("--store", args.store)) if not value]
+    if missing:
+        raise ValueError(f"embedding needs {' and '.join(missing)}")
+    if args.checkpoint:
+        return _run_checkpoint(args)
+    from slice2vol.config import load_config
+    from slice2vol.data.manifest import load_manifest
+    from slice2vol.encoders3d import Encoder3DConfig, embed_cohort3d
+
+    overrides = overrides_of(args)
+    if args.encoder:
+        overrides.insert(0, f"key={args.encoder}")
+    if args.weights:
+        overrides.insert(0, f"weights={args.weights}")
+    if args.sliding_window:
+        overrides.insert(0, "sliding_window={}")
+    if args.device != "auto":
+        overrides.append(f"device={args.device}")
+    if not args.config and not args.encoder:
+        raise ValueError("give --encoder KEY (see slice2vol embed --list) or --config FILE")
+    cfg = load_config(Encoder3DConfig, args.config, overrides)
+    cohort = load_manifest(args.manifest)
+    encoder = cfg.build()
+    name = args.name or cfg.key
+    report = embed_cohort3d(encoder, cohort, args.store, name, progress=progress_enabled(args),
+                            sliding_window=cfg.sliding_window,
+                            provenance={"command": "slice2vol embed", "manifest": str(args.manifest)})
+    failures = list(cohort.failures) + list(report.failures)
+    print(report.summary().splitlines()[0])
+    print(f"  encoder {cfg.key}, weights {encoder.info.weights}"
+          + (f" (sha256 {encoder.info.weights_sha256[:16]}...)" if encoder.info.weights_sha256 else ""))
+    for failure in failures:
+        print(f"  failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _run_checkpoint(args: argparse.Namespace) -> int:
+    """A trained ``slice2vol pretrain`` checkpoint (``slice2vol.ssl.export``)."""
     from slice2vol.data.manifest import load_manifest
     from slice2vol.ssl.export import embed_cohort, load_encoder
-    from slice2vol.ssl.trainer import resolve_device
 
+    if args.encoder or args.config or overrides_of(args):
+        raise ValueError("--checkpoint embeds an SSL run; --encoder/--config/KEY=VALUE are for registered encoders")
     device = resolve_device(args.device)
     model = load_encoder(args.checkpoint, device)
     meta = model.slice2vol_meta
@@ -44,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or f"ssl3d/{meta['method']}"
     cohort = load_manifest(args.manifest)
     report = embed_cohort(model, cohort, args.store, name, input_size=size, mode=args.mode, overlap=args.overlap,
-                          batch_size=args.batch_size, device=device, progress=not args.no_progress)
+                          batch_size=args.batch_size, device=device, progress=progress_enabled(args))
     failures = cohort.failures + report.failures
     print(f"{args.store}: wrote {name!r}, {len(report.done)} subjects x {report.embed_dim} "
           f"({args.mode}, input {size})")

@@ -1,33 +1,54 @@
-"""``slice2vol info PATH``: facts about a NIfTI file, or about every subject of a manifest."""
+"""``slice2vol info``: facts about a NIfTI file, every subject of a manifest, or a feature store.
+
+Examples::
+
+    slice2vol info scan.nii.gz                      # one volume
+    slice2vol info --manifest cohort.csv            # every subject (a .csv PATH works too)
+    slice2vol info feats.h5                         # a feature store (as 'slice2vol cache info')
+    slice2vol info scan.nii.gz --oblique refuse     # how the caching job would treat an oblique scan
+
+Exit status: 0 ok; 1 some subjects of a manifest could not be loaded (listed at the end); 2 the file
+itself cannot be used (one line on stderr naming it and the problem), or a usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-HELP = "shape, spacing, orientation, intensities, foreground and slices per plane of a volume or cohort"
+from slice2vol.commands._common import add_manifest, add_progress, progress_enabled
+
+HELP = "shape, spacing, orientation, obliquity, intensities, foreground and slices per plane of a volume or cohort"
+DESCRIPTION = __doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="a .nii/.nii.gz file or a manifest .csv")
+    parser.add_argument("path", nargs="?", metavar="PATH",
+                        help="a .nii/.nii.gz file, a manifest .csv, or a feature store .h5")
+    add_manifest(parser)
+    parser.add_argument("--oblique", choices=["reslice", "snap", "refuse"], default="reslice",
+                        help="oblique volumes: reslice onto the nearest RAS grid, snap to the nearest axes, "
+                             "or refuse (as 'slice2vol cache --oblique')")
     parser.add_argument("--stride", type=int, default=1, help="slice stride for the slice counts")
     parser.add_argument("--min-foreground", type=float, default=0.05,
-                        help="skip slices with less foreground than this fraction (default 0.05)")
+                        help="skip slices with less foreground than this fraction")
+    add_progress(parser)
 
 
 def describe(volume, raw_range: tuple[float, float], stride: int, min_foreground: float) -> dict:
-    """Facts of a loaded volume as a dict (also used by tests)."""
+    """Facts of a loaded volume as a dict of plain Python values (also used by tests)."""
     import numpy as np
+    import torch
 
     from slice2vol.data.slicing import PLANES, _plane_view
 
-    import torch
-
     facts = {
         "subject": volume.subject_id,
-        "shape": volume.shape,
-        "spacing_mm": tuple(round(s, 3) for s in volume.spacing),
+        "shape": tuple(int(n) for n in volume.shape),
+        "spacing_mm": tuple(round(float(s), 3) for s in volume.spacing),
         "orientation": "".join(volume.original_orientation) + " -> " + "".join(volume.orientation),
+        "obliquity": _obliquity(volume),
         "intensity_range": tuple(round(float(v), 3) for v in raw_range),
         "foreground_fraction": round(float(volume.mask.mean()), 3),
     }
@@ -40,41 +61,69 @@ def describe(volume, raw_range: tuple[float, float], stride: int, min_foreground
     return facts
 
 
-def run(args: argparse.Namespace) -> int:
+def _obliquity(volume) -> str:
+    deg = float(getattr(volume, "obliquity_deg", 0.0))
+    action = getattr(volume, "oblique_action", "none")
+    if action == "resliced":
+        return f"{deg:.1f} deg (resliced onto the nearest RAS-aligned grid, shape {tuple(volume.shape)})"
+    if action == "snapped":
+        return f"{deg:.1f} deg (snapped to the nearest axes without reslicing: slices follow the tilted grid)"
+    return f"{deg:.1f} deg"
+
+
+def _raw_range(path: Path) -> tuple[float, float]:
     import nibabel as nib
     import numpy as np
 
+    raw = np.asanyarray(nib.load(str(path)).dataobj)
+    return float(raw.min()), float(raw.max())
+
+
+def _print(row: dict) -> None:
+    print("\n".join(f"{k:>20}: {_plain(v)}" for k, v in row.items()))
+    print()
+
+
+def _plain(value) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + ")"
+    return str(value)
+
+
+def run(args: argparse.Namespace) -> int:
     from slice2vol.data.io import VolumeConfig, VolumeError, load_volume
     from slice2vol.data.manifest import load_manifest, load_subject
+    from slice2vol.progress import track
 
-    path = Path(args.path)
-    cfg = VolumeConfig()
-    rows, failures = [], []
-    if path.suffix == ".csv":
+    if args.path and args.manifest:
+        raise ValueError(f"give a PATH ({args.path}) or --manifest ({args.manifest}), not both")
+    target = args.manifest or args.path
+    if not target:
+        raise ValueError("give a NIfTI file, a feature store, or --manifest cohort.csv")
+    path = Path(target)
+    cfg = VolumeConfig(oblique=args.oblique)
+    if path.suffix in (".h5", ".hdf5") or path.with_name(path.name + ".parts").is_dir():
+        from slice2vol.cache import FeatureStore
+
+        print(FeatureStore(path).summary())
+        return 0
+    if args.manifest or path.suffix.lower() in (".csv", ".tsv"):
         cohort = load_manifest(path)
         print(f"{path}: {len(cohort)} subjects, labels {cohort.label_types}")
-        for subject in cohort.subjects:
+        failures = [f.message for f in cohort.failures]
+        for subject in track(cohort.subjects, desc="info", unit="subj", enabled=progress_enabled(args)):
             try:
                 volume = load_subject(subject, cfg)
-                raw = np.asarray(nib.load(str(next(iter(subject.images.values())))).dataobj)
-                rows.append(describe(volume, (raw.min(), raw.max()), args.stride, args.min_foreground))
+                first = next(iter(subject.images.values()))
+                _print(describe(volume, _raw_range(first), args.stride, args.min_foreground))
             except VolumeError as err:
                 failures.append(str(err))
-        failures = [str(f.message) for f in cohort.failures] + failures
-    else:
-        try:
-            volume = load_volume(path, cfg)
-        except VolumeError as err:
-            print(f"error: {err}")
+        if failures:  # part of the report, like the facts above
+            print(f"{len(failures)} subject(s) failed:")
+            for f in failures:
+                print(f"  {f}")
             return 1
-        raw = np.asarray(nib.load(str(path)).dataobj)
-        rows.append(describe(volume, (raw.min(), raw.max()), args.stride, args.min_foreground))
-    for row in rows:
-        print("\n".join(f"{k:>20}: {v}" for k, v in row.items()))
-        print()
-    if failures:
-        print(f"{len(failures)} failed:")
-        for f in failures:
-            print(f"  {f}")
-        return 1
+        return 0
+    volume = load_volume(path, cfg)  # a VolumeError becomes one line on stderr, exit 2 (slice2vol.cli)
+    _print(describe(volume, _raw_range(path), args.stride, args.min_foreground))
     return 0

@@ -1,12 +1,24 @@
-"""``slice2vol search``: nearest subjects of an indexed subject or of a new NIfTI scan."""
+"""``slice2vol search``: nearest subjects of an indexed subject or of a new NIfTI scan.
+
+Examples::
+
+    slice2vol search --index runs/index --subject IXI039-HH-1261 -k 10
+    slice2vol search --index runs/index --nifti new_T1.nii.gz -k 5 --out neighbours.html
+    slice2vol search --index runs/index --store other.h5 --subject SUB-7 --out neighbours.csv
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from slice2vol.commands._common import add_device, add_out, add_progress, add_store, resolve_device
 
 HELP = "find the subjects most similar to an indexed subject or to a new NIfTI scan"
+TABLE_SUFFIXES = (".json", ".csv")
+GALLERY_SUFFIXES = (".html", ".htm", ".png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,14 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--subject", help="an indexed subject ID (or one of --store)")
     query.add_argument("--nifti", nargs="+", help="a new scan (one file per modality, manifest order)")
-    parser.add_argument("--store", help="look --subject up in this store (same provenance as the index)")
+    add_store(parser, required=False, help="look --subject up in this store (same provenance as the index)")
     parser.add_argument("-k", type=int, default=10, help="number of neighbours")
     parser.add_argument("--exclude-self", action="store_true", help="leave the query subject out")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--gallery", help="write a gallery of the query and neighbours (.html or .png)")
+    add_out(parser, help="write the neighbours to this file: .json or .csv (the table), .html or .png (a gallery "
+                         "of the query and its neighbours)")
+    parser.add_argument("--gallery", help="also write a gallery (.html or .png)")
     parser.add_argument("--weights", help="local copy of the indexed encoder's weights (sha256 is checked)")
-    parser.add_argument("--device", default="cpu", help="device for embedding a new scan")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per encoder call")
+    add_device(parser)
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per encoder call (new scans)")
+    add_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,13 +44,19 @@ def run(args: argparse.Namespace) -> int:
 
     from slice2vol.retrieval import Index
 
+    outputs = [p for p in (args.out, args.gallery) if p]
+    for path in outputs:
+        if Path(path).suffix.lower() not in TABLE_SUFFIXES + GALLERY_SUFFIXES:
+            raise ValueError(f"{path}: --out/--gallery must end in .json, .csv, .html or .png")
+    if args.gallery and Path(args.gallery).suffix.lower() not in GALLERY_SUFFIXES:
+        raise ValueError(f"{args.gallery}: a gallery is .html or .png")
     index = Index.load(args.index)
     start = time.perf_counter()
     query_images = None
     query_labels = None
     if args.nifti:
         images = args.nifti[0] if len(args.nifti) == 1 else args.nifti
-        table = index.search_nifti(images, args.k, weights=args.weights, device=args.device,
+        table = index.search_nifti(images, args.k, weights=args.weights, device=resolve_device(args.device),
                                    batch_size=args.batch_size)
         query_images = images
         query_name = table["query"].iloc[0] if len(table) else str(images)
@@ -52,17 +73,24 @@ def run(args: argparse.Namespace) -> int:
         table = table[table["subject_id"] != query_name].head(args.k).copy()
         table["rank"] = range(1, len(table) + 1)
     elapsed = time.perf_counter() - start
+    payload = {"query": query_name, "index": str(index.path), "k": args.k, "seconds": round(elapsed, 4),
+               "neighbours": json.loads(table.drop(columns="query").to_json(orient="records"))}
     if args.json:
-        payload = {"query": query_name, "index": str(index.path), "k": args.k, "seconds": round(elapsed, 4),
-                   "neighbours": json.loads(table.drop(columns="query").to_json(orient="records"))}
         print(json.dumps(payload, indent=1))
     else:
         print(f"# {len(table)} nearest of {query_name} in {index.describe()} ({elapsed:.2f} s)")
         print(table.drop(columns="query").to_string(index=False, formatters={"similarity": "{:.4f}".format}))
-    if args.gallery:
-        from slice2vol.retrieval.gallery import write_gallery
+    for path in outputs:
+        suffix = Path(path).suffix.lower()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".json":
+            Path(path).write_text(json.dumps(payload, indent=1))
+        elif suffix == ".csv":
+            table.to_csv(path, index=False)
+        else:
+            from slice2vol.retrieval.gallery import write_gallery
 
-        out = write_gallery(index, table, args.gallery, query_name=query_name, query_images=query_images,
-                            query_labels=query_labels)
-        print(f"gallery: {out}", file=sys.stderr)
+            path = write_gallery(index, table, path, query_name=query_name, query_images=query_images,
+                                 query_labels=query_labels)
+        print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -5,11 +5,20 @@ with the file path, so cohort-level jobs can record it and go on with the other 
 
 Array convention: ``Volume.data`` has shape ``(C, X, Y, Z)`` in RAS+ voxel order (index increases
 towards patient Right, Anterior, Superior), ``C`` being the modalities in manifest order.
+
+Oblique acquisitions (voxel axes rotated away from the scanner axes, common in clinical MRI) are
+resliced by default onto the nearest RAS-aligned grid (:func:`nearest_ras_grid`) with
+:func:`nibabel.processing.resample_from_to`, so that axial, coronal and sagittal slices are truly
+axial, coronal and sagittal; ``VolumeConfig.oblique`` chooses ``snap`` (permute/flip only, the old
+behaviour) or ``refuse`` instead. See ``docs/data.md`` for every rule and bad-input message.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +28,8 @@ import nibabel as nib
 import numpy as np
 
 ORIENTATION = ("R", "A", "S")
+ObliquePolicy = Literal["reslice", "snap", "refuse"]
+OBLIQUE_POLICIES = ("reslice", "snap", "refuse")
 
 
 class VolumeError(ValueError):
@@ -40,9 +51,19 @@ class VolumeConfig:
         normalize: ``minmax`` scales the clipped range to [0, 1]; ``zscore`` additionally
             standardises with the mean/std inside the foreground mask; ``none`` keeps raw values.
         crop_foreground: crop to the foreground bounding box plus ``crop_margin`` voxels.
-        allow_oblique: accept affines more oblique than ``max_obliquity_deg`` by snapping to the
-            closest RAS axes (the world position of voxels is then approximate).
+        oblique: what to do with a volume whose voxel axes are more than ``max_obliquity_deg`` off
+            the nearest scanner axes: ``reslice`` (default) interpolates it (``reslice_order``; label
+            maps nearest-neighbour) onto the nearest RAS-aligned grid with the same voxel sizes,
+            covering the whole rotated field of view; ``snap`` only permutes/flips the axes, so slices
+            are cut along the tilted voxel axes (their world positions stay exact); ``refuse`` raises
+            :class:`VolumeError`.
+        reslice_order: spline order of that interpolation: 3 (cubic B-spline, nibabel's default;
+            keeps edges sharper) or 1 (trilinear, about 4x faster).
+        max_obliquity_deg: obliquity below this is treated as axis-aligned (float rounding in
+            headers); the volume is then only permuted/flipped.
         min_spacing, max_spacing: voxel sizes (mm) outside this range are refused as absurd.
+        allow_oblique: deprecated (init only): ``True`` means ``oblique="snap"``, ``False``
+            ``oblique="refuse"``.
     """
 
     spacing: tuple[float, float, float] | None = None
@@ -50,10 +71,22 @@ class VolumeConfig:
     normalize: Literal["minmax", "zscore", "none"] = "minmax"
     crop_foreground: bool = False
     crop_margin: int = 4
-    allow_oblique: bool = False
+    oblique: ObliquePolicy = "reslice"
+    reslice_order: int = 3
     max_obliquity_deg: float = 1.0
     min_spacing: float = 0.05
     max_spacing: float = 20.0
+    allow_oblique: dataclasses.InitVar[bool | None] = None
+
+    def __post_init__(self, allow_oblique: bool | None) -> None:
+        if allow_oblique is not None:
+            warnings.warn("VolumeConfig(allow_oblique=...) is deprecated; use oblique='snap' | 'refuse' | "
+                          "'reslice'", DeprecationWarning, stacklevel=3)
+            self.oblique = "snap" if allow_oblique else "refuse"
+        if self.oblique not in OBLIQUE_POLICIES:
+            raise ValueError(f"oblique must be one of {OBLIQUE_POLICIES}, got {self.oblique!r}")
+        if self.reslice_order not in (1, 3):
+            raise ValueError(f"reslice_order must be 1 (trilinear) or 3 (cubic), got {self.reslice_order!r}")
 
 
 @dataclass
@@ -71,6 +104,8 @@ class Volume:
         original_orientation: axis codes of the file before reorientation, e.g. ``("P", "S", "R")``.
         original_shape: spatial shape of the file before any transform.
         maps: other aligned label maps (e.g. a lesion mask), name -> (X, Y, Z) array.
+        obliquity_deg: how far the file's voxel axes were from the nearest scanner axes.
+        oblique_action: ``none`` (within ``max_obliquity_deg``), ``resliced`` or ``snapped``.
     """
 
     subject_id: str
@@ -83,6 +118,8 @@ class Volume:
     original_orientation: tuple[str, ...] = ORIENTATION
     original_shape: tuple[int, ...] = ()
     maps: dict[str, np.ndarray] = field(default_factory=dict)
+    obliquity_deg: float = 0.0
+    oblique_action: str = "none"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -122,9 +159,14 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
         shape = img.shape
     if len(shape) == 4:
-        raise VolumeError(path, f"4D data with {shape[3]} volumes (shape {shape}); expected one 3D volume")
-    if len(shape) != 3 or min(shape) < 2:
-        raise VolumeError(path, f"{len(shape)}D data of shape {shape}; expected a 3D volume")
+        raise VolumeError(path, f"4D data with {shape[3]} volumes (shape {_fmt_shape(shape)}); "
+                                "expected one 3D volume")
+    if len(shape) != 3:
+        raise VolumeError(path, f"{len(shape)}D data of shape {_fmt_shape(shape)}; expected a 3D volume")
+    if min(shape) < 2:
+        flat = [axis for axis, n in zip("xyz", shape) if n < 2]
+        raise VolumeError(path, f"a single slice, not a volume (shape {_fmt_shape(shape)}: one voxel along "
+                                f"{', '.join(flat)}); expected a 3D volume with at least 2 voxels per axis")
     _check_affine(path, img.affine)
     if check_values:
         try:
@@ -153,11 +195,72 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
         raise VolumeError(path, "affine has NaN/Inf entries")
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if np.any(spacing <= 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise VolumeError(path, f"zero voxel spacing {tuple(np.round(spacing, 4))} (singular affine)")
+        raise VolumeError(path, f"zero voxel spacing {_fmt_mm(spacing)} mm (singular affine)")
+
+
+def _fmt_mm(values: Sequence[float]) -> str:
+    """``(2, 2, 0)``: plain numbers (numpy 2 would print ``np.float64(2.0)`` inside a tuple repr)."""
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(n)) for n in shape) + ")"
 
 
 def _obliquity_deg(affine: np.ndarray) -> float:
     return float(np.degrees(np.max(np.abs(nib.affines.obliquity(affine)))))
+
+
+def obliquity_deg(affine: np.ndarray) -> float:
+    """Largest angle (degrees) between a voxel axis of ``affine`` and its nearest scanner axis."""
+    return _obliquity_deg(affine)
+
+
+def nearest_ras_grid(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The RAS-aligned grid nearest to an oblique one, covering its whole field of view.
+
+    Each world axis gets the voxel size of the voxel axis closest to it (so a 1 x 1 x 3 mm scan stays
+    1 x 1 x 3 mm along the same anatomical directions); the grid is the bounding box of the oblique
+    volume's voxel centres, centred on it.
+
+    Args:
+        affine: (4, 4) voxel -> world matrix of the oblique volume.
+        shape: its spatial shape (X, Y, Z).
+
+    Returns:
+        (target affine (4, 4) with a positive diagonal, target shape (X', Y', Z')).
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = zooms
+    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)], dtype=float)
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    lo, hi = world.min(0), world.max(0)
+    size = np.floor((hi - lo) / spacing + 1e-6).astype(int) + 1
+    origin = lo + ((hi - lo) - (size - 1) * spacing) / 2  # centre the grid on the field of view
+    target = np.eye(4)
+    target[:3, :3] = np.diag(spacing)
+    target[:3, 3] = origin
+    return target, tuple(int(n) for n in size)  # type: ignore[return-value]
+
+
+def reslice(img: nib.Nifti1Image, affine: np.ndarray, shape: Sequence[int], *, order: int = 3
+            ) -> np.ndarray:
+    """Interpolates ``img`` onto the grid (``affine``, ``shape``) with nibabel; float32 (X', Y', Z').
+
+    Voxels outside the source field of view get the source minimum (the background of an MRI).
+    ``order``: 3 cubic B-spline, 1 trilinear (images), 0 nearest-neighbour (label maps).
+    """
+    import nibabel.processing
+
+    data = img.get_fdata(dtype=np.float32)  # cached by read_nifti's value checks
+    cval = float(np.nanmin(data)) if order else 0.0
+    source = nib.Nifti1Image(data, img.affine)
+    out = nibabel.processing.resample_from_to(source, (tuple(shape), affine), order=order,
+                                              mode="constant", cval=cval)
+    return np.asarray(out.dataobj, dtype=np.float32)
 
 
 def _short(err: BaseException) -> str:
@@ -175,6 +278,16 @@ def _to_ras(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray, tuple[str, ..
     data = nib.orientations.apply_orientation(data, transform)
     new_affine = affine @ nib.orientations.inv_ornt_aff(transform, img.shape[:3])
     return np.ascontiguousarray(data), new_affine, codes
+
+
+def _on_grid(img: nib.Nifti1Image, grid: tuple[np.ndarray, tuple[int, ...]] | None, order: int
+             ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """``img`` as (data (X, Y, Z) float32, affine, original axis codes) on RAS: resliced onto
+    ``grid`` = (affine, shape) when given, else reoriented by permutation/flips only."""
+    if grid is None:
+        return _to_ras(img)
+    codes = tuple(nib.orientations.ornt2axcodes(nib.orientations.io_orientation(img.affine)))
+    return reslice(img, grid[0], grid[1], order=order), grid[0].copy(), codes
 
 
 def resample(
@@ -305,40 +418,48 @@ def load_volume(
     first = next(iter(named.values()))
     sid = subject_id or first.name.split(".nii")[0]
 
-    channels, affine, codes, original_shape, sources = [], None, None, None, []
-    for name, path in named.items():
-        img = read_nifti(path)
-        if _obliquity_deg(img.affine) > cfg.max_obliquity_deg and not cfg.allow_oblique:
-            raise VolumeError(
-                path,
-                f"oblique affine ({_obliquity_deg(img.affine):.1f} deg off the nearest axes); "
-                "resample to a non-oblique grid first or set allow_oblique=True",
-            )
-        data, aff, file_codes = _to_ras(img)
+    opened = {name: read_nifti(path) for name, path in named.items()}
+    ref = opened[next(iter(named))]
+    for name, img in opened.items():
+        if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
+            raise VolumeError(named[name], f"modality {name!r} is not on the grid of {first} "
+                                           f"(shape {_fmt_shape(img.shape[:3])} vs {_fmt_shape(ref.shape[:3])})")
+    tilt = _obliquity_deg(ref.affine)
+    grid = None
+    action = "none"
+    if tilt > cfg.max_obliquity_deg:
+        if cfg.oblique == "refuse":
+            raise VolumeError(first, f"oblique affine ({tilt:.1f} deg off the nearest axes); reslice it "
+                                     "(--oblique reslice, the default) or snap it (--oblique snap)")
+        if cfg.oblique == "reslice":
+            grid = nearest_ras_grid(ref.affine, ref.shape[:3])
+            action = "resliced"
+        else:
+            action = "snapped"
+    channels, affine, codes = [], None, None
+    for img in opened.values():
+        data, aff, file_codes = _on_grid(img, grid, order=cfg.reslice_order)
         if affine is None:
-            affine, codes, original_shape = aff, file_codes, img.shape[:3]
-        elif data.shape != channels[0].shape or not np.allclose(aff, affine, atol=1e-3):
-            raise VolumeError(path, f"modality {name!r} is not on the grid of {first} "
-                                    f"(shape {data.shape} vs {channels[0].shape})")
+            affine, codes = aff, file_codes
         channels.append(data)
-        sources.append(str(path))
+    sources = [str(p) for p in named.values()]
+    original_shape = ref.shape[:3]
     assert affine is not None
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if np.any(spacing < cfg.min_spacing) or np.any(spacing > cfg.max_spacing):
         raise VolumeError(
             first,
-            f"absurd voxel spacing {tuple(float(s) for s in np.round(spacing, 4))} mm "
-            f"(allowed {cfg.min_spacing}-{cfg.max_spacing} mm)",
+            f"absurd voxel spacing {_fmt_mm(spacing)} mm (allowed {cfg.min_spacing:g}-{cfg.max_spacing:g} mm)",
         )
     stacked = np.stack(channels)
 
     label_maps: dict[str, np.ndarray] = {}
     for name, path in (({"seg": seg} if seg is not None else {}) | dict(maps or {})).items():
         img = read_nifti(path, check_values=False)
-        lab, lab_aff, _ = _to_ras(img)
-        if lab.shape != stacked.shape[1:] or not np.allclose(lab_aff, affine, atol=1e-3):
+        if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
             raise VolumeError(path, f"{name} map is not on the image grid "
-                                    f"(shape {lab.shape} vs {stacked.shape[1:]})")
+                                    f"(shape {_fmt_shape(img.shape[:3])} vs {_fmt_shape(ref.shape[:3])})")
+        lab, _, _ = _on_grid(img, grid, order=0)
         label_maps[name] = np.rint(lab).astype(np.int32)
 
     if cfg.spacing is not None:
@@ -376,4 +497,56 @@ def load_volume(
         original_orientation=tuple(codes or ORIENTATION),
         original_shape=tuple(original_shape or ()),
         maps={k: np.ascontiguousarray(v) for k, v in label_maps.items()},
+        obliquity_deg=round(tilt, 3),
+        oblique_action=action,
     )
+
+
+# -- input fingerprints (the resume key of caching jobs) --------------------------------------------
+def file_stat(path: str | Path) -> dict[str, int]:
+    """``{"size", "mtime_ns"}`` of a file: the cheap half of its fingerprint."""
+    st = os.stat(path)
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (as stored, e.g. gzip-compressed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(images: dict[str, str | Path]) -> dict[str, dict]:
+    """Fingerprint of a subject's input files: modality -> ``{"size", "mtime_ns", "sha256"}``.
+
+    Stored with cached features; :func:`fingerprint_changes` compares it with the files now.
+    """
+    return {name: {**file_stat(path), "sha256": file_sha256(path)} for name, path in images.items()}
+
+
+def fingerprint_changes(stored: dict[str, dict], images: dict[str, str | Path]) -> list[str]:
+    """What changed between a stored :func:`fingerprint` and the files now (empty: unchanged).
+
+    Size and modification time are compared first (cheap); only a file whose size or time differs
+    is hashed, so touching or copying a file with ``cp`` does not count as a change, and a rewritten
+    file of the same size does (when its mtime moved).
+    """
+    now = {k: Path(v) for k, v in images.items()}
+    changes = []
+    if set(stored) != set(now):
+        return [f"modalities {sorted(stored)} -> {sorted(now)}"]
+    for name, path in now.items():
+        old = stored[name]
+        try:
+            st = file_stat(path)
+        except OSError:
+            continue  # a missing file fails at loading, with its own message
+        if st["size"] == old.get("size") and st["mtime_ns"] == old.get("mtime_ns"):
+            continue
+        if old.get("sha256") and file_sha256(path) == old["sha256"]:
+            continue
+        what = f"size {old.get('size')} -> {st['size']} bytes" if st["size"] != old.get("size") else "content"
+        changes.append(f"{name} ({path.name}): {what}")
+    return changes

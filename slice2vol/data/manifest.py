@@ -4,11 +4,13 @@ A manifest is a CSV with a ``subject_id`` column, one column per image modality 
 ending in ``.nii`` or ``.nii.gz``, relative to the manifest's folder), an optional segmentation
 column (``seg``), optional other label maps (columns whose name contains ``mask`` or ``lesion``),
 and any label columns. Rows that cannot be used (duplicate IDs, missing files) are recorded in
-``Cohort.failures`` and left out; the other subjects load normally.
+``Cohort.failures`` and left out; the other subjects load normally. The delimiter is sniffed from
+the header line (comma, semicolon, tab or ``|``: spreadsheets in many locales write ``;``).
 """
 
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,14 +156,21 @@ def load_manifest(
         ManifestError: unreadable file, missing id column or no image column.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a directory, not a manifest CSV (for a BIDS folder use cohort_from_glob)")
     try:
-        table = pd.read_csv(path, dtype={id_column: str})
+        sep = sniff_delimiter(path)
+        table = pd.read_csv(path, dtype={id_column: str}, sep=sep, encoding="utf-8-sig")
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: cannot read manifest ({' '.join(str(err).split())[:120]})") from None
+    table.columns = [str(c).strip() for c in table.columns]
     if id_column not in table.columns:
         raise ManifestError(f"{path}: no {id_column!r} column (columns: {list(table.columns)})")
+    if table.empty:
+        raise ManifestError(f"{path}: the manifest has a header ({', '.join(map(str, table.columns))}) "
+                            "but no subject rows")
     root = path.parent
     path_columns = [c for c in table.columns if c != id_column and _is_path_column(table[c])]
     if seg_column not in table.columns:
@@ -170,14 +179,29 @@ def load_manifest(
     if image_columns is None:
         image_columns = [c for c in path_columns if c != seg_column and c not in map_columns]
     missing_cols = [c for c in image_columns if c not in table.columns]
-    if missing_cols or not image_columns:
-        raise ManifestError(f"{path}: image column(s) {missing_cols or '(none found)'} not in {list(table.columns)}")
+    if missing_cols:
+        raise ManifestError(f"{path}: image column(s) {missing_cols} not in {list(table.columns)}")
+    if not image_columns:
+        raise ManifestError(f"{path}: no image column: no column other than {id_column!r} holds only "
+                            f"paths ending in .nii or .nii.gz (columns: {list(table.columns)})")
     if label_columns is None:
         label_columns = [c for c in table.columns if c not in {id_column, seg_column, *path_columns}]
     types = {c: infer_label_type(table[c]) for c in label_columns}
     types.update(label_types or {})
     return _build_cohort(table, root, str(path), id_column, list(image_columns), seg_column,
                          map_columns, types)
+
+
+def sniff_delimiter(path: str | Path) -> str:
+    """The delimiter of a CSV file, from its header line: ``,`` ``;`` ``\\t`` or ``|`` (default ``,``)."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        head = fh.readline()
+    if not head.strip():
+        return ","
+    try:
+        return csv.Sniffer().sniff(head, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","
 
 
 def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,

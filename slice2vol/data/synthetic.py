@@ -224,7 +224,7 @@ def _resample_to(arr: np.ndarray, affine: np.ndarray, spacing: float, order: str
 
 def make_cohort(out_dir: str | Path, n_subjects: int | None = None, seed: int | None = None,
                 spacing: float | None = None, cfg: SynthConfig | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, **knobs) -> Path:
     """Writes the synthetic cohort (NIfTI + ``manifest.csv``) and returns the manifest path.
 
     Args:
@@ -232,9 +232,20 @@ def make_cohort(out_dir: str | Path, n_subjects: int | None = None, seed: int | 
         n_subjects, seed, spacing: shortcuts overriding ``cfg``.
         cfg: full generator config.
         progress: report progress (a bar on a terminal, log lines otherwise; :mod:`slice2vol.progress`).
+        **knobs: any other :class:`SynthConfig` field (e.g. ``lesion_radius_mm=(8, 16)``), so an
+            experiment config's ``cohort.synthetic`` mapping can set them.
+
+    Raises:
+        ValueError: a knob that is not a SynthConfig field.
     """
     cfg = cfg or SynthConfig()
-    overrides = {k: v for k, v in {"n_subjects": n_subjects, "seed": seed, "spacing": spacing}.items()
+    fields = {f.name for f in dataclasses.fields(SynthConfig)}
+    unknown = sorted(set(knobs) - fields)
+    if unknown:
+        raise ValueError(f"synthetic cohort: unknown setting(s) {unknown}; known: {sorted(fields)}")
+    if "lesion_radius_mm" in knobs:
+        knobs["lesion_radius_mm"] = tuple(float(v) for v in knobs["lesion_radius_mm"])
+    overrides = {k: v for k, v in {"n_subjects": n_subjects, "seed": seed, "spacing": spacing, **knobs}.items()
                  if v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     out = Path(out_dir)
@@ -244,7 +255,7 @@ def make_cohort(out_dir: str | Path, n_subjects: int | None = None, seed: int | 
     rows = []
     from slice2vol.progress import track
 
-    for i in track(range(cfg.n_subjects), desc="synth", unit="subject", enabled=progress):
+    for i in track(range(cfg.n_subjects), desc="synth", unit="subjects", enabled=progress):
         subject = make_subject(template, cfg, i)
         sid = f"synth-{cfg.seed:02d}-{i:03d}"
         affine = template.affine

@@ -391,7 +391,7 @@ def summary_grid(results: Mapping) -> tuple[list[tuple[str, int]], list[str], li
         group.append((f"{label}: {metric_name(first['metric'])}{arrow}" + (f" ({how})" if how else ""), 5))
         header += [metric_name(first["metric"]), "95% CI", "Δ vs ref", "95% CI of Δ", "p (Holm)"]
         if first.get("estimate_kind") == "fold_mean":
-            notes.append(f"{label}: mean over folds (not pooled), CI over folds.")
+            notes.append(f"{label}: {metric_name(first['metric'])} is the mean over test folds, not the pooled value.")
     kinds = {n: (info or {}).get("kind", "") for n, info in (results.get("sets") or {}).items()}
     body = []
     for name in _set_order(results):
@@ -415,6 +415,37 @@ def summary_grid(results: Mapping) -> tuple[list[tuple[str, int]], list[str], li
                     _num(_fmt_p(s.get("p_holm")))]
         body.append(row)
     return group, header, body, notes
+
+
+#: above this many labels the summary is a long table (label, encoder) instead of an encoder x label grid
+GRID_MAX_LABELS = 3
+
+
+def summary_long(results: Mapping) -> tuple[list[str], list[list[_Cell]]]:
+    """The summary as one row per (label, encoder), for runs with many labels (a grid would not fit)."""
+    reference = results.get("reference")
+    kinds = {n: (info or {}).get("kind", "") for n, info in (results.get("sets") or {}).items()}
+    order = {name: i for i, name in enumerate(_set_order(results))}
+    header = ["label", "metric", "encoder", "kind", "estimate", "95% CI", "Δ vs ref", "95% CI of Δ", "p (Holm)"]
+    body = []
+    for label in dict.fromkeys(s["label"] for s in results["summary"]):
+        rows = sorted((s for s in results["summary"] if s["label"] == label), key=lambda s: order.get(s["encoder"], 0))
+        for i, s in enumerate(rows):
+            how = " ".join(str(x) for x in (s.get("task"), s.get("variant")) if x)
+            metric = metric_name(s["metric"]) + (" ↓" if s.get("lower_is_better") else " ↑") + (f" ({how})" if how else "")
+            line = [_Cell(label if i == 0 else "", "name"), _Cell(metric if i == 0 else ""),
+                    _Cell(s["encoder"] + (" (reference)" if s["encoder"] == reference else ""), "name"),
+                    _Cell(kinds.get(s["encoder"]) or ""), _num(_fmt(s["estimate"])),
+                    _num(_fmt_ci(s["ci_low"], s["ci_high"]), "ci")]
+            if s["encoder"] == reference:
+                line += [_num("ref", "muted"), _num("", "ci"), _num("")]
+            else:
+                cls = {1: "better", -1: "worse", 0: ""}[_separated(s)]
+                line += [_num(_fmt_delta(s.get("delta")), cls),
+                         _num(_fmt_ci(s.get("delta_ci_low"), s.get("delta_ci_high")), "ci " + cls),
+                         _num(_fmt_p(s.get("p_holm")))]
+            body.append(line)
+    return header, body
 
 
 def detail_tables(rows: Sequence[Mapping]) -> list[tuple[str, list[tuple[str, int]], list[str], list[list[_Cell]]]]:
@@ -513,7 +544,9 @@ def notices(results: Mapping) -> list[str]:
         lines.append(text)
     wanted = (results.get("config") or {}).get("reference")
     used = results.get("reference")
-    if wanted and wanted != used and not any(e.get("name") == wanted for e in results.get("skipped") or []):
+    # a producer that lists the substitution itself (name "X" or "reference X") is not repeated
+    listed = any(wanted and wanted in str(e.get("name", "")).split() for e in results.get("skipped") or [])
+    if wanted and wanted != used and not listed:
         lines.append(f"reference: the config names {wanted}, the comparisons use {used}")
     for failure in (results.get("cohort") or {}).get("failures") or []:
         lines.append(f"cohort: {failure}")
@@ -569,11 +602,10 @@ dl.prov dt{font-weight:600}dl.prov dd{margin:0;font-family:ui-monospace,monospac
 pre{background:#f6f6f6;padding:0.8em;font-size:12px;overflow-x:auto}
 """
 
-_LEGEND = ("Estimates: pooled out-of-fold predictions over all subjects (averaged over repeats) with a "
-           "subject-level bootstrap 95% CI. Δ = metric(encoder) − metric(reference) on the same subjects and "
-           "splits, paired bootstrap 95% CI; p: two-sided paired permutation test, Holm-adjusted over the "
-           "comparisons of the run. ↑ higher is better, ↓ lower is better. Green: the CI of Δ lies wholly on the "
-           "better side of 0; red: wholly on the worse side.")
+_LEGEND = ("Each estimate comes with its 95% CI (how each is computed: see the notes above). Δ = metric(encoder) "
+           "− metric(reference) on the same subjects and splits, with its paired 95% CI; p: paired test, "
+           "Holm-adjusted over the comparisons of the run. ↑ higher is better, ↓ lower is better. Green: the CI of "
+           "Δ lies wholly on the better side of 0; red: wholly on the worse side.")
 
 
 def _img_tag(out: Path, fig: Mapping) -> str:
@@ -604,13 +636,15 @@ def _render_html(results: Mapping, out: Path) -> str:
              f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head><body>",
              f"<h1>{_esc(title)}</h1>"]
     cohort = results.get("cohort") or {}
-    if cohort.get("n_subjects") is not None:
+    notes = [str(n) for n in results.get("notes") or []]
+    if cohort.get("n_subjects") is not None and not any(n.startswith("Cohort") for n in notes):
         labels = cohort.get("labels") or {}
         parts.append(f"<p class='note'>Cohort: {_esc(cohort['n_subjects'])} subjects; labels "
                      + _esc(", ".join(f"{k} ({v})" for k, v in labels.items()) or "–")
                      + f". Reference for Δ: <b>{_esc(results.get('reference') or 'none')}</b>.</p>")
-    parts += [f"<p class='note'>{_esc(n)}</p>" for n in results.get("notes") or []]
     box = notices(results)
+    # the box below lists skipped entries; a producer's note repeating them is left out
+    parts += [f"<p class='note'>{_esc(n)}</p>" for n in notes if not (box and n.startswith("Skipped"))]
     if box:
         parts.append("<div class='box' id='skipped'><h2>Skipped or substituted</h2><ul>"
                      + "".join(f"<li>{_esc(line)}</li>" for line in box) + "</ul></div>")
@@ -619,6 +653,9 @@ def _render_html(results: Mapping, out: Path) -> str:
                      "or substituted.</div>")
     if results["summary"]:
         group, header, body, foot = summary_grid(results)
+        if len(group) - 2 > GRID_MAX_LABELS:
+            header, body = summary_long(results)
+            group = None
         parts.append("<h2 id='summary'>Summary</h2><div class='scroll'>"
                      + _html_table(header, body, group_header=group, cls="summary") + "</div>")
         parts += [f"<p class='legend'>{_esc(n)}</p>" for n in foot]

@@ -88,3 +88,31 @@ def test_ixi_manifest_loads_as_is(ixi_manifest):
     assert len(cohort) == 48 and cohort.modalities == ["t1"]
     assert all(s.seg is not None and s.seg.exists() for s in cohort.subjects)
     assert set(cohort.labels()["sex"]) == {"F", "M"}
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|"])
+def test_delimiter_is_sniffed(tmp_path, sep):
+    """Spreadsheets in many locales save CSV with ';' (issue 14 point 7)."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("\ufeff" + sep.join(["subject_id", "t1", "age"]) + "\n"
+                   + sep.join(["a", "img/a.nii.gz", "31.5"]) + "\n" + sep.join(["b", "img/b.nii.gz", "40.25"]) + "\n",
+                   encoding="utf-8")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"] and cohort.modalities == ["t1"]
+    assert cohort.label_types == {"age": "continuous"} and not cohort.failures
+
+
+def test_header_only_manifest_says_so(tmp_path):
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,age\n")
+    with pytest.raises(ManifestError, match=r"m\.csv: the manifest has a header \(subject_id, t1, age\) but no subject rows"):
+        load_manifest(csv)
+
+
+def test_no_image_column_names_the_rule(tmp_path):
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,age\na,a.png,3\n")
+    with pytest.raises(ManifestError, match=r"no image column: no column other than 'subject_id' holds only paths "
+                                            r"ending in \.nii or \.nii\.gz"):
+        load_manifest(csv)

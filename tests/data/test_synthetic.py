@@ -68,3 +68,12 @@ def test_coarse_spacing_keeps_small_lesions(tmp_path):
         volume = load_subject(subject)
         assert volume.spacing == pytest.approx((4.0, 4.0, 4.0), abs=0.1)
         assert bool(volume.maps["lesion_mask"].any()) == bool(subject.labels["lesion"])
+
+
+def test_generator_knobs_from_an_experiment_config(tmp_path):
+    """``cohort.synthetic`` mappings pass SynthConfig fields through make_cohort; typos are refused."""
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['lesion_size'\]"):
+        make_cohort(tmp_path, n_subjects=2, lesion_size=3)
+    manifest = make_cohort(tmp_path, n_subjects=2, seed=3, progress=False, lesion_radius_mm=[9, 12], noise=0.01)
+    readme = (manifest.parent / "README.md").read_text()
+    assert "'lesion_radius_mm': (9.0, 12.0)" in readme and "'noise': 0.01" in readme

@@ -319,3 +319,35 @@ def test_save_figure_raises_low_dpi(tmp_path):
     with Image.open(png) as im:
         assert im.info["dpi"][0] >= 149.9
     assert svg.exists() and svg.suffix == ".svg"
+
+
+def test_many_labels_give_a_long_summary(tmp_path, results):
+    """Four labels would make a 22-column grid: the summary becomes one row per (label, encoder)."""
+    res = results[0]
+    extra = []
+    for label in ("site", "ventricles"):
+        for s in res["summary"]:
+            if s["label"] == "lesion":
+                extra.append({**s, "label": label})
+    res["summary"] = res["summary"] + extra
+    html = write_report(tmp_path, res)["report.html"].read_text()
+    summary = html.split("<h2 id='summary'>Summary</h2>", 1)[1].split("</table>", 1)[0]
+    parsed = _Cells()
+    parsed.feed(summary)
+    assert parsed.cells[:9] == ["label", "metric", "encoder", "kind", "estimate", "95% CI", "Δ vs ref", "95% CI of Δ",
+                                "p (Holm)"]
+    assert summary.count("<tr>") == 1 + 4 * 3  # header + 4 labels x 3 encoders
+    i = parsed.cells.index("ventricles")
+    assert parsed.cells[i + 2:i + 9] == ["imagenet-mnv2/mean (reference)", "2d", "0.930", "[0.860, 0.980]", "ref", "",
+                                         ""]
+
+
+def test_a_listed_substitution_is_not_repeated(tmp_path, results):
+    res = results[0]
+    res["config"]["reference"] = "imagenet-effnet/mean"
+    res["skipped"] = [{"name": "reference imagenet-effnet/mean", "reason": "not an embedding set of this run",
+                       "substitute": "imagenet-mnv2/mean"}]
+    html = write_report(tmp_path, res)["report.html"].read_text()
+    assert "reference imagenet-effnet/mean: skipped — not an embedding set of this run; replaced by " \
+           "imagenet-mnv2/mean" in html
+    assert "the config names" not in html
