@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from slice2vol.eval.experiment import ExperimentConfig, IntegrationError, expand
-from slice2vol.eval.splits import SubjectSplits, load_or_make_splits
+from slice2vol.eval.splits import SubjectSplits, definition_hash, load_or_make_splits, split_definition
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,10 @@ def make_label_splits(labels, label_types: Mapping[str, str], subject_sets: list
         groups = None
         if cfg.splits.group:
             groups = labels[cfg.splits.group].reindex(common).astype(str).to_numpy()
-        path = split_dir / f"{safe_name(label)}.json"
-        splits = load_or_make_splits(path, common, y, kind, groups=groups, cfg=cfg.splits)
+        # the file name carries the definition: another group/bins/label/values never reuses old folds
+        definition = split_definition(common, y, kind, groups, cfg.splits, label)
+        path = split_dir / f"{safe_name(label)}-{definition_hash(definition)}.json"
+        splits = load_or_make_splits(path, common, y, kind, groups=groups, cfg=cfg.splits, label=label)
         ids = splits.subject_ids
         y = column.reindex(ids).to_numpy()
         y = y.astype(np.float64) if kind == "continuous" else y.astype(str)

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import yaml
 
@@ -52,10 +52,19 @@ class CohortSection:
 @dataclass
 class Encoder2DEntry:
     """A 2D encoder applied slice-wise. ``name`` labels it in tables; ``aggregators`` are
-    ``slice2vol.aggregate`` methods, each giving one volume-embedding set ``<name>/<aggregator>``."""
+    ``slice2vol.aggregate`` methods, each giving one volume-embedding set ``<name>/<aggregator>``.
+
+    Trainable aggregators (``mil``, ``transformer``, ``head3d``, ``fusion`` with a trainable base or
+    plane attention) are fitted inside each training fold (supervised on the evaluated label unless
+    their ``objective`` is ``contrastive``). ``aggregator_params.<method>.train_ids`` fits once on
+    those subjects instead; the leakage guard refuses it when they are test subjects.
+    ``store``: use an existing slice-feature store (written by ``slice2vol cache``) instead of
+    caching with ``key``/``weights``.
+    """
 
     name: str
-    key: str
+    key: str = ""
+    store: str | None = None
     weights: str = "random"
     kwargs: dict = field(default_factory=dict)
     aggregators: list[str] = field(default_factory=lambda: ["mean"])
@@ -70,12 +79,88 @@ class Encoder2DEntry:
 
 @dataclass
 class Encoder3DEntry:
-    """A native-3D baseline: a checkpoint, or an SSL pretraining run (``ssl``: SSLConfig fields)."""
+    """A native-3D encoder: a registered network (``key``, see :mod:`slice2vol.encoders3d`), an SSL
+    checkpoint, or an SSL pretraining run (``ssl``: SSLConfig fields).
+
+    Attributes:
+        key, weights, kwargs: ``build_encoder3d(key, weights, **kwargs)``; ``sliding_window``: options of
+            ``embed_cohort3d`` (None: whole volume).
+        checkpoint: an SSL run's ``last`` checkpoint.
+        ssl: pretrain this SSL config (label-free) before embedding.
+        pretrain_on: subjects of that pretraining: ``cohort`` (every subject, test subjects' images
+            included — disclosed in the report), ``training_folds`` (refitted on each training fold:
+            no test image is ever seen) or ``manifest`` (``pretrain_manifest``, another cohort).
+        input_size: grid the SSL encoder embeds whole volumes at.
+    """
 
     name: str
+    key: str | None = None
+    weights: str = "random"
+    kwargs: dict = field(default_factory=dict)
+    sliding_window: dict | None = None
     checkpoint: str | None = None
     ssl: dict = field(default_factory=dict)
+    pretrain_on: Literal["cohort", "training_folds", "manifest"] = "cohort"
+    pretrain_manifest: str | None = None
     input_size: tuple[int, int, int] = (64, 64, 64)
+
+
+@dataclass
+class FinetuneEntry:
+    """A 2D encoder fine-tuned on each training fold (``slice2vol.finetune``), then cached and pooled.
+
+    Attributes:
+        name: set name (the set is ``<name>/<aggregator>``).
+        finetune: :class:`slice2vol.finetune.FinetuneConfig` fields (encoder, weights, mode, objective, ...);
+            a ``supervised`` objective is trained on the evaluated label of each fold.
+        aggregator: parameter-free pooling of the fine-tuned slice features.
+        batch_size, dtype: caching options.
+    """
+
+    name: str
+    finetune: dict = field(default_factory=dict)
+    aggregator: str = "mean"
+    batch_size: int = 32
+    dtype: str = "float32"
+
+
+@dataclass
+class BaselineConfig:
+    """Attributes:
+    sets: computed baselines (``head_volume``, ``brain_volume``, ``intensities``; see
+        :mod:`slice2vol.eval.baselines`).
+    intensity_grid: side of the pooled lattice of ``intensities``.
+    chance: add a ``chance`` row (stratified dummy / training mean) to every probe table.
+    """
+
+    sets: list[str] = field(default_factory=list)
+    intensity_grid: int = 8
+    chance: bool = True
+
+
+@dataclass
+class FeaturesEntry:
+    """Brought-in features joined as an embedding set (see :func:`slice2vol.eval.baselines.read_features`).
+
+    Attributes:
+        name: the set's name in tables.
+        path: CSV or ``.npz`` (``ids``, ``X``); ``${VAR:-default}`` expanded, relative to the repository.
+        id_column: CSV column holding subject IDs.
+        columns: CSV columns to use (default: every column but the ID and ``exclude``).
+        exclude: CSV columns to leave out.
+        log: take log1p of the values (volumes spanning orders of magnitude).
+        fitted_on, fitted_labels: subjects (and labels) a model behind these features was fitted on,
+            for the leakage guard.
+    """
+
+    name: str
+    path: str
+    id_column: str = "subject_id"
+    columns: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    log: bool = False
+    fitted_on: list[str] | None = None
+    fitted_labels: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +173,9 @@ class ExperimentConfig:
     slices: SliceConfig = field(default_factory=SliceConfig)
     encoders: list[Encoder2DEntry] = field(default_factory=list)
     encoders3d: list[Encoder3DEntry] = field(default_factory=list)
+    finetune: list[FinetuneEntry] = field(default_factory=list)
+    features: list[FeaturesEntry] = field(default_factory=list)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
     tasks: list[str] = field(default_factory=lambda: ["knn", "linear", "segmentation", "anomaly"])
     splits: SplitConfig = field(default_factory=SplitConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
@@ -96,6 +184,8 @@ class ExperimentConfig:
     segmentation: SegConfig = field(default_factory=SegConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     reference: str | None = None
+    # headline estimate of each metric: auto (fold mean for ROC AUC, pooled otherwise), pooled, fold_mean
+    headline_estimate: Literal["auto", "pooled", "fold_mean"] = "auto"
     n_bootstrap: int = 1000
     n_permutations: int = 1000
     plots: list[str] = field(default_factory=lambda: ["umap", "tsne"])
@@ -158,12 +248,23 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
     for key in [k for k in data if k not in fields and k in TASKS]:
         params[key] = data.pop(key) or {}
     data["task_params"] = params
+    if isinstance(data.get("features"), dict):  # a single `features: {path: ..., id_column: ...}` block
+        block = dict(data["features"])
+        block.setdefault("name", Path(str(block.get("path", "features"))).stem)
+        data["features"] = [block]
     # through the module attribute, so a caller (or a test spy) sees every config this job builds
     cfg = _config.from_dict(ExperimentConfig, data, str(path))
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"{path}: unknown task(s) {unknown}; known: {sorted(TASKS)}")
-    names = [e.name for e in cfg.encoders] + [e.name for e in cfg.encoders3d]
+    names = ([e.name for e in cfg.encoders] + [e.name for e in cfg.encoders3d] + [e.name for e in cfg.finetune]
+             + [e.name for e in cfg.features] + list(cfg.baselines.sets) + (["chance"] if cfg.baselines.chance else []))
     if len(set(names)) != len(names):
-        raise ConfigError(f"{path}: encoder names must be unique, got {names}")
+        raise ConfigError(f"{path}: set and encoder names must be unique, got {names}")
+    for entry in cfg.encoders:
+        if not entry.key and not entry.store:
+            raise ConfigError(f"{path}: encoder {entry.name!r} needs a key (with weights) or a store")
+    for entry in cfg.encoders3d:
+        if entry.pretrain_on == "manifest" and not entry.pretrain_manifest:
+            raise ConfigError(f"{path}: encoders3d {entry.name!r}: pretrain_on=manifest needs pretrain_manifest")
     return cfg, repo_root_of(path)

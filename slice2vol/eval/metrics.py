@@ -21,14 +21,23 @@ LOWER_IS_BETTER = {"mae", "rmse"}
 
 
 def _binary_auc(pos: np.ndarray, score: np.ndarray) -> float:
-    """Mann-Whitney AUC with ties counted half; NaN when one class is absent."""
-    from scipy.stats import rankdata
+    """Mann-Whitney AUC with ties counted half; NaN when one class is absent.
 
+    Average ranks by one stable sort (what ``scipy.stats.rankdata`` computes, ~3x faster here: the
+    bootstrap and permutation tests call this 10^4-10^5 times per table).
+    """
+    pos = np.asarray(pos, dtype=bool)
+    score = np.asarray(score)
     n_pos = int(pos.sum())
     n_neg = len(pos) - n_pos
     if n_pos == 0 or n_neg == 0:
         return math.nan
-    ranks = rankdata(score)
+    order = np.argsort(score, kind="mergesort")
+    ordered = score[order]
+    start = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    counts = np.diff(np.r_[start, len(ordered)])
+    ranks = np.empty(len(ordered))
+    ranks[order] = np.repeat(start + (counts + 1) / 2.0, counts)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

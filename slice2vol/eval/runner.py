@@ -35,8 +35,9 @@ from slice2vol.eval.cohort import labels_of, make_label_splits, resolve_cohort
 from slice2vol.eval.estimates import add_holm, primary_metric, summary
 from slice2vol.eval.experiment import (CohortSection, Encoder2DEntry, Encoder3DEntry, ExperimentConfig,  # noqa: F401
                                        IntegrationError, expand, load_experiment, repo_root_of)
+from slice2vol.eval.leakage import check_leakage, describe, tested_subjects
 from slice2vol.eval.resultcache import ResultCache, code_version
-from slice2vol.eval.sets import EmbeddingSet, build_2d_sets, build_3d_sets, weights_file_missing  # noqa: F401
+from slice2vol.eval.sets import EmbeddingSet, build_2d_sets, weights_file_missing  # noqa: F401
 from slice2vol.eval.tasks import get_task
 from slice2vol.eval.tasks.base import TaskContext
 
@@ -74,10 +75,10 @@ def _versions() -> dict:
     return {"slice2vol": slice2vol.__version__, "eval_code": code_version(), **versions}
 
 
-def _set_entry(es: EmbeddingSet, frames: Mapping, n_cohort: int) -> dict:
+def _set_entry(es: EmbeddingSet) -> dict:
     """The disclosure of one set in ``results["sets"]``."""
     prov = es.provenance or {}
-    entry = {"kind": es.kind, "n": len(es.ids), "dim": es.dim, "fitted": None, "pretraining": None}
+    entry = {"kind": es.kind, "n": len(es.ids), "dim": es.dim, "fitted": es.fitted, "pretraining": es.pretraining}
     key = getattr(es.entry, "key", None) or prov.get("encoder_key")
     if key:
         entry["encoder_key"] = key
@@ -86,12 +87,41 @@ def _set_entry(es: EmbeddingSet, frames: Mapping, n_cohort: int) -> dict:
     sha = prov.get("weights_sha256") or (prov.get("store_provenance") or {}).get("weights_sha256")
     if sha:
         entry["weights_sha256"] = sha
-    if es.kind == "3d" and getattr(es.entry, "ssl", None) and not getattr(es.entry, "checkpoint", None):
-        tested = set().union(*(set(s for f in fr.splits.folds for s in f.test) for fr in frames.values())) \
-            if frames else set()
-        entry["pretraining"] = {"n_subjects": n_cohort, "n_in_test_folds": len(tested & set(es.ids)),
-                                "labels": False, "source": "this cohort (all subjects, images only)"}
+    note = prov.get("baseline") or prov.get("chance") or (f"brought in from {Path(prov['source']).name} "
+                                                           f"({prov.get('n_columns')} columns)" if prov.get("source") else None)
+    if note:
+        entry["note"] = note
     return entry
+
+
+def build_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, out: Path, cache: ResultCache,
+               progress: bool, timings: dict) -> tuple[dict, dict, list[str], list[dict]]:
+    """Every embedding set of the experiment: 2D entries, 3D entries, fine-tuning entries, brought-in
+    features, computed baselines and chance -> (sets, 3D modules, failures, skipped entries)."""
+    from slice2vol.eval.baselines import chance_set, compute_baselines, read_features
+    from slice2vol.eval.finetuned import FoldFinetunedEncoder
+    from slice2vol.eval.sets3d import build_3d_sets
+
+    store_dir = Path(expand(cfg.store_dir, base)) if cfg.store_dir else out / "stores"
+    store_dir.mkdir(parents=True, exist_ok=True)
+    skipped: list[dict] = []
+    sets, failures = build_2d_sets(cfg, cohort, base, store_dir, progress, timings, cache) if cfg.encoders else ({}, [])
+    sets3d, models3d, fails3d = build_3d_sets(cfg, cohort, manifest, base, store_dir, out, progress, timings, cache)
+    sets.update(sets3d)
+    failures += fails3d
+    for entry in cfg.finetune:
+        es = FoldFinetunedEncoder(entry, cfg, cohort, base, out, progress, cache)
+        sets[es.name] = es
+    for entry in cfg.features:
+        sets[entry.name] = read_features(entry, Path(expand(entry.path, base)), list(cohort.ids))
+    if cfg.baselines.sets:
+        computed, missed = compute_baselines(list(cfg.baselines.sets), cohort, cfg.volume, cfg.baselines, cache,
+                                             progress, timings)
+        sets.update(computed)
+        skipped += missed
+    if cfg.baselines.chance and sets:
+        sets["chance"] = chance_set(list(cohort.ids))
+    return sets, models3d, failures, skipped
 
 
 def _legacy_report(write_report, out: Path, results: dict) -> dict:
@@ -104,7 +134,7 @@ def _legacy_report(write_report, out: Path, results: dict) -> dict:
                         extra=extra)
 
 
-def _notes(cfg: ExperimentConfig, n: int, manifest, label_types, reference, skipped) -> list[str]:
+def _notes(cfg: ExperimentConfig, n: int, manifest, label_types, reference, skipped, set_entries) -> list[str]:
     notes = [
         f"Cohort: {n} subjects ({manifest}). Labels: " + ", ".join(f"{k} ({v})" for k, v in label_types.items()) + ".",
         f"Protocol: subject-level {cfg.splits.n_folds}-fold cross-validation x {cfg.splits.n_repeats} repeat(s) "
@@ -119,6 +149,7 @@ def _notes(cfg: ExperimentConfig, n: int, manifest, label_types, reference, skip
         "Holm-adjusted over the comparisons of one table.",
         f"Reference set for paired tests: {reference}.",
     ]
+    notes += [line for name, entry in set_entries.items() if (line := describe(name, entry))]
     notes += [f"Skipped: {s['name']}: {s['reason']}" + (f" (substitute: {s['substitute']})" if s.get("substitute")
                                                        else "") for s in skipped]
     return notes
@@ -163,26 +194,22 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    store_dir = Path(expand(cfg.store_dir, base)) if cfg.store_dir else out / "stores"
-    store_dir.mkdir(parents=True, exist_ok=True)
     cache = ResultCache(out / "cache")
     timings: dict[str, float] = {}
+    t0 = time.time()
     cohort, manifest = resolve_cohort(cfg, base, out)
     labels, label_types = labels_of(cohort, cfg)
+    timings["cohort"] = round(time.time() - t0, 2)
     log.info("cohort: %d subjects from %s; labels %s", len(cohort), manifest, label_types)
-
-    skipped: list[dict] = []
     absent = [e for e in cfg.encoders if e.optional and weights_file_missing(e, base)]
     for entry in absent:
         log.warning("%s: weights %s not found; skipping this optional encoder", entry.name, expand(entry.weights, base))
-        skipped.append({"name": entry.name, "reason": f"weights file {expand(entry.weights, base)} not found",
-                        "substitute": None})
     cfg = dataclasses.replace(cfg, encoders=[e for e in cfg.encoders if e not in absent])
-    sets, failures = (build_2d_sets(cfg, cohort, base, store_dir, progress, timings) if cfg.encoders else ({}, []))
-    sets3d, models3d = build_3d_sets(cfg, cohort, manifest, base, store_dir, out, progress, timings)
-    sets.update(sets3d)
+    sets, models3d, failures, skipped = build_sets(cfg, cohort, manifest, base, out, cache, progress, timings)
+    skipped = [{"name": e.name, "reason": f"weights file {expand(e.weights, base)} not found", "substitute": None}
+               for e in absent] + skipped
     if not sets:
-        raise ValueError("no embedding set: list encoders and/or encoders3d in the config")
+        raise ValueError("no embedding set: list encoders, encoders3d, finetune, features or baselines in the config")
     names = list(sets)
     reference = cfg.reference if cfg.reference in sets else names[0]
     if cfg.reference and cfg.reference not in sets:
@@ -190,6 +217,11 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
         skipped.append({"name": f"reference {cfg.reference}", "reason": "not an embedding set of this run",
                         "substitute": reference})
     frames = make_label_splits(labels, label_types, [set(es.ids) for es in sets.values()], cfg, out / "splits")
+    tested = tested_subjects(frames)
+    for es in sets.values():
+        if es.pretraining is not None:
+            es.pretraining["n_in_test_folds"] = len(set(es.fit_subjects) & tested)
+    check_leakage(sets, frames)
     ctx = TaskContext(cfg=cfg, base=base, out=out, cohort=cohort, manifest=manifest, labels=labels,
                       label_types=label_types, frames=frames, sets=sets, reference=reference, models3d=models3d,
                       cache=cache, progress=progress, timings=timings)
@@ -204,6 +236,9 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
         skipped += res.skipped
         if res.extras:
             extras[name] = res.extras
+    for name, es in sets.items():
+        if getattr(es, "fit_seconds", 0):
+            timings[f"fold-fitting:{name}"] = round(es.fit_seconds, 2)
     add_holm(paired)
     t0 = time.time()
     figures = probe_figures(ctx, rows) + figures
@@ -214,10 +249,11 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
         task = get_task(primary_task)
         primary = {label: (primary_task, task.primary_variant(ctx, fr.kind), primary_metric(fr.kind))
                    for label, fr in frames.items()}
+    set_entries = {n: _set_entry(es) for n, es in sets.items()}
     timings["total"] = round(time.time() - t_start, 2)
     results = {
         "schema": SCHEMA, "title": f"slice2vol benchmark: {cfg.name}", "config": to_dict(cfg),
-        "notes": _notes(cfg, len(cohort), manifest, label_types, reference, skipped),
+        "notes": _notes(cfg, len(cohort), manifest, label_types, reference, skipped, set_entries),
         "provenance": {"git_commit": _git_commit(base), "command_line": command_line or " ".join(
                            shlex.quote(a) for a in sys.argv), "config_file": config_path, "manifest": str(manifest),
                        "manifest_sha256": _sha256(manifest), "versions": _versions(), "started": started,
@@ -225,7 +261,7 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
         "cohort": {"n_subjects": len(cohort), "labels": dict(label_types),
                    "failures": [str(f) for f in cohort.failures] + failures},
         "reference": reference,
-        "sets": {n: _set_entry(es, frames, len(cohort)) for n, es in sets.items()},
+        "sets": set_entries,
         "skipped": skipped,
         "summary": summary(rows, paired, primary),
         "rows": rows, "paired": paired, "figures": figures, "tasks": extras,

@@ -1,4 +1,4 @@
-"""Stages 2-3 of a benchmark: volume-embedding sets (2D encoder + aggregator, native 3D).
+"""Stage 2 of a benchmark: volume-embedding sets of 2D encoders (slice features + aggregator).
 
 An :class:`EmbeddingSet` is what every probe task evaluates: one row per subject. A set answers
 ``fold_features(frame, fold)`` with the (train, test) rows of one fold, so a set whose embedding is
@@ -15,10 +15,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from slice2vol.config import config_hash, from_dict, to_dict
+from slice2vol.config import config_hash, to_dict
 from slice2vol.eval.cohort import safe_name
-from slice2vol.eval.experiment import (Encoder2DEntry, Encoder3DEntry, ExperimentConfig, IntegrationError, expand,
-                                       resolve_weights)
+from slice2vol.eval.experiment import Encoder2DEntry, ExperimentConfig, IntegrationError, expand, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,10 @@ class EmbeddingSet:
     provenance: dict = field(default_factory=dict)
     kind: str = "2d"
     entry: Any = None
+    # disclosure (results["sets"]): a model fitted for this set, label-free pretraining, and on whom
+    fitted: dict | None = None
+    pretraining: dict | None = None
+    fit_subjects: list = field(default_factory=list)
 
     @property
     def dim(self) -> int:
@@ -93,38 +96,75 @@ def store_path(store_dir: Path, entry: Encoder2DEntry, weights: str, cfg: Experi
     return store_dir / f"{safe_name(entry.name)}-{ident}.h5"
 
 
+def cached_store(entry: Encoder2DEntry, cfg: ExperimentConfig, cohort, base: Path, store_dir: Path,
+                 progress: bool) -> tuple[Path, list[str]]:
+    """The slice-feature store of a 2D entry: its own ``store``, or one cached now (missing subjects only)."""
+    from slice2vol.cache import FeatureStore
+
+    if entry.store:
+        path = Path(expand(entry.store, base))
+        if not FeatureStore(path, mode="r").exists():
+            raise FileNotFoundError(f"{path}: slice-feature store of encoder {entry.name!r} not found")
+        have = set(FeatureStore(path, mode="r").subjects())
+        return path, [f"{s}: not in the store {path}" for s in cohort.ids if s not in have]
+    try:
+        from slice2vol.extract import cache_cohort
+    except ImportError as err:
+        raise IntegrationError(f"2D encoders need slice2vol.extract ({err})") from None
+    weights = resolve_weights(entry.weights, base)
+    path = store_path(store_dir, entry, weights, cfg)
+    done = set(FeatureStore(path, mode="r").subjects()) if FeatureStore(path, mode="r").exists() else set()
+    todo = [s for s in cohort.ids if s not in done]
+    failures: list[str] = []
+    if todo:
+        log.info("%s: caching %d subject(s) into %s", entry.name, len(todo), path)
+        report = cache_cohort(cohort, entry.key, path, weights=weights, encoder_kwargs=dict(entry.kwargs),
+                              volume_cfg=cfg.volume, slice_cfg=cfg.slices, batch_size=entry.batch_size,
+                              device=cfg.device, save_tokens=entry.save_tokens, progress=progress, seed=cfg.seed,
+                              dtype=entry.dtype)
+        failures += [str(f) for f in getattr(report, "failures", [])]
+    return path, failures
+
+
 def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, progress: bool,
-                  timings: dict) -> tuple[dict[str, EmbeddingSet], list[str]]:
-    """Caches slice features and aggregates them, for every 2D entry; returns sets and failures."""
+                  timings: dict, cache=None) -> tuple[dict[str, EmbeddingSet], list[str]]:
+    """Caches slice features and aggregates them, for every 2D entry; returns sets and failures.
+
+    Parameter-free aggregators are computed once into the store. Trainable ones become
+    :class:`~slice2vol.eval.nested.FoldFittedAggregator` sets, fitted per training fold later, unless
+    their parameters name ``train_ids`` (then fitted once on those subjects, and disclosed).
+    """
     try:
         from slice2vol.aggregate import aggregate_store
         from slice2vol.cache import FeatureStore
-        from slice2vol.extract import cache_cohort
     except ImportError as err:
-        raise IntegrationError(f"2D encoders need slice2vol.extract, slice2vol.cache and slice2vol.aggregate "
-                               f"({err})") from None
+        raise IntegrationError(f"2D encoders need slice2vol.cache and slice2vol.aggregate ({err})") from None
+    from slice2vol.eval.leakage import disclosure_from_provenance
+    from slice2vol.eval.nested import FoldFittedAggregator, is_trainable
+
     sets: dict[str, EmbeddingSet] = {}
     failures: list[str] = []
+    cohort_ids = set(cohort.ids)
     for entry in cfg.encoders:
-        weights = resolve_weights(entry.weights, base)
-        path = store_path(store_dir, entry, weights, cfg)
         t0 = time.time()
-        store = FeatureStore(path, mode="r")
-        done = set(store.subjects()) if path.exists() else set()
-        todo = [s for s in cohort.ids if s not in done]
-        if todo:
-            log.info("%s: caching %d subject(s) into %s", entry.name, len(todo), path)
-            report = cache_cohort(cohort, entry.key, path, weights=weights, encoder_kwargs=dict(entry.kwargs),
-                                  volume_cfg=cfg.volume, slice_cfg=cfg.slices, batch_size=entry.batch_size,
-                                  device=cfg.device, save_tokens=entry.save_tokens, progress=progress, seed=cfg.seed,
-                                  dtype=entry.dtype)
-            failures += [str(f) for f in getattr(report, "failures", [])]
+        path, missing = cached_store(entry, cfg, cohort, base, store_dir, progress)
+        failures += missing
         timings[f"cache:{entry.name}"] = round(time.time() - t0, 2)
         store = FeatureStore(path, mode="r")
         feature_set = store.feature_set
+        weights = store.provenance.get("weights") if entry.store else resolve_weights(entry.weights, base)
+        key = entry.key or store.provenance.get("encoder_key") or store.provenance.get("encoder")
+        base_prov = {"store": str(path), "feature_set": feature_set, "encoder_key": key, "weights": weights,
+                     "store_provenance": _short_prov(store.provenance)}
         for agg in entry.aggregators:
             t0 = time.time()
             params = dict(entry.aggregator_params.get(agg, {})) if isinstance(entry.aggregator_params, dict) else {}
+            name = f"{entry.name}/{agg}"
+            if is_trainable(agg, params) and "train_ids" not in params:
+                ids = [s for s in store.subjects() if s in cohort_ids]
+                sets[name] = FoldFittedAggregator(name, path, agg, {k: v for k, v in params.items() if k != "label"},
+                                                  ids=ids, entry=entry, cache=cache, provenance=base_prov)
+                continue
             set_name = safe_name(agg)
             names = store.volume_embedding_names()
             fresh = False
@@ -140,12 +180,11 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
                 _annotate(path, set_name, params)
                 store = FeatureStore(path, mode="r")
             ids, X, prov = store.volume_embeddings(set_name)
-            timings[f"aggregate:{entry.name}/{agg}"] = round(time.time() - t0, 2)
-            name = f"{entry.name}/{agg}"
+            timings[f"aggregate:{name}"] = round(time.time() - t0, 2)
             check_degenerate(name, X)
-            prov = {**prov, "store": str(path), "feature_set": feature_set, "encoder_key": entry.key,
-                    "weights": weights, "store_provenance": _short_prov(store.provenance)}
-            sets[name] = EmbeddingSet(name, list(ids), X, prov, "2d", entry)
+            fitted, pretraining, fit_subjects = disclosure_from_provenance(prov)
+            sets[name] = EmbeddingSet(name, list(ids), X, {**prov, **base_prov}, "2d", entry, fitted=fitted,
+                                      pretraining=pretraining, fit_subjects=fit_subjects)
     return sets, failures
 
 
@@ -172,77 +211,3 @@ def _short_prov(prov: Mapping) -> dict:
     keep = ("encoder", "encoder_key", "weights", "weights_sha256", "state_sha256", "model_state_sha256",
             "volume_cfg", "slice_cfg", "encoder_info", "feature_set", "dtype")
     return {k: prov[k] for k in keep if k in prov} or dict(list(prov.items())[:12])
-
-
-def build_3d_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, store_dir: Path, out: Path,
-                  progress: bool, timings: dict) -> tuple[dict[str, EmbeddingSet], dict[str, Any]]:
-    """Loads or pretrains every 3D baseline and writes its volume embeddings (once)."""
-    sets: dict[str, EmbeddingSet] = {}
-    models: dict[str, Any] = {}
-    if not cfg.encoders3d:
-        return sets, models
-    try:
-        from slice2vol.cache import FeatureStore
-        from slice2vol.ssl import export as ssl_export
-    except ImportError as err:
-        raise IntegrationError(f"3D baselines need slice2vol.ssl.export and slice2vol.cache ({err}); "
-                               "remove encoders3d from the config to run without them") from None
-    for entry in cfg.encoders3d:
-        t0 = time.time()
-        ident = config_hash({"checkpoint": entry.checkpoint, "ssl": entry.ssl, "input_size": list(entry.input_size),
-                             "ids": cohort.ids})
-        path = store_dir / f"{safe_name(entry.name)}-{ident}.h5"
-        set_name = safe_name(entry.name)
-        store = FeatureStore(path, mode="r")
-        have = path.exists() and set_name in store.volume_embedding_names()
-        try:
-            model = load_or_train_3d(entry, cohort, manifest, base, out, progress)  # cheap once trained
-        except (ValueError, OSError, KeyError) as err:
-            if not have:
-                raise
-            # the embeddings are there; only the anomaly task needs the network itself
-            log.warning("%s: cannot load the 3D encoder (%s); its anomaly scores are skipped", entry.name, err)
-            model = None
-        if not have:
-            ssl_export.embed_cohort(model, cohort, path, set_name, input_size=tuple(entry.input_size),
-                                    progress=progress)
-            store = FeatureStore(path, mode="r")
-        ids, X, prov = store.volume_embeddings(set_name)
-        prov = {**prov, "store": str(path)}
-        sets[entry.name] = EmbeddingSet(entry.name, list(ids), X, prov, "3d", entry)
-        models[entry.name] = model
-        timings[f"3d:{entry.name}"] = round(time.time() - t0, 2)
-    return sets, models
-
-
-def load_or_train_3d(entry: Encoder3DEntry, cohort, manifest: Path, base: Path, out: Path, progress: bool):
-    """A 3D encoder module ``(B, C, X, Y, Z) -> (B, D)`` from a checkpoint or a short SSL run."""
-    try:
-        from slice2vol.ssl import export as ssl_export
-    except ImportError as err:  # pragma: no cover - checked by the caller
-        raise IntegrationError(str(err)) from None
-    loader = getattr(ssl_export, "load_encoder", None)
-    if entry.checkpoint:
-        if loader is None:
-            raise IntegrationError("slice2vol.ssl.export.load_encoder is missing: cannot load 3D checkpoints")
-        return loader(expand(entry.checkpoint, base))
-    ckpt_dir = out / "ssl" / f"{safe_name(entry.name)}-{config_hash(entry.ssl)}"  # a new config never resumes an old run
-    last = ckpt_dir / "last"
-    if last.exists() and loader is not None:
-        return loader(last)
-    try:
-        from slice2vol.ssl import train as ssl_train
-        from slice2vol.ssl.config import SSLConfig
-    except ImportError as err:
-        raise IntegrationError(f"3D pretraining needs slice2vol.ssl.train ({err}); give encoders3d[].checkpoint "
-                               "or remove the 3D baseline") from None
-    ssl_cfg = from_dict(SSLConfig, dict(entry.ssl), f"encoders3d.{entry.name}.ssl")
-    fn = getattr(ssl_train, "pretrain", None) or getattr(ssl_train, "train", None)
-    if fn is None:
-        raise IntegrationError("slice2vol.ssl.train has no pretrain()/train() function")
-    result = fn(ssl_cfg, manifest, ckpt_dir, progress=progress)
-    if loader is not None and last.exists():
-        return loader(last)
-    if hasattr(result, "forward"):
-        return result
-    raise IntegrationError(f"cannot obtain a 3D encoder from the SSL run in {ckpt_dir}")

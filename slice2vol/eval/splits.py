@@ -214,21 +214,59 @@ def make_splits(
     return splits
 
 
-def load_or_make_splits(path: str | Path, subject_ids: Sequence[str], y: Sequence | None, kind: str,
-                        *, groups: Sequence | None = None, cfg: SplitConfig | None = None) -> SubjectSplits:
-    """Reuses the splits saved at ``path`` when they cover exactly ``subject_ids``; else makes and saves.
+def split_definition(subject_ids: Sequence[str], y: Sequence | None, kind: str, groups: Sequence | None,
+                     cfg: SplitConfig, label: str | None = None) -> dict:
+    """Everything that defines a split: the settings, the label, its values, the groups, the subjects.
 
-    Every encoder of a comparison goes through the same file, so their scores are paired.
+    Two requests with the same definition get the same folds; any difference (another ``group``
+    column, other ``n_bins``, another label or corrected label values) is another split.
+    """
+    import hashlib
+
+    ids = [str(s) for s in subject_ids]
+    order = np.argsort(ids, kind="stable")
+
+    def digest(values) -> str | None:
+        if values is None:
+            return None
+        arr = np.asarray(values)
+        text = "\x1f".join(str(arr[i]) for i in order)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    return {"label": label, "kind": kind, "n_folds": cfg.n_folds, "n_repeats": cfg.n_repeats, "seed": cfg.seed,
+            "n_bins": cfg.n_bins, "group": cfg.group, "subjects": digest(ids), "target": digest(y),
+            "groups": digest(groups)}
+
+
+def definition_hash(definition: dict) -> str:
+    """Short hash of a :func:`split_definition` (used in split file names)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def load_or_make_splits(path: str | Path, subject_ids: Sequence[str], y: Sequence | None, kind: str,
+                        *, groups: Sequence | None = None, cfg: SplitConfig | None = None,
+                        label: str | None = None) -> SubjectSplits:
+    """Reuses the splits saved at ``path`` only when their full definition matches; else makes and saves.
+
+    The definition (:func:`split_definition`: settings, label, label values, groups, subjects) is
+    stored in the file's ``meta["definition"]``; a file without it or with another one is never
+    reused (it is replaced, with a warning). Every encoder of a comparison goes through the same
+    file, so their scores are paired. Callers that keep old splits name the file after
+    :func:`definition_hash`, so a changed definition gets a new file.
     """
     path = Path(path)
     cfg = cfg or SplitConfig()
+    definition = split_definition(subject_ids, y, kind, groups, cfg, label)
     if path.exists():
         saved = SubjectSplits.load(path)
-        same_cfg = all(saved.meta.get(k) == v for k, v in
-                       {"n_folds": cfg.n_folds, "n_repeats": cfg.n_repeats, "seed": cfg.seed}.items())
-        if sorted(saved.subject_ids) == sorted(map(str, subject_ids)) and same_cfg:
+        if saved.meta.get("definition") == definition:
             return saved
-        log.warning("%s: saved splits cover other subjects or settings; drawing new ones", path)
+        changed = sorted(k for k in definition if (saved.meta.get("definition") or {}).get(k) != definition[k])
+        log.warning("%s: saved splits were made with another definition (%s differ); drawing new ones", path,
+                    ", ".join(changed))
     splits = make_splits(subject_ids, y, kind, groups=groups, cfg=cfg)
+    splits.meta["definition"] = definition
     splits.save(path)
     return splits

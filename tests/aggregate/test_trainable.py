@@ -132,3 +132,21 @@ def test_head3d_reads_tokens_when_every_bag_has_them():
     agg = build_aggregator("head3d", channels=8, depth=1, **FAST).fit(bags, y)
     assert agg.uses_tokens_ and agg.module_.reduce.in_channels == 3
     assert (agg.predict(bags) == y).mean() == 1.0
+
+
+@pytest.mark.parametrize("num_threads", [1, None])
+def test_thread_setting_is_scoped_and_results_do_not_depend_on_it(data, num_threads):
+    """Fitting and embedding run with ``num_threads`` torch threads and restore the process setting."""
+    import torch
+
+    bags, y, _ = data
+    before = torch.get_num_threads()
+    seen = []
+    agg = build_aggregator("mil", hidden=8, epochs=2, num_threads=num_threads).fit(bags[:12], y[:12])
+    assert torch.get_num_threads() == before
+    agg.module_.pool.register_forward_hook(lambda m, i, o: seen.append(torch.get_num_threads()))
+    x = agg.transform(bags[12:16])
+    assert torch.get_num_threads() == before and seen
+    assert set(seen) == ({1} if num_threads == 1 else {before})
+    ref = build_aggregator("mil", hidden=8, epochs=2, num_threads=None).fit(bags[:12], y[:12]).transform(bags[12:16])
+    np.testing.assert_allclose(x, ref, atol=1e-5)

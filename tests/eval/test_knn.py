@@ -73,3 +73,21 @@ def test_cosine_neighbours_is_scale_invariant():
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(s1, s2, atol=1e-6)
     assert np.all(s1 <= 1 + 1e-6) and np.all(np.diff(s1, axis=1) <= 1e-6)
+
+
+def test_centring_uses_the_training_mean_and_equals_sklearn_on_centred_features():
+    x, y = clustered(seed=3)
+    x = x + 25.0  # one orthant, like pooled ReLU features: every cosine close to 1
+    xtr, ytr, xte = x[:80], y[:80], x[80:]
+    T = 0.07
+    ours = KNNProbe(ks=(10,), temperature=T, center=True).fit(xtr, ytr)
+    np.testing.assert_allclose(ours.mean_, xtr.mean(0), rtol=1e-6)  # the training fold's mean, not the test rows'
+    out = ours.predict(xte)
+    mean = xtr.mean(0)
+    ref = KNeighborsClassifier(10, metric="cosine", algorithm="brute",
+                               weights=lambda d: np.exp((1 - d) / T)).fit(xtr - mean, ytr)
+    np.testing.assert_allclose(out[(10, "weighted")], ref.predict_proba(xte - mean), atol=1e-5)
+    # why: un-centred, the temperature weights are ~uniform and "weighted" collapses onto "majority"
+    raw = KNNProbe(ks=(10,), temperature=T, center=False).fit(xtr, ytr).predict(xte)
+    assert np.abs(raw[(10, "weighted")] - raw[(10, "majority")]).max() < 0.05
+    assert np.abs(out[(10, "weighted")] - out[(10, "majority")]).max() > 0.2

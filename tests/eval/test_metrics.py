@@ -95,3 +95,49 @@ def test_paired_test_detects_a_better_encoder():
     assert res["delta"] < 0 and res["p_value"] < 0.01
     with pytest.raises(ValueError, match="shape"):
         paired_test(yc, np.zeros((1, 50)), np.zeros((2, 50)), metric_fn("mae", "continuous"))
+
+
+def test_holm_hand_computed_and_monotone():
+    from slice2vol.eval.metrics import holm
+
+    # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1 -> max(0.06, 0.04)=0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    out = holm([0.2, float("nan"), 0.01])
+    assert np.isnan(out[1]) and out[0] == pytest.approx(0.2) and out[2] == pytest.approx(0.02)  # m = 2 finite
+    rng = np.random.default_rng(0)
+    p = rng.random(12)
+    adj = np.asarray(holm(p))
+    assert np.all(adj >= p) and np.all(np.diff(adj[np.argsort(p)]) >= -1e-12)
+
+
+def test_fold_mean_auc_is_not_dragged_down_by_fold_offsets():
+    """Each fold ranks its own subjects perfectly but on its own scale: pooled AUC < 1, fold mean = 1."""
+    from slice2vol.eval.estimates import headline_kind
+    from slice2vol.eval.metrics import fold_index
+
+    y = np.array([0, 1] * 10)
+    fold = np.repeat(np.arange(5), 4)
+    score = 0.1 * y + 0.3 * fold  # later folds: everything shifted up
+    proba = np.stack([1 - score, score], -1)[None] / 1.6
+    fold_of = fold_index(20, [(0, np.flatnonzero(fold == k)) for k in range(5)])
+    fn = metric_fn("roc_auc", "categorical", [0, 1])
+    pooled, _, _ = bootstrap_ci(y, proba, fn, n_boot=50)
+    fold_mean, lo, hi = bootstrap_ci(y, proba, fn, n_boot=50, fold_of=fold_of)
+    assert pooled < 0.8 and fold_mean == 1.0 and lo == hi == 1.0
+    assert headline_kind("roc_auc") == "fold_mean" and headline_kind("mae") == "pooled"
+    assert headline_kind("roc_auc", "pooled") == "pooled"
+    # paired test on the fold-mean estimator: the same encoder twice gives p = 1, delta 0
+    res = paired_test(y, proba, proba.copy(), fn, n_boot=50, n_perm=50, fold_of=fold_of)
+    assert res["delta"] == 0 and res["p_value"] == pytest.approx(1.0)
+
+
+def test_numpy_auc_equals_sklearn_with_many_ties():
+    from slice2vol.eval.metrics import _binary_auc
+
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        y = rng.random(30) < 0.4
+        s = np.round(rng.random(30), 1)  # heavy ties
+        if y.any() and not y.all():
+            assert _binary_auc(y, s) == pytest.approx(skm.roc_auc_score(y, s))

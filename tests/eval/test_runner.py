@@ -35,12 +35,18 @@ def blob_cohort(root: Path, n: int = 12, shape=(24, 28, 20)) -> Path:
                      "score": round(core * 10, 3)})
     path = root / "manifest.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
+    # brought-in features: a "region volume" table (core size + noise), keyed by its own ID column
+    regions = pd.DataFrame({"MRID": [r["subject_id"] for r in rows], "core_mm3": [r["score"] * 100 for r in rows],
+                            "noise": rng.normal(size=n)})
+    regions.to_csv(root / "regions.csv", index=False)
     return path
 
 
 OVERRIDES = [
     "cohort.labels=[grp,score]",
-    "encoders=[{name: tiny, key: test/tiny_cnn, weights: random, dtype: float32, aggregators: [mean, max]}]",
+    "encoders=[{name: tiny, key: test/tiny_cnn, weights: random, dtype: float32, aggregators: [mean, max, mil],"
+    " aggregator_params: {mil: {hidden: 8, attn_dim: 4, epochs: 5}}}]",
+    "baselines={sets: [head_volume, brain_volume], chance: true}",
     "segmentation.structures={outer: [1], core: [2]}",
     "segmentation.epochs=10",
     "anomaly.max_subjects=8",
@@ -52,7 +58,8 @@ def test_bench_end_to_end_and_cached_rerun(tmp_path, capsys):
     manifest = blob_cohort(tmp_path / "data")
     out = tmp_path / "run"
     argv = ["bench", "--config", str(REPO / "configs/experiments/ci.yaml"), "--out", str(out), "--no-progress",
-            f"cohort.manifest={manifest}", *OVERRIDES]
+            f"cohort.manifest={manifest}", *OVERRIDES,
+            f"features={{path: {manifest.parent / 'regions.csv'}, id_column: MRID}}"]
     assert main(argv) == 0
     for name in ("report.html", "report.md", "results.csv", "paired.csv", "results.json"):
         assert (out / name).exists()
@@ -61,22 +68,39 @@ def test_bench_end_to_end_and_cached_rerun(tmp_path, capsys):
     tasks = {(r["task"], r["label"]) for r in rows}
     assert {("knn", "grp"), ("linear", "grp"), ("knn", "score"), ("linear", "score"), ("segmentation", "outer"),
             ("segmentation", "core"), ("anomaly", "subject-level"), ("anomaly", "slice-level")} <= tasks
-    assert set(data["sets"]) == {"tiny/mean", "tiny/max"}
+    sets = data["sets"]
+    assert set(sets) == {"tiny/mean", "tiny/max", "tiny/mil", "head_volume", "brain_volume", "regions", "chance"}
     assert data["reference"] == "tiny/mean" and data["schema"] == "slice2vol.results/2"
-    assert {p["encoder"] for p in data["paired"]} == {"tiny/max"}
+    assert sets["tiny/mil"]["fitted"] == {"what": "mil aggregator, supervised on the evaluated label",
+                                          "labels": ["grp", "score"], "scope": "inside folds"}
+    assert sets["tiny/mean"]["fitted"] is None and sets["regions"]["kind"] == "features"
+    assert (sets["chance"]["kind"], sets["head_volume"]["kind"]) == ("chance", "baseline")
+    # every other set is compared with the reference in every probe table, Holm-adjusted per table
+    assert {p["encoder"] for p in data["paired"] if p["task"] == "linear"} == set(sets) - {"tiny/mean"}
+    # k-NN on a 1-D feature is only its sign: skipped, and said so
+    assert {p["encoder"] for p in data["paired"] if p["task"] == "knn"} == set(sets) - {"tiny/mean", "head_volume",
+                                                                                         "brain_volume"}
+    assert any("head_volume" in s["name"] and "k-NN" in s["reason"] for s in data["skipped"])
     assert all(0 <= p["p_value"] <= p["p_holm"] <= 1 for p in data["paired"])
+    assert len(data["summary"]) == len(sets) * 2  # one row per set x label
+    chance = [r for r in rows if r["encoder"] == "chance" and r["metric"] == "roc_auc"]
+    assert {r["task"] for r in chance} == {"knn", "linear"} and all(0.2 < r["estimate"] < 0.8 for r in chance)
+    byo = [r["estimate"] for r in rows if r["encoder"] == "regions" and r["task"] == "linear" and r["metric"] == "roc_auc"]
+    assert byo and byo[0] > 0.8  # the core size separates the groups
     for r in rows:  # both estimators in every row, the headline says which
         assert {"pooled", "fold_mean", "estimate", "estimate_kind"} <= set(r)
         assert r["estimate"] == r[r["estimate_kind"]]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(data["figures"]) >= 7
     # the bright, larger core is an easy signal for the linear probe
-    auc = [r["estimate"] for r in rows if r["task"] == "linear" and r["label"] == "grp" and r["metric"] == "roc_auc"]
+    auc = [r["estimate"] for r in rows if r["task"] == "linear" and r["label"] == "grp" and r["metric"] == "roc_auc"
+           and r["encoder"].startswith("tiny/")]
     assert min(auc) > 0.8
     core = [r["estimate"] for r in rows if r["task"] == "segmentation" and r["label"] == "core"]
     assert min(core) > 0.3
     # same splits file for every encoder, subject-level
-    splits = json.loads((out / "splits" / "grp.json").read_text())
+    (split_file,) = (out / "splits").glob("grp-*.json")
+    splits = json.loads(split_file.read_text())
     assert sorted(splits["subject_ids"]) == [f"s{i:02d}" for i in range(12)]
     # rerun: everything cached, identical numbers
     t0 = time.time()
@@ -86,6 +110,7 @@ def test_bench_end_to_end_and_cached_rerun(tmp_path, capsys):
     rerun_rows = rerun.get("rows", rerun.get("results"))
     assert [r["estimate"] for r in rerun_rows] == [r["estimate"] for r in rows]
     assert rerun["provenance"]["timings_s"]["task:knn"] + rerun["provenance"]["timings_s"]["task:linear"] < 5
+    assert "fold-fitting:tiny/mil" not in rerun["provenance"]["timings_s"]  # fold fits come from the cache
 
 
 def test_config_errors_are_clear(tmp_path):

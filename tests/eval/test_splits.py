@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -98,3 +100,70 @@ def test_saved_splits_are_reused(tmp_path):
 def test_too_few_subjects():
     with pytest.raises(SplitError, match="cannot make"):
         make_splits(IDS[:3], None, cfg=SplitConfig(n_folds=5))
+
+
+def _frame_inputs(n=40):
+    import pandas as pd
+
+    ids = [f"sub-{i:02d}" for i in range(n)]
+    labels = pd.DataFrame({"sex": ["F", "M"] * (n // 2), "age": np.linspace(20, 80, n),
+                           "site": [f"site{i % 5}" for i in range(n)]}, index=pd.Index(ids, name="subject_id"))
+    return ids, labels
+
+
+@pytest.mark.parametrize("change", ["group", "bins", "label_values", "n_folds"])
+def test_a_changed_split_definition_never_reuses_the_old_file(tmp_path, change):
+    """The runner's path: another group column, bins, label values or fold count -> another file, new folds."""
+    from slice2vol.eval.cohort import make_label_splits
+
+    ids, labels = _frame_inputs()
+    cfg = ExperimentConfig(splits=SplitConfig(n_folds=4, n_bins=4))
+    first = make_label_splits(labels, {"age": "continuous"}, [set(ids)], cfg, tmp_path)["age"]
+    if change == "group":
+        cfg.splits.group = "site"
+    elif change == "bins":
+        cfg.splits.n_bins = 2
+    elif change == "n_folds":
+        cfg.splits.n_folds = 5
+    else:
+        labels = labels.assign(age=labels["age"][::-1].to_numpy())  # corrected ages
+    second = make_label_splits(labels, {"age": "continuous"}, [set(ids)], cfg, tmp_path)["age"]
+    assert second.path != first.path and first.path.exists()
+    assert second.splits.meta["definition"] != first.splits.meta["definition"]
+    if change == "group":
+        site = dict(zip(ids, labels["site"]))
+        for fold in second.splits.folds:  # the grouping is honoured, not the old ungrouped folds
+            assert not {site[s] for s in fold.train} & {site[s] for s in fold.test}
+    # the same definition again reuses its own file
+    again = make_label_splits(labels, {"age": "continuous"}, [set(ids)], cfg, tmp_path)["age"]
+    assert again.path == second.path and again.splits.to_dict() == second.splits.to_dict()
+
+
+def test_one_split_file_per_label(tmp_path):
+    from slice2vol.eval.cohort import make_label_splits
+
+    ids, labels = _frame_inputs()
+    cfg = ExperimentConfig(splits=SplitConfig(n_folds=4))
+    frames = make_label_splits(labels, {"sex": "categorical", "age": "continuous"}, [set(ids)], cfg, tmp_path)
+    assert frames["sex"].path != frames["age"].path
+    assert frames["sex"].splits.meta["definition"]["label"] == "sex"
+
+
+def test_same_path_other_definition_is_redrawn_not_reused(tmp_path):
+    """Even at one fixed path (the segmentation/anomaly tasks), a saved split of another definition is replaced."""
+    ids, labels = _frame_inputs()
+    path = tmp_path / "s.json"
+    plain = load_or_make_splits(path, ids, None, "categorical", cfg=SplitConfig(n_folds=4))
+    grouped = load_or_make_splits(path, ids, None, "categorical", groups=labels["site"].to_numpy(),
+                                  cfg=SplitConfig(n_folds=4, group="site"))
+    assert grouped.meta["group"] == "site" and grouped.to_dict() != plain.to_dict()
+    site = dict(zip(ids, labels["site"]))
+    for fold in grouped.folds:
+        assert not {site[s] for s in fold.train} & {site[s] for s in fold.test}
+    # a file without a definition (older version) is not trusted either
+    legacy = json.loads(path.read_text())
+    legacy["meta"].pop("definition")
+    path.write_text(json.dumps(legacy))
+    again = load_or_make_splits(path, ids, None, "categorical", groups=labels["site"].to_numpy(),
+                                cfg=SplitConfig(n_folds=4, group="site"))
+    assert "definition" in again.meta

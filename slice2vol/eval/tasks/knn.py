@@ -26,7 +26,7 @@ class KNNTask(ProbeTask):
         return f"k={self.primary_k(ctx)} weighted"
 
     def skip_reason(self, ctx: TaskContext, es) -> str | None:
-        if es.kind != "chance" and es.dim < 2:
+        if es.kind != "chance" and es.X is not None and es.dim < 2:
             return "k-NN on cosine similarity needs >= 2 feature dimensions (a 1-D feature has only its sign)"
         return None
 

@@ -1,0 +1,94 @@
+"""README.md tables from a benchmark run folder: the summary (encoder x label) as Markdown.
+
+The README's IXI tables are the ``summary`` of ``results.json`` written by
+
+    slice2vol bench --config configs/experiments/ixi.yaml --out runs/ixi
+    python scripts/reproduce/readme_tables.py runs/ixi              # prints the Markdown
+
+(``make figures`` runs both). Each cell is the headline estimate of the label's primary metric and
+task (the one its paired tests use) with its 95% CI; the difference to the reference and the
+Holm-adjusted p-value of the paired test follow on a second table. Nothing is recomputed here: the
+numbers are those of the report, only laid out for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _fmt(value, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.2f}" if metric in ("mae", "rmse") else f"{value:.3f}"
+
+
+def tables(results: dict, labels: list[str] | None = None, tasks: dict[str, str] | None = None) -> str:
+    """Markdown for the README.
+
+    Args:
+        results: a ``results.json`` (schema ``slice2vol.results/2``).
+        labels: labels (columns) to show, in order (default: all).
+        tasks: optional task per label (default: the summary's primary task).
+    """
+    summary = results["summary"]
+    labels = labels or list(dict.fromkeys(s["label"] for s in summary))
+    head = {}
+    for label in labels:
+        first = next((s for s in summary if s["label"] == label), None)
+        if first is None:
+            raise SystemExit(f"readme_tables: label {label!r} is not in the summary "
+                             f"(has {sorted({s['label'] for s in summary})})")
+        head[label] = first
+    encoders = list(dict.fromkeys(s["encoder"] for s in summary if s["label"] in labels))
+    cols = [f"{label}: {head[label]['metric']} ({head[label]['task']}, {head[label].get('estimate_kind', 'pooled')})"
+            for label in labels]
+    lines = ["| set | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(labels)]
+    delta_lines = ["| set | " + " | ".join(f"{label}: delta vs {results.get('reference')} [95% CI], p (Holm)"
+                                         for label in labels) + " |", "| --- |" + " --- |" * len(labels)]
+    for enc in encoders:
+        cells, dcells = [], []
+        for label in labels:
+            s = next((s for s in summary if s["label"] == label and s["encoder"] == enc), None)
+            if s is None:
+                cells.append("—")
+                dcells.append("—")
+                continue
+            m = s["metric"]
+            cells.append(f"{_fmt(s['estimate'], m)} [{_fmt(s['ci_low'], m)}, {_fmt(s['ci_high'], m)}]")
+            if enc == results.get("reference"):
+                dcells.append("reference")
+            elif s.get("delta") is None:
+                dcells.append("—")
+            else:
+                p = s.get("p_holm")
+                p_txt = "—" if p is None else (f"{p:.3f}" if p >= 0.001 else "<0.001")
+                dcells.append(f"{s['delta']:+.3f} [{_fmt(s['delta_ci_low'], '')}, {_fmt(s['delta_ci_high'], '')}], "
+                              f"{p_txt}")
+        lines.append(f"| {enc} | " + " | ".join(cells) + " |")
+        delta_lines.append(f"| {enc} | " + " | ".join(dcells) + " |")
+    cohort = results.get("cohort", {})
+    n = cohort.get("n_subjects") if isinstance(cohort, dict) else None
+    foot = f"\n{n} subjects. " if n else "\n"
+    foot += "Estimates with subject-level bootstrap 95% CIs, from `results.json` of the run.\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(delta_lines) + "\n" + foot
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a bench --out folder (holds results.json)")
+    parser.add_argument("--labels", nargs="*", default=None, help="labels to show, in order (default: all)")
+    args = parser.parse_args(argv)
+    path = Path(args.run) / "results.json"
+    if not path.is_file():
+        print(f"readme_tables: {path}: no results.json (run slice2vol bench --out {args.run} first)", file=sys.stderr)
+        return 2
+    print(tables(json.loads(path.read_text()), args.labels))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

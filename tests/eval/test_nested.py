@@ -1,0 +1,108 @@
+"""Nested evaluation and the leakage guard, on pure-noise slice features with real-sized cohorts.
+
+Acceptance of the benchmark protocol: attention-MIL fitted inside the folds scores at chance on
+noise; the same aggregator fitted on every subject with the labels would score near 1 (shown by
+bypassing the guard), and ``bench`` refuses such a set in one line naming it and the overlap.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slice2vol.cache import FeatureStore, PlaneFeatures, SubjectFeatures
+from slice2vol.cli import main
+from tests.conftest import write_nifti
+
+REPO = Path(__file__).resolve().parents[2]
+N = 48
+
+
+def noise_cohort(root: Path, n: int = N, dim: int = 16, seed: int = 0) -> tuple[Path, Path]:
+    """A manifest of ``n`` tiny volumes with a balanced ``sex`` label, and a store of pure-noise slice features."""
+    rng = np.random.default_rng(seed)
+    sex = np.array(["F", "M"])[rng.permutation(np.arange(n) % 2)]
+    rows, subjects = [], []
+    for i in range(n):
+        sid = f"sub-{i:02d}"
+        write_nifti(root / f"{sid}.nii.gz", rng.normal(size=(8, 8, 8)).astype(np.float32) + 10)
+        rows.append({"subject_id": sid, "t1": f"{sid}.nii.gz", "sex": sex[i], "age": 20.0 + i})
+        planes = {}
+        for p, axis in (("axial", 2), ("coronal", 1)):
+            s = int(rng.integers(8, 12))
+            positions = np.zeros((s, 3))
+            positions[:, axis] = np.arange(s) * 4.0
+            planes[p] = PlaneFeatures(rng.normal(size=(s, dim)).astype(np.float32), np.arange(s), positions)
+        subjects.append(SubjectFeatures(sid, planes, {"sex": sex[i]}))
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    store = FeatureStore(root / "noise.h5", mode="a")
+    with store.writer_lock():
+        store.commit_subjects(subjects, {"encoder": "noise"}, dtype="float32", label_types={"sex": "categorical"})
+    return manifest, root / "noise.h5"
+
+
+def bench_argv(manifest: Path, store: Path, out: Path, *extra: str) -> list[str]:
+    return ["bench", "--config", str(REPO / "configs/experiments/ci.yaml"), "--out", str(out), "--no-progress",
+            f"cohort.manifest={manifest}", "cohort.labels=[sex]", "tasks=[knn,linear]",
+            f"encoders=[{{name: noise, store: {store}, aggregators: [mean, mil]}}]",
+            "encoders.0.aggregator_params={mil: {hidden: 16, attn_dim: 8, epochs: 15, lr: 0.003}}",
+            "splits={n_folds: 5, n_repeats: 1, seed: 0, n_bins: 2}", "baselines.chance=false",
+            "n_bootstrap=100", "n_permutations=100", "plots=[]", "reference=noise/mean", *extra]
+
+
+@pytest.fixture(scope="module")
+def noise(tmp_path_factory):
+    return noise_cohort(tmp_path_factory.mktemp("noise"))
+
+
+def test_mil_fitted_inside_folds_scores_at_chance(noise, tmp_path):
+    manifest, store = noise
+    assert main(bench_argv(manifest, store, tmp_path / "run")) == 0
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    mil = [r for r in data["rows"] if r["encoder"] == "noise/mil" and r["metric"] == "roc_auc"]
+    assert {r["task"] for r in mil} == {"knn", "linear"}
+    for r in mil:
+        assert 0.25 < r["fold_mean"] < 0.75 and 0.25 < r["pooled"] < 0.75, r
+        assert r["ci_low"] < 0.5 < r["ci_high"], r
+    fitted = data["sets"]["noise/mil"]["fitted"]
+    assert fitted["scope"] == "inside folds" and fitted["labels"] == ["sex"]
+    assert data["sets"]["noise/mean"]["fitted"] is None
+    # the MIL set joined the paired tests against the reference like any other set
+    assert {(p["task"], p["encoder"]) for p in data["paired"]} >= {("knn", "noise/mil"), ("linear", "noise/mil")}
+
+
+def test_the_same_mil_fitted_on_all_subjects_leaks(noise, tmp_path):
+    """Why the guard exists: fitted with every subject's label, MIL 'predicts' noise almost perfectly."""
+    from slice2vol.aggregate import aggregate_store
+    from slice2vol.eval.experiment import ExperimentConfig
+    from slice2vol.eval.knn import KNNConfig
+    from slice2vol.eval.linear import LinearConfig
+    from slice2vol.eval.runner import EmbeddingSet, evaluate_sets
+    from slice2vol.eval.splits import SplitConfig
+
+    manifest, copy = noise_cohort(tmp_path)  # the same noise, in a store of its own
+    name = aggregate_store(copy, "mil", label="sex", train_ids="all", name="mil-all", plot=False, hidden=16,
+                           attn_dim=8, epochs=60, lr=0.003)
+    ids, X, _ = FeatureStore(copy).volume_embeddings(name)
+    labels = pd.read_csv(manifest).set_index("subject_id")
+    cfg = ExperimentConfig(tasks=["linear"], splits=SplitConfig(n_folds=5), knn=KNNConfig(ks=(5,)), primary_k=5,
+                           linear=LinearConfig(Cs=(0.01, 1.0, 100.0)), n_bootstrap=20, n_permutations=10)
+    ev = evaluate_sets({"leaky": EmbeddingSet("leaky", ids, X)}, labels, {"sex": "categorical"}, cfg, tmp_path)
+    auc = [r for r in ev["rows"] if r["metric"] == "roc_auc"][0]
+    assert auc["pooled"] > 0.85 and auc["fold_mean"] > 0.85  # fitted inside folds: ~0.5 (test above)
+
+
+def test_bench_refuses_a_set_fitted_with_labels_on_test_subjects(noise, tmp_path, capsys):
+    manifest, store = noise
+    argv = bench_argv(manifest, store, tmp_path / "leak",
+                      "encoders.0.aggregator_params={mil: {train_ids: all, label: sex, hidden: 8, epochs: 2}}")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "'noise/mil'" in err[0] and "48 subjects, 48 of them test subjects" in err[0]
+    assert not (tmp_path / "leak" / "results.json").exists()
