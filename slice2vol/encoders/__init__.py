@@ -19,7 +19,8 @@ import importlib as _importlib
 
 # ssl2d/<method>: 2D backbones pretrained by slice2vol.ssl, usable by the caching job like any family
 for _module in ("slice2vol.encoders.torchvision", "slice2vol.encoders.timm", "slice2vol.encoders.hf",
-                "slice2vol.encoders.openclip", "slice2vol.encoders.sam", "slice2vol.ssl.encoder2d"):
+                "slice2vol.encoders.openclip", "slice2vol.encoders.sam", "slice2vol.encoders.braindino",
+                "slice2vol.ssl.encoder2d"):
     try:
         _importlib.import_module(_module)
     except ModuleNotFoundError as _err:

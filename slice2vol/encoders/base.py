@@ -69,8 +69,9 @@ class EncoderInfo:
             then centre crop to input size: timm/torchvision/HF eval transforms), ``longest``
             (longest side, then pad, as SAM).
         channel_mode: how C input channels become ``in_chans`` (``replicate``, ``stack``, ``mean``).
-        intensity: ``unit`` (slices in [0, 1] scaled by mean/std) or ``minmax`` (per-image min-max
-            to [0, 1] first, as MedSAM).
+        intensity: ``unit`` (slices in [0, 1] scaled by mean/std), ``minmax`` (per-image min-max
+            to [0, 1] first, as MedSAM) or ``zscore`` (per-image robust z-score first, as BrainDINO;
+            :func:`robust_zscore`).
         extra: family-specific facts (e.g. ``num_prefix_tokens``, ``arch``).
         resize_size: for ``resize="shorter"``, the shorter-side length before the centre crop
             (timm: ``floor(input / crop_pct)``; torchvision: the weights' ``resize_size``); ``None``
@@ -95,7 +96,7 @@ class EncoderInfo:
     pooling: str = "avg"
     resize: Literal["squash", "shorter", "longest"] = "squash"
     channel_mode: Literal["replicate", "stack", "mean"] = "replicate"
-    intensity: Literal["unit", "minmax"] = "unit"
+    intensity: Literal["unit", "minmax", "zscore"] = "unit"
     extra: dict[str, Any] = field(default_factory=dict)
     resize_size: int | None = None
     interpolation: str = "bicubic"
@@ -176,6 +177,8 @@ class Encoder(nn.Module):
         ``shorter`` + centre crop / ``longest`` + pad), then ``(x - mean) / std``.
         """
         x = x.float()
+        if self.info.intensity == "zscore":
+            x = robust_zscore(x)
         if self.info.intensity == "minmax":
             flat = x.flatten(1)
             lo = flat.min(1).values[:, None, None, None]
@@ -409,6 +412,31 @@ def ordered_levels(chosen: Sequence[int], compute) -> list[torch.Tensor]:
     return [lookup[i] for i in chosen]
 
 
+def robust_zscore(x: torch.Tensor, percentiles: tuple[float, float] = (1.0, 99.0)) -> torch.Tensor:
+    """Per image of (B, C, h, w): clip to the ``percentiles`` of the non-zero values, then subtract the mean and
+    divide by the (population) std of the values still above zero — BrainDINO's ``zscore_normalize``
+    (their ``datasets_3D`` loaders), applied to one image instead of a whole volume.
+
+    As in their code, clipping raises the zero background to the lower percentile, so when that percentile is
+    positive the mean/std cover every pixel; fewer than 10 non-zero values use all of them.
+    """
+    out = torch.empty_like(x)
+    q = torch.tensor([percentiles[0] / 100, percentiles[1] / 100], dtype=torch.float64)
+    for i, image in enumerate(x):
+        values = image.flatten().double()
+        positive = values[values > 0]
+        if positive.numel() < 10:
+            positive = values
+        lo, hi = torch.quantile(positive, q.to(values.device)).tolist()
+        clipped = values.clamp(lo, hi)
+        kept = clipped[clipped > 0]
+        if kept.numel() == 0:
+            kept = clipped
+        mean, std = kept.mean(), kept.std(unbiased=False).clamp_min(1e-6)
+        out[i] = ((clipped - mean) / std).view_as(image).to(x.dtype)
+    return out
+
+
 def gem_pool(feature_map: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
     """Generalised-mean pooling of (B, D, h, w) -> (B, D)."""
     return feature_map.clamp_min(eps).pow(p).mean((-2, -1)).pow(1.0 / p)
@@ -440,8 +468,10 @@ def resize_images(x: torch.Tensor, size: tuple[int, int], interpolation: str = "
         return x
     if interpolation == "nearest":
         return F.interpolate(x, size=size, mode="nearest-exact")
+    if interpolation == "torch-bilinear":  # pipelines that resize tensors, not PIL images (e.g. BrainDINO's)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     if interpolation not in ("bicubic", "bilinear"):
-        raise ValueError(f"interpolation must be bicubic, bilinear or nearest, got {interpolation!r}")
+        raise ValueError(f"interpolation must be bicubic, bilinear, torch-bilinear or nearest, got {interpolation!r}")
     lo = x.amin((1, 2, 3), keepdim=True).clamp(max=0.0)
     hi = x.amax((1, 2, 3), keepdim=True).clamp(min=1.0)
 

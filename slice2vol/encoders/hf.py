@@ -7,8 +7,10 @@ directory load with ``from_pretrained(DIR)`` (its own ``preprocessor_config.json
 replaces the built-in preprocessing); a single state-dict file loads into the in-code config; ``hub``
 uses ``from_pretrained(repo)`` from the HF cache, or downloads after a fast reachability check.
 
-Preprocessing mirrors the image processors: DINOv2 shorter side 256 (bicubic) + centre crop 224;
-CLIP shorter side 224 (bicubic) + centre crop 224, CLIP mean/std; MAE squash to 224 x 224.
+Preprocessing mirrors each repo's published ``preprocessor_config.json``: DINOv2 shorter side 256
+(bicubic) + centre crop 224; CLIP shorter side 224 (bicubic) + centre crop 224, CLIP mean/std; MAE
+squash to 224 x 224, bilinear (resample 2). Repos outside the presets use their own file through
+``AutoImageProcessor``.
 
 Input size (``img_size=``): any multiple of the patch size; position embeddings are interpolated at
 run time (DINOv2 always does; CLIP and MAE via ``interpolate_pos_encoding=True``).
@@ -112,7 +114,9 @@ def _mae_config(**changes: Any):
 def _mae_processor():
     from transformers import ViTImageProcessor
 
-    return ViTImageProcessor(do_resize=True, size={"height": 224, "width": 224}, resample=3, do_rescale=True,
+    # the published facebook/vit-mae-base preprocessor_config.json resamples bilinearly (resample 2), unlike
+    # DINOv2/CLIP; tests/encoders/test_preprocessing.py compares with that file's values
+    return ViTImageProcessor(do_resize=True, size={"height": 224, "width": 224}, resample=2, do_rescale=True,
                              rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGENET_MEAN),
                              image_std=list(IMAGENET_STD))
 
@@ -323,7 +327,7 @@ def build_hf(repo: str, weights: str | Path | None = "random", *, img_size: int 
         local_dir = Path(ref) if kind_w == "file" else Path(
             hf_cached_file(repo, ("config.json",), revision=ref or None) or model.name_or_path).parent
         if (local_dir / "preprocessor_config.json").exists():
-            processor = transformers.AutoImageProcessor.from_pretrained(str(local_dir), use_fast=False)
+            processor = transformers.AutoImageProcessor.from_pretrained(str(local_dir), backend="pil")
         if local_dir.is_dir():
             sha = sha256_file(local_dir)
     return _finish(key, model, processor, spec.kind, spec.model_class, spec.poolings, pooling=pooling,
@@ -423,7 +427,7 @@ def build_hf_repo(repo: str, weights: str | Path | None = "random", *, img_size:
     model_class = getattr(transformers, class_name)
     if not (folder / "preprocessor_config.json").exists():
         raise ValueError(f"{folder}: no preprocessor_config.json, so the preprocessing of {key} is unknown")
-    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), use_fast=False, local_files_only=True)
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend="pil", local_files_only=True)
     if kind_w == "random":
         if config.model_type == "clip":  # the vision half, with the joint-space projection width
             vision = config.vision_config

