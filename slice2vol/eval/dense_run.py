@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _common.add_device(parser)
     _common.add_seed(parser, default=None)
     _common.add_progress(parser)
-    parser.add_argument("--tasks", default=",".join(PROBE_TASKS), help="comma-separated probe tasks to run")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated probe tasks to run (default: the probe tasks of the config's tasks)")
     _common.add_overrides(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
     try:
-        results = run_probes(cfg, base, Path(args.out), tasks=args.tasks.split(","),
+        results = run_probes(cfg, base, Path(args.out), tasks=args.tasks.split(",") if args.tasks else None,
                              progress=not getattr(args, "no_progress", False))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
