@@ -213,8 +213,9 @@ def expand(value: str, base: Path | None = None) -> str:
 
 
 def resolve_weights(weights: str, base: Path) -> str:
-    """``random`` / ``hub[:tag]`` / ``package`` unchanged; anything else is a path taken from ``base``."""
-    if weights in ("random", "package") or weights.startswith("hub"):
+    """``random`` / ``hub[:tag]`` / ``pretrained`` / ``imagenet`` / ``package`` unchanged (the encoders
+    resolve those words themselves, locally); anything else is a path taken from ``base``."""
+    if weights in ("random", "package", "pretrained", "imagenet") or weights.startswith("hub"):
         return weights
     return expand(weights, base)
 

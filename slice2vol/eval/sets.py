@@ -84,9 +84,21 @@ def weights_identity(weights: str) -> str:
 
 
 def weights_file_missing(entry: Encoder2DEntry, base: Path) -> bool:
-    """True when the entry names a local weights file that does not exist."""
+    """True when the entry's weights are not on this machine: a local file that does not exist, or
+    ``pretrained``/``imagenet``/``package`` weights that the resolver cannot find (an optional entry
+    is then skipped instead of failing the run)."""
+    from slice2vol.encoders.base import PRETRAINED_WORDS, WeightsUnavailable
+
     weights = resolve_weights(entry.weights, base)
-    return weights not in ("random", "package") and not weights.startswith("hub") and not Path(weights).exists()
+    if weights in PRETRAINED_WORDS:
+        from slice2vol.encoders import build_encoder
+
+        try:  # the resolver only looks at local places; building a network costs about a second
+            build_encoder(entry.key, weights=weights, **entry.kwargs)
+        except WeightsUnavailable:
+            return True
+        return False
+    return weights != "random" and not weights.startswith("hub") and not Path(weights).exists()
 
 
 def store_path(store_dir: Path, entry: Encoder2DEntry, weights: str, cfg: ExperimentConfig) -> Path:

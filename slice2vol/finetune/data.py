@@ -48,10 +48,10 @@ class SliceBank:
         Raises:
             ValueError: no subject could be loaded, or no slice was kept.
         """
-        from tqdm.auto import tqdm
+        from slice2vol.progress import track
 
         ids, chunks, owners, failures = [], [], [], []
-        for subject in tqdm(cohort.subjects, desc="slicing", disable=not progress, leave=False):
+        for subject in track(cohort.subjects, desc="slicing", unit="subj", enabled=progress):
             try:
                 volume = load_subject(subject, volume_cfg, with_seg=False)
             except VolumeError as err:

@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -35,21 +35,9 @@ import torch.nn as nn
 from slice2vol.config import to_dict
 from slice2vol.finetune.data import AugmentConfig, SliceBank, augment, standardise
 from slice2vol.finetune.lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, merge_lora
+from slice2vol.ssl.losses import nt_xent
 
 log = logging.getLogger(__name__)
-
-try:
-    from slice2vol.ssl.losses import nt_xent
-except ImportError:  # pragma: no cover - TODO: drop once slice2vol.ssl.losses is always present
-    import torch.nn.functional as F
-
-    def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-        """SimCLR NT-Xent over 2B views (local copy of ``slice2vol.ssl.losses.nt_xent``)."""
-        batch = z1.shape[0]
-        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-        sim = (z @ z.t() / temperature).fill_diagonal_(float("-inf"))
-        targets = torch.cat([torch.arange(batch, 2 * batch), torch.arange(0, batch)]).to(z.device)
-        return F.cross_entropy(sim, targets)
 
 
 @dataclass
@@ -85,7 +73,16 @@ class FinetuneData:
 
 @dataclass
 class FinetuneTrain:
-    """Optimisation. ``batch_size``: slices per step (``simclr``) or subjects per step (``supervised``)."""
+    """Optimisation.
+
+    Attributes:
+        batch_size: slices per step (``simclr``) or subjects per step (``supervised``), per process
+            (the global batch of a DDP job is ``batch_size * world_size``).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``; under torchrun the GPU
+            of the local rank.
+        checkpoint_every: write ``<out>/train_state/`` every N steps (0 = never); a rerun resumes.
+        amp, amp_dtype: autocast on CUDA only (never on CPU, where bf16 is ~40x slower).
+    """
 
     steps: int = 200
     batch_size: int = 32
@@ -96,8 +93,11 @@ class FinetuneTrain:
     proj_dim: int = 128
     proj_hidden: int = 512
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     log_every: int = 10
+    checkpoint_every: int = 0
+    amp: bool = True
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
 
 
 @dataclass
@@ -206,11 +206,14 @@ class SimCLRObjective(Objective):
         self.cfg = cfg
 
     def loss(self, encoder, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """NT-Xent of two random views of ``images`` (B, C, H, W)."""
+        """NT-Xent of two random views of ``images`` (B, C, H, W); under DDP the negatives are the views
+        of every rank (gathered with their gradients)."""
+        from slice2vol.ssl.distributed import gather_with_grad
+
         views = torch.cat([augment(images, self.cfg.augment, generator), augment(images, self.cfg.augment, generator)])
         z = self.head(encoder.encode(views))
         z1, z2 = z.chunk(2)
-        return nt_xent(z1, z2, self.cfg.train.temperature)
+        return nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.cfg.train.temperature)
 
     def step_loss(self, encoder, bank: SliceBank, generator: torch.Generator) -> torch.Tensor:
         device = next(self.head.parameters()).device
@@ -266,38 +269,131 @@ def supervised_targets(cohort, label: str, ids: list[str]) -> tuple[list[str], n
 
 
 # -- training loop ------------------------------------------------------------------------------
+class _StepModule(nn.Module):
+    """Encoder + objective as one module whose forward runs a loss closure, so DistributedDataParallel
+    sees (and synchronises) every parameter the step uses."""
+
+    def __init__(self, encoder: nn.Module, objective: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.objective = encoder, objective
+
+    def forward(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return closure()
+
+
+def _state_key(cfg: FinetuneConfig) -> str:
+    from slice2vol.config import config_hash
+
+    c = to_dict(cfg)
+    c["train"].pop("steps", None)  # more steps may continue a run
+    c["train"].pop("device", None)
+    return config_hash(c)
+
+
 def train_steps(encoder, objective: Objective, bank: SliceBank, cfg: FinetuneConfig, train_modules: list[nn.Module],
                 progress: bool = True,
-                batch_fn: Callable[[torch.Generator], torch.Tensor] | None = None) -> list[float]:
-    """Runs ``cfg.train.steps`` AdamW steps and returns the loss of each step.
+                batch_fn: Callable[[torch.Generator], torch.Tensor] | None = None, *,
+                out_dir: str | Path | None = None, resume: bool = True, env=None) -> list[float]:
+    """Runs ``cfg.train.steps`` AdamW steps and returns the loss of each step (mean over ranks).
+
+    Each step draws its batch from a generator seeded by (seed, step, rank), so a run resumed from
+    ``<out_dir>/train_state`` (``train.checkpoint_every``) continues exactly. Under DDP (``env``
+    from :func:`~slice2vol.ssl.distributed.init_distributed`) gradients are averaged over ranks and
+    rank 0 writes the training state.
 
     ``batch_fn`` replaces the objective's sampling (tests use it to train on one fixed batch).
     """
-    from tqdm.auto import tqdm
+    from contextlib import nullcontext
+
+    from safetensors.torch import load_file, save_file
+
+    from slice2vol.progress import bar as progress_bar
+    from slice2vol.ssl.distributed import DistEnv, all_reduce_max, all_reduce_mean, barrier
+    from slice2vol.ssl.streaming import mix_seed
 
     t = cfg.train
+    env = env or DistEnv()
+    device = next(objective.parameters()).device
     encoder_params = [p for p in encoder.parameters() if p.requires_grad]
     groups = [{"params": list(objective.parameters()), "lr": t.head_lr}]
     if encoder_params:
         groups.append({"params": encoder_params, "lr": t.lr})
     optimiser = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
-    generator = torch.Generator().manual_seed(t.seed)
     net = encoder.model
     losses: list[float] = []
-    bar = tqdm(range(t.steps), desc=f"finetune {cfg.mode}/{cfg.objective}", disable=not progress)
-    for step in bar:
-        set_train_mode(net, train_modules)
-        objective.train()
-        loss = batch_fn(generator) if batch_fn is not None else objective.step_loss(encoder, bank, generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()} (lower the learning rate)")
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
-        if step % max(1, t.log_every) == 0 or step == t.steps - 1:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            log.debug("step %d loss %.5f", step, losses[-1])
+    start = 0
+    state_dir = Path(out_dir) / "train_state" if out_dir is not None and t.checkpoint_every > 0 else None
+    key = _state_key(cfg)
+    if state_dir is not None and resume and (state_dir / "state.json").exists():
+        saved = json.loads((state_dir / "state.json").read_text())
+        if saved["config_key"] != key:
+            raise ValueError(f"{state_dir}: saved by a run with another config; use another --out or --no-resume")
+        net.load_state_dict(load_file(str(state_dir / "encoder.safetensors")))
+        objective.load_state_dict(load_file(str(state_dir / "objective.safetensors")))
+        optimiser.load_state_dict(torch.load(state_dir / "optimiser.pt", map_location=device, weights_only=True))
+        start, losses = int(saved["step"]), list(saved["losses"])
+        log.info("resuming fine-tuning from step %d", start)
+
+    step_module = _StepModule(encoder, objective)
+    model = step_module
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # last_blocks unfreezes everything after the first trained block, classifier heads that
+        # ``encode`` never uses included: DDP must not wait for their gradients
+        model = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=True)
+    use_amp = t.amp and device.type == "cuda"  # never autocast on CPU
+    amp_dtype = getattr(torch, t.amp_dtype)
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+
+    def save_state(step: int) -> None:
+        if env.is_main:
+            tmp = state_dir.with_name(state_dir.name + ".tmp")
+            tmp.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()},
+                      str(tmp / "encoder.safetensors"))
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in objective.state_dict().items()},
+                      str(tmp / "objective.safetensors"))
+            torch.save(optimiser.state_dict(), tmp / "optimiser.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "config_key": key}))
+            import shutil
+
+            shutil.rmtree(state_dir, ignore_errors=True)
+            tmp.rename(state_dir)
+        barrier(env)
+
+    bar = progress_bar(t.steps, f"finetune {cfg.mode}/{cfg.objective}", unit="step", enabled=progress and env.is_main)
+    bar.update(start)
+    try:
+        for step in range(start, t.steps):
+            set_train_mode(net, train_modules)
+            objective.train()
+            generator = torch.Generator().manual_seed(mix_seed(t.seed, step, env.rank))
+            if batch_fn is not None:
+                closure = lambda: batch_fn(generator)  # noqa: E731
+            else:
+                closure = lambda: objective.step_loss(encoder, bank, generator)  # noqa: E731
+            with torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext():
+                loss = model(closure)
+            if max(all_reduce_max([0.0 if torch.isfinite(loss) else 1.0], env, device)) > 0:
+                raise FloatingPointError(f"step {step}: loss is not finite (lower the learning rate)")
+            optimiser.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.step(optimiser)
+                scaler.update()
+            else:
+                optimiser.step()
+            losses.append(all_reduce_mean([float(loss.detach())], env, device)[0])
+            bar.update(1)
+            if step % max(1, t.log_every) == 0 or step == t.steps - 1:
+                bar.set_postfix_str(f"loss={losses[-1]:.4f}")
+                log.debug("step %d loss %.5f", step, losses[-1])
+            if state_dir is not None and ((step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps):
+                save_state(step + 1)
+    finally:
+        bar.close()
     net.eval()
     return losses
 
@@ -327,8 +423,13 @@ def save_checkpoint(encoder, out_dir: str | Path, record: dict[str, Any]) -> Pat
 
 
 def run_finetune(cfg: FinetuneConfig, cohort, out_dir: str | Path, *, volume_cfg=None,
-                 bank: SliceBank | None = None, progress: bool = True) -> Path:
+                 bank: SliceBank | None = None, progress: bool = True, subject_ids: Sequence[str] | None = None,
+                 resume: bool = True) -> Path:
     """Builds the encoder, trains it as ``cfg`` says on ``cohort`` and writes the checkpoint.
+
+    Started by torchrun, this is one rank of a DDP job: each rank slices its share of the training
+    subjects (memory per process shrinks with the number of processes), gradients are averaged, and
+    rank 0 writes the checkpoint.
 
     Args:
         cfg: the run.
@@ -336,6 +437,9 @@ def run_finetune(cfg: FinetuneConfig, cohort, out_dir: str | Path, *, volume_cfg
         out_dir: output folder (``encoder.safetensors``, ``finetune.json``, ``head.safetensors``).
         volume_cfg: how volumes are loaded (default :class:`~slice2vol.data.VolumeConfig`).
         bank: pre-built slices (skips loading; tests).
+        subject_ids: train on these subjects (e.g. the training folds of a benchmark); replaces
+            ``cfg.data.train_ids`` and satisfies the supervised objective's need for explicit subjects.
+        resume: continue from ``<out_dir>/train_state`` when ``train.checkpoint_every`` wrote one.
 
     Returns:
         Path of the merged checkpoint.
@@ -344,52 +448,90 @@ def run_finetune(cfg: FinetuneConfig, cohort, out_dir: str | Path, *, volume_cfg
 
     from slice2vol.data import SliceConfig
     from slice2vol.encoders import build_encoder
+    from slice2vol.ssl.distributed import all_gather_object, barrier, cleanup, configure_threads, init_distributed
+    from slice2vol.ssl.trainer import resolve_device
 
     start = time.time()
-    torch.manual_seed(cfg.train.seed)
-    device = torch.device(cfg.train.device)
-    ids = _train_ids(cfg, cohort)
-    if bank is None:
-        d = cfg.data
-        slice_cfg = SliceConfig(planes=tuple(d.planes), stride=d.stride, min_foreground=d.min_foreground,
-                                context=d.context, size=d.slice_size)
-        bank = SliceBank.from_cohort(cohort.subset(ids), slice_cfg, volume_cfg, progress=progress)
-    else:
-        bank = bank.subset([i for i in ids if i in bank.ids])
-    encoder = build_encoder(cfg.encoder, weights=cfg.weights, **cfg.encoder_kwargs).to(device)
-    setup = setup_trainable(encoder.model, cfg)
-    n_trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-    extra: dict[str, Any] = {}
-    if cfg.objective == "simclr":
-        objective: Objective = SimCLRObjective(encoder.info.embed_dim, cfg)
-    elif cfg.objective == "supervised":
-        if not cfg.label:
-            raise ValueError("objective 'supervised' needs a label column (--label)")
-        labelled, targets, kind, extra = supervised_targets(cohort, cfg.label, bank.ids)
-        bank = bank.subset(labelled)
-        objective = SupervisedObjective(encoder.info.embed_dim, cfg, targets, kind, extra.get("classes"))
-        extra["kind"] = kind
-    else:
-        raise ValueError(f"objective must be simclr or supervised, got {cfg.objective!r}")
-    objective.to(device)
-    log.info("%s: %s/%s on %d slices of %d subjects, %d trainable encoder parameters",
-             cfg.encoder, cfg.mode, cfg.objective, len(bank), len(bank.ids), n_trainable)
-    losses = train_steps(encoder, objective, bank, cfg, setup["train_modules"], progress=progress)
-    record = {
-        "encoder": cfg.encoder, "encoder_kwargs": cfg.encoder_kwargs,
-        "base_weights": encoder.info.weights, "base_weights_sha256": encoder.info.weights_sha256,
-        "mode": cfg.mode, "objective": cfg.objective, "label": cfg.label, "label_info": extra,
-        "config": to_dict(cfg), "trained_subjects": bank.ids, "n_slices": len(bank),
-        "trainable_parameters": n_trainable, "trainable_tensors": setup["trainable"],
-        "lora_layers": setup["lora_layers"], "losses": losses, "steps": len(losses),
-        "seconds": round(time.time() - start, 1), "torch": torch.__version__,
-        "failures": [str(f) for f in bank.failures],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    path = save_checkpoint(encoder, out_dir, record)
-    save_file({k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()},
-              str(Path(out_dir) / "head.safetensors"))
-    return path
+    device = resolve_device(cfg.train.device)
+    env = init_distributed(device.type)
+    try:
+        configure_threads(env)
+        if device.type == "cuda" and env.distributed and device.index is None:
+            device = torch.device("cuda", env.local_rank)
+        if subject_ids is not None:
+            ids = list(subject_ids)
+            unknown = sorted(set(ids) - {s.subject_id for s in cohort.subjects})
+            if unknown:
+                raise ValueError(f"{len(unknown)} subject_ids not in the cohort, e.g. {unknown[:3]}")
+        else:
+            ids = _train_ids(cfg, cohort)
+        extra: dict[str, Any] = {}
+        if cfg.objective == "supervised":
+            if not cfg.label:
+                raise ValueError("objective 'supervised' needs a label column (--label)")
+            # classes / standardisation from every training subject, identical on all ranks
+            ids, _, kind, extra = supervised_targets(cohort, cfg.label, ids)
+            extra["kind"] = kind
+        elif cfg.objective != "simclr":
+            raise ValueError(f"objective must be simclr or supervised, got {cfg.objective!r}")
+        mine = ids[env.rank::env.world_size]
+        if bank is None:
+            d = cfg.data
+            slice_cfg = SliceConfig(planes=tuple(d.planes), stride=d.stride, min_foreground=d.min_foreground,
+                                    context=d.context, size=d.slice_size)
+            bank = SliceBank.from_cohort(cohort.subset(mine), slice_cfg, volume_cfg, progress=progress and env.is_main)
+        else:
+            bank = bank.subset([i for i in mine if i in bank.ids])
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        encoder = build_encoder(cfg.encoder, weights=cfg.weights, **cfg.encoder_kwargs).to(device)
+        setup = setup_trainable(encoder.model, cfg)
+        n_trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        if cfg.objective == "simclr":
+            objective: Objective = SimCLRObjective(encoder.info.embed_dim, cfg)
+        else:
+            targets = _encode_targets(cohort, cfg.label, bank.ids, extra)
+            objective = SupervisedObjective(encoder.info.embed_dim, cfg, targets, extra["kind"], extra.get("classes"))
+        objective.to(device)
+        log.info("%s: %s/%s on %d slices of %d subjects (rank %d of %d), %d trainable encoder parameters",
+                 cfg.encoder, cfg.mode, cfg.objective, len(bank), len(bank.ids), env.rank, env.world_size,
+                 n_trainable)
+        losses = train_steps(encoder, objective, bank, cfg, setup["train_modules"], progress=progress,
+                             out_dir=out_dir, resume=resume, env=env)
+        shares = all_gather_object({"ids": bank.ids, "n": len(bank), "failures": [str(f) for f in bank.failures]},
+                                   env)
+        trained = [sid for share in shares for sid in share["ids"]]
+        order = {sid: k for k, sid in enumerate(ids)}
+        record = {
+            "encoder": cfg.encoder, "encoder_kwargs": cfg.encoder_kwargs,
+            "base_weights": encoder.info.weights, "base_weights_sha256": encoder.info.weights_sha256,
+            "mode": cfg.mode, "objective": cfg.objective, "label": cfg.label, "label_info": extra,
+            "config": to_dict(cfg), "trained_subjects": sorted(trained, key=order.get),
+            "n_slices": sum(share["n"] for share in shares),
+            "trainable_parameters": n_trainable, "trainable_tensors": setup["trainable"],
+            "lora_layers": setup["lora_layers"], "losses": losses, "steps": len(losses),
+            "world_size": env.world_size, "global_batch": cfg.train.batch_size * env.world_size,
+            "seconds": round(time.time() - start, 1), "torch": torch.__version__,
+            "failures": [f for share in shares for f in share["failures"]],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        path = Path(out_dir) / "encoder.safetensors"
+        if env.is_main:
+            path = save_checkpoint(encoder, out_dir, record)
+            save_file({k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()},
+                      str(Path(out_dir) / "head.safetensors"))
+        barrier(env)
+        return path
+    finally:
+        cleanup(env)
+
+
+def _encode_targets(cohort, label: str, ids: Sequence[str], info: dict) -> np.ndarray:
+    """Targets of ``ids`` with the classes / standardisation ``info`` computed on all training subjects."""
+    column = cohort.labels()[label].reindex(list(ids))
+    if info["kind"] == "categorical":
+        lookup = {c: i for i, c in enumerate(info["classes"])}
+        return np.array([lookup[v] for v in column])
+    return (column.to_numpy(dtype=np.float64) - info["mean"]) / info["std"]
 
 
 def _train_ids(cfg: FinetuneConfig, cohort) -> list[str]:

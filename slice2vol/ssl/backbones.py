@@ -65,25 +65,47 @@ class ConvEncoder(Backbone):
 
     Small, fast and valid at any input size divisible by ``2 ** num_stages``; the default 3D
     backbone of the CPU configs and of the tests.
+
+    Args:
+        readout: what ``forward`` returns: ``last`` = global average of the last stage (B, C_last);
+            ``stages`` = global averages of every stage, concatenated (B, sum C_s) — the coarse
+            stages keep local intensity and texture statistics (tissue proportions) that the last,
+            most abstract stage of a small network trained briefly may not.
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, width: int = 16, num_stages: int = 4,
-                 max_width: int = 256, norm: str = "group") -> None:
+                 max_width: int = 256, norm: str = "group", readout: str = "last") -> None:
         super().__init__()
+        if readout not in ("last", "stages"):
+            raise ValueError(f"readout must be 'last' or 'stages', got {readout!r}")
         conv = _conv(spatial_dims)
         layers: list[nn.Module] = []
         ch_in = in_channels
+        widths = []
         for stage in range(num_stages):
             ch = min(width * 2 ** stage, max_width)
             layers += [conv(ch_in, ch, 3, stride=2, padding=1, bias=False), _norm(norm, ch, spatial_dims),
                        nn.GELU(), conv(ch, ch, 3, padding=1, bias=False), _norm(norm, ch, spatial_dims), nn.GELU()]
             ch_in = ch
+            widths.append(ch)
         self.net = nn.Sequential(*layers)
+        self.readout = readout
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
-        self.embed_dim = self.feature_dim = ch_in
+        self.feature_dim = ch_in
+        self.embed_dim = sum(widths) if readout == "stages" else ch_in
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.readout == "last":
+            return self.net(x).flatten(2).mean(-1)
+        pooled = []
+        for i, layer in enumerate(self.net):
+            x = layer(x)
+            if i % 6 == 5:  # end of a stage
+                pooled.append(x.flatten(2).mean(-1))
+        return torch.cat(pooled, dim=1)
 
 
 class MonaiResNet(Backbone):

@@ -37,6 +37,10 @@ class SSLMethod(nn.Module):
         """One forward pass on clean samples (B, C, *input_size) -> (scalar loss, extra metrics)."""
         raise NotImplementedError
 
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """:meth:`training_step`; calling the module (as DistributedDataParallel does) runs the step."""
+        return self.training_step(batch)
+
 
 def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """Linear -> GELU -> Linear head."""

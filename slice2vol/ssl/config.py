@@ -45,7 +45,17 @@ class DataConfig:
         min_foreground: a crop/slice must hold at least this fraction of head voxels (re-drawn
             up to 10 times otherwise).
         max_subjects: use only the first N subjects (0 = all).
-        cache_dtype: ``float32`` or ``float16`` (halves memory for large cohorts).
+        cache_dtype: ``float32`` or ``float16`` (halves memory and disk for large cohorts).
+        streaming: prepare volumes once to per-subject HDF5 files and read crops/slices from disk
+            (memory flat in the cohort size, :mod:`slice2vol.ssl.streaming`); ``false`` keeps the
+            whole cohort in memory (:class:`~slice2vol.ssl.data.VolumeBank`).
+        cache_dir: where prepared volumes go (``<run dir>/volumes`` when unset); share it between
+            runs on the same cohort, and put it on a file system every rank sees under DDP.
+        crops_per_subject: samples drawn from each subject in a row (a batch holds
+            ``batch_size / crops_per_subject`` subjects); 2 gives SimCLR the two crops of one subject
+            it needs with ``method_params.positives: subject``.
+        num_workers: DataLoader worker processes per training process; ``-1`` chooses
+            (:func:`~slice2vol.ssl.distributed.default_num_workers`: 0 on a small CPU, up to 8 per GPU).
     """
 
     volume: VolumeConfig = field(default_factory=lambda: VolumeConfig(crop_foreground=True))
@@ -56,6 +66,10 @@ class DataConfig:
     min_foreground: float = 0.1
     max_subjects: int = 0
     cache_dtype: Literal["float32", "float16"] = "float32"
+    streaming: bool = True
+    cache_dir: str | None = None
+    crops_per_subject: int = 1
+    num_workers: int = -1
 
 
 @dataclass
@@ -78,6 +92,13 @@ class TrainConfig:
         amp: mixed precision, used on CUDA only (never on CPU, where it is much slower).
         amp_dtype: ``bfloat16`` or ``float16`` (the latter with a gradient scaler).
         deterministic: ``torch.use_deterministic_algorithms(True)`` (slower; exact resume on CPU).
+        budget_flops: total training FLOPs (forward + backward, all ranks); when set, ``steps`` is
+            replaced by the steps this buys at the measured FLOPs per step (compute-matched runs).
+        budget_device_hours: the same with wall time: device-hours (GPUs, or CPU processes, times
+            hours) at the seconds per step measured over ``budget_probe_steps`` probe steps.
+        budget_probe_steps: steps timed before training for ``budget_device_hours``.
+        count_flops: measure FLOPs per step (one extra forward/backward on a copy at start).
+        sync_batchnorm: under DDP on CUDA, batch-norm statistics over the global batch.
     """
 
     steps: int = 1000
@@ -96,6 +117,11 @@ class TrainConfig:
     amp: bool = True
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     deterministic: bool = False
+    budget_flops: float = 0.0
+    budget_device_hours: float = 0.0
+    budget_probe_steps: int = 3
+    count_flops: bool = True
+    sync_batchnorm: bool = True
 
 
 @dataclass

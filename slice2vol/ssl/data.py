@@ -1,10 +1,14 @@
-"""Training data for SSL: cohort volumes held in memory, sampled as random 3D crops or 2D slices.
+"""Training data for SSL: cohort volumes sampled as random 3D crops or 2D slices.
 
-Volumes are loaded once through :func:`slice2vol.data.manifest.load_subject` (RAS, intensity in
-[0, 1], cropped to the head), fitted into a fixed grid preserving the physical aspect ratio (the
-way :func:`slice2vol.data.slicing.slice_volume` fits slices), and kept as tensors. Sampling uses the
-global torch RNG only, so the trainer's checkpointed RNG state makes a resumed run draw exactly the
-batches an uninterrupted run would have drawn.
+Volumes are loaded through :func:`slice2vol.data.manifest.load_subject` (RAS, intensity in [0, 1],
+cropped to the head) and fitted into a fixed grid preserving the physical aspect ratio (the way
+:func:`slice2vol.data.slicing.slice_volume` fits slices). The samplers (:class:`CropDataset`,
+:class:`SliceDataset`) read through a small *volume-source* interface with two implementations:
+:class:`VolumeBank` keeps every volume in memory, :class:`~slice2vol.ssl.streaming.PreparedVolumes`
+reads crops and slices from per-subject HDF5 files (memory flat in cohort size). ``sample(n)``
+draws from the global torch RNG; ``draw(i, generator)`` from an explicit generator, which the
+trainer seeds per sample so a batch depends only on (seed, step), whatever the number of processes,
+DataLoader workers or restarts.
 """
 
 from __future__ import annotations
@@ -64,7 +68,11 @@ def prepare_volume(volume: Volume, volume_size: Sequence[int] | None) -> tuple[t
 
 @dataclass
 class VolumeBank:
-    """Prepared volumes in memory.
+    """Prepared volumes in memory (small cohorts, tests; ``data.streaming: false``).
+
+    Implements the volume-source interface the samplers read through (``shape``, ``read_image``,
+    ``read_mask``, ``read_slice``, ``slice_foreground``), like the on-disk
+    :class:`~slice2vol.ssl.streaming.PreparedVolumes` that large cohorts stream from.
 
     Attributes:
         ids: subject IDs.
@@ -85,16 +93,47 @@ class VolumeBank:
     def in_channels(self) -> int:
         return int(self.images[0].shape[0])
 
+    # -- volume-source interface ------------------------------------------------------------------
+    def shape(self, i: int) -> tuple[int, ...]:
+        """Spatial shape (X, Y, Z) of subject ``i``."""
+        return tuple(self.images[i].shape[1:])
+
+    def read_image(self, i: int, box: tuple[slice, ...]) -> torch.Tensor:
+        """(C, *box) float32 voxels of subject ``i`` (a copy)."""
+        return self.images[i][(slice(None), *box)].float()
+
+    def read_mask(self, i: int, box: tuple[slice, ...]) -> torch.Tensor:
+        """(*box) bool head mask of subject ``i``."""
+        return self.masks[i][box]
+
+    def read_slice(self, i: int, plane: str, index: int) -> torch.Tensor:
+        """(C, rows, cols) float32 slice ``index`` of ``plane`` in display orientation."""
+        return _plane_view(self.images[i].float(), plane)[:, index]
+
+    def slice_foreground(self, i: int, plane: str) -> torch.Tensor:
+        """(n_slices,) head fraction of every slice of ``plane``."""
+        return _plane_view(self.masks[i].float(), plane).flatten(1).mean(1)
+
+    def subset(self, ids: Sequence[str]) -> "VolumeBank":
+        """The given subjects only, in the given order (unknown IDs are an error)."""
+        position = {s: k for k, s in enumerate(self.ids)}
+        missing = [s for s in ids if s not in position]
+        if missing:
+            raise KeyError(f"{len(missing)} subject(s) not in the volume bank, e.g. {missing[:3]}")
+        keep = [position[s] for s in ids]
+        return VolumeBank([self.ids[k] for k in keep], [self.images[k] for k in keep],
+                          [self.masks[k] for k in keep], list(self.failures))
+
     @classmethod
     def from_cohort(cls, cohort: Cohort, volume_cfg: VolumeConfig | None = None,
                     volume_size: Sequence[int] | None = (64, 64, 64), *, max_subjects: int = 0,
                     dtype: str = "float32", progress: bool = True) -> "VolumeBank":
         """Loads every subject (failures are recorded and skipped)."""
-        from tqdm.auto import tqdm
+        from slice2vol.progress import track
 
         subjects = cohort.subjects[:max_subjects] if max_subjects else cohort.subjects
         bank = cls([], [], [])
-        for subject in tqdm(subjects, desc="loading volumes", disable=not progress, leave=False):
+        for subject in track(subjects, desc="loading volumes", unit="subj", enabled=progress):
             try:
                 volume = load_subject(subject, volume_cfg, with_seg=False)
             except VolumeError as err:
@@ -131,92 +170,149 @@ class VolumeBank:
         return bank
 
 
-class CropDataset:
-    """Random 3D crops of the bank's volumes (zero-padded where a volume is smaller).
+def _randint(high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in [0, high) from ``generator`` (the global torch RNG when ``None``)."""
+    return int(torch.randint(0, high, (), generator=generator).item())
 
-    ``sample(n)`` draws subjects uniformly and crop corners uniformly, re-drawing (up to 10 times)
-    crops with less than ``min_foreground`` head voxels.
+
+def read_padded(source, i: int, starts: Sequence[int], size: Sequence[int], *, mask: bool = False) -> torch.Tensor:
+    """The box ``starts + size`` of subject ``i`` on its grid zero-padded (centred) up to ``size``.
+
+    Where a volume is smaller than the box along an axis it is centred in a zero-padded grid first
+    (``starts`` index that padded grid), so crops larger than the volume are valid.
+
+    Returns:
+        (C, *size) float32 image, or (*size) bool mask with ``mask=True``.
+    """
+    shape = source.shape(i)
+    pads = [max(0, c - n) // 2 for n, c in zip(shape, size)]
+    real, inner = [], []
+    for start, c, n, pad in zip(starts, size, shape, pads):
+        a, b = start - pad, start - pad + c  # box in real voxel coordinates
+        lo, hi = max(0, a), min(n, b)
+        real.append(slice(lo, max(lo, hi)))
+        inner.append(slice(lo - a, lo - a + max(0, hi - lo)))
+    box = tuple(real)
+    if mask:
+        part = source.read_mask(i, box)
+        out = torch.zeros(tuple(size), dtype=torch.bool)
+        out[tuple(inner)] = part
+        return out
+    part = source.read_image(i, box)
+    if tuple(part.shape[1:]) == tuple(size):
+        return part
+    out = torch.zeros((part.shape[0], *size), dtype=torch.float32)
+    out[(slice(None), *inner)] = part
+    return out
+
+
+class CropDataset:
+    """Random 3D crops of a volume source (zero-padded where a volume is smaller than the crop).
+
+    The source is a :class:`VolumeBank` (in memory) or a
+    :class:`~slice2vol.ssl.streaming.PreparedVolumes` (read from disk crop by crop). ``sample(n)``
+    draws subjects uniformly and crop corners uniformly, re-drawing (up to 10 times) crops with less
+    than ``min_foreground`` head voxels; :meth:`draw` does the same for one subject from a given
+    generator (the seeded, streaming path of the trainer).
     """
 
-    def __init__(self, bank: VolumeBank, crop_size: Sequence[int], min_foreground: float = 0.1) -> None:
+    def __init__(self, bank, crop_size: Sequence[int], min_foreground: float = 0.1, per_subject: int = 1) -> None:
         self.bank, self.crop_size, self.min_foreground = bank, tuple(crop_size), min_foreground
+        self.per_subject = per_subject
 
     def __len__(self) -> int:
         return len(self.bank)
 
-    def _crop(self, i: int) -> torch.Tensor:
-        image, mask = self.bank.images[i], self.bank.masks[i]
-        pad = []
-        for s, c in reversed(list(zip(image.shape[1:], self.crop_size))):
-            extra = max(0, c - s)
-            pad += [extra // 2, extra - extra // 2]
-        if any(pad):
-            image = F.pad(image, pad)
-            mask = F.pad(mask[None].float(), pad)[0] > 0.5
+    def draw(self, i: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random crop of subject ``i``, (C, *crop_size) float32."""
+        grid = [max(n, c) for n, c in zip(self.bank.shape(i), self.crop_size)]
         for _ in range(10):
-            starts = [int(torch.randint(0, s - c + 1, ()).item()) for s, c in zip(image.shape[1:], self.crop_size)]
-            box = tuple(slice(a, a + c) for a, c in zip(starts, self.crop_size))
-            if mask[box].float().mean() >= self.min_foreground:
+            starts = [_randint(n - c + 1, generator) for n, c in zip(grid, self.crop_size)]
+            fg = read_padded(self.bank, i, starts, self.crop_size, mask=True).float().mean()
+            if fg >= self.min_foreground:
                 break
-        return image[(slice(None), *box)].float()
+        return read_padded(self.bank, i, starts, self.crop_size)
+
+    def _crop(self, i: int) -> torch.Tensor:
+        return self.draw(i)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         """A random crop of subject ``i``, (C, *crop_size)."""
-        return self._crop(i)
+        return self.draw(i)
 
     def sample(self, n: int) -> torch.Tensor:
-        """(n, C, *crop_size) random crops of random subjects."""
-        idx = torch.randint(0, len(self.bank), (n,)).tolist()
-        return torch.stack([self._crop(i) for i in idx])
+        """(n, C, *crop_size) random crops of random subjects (global torch RNG), ``per_subject`` in a row."""
+        return torch.stack([self.draw(i) for i in _subject_draws(n, len(self.bank), self.per_subject)])
 
 
 class SliceDataset:
-    """Random 2D slices of the bank's volumes, in the display orientation of ``slice_volume``.
+    """Random 2D slices of a volume source, in the display orientation of ``slice_volume``.
 
     Only slices with at least ``min_foreground`` head pixels are drawn; they are resized to
     ``slice_size``.
     """
 
-    def __init__(self, bank: VolumeBank, slice_size: Sequence[int], planes: Sequence[str] = tuple(PLANES),
-                 min_foreground: float = 0.1) -> None:
+    def __init__(self, bank, slice_size: Sequence[int], planes: Sequence[str] = tuple(PLANES),
+                 min_foreground: float = 0.1, per_subject: int = 1) -> None:
         unknown = [p for p in planes if p not in PLANES]
         if unknown:
             raise ValueError(f"unknown plane(s) {unknown}; known: {list(PLANES)}")
         self.bank, self.slice_size, self.planes = bank, tuple(slice_size), list(planes)
-        self.valid: list[list[torch.Tensor]] = []
-        for mask in bank.masks:
-            per_plane = []
-            for plane in self.planes:
-                fg = _plane_view(mask.float(), plane).flatten(1).mean(1)
-                idx = torch.nonzero(fg >= min_foreground).flatten()
-                per_plane.append(idx if len(idx) else torch.arange(len(fg)))
-            self.valid.append(per_plane)
+        self.min_foreground, self.per_subject = min_foreground, per_subject
+        self._valid: dict[tuple[int, str], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.bank)
 
-    def _slice(self, i: int) -> torch.Tensor:
-        p = int(torch.randint(0, len(self.planes), ()).item())
-        candidates = self.valid[i][p]
-        index = candidates[int(torch.randint(0, len(candidates), ()).item())]
-        image = _plane_view(self.bank.images[i].float(), self.planes[p])[:, index]  # (C, rows, cols)
+    def valid_slices(self, i: int, plane: str) -> torch.Tensor:
+        """Indices of the slices of ``plane`` with enough head (all of them if none has)."""
+        key = (i, plane)
+        if key not in self._valid:
+            fg = self.bank.slice_foreground(i, plane)
+            idx = torch.nonzero(fg >= self.min_foreground).flatten()
+            self._valid[key] = idx if len(idx) else torch.arange(len(fg))
+        return self._valid[key]
+
+    def draw(self, i: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random slice of subject ``i``, (C, *slice_size) float32."""
+        plane = self.planes[_randint(len(self.planes), generator)]
+        candidates = self.valid_slices(i, plane)
+        index = int(candidates[_randint(len(candidates), generator)])
+        image = self.bank.read_slice(i, plane, index)  # (C, rows, cols)
         if tuple(image.shape[1:]) != self.slice_size:
             image = F.interpolate(image[None], size=self.slice_size, mode="bilinear", align_corners=False)[0]
         return image
 
+    def _slice(self, i: int) -> torch.Tensor:
+        return self.draw(i)
+
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self._slice(i)
+        return self.draw(i)
 
     def sample(self, n: int) -> torch.Tensor:
-        """(n, C, *slice_size) random slices of random subjects."""
-        idx = torch.randint(0, len(self.bank), (n,)).tolist()
-        return torch.stack([self._slice(i) for i in idx])
+        """(n, C, *slice_size) random slices of random subjects (global torch RNG), ``per_subject`` in a row."""
+        return torch.stack([self.draw(i) for i in _subject_draws(n, len(self.bank), self.per_subject)])
 
 
-def make_dataset(bank: VolumeBank, spatial_dims: int, data_cfg) -> CropDataset | SliceDataset:
-    """The sampler a run with ``spatial_dims`` trains on (``data_cfg``: :class:`~slice2vol.ssl.config.DataConfig`)."""
+def _subject_draws(n: int, n_subjects: int, per_subject: int) -> list[int]:
+    """Subject index of each of ``n`` samples: random subjects, each repeated ``per_subject`` times in a row."""
+    if n % per_subject:
+        raise ValueError(f"a batch of {n} is not a whole number of groups of {per_subject} samples per subject")
+    subjects = torch.randint(0, n_subjects, (n // per_subject,)).tolist()
+    return [s for s in subjects for _ in range(per_subject)]
+
+
+def make_dataset(bank, spatial_dims: int, data_cfg) -> CropDataset | SliceDataset:
+    """The sampler a run with ``spatial_dims`` trains on.
+
+    Args:
+        bank: a volume source (:class:`VolumeBank` or :class:`~slice2vol.ssl.streaming.PreparedVolumes`).
+        spatial_dims: 3 (crops) or 2 (slices).
+        data_cfg: :class:`~slice2vol.ssl.config.DataConfig`.
+    """
+    per_subject = getattr(data_cfg, "crops_per_subject", 1)
     if spatial_dims == 3:
-        return CropDataset(bank, data_cfg.crop_size, data_cfg.min_foreground)
+        return CropDataset(bank, data_cfg.crop_size, data_cfg.min_foreground, per_subject)
     if spatial_dims == 2:
-        return SliceDataset(bank, data_cfg.slice_size, data_cfg.planes, data_cfg.min_foreground)
+        return SliceDataset(bank, data_cfg.slice_size, data_cfg.planes, data_cfg.min_foreground, per_subject)
     raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")

@@ -27,7 +27,9 @@ from slice2vol.config import to_dict
 from slice2vol.data.io import VolumeConfig, VolumeError
 from slice2vol.data.manifest import Cohort, Failure, load_subject
 from slice2vol.ssl.data import fit_to_grid, prepare_volume
-from slice2vol.ssl.trainer import load_checkpoint
+from slice2vol.ssl.trainer import list_checkpoints, load_checkpoint
+
+__all__ = ["ExportReport", "embed_cohort", "embed_volume", "list_checkpoints", "load_encoder", "windows"]
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +141,8 @@ def embed_cohort(model: torch.nn.Module, cohort: Cohort, store_path: str | Path,
     Returns:
         :class:`ExportReport` with the subjects written and the failures.
     """
-    from tqdm.auto import tqdm
-
     from slice2vol.cache import FeatureStore
+    from slice2vol.progress import track
 
     if mode not in ("whole", "sliding"):
         raise ValueError(f"mode must be 'whole' or 'sliding', got {mode!r}")
@@ -174,7 +175,7 @@ def embed_cohort(model: torch.nn.Module, cohort: Cohort, store_path: str | Path,
             rows.append(x)
         pending.clear()
 
-    for subject in tqdm(cohort.subjects, desc=f"embed {name}", disable=not progress):
+    for subject in track(cohort.subjects, desc=f"embed {name}", unit="subj", enabled=progress):
         try:
             volume = load_subject(subject, volume_cfg, with_seg=False)
         except VolumeError as err:

@@ -1,4 +1,4 @@
-"""SimCLR: two MRI-augmented views of each crop/slice, NT-Xent on projected embeddings."""
+"""SimCLR: two MRI-augmented views of each crop/slice (or two crops of each subject), NT-Xent on projected embeddings."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from slice2vol.ssl import METHODS
 from slice2vol.ssl.augment import MRIAugment
 from slice2vol.ssl.backbones import Backbone
 from slice2vol.ssl.base import SSLMethod, backbone_from_config
+from slice2vol.ssl.distributed import gather_with_grad
 from slice2vol.ssl.losses import nt_xent
 
 
@@ -23,12 +24,19 @@ class SimCLR(SSLMethod):
         temperature: NT-Xent temperature.
         proj_hidden, proj_dim: projection head sizes (the head is dropped after training).
         augment: keyword arguments of :class:`~slice2vol.ssl.augment.MRIAugment`.
+        positives: ``views`` = two augmented views of the same crop (Chen et al.); ``subject`` = one
+            augmented view of each of two different crops of the same subject (the batch holds them in
+            consecutive pairs: ``data.crops_per_subject: 2``), so what the two views share is the
+            subject — its anatomy, tissue contrast, age — not the crop's position or content.
     """
 
     def __init__(self, backbone: Backbone, spatial_dims: int, in_channels: int, input_size: Sequence[int],
                  temperature: float = 0.1, proj_hidden: int = 512, proj_dim: int = 128,
-                 augment: dict[str, Any] | None = None) -> None:
+                 augment: dict[str, Any] | None = None, positives: str = "views") -> None:
         super().__init__(backbone, spatial_dims, in_channels, input_size)
+        if positives not in ("views", "subject"):
+            raise ValueError(f"simclr: positives must be 'views' or 'subject', got {positives!r}")
+        self.positives = positives
         # SimCLR's head: Linear-BN-ReLU-Linear. The batch norm also rules out the collapsed solution
         # (all embeddings equal, loss stuck at log(2B - 1)) that a plain MLP head reached on CPU runs.
         self.projector = nn.Sequential(nn.Linear(backbone.embed_dim, proj_hidden), nn.BatchNorm1d(proj_hidden),
@@ -39,14 +47,20 @@ class SimCLR(SSLMethod):
     def training_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         if batch.shape[0] < 2:
             raise ValueError("SimCLR needs a batch of at least 2 samples (the others are the negatives)")
-        views = torch.cat([self.augment(batch), self.augment(batch)])
-        z = self.projector(self.backbone(views))
-        z1, z2 = z.chunk(2)
-        loss = nt_xent(z1, z2, self.temperature)
-        with torch.no_grad():  # top-1 retrieval of the other view, a readable progress signal
-            zn = torch.nn.functional.normalize(z.float(), dim=1)
-            sim = zn[: len(z1)] @ zn[len(z1):].t()
-            acc = float((sim.argmax(1) == torch.arange(len(z1), device=sim.device)).float().mean())
+        if self.positives == "subject":
+            if batch.shape[0] % 2:
+                raise ValueError("simclr positives=subject needs consecutive pairs of crops (data.crops_per_subject: 2)")
+            z = self.projector(self.backbone(self.augment(batch)))
+            z1, z2 = z[0::2], z[1::2]
+        else:
+            views = torch.cat([self.augment(batch), self.augment(batch)])
+            z = self.projector(self.backbone(views))
+            z1, z2 = z.chunk(2)
+        with torch.no_grad():  # top-1 retrieval of the other view within this batch, a readable progress signal
+            a = torch.nn.functional.normalize(z1.float(), dim=1)
+            b = torch.nn.functional.normalize(z2.float(), dim=1)
+            acc = float(((a @ b.t()).argmax(1) == torch.arange(len(a), device=a.device)).float().mean())
+        loss = nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.temperature)  # negatives of every rank
         return loss, {"view_acc": acc}
 
 

@@ -17,6 +17,7 @@ resumed ends with exactly the parameters of an uninterrupted run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -107,8 +108,11 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(directory: str | Path, model, cfg: SSLConfig, step: int, optimizer=None, scheduler=None,
-                    scaler=None, extra: dict | None = None) -> Path:
-    """Writes a checkpoint directory atomically (a temporary sibling renamed over ``directory``)."""
+                    scaler=None, extra: dict | None = None, *, extra_state: dict | None = None) -> Path:
+    """Writes a checkpoint directory atomically (a temporary sibling renamed over ``directory``).
+
+    ``extra`` keys go to ``meta.json``, ``extra_state`` (plain values) to ``train_state.pt``.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -121,7 +125,7 @@ def save_checkpoint(directory: str | Path, model, cfg: SSLConfig, step: int, opt
             "embed_dim": int(model.encoder.embed_dim), "input_size": list(cfg.input_size),
             "config_hash": config_hash(cfg), "config": to_dict(cfg), **(extra or {})}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    state = {"step": step, "rng": rng_state()}
+    state = {"step": step, "rng": rng_state(), **(extra_state or {})}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
@@ -181,7 +185,20 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu"):
 # -- training ---------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
-    """What a run produced."""
+    """What a run produced.
+
+    Attributes:
+        out_dir: the run directory.
+        step: optimiser steps done.
+        final_loss: mean loss of the last logged window (over all ranks).
+        history: logged rows (step, loss, lr, samples_per_s, step_time_s, wall_s, flops, method metrics).
+        checkpoint: ``out_dir/last``.
+        loss_curve: ``loss_curve.png``.
+        total_steps: the steps the run was laid out for (``train.steps`` or the budget's).
+        cost: measured :class:`~slice2vol.ssl.compute.StepCost` as a dict (FLOPs per step...).
+        wall_s: training wall seconds (summed over resumed segments).
+        cpu_s: CPU seconds of the training process (user + system, all threads; summed likewise).
+    """
 
     out_dir: Path
     step: int
@@ -189,6 +206,29 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     checkpoint: Path | None = None
     loss_curve: Path | None = None
+    total_steps: int = 0
+    cost: dict | None = None
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, checkpoint directory) of every complete checkpoint of a run, by step.
+
+    The ``step_<N>/`` copies (``train.keep_every``) plus ``last/`` when its step has no copy; the
+    input of learning curves (probe metric against pretraining steps).
+    """
+    run_dir = Path(run_dir)
+    found: dict[int, Path] = {}
+    for path in sorted(run_dir.glob("step_*")):
+        meta = path / "meta.json"
+        if path.is_dir() and meta.exists() and (path / "encoder.safetensors").exists():
+            found[int(json.loads(meta.read_text())["step"])] = path
+    last = run_dir / "last"
+    if (last / "meta.json").exists() and (last / "encoder.safetensors").exists():
+        step = int(json.loads((last / "meta.json").read_text())["step"])
+        found.setdefault(step, last)
+    return sorted(found.items())
 
 
 def _write_metrics(out_dir: Path, history: list[dict]) -> None:
@@ -203,7 +243,7 @@ def _write_metrics(out_dir: Path, history: list[dict]) -> None:
 
 
 def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> Path:
-    """Loss (log scale) and learning rate against the step, saved as PNG."""
+    """Loss (log scale) and learning rate against the step, saved as PNG (150 dpi)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,85 +261,245 @@ def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> P
     ax2.set_ylabel("learning rate", color="tab:gray")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
     return Path(path)
 
 
+def _train_device(name: str, env) -> torch.device:
+    """The run's device; under DDP on CUDA the GPU of this process's local rank."""
+    device = resolve_device(name)
+    if device.type == "cuda" and env.distributed and device.index is None:
+        device = torch.device("cuda", env.local_rank)
+    return device
+
+
+def _batch_stream(dataset, cfg: SSLConfig, start: int, end: int, env, device: torch.device):
+    """This rank's micro-batches for steps ``start .. end - 1``, in order.
+
+    Samplers with ``draw(i, generator)`` (crops/slices of a volume source) go through a DataLoader
+    keyed by sample number (:func:`~slice2vol.ssl.streaming.make_loader`); anything else only needs
+    ``sample(n)`` and is called in the training process (tests use fixed batches that way).
+    """
+    from slice2vol.ssl.distributed import default_num_workers
+    from slice2vol.ssl.streaming import make_loader
+
+    tc = cfg.train
+    if hasattr(dataset, "draw") and hasattr(dataset, "bank"):
+        workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_num_workers(device.type, env)
+        loader = make_loader(dataset, tc.seed, start, end, tc.batch_size, accumulate=tc.accumulate, rank=env.rank,
+                             world_size=env.world_size, num_workers=workers, pin_memory=device.type == "cuda")
+        # the iterator is created here, before any step seeds the RNG: DataLoader draws its base seed
+        # from the global RNG when the iterator starts, which must not shift a step's randomness
+        return iter(loader)
+
+    def sampled():
+        while True:
+            yield dataset.sample(tc.batch_size)
+
+    return sampled()
+
+
+def _seed_step(seed: int, step: int, micro: int, rank: int) -> None:
+    """Seeds the torch RNG for one micro-batch: the method's views, masks and pretext labels of a step
+    depend on (seed, step, micro-batch, rank) only, so a resumed run redraws exactly the same ones."""
+    from slice2vol.ssl.streaming import mix_seed
+
+    torch.manual_seed(mix_seed(seed, step, micro, rank))
+
+
+def _resume_state(last: Path, extra_meta: dict | None) -> dict | None:
+    if not (last / "train_state.pt").exists():
+        return None
+    meta = json.loads((last / "meta.json").read_text())
+    want = (extra_meta or {}).get("subjects_sha256")
+    have = meta.get("subjects_sha256")
+    if want and have and want != have:
+        raise ValueError(f"{last}: this run was trained on another subject set ({meta.get('n_subjects')} subjects); "
+                         "use --no-resume (resume=False) or another output folder")
+    return torch.load(last / "train_state.pt", map_location="cpu", weights_only=True)
+
+
 def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
           stop_after: int | None = None, extra_meta: dict | None = None, plot: bool = True) -> TrainResult:
-    """Trains ``model`` on ``dataset.sample(batch_size)`` batches for ``cfg.train.steps`` optimiser steps.
+    """Trains ``model`` for ``cfg.train.steps`` optimiser steps (or the steps its budget buys).
+
+    Runs in one process or, started by torchrun, as one rank of a DistributedDataParallel job:
+    every rank draws its share of each global batch (the same global batch for any world size),
+    gradients are averaged, rank 0 writes checkpoints and metrics. On CUDA the forward pass runs
+    under autocast (``amp_dtype``); never on CPU.
 
     Args:
         model: an :class:`~slice2vol.ssl.base.SSLMethod`.
-        dataset: a :class:`~slice2vol.ssl.data.CropDataset` / ``SliceDataset`` (anything with ``sample(n)``).
+        dataset: a :class:`~slice2vol.ssl.data.CropDataset` / ``SliceDataset`` (seeded per sample,
+            loaded by a DataLoader), or anything with ``sample(n)``.
         cfg: the run config (saved in every checkpoint).
         out_dir: run directory.
         resume: continue from ``out_dir/last`` when it exists.
-        progress: tqdm bar with loss and samples/s.
+        progress: progress bar / log lines with loss and samples/s (rank 0).
         stop_after: return after this step without checkpointing (simulates a killed job in tests).
-        extra_meta: more keys for ``meta.json`` (e.g. the manifest used).
+        extra_meta: more keys for ``meta.json`` (e.g. the manifest used, the subject IDs).
         plot: write ``loss_curve.png`` at the end.
     """
-    from tqdm.auto import tqdm
+    from contextlib import nullcontext
+
+    from slice2vol.progress import bar as progress_bar
+    from slice2vol.ssl.compute import StepTimer, count_step_flops, resolve_budget_steps
+    from slice2vol.ssl.distributed import (all_reduce_max, all_reduce_mean, barrier, broadcast_object,
+                                           configure_threads, init_distributed, unwrap)
 
     tc = cfg.train
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(tc.device)
+    device_hint = resolve_device(tc.device).type
+    env = init_distributed(device_hint)
+    configure_threads(env)
+    device = _train_device(tc.device, env)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    barrier(env)
     use_amp = tc.amp and device.type == "cuda"  # never autocast on CPU (bf16 is ~40x slower there)
     amp_dtype = getattr(torch, tc.amp_dtype)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc))
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if tc.deterministic:
         torch.use_deterministic_algorithms(True)
 
-    step, history = 0, []
     last = out_dir / "last"
-    if resume and (last / "train_state.pt").exists():
+    state = _resume_state(last, extra_meta) if resume else None
+    step, history, wall_before, cpu_before = 0, [], 0.0, 0.0
+    total = int(tc.steps)
+    cost: dict | None = None
+    if state is not None:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(last / "model.safetensors")))
-        state = torch.load(last / "train_state.pt", map_location="cpu", weights_only=True)
+        step = int(state["step"])
+        if tc.budget_flops or tc.budget_device_hours:  # the steps the budget bought stay fixed
+            total = int(state.get("total_steps", total))
+        wall_before = float(state.get("wall_s", 0.0))
+        cpu_before = float(state.get("cpu_s", 0.0))
+        meta = json.loads((last / "meta.json").read_text())
+        cost = meta.get("compute")
+        if (out_dir / "metrics.json").exists():
+            history = [r for r in json.loads((out_dir / "metrics.json").read_text()) if r["step"] <= step]
+        log.info("resuming %s from step %d of %d", out_dir, step, total)
+
+    micro = tc.batch_size
+    global_batch = micro * tc.accumulate * env.world_size
+    stream = _batch_stream(dataset, cfg, step, 1 << 40, env, device)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)  # noqa: E731
+
+    def step_fn(m, b):
+        with autocast():
+            return m(b)[0]
+
+    unused: list[str] = []
+    pending = None  # the batch the probe measured, trained on first
+    budgeted = bool(tc.budget_flops or tc.budget_device_hours) and state is None
+    if (step < total or budgeted) and (budgeted or env.distributed or (tc.count_flops and cost is None)):
+        _seed_step(tc.seed, step, 0, env.rank)
+        pending = next(stream).to(device, non_blocking=True)
+        probe = count_step_flops(model, pending, step_fn)
+        unused = probe.unused
+        if unused:
+            log.info("%d parameter tensors get no gradient (e.g. %s): DDP runs with find_unused_parameters",
+                     len(unused), unused[:3])
+        if cost is None and tc.count_flops or budgeted:
+            flops_step = probe.flops * tc.accumulate * env.world_size
+            seconds = 0.0
+            if tc.budget_device_hours and state is None:
+                from slice2vol.ssl.compute import time_step
+
+                seconds = time_step(model, pending, step_fn, tc.budget_probe_steps, device) * tc.accumulate
+                seconds = max(all_reduce_max([seconds], env, device)) * env.world_size  # device-seconds
+            cost = {"flops_per_step": flops_step, "flops_per_sample": probe.flops_per_sample,
+                    "global_batch": global_batch, "probe_device_s_per_step": seconds,
+                    "flops_uncounted_ops": probe.uncounted_ops, "flops_by_module": probe.by_module,
+                    "flop_counter": "torch.utils.flop_counter.FlopCounterMode (matmul/conv fwd+bwd)"}
+            if budgeted:
+                from slice2vol.ssl.compute import StepCost
+
+                budget = resolve_budget_steps(tc, StepCost(flops_step, probe.flops_per_sample, seconds))
+                if budget is not None:
+                    total = int(broadcast_object(budget, env))
+                    cost["budget"] = {"flops": tc.budget_flops, "device_hours": tc.budget_device_hours,
+                                      "resolved_steps": total}
+                    log.info("%s %dD: budget buys %d steps (%.3g FLOPs/step)", cfg.method, cfg.spatial_dims,
+                             total, flops_step)
+    schedule_cfg = dataclasses.replace(tc, steps=total)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(schedule_cfg))
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        step = int(state["step"])
-        if (out_dir / "metrics.json").exists():
-            history = [r for r in json.loads((out_dir / "metrics.json").read_text()) if r["step"] <= step]
-        log.info("resuming %s from step %d", out_dir, step)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        # no RNG state to restore: every micro-batch reseeds from (seed, step), see _seed_step
+
+    net = model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if device.type == "cuda" and tc.sync_batchnorm:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None,
+                  find_unused_parameters=bool(unused))
+    if env.is_main:
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    wall_start, cpu_start = time.perf_counter(), _cpu_seconds()
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - wall_start
+
+    def cpu() -> float:
+        return cpu_before + _cpu_seconds() - cpu_start
+
+    def meta_extra() -> dict:
+        return {**(extra_meta or {}), "compute": cost, "total_steps": total, "world_size": env.world_size,
+                "wall_s": round(wall(), 3), "cpu_s": round(cpu(), 3), "threads": torch.get_num_threads()}
 
     def checkpoint() -> Path:
-        _write_metrics(out_dir, history)
-        path = save_checkpoint(last, model, cfg, step, optimizer, scheduler, scaler, extra_meta)
-        if tc.keep_every and step % tc.keep_every == 0:
-            shutil.copytree(path, out_dir / f"step_{step:07d}", dirs_exist_ok=True)
-        return path
+        if env.is_main:
+            _write_metrics(out_dir, history)
+            save_checkpoint(last, unwrap(net), cfg, step, optimizer, scheduler, scaler, meta_extra(),
+                            extra_state={"total_steps": total, "wall_s": wall(), "cpu_s": cpu()})
+            if tc.keep_every and step % tc.keep_every == 0:
+                shutil.copytree(last, out_dir / f"step_{step:07d}", dirs_exist_ok=True)
+        barrier(env)
+        return last
 
-    bar = tqdm(total=tc.steps, initial=step, desc=f"{cfg.method} {cfg.spatial_dims}D", disable=not progress)
-    window_loss, window_n, window_extra = 0.0, 0, {}
+    flops_step = (cost or {}).get("flops_per_step")
+    bar = progress_bar(total, f"{cfg.method} {cfg.spatial_dims}D", unit="step", enabled=progress and env.is_main)
+    bar.update(step)
+    window_loss, window_n, window_extra, window_time = 0.0, 0, {}, 0.0
     window_start, samples = time.perf_counter(), 0
+    timer = StepTimer(device)
     try:
-        while step < tc.steps:
+        while step < total:
+            timer.begin()
             optimizer.zero_grad(set_to_none=True)
-            for _ in range(tc.accumulate):
-                batch = dataset.sample(tc.batch_size).to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, extra = model.training_step(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{cfg.method}: loss is {loss.item()} at step {step}; "
-                                             "lower train.lr or check the inputs")
-                (scaler.scale(loss / tc.accumulate) if scaler else loss / tc.accumulate).backward()
-                window_loss += float(loss.detach()) / tc.accumulate
+            step_loss = 0.0
+            for a in range(tc.accumulate):
+                if pending is None:
+                    _seed_step(tc.seed, step, a, env.rank)
+                    batch = next(stream).to(device, non_blocking=True)
+                else:  # the probe's batch, drawn after the same seeding
+                    batch, pending = pending, None
+                sync = net.no_sync() if env.distributed and a < tc.accumulate - 1 else nullcontext()
+                with sync:
+                    with autocast():
+                        loss, extra = net(batch)
+                    (scaler.scale(loss / tc.accumulate) if scaler else loss / tc.accumulate).backward()
+                step_loss += float(loss.detach()) / tc.accumulate
                 for k, v in extra.items():
                     window_extra[k] = window_extra.get(k, 0.0) + v / tc.accumulate
-                samples += batch.shape[0]
+                samples += batch.shape[0] * env.world_size
+            if max(all_reduce_max([0.0 if math.isfinite(step_loss) else 1.0], env, device)) > 0:
+                raise FloatingPointError(f"{cfg.method}: loss is not finite at step {step}; "
+                                         "lower train.lr or check the inputs")
+            window_loss += step_loss
             if scaler:
                 scaler.unscale_(optimizer)
             if tc.grad_clip > 0:
@@ -313,58 +513,125 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
             scheduler.step()
             step += 1
             window_n += 1
+            window_time += timer.end()
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
+            if step % tc.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - window_start
-                row = {"step": step, "loss": window_loss / window_n, "lr": lr,
-                       "samples_per_s": samples / max(elapsed, 1e-9),
-                       **{k: v / window_n for k, v in window_extra.items()}}
+                keys = sorted(window_extra)
+                means = all_reduce_mean([window_loss / window_n, *[window_extra[k] / window_n for k in keys]],
+                                        env, device)
+                row = {"step": step, "loss": means[0], "lr": lr, "samples_per_s": samples / max(elapsed, 1e-9),
+                       "step_time_s": window_time / window_n, "wall_s": round(wall(), 3),
+                       "cpu_s": round(cpu(), 3),
+                       **({"flops": step * flops_step} if flops_step else {}),
+                       **dict(zip(keys, means[1:]))}
                 history.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.1f}")
-                window_loss, window_n, window_extra = 0.0, 0, {}
+                bar.set_postfix_str(f"loss={row['loss']:.4f} lr={lr:.2e} sps={row['samples_per_s']:.1f}")
+                window_loss, window_n, window_extra, window_time = 0.0, 0, {}, 0.0
                 window_start, samples = time.perf_counter(), 0
             if stop_after is not None and step >= stop_after:
                 break
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
+            if step % tc.checkpoint_every == 0 or step == total:
                 checkpoint()
-        if step == tc.steps == 0 and not last.exists():
+        if step == total == 0 and not last.exists():
             checkpoint()  # steps=0: the random initialisation, a baseline worth embedding too
     finally:
         bar.close()
         torch.use_deterministic_algorithms(deterministic_before)
+        close = getattr(getattr(dataset, "bank", None), "close", None)
+        if close is not None:
+            close()
     curve = None
-    if history:
+    if history and env.is_main:
         _write_metrics(out_dir, history)
-    if history and plot:
-        curve = plot_loss_curve(history, out_dir / "loss_curve.png", f"{cfg.method} {cfg.spatial_dims}D")
+        if plot:
+            curve = plot_loss_curve(history, out_dir / "loss_curve.png", f"{cfg.method} {cfg.spatial_dims}D")
+    barrier(env)
     return TrainResult(out_dir, step, history[-1]["loss"] if history else float("nan"), history,
-                       last if last.exists() else None, curve)
+                       last if last.exists() else None, curve, total, cost, wall(), cpu())
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads): the compute a run used, which on a
+    shared machine says more than wall time (DataLoader workers are separate processes, not counted)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _subjects_sha256(ids: Sequence[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
 def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, resume: bool = True,
-             progress: bool = True, stop_after: int | None = None, plot: bool = True) -> TrainResult:
+             progress: bool = True, stop_after: int | None = None, plot: bool = True,
+             subject_ids: Sequence[str] | None = None) -> TrainResult:
     """Builds data and model from ``cfg`` and trains (seeded; resumes from ``out_dir/last``).
+
+    With a cohort and ``data.streaming`` (the default) the volumes are prepared once to HDF5 files
+    under ``data.cache_dir`` (``<out_dir>/volumes`` when unset) and read crop by crop; otherwise they
+    are held in memory. Started by torchrun, this is one rank of a DDP job (each rank prepares its
+    share of the volumes first).
 
     Args:
         cfg: the run config.
         out_dir: run directory.
         cohort: a :class:`~slice2vol.data.manifest.Cohort` to load, or
         bank: an already loaded :class:`~slice2vol.ssl.data.VolumeBank`.
+        subject_ids: pretrain on these subjects only (e.g. the training folds of a benchmark);
+            unknown IDs are an error. Recorded in ``meta.json`` (``subject_ids``), and a resumed run
+            refuses a different subject set.
     """
     from slice2vol.ssl import build_method
     from slice2vol.ssl.data import VolumeBank, make_dataset
+    from slice2vol.ssl.distributed import barrier, cleanup, init_distributed
 
-    if bank is None:
-        if cohort is None:
-            raise ValueError("pretrain needs a cohort or a VolumeBank")
-        bank = VolumeBank.from_cohort(cohort, cfg.data.volume, cfg.data.volume_size,
-                                      max_subjects=cfg.data.max_subjects, dtype=cfg.data.cache_dtype,
-                                      progress=progress)
-    if bank.in_channels != cfg.in_channels:
-        raise ValueError(f"config in_channels={cfg.in_channels} but the volumes have {bank.in_channels} channel(s)")
-    seed_everything(cfg.train.seed)
-    model = build_method(cfg)
-    dataset = make_dataset(bank, cfg.spatial_dims, cfg.data)
-    extra = {"n_subjects": len(bank), "source": getattr(cohort, "source", "")}
-    return train(model, dataset, cfg, out_dir, resume=resume, progress=progress, stop_after=stop_after,
-                 extra_meta=extra, plot=plot)
+    env = init_distributed(resolve_device(cfg.train.device).type)
+    try:
+        if bank is None:
+            if cohort is None:
+                raise ValueError("pretrain needs a cohort or a VolumeBank")
+            if subject_ids is not None:
+                unknown = sorted(set(subject_ids) - set(cohort.ids))
+                if unknown:
+                    raise ValueError(f"{cohort.source}: {len(unknown)} subject_ids not in the cohort, e.g. {unknown[:3]}")
+                cohort = cohort.subset(subject_ids)
+            if cfg.data.max_subjects:
+                cohort = cohort.subset(cohort.ids[: cfg.data.max_subjects])
+            if cfg.data.streaming:
+                from slice2vol.ssl.streaming import PreparedVolumes, collect_failures, prepare_cohort
+
+                cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(out_dir) / "volumes"
+                report = prepare_cohort(cohort, cfg.data, cache_dir, rank=env.rank, world_size=env.world_size,
+                                        progress=progress)
+                barrier(env)
+                failures = collect_failures(report.directory, env.world_size)
+                failed = {f.subject_id for f in failures}
+                bank = PreparedVolumes(report.directory, [s for s in cohort.ids if s not in failed],
+                                       failures=failures)
+            else:
+                bank = VolumeBank.from_cohort(cohort, cfg.data.volume, cfg.data.volume_size,
+                                              dtype=cfg.data.cache_dtype, progress=progress and env.is_main)
+        elif subject_ids is not None:
+            bank = bank.subset(list(subject_ids))
+        if bank.in_channels != cfg.in_channels:
+            raise ValueError(f"config in_channels={cfg.in_channels} but the volumes have {bank.in_channels} channel(s)")
+        per_subject = cfg.data.crops_per_subject
+        if per_subject < 1 or cfg.train.batch_size % per_subject:
+            # a rank's micro-batch is a contiguous run of sample numbers: groups must not straddle two
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} is not a whole number of groups of "
+                             f"data.crops_per_subject={per_subject}")
+        seed_everything(cfg.train.seed)
+        model = build_method(cfg)
+        dataset = make_dataset(bank, cfg.spatial_dims, cfg.data)
+        extra = {"n_subjects": len(bank), "source": str(getattr(cohort, "source", "") or ""),
+                 "subject_ids": list(bank.ids), "subjects_sha256": _subjects_sha256(bank.ids),
+                 "failures": [str(f) for f in getattr(bank, "failures", [])],
+                 "streaming": type(bank).__name__ == "PreparedVolumes"}
+        return train(model, dataset, cfg, out_dir, resume=resume, progress=progress, stop_after=stop_after,
+                     extra_meta=extra, plot=plot)
+    finally:
+        cleanup(env)

@@ -61,14 +61,23 @@ def randomise_layer_scale(module: torch.nn.Module, seed: int = 1) -> None:
 
 
 def pretrained_or_skip(key: str, **kwargs):
-    """``build_encoder(key, 'pretrained')`` (installed weight packages, $SLICE2VOL_WEIGHTS, caches); skips
-    naming the fix when the weights are on no source."""
+    """``build_encoder(key, 'pretrained')`` with the tests' weights folder (``tests.conftest.weights_root``:
+    ``$SLICE2VOL_WEIGHTS``, else ``../shared/weights`` beside the checkout) first, then installed weight
+    packages and caches; skips naming the fix when the weights are on no source."""
+    import os
+    from unittest import mock
+
     import pytest
 
     from slice2vol.encoders import WeightsUnavailable, build_encoder
+    from slice2vol.encoders.weights import WEIGHTS_ENV
+    from tests.conftest import weights_root
 
+    root = weights_root()
+    env = {WEIGHTS_ENV: str(root)} if root is not None else {}
     try:
-        return build_encoder(key, weights="pretrained", **kwargs)
+        with mock.patch.dict(os.environ, env):
+            return build_encoder(key, weights="pretrained", **kwargs)
     except WeightsUnavailable as err:
         pytest.skip(f"real weights not installed: {str(err)[:300]}")
 

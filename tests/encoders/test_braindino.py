@@ -1,5 +1,6 @@
 """BrainDINO: its published checkpoint layout loads strictly (random weights saved in that layout), offline
-requests fail fast naming the file, and its preprocessing is the authors' recipe."""
+requests fail fast naming the file, its preprocessing is the authors' recipe, and its dense levels are timm's
+patch tokens."""
 
 from __future__ import annotations
 
@@ -165,3 +166,19 @@ def test_volume_inputs_are_the_authors_volume_recipe():
     # volume statistics differ from slice statistics: the per-slice path is an approximation
     per_slice = build_encoder(KEY, **TINY).preprocess(torch.from_numpy(vol[15:16] / vol.max())[None].float())
     assert per_slice.shape == (1, 3, 64, 64)
+
+
+def test_dense_levels_are_timms_patch_tokens_on_their_grid(source):
+    """Dense API: every block at stride 16 on a (H/16, W/16) grid, CLS and the 4 storage tokens dropped; the
+    normalised last level equals the patch tokens of timm's own forward_features."""
+    levels = source.feature_info()
+    assert [(f.name, f.channels, f.stride) for f in levels] == [("blocks.0", 768, 16), ("blocks.1", 768, 16)]
+    x = source.preprocess(torch.rand(2, 1, 70, 90))
+    with torch.inference_mode():
+        maps = source.forward_intermediates(x, [-1], norm=True)
+        tokens = source.model.forward_features(x)  # (B, 1 + 4 + 16, 768)
+    assert source.model.num_prefix_tokens == 5 and maps[0].shape == (2, 768, 4, 4)
+    torch.testing.assert_close(maps[0].flatten(2).transpose(1, 2), tokens[:, 5:], rtol=0, atol=1e-5)
+    # the check can fail: keeping a storage token in place of the last patch token is visible
+    shifted = tokens[:, 4:-1]
+    assert (maps[0].flatten(2).transpose(1, 2) - shifted).abs().max() > 1e-2

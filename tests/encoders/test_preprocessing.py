@@ -260,9 +260,30 @@ def test_each_perturbation_fails_the_check(name, mutation, monkeypatch):
     assert worst > MAX_GREY, f"{name}: {mutation} not caught (max {worst:.2f} grey levels)"
 
 
+def mutated_max(name: str, mutation: str) -> float:
+    """Max grey-level difference of the family's check after one mutation (outside pytest: for the docs table)."""
+    encoder, official = family(name)
+    mutant = copy.deepcopy(encoder)
+    if mutation == "interpolation":
+        _other_interpolation(mutant)
+        return grey_levels(mutant, official)[0]
+    if mutation == "normalisation":
+        _other_normalisation(mutant)
+        return grey_levels(mutant, official)[0]
+    patch = pytest.MonkeyPatch()
+    try:
+        _shifted_crop(patch)
+        return grey_levels(mutant, official)[0]
+    finally:
+        patch.undo()
+
+
 if __name__ == "__main__":  # the table in docs/encoders.md: python -m tests.encoders.test_preprocessing
-    print(f"{'family':55s} {'max':>6s} {'mean':>6s}  (grey levels; bound {MAX_GREY} / {MEAN_GREY})")
+    print(f"| family | max | mean | interpolation mutated | crop 3 px off | normalisation mutated |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name in sorted(FAMILIES):
         torch.manual_seed(0)
         worst, mean = grey_levels(*family(name))
-        print(f"{name:55s} {worst:6.2f} {mean:6.3f}", flush=True)
+        crop = f"{mutated_max(name, 'crop offset'):.1f}" if name in CROPPED else "n/a (no crop)"
+        print(f"| {name} | {worst:.2f} | {mean:.3f} | {mutated_max(name, 'interpolation'):.1f} | {crop} | "
+              f"{mutated_max(name, 'normalisation'):.1f} |", flush=True)

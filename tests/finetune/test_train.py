@@ -158,7 +158,7 @@ def test_cli_end_to_end_on_nifti(tmp_path):
         rows.append(f"s{i},s{i}.nii.gz,{'MF'[i % 2]}")
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     code = main(["finetune", "--config", "configs/finetune/cpu_smoke.yaml", "--manifest", str(tmp_path / "m.csv"),
-                 "--steps", "2", "--out", str(tmp_path / "out"), "--no-progress", "--set", "data.stride=4"])
+                 "--steps", "2", "--out", str(tmp_path / "out"), "--no-progress", "data.stride=4"])
     assert code == 0
     record = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert record["steps"] == 2 and record["trained_subjects"] == ["s0", "s1", "s2"] and record["n_slices"] > 3

@@ -22,7 +22,7 @@ def tiny_config(method: str, dims: int = 3, **train) -> SSLConfig:
         "method_params": {"decoder_min_width": 8} if method in ("autoencoder", "genesis") else {},
         "data": {"volume_size": [32, 32, 32], "crop_size": [24, 24, 24], "slice_size": [32, 32]},
         "train": {"steps": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every": 5,
-                  "log_every": 1, "device": "cpu", **train},
+                  "log_every": 1, "device": "cpu", "count_flops": False, **train},
     })
 
 

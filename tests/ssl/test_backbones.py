@@ -45,3 +45,18 @@ def test_unknown_backbone_and_bad_params():
         build_backbone("swin", 3, 1, (40, 40, 40))
     with pytest.raises(ValueError, match="2D"):
         build_backbone("timm", 3, 1, (32, 32, 32))
+
+
+def test_stage_readout_concatenates_the_global_average_of_every_stage():
+    torch.manual_seed(0)
+    net = build_backbone("cnn", 3, 1, (16, 16, 16), width=4, num_stages=3, readout="stages")
+    assert net.embed_dim == 4 + 8 + 16 and net.feature_dim == 16
+    x = torch.rand(2, 1, 16, 16, 16)
+    by_hand, h = [], x
+    for stage in range(3):
+        h = net.net[6 * stage:6 * stage + 6](h)
+        by_hand.append(h.mean((2, 3, 4)))
+    torch.testing.assert_close(net(x), torch.cat(by_hand, 1))
+    torch.testing.assert_close(net(x)[:, -16:], net.feature_map(x).mean((2, 3, 4)))
+    with pytest.raises(ValueError, match="readout"):
+        build_backbone("cnn", 3, 1, (16, 16, 16), readout="max")

@@ -2,7 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slice2vol.ssl import build_method
 from slice2vol.ssl.augment import MRIAugment
+from slice2vol.ssl.data import make_dataset
 from slice2vol.ssl.losses import nt_xent
 from tests.ssl.conftest import fit_fixed_batch, tiny_config
 
@@ -47,3 +49,31 @@ def test_simclr_fits_fixed_batch(dims, bank, tmp_path):
     before, after, result = fit_fixed_batch(cfg, bank, tmp_path)
     assert after < before - 0.1, (before, after)
     assert "view_acc" in result.history[-1]
+
+
+def test_subject_positives_pair_two_crops_of_one_subject(bank, tmp_path):
+    """crops_per_subject=2 puts two different crops of one subject next to each other, and SimCLR with
+    positives=subject contrasts exactly those pairs."""
+    from slice2vol.ssl.streaming import SeededSamples
+
+    cfg = tiny_config("simclr", 3, batch_size=4)
+    cfg.data.crops_per_subject = 2
+    cfg.method_params = {"positives": "subject", "proj_hidden": 32, "proj_dim": 16}
+    dataset = make_dataset(bank, 3, cfg.data)
+    keyed = SeededSamples(dataset, seed=0)
+    subjects = [keyed.subject_of(g) for g in range(2 * len(bank))]
+    assert subjects[0::2] == subjects[1::2] and sorted(subjects[0::2]) == list(range(len(bank)))
+    assert not torch.equal(keyed[0], keyed[1])  # two crops, not one crop twice
+    batch = torch.stack([keyed[g] for g in range(4)])
+    model = build_method(cfg)
+    loss, extra = model.training_step(batch)
+    assert torch.isfinite(loss) and 0 <= extra["view_acc"] <= 1
+    with pytest.raises(ValueError, match="consecutive pairs"):
+        model.training_step(batch[:3])
+    with pytest.raises(ValueError, match="whole number of groups"):
+        dataset.sample(3)
+    cfg.train.batch_size = 3  # per-rank micro-batches are contiguous: a pair must not straddle two
+    with pytest.raises(ValueError, match="crops_per_subject=2"):
+        from slice2vol.ssl.trainer import pretrain
+
+        pretrain(cfg, tmp_path / "odd", bank=bank, progress=False, plot=False)
