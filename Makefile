@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: venv demo screenshot test test-all clean
+.PHONY: venv demo screenshot test test-all figures clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ test: venv
 
 test-all: venv
 	$(PY) -m pytest -q -m ""
+
+# every data-dependent table of README.md and docs/ (needs the IXI cohort; see scripts/reproduce/README.md)
+figures: venv
+	$(VENV)/bin/slice2vol bench --config configs/experiments/ixi.yaml --out runs/ixi
+	$(PY) scripts/reproduce/readme_tables.py runs/ixi | tee runs/ixi/readme_tables.md
+	$(PY) scripts/reproduce/adaptation.py --out runs/reproduce/adaptation
+	$(PY) scripts/eval_encoders3d.py --out runs/reproduce/encoders3d
+	$(PY) scripts/bench_slicing.py
+	$(PY) scripts/bench_retrieval.py --sizes 300000 --dims 384
 
 clean:
 	rm -rf $(VENV) runs

@@ -34,6 +34,7 @@ Weights: ``package`` (the installed package's ``data/models/{bbox_model,model}.p
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -278,7 +279,9 @@ def _torchscript_states(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: deepbet network file not found (expected {stem}.pt next to "
                                     f"{'/'.join(f'{s}.pt' for s in NETWORKS.values())})")
-        states[ours] = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        with warnings.catch_warnings():  # torch >= 2.10 deprecates jit.load; deepbet ships TorchScript only
+            warnings.simplefilter("ignore", FutureWarning)
+            states[ours] = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     return states
 
 
