@@ -1,46 +1,65 @@
-"""Anomaly scorers on embeddings: a shifted population is found, an identical one scores at chance."""
+"""The anomaly task end to end on a small cohort: sets, the four levels, the paired design, the sweep,
+paired tests between sets, figures, feature files shared with the segmentation task, cached rerun."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from slice2vol.eval.anomaly import AnomalyConfig, KNNDistance, Mahalanobis, OneClassSVMScorer, build_scorer
-from slice2vol.eval.metrics import _binary_auc
-from slice2vol.eval.splits import SplitConfig, make_splits
-from slice2vol.eval.tasks.anomaly import _score_anomaly
+from tests.eval.test_segmentation_task import context, small  # noqa: F401  (fixture)
 
-N = 60
+ANOMALY = {"n_folds": 2, "scorer": {"levels": [0, 1], "per_subject": 100},
+           "variants": {"patchcore": {}, "patchcore+position": {"position_weight": 0.2}},
+           "lesions": {"n_lesions": [1, 1], "radius_mm": [10.0, 12.0], "contrast": [0.8, 0.8], "sign": "hypo"},
+           "sweep": {"contrasts": [0.0, 0.8], "radii_mm": [6.0, 12.0], "sign": "hypo"}}
 
-
-def _embeddings(shift: float, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    healthy = rng.normal(size=(N, 16))
-    sick = rng.normal(size=(N, 16))
-    sick[:, :4] += shift
-    pack = lambda x: [(row, None, None) for row in x]  # noqa: E731
-    return pack(healthy), pack(sick)
+LABELS = {"pixel-level", "pixel-level (pooled voxels)", "region-level (lesions detected at 1% voxel FPR)",
+          "slice-level", "subject-level", "subject-level (paired: lesioned > own healthy)"}
 
 
-@pytest.mark.parametrize("shift,low,high", [(2.0, 0.9, 1.01), (0.0, 0.3, 0.7)])
-def test_anomaly_scorers_signal_and_chance(shift, low, high):
-    healthy, sick = _embeddings(shift)
-    ids = [f"s{i}" for i in range(N)]
-    splits = make_splits(ids, None, cfg=SplitConfig(n_folds=4))
-    out = _score_anomaly(healthy, sick, splits, ids, AnomalyConfig(knn_k=5), build_scorer, _binary_auc)
-    for scorer in ("knn", "mahalanobis", "ocsvm"):
-        res = out["subject"][scorer]
-        truth = np.r_[np.zeros(N), np.ones(N)].astype(bool)
-        auc = _binary_auc(truth, np.r_[res["healthy"], res["lesioned"]])
-        assert low < auc < high, (scorer, auc)
+def test_anomaly_task_levels_sweep_paired_and_cached_rerun(small, tmp_path, monkeypatch):  # noqa: F811
+    from slice2vol.eval import dense_bench
+    from slice2vol.eval.tasks import get_task
 
+    cohort, weights = small
+    ctx = context(tmp_path, cohort, weights, tasks=("segmentation", "anomaly"), anomaly=ANOMALY)
+    extracted = []
+    real_ensure = dense_bench.DenseFeatureFiles.ensure
 
-@pytest.mark.parametrize("scale", [1.0, 1e-9])
-def test_scorers_fit_on_healthy_rank_outliers(scale):
-    rng = np.random.default_rng(1)
-    train = rng.normal(size=(80, 8)) * scale
-    test = np.r_[rng.normal(size=(20, 8)), rng.normal(size=(20, 8)) + 4] * scale
-    for scorer in (KNNDistance(5), Mahalanobis(), OneClassSVMScorer()):
-        s = scorer.fit(train).score(test)
-        assert s.shape == (40,)
-        assert _binary_auc(np.r_[np.zeros(20), np.ones(20)].astype(bool), s) > 0.95
+    def counting_ensure(self, subjects, load, progress=False):
+        extracted.extend((self.pset.name, s.subject_id) for s in subjects if not self.path(s.subject_id).exists())
+        return real_ensure(self, subjects, load, progress)
+
+    monkeypatch.setattr(dense_bench.DenseFeatureFiles, "ensure", counting_ensure)
+    seg = get_task("segmentation").run(ctx)
+    n_after_seg = len(extracted)
+    res = get_task("anomaly").run(ctx)
+    assert not res.skipped, res.skipped
+    # the encoder's features were extracted once for both tasks; only the anomaly control is new
+    assert {name for name, _ in extracted[n_after_seg:]} == {"control:intensity"}
+    assert not list((ctx.out / "cache" / "dense").glob("*/*.npz"))  # removed after the last probe task
+    names = {"cnn", "cnn:random-init", "control:intensity"}
+    for variant in ("patchcore", "patchcore+position"):
+        got = {(r["encoder"], r["label"]) for r in res.rows if r["variant"] == variant}
+        assert got == {(n, lab) for n in names for lab in LABELS}
+    for r in res.rows:
+        assert r["ci_low"] <= r["estimate"] <= r["ci_high"] or not np.isfinite(r["ci_low"]), r
+        assert 0 <= r["estimate"] <= 1
+    pairs = {(p["encoder"], p["reference"]) for p in res.paired}
+    assert {("cnn", "cnn:random-init"), ("cnn", "control:intensity"), ("cnn:random-init", "control:intensity")} <= pairs
+    assert all(p["label"] == "pixel-level" and p["variant"] == "patchcore" for p in res.paired)
+    sweep = res.extras["sweep"]["control:intensity"]["patchcore"]
+    assert set(sweep) == {"c0.00-r6mm", "c0.00-r12mm", "c0.80-r6mm", "c0.80-r12mm"}
+    # a contrast-0 "lesion" changes nothing: detection at the 1% FPR threshold stays near 1%
+    assert sweep["c0.00-r12mm"]["detection_rate"] <= 0.25
+    per = res.extras["per_subject"]["control:intensity|patchcore"]
+    assert len(per["pixel_auroc"]) == len(cohort.subjects) == len(per["healthy"])
+    assert len(res.figures) == 4 and all((ctx.out / f["png"]).exists() for f in res.figures)
+    assert seg.rows and "lesions" in res.extras and "1-1 lesion(s)" in res.extras["lesions"]["description"]
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("a cached rerun must not extract features")
+
+    monkeypatch.setattr(dense_bench.DenseFeatureFiles, "ensure", no_extraction)
+    again = get_task("anomaly").run(context(tmp_path, cohort, weights, tasks=("segmentation", "anomaly"),
+                                            anomaly=ANOMALY))
+    assert [r["estimate"] for r in again.rows] == [r["estimate"] for r in res.rows]

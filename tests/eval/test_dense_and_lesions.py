@@ -1,4 +1,4 @@
-"""Label mapping for the dense probe, reassembly geometry, and lesion simulation."""
+"""Label mapping for the dense probe, reassembly geometry, and the lesion simulation's invariants."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 
 from slice2vol.data.io import Volume
 from slice2vol.data.slicing import SliceConfig, slice_volume, slices_to_grid
-from slice2vol.eval.anomaly import AnomalyConfig, simulate_lesions
-from slice2vol.eval.runner import _nearest_fill
-from slice2vol.eval.segmentation import (apply_lut, dice_per_class, label_lut, labels_in_box, muse_structures,
-                                         place_in_box, read_composite_mapping, token_box)
+from slice2vol.eval.dense import token_box
+from slice2vol.eval.lesions import LesionConfig, simulate_lesions
+from slice2vol.eval.segmentation import (apply_lut, dice_per_class, label_lut, muse_structures, place_in_box,
+                                         read_composite_mapping)
 
 
 def test_composite_mapping_and_lut(tmp_path):
@@ -49,9 +49,6 @@ def test_token_box_and_placement():
     top, left, h, w = token_box(Info, 112)
     assert h == w == 98 and top == left == 7
     assert token_box(type("I", (), {"resize": "squash"}), 112) == (0, 0, 112, 112)
-    labels = torch.arange(112 * 112).reshape(1, 112, 112) % 5
-    small = labels_in_box(labels, (top, left, h, w), (20, 20))
-    assert small.shape == (1, 20, 20)
     maps = torch.rand(2, 3, 10, 10)
     full = place_in_box(maps, (top, left, h, w), 112)
     assert full.shape == (2, 3, 112, 112) and torch.all(full[:, 0, 0, 0] == 1) and torch.all(full[:, 1:, 0, 0] == 0)
@@ -67,10 +64,10 @@ def _blob(shape=(20, 24, 16)):
 
 def test_reassembly_recovers_labels_on_the_original_grid():
     vol = _blob()
-    cfg = SliceConfig(planes=("axial",), stride=2, min_foreground=0.0, size=32)
+    cfg = SliceConfig(planes=("axial",), stride=1, min_foreground=0.0, size=32)
     ps = slice_volume(vol, cfg)["axial"]
     onehot = torch.nn.functional.one_hot(ps.labels.long(), 3).permute(0, 3, 1, 2).float()
-    grid = _nearest_fill(slices_to_grid(onehot, ps, vol.shape), ps.indices, axis=2)
+    grid = slices_to_grid(onehot, ps, vol.shape)
     pred = grid.argmax(0).numpy()
     dice = dice_per_class(pred, vol.seg, 2)
     assert np.all(dice > 0.85), dice
@@ -78,7 +75,7 @@ def test_reassembly_recovers_labels_on_the_original_grid():
 
 def test_simulated_lesions_inside_brain_and_seeded():
     vol = _blob()
-    cfg = AnomalyConfig(n_lesions=(2, 2), radius_mm=(4.0, 6.0), contrast=(0.5, 0.5))
+    cfg = LesionConfig(n_lesions=(2, 2), radius_mm=(4.0, 6.0), contrast=(0.5, 0.5))
     sick, lesion = simulate_lesions(vol, np.random.default_rng(0), cfg)
     assert lesion.any() and not (lesion & (vol.seg == 0)).any()
     changed = np.abs(sick.data - vol.data)[0] > 1e-6
