@@ -91,6 +91,7 @@ class Encoder3DEntry:
             included — disclosed in the report), ``training_folds`` (refitted on each training fold:
             no test image is ever seen) or ``manifest`` (``pretrain_manifest``, another cohort).
         input_size: grid the SSL encoder embeds whole volumes at.
+        optional: skip a ``key`` entry whose weights cannot be found here instead of failing the run.
     """
 
     name: str
@@ -103,6 +104,9 @@ class Encoder3DEntry:
     pretrain_on: Literal["cohort", "training_folds", "manifest"] = "cohort"
     pretrain_manifest: str | None = None
     input_size: tuple[int, int, int] = (64, 64, 64)
+    # optional: a registered network whose weights are not on this machine (e.g. `package` weights of
+    # an extra that is not installed) is skipped with a warning and listed in the report's box
+    optional: bool = False
 
 
 @dataclass

@@ -205,9 +205,15 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
     for entry in absent:
         log.warning("%s: weights %s not found; skipping this optional encoder", entry.name, expand(entry.weights, base))
     cfg = dataclasses.replace(cfg, encoders=[e for e in cfg.encoders if e not in absent])
+    from slice2vol.eval.sets3d import weights3d_missing
+
+    absent3d = [(e, why) for e in cfg.encoders3d if e.optional for why in [weights3d_missing(e, base)] if why]
+    for entry, why in absent3d:
+        log.warning("%s: %s; skipping this optional 3D encoder", entry.name, why)
+    cfg = dataclasses.replace(cfg, encoders3d=[e for e in cfg.encoders3d if all(e is not a for a, _ in absent3d)])
     sets, models3d, failures, skipped = build_sets(cfg, cohort, manifest, base, out, cache, progress, timings)
     skipped = [{"name": e.name, "reason": f"weights file {expand(e.weights, base)} not found", "substitute": None}
-               for e in absent] + skipped
+               for e in absent] + [{"name": e.name, "reason": why, "substitute": None} for e, why in absent3d] + skipped
     if not sets:
         raise ValueError("no embedding set: list encoders, encoders3d, finetune, features or baselines in the config")
     names = list(sets)

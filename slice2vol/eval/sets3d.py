@@ -127,6 +127,25 @@ def _registry_set(entry: Encoder3DEntry, cfg: ExperimentConfig, cohort, base: Pa
     return EmbeddingSet(entry.name, list(ids), X, prov, "3d", entry), enc, failures
 
 
+def weights3d_missing(entry: Encoder3DEntry, base: Path) -> str | None:
+    """Why an optional registered 3D network cannot be built here (its weights or the package that
+    ships them are absent), or None when it can. Only ``key`` entries are checked; building the
+    network is the check (about a second), because only the family knows where its weights live."""
+    if not entry.key:
+        return None
+    try:
+        from slice2vol.encoders3d import build_encoder3d
+    except ImportError as err:
+        return f"slice2vol.encoders3d unavailable ({err})"
+    from slice2vol.encoders.base import WeightsUnavailable
+
+    try:
+        build_encoder3d(entry.key, weights=resolve_weights(entry.weights, base), **entry.kwargs)
+    except (WeightsUnavailable, FileNotFoundError, ImportError) as err:
+        return str(err).splitlines()[0]
+    return None
+
+
 def build_3d_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, store_dir: Path, out: Path,
                   progress: bool, timings: dict, cache=None) -> tuple[dict[str, EmbeddingSet], dict[str, Any], list[str]]:
     """Every native-3D entry -> an embedding set (+ the module the anomaly task re-embeds volumes with).

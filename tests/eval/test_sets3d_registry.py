@@ -61,3 +61,27 @@ def test_unknown_3d_key_is_one_line(tmp_path, capsys):
     assert main(argv(manifest, tmp_path / "run", "encoders3d.0.key=3d/nope")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3d/nope" in err[0], err
+
+
+def _missing_file_entry(tmp_path: Path, optional: bool) -> str:
+    # a 3D key whose weights are a file that is not there: what a missing weights package looks like
+    return (f"encoders3d=[{{name: monai-r10, key: 3d/monai_resnet10, weights: random,"
+            f" kwargs: {{input_size: [32, 32, 32], spacing: 4.0, seed: 0}}}},"
+            f" {{name: gone, key: 3d/medicalnet_resnet10, weights: {tmp_path / 'resnet_10.pth'},"
+            f" optional: {str(optional).lower()}}}]")
+
+
+def test_optional_3d_network_without_weights_is_skipped_and_listed(tmp_path):
+    manifest = blob_cohort(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(argv(manifest, out, _missing_file_entry(tmp_path, True))) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert "gone" not in data["sets"] and "monai-r10" in data["sets"]
+    (skip,) = [s for s in data["skipped"] if s["name"] == "gone"]
+    assert "resnet_10.pth" in skip["reason"]
+    assert "gone" in (out / "report.html").read_text()
+
+
+def test_required_3d_network_without_weights_fails_the_run(tmp_path, capsys):
+    manifest = blob_cohort(tmp_path / "data")
+    assert main(argv(manifest, tmp_path / "run", _missing_file_entry(tmp_path, False))) != 0
