@@ -1,8 +1,8 @@
 """Seeded embedding-like vectors for tests and benchmarks of approximate indexes.
 
 Isotropic Gaussian noise is the wrong test set: in 384 dimensions all its points are nearly
-equidistant and no approximate index reaches useful recall (HNSW recall@20 0.13-0.37 at 100k, see
-MEASURED.md). Real volume embeddings instead share a large common direction, vary in a
+equidistant and no approximate index reaches useful recall (HNSW recall@20 of 0.13-0.37 at 100k was
+measured on such data during development). Real volume embeddings instead share a large common direction, vary in a
 low-dimensional subspace with a decaying spectrum, and form clusters (site, age, sex, scanner).
 :func:`clustered_embeddings` draws from such a model; :class:`FittedMixture` fits the same kind of
 model (PCA + Gaussian mixture + isotropic residual) to real cached embeddings and samples from it.
