@@ -219,7 +219,9 @@ def expand(value: str, base: Path | None = None) -> str:
 def resolve_weights(weights: str, base: Path) -> str:
     """``random`` / ``hub[:tag]`` / ``pretrained`` / ``imagenet`` / ``package`` unchanged (the encoders
     resolve those words themselves, locally); anything else is a path taken from ``base``."""
-    if weights in ("random", "package", "pretrained", "imagenet") or weights.startswith("hub"):
+    from slice2vol.encoders.base import PRETRAINED_WORDS  # the encoders' own list of weight words
+
+    if weights == "random" or weights in PRETRAINED_WORDS or weights.startswith("hub"):
         return weights
     return expand(weights, base)
 
