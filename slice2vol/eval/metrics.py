@@ -92,12 +92,38 @@ def regression_metrics(y_true: Sequence, y_pred: Sequence) -> dict[str, float]:
             "pearson_r": r, "r2": float(1 - np.sum(err ** 2) / ss_tot) if ss_tot > 0 else math.nan}
 
 
-def metric_fn(name: str, kind: str, classes: Sequence | None = None) -> Callable[[np.ndarray, np.ndarray], float]:
-    """A function ``(y_true (N,), preds (N,) or (N, C)) -> float`` for one metric."""
-    if kind == "categorical":
-        cls = np.asarray(classes)
-        return lambda y, p: _classification_metric(name, np.asarray(y), np.asarray(p), cls)
-    return lambda y, p: regression_metrics(y, p)[name]
+class Metric:
+    """One named metric ``(y_true (N,), preds (N,) or (N, C)) -> float``, plus its count-weighted
+    batch form (:meth:`weighted`) that the bootstrap and permutation tests evaluate for all draws
+    at once (:mod:`slice2vol.eval.weighted`)."""
+
+    def __init__(self, name: str, kind: str, classes: Sequence | None = None) -> None:
+        known = CLASSIFICATION_METRICS if kind == "categorical" else REGRESSION_METRICS
+        if name not in known:
+            raise KeyError(f"unknown {kind} metric {name!r}; known: {known}")
+        self.name, self.kind = name, kind
+        self.classes = np.asarray(classes) if classes is not None else None
+
+    def __call__(self, y, p) -> float:
+        if self.kind == "categorical":
+            return _classification_metric(self.name, np.asarray(y), np.asarray(p), self.classes)
+        return regression_metrics(y, p)[self.name]
+
+    def weighted(self, y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """(B,) metric of every row of counts ``w`` (B, N) on predictions ``p`` ((B or 1, N[, C]))."""
+        from slice2vol.eval import weighted
+
+        if self.kind == "categorical":
+            return weighted.classification(self.name, y, p, w, self.classes)
+        return weighted.regression(self.name, y, p, w)
+
+    def __repr__(self) -> str:
+        return f"Metric({self.name!r}, {self.kind!r})"
+
+
+def metric_fn(name: str, kind: str, classes: Sequence | None = None) -> Metric:
+    """A function ``(y_true (N,), preds (N,) or (N, C)) -> float`` for one metric (a :class:`Metric`)."""
+    return Metric(name, kind, classes)
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -123,6 +149,34 @@ def _over_repeats(fn, y: np.ndarray, preds: np.ndarray, idx: np.ndarray, fold_of
                 vals.append(fn(y[sel], preds[r][sel]))
     vals = [v for v in vals if np.isfinite(v)]
     return float(np.mean(vals)) if vals else math.nan
+
+
+def _over_repeats_weighted(fn: Metric, y: np.ndarray, preds: np.ndarray, w: np.ndarray,
+                           fold_of: np.ndarray | None = None) -> np.ndarray:
+    """:func:`_over_repeats` for B draws at once: ``w`` (B, N) counts, ``preds`` (R, N[, C]) shared by
+    every draw or (B, R, N[, C]) one per draw (permutations). Returns (B,)."""
+    batched = preds.ndim == w.ndim + (2 if fn.kind == "categorical" else 1)
+    vals = []
+    for r in range(preds.shape[1] if batched else len(preds)):
+        p = preds[:, r] if batched else preds[r][None]
+        if fold_of is None:
+            vals.append(fn.weighted(y, p, w))
+            continue
+        for k in np.unique(fold_of[r]):
+            # folds without a drawn subject give NaN and are left out, as the scalar loop skips them
+            vals.append(fn.weighted(y, p, w * (fold_of[r] == k)))
+    vals = np.stack(vals, 1)
+    ok = np.isfinite(vals)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok.any(1), np.where(ok, vals, 0).sum(1) / ok.sum(1), np.nan)
+
+
+def _draws(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    """(n_boot, n) subject positions, drawn one draw at a time (the same stream as the scalar loop)."""
+    return np.stack([rng.integers(0, n, n) for _ in range(n_boot)]) if n_boot else np.zeros((0, n), np.int64)
+
+
+_CHUNK = 250  # draws evaluated together: bounds the (chunk, R, N, C) temporaries of large cohorts
 
 
 def fold_index(n_subjects: int, tests: Sequence[tuple[int, np.ndarray]]) -> np.ndarray:
@@ -169,7 +223,14 @@ def bootstrap_ci(y_true: Sequence, preds: np.ndarray, fn: Callable, *, n_boot: i
     n = len(y)
     point = _over_repeats(fn, y, preds, np.arange(n), fold_of)
     rng = np.random.default_rng(seed)
-    stats = np.array([_over_repeats(fn, y, preds, rng.integers(0, n, n), fold_of) for _ in range(n_boot)])
+    if isinstance(fn, Metric):
+        from slice2vol.eval.weighted import draw_weights
+
+        idx = _draws(rng, n, n_boot)
+        stats = np.concatenate([_over_repeats_weighted(fn, y, preds, draw_weights(idx[i:i + _CHUNK], n), fold_of)
+                                for i in range(0, n_boot, _CHUNK)] or [np.zeros(0)])
+    else:  # any other callable: one call per draw
+        stats = np.array([_over_repeats(fn, y, preds, rng.integers(0, n, n), fold_of) for _ in range(n_boot)])
     stats = stats[np.isfinite(stats)]
     if len(stats) == 0:
         return point, math.nan, math.nan
@@ -199,15 +260,17 @@ def paired_test(y_true: Sequence, preds_a: np.ndarray, preds_b: np.ndarray, fn: 
         raise ValueError(f"paired predictions differ in shape: {a.shape} vs {b.shape}")
     n = len(y)
     full = np.arange(n)
-    delta = _over_repeats(fn, y, a, full, fold_of) - _over_repeats(fn, y, b, full, fold_of)
     rng = np.random.default_rng(seed)
+    lo_q = (1 - level) / 2
+    if isinstance(fn, Metric):
+        return _paired_weighted(fn, y, a, b, rng, n_boot, n_perm, lo_q, fold_of)
+    delta = _over_repeats(fn, y, a, full, fold_of) - _over_repeats(fn, y, b, full, fold_of)
     boots = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         boots.append(_over_repeats(fn, y, a, idx, fold_of) - _over_repeats(fn, y, b, idx, fold_of))
     boots_arr = np.asarray(boots)
     boots_arr = boots_arr[np.isfinite(boots_arr)]
-    lo_q = (1 - level) / 2
     ci = (float(np.quantile(boots_arr, lo_q)), float(np.quantile(boots_arr, 1 - lo_q))) if len(boots_arr) else (math.nan, math.nan)
     extreme = 0
     for _ in range(n_perm):
@@ -220,3 +283,32 @@ def paired_test(y_true: Sequence, preds_a: np.ndarray, preds_b: np.ndarray, fn: 
             extreme += 1
     p_value = (1 + extreme) / (1 + n_perm)
     return {"delta": float(delta), "ci_low": ci[0], "ci_high": ci[1], "p_value": float(p_value)}
+
+
+def _paired_weighted(fn: Metric, y, a, b, rng, n_boot, n_perm, lo_q, fold_of) -> dict:
+    """:func:`paired_test` with every draw and permutation evaluated in batches (same random stream,
+    same numbers as the loop up to float rounding)."""
+    from slice2vol.eval.weighted import draw_weights
+
+    n = len(y)
+    ones = np.ones((1, n))
+    delta = float(_over_repeats_weighted(fn, y, a, ones, fold_of)[0] - _over_repeats_weighted(fn, y, b, ones, fold_of)[0])
+    idx = _draws(rng, n, n_boot)
+    boots = []
+    for i in range(0, n_boot, _CHUNK):
+        w = draw_weights(idx[i:i + _CHUNK], n)
+        boots.append(_over_repeats_weighted(fn, y, a, w, fold_of) - _over_repeats_weighted(fn, y, b, w, fold_of))
+    boots_arr = np.concatenate(boots) if boots else np.zeros(0)
+    boots_arr = boots_arr[np.isfinite(boots_arr)]
+    ci = (float(np.quantile(boots_arr, lo_q)), float(np.quantile(boots_arr, 1 - lo_q))) if len(boots_arr) else (math.nan, math.nan)
+    swaps = np.stack([rng.random(n) < 0.5 for _ in range(n_perm)]) if n_perm else np.zeros((0, n), bool)
+    extreme = 0
+    for i in range(0, n_perm, _CHUNK):
+        mask = swaps[i:i + _CHUNK].reshape((-1, 1, n) + (1,) * (a.ndim - 2))   # (P, 1, N[, 1])
+        pa, pb = np.where(mask, b[None], a[None]), np.where(mask, a[None], b[None])
+        w = np.ones((len(mask), n))
+        d = _over_repeats_weighted(fn, y, pa, w, fold_of) - _over_repeats_weighted(fn, y, pb, w, fold_of)
+        # small tolerance: float noise must not make identical encoders "significant"
+        extreme += int(np.sum(np.abs(d) >= abs(delta) - 1e-12))
+    p_value = (1 + extreme) / (1 + n_perm)
+    return {"delta": delta, "ci_low": ci[0], "ci_high": ci[1], "p_value": float(p_value)}
