@@ -33,7 +33,9 @@ class SliceTransformerModule(nn.Module):
     def __init__(self, in_dim: int, d_model: int = 128, depth: int = 2, heads: int = 4,
                  dropout: float = 0.1, max_period: float = 1000.0) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, d_model))
+        # dropout on the d_model tokens, not on the (B, S, in_dim) input (a mask per input feature of
+        # every slice dominated the CPU training time)
+        self.proj = nn.Sequential(nn.Linear(in_dim, d_model), nn.Dropout(dropout))
         self.plane_embed = nn.Embedding(len(PLANE_IDS), d_model)
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
         nn.init.normal_(self.cls, std=0.02)
