@@ -259,10 +259,15 @@ def _to_half(x: np.ndarray) -> np.ndarray:
 
 
 def _quantize(maps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(S, C, h, w) float32 -> float16 maps scaled per channel to max |x| = 1, and the (C,) scales."""
-    scale = maps.abs().amax(dim=(0, 2, 3)).double()
+    """(S, C, h, w) float32 -> float16 maps scaled per channel to max |x| = 1, and the (C,) scales.
+
+    In float32 torch (random-init features of ~1e-8 are normal float32 numbers, so the per-channel
+    scaling loses nothing): the float64 round trip through numpy cost a tenth of the extraction.
+    """
+    maps = maps.float()
+    scale = maps.abs().amax(dim=(0, 2, 3))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return _to_half((maps.double() / scale[None, :, None, None]).float().numpy()), scale.float().numpy()
+    return (maps / scale[None, :, None, None]).clamp_(-65000, 65000).half().numpy(), scale.numpy()
 
 
 def slice_config(plane: str, slice_size: int, context: int = 1) -> SliceConfig:

@@ -294,7 +294,9 @@ def predict_volume(probe: LinearSegProbe, ds, volume_shape: Sequence[int]) -> np
         crop = proba[:, :, top:top + height, left:left + width]
         if (height, width) != tuple(ds.grid_shape):
             crop = F.interpolate(crop, size=tuple(ds.grid_shape), mode="bilinear", align_corners=False)
-        labels.append(crop.argmax(1))
+        # numpy's argmax over the class axis: torch's CPU argmax over a short dim 1 of (S, K+1, H, W)
+        # is ~9x slower and was a tenth of the IXI segmentation task
+        labels.append(torch.from_numpy(np.argmax(crop.numpy(), axis=1)))
     pred = torch.cat(labels)[:, None].float()                                   # (S, 1, rows, cols)
     ps = ds.plane_slices()
     ps = dataclasses.replace(ps, content_box=(0, 0, *ds.grid_shape))
