@@ -84,7 +84,18 @@ def brain_mask(volume) -> np.ndarray:
     return volume.mask
 
 
-def simulate_lesions(volume, rng: np.random.Generator, cfg: LesionConfig | None = None):
+def lesion_centres(volume, erode: int) -> np.ndarray:
+    """(M, 3) voxel positions a lesion centre may be drawn from: the brain eroded by ``erode``
+    voxels (the whole brain when nothing survives the erosion)."""
+    from scipy.ndimage import binary_erosion
+
+    brain = brain_mask(volume)
+    inner = binary_erosion(brain, iterations=erode) if erode else brain
+    return np.argwhere(inner if inner.any() else brain)
+
+
+def simulate_lesions(volume, rng: np.random.Generator, cfg: LesionConfig | None = None,
+                     centres: np.ndarray | None = None):
     """Draws soft-edged ellipsoidal lesions into a copy of a healthy volume.
 
     Each lesion has three semi-axes drawn in ``radius_mm``, a random rotation, a centre drawn
@@ -95,17 +106,18 @@ def simulate_lesions(volume, rng: np.random.Generator, cfg: LesionConfig | None 
     Args:
         volume: :class:`~slice2vol.data.io.Volume` with data (C, X, Y, Z) in [0, 1].
         rng: seeded generator.
+        centres: :func:`lesion_centres` of this volume for ``cfg.erode``, when the caller draws many
+            lesion sets into one volume (the erosion is most of the cost of a draw).
 
     Returns:
         (lesioned Volume, lesion mask (X, Y, Z) bool: voxels more than half inside a lesion). The
         lesioned volume's ``maps["sim_lesion"]`` holds the mask as uint8.
     """
-    from scipy.ndimage import binary_erosion, gaussian_filter
+    from scipy.ndimage import gaussian_filter
 
     cfg = cfg or LesionConfig()
     brain = brain_mask(volume)
-    inner = binary_erosion(brain, iterations=cfg.erode) if cfg.erode else brain
-    candidates = np.argwhere(inner if inner.any() else brain)
+    candidates = lesion_centres(volume, cfg.erode) if centres is None else centres
     if not len(candidates):
         raise ValueError(f"{volume.subject_id}: no brain voxels to place a lesion in")
     spacing = np.asarray(volume.spacing, dtype=np.float64)
