@@ -49,6 +49,11 @@ class PatchScorerConfig:
     position_frame: ``brain`` (coordinates 0-100 across the brain's bounding box, so that heads of
         other sizes and placements line up) or ``mm``.
     subject_score: ``max`` of voxel scores over the brain, or ``top:N`` (mean of the N highest).
+    bank_size: a fold's bank (the union of the per-subject coresets, ``per_subject`` x training
+        subjects) is reduced to at most this many patches by one more k-centre greedy pass over
+        the standardised, position-weighted bank (PatchCore's coreset of the pooled memory bank);
+        None keeps the union. A fixed size makes scoring cost grow linearly with the cohort
+        instead of quadratically (every held-out cell is searched against the bank).
     """
 
     levels: list = field(default_factory=lambda: ["stride:8", "stride:16"])
@@ -61,6 +66,7 @@ class PatchScorerConfig:
     position_weight: float = 0.0
     position_frame: str = "brain"
     subject_score: str = "max"
+    bank_size: int | None = None
 
 
 @dataclass
@@ -281,6 +287,8 @@ class PatchMemoryBank:
         std = np.sqrt(var)
         self.std_ = np.where(std > std.max() * 1e-6, std, 1.0)
         bank = self._embed(np.concatenate([p.features for p in parts]), np.concatenate([p.positions for p in parts]))
+        if self.cfg.bank_size and len(bank) > self.cfg.bank_size:
+            bank = bank[np.sort(greedy_coreset(bank, int(self.cfg.bank_size), self.cfg.proj_dim, seed=len(bank)))]
         self.index_ = faiss.IndexFlatL2(bank.shape[1])
         self.index_.add(bank)
         return self

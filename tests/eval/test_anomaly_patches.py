@@ -92,6 +92,29 @@ def test_memory_bank_distances_match_brute_force():
     np.testing.assert_allclose(bank.score(query, qpos), np.sort(d, 1)[:, :2].mean(1), rtol=1e-4)
 
 
+def test_bank_size_keeps_a_k_centre_subset_of_the_union():
+    rng = np.random.default_rng(2)
+    parts = []
+    for _ in range(4):
+        x = rng.normal(size=(60, 6))
+        parts.append(SubjectPatches(x.astype(np.float32), rng.uniform(0, 50, (60, 3)).astype(np.float32), 60,
+                                    x.sum(0), (x ** 2).sum(0)))
+    full = PatchMemoryBank(PatchScorerConfig(position_weight=0.3)).fit(parts)
+    capped = PatchMemoryBank(PatchScorerConfig(position_weight=0.3, bank_size=50)).fit(parts)
+    same = PatchMemoryBank(PatchScorerConfig(position_weight=0.3, bank_size=240)).fit(parts)
+    assert (full.index_.ntotal, capped.index_.ntotal, same.index_.ntotal) == (240, 50, 240)
+    union = np.concatenate([p.features for p in parts])
+    pos = np.concatenate([p.positions for p in parts])
+    # the kept patches are bank members (distance 0); every other one is farther from the capped bank
+    kept = capped.index_.reconstruct_n(0, 50)
+    emb = full._embed(union, pos)
+    d_kept = np.sqrt(((emb[:, None] - kept[None]) ** 2).sum(-1)).min(1)
+    assert (d_kept < 1e-4).sum() == 50
+    np.testing.assert_allclose(capped.score(union, pos), d_kept, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(same.score(union, pos), 0, atol=1e-3)
+    assert capped.score(union, pos).max() > 0.5
+
+
 def test_binned_auroc_matches_scikit_learn():
     from sklearn.metrics import roc_auc_score
 
