@@ -77,16 +77,65 @@ def tables(results: dict, labels: list[str] | None = None, tasks: dict[str, str]
     return "\n".join(lines) + "\n\n" + "\n".join(delta_lines) + "\n" + foot
 
 
+def probe_tables(results: dict) -> str:
+    """Markdown for the dense probes of a run (empty when it ran neither): segmentation Dice per
+    structure (primary variant), anomaly measures per set (primary variant), and each encoder's
+    paired gains over its random-init twin and the intensity control."""
+    rows, paired = results.get("rows", []), results.get("paired", [])
+    out = []
+    seg = [r for r in rows if r["task"] == "segmentation" and r["metric"] == "dice"]
+    if seg:
+        primary = results.get("tasks", {}).get("segmentation", {}).get("primary_variant", "")
+        seg = [r for r in seg if str(r["variant"]).startswith(primary)] or seg
+        structures = list(dict.fromkeys(r["label"] for r in seg))
+        sets = list(dict.fromkeys(r["encoder"] for r in seg))
+        out += ["| segmentation (Dice, mean over subjects [95% CI]) | " + " | ".join(structures) + " |",
+                "| --- |" + " --- |" * len(structures)]
+        for name in sets:
+            cells = [next((f"{r['estimate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for r in seg
+                           if r["encoder"] == name and r["label"] == st), "—") for st in structures]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    ano = [r for r in rows if r["task"] == "anomaly"]
+    if ano:
+        primary = results.get("tasks", {}).get("anomaly", {}).get("primary_variant")
+        ano = [r for r in ano if primary is None or r["variant"] == primary]
+        levels = list(dict.fromkeys(r["label"] for r in ano))
+        sets = list(dict.fromkeys(r["encoder"] for r in ano))
+        out += ["| anomaly (" + (primary or "") + ") | " + " | ".join(f"{lv} ({next(r['metric'] for r in ano if r['label'] == lv)})"
+                                                              for lv in levels) + " |",
+                "| --- |" + " --- |" * len(levels)]
+        for name in sets:
+            cells = [next((f"{r['estimate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for r in ano
+                           if r["encoder"] == name and r["label"] == lv), "—") for lv in levels]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    gains = [p for p in paired if p["task"] in ("segmentation", "anomaly") and p["metric"] in ("dice", "auroc")]
+    if gains:
+        out += ["| paired difference (same subjects) | measure | delta [95% CI] | p (Holm) |", "| --- | --- | --- | --- |"]
+        for p in gains:
+            ph = p.get("p_holm")
+            p_txt = "—" if ph is None or ph != ph else (f"{ph:.3f}" if ph >= 0.001 else "<0.001")
+            out.append(f"| {p['encoder']} − {p['reference']} | {p['task']} {p['label']} {p['metric']} | "
+                       f"{p['delta']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] | {p_txt} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a bench --out folder (holds results.json)")
     parser.add_argument("--labels", nargs="*", default=None, help="labels to show, in order (default: all)")
+    parser.add_argument("--probes", action="store_true", help="also the dense probe tables (segmentation, anomaly)")
     args = parser.parse_args(argv)
     path = Path(args.run) / "results.json"
     if not path.is_file():
         print(f"readme_tables: {path}: no results.json (run slice2vol bench --out {args.run} first)", file=sys.stderr)
         return 2
-    print(tables(json.loads(path.read_text()), args.labels))
+    results = json.loads(path.read_text())
+    print(tables(results, args.labels))
+    if args.probes:
+        print(probe_tables(results))
     return 0
 
 
