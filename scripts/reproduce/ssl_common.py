@@ -141,10 +141,11 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def write_block(docs: Path, name: str, text: str) -> None:
     """Replaces the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in ``docs``."""
     content = docs.read_text()
-    pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n).*?(\n<!-- END {re.escape(name)} -->)", re.S)
+    # the block may be empty (BEGIN and END on consecutive lines)
+    pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n)(?:.*?\n)?(<!-- END {re.escape(name)} -->)", re.S)
     if not pattern.search(content):
         raise SystemExit(f"{docs}: no '<!-- BEGIN {name} -->' ... '<!-- END {name} -->' block to replace")
-    docs.write_text(pattern.sub(lambda m: m.group(1) + text.strip() + m.group(2), content))
+    docs.write_text(pattern.sub(lambda m: m.group(1) + text.strip() + "\n" + m.group(2), content))
 
 
 def save_json(path: Path, data) -> None:
