@@ -19,21 +19,32 @@ def probe_figures(ctx, rows: Sequence[Mapping]) -> list[dict]:
     """Bars of every probe's primary metric per label, then one embedding grid per projection method."""
     from slice2vol.eval import plots
 
+    from slice2vol.eval.tasks import get_task
+
     figures: list[dict] = []
     for label, kind in ctx.label_types.items():
         metric = primary_metric(kind)
-        chosen = [{**r, "point": r["estimate"], "probe": f"{r['task']}: {r['variant']}"} for r in rows
-                  if r["label"] == label and r["metric"] == metric and r["task"] in ("knn", "linear")]
+        # one panel per probe, its primary variant (the one its paired tests use); every variant is in the tables
+        primary = {}
+        for task in ("knn", "linear"):
+            try:
+                primary[task] = str(get_task(task).primary_variant(ctx, kind))
+            except Exception:  # a task that cannot say: show all its variants
+                primary[task] = None
+        chosen = [{**r, "probe": f"{r['task']}: {r['variant']}"} for r in rows
+                  if r["label"] == label and r["metric"] == metric and r["task"] in primary
+                  and (primary[r["task"]] is None or str(r["variant"]) == primary[r["task"]])]
         if not chosen:
             continue
         pretty = metric.upper().replace("ROC_AUC", "ROC AUC")
         kinds = sorted({r["estimate_kind"].replace("_", " ") for r in chosen})
-        path = plots.score_bars(chosen, ctx.fig_dir / f"bars_{safe_name(label)}.png", group_key="probe",
-                                title=f"{label}: {pretty} by probe (95% bootstrap CI)"
-                                + (" — lower is better" if metric in LOWER_IS_BETTER else ""),
-                                metric_label=pretty, chance=0.5 if metric == "roc_auc" else None)
-        figures.append(ctx.figure("probes", f"{label} ({kind}): {pretty} of every probe and encoder, "
-                                  f"{' / '.join(kinds)} estimate with subject-level bootstrap 95% interval", path))
+        path = plots.score_panels(chosen, ctx.fig_dir / f"bars_{safe_name(label)}.png", panel_key="probe",
+                                  title=f"{label}: {pretty} (95% bootstrap CI)", metric_label=pretty,
+                                  chance=0.5 if metric == "roc_auc" else None, reference=ctx.reference,
+                                  lower_is_better=metric in LOWER_IS_BETTER)
+        figures.append(ctx.figure("probes", f"{label} ({kind}): {pretty} of every set under each probe's primary "
+                                  f"variant, {' / '.join(kinds)} estimate with subject-level bootstrap 95% "
+                                  f"interval (the reference darker, its value dotted)", path))
     emb = {n: (es.ids, es.X) for n, es in ctx.sets.items() if es.X is not None and es.kind != "chance"
            and es.X.shape[1] >= 2}
     if emb:

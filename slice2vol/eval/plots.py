@@ -215,6 +215,51 @@ def score_bars(rows: Sequence[Mapping], path: str | Path, *, title: str, group_k
     return save_figure(fig, path)[0]
 
 
+def score_panels(rows: Sequence[Mapping], path: str | Path, *, title: str, panel_key: str = "probe",
+                 bar_key: str = "encoder", metric_label: str = "", chance: float | None = None,
+                 reference: str | None = None, lower_is_better: bool = False) -> Path:
+    """Horizontal bars (one row per set, sets top to bottom in ``rows`` order) with 95% whiskers,
+    one panel per ``panel_key`` value; readable with a dozen sets, unlike grouped vertical bars.
+
+    Args:
+        rows: result rows with ``estimate``, ``ci_low``, ``ci_high`` and the two keys.
+        reference: a set drawn darker, with a dotted line at its estimate in every panel.
+        lower_is_better: said in the x label.
+
+    Returns:
+        The PNG path (an SVG twin lies beside it).
+    """
+    plt = _plt()
+    panels = list(dict.fromkeys(str(r[panel_key]) for r in rows))
+    bars = list(dict.fromkeys(str(r[bar_key]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 3.4 * len(panels), 0.9 + 0.28 * len(bars)),
+                             sharey=True, squeeze=False)
+    ys = np.arange(len(bars))[::-1]
+    for ax, panel in zip(axes[0], panels):
+        for y, bar in zip(ys, bars):
+            r = next((r for r in rows if str(r[panel_key]) == panel and str(r[bar_key]) == bar), None)
+            if r is None or not _finite(r.get("estimate")):
+                continue
+            est = r["estimate"]
+            lo = est - r["ci_low"] if _finite(r.get("ci_low")) else 0
+            hi = r["ci_high"] - est if _finite(r.get("ci_high")) else 0
+            ax.barh(y, est, height=0.7, color="#34495e" if bar == reference else "#8fb3d9",
+                    xerr=[[max(lo, 0)], [max(hi, 0)]], error_kw={"linewidth": 0.9, "capsize": 2})
+            if bar == reference:
+                ax.axvline(est, color="#34495e", linestyle=":", linewidth=0.9)
+        if chance is not None:
+            ax.axvline(chance, color="0.4", linestyle="--", linewidth=0.8)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel(metric_label + (" (lower is better)" if lower_is_better else ""), fontsize=8.5)
+        ax.tick_params(labelsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0][0].set_yticks(ys)
+    axes[0][0].set_yticklabels(bars)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)[0]
+
+
 def cohort_overview(cohort, path: str | Path, *, max_subjects: int = 8, title: str | None = None) -> Path:
     """Mid-slices (axial, coronal, sagittal) of the first subjects of a cohort with their labels.
 

@@ -111,7 +111,7 @@ def sweep_heatmaps(grids: Mapping[str, np.ndarray], contrasts: Sequence[float], 
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.7 * rows), squeeze=False)
     im = None
-    for ax, name in zip(axes.flat, names):
+    for k, (ax, name) in enumerate(zip(axes.flat, names)):
         grid = np.asarray(grids[name], dtype=float)
         im = ax.imshow(grid, origin="lower", cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
         for (i, j), v in np.ndenumerate(grid):
@@ -123,7 +123,8 @@ def sweep_heatmaps(grids: Mapping[str, np.ndarray], contrasts: Sequence[float], 
         ax.set_yticks(range(len(contrasts)))
         ax.set_yticklabels([f"{c:g}" for c in contrasts], fontsize=7)
         ax.set_xlabel("lesion radius (mm)", fontsize=8)
-        ax.set_ylabel("|contrast|", fontsize=8)
+        if k % cols == 0:  # first column only: the label ran into the neighbouring panel
+            ax.set_ylabel("|contrast|", fontsize=8)
         ax.set_title(name, fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
