@@ -158,7 +158,7 @@ def test_segmentation_task_rows_tests_figures_and_cached_rerun(small, tmp_path, 
 
 
 def test_unknown_encoder_name_and_too_few_subjects(small, tmp_path):
-    from slice2vol.eval.dense_tasks import run_segmentation
+    from slice2vol.eval.tasks.segmentation import run_segmentation
 
     cohort, weights = small
     ctx = context(tmp_path, cohort, weights)
