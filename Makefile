@@ -39,7 +39,7 @@ test-all: venv
 # every data-dependent table of README.md and docs/ (needs the IXI cohort; see scripts/reproduce/README.md)
 figures: venv
 	$(VENV)/bin/slice2vol bench --config configs/experiments/ixi.yaml --out runs/ixi
-	$(PY) scripts/reproduce/readme_tables.py runs/ixi | tee runs/ixi/readme_tables.md
+	$(PY) scripts/reproduce/readme_tables.py runs/ixi --labels sex age --probes | tee runs/ixi/readme_tables.md
 	$(PY) scripts/reproduce/adaptation.py --out runs/reproduce/adaptation
 	$(PY) scripts/eval_encoders3d.py --out runs/reproduce/encoders3d
 	$(PY) scripts/bench_slicing.py
