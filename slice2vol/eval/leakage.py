@@ -91,8 +91,10 @@ def describe(name: str, entry: Mapping) -> str:
     fitted = entry.get("fitted")
     if fitted:
         labels = fitted.get("labels") or []
-        parts.append(f"{fitted.get('what', 'fitted')} fitted {fitted.get('scope')}"
-                     + (f" with labels {', '.join(labels)}" if labels else " without labels"))
+        scope = fitted.get("scope")
+        where = "fitted inside each training fold" if scope == "inside folds" else f"fitted on {scope}"
+        seen = f"labels seen: {', '.join(labels)}" if labels else "no labels seen"
+        parts.append(f"{fitted.get('what', 'fitted')}; {where} ({seen})")
     pre = entry.get("pretraining")
     if pre:
         parts.append(f"pretrained on {pre['n_subjects']} subjects, {pre['n_in_test_folds']} of them in test folds, "
