@@ -111,7 +111,7 @@ def run_anomaly(ctx) -> dict:
                      "pooled_ci_high": hi})
         for setting, v in res["sweep"].items():
             sweep_extras.setdefault(name, {}).setdefault(variant, {})[setting] = {
-                "pixel_auroc": float(np.nanmean(v["pixel_auroc"])), "detection_rate": float(np.mean(v["detected"])),
+                "pixel_auroc": _nanmean(v["pixel_auroc"]), "detection_rate": float(np.mean(v["detected"])),
                 "per_subject_pixel_auroc": np.asarray(v["pixel_auroc"]).tolist()}
     primary = variants[0]
     reference = _reference(ctx, sets)
@@ -219,6 +219,14 @@ def _anomaly_figures(ctx, out: dict, results: dict, sets: Sequence[ProbeSet], pr
     except Exception as err:  # a figure must not lose the numbers
         log.warning("anomaly figures failed: %s", err)
     return figs
+
+
+def _nanmean(values) -> float:
+    """Mean of the finite values; NaN (without numpy's warning) when a sweep cell has none: its lesion
+    left no voxel in any scored slice (small lesions on coarse grids)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else math.nan
 
 
 class AnomalyTask(Task):
