@@ -77,6 +77,16 @@ def tables(results: dict, labels: list[str] | None = None, tasks: dict[str, str]
     return "\n".join(lines) + "\n\n" + "\n".join(delta_lines) + "\n" + foot
 
 
+def _grid(rows: list[dict], corner: str, columns: list[str], headers: list[str]) -> list[str]:
+    """Markdown lines: one row per set (``encoder``), one column per ``label``, estimate [95% CI]."""
+    lines = [f"| {corner} | " + " | ".join(headers) + " |", "| --- |" + " --- |" * len(columns)]
+    for name in dict.fromkeys(r["encoder"] for r in rows):
+        cells = [next((f"{r['estimate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for r in rows
+                       if r["encoder"] == name and r["label"] == col), "—") for col in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def probe_tables(results: dict) -> str:
     """Markdown for the dense probes of a run (empty when it ran neither): segmentation Dice per
     structure (primary variant), anomaly measures per set (primary variant), and each encoder's
@@ -88,28 +98,14 @@ def probe_tables(results: dict) -> str:
         primary = results.get("tasks", {}).get("segmentation", {}).get("primary_variant", "")
         seg = [r for r in seg if str(r["variant"]).startswith(primary)] or seg
         structures = list(dict.fromkeys(r["label"] for r in seg))
-        sets = list(dict.fromkeys(r["encoder"] for r in seg))
-        out += ["| segmentation (Dice, mean over subjects [95% CI]) | " + " | ".join(structures) + " |",
-                "| --- |" + " --- |" * len(structures)]
-        for name in sets:
-            cells = [next((f"{r['estimate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for r in seg
-                           if r["encoder"] == name and r["label"] == st), "—") for st in structures]
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
-        out.append("")
+        out += _grid(seg, "segmentation (Dice, mean over subjects [95% CI])", structures, structures)
     ano = [r for r in rows if r["task"] == "anomaly"]
     if ano:
         primary = results.get("tasks", {}).get("anomaly", {}).get("primary_variant")
         ano = [r for r in ano if primary is None or r["variant"] == primary]
-        levels = list(dict.fromkeys(r["label"] for r in ano))
-        sets = list(dict.fromkeys(r["encoder"] for r in ano))
-        out += ["| anomaly (" + (primary or "") + ") | " + " | ".join(f"{lv} ({next(r['metric'] for r in ano if r['label'] == lv)})"
-                                                              for lv in levels) + " |",
-                "| --- |" + " --- |" * len(levels)]
-        for name in sets:
-            cells = [next((f"{r['estimate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for r in ano
-                           if r["encoder"] == name and r["label"] == lv), "—") for lv in levels]
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
-        out.append("")
+        metric = {r["label"]: r["metric"] for r in ano}
+        levels = list(metric)
+        out += _grid(ano, f"anomaly ({primary or ''})", levels, [f"{lv} ({metric[lv]})" for lv in levels])
     gains = [p for p in paired if p["task"] in ("segmentation", "anomaly") and p["metric"] in ("dice", "auroc")]
     if gains:
         out += ["| paired difference (same subjects) | measure | delta [95% CI] | p (Holm) |", "| --- | --- | --- | --- |"]

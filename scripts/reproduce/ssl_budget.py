@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from ssl_common import (REPO, embed_checkpoints, evaluate, fmt_ci, fmt_delta, intensity_baseline, load_cohort,
-                        markdown, paired, row, save_json, stamp, train, write_block)
+                        markdown, paired, publish, row, save_json, stamp, train)
 
 BASELINE = "baseline/intensity-8cube"
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     for label, metric, digits in (("sex", "roc_auc", 2), ("age", "mae", 1)):
         for probe in ("linear", "knn"):
             for shown, set_name in ((f"{name}, {final} steps", f"{name}@{final}"),
-                                    (f"same network untrained (step 0)", f"{name}@0"),
+                                    ("same network untrained (step 0)", f"{name}@0"),
                                     ("baseline: 512 intensities", BASELINE)):
                 table.append([label, {"linear": "linear", "knn": "k-NN (k=10)"}[probe], shown,
                               fmt_ci(row(results, set_name, label, probe, metric), digits),
@@ -83,10 +83,7 @@ def main(argv=None) -> int:
             f"`{command}` (linear probe at every kept checkpoint; step 0 = the initialisation)\n\n"
             + markdown(["step", "sex AUC", "delta vs baseline", "age MAE", "delta vs baseline"], curve)),
     }
-    for key, text in tables.items():
-        print(f"\n## {key}\n\n{text}")
-        if args.docs:
-            write_block(Path(args.docs), key, text)
+    publish(tables, args.docs)
     return 0
 
 

@@ -148,6 +148,14 @@ def write_block(docs: Path, name: str, text: str) -> None:
     docs.write_text(pattern.sub(lambda m: m.group(1) + text.strip() + "\n" + m.group(2), content))
 
 
+def publish(tables: dict[str, str], docs: str | Path | None) -> None:
+    """Prints each table under its block name and, with ``docs``, writes it into that block."""
+    for name, text in tables.items():
+        print(f"\n## {name}\n\n{text}")
+        if docs:
+            write_block(Path(docs), name, text)
+
+
 def save_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str))

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-from ssl_common import REPO, load_cohort, markdown, stamp, write_block
+from ssl_common import REPO, load_cohort, markdown, publish, stamp
 
 METHODS = ("autoencoder", "genesis", "mae", "simclr", "jigsaw", "rotation")
 
@@ -72,9 +71,7 @@ def main(argv=None) -> int:
             f"SimCLR = {budget / 1e12:.2f} TFLOPs; seconds vary with the machine and its load, FLOPs do not)\n\n"
             + markdown(["method", "dims", "input", "batch", "GFLOPs/step", "GFLOPs/sample", "CPU s/step",
                         "steps in budget", "heavy ops not counted"], rows))
-    print(f"\n## ssl_compute\n\n{text}")
-    if args.docs:
-        write_block(Path(args.docs), "ssl_compute", text)
+    publish({"ssl_compute": text}, args.docs)
     return 0
 
 

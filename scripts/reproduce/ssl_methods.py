@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from ssl_common import (REPO, embed_checkpoints, evaluate, fmt_ci, fmt_delta, intensity_baseline, load_cohort,
-                        markdown, paired, row, save_json, stamp, train, write_block)
+                        markdown, paired, publish, row, save_json, stamp, train)
 
 METHODS = ("autoencoder", "genesis", "mae", "simclr", "jigsaw", "rotation")
 BASELINE = "baseline/intensity-8cube"
@@ -99,10 +99,7 @@ def main(argv=None) -> int:
             f"`{command}` (linear probe, sex ROC AUC / age MAE per pretraining step; step 0 = the initialisation)\n\n"
             + markdown(["method", *[f"step {s}" for s in steps_all]], curves)),
     }
-    for name, text in tables.items():
-        print(f"\n## {name}\n\n{text}")
-        if args.docs:
-            write_block(Path(args.docs), name, text)
+    publish(tables, args.docs)
     return 0
 
 

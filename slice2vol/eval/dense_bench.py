@@ -373,8 +373,7 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
     from slice2vol.data.slicing import PLANES
     from slice2vol.eval.anomaly import (PatchMemoryBank, cells_to_volume, lesion_detection, subject_patches,
                                         subject_score, voxel_auroc)
-    from slice2vol.eval.lesions import (brain_mask, central_slice, changed_slices, lesion_centres, simulate_lesions,
-                                        sweep_settings)
+    from slice2vol.eval.lesions import LesionSampler, brain_mask, central_slice, changed_slices, sweep_settings
     from slice2vol.progress import track
 
     t0 = time.time()
@@ -411,14 +410,8 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
             vox_h = cells_to_volume(cells_h, ds, volume.shape)
             healthy_vox.append(vox_h[brain])
             # main setting: re-embed only the slices the lesions changed
-            centres: dict[int, np.ndarray] = {}   # erode -> candidate centres: one erosion per subject
-
-            def draw(rng, lcfg):
-                if lcfg.erode not in centres:
-                    centres[lcfg.erode] = lesion_centres(volume, lcfg.erode)
-                return simulate_lesions(volume, rng, lcfg, centres=centres[lcfg.erode])
-
-            sick, lesion = draw(np.random.default_rng([seed, i]), main_lesions)
+            lesions_of = LesionSampler(volume)   # one brain erosion per subject for all its lesion draws
+            sick, lesion = lesions_of.draw(np.random.default_rng([seed, i]), main_lesions)
             rows = changed_slices(volume.data, sick.data, axis)
             cells_l = cells_h.copy()
             if len(rows):
@@ -441,7 +434,7 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
                 slice_owner.append(np.full(len(hit), i))
             sweep_peaks = {}
             for k, (name, lcfg) in enumerate(sweep):
-                sick_k, lesion_k = draw(np.random.default_rng([seed, 1000 + k, i]), lcfg)
+                sick_k, lesion_k = lesions_of.draw(np.random.default_rng([seed, 1000 + k, i]), lcfg)
                 z = central_slice(lesion_k, axis)
                 ds_z = files.extract(sick_k, rows=np.array([z]), levels=levels_sel)
                 vox_z = np.take(cells_to_volume(bank.score_cells(ds_z), ds_z, volume.shape), z, axis=axis)

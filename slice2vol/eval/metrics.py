@@ -203,6 +203,16 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return out.tolist()
 
 
+def _percentile_interval(stats: np.ndarray, level: float) -> tuple[float, float]:
+    """(low, high) percentile interval of the finite values of ``stats``; NaN when there are none."""
+    stats = np.asarray(stats, dtype=np.float64)
+    stats = stats[np.isfinite(stats)]
+    if len(stats) == 0:
+        return math.nan, math.nan
+    a = (1 - level) / 2
+    return float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+
+
 def bootstrap_ci(y_true: Sequence, preds: np.ndarray, fn: Callable, *, n_boot: int = 1000,
                  seed: int = 0, level: float = 0.95, fold_of: np.ndarray | None = None) -> tuple[float, float, float]:
     """Subject-level percentile bootstrap interval of a metric of out-of-fold predictions.
@@ -231,11 +241,7 @@ def bootstrap_ci(y_true: Sequence, preds: np.ndarray, fn: Callable, *, n_boot: i
                                 for i in range(0, n_boot, _CHUNK)] or [np.zeros(0)])
     else:  # any other callable: one call per draw
         stats = np.array([_over_repeats(fn, y, preds, rng.integers(0, n, n), fold_of) for _ in range(n_boot)])
-    stats = stats[np.isfinite(stats)]
-    if len(stats) == 0:
-        return point, math.nan, math.nan
-    a = (1 - level) / 2
-    return point, float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+    return (point, *_percentile_interval(stats, level))
 
 
 def paired_test(y_true: Sequence, preds_a: np.ndarray, preds_b: np.ndarray, fn: Callable, *,
@@ -261,17 +267,14 @@ def paired_test(y_true: Sequence, preds_a: np.ndarray, preds_b: np.ndarray, fn: 
     n = len(y)
     full = np.arange(n)
     rng = np.random.default_rng(seed)
-    lo_q = (1 - level) / 2
     if isinstance(fn, Metric):
-        return _paired_weighted(fn, y, a, b, rng, n_boot, n_perm, lo_q, fold_of)
+        return _paired_weighted(fn, y, a, b, rng, n_boot, n_perm, level, fold_of)
     delta = _over_repeats(fn, y, a, full, fold_of) - _over_repeats(fn, y, b, full, fold_of)
     boots = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         boots.append(_over_repeats(fn, y, a, idx, fold_of) - _over_repeats(fn, y, b, idx, fold_of))
-    boots_arr = np.asarray(boots)
-    boots_arr = boots_arr[np.isfinite(boots_arr)]
-    ci = (float(np.quantile(boots_arr, lo_q)), float(np.quantile(boots_arr, 1 - lo_q))) if len(boots_arr) else (math.nan, math.nan)
+    ci = _percentile_interval(np.asarray(boots), level)
     extreme = 0
     for _ in range(n_perm):
         swap = rng.random(n) < 0.5
@@ -285,7 +288,7 @@ def paired_test(y_true: Sequence, preds_a: np.ndarray, preds_b: np.ndarray, fn: 
     return {"delta": float(delta), "ci_low": ci[0], "ci_high": ci[1], "p_value": float(p_value)}
 
 
-def _paired_weighted(fn: Metric, y, a, b, rng, n_boot, n_perm, lo_q, fold_of) -> dict:
+def _paired_weighted(fn: Metric, y, a, b, rng, n_boot, n_perm, level, fold_of) -> dict:
     """:func:`paired_test` with every draw and permutation evaluated in batches (same random stream,
     same numbers as the loop up to float rounding)."""
     from slice2vol.eval.weighted import draw_weights
@@ -298,9 +301,7 @@ def _paired_weighted(fn: Metric, y, a, b, rng, n_boot, n_perm, lo_q, fold_of) ->
     for i in range(0, n_boot, _CHUNK):
         w = draw_weights(idx[i:i + _CHUNK], n)
         boots.append(_over_repeats_weighted(fn, y, a, w, fold_of) - _over_repeats_weighted(fn, y, b, w, fold_of))
-    boots_arr = np.concatenate(boots) if boots else np.zeros(0)
-    boots_arr = boots_arr[np.isfinite(boots_arr)]
-    ci = (float(np.quantile(boots_arr, lo_q)), float(np.quantile(boots_arr, 1 - lo_q))) if len(boots_arr) else (math.nan, math.nan)
+    ci = _percentile_interval(np.concatenate(boots) if boots else np.zeros(0), level)
     swaps = np.stack([rng.random(n) < 0.5 for _ in range(n_perm)]) if n_perm else np.zeros((0, n), bool)
     extreme = 0
     for i in range(0, n_perm, _CHUNK):

@@ -23,6 +23,7 @@ from slice2vol.eval.dense_bench import ProbeSet, anomaly_cv, content_hash
 from slice2vol.eval.dense_tasks import (ANOMALY_TASK, _anomaly_features, _code, _figure, _files, _folds, _gains,
                                         _holm, _loader, _paired, _reference, _row, _scorer, comparison_pairs,
                                         extraction_levels, probe_sets)
+from slice2vol.eval.metrics import mean_sd
 from slice2vol.eval.tasks.base import Task, TaskContext, TaskResult
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def run_anomaly(ctx) -> dict:
                      "pooled_ci_high": hi})
         for setting, v in res["sweep"].items():
             sweep_extras.setdefault(name, {}).setdefault(variant, {})[setting] = {
-                "pixel_auroc": _nanmean(v["pixel_auroc"]), "detection_rate": float(np.mean(v["detected"])),
+                "pixel_auroc": mean_sd(v["pixel_auroc"])[0], "detection_rate": float(np.mean(v["detected"])),
                 "per_subject_pixel_auroc": np.asarray(v["pixel_auroc"]).tolist()}
     primary = variants[0]
     reference = _reference(ctx, sets)
@@ -221,21 +222,11 @@ def _anomaly_figures(ctx, out: dict, results: dict, sets: Sequence[ProbeSet], pr
     return figs
 
 
-def _nanmean(values) -> float:
-    """Mean of the finite values; NaN (without numpy's warning) when a sweep cell has none: its lesion
-    left no voxel in any scored slice (small lesions on coarse grids)."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if len(v) else math.nan
-
-
 class AnomalyTask(Task):
     name = "anomaly"
 
     def run(self, ctx: TaskContext) -> TaskResult:
-        out = run_anomaly(ctx)
-        return TaskResult(rows=out["rows"], paired=out["paired"], figures=out["figures"], extras=out["extras"],
-                          skipped=out["skipped"])
+        return TaskResult.from_dict(run_anomaly(ctx))
 
 
 TASK = AnomalyTask()

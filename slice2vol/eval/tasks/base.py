@@ -98,6 +98,12 @@ class TaskResult:
     extras: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, out: Mapping[str, Any]) -> "TaskResult":
+        """From a dict with these five keys (what the dense tasks' ``run_*`` functions return)."""
+        return cls(rows=out["rows"], paired=out["paired"], figures=out["figures"], extras=out["extras"],
+                   skipped=out["skipped"])
+
 
 class Task:
     """Base of every task: set ``name`` and implement :meth:`run`."""

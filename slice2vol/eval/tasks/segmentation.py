@@ -173,9 +173,7 @@ class SegmentationTask(Task):
     name = "segmentation"
 
     def run(self, ctx: TaskContext) -> TaskResult:
-        out = run_segmentation(ctx)
-        return TaskResult(rows=out["rows"], paired=out["paired"], figures=out["figures"], extras=out["extras"],
-                          skipped=out["skipped"])
+        return TaskResult.from_dict(run_segmentation(ctx))
 
 
 TASK = SegmentationTask()
