@@ -17,13 +17,18 @@ slice are counted by ``torch.utils.flop_counter.FlopCounterMode`` with attention
 SDPA kernel (the fused CPU kernel is invisible to the counter); a multiply-add counts as 2.
 
 Variants (``--variants``, first is the reference of the speed-up column):
-    default   glibc's malloc with its defaults (SLICE2VOL_ALLOCATOR=system)
-    project   what the package sets at start-up (slice2vol.runtime.configure_runtime defaults)
+    default   glibc's malloc with its defaults (SLICE2VOL_ALLOCATOR=system), network as built
+    allocator what the package sets at start-up (slice2vol.runtime.configure_runtime defaults), network
+              as built: the allocator's share of the gain
+    project   what ``slice2vol cache`` runs: the package's allocator settings and BatchNorm folded into
+              the convolutions (``Encoder.optimize(fold_bn=True)``) = ``allocator+fold``
     env16g    glibc defaults plus MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 16 GiB in the
               environment (the measurement of issue 17)
     glibc:... any SLICE2VOL_ALLOCATOR value, e.g. glibc:mmap_threshold=32M or glibc:trim_threshold=1G
     preload:jemalloc | preload:tcmalloc   the library in LD_PRELOAD (skipped when not installed)
-Every variant runs with the same thread count (``--threads``, default: the cores this process may use).
+    VARIANT+fold  any of these with BatchNorm folded (e.g. ``default+fold``: folding alone)
+Every variant runs with the same thread count (``--threads``, default: the cores this process may use)
+and the same memory format (channels_last for CNNs unless ``--no-channels-last``).
 
 Examples:
     python scripts/bench_encoders.py --encoders tv/mobilenet_v2 timm/resnet50 --rounds 3
@@ -52,7 +57,7 @@ DEFAULT_ENCODERS = ["tv/mobilenet_v2", "timm/resnet18", "timm/resnet50", "timm/e
 # environment of each named variant (on top of a child environment cleared of allocator settings)
 PRESETS = {
     "default": {"SLICE2VOL_ALLOCATOR": "system"},
-    "project": {},
+    "allocator": {},
     "env16g": {"SLICE2VOL_ALLOCATOR": "system", "MALLOC_MMAP_THRESHOLD_": str(16 << 30),
                "MALLOC_TRIM_THRESHOLD_": str(16 << 30)},
 }
@@ -60,8 +65,18 @@ _ALLOCATOR_VARS = ("SLICE2VOL_ALLOCATOR", "LD_PRELOAD", "GLIBC_TUNABLES", "MALLO
                    "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_")
 
 
+def split_variant(variant: str) -> tuple[str, bool]:
+    """(allocator part, fold BatchNorm?) of a variant name; ``project`` is ``allocator+fold``."""
+    if variant == "project":
+        return "allocator", True
+    if variant.endswith("+fold"):
+        return variant[:-len("+fold")], True
+    return variant, False
+
+
 def variant_env(variant: str) -> dict[str, str] | None:
     """Environment of a child running ``variant``; None when it cannot run here (library missing)."""
+    variant = split_variant(variant)[0]
     env = {k: v for k, v in os.environ.items() if k not in _ALLOCATOR_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     if variant in PRESETS:
@@ -120,7 +135,8 @@ def child_encoder(args: argparse.Namespace) -> dict:
     encoder = build_encoder(args.child, **kwargs).to(args.device).eval()
     size = (args.slice_size, args.slice_size)
     flops = count_flops(encoder, size) if args.count_flops else None
-    encoder.optimize(channels_last=False if args.no_channels_last else None, compile=args.compile, amp=args.amp)
+    encoder.optimize(channels_last=False if args.no_channels_last else None, compile=args.compile, amp=args.amp,
+                     fold_bn=args.fold_bn)
     batch = args.batch_size
     if batch == "auto":
         from slice2vol.encoders.base import pick_batch_size
@@ -144,7 +160,8 @@ def child_encoder(args: argparse.Namespace) -> dict:
     return {"encoder": args.child, "input": list(encoder.info.input_size), "batch": batch, "rates": rates,
             "slices_per_s": statistics.median(rates), "flops": flops, "timed_user_s": user, "timed_sys_s": system,
             "timed_minflt": minflt, "timed_majflt": majflt, "runtime": runtime, "torch_threads": torch.get_num_threads(),
-            "channels_last": bool(getattr(encoder, "_channels_last", False))}
+            "channels_last": bool(getattr(encoder, "_channels_last", False)),
+            "batchnorm_folded": int(getattr(encoder, "_folded_bn", None) or 0)}
 
 
 def child_ceiling(args: argparse.Namespace) -> dict:
@@ -231,6 +248,7 @@ def summarise(results: list[dict], variants: list[str], ceiling: float) -> list[
                    "child_user_s": sum(r["child_user_s"] for r in runs) / len(runs),
                    "child_minflt": sum(r["child_minflt"] for r in runs) / len(runs),
                    "allocator": runs[0]["runtime"].get("allocator"), "glibc": runs[0]["runtime"].get("glibc"),
+                   "batchnorm_folded": runs[0].get("batchnorm_folded", 0),
                    "threads": runs[0]["torch_threads"]}
             slices = sum(len(r["rates"]) * r["batch"] for r in runs)
             # CPU seconds per slice: what other processes on a shared machine distort least
@@ -245,14 +263,14 @@ def summarise(results: list[dict], variants: list[str], ceiling: float) -> list[
 
 
 def print_table(rows: list[dict], ceiling: float, repeats: int, dtype: str = "fp32") -> None:
-    print(f"\n| encoder | variant | slices/s (per round) | x first | CPU ms/slice | x first (CPU) | GFLOP/slice | "
+    print(f"\n| encoder | variant | BN folded | slices/s (per round) | x first | CPU ms/slice | x first (CPU) | GFLOP/slice | "
           f"% of ceiling | sys s / user s (timed {repeats} batches) | minor faults / batch | child sys s / user s | "
           f"child faults |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rounds = ", ".join(f"{v:.1f}" for v in r["per_round"])
         pct = f"{100 * r['of_ceiling']:.0f}%" if r["of_ceiling"] else "-"
-        print(f"| {r['encoder']} | {r['variant']} | {r['slices_per_s']:.1f} ({rounds}) | {r['speedup']:.2f}x | "
+        print(f"| {r['encoder']} | {r['variant']} | {r.get('batchnorm_folded', 0)} | {r['slices_per_s']:.1f} ({rounds}) | {r['speedup']:.2f}x | "
               f"{r['cpu_ms_per_slice']:.1f} | {r['cpu_speedup']:.2f}x | {r['gflop_per_slice']:.2f} | {pct} | "
               f"{r['timed_sys_s']:.2f} / {r['timed_user_s']:.2f} | "
               f"{r['minflt_per_batch']:,.0f} | {r['child_sys_s']:.1f} / {r['child_user_s']:.1f} | "
@@ -263,8 +281,8 @@ def print_table(rows: list[dict], ceiling: float, repeats: int, dtype: str = "fp
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoders", nargs="+", default=DEFAULT_ENCODERS)
-    p.add_argument("--variants", nargs="+", default=["default", "project"],
-                   help="allocator variants (see above); the first is the reference")
+    p.add_argument("--variants", nargs="+", default=["default", "allocator", "project"],
+                   help="variants (see above); the first is the reference")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (A B, B A, ...)")
     p.add_argument("--repeats", type=int, default=3, help="timed batches per child")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per child (oneDNN caches, heap growth)")
@@ -281,6 +299,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write rows, raw runs and ceilings to this JSON file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fold-bn", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch_size != "auto":
         args.batch_size = int(args.batch_size)
@@ -314,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in args.encoders:
             for variant in order:
                 argv = ["--child", key, *common] + (["--count-flops"] if rnd == 0 and variant == order[0] else [])
+                argv += ["--fold-bn"] if split_variant(variant)[1] else []
                 out = run_child(argv, envs[variant])
                 out["variant"], out["round"] = variant, rnd
                 results.append(out)

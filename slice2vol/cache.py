@@ -66,7 +66,8 @@ FORMAT = "slice2vol.features"
 FORMAT_VERSION = 2
 # Keys of the provenance that do not change the features: they may differ between shards and runs.
 # ``dtype_fallback`` records *why* a float16 job stored float32; the features are those of float32.
-VOLATILE_KEYS = ("created", "host", "versions", "package_version", "weights_path", "argv", "dtype_fallback")
+VOLATILE_KEYS = ("created", "host", "versions", "package_version", "weights_path", "argv", "dtype_fallback",
+                 "inference")
 CHECKSUM = "sha256"
 _STR = h5py.string_dtype("utf-8")
 _COPY_ROWS = 1 << 16  # rows copied / hashed at a time when compacting, merging, verifying

@@ -98,7 +98,14 @@ def shard_subjects(subjects: Sequence[Subject], index: int, count: int) -> list[
 
 # -- provenance -----------------------------------------------------------------------------------
 def state_sha256(module: torch.nn.Module) -> str:
-    """sha256 of a module's parameters and buffers (names, dtypes, shapes and bytes), any device."""
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes and bytes), any device.
+
+    An encoder whose BatchNorm layers were folded for inference answers with the hash of the state it
+    was built from (``source_state_sha256``): that is what identifies its weights.
+    """
+    source = getattr(module, "source_state_sha256", None)
+    if source:
+        return str(source)
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous().reshape(-1)
@@ -134,8 +141,16 @@ def feature_provenance(encoder: Any, encoder_key: str, encoder_kwargs: Mapping[s
         "dtype": dtype,
         "tokens": bool(tokens),
         "amp": amp or "none",
+        "inference": inference_settings(encoder),
         **run_context(),
     }
+
+
+def inference_settings(encoder: Any) -> dict[str, Any]:
+    """How the encoder ran (volatile provenance: these change features only by float rounding)."""
+    return {"batchnorm_folded": int(getattr(encoder, "_folded_bn", None) or 0),
+            "channels_last": bool(getattr(encoder, "_channels_last", False)),
+            "compiled": getattr(encoder, "_compiled_features", None) is not None}
 
 
 # -- worker side ----------------------------------------------------------------------------------
@@ -451,6 +466,7 @@ def cache_cohort(
     progress: bool = True,
     dtype: str = "float16",
     amp: str | None = None,
+    fold_bn: bool = True,
     commit_every: int = 8,
     commit_seconds: float = 120.0,
     compact: bool = True,
@@ -477,6 +493,9 @@ def cache_cohort(
             features float16 cannot hold switch a new feature set to float32 (``report.notes``,
             provenance ``dtype_fallback``); a rerun with ``float16`` on such a store keeps float32.
         amp: ``bf16``/``fp16`` autocast on CUDA (part of the feature set).
+        fold_bn: fold BatchNorm layers into the convolutions before them (:meth:`Encoder.fold_batchnorm`;
+            features change by float rounding only, so it is not part of the feature set). Applies to an
+            encoder built here from a key; an encoder object passed in is never restructured.
         commit_every, commit_seconds: completed subjects are committed (crash-safe) every this many
             subjects or seconds, whichever comes first; a kill loses at most that much work.
         compact: merge the committed parts into the main file at the end.
@@ -526,7 +545,8 @@ def cache_cohort(
     encoder.eval()
     state_hash = state_sha256(encoder)
     if hasattr(encoder, "optimize"):
-        encoder.optimize(amp=amp if dev.type == "cuda" else None)
+        # BatchNorm is folded only into an encoder built here: a caller's object may be trained later
+        encoder.optimize(amp=amp if dev.type == "cuda" else None, fold_bn=fold_bn and isinstance(encoder_key, str))
     encoder.to(dev)
     provenance = feature_provenance(encoder, key, encoder_kwargs, volume_cfg, slice_cfg, dtype=dtype,
                                     tokens=save_tokens, amp=amp if dev.type == "cuda" else None,

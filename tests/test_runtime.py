@@ -254,14 +254,17 @@ def _bench_encoders():
     return module
 
 
-def test_bench_variants_differ_only_in_allocator_settings(monkeypatch):
+def test_bench_variants_differ_only_in_allocator_settings_and_folding(monkeypatch):
     bench = _bench_encoders()
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the caller's allocator settings must not leak into A or B
     monkeypatch.setenv(runtime.ALLOCATOR_ENV, "glibc")
-    default, project, env16g = (bench.variant_env(v) for v in ("default", "project", "env16g"))
-    for env in (default, project, env16g):
+    default, allocator, project, env16g = (bench.variant_env(v) for v in ("default", "allocator", "project", "env16g"))
+    for env in (default, allocator, project, env16g):
         assert "MALLOC_ARENA_MAX" not in env and str(REPO) in env["PYTHONPATH"].split(os.pathsep)
     assert default[runtime.ALLOCATOR_ENV] == "system" and runtime.ALLOCATOR_ENV not in project
+    assert allocator == project and bench.variant_env("default+fold") == default  # folding is not an env setting
+    assert [bench.split_variant(v) for v in ("default", "allocator", "project", "default+fold", "glibc:top_pad=1G")] == [
+        ("default", False), ("allocator", False), ("allocator", True), ("default", True), ("glibc:top_pad=1G", False)]
     assert env16g["MALLOC_MMAP_THRESHOLD_"] == str(16 << 30) and env16g[runtime.ALLOCATOR_ENV] == "system"
     assert bench.variant_env("glibc:top_pad=64M")[runtime.ALLOCATOR_ENV] == "glibc:top_pad=64M"
     monkeypatch.setattr(runtime, "find_allocator_library", lambda name: None)

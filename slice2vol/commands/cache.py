@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader processes reading volumes")
     add_device(parser)
     parser.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast on CUDA")
+    parser.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
+                        help="keep BatchNorm layers as they are (default: folded into the convolutions before "
+                             "them, same features up to float rounding, ~9%% faster ResNet-50 on CPU)")
     parser.add_argument("--shard", default=None, help="i/n: this job does every n-th subject from i "
                         "(default: from torchrun RANK/WORLD_SIZE; under SLURM pass --shard "
                         "$SLURM_ARRAY_TASK_ID/N)")
@@ -185,8 +188,8 @@ def _cache(args: argparse.Namespace) -> int:
         cohort, args.encoder, store, weights=args.weights, encoder_kwargs=_encoder_kwargs(args.encoder_arg),
         volume_cfg=volume_cfg, slice_cfg=slice_cfg, batch_size=args.batch_size, num_workers=args.workers,
         device=resolve_device(args.device), shard=shard, save_tokens=args.tokens,
-        progress=progress_enabled(args), dtype=args.dtype, amp=args.amp, commit_every=args.commit_every,
-        compact=not args.no_compact, seed=args.seed,
+        progress=progress_enabled(args), dtype=args.dtype, amp=args.amp, fold_bn=args.fold_bn,
+        commit_every=args.commit_every, compact=not args.no_compact, seed=args.seed,
     )
     print(report.summary(), file=sys.stderr if report.failures else sys.stdout)
     if report.failures and args.allow_failures:

@@ -206,16 +206,20 @@ class Encoder(nn.Module):
     channels_last_friendly: bool = False
 
     def optimize(self, *, channels_last: bool | None = None, compile: bool = False,
-                 amp: str | None = None) -> "Encoder":
+                 amp: str | None = None, fold_bn: bool = False) -> "Encoder":
         """Speed options, in place; returns self.
 
         Args:
+            fold_bn: fold BatchNorm layers into the convolutions before them (:meth:`fold_batchnorm`);
+                for frozen encoders at inference only (the caching job and retrieval turn it on).
             channels_last: use channels_last memory format (default: on for CNN families).
             compile: wrap ``forward_features``/``forward_tokens`` with ``torch.compile`` (slow first
                 call, ~50 s for resnet50 on CPU: worth it for long caching jobs only).
             amp: ``bf16`` or ``fp16`` autocast, applied on CUDA inputs only; on CPU it is ignored with
                 a warning (bf16 autocast measured ~40x slower than fp32 on CPUs without bf16 units).
         """
+        if fold_bn:
+            self.fold_batchnorm()  # before the memory-format change, so folded weights get it too
         if channels_last is None:
             channels_last = self.channels_last_friendly
         self._channels_last = bool(channels_last)
@@ -228,6 +232,49 @@ class Encoder(nn.Module):
             self._compiled_features = torch.compile(self.forward_features)
             self._compiled_tokens = torch.compile(self.forward_tokens)
         return self
+
+    def fold_batchnorm(self) -> int:
+        """Folds BatchNorm into the convolution before it wherever every forward path allows, in place.
+
+        Outputs change only by float rounding (the folded layer computes the same affine map); the
+        encoder is then for inference only: :meth:`train` refuses it. ``source_state_sha256`` keeps
+        the sha256 of the parameters it was built from (``slice2vol.extract.state_sha256`` answers
+        with it), so provenance still names the weights, not their folded form.
+
+        Returns:
+            The number of BatchNorm layers folded (0 for models without BatchNorm, or that
+            ``torch.fx`` cannot trace; see :mod:`slice2vol.encoders.fold`).
+
+        Raises:
+            RuntimeError: the encoder is in training mode.
+        """
+        from slice2vol.encoders.fold import fold_batchnorm, has_batchnorm
+
+        if getattr(self, "_folded_bn", None) is not None:
+            return self._folded_bn
+        if self.training:
+            raise RuntimeError(f"{self.info.key}: fold_batchnorm needs eval mode (BatchNorm then uses its running "
+                               f"statistics); call .eval() first")
+        if not has_batchnorm(self):
+            self._folded_bn = 0
+            return 0
+        from slice2vol.extract import state_sha256
+
+        source = state_sha256(self)
+        paths = ["forward_features"]
+        if type(self).forward_tokens is not Encoder.forward_tokens:
+            paths.append("forward_tokens")
+        folded = fold_batchnorm(self, paths)
+        if folded:
+            self.source_state_sha256 = source
+        self._folded_bn = folded
+        return folded
+
+    def train(self, mode: bool = True) -> "Encoder":
+        if mode and getattr(self, "_folded_bn", 0):
+            raise RuntimeError(f"{self.info.key}: {self._folded_bn} BatchNorm layers were folded into convolutions "
+                               f"for inference (optimize(fold_bn=True)); build the encoder again to train it")
+        return super().train(mode)
 
     def _autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
         amp = getattr(self, "_amp", None)
@@ -816,6 +863,7 @@ class EncoderConfig:
         channels_last: memory format; ``None`` = on for CNN families.
         compile: ``torch.compile`` the forward (long jobs only).
         amp: ``bf16``/``fp16`` autocast on CUDA; ignored on CPU.
+        fold_bn: fold BatchNorm into convolutions (inference only; :meth:`Encoder.fold_batchnorm`).
     """
 
     key: str = "tv/mobilenet_v2"
@@ -826,11 +874,13 @@ class EncoderConfig:
     channels_last: bool | None = None
     compile: bool = False
     amp: str | None = None
+    fold_bn: bool = True
 
     def build(self) -> Encoder:
         """The encoder on ``device``, eval mode, speed options applied."""
         encoder = build_encoder(self.key, self.weights, **self.kwargs).to(self.device)
-        return encoder.optimize(channels_last=self.channels_last, compile=self.compile, amp=self.amp)
+        return encoder.optimize(channels_last=self.channels_last, compile=self.compile, amp=self.amp,
+                                fold_bn=self.fold_bn)
 
     def resolved_batch_size(self, encoder: Encoder) -> int:
         return self.batch_size or pick_batch_size(encoder, self.device)

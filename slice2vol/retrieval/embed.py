@@ -82,7 +82,8 @@ def rebuild_encoder(pipeline: Mapping[str, Any], weights: str | None = None, dev
                                   f"not the indexed {expected[:16]}...: the model or its weights changed")
     if hasattr(encoder, "optimize"):
         amp = pipeline.get("amp")
-        encoder.optimize(amp=amp if str(device).startswith("cuda") and amp not in (None, "none") else None)
+        encoder.optimize(amp=amp if str(device).startswith("cuda") and amp not in (None, "none") else None,
+                         fold_bn=True)
     return encoder.to(device)
 
 

@@ -16,6 +16,7 @@ from slice2vol.retrieval.index import ProvenanceError
 # provenance keys that describe when/where a job ran, not what it computed
 VOLATILE_KEYS = frozenset({
     "created", "host", "versions", "package_version", "slice2vol", "weights_path", "argv", "history",
+    "inference",
 })
 # keys of a volume-embedding set's provenance that say what was computed (aggregate_store)
 EMBEDDING_IDENTITY_KEYS = ("kind", "aggregator", "method", "params", "planes", "label", "task", "objective",
