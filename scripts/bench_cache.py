@@ -248,8 +248,9 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         encoder = build_encoder(args.encoder, weights=args.weights, img_size=args.size)
     encoder = encoder.to(args.device).eval()
-    # what the job does (channels_last for CNNs, autocast on CUDA only); A, B and C use this object
-    encoder.optimize(amp=args.amp if encoder.device.type == "cuda" else None)
+    # what the job does (channels_last for CNNs, BatchNorm folded, autocast on CUDA only); A, B and C
+    # use this object
+    encoder.optimize(amp=args.amp if encoder.device.type == "cuda" else None, fold_bn=True)
     batch_size = args.batch_size
     if batch_size == "auto":
         from slice2vol.encoders.base import pick_batch_size
