@@ -210,13 +210,13 @@ class Encoder(nn.Module):
         """Speed options, in place; returns self.
 
         Args:
-            fold_bn: fold BatchNorm layers into the convolutions before them (:meth:`fold_batchnorm`);
-                for frozen encoders at inference only (the caching job and retrieval turn it on).
             channels_last: use channels_last memory format (default: on for CNN families).
             compile: wrap ``forward_features``/``forward_tokens`` with ``torch.compile`` (slow first
                 call, ~50 s for resnet50 on CPU: worth it for long caching jobs only).
             amp: ``bf16`` or ``fp16`` autocast, applied on CUDA inputs only; on CPU it is ignored with
                 a warning (bf16 autocast measured ~40x slower than fp32 on CPUs without bf16 units).
+            fold_bn: fold BatchNorm layers into the convolutions before them (:meth:`fold_batchnorm`);
+                for frozen encoders at inference only (the caching job and retrieval turn it on).
         """
         if fold_bn:
             self.fold_batchnorm()  # before the memory-format change, so folded weights get it too
@@ -271,6 +271,7 @@ class Encoder(nn.Module):
         return folded
 
     def train(self, mode: bool = True) -> "Encoder":
+        """``nn.Module.train``, refused for an encoder whose BatchNorm was folded (it has no BatchNorm to train)."""
         if mode and getattr(self, "_folded_bn", 0):
             raise RuntimeError(f"{self.info.key}: {self._folded_bn} BatchNorm layers were folded into convolutions "
                                f"for inference (optimize(fold_bn=True)); build the encoder again to train it")
