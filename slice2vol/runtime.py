@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -47,7 +48,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,35 @@ def _configure_threads(threads: int) -> dict[str, Any]:
         faiss.omp_set_num_threads(threads)
         done["faiss"] = threads
     return done
+
+
+# -- FAISS exact search --------------------------------------------------------------------------------
+#: from this many queries on, exact (flat) search is done as one matrix product (BLAS)
+BLAS_MIN_QUERIES = 5
+
+
+@contextlib.contextmanager
+def faiss_blas_for(n_queries: int) -> Iterator[None]:
+    """Within the block, FAISS's exact search uses its BLAS kernel for batches of >= ``BLAS_MIN_QUERIES``.
+
+    FAISS 1.15 computes exact inner products with a per-query SIMD loop until ``queries x dim``
+    reaches ``distance_compute_blas_threshold`` (128,000: 334 queries at 384 dimensions). Measured on
+    2 cores (``IndexFlatIP``, 384-d): 200 queries against 300k vectors take 22 ms each that way and
+    1.8 ms as one product; 50 queries against 100k, 8.1 vs 1.0 ms. For 1-2 queries the loop is as fast
+    or faster, so they keep it. The global is restored on exit (not thread-safe: FAISS has one).
+
+    Args:
+        n_queries: queries of the search(es) in the block.
+    """
+    import faiss
+
+    before = faiss.cvar.distance_compute_blas_threshold
+    if n_queries >= BLAS_MIN_QUERIES:
+        faiss.cvar.distance_compute_blas_threshold = 0
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = before
 
 
 def configure_runtime(*, threads: int | None = None, allocator: str | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from slice2vol import runtime
@@ -287,3 +288,26 @@ def test_bench_summary_speedups_are_against_the_first_variant():
     assert project["speedup"] == pytest.approx(30 / 11) and default["speedup"] == 1.0
     assert default["cpu_ms_per_slice"] == pytest.approx(1000 * 2.0 / 8) and project["cpu_speedup"] == pytest.approx(4 / 3)
     assert project["of_ceiling"] == pytest.approx(30 * 2 / 100) and project["minflt_per_batch"] == 50
+
+
+def test_faiss_blas_for_batches_only_and_restores_the_threshold():
+    faiss = pytest.importorskip("faiss")
+    before = faiss.cvar.distance_compute_blas_threshold
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3000, 64)).astype("float32")
+    queries = rng.standard_normal((40, 64)).astype("float32")
+    index = faiss.IndexFlatIP(64)
+    index.add(base)
+    with runtime.faiss_blas_for(len(queries)):
+        assert faiss.cvar.distance_compute_blas_threshold == 0
+        sims, ids = index.search(queries, 5)
+    assert faiss.cvar.distance_compute_blas_threshold == before
+    with runtime.faiss_blas_for(runtime.BLAS_MIN_QUERIES - 1):  # one or two queries keep FAISS's own choice
+        assert faiss.cvar.distance_compute_blas_threshold == before
+    with pytest.raises(RuntimeError), runtime.faiss_blas_for(10):
+        raise RuntimeError("restored on errors too")
+    assert faiss.cvar.distance_compute_blas_threshold == before
+    # same neighbours as a plain numpy product (independent reference)
+    reference = np.argsort(-(queries @ base.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(ids, reference)
+    np.testing.assert_allclose(sims, np.take_along_axis(queries @ base.T, reference, 1), rtol=1e-5, atol=1e-4)

@@ -489,7 +489,10 @@ class Index:
         q = normalize_rows(np.atleast_2d(queries))
         if q.shape[1] != self.dim:
             raise ProvenanceError(f"query embedding has dimension {q.shape[1]}, the index has {self.dim}")
-        return self.faiss_index.search(q, min(k, len(self)))
+        from slice2vol.runtime import faiss_blas_for
+
+        with faiss_blas_for(len(q)):  # a batch of queries: one matrix product, not a loop per query
+            return self.faiss_index.search(q, min(k, len(self)))
 
     def search(self, queries: np.ndarray, k: int = 10, *, query_ids: Sequence[str] | None = None,
                exclude_self: bool = False) -> pd.DataFrame:
