@@ -333,3 +333,31 @@ def test_ixi_all_subjects_ras_and_aligned(ixi_manifest):
     vol = load_subject(cohort.subjects[0])
     np.testing.assert_array_equal(vol.seg, np.asarray(raw_seg.dataobj).astype(np.int32))
     np.testing.assert_allclose(vol.affine, raw_img.affine)
+
+
+@pytest.mark.parametrize("shape, quantile, seed", [
+    ((30, 28, 26), 0.3, 0),   # blobby 3D mask with ~100 hole voxels in several pockets
+    ((30, 28, 26), 0.4, 2),
+    ((40, 40), 0.5, 1),       # 2D
+])
+def test_fill_holes_matches_scipy(shape, quantile, seed):
+    from scipy import ndimage
+
+    from slice2vol.data.io import fill_holes
+
+    field = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), 1.0)
+    mask = field > np.quantile(field, quantile)
+    want = ndimage.binary_fill_holes(mask)
+    assert not np.array_equal(want, mask)  # there are holes to fill, so the comparison can fail
+    np.testing.assert_array_equal(fill_holes(mask), want)
+
+
+def test_fill_holes_of_a_hollow_ball_and_an_empty_mask():
+    from slice2vol.data.io import fill_holes
+
+    grid = np.indices((21, 21, 21)) - 10
+    radius = np.sqrt((grid**2).sum(0))
+    shell = (radius <= 9) & (radius >= 6)
+    np.testing.assert_array_equal(fill_holes(shell), radius <= 9)
+    assert not fill_holes(np.zeros((4, 4, 4), bool)).any()
+    assert fill_holes(np.ones((3, 3), bool)).all()
