@@ -664,6 +664,11 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
     if not jobs:
         return
     dataset = VolumeSlicesDataset(jobs, volume_cfg, slice_cfg)
+    if num_workers:
+        # workers fork from this process: what it has imported they need not import again before their
+        # first volume (scipy.ndimage alone is ~0.2 s, during which the encoder would wait)
+        import nibabel  # noqa: F401
+        import scipy.ndimage  # noqa: F401
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity,
         prefetch_factor=2 if num_workers else None, persistent_workers=False,
