@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import tests._tiny_encoder  # noqa: F401  - registers test/tiny_cnn
 from slice2vol.encoders import build_encoder
 from slice2vol.encoders.base import Encoder, EncoderInfo
 from slice2vol.encoders.fold import fold_batchnorm
