@@ -160,8 +160,7 @@ def child_encoder(args: argparse.Namespace) -> dict:
     return {"encoder": args.child, "input": list(encoder.info.input_size), "batch": batch, "rates": rates,
             "slices_per_s": statistics.median(rates), "flops": flops, "timed_user_s": user, "timed_sys_s": system,
             "timed_minflt": minflt, "timed_majflt": majflt, "runtime": runtime, "torch_threads": torch.get_num_threads(),
-            "channels_last": bool(getattr(encoder, "_channels_last", False)),
-            "batchnorm_folded": int(getattr(encoder, "_folded_bn", None) or 0)}
+            **{key: encoder.inference_settings()[key] for key in ("channels_last", "batchnorm_folded")}}
 
 
 def child_ceiling(args: argparse.Namespace) -> dict:

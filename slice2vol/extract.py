@@ -23,7 +23,6 @@ with a one-line reason; nothing is ever stored as silent zeros or inf.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -47,6 +46,7 @@ from slice2vol.config import to_dict
 from slice2vol.data.io import VolumeConfig, VolumeError, fingerprint, fingerprint_changes
 from slice2vol.data.manifest import Cohort, Failure, Subject, load_subject
 from slice2vol.data.slicing import SliceConfig, slice_volume
+from slice2vol.encoders.base import state_sha256
 from slice2vol.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
@@ -97,24 +97,6 @@ def shard_subjects(subjects: Sequence[Subject], index: int, count: int) -> list[
 
 
 # -- provenance -----------------------------------------------------------------------------------
-def state_sha256(module: torch.nn.Module) -> str:
-    """sha256 of a module's parameters and buffers (names, dtypes, shapes and bytes), any device.
-
-    An encoder whose BatchNorm layers were folded for inference answers with the hash of the state it
-    was built from (``source_state_sha256``): that is what identifies its weights.
-    """
-    source = getattr(module, "source_state_sha256", None)
-    if source:
-        return str(source)
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
-        if t.numel():
-            digest.update(t.view(torch.uint8).numpy())  # buffer protocol: no copy of the tensor
-    return digest.hexdigest()
-
-
 def feature_provenance(encoder: Any, encoder_key: str, encoder_kwargs: Mapping[str, Any],
                        volume_cfg: VolumeConfig, slice_cfg: SliceConfig, *, dtype: str, tokens: bool,
                        amp: str | None = None, state_hash: str | None = None) -> dict[str, Any]:
@@ -147,10 +129,11 @@ def feature_provenance(encoder: Any, encoder_key: str, encoder_kwargs: Mapping[s
 
 
 def inference_settings(encoder: Any) -> dict[str, Any]:
-    """How the encoder ran (volatile provenance: these change features only by float rounding)."""
-    return {"batchnorm_folded": int(getattr(encoder, "_folded_bn", None) or 0),
-            "channels_last": bool(getattr(encoder, "_channels_last", False)),
-            "compiled": getattr(encoder, "_compiled_features", None) is not None}
+    """How the encoder ran (volatile provenance: these change features only by float rounding);
+    an encoder object that is not an :class:`Encoder` reports none of them."""
+    if hasattr(encoder, "inference_settings"):
+        return encoder.inference_settings()
+    return {"batchnorm_folded": 0, "channels_last": False, "compiled": False}
 
 
 # -- worker side ----------------------------------------------------------------------------------
@@ -543,10 +526,10 @@ def cache_cohort(
     else:
         encoder, key = encoder_key, encoder_key.info.key
     encoder.eval()
-    state_hash = state_sha256(encoder)
     if hasattr(encoder, "optimize"):
         # BatchNorm is folded only into an encoder built here: a caller's object may be trained later
         encoder.optimize(amp=amp if dev.type == "cuda" else None, fold_bn=fold_bn and isinstance(encoder_key, str))
+    state_hash = state_sha256(encoder)  # of the weights as built: folding records it, so it is hashed once
     encoder.to(dev)
     provenance = feature_provenance(encoder, key, encoder_kwargs, volume_cfg, slice_cfg, dtype=dtype,
                                     tokens=save_tokens, amp=amp if dev.type == "cuda" else None,

@@ -258,8 +258,6 @@ class Encoder(nn.Module):
         if not has_batchnorm(self):
             self._folded_bn = 0
             return 0
-        from slice2vol.extract import state_sha256
-
         source = state_sha256(self)
         paths = ["forward_features"]
         if type(self).forward_tokens is not Encoder.forward_tokens:
@@ -269,6 +267,13 @@ class Encoder(nn.Module):
             self.source_state_sha256 = source
         self._folded_bn = folded
         return folded
+
+    def inference_settings(self) -> dict[str, Any]:
+        """The speed options in force (:meth:`optimize`), for provenance: folded BatchNorm layers,
+        channels_last, torch.compile."""
+        return {"batchnorm_folded": int(getattr(self, "_folded_bn", None) or 0),
+                "channels_last": bool(getattr(self, "_channels_last", False)),
+                "compiled": getattr(self, "_compiled_features", None) is not None}
 
     def train(self, mode: bool = True) -> "Encoder":
         """``nn.Module.train``, refused for an encoder whose BatchNorm was folded (it has no BatchNorm to train)."""
@@ -640,6 +645,24 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         with open(f, "rb") as fh:
             while block := fh.read(chunk):
                 digest.update(block)
+    return digest.hexdigest()
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes and bytes), any device.
+
+    An encoder whose BatchNorm layers were folded for inference answers with the hash of the state it
+    was built from (``source_state_sha256``): that is what identifies its weights.
+    """
+    source = getattr(module, "source_state_sha256", None)
+    if source:
+        return str(source)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy())  # buffer protocol: no copy of the tensor
     return digest.hexdigest()
 
 

@@ -29,7 +29,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 log = logging.getLogger(__name__)
 
-_CONV_FOR_BN = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+# the convolution a BatchNorm of each dimensionality can be folded into (subclasses such as timm's
+# BatchNormAct2d count as their base)
+_CONV_FOR_BN = ((nn.BatchNorm1d, nn.Conv1d), (nn.BatchNorm2d, nn.Conv2d), (nn.BatchNorm3d, nn.Conv3d))
 
 
 class _LeafTracer(fx.Tracer):
@@ -68,17 +70,10 @@ def _pairs_in(graph: fx.Graph, modules: dict[str, nn.Module]) -> tuple[dict[str,
             continue
         conv_name = str(source.target).removeprefix("root.")
         conv = modules.get(conv_name)
-        want = _CONV_FOR_BN.get(_bn_dims(module))
+        want = next((conv_type for bn_type, conv_type in _CONV_FOR_BN if isinstance(module, bn_type)), None)
         if want is not None and type(conv) is want:
             pairs[name] = conv_name
     return pairs, calls
-
-
-def _bn_dims(bn: nn.Module) -> int | None:
-    for dims, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
-        if isinstance(bn, cls):
-            return dims
-    return None
 
 
 def _replacement(bn: _BatchNorm) -> nn.Module | None:

@@ -96,7 +96,7 @@ class Embed3DReport:
 
 def state_sha256(module: torch.nn.Module) -> str:
     """sha256 of the loaded parameters and buffers (the 2D caching job's definition)."""
-    from slice2vol.extract import state_sha256 as _state_sha256
+    from slice2vol.encoders.base import state_sha256 as _state_sha256
 
     return _state_sha256(module)
 

@@ -58,15 +58,12 @@ def rebuild_encoder(pipeline: Mapping[str, Any], weights: str | None = None, dev
     """
     import torch
 
-    from slice2vol.encoders.base import build_encoder
-    from slice2vol.extract import state_sha256
+    from slice2vol.encoders.base import WeightsUnavailable, build_encoder, state_sha256
 
     key = pipeline["encoder"]
     chosen = resolve_weights(pipeline, weights)
     kwargs = dict(pipeline.get("encoder_kwargs") or {})
     seed = int(kwargs.pop("random_seed", 0))
-    from slice2vol.encoders.base import WeightsUnavailable
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # as cache_cohort does, so random weights come out identical
         try:
@@ -74,16 +71,16 @@ def rebuild_encoder(pipeline: Mapping[str, Any], weights: str | None = None, dev
         except WeightsUnavailable as err:
             raise ProvenanceError(f"cannot rebuild the indexed encoder: {err}") from None
     encoder.eval()
-    expected = str(pipeline.get("state_sha256") or "")
-    if expected:
-        got = state_sha256(encoder)
-        if got != expected:
-            raise ProvenanceError(f"the rebuilt {key} ({chosen}) has parameters with sha256 {got[:16]}..., "
-                                  f"not the indexed {expected[:16]}...: the model or its weights changed")
     if hasattr(encoder, "optimize"):
         amp = pipeline.get("amp")
         encoder.optimize(amp=amp if str(device).startswith("cuda") and amp not in (None, "none") else None,
                          fold_bn=True)
+    expected = str(pipeline.get("state_sha256") or "")
+    if expected:
+        got = state_sha256(encoder)  # of the weights as built: folding records it, so it is hashed once
+        if got != expected:
+            raise ProvenanceError(f"the rebuilt {key} ({chosen}) has parameters with sha256 {got[:16]}..., "
+                                  f"not the indexed {expected[:16]}...: the model or its weights changed")
     return encoder.to(device)
 
 
@@ -173,7 +170,7 @@ class VolumeEmbedder:
                 problems.append(f"encoder dimension {info.embed_dim} is not the indexed {pipeline['embed_dim']}")
         want_state = str(pipeline.get("state_sha256") or "")
         if want_state and self._state_sha256 is None:
-            from slice2vol.extract import state_sha256
+            from slice2vol.encoders.base import state_sha256
 
             self._state_sha256 = state_sha256(self.encoder)
         if want_state and self._state_sha256 != want_state:
