@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -98,6 +99,13 @@ class ShardsIncomplete(StoreError):
 # -- provenance helpers --------------------------------------------------------------------------
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that can change features, without importing them."""
+    return dict(_library_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str]:
+    # installed versions cannot change under a running process; reading the package metadata costs
+    # ~30 ms, twice per caching job
     from importlib import metadata
     import platform
 

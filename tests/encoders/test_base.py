@@ -115,6 +115,25 @@ def test_preprocess_modes_by_hand():
     assert scaled.min().item() == pytest.approx(0, abs=1e-6) and scaled.max().item() == pytest.approx(1, abs=1e-6)
 
 
+@pytest.mark.parametrize("resize,interpolation,mode", [("squash", "bicubic", "replicate"),
+                                                      ("shorter", "bicubic", "replicate"),
+                                                      ("shorter", "bilinear", "mean"),
+                                                      ("longest", "bilinear", "replicate"),
+                                                      ("squash", "torch-bilinear", "stack"),
+                                                      ("squash", "nearest", "replicate")])
+def test_one_channel_is_resized_once_with_the_values_of_resizing_every_copy(resize, interpolation, mode):
+    """A 1-channel slice is resized before it is replicated; reference: the same slice given as three
+    identical channels, which takes the resize-every-channel path."""
+    enc = TinyEncoder(resize=resize, resize_size=40, interpolation=interpolation, channel_mode=mode,
+                      mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    x = torch.rand(3, 1, 45, 27) ** 2  # non-square, so every resize mode resamples
+    one = enc.preprocess(x)
+    three = enc.preprocess(x.repeat(1, 3, 1, 1))
+    assert one.shape == three.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(one, three, rtol=0, atol=1e-6)
+    assert not torch.allclose(one[:, 0], one[:, 2])  # per-channel mean/std applied after the copy
+
+
 @pytest.mark.parametrize("channels,mode,expect", [(1, "replicate", [0, 0, 0]), (3, "replicate", [0, 1, 2]),
                                                   (5, "replicate", [1, 2, 3]), (2, "mean", None)])
 def test_adapt_channels(channels, mode, expect):
