@@ -82,13 +82,32 @@ class PlaneSlices:
         return len(self.indices)
 
 
-def _plane_view(array: torch.Tensor, plane: str) -> torch.Tensor:
-    """(..., X, Y, Z) -> (..., n_slices, rows, cols) in display orientation."""
+def _plane_view(array: torch.Tensor, plane: str, index: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., X, Y, Z) -> (..., n_slices, rows, cols) in display orientation.
+
+    With ``index`` (S,) long, only those slices: (..., S, rows, cols). ``flip`` copies (torch has no
+    negative strides), so selecting first copies S slices instead of the whole volume.
+    """
     lead = array.dim() - 3
     axis = lead + PLANES[plane]
     moved = array.movedim(axis, lead)  # (..., n, a, b) with a, b the remaining axes in RAS order
+    if index is not None:
+        moved = moved.index_select(lead, index)
     # remaining RAS axes are (a, b); rows must be the later axis flipped (top = superior/anterior)
     return moved.transpose(-1, -2).flip(-2)
+
+
+def plane_foreground(mask: torch.Tensor, plane: str) -> np.ndarray:
+    """(X, Y, Z) bool mask -> (n_slices,) float32 fraction of each slice of ``plane`` inside it.
+
+    The same values as the mean of each displayed slice (flips and transposes do not change a count;
+    integer counts divided once give the float32 mean exactly), without copying the volume.
+    """
+    axis = PLANES[plane]
+    others = [d for d in range(3) if d != axis]
+    counts = mask.sum(dim=others, dtype=torch.int64)
+    area = mask.shape[others[0]] * mask.shape[others[1]]
+    return (counts.float() / area).cpu().numpy()
 
 
 def plane_slice_count(shape: Sequence[int], plane: str) -> int:
@@ -123,21 +142,21 @@ def slice_volume(
     half = cfg.context // 2
     out: dict[str, PlaneSlices] = {}
     for plane in cfg.planes:
-        view = _plane_view(data, plane)  # (C, n, rows, cols)
-        mask_view = _plane_view(mask, plane)  # (n, rows, cols)
-        n, rows, cols = mask_view.shape
-        fg = mask_view.flatten(1).float().mean(1).cpu().numpy()
+        n = plane_slice_count(mask.shape, plane)
+        rows, cols = (mask.shape[a] for a in _IN_PLANE[plane])
+        fg = plane_foreground(mask, plane)
         candidates = np.arange(0, n, cfg.stride)
         keep = candidates[fg[candidates] >= cfg.min_foreground]
         keep_t = torch.as_tensor(keep, device=device, dtype=torch.long)
         if half:
             offsets = torch.arange(-half, half + 1, device=device)
             neighbours = (keep_t[:, None] + offsets[None]).clamp(0, n - 1)  # (S, k)
-            stack = view[:, neighbours]  # (C, S, k, rows, cols)
-            images = stack.permute(1, 0, 2, 3, 4).reshape(len(keep), -1, rows, cols)
+            stack = _plane_view(data, plane, neighbours.flatten())  # (C, S * k, rows, cols)
+            images = stack.reshape(data.shape[0], len(keep), cfg.context, rows, cols).transpose(0, 1).reshape(
+                len(keep), -1, rows, cols)  # (S, C * k, ...), modality-major
         else:
-            images = view[:, keep_t].transpose(0, 1)  # (S, C, rows, cols)
-        labels = None if seg is None else _plane_view(seg, plane)[keep_t]
+            images = _plane_view(data, plane, keep_t).transpose(0, 1)  # (S, C, rows, cols)
+        labels = None if seg is None else _plane_view(seg, plane, keep_t)
         content_box = (0, 0, rows, cols)
         if cfg.size is not None:
             r_axis, c_axis = _IN_PLANE[plane]

@@ -57,6 +57,38 @@ def test_context_stacks_neighbours_as_channels():
     torch.testing.assert_close(sag.images[0, 0], plain.images[0, 0])
 
 
+@pytest.mark.parametrize("context", [1, 3])
+def test_slices_foreground_and_labels_match_a_numpy_reference(context):
+    """Every plane against np.take + transpose + row flip of the whole volume: two modalities
+    (stacked modality-major), a ragged random mask near the min_foreground cut, labels, stride 2."""
+    rng = np.random.default_rng(3)
+    shape = (11, 14, 9)
+    data = rng.random((2, *shape), dtype=np.float32)
+    mask = rng.random(shape) < np.linspace(0.0, 0.8, shape[0])[:, None, None]
+    seg = rng.integers(0, 5, shape).astype(np.int32)
+    vol = Volume("v", data, np.diag([1.0, 1.2, 1.5, 1.0]), mask, seg=seg)
+    cfg = SliceConfig(min_foreground=0.3, size=None, stride=2, context=context)
+    out = slice_volume(vol, cfg)
+    half = context // 2
+
+    def display(array, axis, i):  # (X, Y, Z) -> slice i of the plane: rows = later axis, flipped
+        return np.flip(np.take(array, i, axis=axis).T, axis=0)
+
+    for plane, axis in {"sagittal": 0, "coronal": 1, "axial": 2}.items():
+        n = shape[axis]
+        fg = np.array([display(mask, axis, i).astype(np.float32).mean(dtype=np.float32) for i in range(n)])
+        keep = [i for i in range(0, n, 2) if fg[i] >= 0.3]
+        got = out[plane]
+        assert list(got.indices) == keep and len(keep) > 0
+        if plane == "sagittal":  # the mask thins out along x: there the cut bites
+            assert len(keep) < len(range(0, n, 2))
+        np.testing.assert_array_equal(got.foreground, fg[keep])
+        expected = np.stack([np.stack([display(data[m], axis, min(max(i + d, 0), n - 1))
+                                       for m in range(2) for d in range(-half, half + 1)]) for i in keep])
+        np.testing.assert_array_equal(got.images.numpy(), expected)
+        np.testing.assert_array_equal(got.labels.numpy(), np.stack([display(seg, axis, i) for i in keep]))
+
+
 def test_resize_keeps_physical_aspect_and_inverse_restores_grid():
     vol = _volume(spacing=(1.0, 2.0, 1.0))  # coronal extent: 20 mm wide (x), 40 mm high (z)
     out = slice_volume(vol, SliceConfig(min_foreground=0.0, size=64))
