@@ -22,11 +22,15 @@ Variants (``--variants``, first is the reference of the speed-up column):
               as built: the allocator's share of the gain
     project   what ``slice2vol cache`` runs: the package's allocator settings and BatchNorm folded into
               the convolutions (``Encoder.optimize(fold_bn=True)``) = ``allocator+fold``
+    plain     the network as a researcher runs it from timm/torchvision: glibc defaults, NCHW memory
+              format, BatchNorm kept = ``default+nchw`` (not the reference of issue 17's target, which
+              compares allocator settings with everything else equal)
     env16g    glibc defaults plus MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 16 GiB in the
               environment (the measurement of issue 17)
     glibc:... any SLICE2VOL_ALLOCATOR value, e.g. glibc:mmap_threshold=32M or glibc:trim_threshold=1G
     preload:jemalloc | preload:tcmalloc   the library in LD_PRELOAD (skipped when not installed)
     VARIANT+fold  any of these with BatchNorm folded (e.g. ``default+fold``: folding alone)
+    VARIANT+nchw  any of these in NCHW memory format (CNNs otherwise run channels_last)
 Every variant runs with the same thread count (``--threads``, default: the cores this process may use)
 and the same memory format (channels_last for CNNs unless ``--no-channels-last``).
 
@@ -65,13 +69,18 @@ _ALLOCATOR_VARS = ("SLICE2VOL_ALLOCATOR", "LD_PRELOAD", "GLIBC_TUNABLES", "MALLO
                    "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_")
 
 
-def split_variant(variant: str) -> tuple[str, bool]:
-    """(allocator part, fold BatchNorm?) of a variant name; ``project`` is ``allocator+fold``."""
-    if variant == "project":
-        return "allocator", True
-    if variant.endswith("+fold"):
-        return variant[:-len("+fold")], True
-    return variant, False
+ALIASES = {"project": "allocator+fold", "plain": "default+nchw"}
+
+
+def split_variant(variant: str) -> tuple[str, bool, bool]:
+    """(allocator part, fold BatchNorm?, NCHW memory format?) of a variant name (see ``ALIASES``)."""
+    base, *suffixes = variant.split("+")
+    base, *implied = ALIASES.get(base, base).split("+")
+    flags = set(suffixes) | set(implied)
+    unknown = flags - {"fold", "nchw"}
+    if unknown:
+        raise ValueError(f"variant {variant!r}: unknown suffix(es) {sorted(unknown)}; use +fold and/or +nchw")
+    return base, "fold" in flags, "nchw" in flags
 
 
 def variant_env(variant: str) -> dict[str, str] | None:
@@ -248,6 +257,7 @@ def summarise(results: list[dict], variants: list[str], ceiling: float) -> list[
                    "child_minflt": sum(r["child_minflt"] for r in runs) / len(runs),
                    "allocator": runs[0]["runtime"].get("allocator"), "glibc": runs[0]["runtime"].get("glibc"),
                    "batchnorm_folded": runs[0].get("batchnorm_folded", 0),
+                   "channels_last": runs[0].get("channels_last"),
                    "threads": runs[0]["torch_threads"]}
             slices = sum(len(r["rates"]) * r["batch"] for r in runs)
             # CPU seconds per slice: what other processes on a shared machine distort least
@@ -262,14 +272,14 @@ def summarise(results: list[dict], variants: list[str], ceiling: float) -> list[
 
 
 def print_table(rows: list[dict], ceiling: float, repeats: int, dtype: str = "fp32") -> None:
-    print(f"\n| encoder | variant | BN folded | slices/s (per round) | x first | CPU ms/slice | x first (CPU) | GFLOP/slice | "
+    print(f"\n| encoder | variant | BN folded | layout | slices/s (per round) | x first | CPU ms/slice | x first (CPU) | GFLOP/slice | "
           f"% of ceiling | sys s / user s (timed {repeats} batches) | minor faults / batch | child sys s / user s | "
           f"child faults |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rounds = ", ".join(f"{v:.1f}" for v in r["per_round"])
         pct = f"{100 * r['of_ceiling']:.0f}%" if r["of_ceiling"] else "-"
-        print(f"| {r['encoder']} | {r['variant']} | {r.get('batchnorm_folded', 0)} | {r['slices_per_s']:.1f} ({rounds}) | {r['speedup']:.2f}x | "
+        print(f"| {r['encoder']} | {r['variant']} | {r.get('batchnorm_folded', 0)} | {'NHWC' if r.get('channels_last') else 'NCHW'} | {r['slices_per_s']:.1f} ({rounds}) | {r['speedup']:.2f}x | "
               f"{r['cpu_ms_per_slice']:.1f} | {r['cpu_speedup']:.2f}x | {r['gflop_per_slice']:.2f} | {pct} | "
               f"{r['timed_sys_s']:.2f} / {r['timed_user_s']:.2f} | "
               f"{r['minflt_per_batch']:,.0f} | {r['child_sys_s']:.1f} / {r['child_user_s']:.1f} | "
@@ -332,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         for key in args.encoders:
             for variant in order:
                 argv = ["--child", key, *common] + (["--count-flops"] if rnd == 0 and variant == order[0] else [])
-                argv += ["--fold-bn"] if split_variant(variant)[1] else []
+                _, fold, nchw = split_variant(variant)
+                argv += (["--fold-bn"] if fold else []) + (["--no-channels-last"] if nchw and not args.no_channels_last
+                                                           else [])
                 out = run_child(argv, envs[variant])
                 out["variant"], out["round"] = variant, rnd
                 results.append(out)

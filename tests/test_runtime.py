@@ -264,8 +264,14 @@ def test_bench_variants_differ_only_in_allocator_settings_and_folding(monkeypatc
         assert "MALLOC_ARENA_MAX" not in env and str(REPO) in env["PYTHONPATH"].split(os.pathsep)
     assert default[runtime.ALLOCATOR_ENV] == "system" and runtime.ALLOCATOR_ENV not in project
     assert allocator == project and bench.variant_env("default+fold") == default  # folding is not an env setting
-    assert [bench.split_variant(v) for v in ("default", "allocator", "project", "default+fold", "glibc:top_pad=1G")] == [
-        ("default", False), ("allocator", False), ("allocator", True), ("default", True), ("glibc:top_pad=1G", False)]
+    assert [bench.split_variant(v) for v in ("default", "allocator", "project", "default+fold", "glibc:top_pad=1G",
+                                             "plain", "project+nchw", "default+nchw+fold")] == [
+        ("default", False, False), ("allocator", False, False), ("allocator", True, False), ("default", True, False),
+        ("glibc:top_pad=1G", False, False), ("default", False, True), ("allocator", True, True),
+        ("default", True, True)]
+    assert bench.variant_env("plain") == default  # the memory format is not an env setting either
+    with pytest.raises(ValueError, match="unknown suffix"):
+        bench.split_variant("project+fp16")
     assert env16g["MALLOC_MMAP_THRESHOLD_"] == str(16 << 30) and env16g[runtime.ALLOCATOR_ENV] == "system"
     assert bench.variant_env("glibc:top_pad=64M")[runtime.ALLOCATOR_ENV] == "glibc:top_pad=64M"
     monkeypatch.setattr(runtime, "find_allocator_library", lambda name: None)
