@@ -32,7 +32,7 @@ Variants (``--variants``, first is the reference of the speed-up column):
     VARIANT+fold  any of these with BatchNorm folded (e.g. ``default+fold``: folding alone)
     VARIANT+nchw  any of these in NCHW memory format (CNNs otherwise run channels_last)
 Every variant runs with the same thread count (``--threads``, default: the cores this process may use)
-and the same memory format (channels_last for CNNs unless ``--no-channels-last``).
+and the same memory format (channels_last for CNNs unless ``--no-channels-last``) except ``+nchw`` variants.
 
 Examples:
     python scripts/bench_encoders.py --encoders tv/mobilenet_v2 timm/resnet50 --rounds 3
