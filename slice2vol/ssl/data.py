@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from slice2vol.data.io import Volume, VolumeConfig, VolumeError
 from slice2vol.data.manifest import Cohort, Failure, load_subject
-from slice2vol.data.slicing import PLANES, _plane_view
+from slice2vol.data.slicing import PLANES, _plane_view, plane_foreground
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,12 @@ class VolumeBank:
 
     def read_slice(self, i: int, plane: str, index: int) -> torch.Tensor:
         """(C, rows, cols) float32 slice ``index`` of ``plane`` in display orientation."""
-        return _plane_view(self.images[i].float(), plane)[:, index]
+        # select before converting and flipping: both copy, and this runs once per training sample
+        return _plane_view(self.images[i], plane, torch.tensor([index]))[:, 0].float()
 
     def slice_foreground(self, i: int, plane: str) -> torch.Tensor:
         """(n_slices,) head fraction of every slice of ``plane``."""
-        return _plane_view(self.masks[i].float(), plane).flatten(1).mean(1)
+        return torch.from_numpy(plane_foreground(self.masks[i], plane))
 
     def subset(self, ids: Sequence[str]) -> "VolumeBank":
         """The given subjects only, in the given order (unknown IDs are an error)."""

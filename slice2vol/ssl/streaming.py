@@ -38,7 +38,7 @@ import torch
 from slice2vol.config import config_hash, to_dict
 from slice2vol.data.io import VolumeError
 from slice2vol.data.manifest import Cohort, Failure, load_subject
-from slice2vol.data.slicing import PLANES, _plane_view
+from slice2vol.data.slicing import PLANES, _plane_view, plane_foreground
 from slice2vol.ssl.data import prepare_volume
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ def write_prepared(path: Path, image: torch.Tensor, mask: torch.Tensor, dtype: s
         f.create_dataset("image", data=arr, chunks=(arr.shape[0], *_chunks(arr.shape[1:])))
         f.create_dataset("mask", data=m, chunks=_chunks(m.shape))
         for plane in PLANES:
-            fg = _plane_view(mask.float(), plane).flatten(1).mean(1)
-            f.create_dataset(f"fg_{plane}", data=fg.numpy().astype(np.float32))
+            f.create_dataset(f"fg_{plane}", data=plane_foreground(mask, plane))
         f.attrs["fingerprint"] = fp
         f.attrs["version"] = PREP_VERSION
     os.replace(tmp, path)
