@@ -154,7 +154,7 @@ def slice_volume(
             neighbours = (keep_t[:, None] + offsets[None]).clamp(0, n - 1)  # (S, k)
             stack = _plane_view(data, plane, neighbours.flatten())  # (C, S * k, rows, cols)
             images = stack.reshape(data.shape[0], len(keep), cfg.context, rows, cols).transpose(0, 1).reshape(
-                len(keep), -1, rows, cols)  # (S, C * k, ...), modality-major
+                len(keep), data.shape[0] * cfg.context, rows, cols)  # (S, C * k, ...), modality-major; S may be 0
         else:
             images = _plane_view(data, plane, keep_t).transpose(0, 1)  # (S, C, rows, cols)
         labels = None if seg is None else _plane_view(seg, plane, keep_t)

@@ -89,6 +89,17 @@ def test_slices_foreground_and_labels_match_a_numpy_reference(context):
         np.testing.assert_array_equal(got.labels.numpy(), np.stack([display(seg, axis, i) for i in keep]))
 
 
+@pytest.mark.parametrize("size", [None, 16])
+def test_a_volume_without_foreground_gives_empty_planes_with_context(size):
+    """No slice passes min_foreground: every plane is empty, with the 2.5D channel count (this used to
+    fail reshaping 0 elements with an inferred dimension)."""
+    vol = Volume("empty", np.zeros((2, 10, 12, 8), np.float32), np.eye(4), np.zeros((10, 12, 8), bool))
+    out = slice_volume(vol, SliceConfig(context=3, min_foreground=0.5, size=size))
+    for plane, rows_cols in {"sagittal": (8, 12), "coronal": (8, 10), "axial": (12, 10)}.items():
+        assert len(out[plane]) == 0
+        assert tuple(out[plane].images.shape) == (0, 6, *((size, size) if size else rows_cols))
+
+
 def test_resize_keeps_physical_aspect_and_inverse_restores_grid():
     vol = _volume(spacing=(1.0, 2.0, 1.0))  # coronal extent: 20 mm wide (x), 40 mm high (z)
     out = slice_volume(vol, SliceConfig(min_foreground=0.0, size=64))
