@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import struct
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as err:
-        raise VolumeError(path, f"not a NIfTI image ({_short(err)})") from None
+        raise VolumeError(path, _cut_header(path) or f"not a NIfTI image ({_short(err)})") from None
     except (OSError, EOFError, zlib.error, ValueError) as err:
         raise VolumeError(path, f"unreadable ({_short(err)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -261,6 +262,35 @@ def reslice(img: nib.Nifti1Image, affine: np.ndarray, shape: Sequence[int], *, o
     out = nibabel.processing.resample_from_to(source, (tuple(shape), affine), order=order,
                                               mode="constant", cval=cval)
     return np.asarray(out.dataobj, dtype=np.float32)
+
+
+def _cut_header(path: Path) -> str | None:
+    """Why nibabel could not tell what ``path`` is, when it is an empty file or a NIfTI cut off early
+    (a copy or download that stopped); None otherwise.
+
+    A NIfTI header starts with its own size as an int32 (348 for NIfTI-1, 540 for NIfTI-2, either byte
+    order), so a file (or gzip stream) that starts like one is a NIfTI: if it ends inside the header
+    it is cut there; if its gzip stream holds the whole header, nibabel failed on the stream itself.
+    """
+    on_disk = path.stat().st_size
+    if on_disk == 0:
+        return "empty file (0 bytes)"
+    with open(path, "rb") as f:
+        raw = f.read(1 << 16)
+    gz = raw[:2] == b"\x1f\x8b"
+    head = raw
+    if gz:  # what the (possibly cut) stream holds
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(raw, 540)
+        except zlib.error:
+            return None
+    for size in (348, 540):
+        if head[:4] in (struct.pack("<i", size), struct.pack(">i", size)):
+            if len(head) < size:
+                return f"truncated: the NIfTI header ends after {len(head)} of {size} bytes"
+            if gz:
+                return f"truncated or corrupt gzip stream ({on_disk} bytes on disk; the NIfTI header in it is whole)"
+    return None
 
 
 def _short(err: BaseException) -> str:

@@ -4,6 +4,7 @@ and ``slice2vol info``."""
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -111,8 +112,35 @@ def _not_nifti(tmp_path: Path) -> Path:
     return p
 
 
+def _header_cut(tmp_path: Path) -> Path:
+    plain = write_nifti(tmp_path / "whole.nii", blob_volume())
+    out = tmp_path / "header_cut.nii"
+    out.write_bytes(plain.read_bytes()[:200])
+    return out
+
+
+def _gz_cut(tmp_path: Path, header_bytes: tuple[int, int]) -> Path:
+    """A .nii.gz cut at the first length whose stream decompresses to ``header_bytes`` (lo, hi) bytes."""
+    raw = write_nifti(tmp_path / "good_src.nii.gz", blob_volume()).read_bytes()
+    cut = next(n for n in range(12, len(raw)) if header_bytes[0] <= len(
+        zlib.decompressobj(wbits=31).decompress(raw[:n], 1 << 20)) < header_bytes[1])
+    out = tmp_path / f"gz_cut_{cut}.nii.gz"
+    out.write_bytes(raw[:cut])
+    return out
+
+
+def _empty_file(tmp_path: Path) -> Path:
+    out = tmp_path / "zero_bytes.nii.gz"
+    out.write_bytes(b"")
+    return out
+
+
 BAD_CASES = {
     "missing": (lambda t: t / "nope.nii.gz", "file not found"),
+    "header_cut": (_header_cut, r"truncated: the NIfTI header ends after 200 of 348 bytes"),
+    "gz_header_cut": (lambda t: _gz_cut(t, (4, 348)), r"truncated: the NIfTI header ends after \d+ of 348 bytes"),
+    "gz_cut_after_header": (lambda t: _gz_cut(t, (600, 4000)), "truncated"),
+    "empty_file": (_empty_file, r"empty file \(0 bytes\)"),
     "truncated": (_truncated, "unreadable|truncated|corrupt"),
     "not_nifti": (_not_nifti, "not a NIfTI|unreadable"),
     "2d": (lambda t: write_nifti(t / "flat.nii.gz", np.ones((10, 10), np.float32)), "2D data of shape \\(10, 10\\)"),
