@@ -14,7 +14,6 @@ itself cannot be used (one line on stderr naming it and the problem), or a usage
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from slice2vol.commands._common import add_manifest, add_progress, progress_enabled
@@ -41,7 +40,7 @@ def describe(volume, raw_range: tuple[float, float], stride: int, min_foreground
     import numpy as np
     import torch
 
-    from slice2vol.data.slicing import PLANES, _plane_view
+    from slice2vol.data.slicing import PLANES, plane_foreground
 
     facts = {
         "subject": volume.subject_id,
@@ -54,7 +53,7 @@ def describe(volume, raw_range: tuple[float, float], stride: int, min_foreground
     }
     mask = torch.from_numpy(volume.mask)
     for plane in PLANES:
-        fg = _plane_view(mask, plane).flatten(1).float().mean(1).numpy()
+        fg = plane_foreground(mask, plane)
         kept = fg[::stride] >= min_foreground
         facts[f"{plane}_slices"] = f"{int(kept.sum())}/{len(fg)}"
     facts["seg_labels"] = int(np.unique(volume.seg).size - 1) if volume.seg is not None else None

@@ -85,8 +85,8 @@ class PlaneSlices:
 def _plane_view(array: torch.Tensor, plane: str, index: torch.Tensor | None = None) -> torch.Tensor:
     """(..., X, Y, Z) -> (..., n_slices, rows, cols) in display orientation.
 
-    With ``index`` (S,) long, only those slices: (..., S, rows, cols). ``flip`` copies (torch has no
-    negative strides), so selecting first copies S slices instead of the whole volume.
+    With ``index``, a long tensor of any shape I, only those slices: (..., *I, rows, cols). ``flip``
+    copies (torch has no negative strides), so selecting first copies those slices, not the volume.
     """
     lead = array.dim() - 3
     axis = lead + PLANES[plane]
@@ -152,9 +152,9 @@ def slice_volume(
         if half:
             offsets = torch.arange(-half, half + 1, device=device)
             neighbours = (keep_t[:, None] + offsets[None]).clamp(0, n - 1)  # (S, k)
-            stack = _plane_view(data, plane, neighbours.flatten())  # (C, S * k, rows, cols)
-            images = stack.reshape(data.shape[0], len(keep), cfg.context, rows, cols).transpose(0, 1).reshape(
-                len(keep), data.shape[0] * cfg.context, rows, cols)  # (S, C * k, ...), modality-major; S may be 0
+            stack = _plane_view(data, plane, neighbours)  # (C, S, k, rows, cols)
+            # (S, C * k, ...), modality-major; C * k spelled out because S may be 0
+            images = stack.transpose(0, 1).reshape(len(keep), data.shape[0] * cfg.context, rows, cols)
         else:
             images = _plane_view(data, plane, keep_t).transpose(0, 1)  # (S, C, rows, cols)
         labels = None if seg is None else _plane_view(seg, plane, keep_t)
