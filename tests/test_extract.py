@@ -3,6 +3,7 @@ float16 range checks, verified resume, input fingerprints, lock conflicts, clust
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import signal
@@ -550,3 +551,68 @@ def test_oblique_volume_is_resliced_and_recorded(tmp_path: Path) -> None:
     refused = cache_cohort(load_manifest(manifest), KEY, tmp_path / "r.h5", slice_cfg=SLICES, progress=False,
                            volume_cfg=__import__("slice2vol.data.io", fromlist=["VolumeConfig"]).VolumeConfig(oblique="refuse"))
     assert [f.subject_id for f in refused.failures] == ["sub1"] and "oblique affine (17.0 deg" in refused.failures[0].message
+
+
+def _reader_pid(monkeypatch) -> None:
+    """Stamps each VolumeItem with the pid of the process that read it (workers fork after this)."""
+    from slice2vol.extract import VolumeSlicesDataset
+
+    original = VolumeSlicesDataset.__getitem__
+
+    def stamped(self, i):
+        item = original(self, i)
+        item.seconds = float(os.getpid())
+        return item
+
+    monkeypatch.setattr(VolumeSlicesDataset, "__getitem__", stamped)
+
+
+def test_first_volume_is_read_here_and_the_rest_by_workers_in_job_order(manifest: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    import multiprocessing
+
+    from slice2vol.data.io import VolumeConfig
+    from slice2vol.extract import VolumeSlicesDataset, _VolumeItems
+
+    cohort = load_manifest(manifest)
+    missing = dataclasses.replace(cohort.subjects[2], subject_id="gone",
+                                  images={"T1": str(tmp_path / "gone.nii.gz")})
+    jobs = [(s, SLICES.planes) for s in [*cohort.subjects[:2], missing, *cohort.subjects[3:5]]]
+    reference = VolumeSlicesDataset(jobs, VolumeConfig(), SLICES)
+    _reader_pid(monkeypatch)
+    items = _VolumeItems(jobs, VolumeConfig(), SLICES, num_workers=2)
+    got = list(items)
+    items.close()
+    assert [item.subject_id for item in got] == [s.subject_id for s, _ in jobs]
+    assert got[0].seconds == os.getpid()  # the encoder's process read the first volume
+    assert all(item.seconds != os.getpid() for item in got[1:])  # the workers read the others
+    assert got[2].error and "gone.nii.gz" in got[2].error
+    for i, item in enumerate(got):
+        if i == 2:
+            continue
+        expected = reference[i]
+        assert item.planes.keys() == expected.planes.keys()
+        for plane, (images, indices, positions) in item.planes.items():
+            torch.testing.assert_close(images, expected.planes[plane][0], rtol=0, atol=0)
+            np.testing.assert_array_equal(indices, expected.planes[plane][1])
+    assert not multiprocessing.active_children()
+
+
+def test_volume_items_fork_no_worker_for_one_job_and_stop_them_halfway(manifest: Path, monkeypatch) -> None:
+    import multiprocessing
+
+    from slice2vol.data.io import VolumeConfig
+    from slice2vol.extract import _VolumeItems
+
+    cohort = load_manifest(manifest)
+    _reader_pid(monkeypatch)
+    single = _VolumeItems([(cohort.subjects[0], SLICES.planes)], VolumeConfig(), SLICES, num_workers=2)
+    assert single.loader_iter is None and not multiprocessing.active_children()
+    assert [item.seconds for item in single] == [os.getpid()]
+    jobs = [(s, SLICES.planes) for s in cohort.subjects]
+    items = _VolumeItems(jobs, VolumeConfig(), SLICES, num_workers=1)
+    iterator = iter(items)
+    assert [next(iterator).subject_id for _ in range(2)] == ["sub0", "sub1"]
+    assert multiprocessing.active_children()
+    items.close()  # what _run_jobs does after an exception
+    assert not multiprocessing.active_children()

@@ -317,3 +317,61 @@ def test_faiss_blas_for_batches_only_and_restores_the_threshold():
     reference = np.argsort(-(queries @ base.T), axis=1)[:, :5]
     np.testing.assert_array_equal(ids, reference)
     np.testing.assert_allclose(sims, np.take_along_axis(queries @ base.T, reference, 1), rtol=1e-5, atol=1e-4)
+
+
+# -- handing free heap pages back before a fork -----------------------------------------------------
+FORK_CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    from slice2vol.runtime import configure_runtime, release_free_heap
+    configure_runtime(allocator="auto", threads=1)
+    import numpy as np
+
+    def kb(field, path="/proc/self/smaps_rollup"):
+        for line in open(path):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+    x = np.ones(40 << 20, dtype=np.float32)  # 160 MiB written on the heap, then freed (kept for reuse)
+    del x
+    out = {"rss_freed": kb("Rss")}
+    if sys.argv[1] == "release":
+        out["released"] = release_free_heap()
+    out["rss_before_fork"] = kb("Rss")
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker: sleeps while the parent looks at what it shares with it
+        time.sleep(3)
+        os._exit(0)
+    time.sleep(0.5)
+    out["shared_dirty"] = kb("Shared_Dirty")
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+@pytest.mark.parametrize("mode", ["keep", "release"])
+def test_released_heap_pages_are_not_shared_with_a_forked_worker(mode):
+    """Freed buffers stay mapped (the allocator settings); after a fork they are shared copy-on-write
+    with the child unless release_free_heap handed them back first."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NUMPY_MADVISE_HUGEPAGE": "0"}
+    env.pop(runtime.ALLOCATOR_ENV, None)
+    out = subprocess.run([sys.executable, "-c", FORK_CHILD, mode], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    buffer_kb = 160 << 10
+    if mode == "keep":
+        assert r["rss_before_fork"] > r["rss_freed"] - 1024  # nothing handed back
+        assert r["shared_dirty"] > 0.9 * buffer_kb  # the whole freed buffer is now copy-on-write
+    else:
+        assert r["released"] is True
+        assert r["rss_before_fork"] < r["rss_freed"] - 0.9 * buffer_kb
+        assert r["shared_dirty"] < 0.5 * buffer_kb
+
+
+def test_release_free_heap_is_a_no_op_without_glibc(monkeypatch):
+    monkeypatch.setattr(runtime, "_libc", lambda: None)
+    assert runtime.release_free_heap() is False
+    monkeypatch.setattr(runtime, "loaded_allocator", lambda: "jemalloc")
+    assert runtime.release_free_heap() is False
