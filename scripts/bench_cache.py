@@ -53,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subjects", type=int, default=2)
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--planes", default="axial,coronal,sagittal")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="volume readers (0: read each volume when needed)")
+    p.add_argument("--reader", default="auto", choices=["auto", "thread", "process"],
+                   help="readers are threads or DataLoader processes (auto: threads on CPU, processes on GPU)")
     p.add_argument("--reps", type=int, default=2, help="A/B repetitions (interleaved)")
     p.add_argument("--naive-slices", type=int, default=48, help="slices timed for the naive loop")
     p.add_argument("--naive-warmup", type=int, default=4, help="untimed slices before the naive loop's clock starts")
@@ -98,7 +100,7 @@ def rss_child(args: argparse.Namespace) -> None:
                               slice_cfg=SliceConfig(planes=tuple(args.planes.split(",")), size=args.rss_size,
                                                     stride=args.rss_stride),
                               batch_size=int(args.batch_size) if args.batch_size != "auto" else 32,
-                              num_workers=args.workers, progress=False)
+                              num_workers=args.workers, reader=args.reader, progress=False)
         size = (Path(tmp) / "rss.h5").stat().st_size
     own, worker = peak_rss_mb()
     print(json.dumps({"subjects": len(report.done), "slices": report.slices, "peak_rss_mb": own,
@@ -236,7 +238,7 @@ def main(argv=None) -> None:
     from slice2vol.data.manifest import load_manifest, load_subject
     from slice2vol.data.slicing import SliceConfig, slice_volume
     from slice2vol.encoders import build_encoder
-    from slice2vol.extract import cache_cohort
+    from slice2vol.extract import cache_cohort, resolve_reader
 
     manifest = Path(args.ixi) / "participants.csv"
     if not manifest.exists():
@@ -292,7 +294,8 @@ def main(argv=None) -> None:
     def pipeline(tmp: Path, rep: int) -> float:
         faults, system = own_usage()
         report = cache_cohort(cohort, encoder, tmp / f"bench{rep}.h5", slice_cfg=slice_cfg, batch_size=batch_size,
-                              num_workers=args.workers, device=str(encoder.device), amp=args.amp, progress=False)
+                              num_workers=args.workers, reader=args.reader, device=str(encoder.device), amp=args.amp,
+                              progress=False)
         after = own_usage()
         kernel["pipeline"].append((after[0] - faults, after[1] - system))
         assert report.ok and report.slices == n_slices, report.summary()
@@ -305,7 +308,8 @@ def main(argv=None) -> None:
 
     print(f"{args.encoder} @ {args.size}px, batch {batch_size}, {len(cohort)} IXI subjects, stride "
           f"{args.stride}, {n_slices} slices, device {encoder.device}, {torch.get_num_threads()} torch threads, "
-          f"{args.workers} worker(s), allocator {runtime['allocator']} {runtime.get('glibc', '')}", flush=True)
+          f"{args.workers} reader(s) ({resolve_reader(args.reader, encoder.device)}), "
+          f"allocator {runtime['allocator']} {runtime.get('glibc', '')}", flush=True)
     bare()  # warm-up (oneDNN primitive cache, heap growth), also of the ragged last batch's shape
     rates: dict[str, list[float]] = {"pipeline": [], "bare": [], "naive": []}
     runs = {"pipeline": None, "bare": bare, "naive": naive}
@@ -323,6 +327,7 @@ def main(argv=None) -> None:
     enc_s = float(np.median(encode_share))
     results = {"encoder": args.encoder, "size": args.size, "batch_size": batch_size, "slices": n_slices,
                "device": str(encoder.device), "threads": torch.get_num_threads(), "workers": args.workers,
+               "reader": resolve_reader(args.reader, encoder.device),
                "runtime": runtime, "rates": rates, "pipeline_over_bare": pipe / bare_rate,
                "ours_over_naive": pipe / naive_rate, "pipeline_seconds": pipe_s, "pipeline_encode_seconds": enc_s,
                "bare_seconds": n_slices / bare_rate}
@@ -347,7 +352,8 @@ def main(argv=None) -> None:
             cmd = [sys.executable, __file__, "--rss-child", str(n), "--ixi", args.ixi, "--planes", args.planes,
                    "--rss-encoder", args.rss_encoder, "--rss-size", str(args.rss_size),
                    "--rss-stride", str(args.rss_stride), "--batch-size", str(batch_size),
-                   "--workers", str(args.workers)] + (["--allocator", args.allocator] if args.allocator else [])
+                   "--workers", str(args.workers), "--reader", args.reader]
+            cmd += ["--allocator", args.allocator] if args.allocator else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
             rss[n] = json.loads(out.strip().splitlines()[-1])
             print(f"peak RSS, {n:3d} subjects ({rss[n]['slices']} slices, {args.rss_encoder} @ {args.rss_size}px, "

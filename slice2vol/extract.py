@@ -1,11 +1,12 @@
-"""The caching job: cohort -> DataLoader workers (read + slice) -> packed batches -> encoder -> store.
+"""The caching job: cohort -> readers (read + slice) -> packed batches -> encoder -> store.
 
 Data flow, with shapes::
 
-    Subject --worker--> VolumeItem{plane: (S, C*k, H, W)} --packer--> (B, C*k, H, W) full batches
+    Subject --reader--> VolumeItem{plane: (S, C*k, H, W)} --packer--> (B, C*k, H, W) full batches
         --encoder.encode--> (B, D) --scatter--> SubjectFeatures{plane: (S, D)} --commit--> part segment
 
-Workers return failures instead of raising, so one corrupt volume costs one subject. Slices of
+Readers (threads of this process on CPU, DataLoader processes on GPU: :func:`resolve_reader`) return
+failures instead of raising, so one corrupt volume costs one subject. Slices of
 several volumes fill each batch (the encoder never runs a ragged half batch except the very last).
 On CUDA the batch is staged in pinned memory and copied with ``non_blocking=True`` while the
 previous batch is still running. Completed subjects are committed to the store in atomic part
@@ -27,6 +28,7 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -442,7 +444,8 @@ def cache_cohort(
     volume_cfg: VolumeConfig | None = None,
     slice_cfg: SliceConfig | None = None,
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int = 1,
+    reader: str = "auto",
     device: str = "cpu",
     shard: str | Sequence[int] | None = None,
     save_tokens: bool = False,
@@ -465,8 +468,11 @@ def cache_cohort(
         encoder_kwargs: family options (``img_size``, ``pooling``, ...); part of the feature set.
         volume_cfg, slice_cfg: reading and slicing; part of the feature set (except ``planes``).
         batch_size: slices per forward pass, packed across volumes.
-        num_workers: DataLoader processes reading and slicing volumes (0: in this process); the first
-            volume is read in this process while they start.
+        num_workers: readers of volumes (read, slice, resize) working ahead of the encoder; 0: each
+            volume is read in this process when the encoder needs it. The first volume is always read
+            in this process while the readers start.
+        reader: ``thread`` (threads of this process), ``process`` (DataLoader worker processes) or
+            ``auto``: threads for a CPU encoder, processes on a GPU (see :func:`resolve_reader`).
         device: ``cpu``, ``cuda`` or ``cuda:N`` (``cuda`` under torchrun uses ``LOCAL_RANK``).
         shard: ``"i/n"`` / (i, n); default: from torchrun (``RANK``/``WORLD_SIZE``), else no sharding
             (SLURM array variables are not read: pass ``--shard $SLURM_ARRAY_TASK_ID/N``).
@@ -519,6 +525,7 @@ def cache_cohort(
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    reader_ = resolve_reader(reader, dev)
     if isinstance(encoder_key, str):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random weights must be identical across shards and reruns
@@ -555,7 +562,7 @@ def cache_cohort(
         precision = _Precision(provenance["dtype"], provenance, can_switch=not store.feature_set, report=report)
         _run_jobs(jobs, encoder, store, provenance, labels, dict(cohort.label_types), report,
                   volume_cfg=volume_cfg, slice_cfg=slice_cfg, batch_size=batch_size,
-                  num_workers=num_workers, device=dev, save_tokens=save_tokens, progress=progress,
+                  num_workers=num_workers, reader=reader_, device=dev, save_tokens=save_tokens, progress=progress,
                   precision=precision, commit_every=commit_every, commit_seconds=commit_seconds)
         report.seconds = time.perf_counter() - t0
         report.feature_set = config_hash_of(provenance)
@@ -640,50 +647,94 @@ def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Seque
     return jobs
 
 
-class _VolumeItems:
-    """The jobs' :class:`VolumeItem` in job order, read by DataLoader workers (or here, with none).
+READERS = ("auto", "thread", "process")
 
-    With workers, this process reads the first volume itself while the workers start on the rest:
-    the encoder waits for one volume read by two threads instead of a worker's start-up plus its read
-    (0.05 s against 0.2 s for an IXI volume on 2 cores). Before the workers fork, the heap's free pages
-    go back to the kernel (:func:`slice2vol.runtime.release_free_heap`): in a process whose encoder
-    has already run (a notebook, ``slice2vol bench``, a second job), they would otherwise become
-    copy-on-write and cost the encoder one expensive fault per page of its next batch.
+
+def resolve_reader(reader: str, device: torch.device) -> str:
+    """``auto`` -> ``thread`` for an encoder on the CPU, ``process`` on an accelerator.
+
+    On the CPU the encoder's intra-op threads already use every core, so a volume read costs the
+    same CPU time wherever it runs; a thread of this process reads without a fork (whose
+    copy-on-write and page faults the encoder pays) and without a shared-memory copy of every
+    volume's slices. Numpy, zlib and torch release the GIL while they work, so the encoder's Python
+    between operators waits milliseconds per volume at most. On a GPU the encoder outruns one
+    reader, and processes read in parallel without sharing the GIL.
+    """
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
+    if reader == "auto":
+        return "thread" if device.type == "cpu" else "process"
+    return reader
+
+
+class _VolumeItems:
+    """The jobs' :class:`VolumeItem` in job order, read ahead of the encoder.
+
+    This process always reads the first volume itself while the readers start on the rest: the
+    encoder then waits for one read by its own threads instead of a worker's start-up plus its read
+    (0.08 s against 0.19 s for an IXI volume on 2 cores). The rest is read by ``num_workers``
+    threads of this process (``reader="thread"``, up to two volumes per thread ahead) or DataLoader
+    processes (``"process"``, prefetch 2 each); with ``num_workers=0`` each volume is read here when
+    the encoder needs it. Before processes fork, the heap's free pages go back to the kernel
+    (:func:`slice2vol.runtime.release_free_heap`): in a process whose encoder has run already (a
+    notebook, ``slice2vol bench``, a second job) they would otherwise become copy-on-write and cost
+    the encoder an expensive fault per page of its next batch.
     """
 
     def __init__(self, jobs: Sequence[tuple[Subject, tuple[str, ...]]], volume_cfg: VolumeConfig,
-                 slice_cfg: SliceConfig, num_workers: int) -> None:
+                 slice_cfg: SliceConfig, num_workers: int, reader: str = "thread") -> None:
         self.first = VolumeSlicesDataset(jobs[:1], volume_cfg, slice_cfg)
+        self.rest = VolumeSlicesDataset(jobs[1:], volume_cfg, slice_cfg)
         self.loader_iter = None
-        rest = VolumeSlicesDataset(jobs[1:], volume_cfg, slice_cfg)
-        if num_workers and len(rest):
-            # workers fork from this process: what it has imported they need not import again before their
-            # first volume (scipy.ndimage alone is ~0.2 s)
-            import nibabel  # noqa: F401
-            import scipy.ndimage  # noqa: F401
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: deque[Future] = deque()
+        self.submitted = 0
+        workers = min(max(int(num_workers), 0), len(self.rest))
+        if not workers:
+            return
+        if reader == "thread":
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="slice2vol-reader")
+            self.ahead = 2 * workers
+            self._submit()  # the readers start now, while this thread reads the first volume
+            return
+        # workers fork from this process: what it has imported they need not import again before their
+        # first volume (scipy.ndimage alone is ~0.2 s)
+        import nibabel  # noqa: F401
+        import scipy.ndimage  # noqa: F401
 
-            from slice2vol.runtime import release_free_heap
+        from slice2vol.runtime import release_free_heap
 
-            release_free_heap()
-            loader = torch.utils.data.DataLoader(
-                rest, batch_size=None, shuffle=False, num_workers=min(num_workers, len(rest)),
-                collate_fn=_identity, prefetch_factor=2, persistent_workers=False,
-            )
-            self.loader_iter = iter(loader)  # forks now; the workers read while this process reads below
-            self.rest = None
-        else:
-            self.rest = rest
+        release_free_heap()
+        loader = torch.utils.data.DataLoader(
+            self.rest, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
+            prefetch_factor=2, persistent_workers=False,
+        )
+        self.loader_iter = iter(loader)  # forks now; the workers read while this process reads the first
+
+    def _submit(self) -> None:
+        while self.submitted < len(self.rest) and len(self.pending) < self.ahead:
+            self.pending.append(self.pool.submit(self.rest.__getitem__, self.submitted))  # type: ignore[union-attr]
+            self.submitted += 1
 
     def __iter__(self) -> Iterator[VolumeItem]:
         if len(self.first):
             yield self.first[0]
-        if self.loader_iter is not None:
+        if self.pool is not None:
+            while self.pending:
+                item = self.pending.popleft().result()  # an unexpected reader exception is raised here
+                self._submit()
+                yield item
+        elif self.loader_iter is not None:
             yield from self.loader_iter
-        elif self.rest is not None:
+        else:
             yield from (self.rest[i] for i in range(len(self.rest)))
 
     def close(self) -> None:
-        """Stops the workers (also after an exception halfway through)."""
+        """Stops the readers (also after an exception halfway through); waits for a read under way."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+            self.pending.clear()
         if self.loader_iter is not None:
             shutdown = getattr(self.loader_iter, "_shutdown_workers", None)
             if shutdown is not None:
@@ -692,7 +743,7 @@ class _VolumeItems:
 
 
 def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict, label_types: dict,
-              report: CacheReport, *, volume_cfg, slice_cfg, batch_size: int, num_workers: int,
+              report: CacheReport, *, volume_cfg, slice_cfg, batch_size: int, num_workers: int, reader: str,
               device: torch.device, save_tokens: bool, progress: bool, precision: "_Precision", commit_every: int,
               commit_seconds: float) -> None:
     """Main loop: load (workers) -> pack -> encode -> scatter -> commit; ``precision`` checks each batch."""
@@ -775,7 +826,7 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
             collect(in_flight)
         in_flight = (handle, placements)
 
-    items = _VolumeItems(jobs, volume_cfg, slice_cfg, num_workers)
+    items = _VolumeItems(jobs, volume_cfg, slice_cfg, num_workers, reader)
     try:
         for item in items:
             if item.error:

@@ -89,11 +89,13 @@ def test_features_equal_direct_encode(manifest: Path, tmp_path: Path) -> None:
     assert not store.parts_dir.exists()  # compacted into one file
 
 
-def test_workers_give_the_same_store(manifest: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", ["thread", "process"])
+def test_workers_give_the_same_store(manifest: Path, tmp_path: Path, reader: str) -> None:
     cohort = load_manifest(manifest).subset(["sub0", "sub1", "sub2"])
-    one = cache_cohort(cohort, KEY, tmp_path / "w0.h5", slice_cfg=SLICES, batch_size=4, progress=False)
-    two = cache_cohort(cohort, KEY, tmp_path / "w2.h5", slice_cfg=SLICES, batch_size=16, num_workers=2,
+    one = cache_cohort(cohort, KEY, tmp_path / "w0.h5", slice_cfg=SLICES, batch_size=4, num_workers=0,
                        progress=False)
+    two = cache_cohort(cohort, KEY, tmp_path / "w2.h5", slice_cfg=SLICES, batch_size=16, num_workers=2,
+                       reader=reader, progress=False)
     assert one.ok and two.ok and one.slices == two.slices
     assert_same_store(FeatureStore(tmp_path / "w0.h5"), FeatureStore(tmp_path / "w2.h5"))
 
@@ -553,23 +555,33 @@ def test_oblique_volume_is_resliced_and_recorded(tmp_path: Path) -> None:
     assert [f.subject_id for f in refused.failures] == ["sub1"] and "oblique affine (17.0 deg" in refused.failures[0].message
 
 
-def _reader_pid(monkeypatch) -> None:
-    """Stamps each VolumeItem with the pid of the process that read it (workers fork after this)."""
+def _stamp_reader(monkeypatch) -> None:
+    """Stamps each VolumeItem with the (pid, thread) that read it (worker processes fork after this)."""
+    import threading
+
     from slice2vol.extract import VolumeSlicesDataset
 
     original = VolumeSlicesDataset.__getitem__
 
     def stamped(self, i):
         item = original(self, i)
-        item.seconds = float(os.getpid())
+        item.inputs = {**(item.inputs or {}), "reader": (os.getpid(), threading.get_ident())}
         return item
 
     monkeypatch.setattr(VolumeSlicesDataset, "__getitem__", stamped)
 
 
-def test_first_volume_is_read_here_and_the_rest_by_workers_in_job_order(manifest: Path, tmp_path: Path,
-                                                                        monkeypatch) -> None:
+def _read_here(item) -> bool:
+    import threading
+
+    return item.inputs["reader"] == (os.getpid(), threading.get_ident())
+
+
+@pytest.mark.parametrize("reader", ["thread", "process"])
+def test_first_volume_is_read_here_and_the_rest_by_readers_in_job_order(manifest: Path, tmp_path: Path,
+                                                                        monkeypatch, reader: str) -> None:
     import multiprocessing
+    import threading
 
     from slice2vol.data.io import VolumeConfig
     from slice2vol.extract import VolumeSlicesDataset, _VolumeItems
@@ -579,13 +591,15 @@ def test_first_volume_is_read_here_and_the_rest_by_workers_in_job_order(manifest
                                   images={"T1": str(tmp_path / "gone.nii.gz")})
     jobs = [(s, SLICES.planes) for s in [*cohort.subjects[:2], missing, *cohort.subjects[3:5]]]
     reference = VolumeSlicesDataset(jobs, VolumeConfig(), SLICES)
-    _reader_pid(monkeypatch)
-    items = _VolumeItems(jobs, VolumeConfig(), SLICES, num_workers=2)
+    _stamp_reader(monkeypatch)
+    items = _VolumeItems(jobs, VolumeConfig(), SLICES, num_workers=2, reader=reader)
     got = list(items)
     items.close()
     assert [item.subject_id for item in got] == [s.subject_id for s, _ in jobs]
-    assert got[0].seconds == os.getpid()  # the encoder's process read the first volume
-    assert all(item.seconds != os.getpid() for item in got[1:])  # the workers read the others
+    assert _read_here(got[0])  # the encoder's own thread read the first volume
+    assert not any(_read_here(item) for item in got[1:] if item.inputs)  # readers read the others
+    others = {item.inputs["reader"][0] for item in got[1:] if item.inputs}
+    assert others == {os.getpid()} if reader == "thread" else os.getpid() not in others
     assert got[2].error and "gone.nii.gz" in got[2].error
     for i, item in enumerate(got):
         if i == 2:
@@ -596,23 +610,44 @@ def test_first_volume_is_read_here_and_the_rest_by_workers_in_job_order(manifest
             torch.testing.assert_close(images, expected.planes[plane][0], rtol=0, atol=0)
             np.testing.assert_array_equal(indices, expected.planes[plane][1])
     assert not multiprocessing.active_children()
+    assert not [t for t in threading.enumerate() if t.name.startswith("slice2vol-reader")]
 
 
-def test_volume_items_fork_no_worker_for_one_job_and_stop_them_halfway(manifest: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("reader", ["thread", "process"])
+def test_volume_items_start_no_reader_for_one_job_and_stop_them_halfway(manifest: Path, monkeypatch,
+                                                                        reader: str) -> None:
     import multiprocessing
+    import threading
 
     from slice2vol.data.io import VolumeConfig
     from slice2vol.extract import _VolumeItems
 
+    def readers() -> list:
+        threads = [t for t in threading.enumerate() if t.name.startswith("slice2vol-reader")]
+        return threads + multiprocessing.active_children()
+
     cohort = load_manifest(manifest)
-    _reader_pid(monkeypatch)
-    single = _VolumeItems([(cohort.subjects[0], SLICES.planes)], VolumeConfig(), SLICES, num_workers=2)
-    assert single.loader_iter is None and not multiprocessing.active_children()
-    assert [item.seconds for item in single] == [os.getpid()]
+    _stamp_reader(monkeypatch)
+    single = _VolumeItems([(cohort.subjects[0], SLICES.planes)], VolumeConfig(), SLICES, num_workers=2,
+                          reader=reader)
+    assert not readers()
+    assert [_read_here(item) for item in single] == [True]
     jobs = [(s, SLICES.planes) for s in cohort.subjects]
-    items = _VolumeItems(jobs, VolumeConfig(), SLICES, num_workers=1)
+    items = _VolumeItems(jobs, VolumeConfig(), SLICES, num_workers=1, reader=reader)
     iterator = iter(items)
     assert [next(iterator).subject_id for _ in range(2)] == ["sub0", "sub1"]
-    assert multiprocessing.active_children()
+    assert readers()
     items.close()  # what _run_jobs does after an exception
-    assert not multiprocessing.active_children()
+    assert not readers()
+    serial = _VolumeItems(jobs[:3], VolumeConfig(), SLICES, num_workers=0, reader=reader)
+    assert not readers() and all(_read_here(item) for item in serial)
+
+
+def test_reader_choice() -> None:
+    from slice2vol.extract import resolve_reader
+
+    assert resolve_reader("auto", torch.device("cpu")) == "thread"
+    assert resolve_reader("auto", torch.device("cuda", 0)) == "process"
+    assert resolve_reader("process", torch.device("cpu")) == "process"
+    with pytest.raises(ValueError, match="reader must be one of auto, thread, process, got 'fork'"):
+        resolve_reader("fork", torch.device("cpu"))

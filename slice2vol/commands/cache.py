@@ -67,7 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="oblique volumes: reslice onto the nearest RAS grid, snap to the nearest axes "
                              "without interpolation, or refuse them")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (packed across volumes)")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader processes reading volumes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="volume readers working ahead of the encoder (0: read each volume when needed)")
+    parser.add_argument("--reader", choices=["auto", "thread", "process"], default="auto",
+                        help="readers are threads of this process (the default on CPU: no fork, no copy of the "
+                             "slices) or DataLoader processes (the default on GPU, where one reader is too slow)")
     add_device(parser)
     parser.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast on CUDA")
     parser.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
@@ -187,6 +191,7 @@ def _cache(args: argparse.Namespace) -> int:
     report = cache_cohort(
         cohort, args.encoder, store, weights=args.weights, encoder_kwargs=_encoder_kwargs(args.encoder_arg),
         volume_cfg=volume_cfg, slice_cfg=slice_cfg, batch_size=args.batch_size, num_workers=args.workers,
+        reader=args.reader,
         device=resolve_device(args.device), shard=shard, save_tokens=args.tokens,
         progress=progress_enabled(args), dtype=args.dtype, amp=args.amp, fold_bn=args.fold_bn,
         commit_every=args.commit_every, compact=not args.no_compact, seed=args.seed,
