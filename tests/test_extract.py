@@ -565,7 +565,8 @@ def _stamp_reader(monkeypatch) -> None:
 
     def stamped(self, i):
         item = original(self, i)
-        item.inputs = {**(item.inputs or {}), "reader": (os.getpid(), threading.get_ident())}
+        item.inputs = {**(item.inputs or {}), "reader": (os.getpid(), threading.get_ident()),
+                       "threads": torch.get_num_threads()}
         return item
 
     monkeypatch.setattr(VolumeSlicesDataset, "__getitem__", stamped)
@@ -592,9 +593,14 @@ def test_first_volume_is_read_here_and_the_rest_by_readers_in_job_order(manifest
     jobs = [(s, SLICES.planes) for s in [*cohort.subjects[:2], missing, *cohort.subjects[3:5]]]
     reference = VolumeSlicesDataset(jobs, VolumeConfig(), SLICES)
     _stamp_reader(monkeypatch)
+    threads = torch.get_num_threads()
     items = _VolumeItems(jobs, VolumeConfig(), SLICES, num_workers=2, reader=reader)
     got = list(items)
     items.close()
+    assert torch.get_num_threads() == threads  # the encoder's intra-op threads are untouched
+    assert got[0].inputs["threads"] == threads
+    # reader threads and worker processes run one intra-op thread each (no second OpenMP team)
+    assert {item.inputs["threads"] for item in got[1:] if item.inputs} == {1}
     assert [item.subject_id for item in got] == [s.subject_id for s, _ in jobs]
     assert _read_here(got[0])  # the encoder's own thread read the first volume
     assert not any(_read_here(item) for item in got[1:] if item.inputs)  # readers read the others
