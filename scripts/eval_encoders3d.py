@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: sex AUC {row['sex_auc'][0]:.3f}, age MAE {row['age_mae'][0]:.2f} y "
               f"({row['seconds_per_volume']} s/volume)", file=sys.stderr)
 
-    lines = [f"| encoder | weights | dim | sex ROC AUC (logistic) | age MAE, years (ridge) | s / volume |",
+    lines = ["| encoder | weights | dim | sex ROC AUC (logistic) | age MAE, years (ridge) | s / volume |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in results["rows"]:
         auc, mae = row["sex_auc"], row["age_mae"]
