@@ -196,6 +196,31 @@ def test_corrupt_volume_others_finish_exit_1(tmp_path: Path, capsys) -> None:
     assert [f.subject_id for f in report.failures] == ["bad"]
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unexpected_error_in_one_subject_fails_that_subject_only(tmp_path: Path, monkeypatch,
+                                                                    workers: int) -> None:
+    """Any exception a subject's files cause (here a TypeError from deep inside loading) is recorded as
+    that subject's failure, naming its file and the error type; the job caches the others."""
+    import slice2vol.extract as extract
+
+    manifest = make_tiny_cohort(tmp_path / "cohort", n=3)
+    real = extract.load_subject
+
+    def flaky(subject, *args, **kwargs):
+        if subject.subject_id == "sub1":
+            raise TypeError("cannot promote void to float32")
+        return real(subject, *args, **kwargs)
+
+    monkeypatch.setattr(extract, "load_subject", flaky)
+    report = cache_cohort(load_manifest(manifest), KEY, tmp_path / "u.h5", slice_cfg=SLICES, progress=False,
+                          num_workers=workers)
+    assert sorted(report.done) == ["sub0", "sub2"]
+    assert [f.subject_id for f in report.failures] == ["sub1"]
+    message = report.failures[0].message
+    assert "sub1" in message and "TypeError: cannot promote void to float32" in message and "\n" not in message
+    assert sorted(FeatureStore(tmp_path / "u.h5").subjects()) == ["sub0", "sub2"]
+
+
 def test_refuses_append_under_another_config(manifest: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "r.h5"
     cohort = load_manifest(manifest).subset(["sub0", "sub1"])

@@ -48,7 +48,8 @@ class VolumeConfig:
 
     Attributes:
         spacing: target voxel size in mm (x, y, z); ``None`` keeps the file's grid.
-        clip_percentiles: intensities are clipped to these percentiles of the non-zero voxels.
+        clip_percentiles: intensities are clipped to these percentiles of the non-zero voxels
+            (to the channel's minimum and maximum when those percentiles coincide).
         normalize: ``minmax`` scales the clipped range to [0, 1]; ``zscore`` additionally
             standardises with the mean/std inside the foreground mask; ``none`` keeps raw values.
         crop_foreground: crop to the foreground bounding box plus ``crop_margin`` voxels.
@@ -151,10 +152,15 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as err:
         raise VolumeError(path, _cut_header(path) or f"not a NIfTI image ({_short(err)})") from None
+    except nib.spatialimages.HeaderDataError as err:  # e.g. an unknown datatype or dim[0] code
+        raise VolumeError(path, f"invalid NIfTI header ({_short(err)})") from None
     except (OSError, EOFError, zlib.error, ValueError) as err:
         raise VolumeError(path, f"unreadable ({_short(err)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
+    problem = _header_problem(path, img)
+    if problem:
+        raise VolumeError(path, problem)
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
         img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
@@ -174,8 +180,57 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
             data = img.get_fdata(dtype=np.float32)
         except (OSError, EOFError, zlib.error, ValueError) as err:
             raise VolumeError(path, f"truncated or corrupt data ({_short(err)})") from None
+        except MemoryError:
+            raise VolumeError(path, f"too large to load: shape {_fmt_shape(img.shape)} needs "
+                                    f"{_fmt_bytes(4 * np.prod(img.shape, dtype=np.float64))} as float32") from None
         check_values_ok(path, data)
     return img
+
+
+#: deflate encodes at most 258 bytes in one symbol of at least 2 bits: ~1032:1 at best; any gzip file
+#: holding more than this many bytes per byte on disk (plus headers) is lying about its size
+_GZIP_MAX_RATIO = 1100
+
+
+def _header_problem(path: Path, img: nib.Nifti1Image) -> str | None:
+    """What makes a NIfTI header unusable before any voxel is read, or None.
+
+    A size of zero or less along an axis, voxels that are not real numbers (RGB, complex), or more
+    data than the file can hold: a corrupt header that claims gigabytes would otherwise end in a
+    memory error (gzip) or a memory map past the end of the file, with no word about the file.
+    """
+    shape = tuple(int(n) for n in img.shape)
+    if any(n < 1 for n in shape):
+        return f"invalid NIfTI header: shape {_fmt_shape(shape)} has a size below 1"
+    header = img.header
+    dtype = header.get_data_dtype()
+    if dtype.kind not in "biuf":
+        try:
+            name = header.get_value_label("datatype")
+        except Exception:  # noqa: BLE001 - only for the message
+            name = str(dtype)
+        return f"unsupported voxel type {name} ({dtype}); expected real-valued intensities"
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # the image's header is a copy with vox_offset reset; the array proxy keeps the file's
+    offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
+    on_disk = path.stat().st_size
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    if gz and offset + need > _GZIP_MAX_RATIO * on_disk + (1 << 16):
+        return (f"corrupt header: it describes {_fmt_bytes(offset + need)} of data (shape {_fmt_shape(shape)}, "
+                f"{dtype}), more than a {_fmt_bytes(on_disk)} gzip file can hold")
+    if not gz and offset + need > on_disk:
+        return (f"truncated: the header describes {offset + need} bytes (shape {_fmt_shape(shape)}, {dtype}, "
+                f"data from byte {offset}), the file has {on_disk}")
+    return None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def check_values_ok(path: str | Path, data: np.ndarray) -> None:
@@ -423,7 +478,11 @@ def normalize_intensity(
         sample = nonzero[:: max(1, nonzero.size // 200_000)]
         lo, hi = np.percentile(sample, [lo_p, hi_p])
         if hi <= lo:
-            hi = lo + 1e-6
+            # no spread among the non-background voxels (a binary image, a phantom, one bright spot):
+            # clipping to that empty range would turn every voxel into 0, so use the full range
+            lo, hi = np.float64(channel.min()), np.float64(channel.max())
+            if hi <= lo:
+                hi = lo + 1e-6
         out[c] = (np.clip(channel, lo, hi) - lo) / (hi - lo)
         if cfg.normalize == "zscore":
             inside = out[c][mask] if mask is not None and mask.any() else out[c].ravel()

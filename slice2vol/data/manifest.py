@@ -94,6 +94,10 @@ class Cohort:
                 yield load_subject(subject, cfg, with_seg=with_seg)
             except VolumeError as err:
                 self.failures.append(Failure(subject.subject_id, err.path, str(err)))
+            except Exception as err:  # noqa: BLE001 - one subject's files must not end the cohort
+                first = str(next(iter(subject.images.values()), ""))
+                message = " ".join(str(err).split())[:200]
+                self.failures.append(Failure(subject.subject_id, first, f"{first}: {type(err).__name__}: {message}"))
 
     def failure_report(self) -> str:
         if not self.failures:

@@ -4,6 +4,7 @@ and ``slice2vol info``."""
 from __future__ import annotations
 
 import gzip
+import struct
 import zlib
 from pathlib import Path
 
@@ -135,6 +136,40 @@ def _empty_file(tmp_path: Path) -> Path:
     return out
 
 
+def _patched(tmp_path: Path, name: str, edit, *, gz: bool = True, data: np.ndarray | None = None) -> Path:
+    """A NIfTI whose header bytes ``edit`` changes (nibabel would rewrite a broken header on save)."""
+    plain = write_nifti(tmp_path / f"{name}_src.nii", blob_volume() if data is None else data)
+    raw = bytearray(plain.read_bytes())
+    edit(raw)
+    out = tmp_path / (f"{name}.nii.gz" if gz else f"{name}.nii")
+    out.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw))
+    return out
+
+
+def _dims(*dims: int):
+    def edit(raw: bytearray) -> None:
+        raw[40:56] = np.array([*dims, *[1] * (8 - len(dims))], "<i2").tobytes()  # dim[0..7]
+    return edit
+
+
+def _datatype(code: int):
+    def edit(raw: bytearray) -> None:
+        raw[70:72] = struct.pack("<h", code)
+    return edit
+
+
+def _vox_offset(offset: float):
+    def edit(raw: bytearray) -> None:
+        raw[108:112] = struct.pack("<f", offset)
+    return edit
+
+
+def _structured(tmp_path: Path, name: str, data: np.ndarray) -> Path:
+    out = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(out))
+    return out
+
+
 BAD_CASES = {
     "missing": (lambda t: t / "nope.nii.gz", "file not found"),
     "header_cut": (_header_cut, r"truncated: the NIfTI header ends after 200 of 348 bytes"),
@@ -152,6 +187,24 @@ BAD_CASES = {
     "constant": (lambda t: write_nifti(t / "const.nii.gz", np.full((8, 8, 8), 7, np.float32)), "constant volume"),
     # spacing printed as plain numbers (numpy 2 prints np.float64(2.0) inside a tuple's repr)
     "zero_spacing": (_zero_spacing, r"zero voxel spacing \(1, 0, 1\) mm"),
+    # corrupt headers: caught before any voxel is read (these used to end in MemoryError, nibabel's
+    # HeaderDataError or numpy's DTypePromotionError, none naming the file; the last two killed a job)
+    "huge_dims_gz": (lambda t: _patched(t, "huge", _dims(3, 2000, 2000, 2000)),
+                     r"corrupt header: it describes 29.8 GiB of data \(shape \(2000, 2000, 2000\), float32\), "
+                     r"more than a [\d.]+ KiB gzip file can hold"),
+    "huge_dims_nii": (lambda t: _patched(t, "huge", _dims(3, 2000, 2000, 2000), gz=False),
+                      r"truncated: the header describes 32000000352 bytes \(shape \(2000, 2000, 2000\), float32, "
+                      r"data from byte 352\), the file has 54112"),
+    "vox_offset_beyond_the_file": (lambda t: _patched(t, "offset", _vox_offset(1e7), gz=False),
+                                   r"truncated: the header describes 10053760 bytes .* data from byte 10000000\)"),
+    "negative_dim": (lambda t: _patched(t, "negative", _dims(3, -24, 28, 20)),
+                     r"invalid NIfTI header: shape \(-24, 28, 20\) has a size below 1"),
+    "unknown_datatype": (lambda t: _patched(t, "dtype", _datatype(999)),
+                         r"invalid NIfTI header \(data code 999 not recognized\)"),
+    "rgb": (lambda t: _structured(t, "rgb", np.zeros((8, 8, 8), [("R", "u1"), ("G", "u1"), ("B", "u1")])),
+            r"unsupported voxel type RGB .*expected real-valued intensities"),
+    "complex": (lambda t: _structured(t, "complex", (blob_volume() * (1 + 1j)).astype(np.complex64)),
+                r"unsupported voxel type complex64 \(complex64\); expected real-valued intensities"),
     "absurd_spacing": (lambda t: write_nifti(t / "huge.nii.gz", blob_volume(), np.diag([1.0, 1.0, 80.0, 1.0])),
                        r"absurd voxel spacing \(1, 1, 80\) mm \(allowed 0.05-20 mm\)"),
 }
@@ -389,3 +442,47 @@ def test_fill_holes_of_a_hollow_ball_and_an_empty_mask():
     np.testing.assert_array_equal(fill_holes(shell), radius <= 9)
     assert not fill_holes(np.zeros((4, 4, 4), bool)).any()
     assert fill_holes(np.ones((3, 3), bool)).all()
+
+
+def test_minmax_of_an_image_without_spread_keeps_its_contrast(tmp_path):
+    """Percentiles that coincide (a binary image, one bright voxel) fall back to the full range
+    instead of clipping every voxel to 0."""
+    binary = (blob_volume() > 50).astype(np.uint8)
+    vol = load_volume(write_nifti(tmp_path / "binary.nii.gz", binary))
+    np.testing.assert_array_equal(vol.data[0], binary.astype(np.float32))
+    spot = np.zeros((12, 12, 12), np.float32)
+    spot[5, 6, 7] = 3.0
+    vol = load_volume(write_nifti(tmp_path / "spot.nii.gz", spot))
+    assert vol.data[0, 5, 6, 7] == 1.0 and vol.data.sum() == 1.0
+
+
+def test_out_of_memory_while_reading_names_the_file_and_the_size(tmp_path, monkeypatch):
+    path = write_nifti(tmp_path / "big.nii.gz", blob_volume())
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(nib.Nifti1Image, "get_fdata", no_memory)
+    with pytest.raises(VolumeError, match=r"too large to load: shape \(24, 28, 20\) needs 52.5 KiB as float32") as info:
+        load_volume(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_cohort_records_an_unexpected_error_and_goes_on(tmp_path, monkeypatch):
+    import slice2vol.data.manifest as manifest_module
+
+    good = [write_nifti(tmp_path / f"g{i}.nii.gz", blob_volume(seed=i)) for i in range(3)]
+    csv = tmp_path / "manifest.csv"
+    csv.write_text("subject_id,t1\n" + "".join(f"s{i},{p.name}\n" for i, p in enumerate(good)))
+    cohort = load_manifest(csv)
+    real = manifest_module.load_volume
+
+    def flaky(images, *args, **kwargs):
+        if "g1" in str(images):
+            raise TypeError("boom")
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(manifest_module, "load_volume", flaky)
+    assert [v.subject_id for v in cohort.iter_volumes(with_seg=False)] == ["s0", "s2"]
+    assert [f.subject_id for f in cohort.failures] == ["s1"]
+    assert cohort.failures[0].message.endswith("g1.nii.gz: TypeError: boom")
