@@ -31,8 +31,9 @@ def test_info_on_bad_file_names_it(tmp_path, capsys):
 
 def test_info_on_manifest_reports_failures_and_goes_on(tmp_path, capsys):
     good = write_nifti(tmp_path / "a.nii.gz", blob_volume())
+    other = write_nifti(tmp_path / "a2.nii.gz", blob_volume(seed=1))
     csv = tmp_path / "m.csv"
-    csv.write_text(f"subject_id,t1\na,{good.name}\nb,missing.nii.gz\na2,{good.name}\n")
+    csv.write_text(f"subject_id,t1\na,{good.name}\nb,missing.nii.gz\na2,{other.name}\n")
     assert main(["info", str(csv)]) == 1
     out = capsys.readouterr().out
     assert "subject: a2" in out and "missing.nii.gz" in out and "file not found" in out

@@ -132,7 +132,8 @@ def infer_label_type(values: pd.Series, max_classes: int = 10) -> LabelType:
 
 
 def _is_path_column(series: pd.Series) -> bool:
-    values = series.dropna().astype(str)
+    values = series.dropna().astype(str).str.strip()  # resolve() strips the cells too
+    values = values[values != ""]
     return not values.empty and bool(values.map(lambda v: bool(_NIFTI.search(v))).all())
 
 
@@ -212,8 +213,9 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
                   image_columns: list[str], seg_column: str | None, map_columns: list[str],
                   types: dict[str, LabelType]) -> Cohort:
     failures: list[Failure] = []
-    ids = table[id_column].astype(str).str.strip()
-    duplicated = set(ids[ids.duplicated()])
+    # not astype(str): with pandas' string dtype an empty cell stays NaN (a float) instead of "nan"
+    ids = table[id_column].map(lambda v: "" if pd.isna(v) else str(v).strip())
+    duplicated = set(ids[ids.duplicated() & (ids != "")])
     for dup in sorted(duplicated):
         count = int((ids == dup).sum())
         failures.append(Failure(dup, source, f"{source}: duplicate subject_id {dup!r} ({count} rows); all left out"))
@@ -228,8 +230,8 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
     for sid, (_, row) in zip(ids, table.iterrows()):
         if sid in duplicated:
             continue
-        if sid in ("", "nan"):
-            failures.append(Failure("?", source, f"{source}: row {_ + 2} has no subject_id"))
+        if sid == "":
+            failures.append(Failure("?", source, f"{source}: row {_ + 2} has no subject_id; left out"))
             continue
         images = {c: resolve(row[c]) for c in image_columns}
         seg = resolve(row[seg_column]) if seg_column else None
@@ -244,6 +246,21 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             continue
         labels = {c: _clean(row[c], types[c]) for c in types}
         subjects.append(Subject(sid, images, seg, maps, labels))  # type: ignore[arg-type]
+    # one scan under two subject IDs would sit on both sides of a subject-level split (a leak)
+    owners: dict[Path, list[str]] = {}
+    for subject in subjects:
+        for image in {Path(p).resolve() for p in subject.images.values()}:
+            owners.setdefault(image, []).append(subject.subject_id)
+    shared = {image: sids for image, sids in owners.items() if len(sids) > 1}
+    left_out: set[str] = set()
+    for image, sids in shared.items():
+        for sid in sids:
+            if sid not in left_out:
+                others = ", ".join(repr(o) for o in sids if o != sid)
+                failures.append(Failure(sid, str(image), f"{image}: the same image file as subject(s) {others}; "
+                                                         "all left out"))
+                left_out.add(sid)
+    subjects = [s for s in subjects if s.subject_id not in left_out]
     return Cohort(subjects, types, failures, source)
 
 

@@ -41,6 +41,39 @@ def test_duplicate_ids_reported_and_others_load(tmp_path):
     assert [v.subject_id for v in cohort.iter_volumes()] == ["y"]
 
 
+def test_rows_without_subject_id_reported_and_others_load(tmp_path):
+    """Empty ID cells used to become a float NaN subject ID (pandas' string dtype keeps NaN), which
+    crashed the caching job when it wrote the IDs into the store."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\n,img/a.nii.gz\ny,img/b.nii.gz\n  ,img/c.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["y"] and all(isinstance(i, str) for i in cohort.ids)
+    assert [f.message for f in cohort.failures] == [f"{csv}: row 2 has no subject_id; left out",
+                                                     f"{csv}: row 4 has no subject_id; left out"]
+
+
+def test_one_image_under_two_ids_reported_and_others_load(tmp_path):
+    """The same scan under two IDs would land on both sides of a subject-level split."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\nx,img/a.nii.gz\ny,img/b.nii.gz\nz,./img/../img/a.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["y"]
+    messages = {f.subject_id: f.message for f in cohort.failures}
+    assert set(messages) == {"x", "z"}
+    assert "a.nii.gz: the same image file as subject(s) 'z'; all left out" in messages["x"]
+    assert "the same image file as subject(s) 'x'" in messages["z"]
+
+
+def test_path_cells_with_spaces_around_them(tmp_path):
+    _files(tmp_path, ["a.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\n a , img/a.nii.gz \n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a"] and cohort.subjects[0].images["t1"] == tmp_path / "img" / "a.nii.gz"
+
+
 def test_missing_file_reported_and_others_load(tmp_path):
     _files(tmp_path, ["a.nii.gz"])
     csv = tmp_path / "m.csv"
