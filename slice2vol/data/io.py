@@ -633,8 +633,21 @@ def fingerprint(images: dict[str, str | Path]) -> dict[str, dict]:
     """Fingerprint of a subject's input files: modality -> ``{"size", "mtime_ns", "sha256"}``.
 
     Stored with cached features; :func:`fingerprint_changes` compares it with the files now.
+
+    Raises:
+        VolumeError: a file is missing, a directory or unreadable (the same words as :func:`read_nifti`).
     """
-    return {name: {**file_stat(path), "sha256": file_sha256(path)} for name, path in images.items()}
+    out = {}
+    for name, path in images.items():
+        try:
+            out[name] = {**file_stat(path), "sha256": file_sha256(path)}
+        except FileNotFoundError:
+            raise VolumeError(path, "file not found") from None
+        except IsADirectoryError:
+            raise VolumeError(path, "is a directory, not a NIfTI file") from None
+        except OSError as err:
+            raise VolumeError(path, f"unreadable ({err.strerror or _short(err)})") from None
+    return out
 
 
 def fingerprint_changes(stored: dict[str, dict], images: dict[str, str | Path]) -> list[str]:

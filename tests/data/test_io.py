@@ -486,3 +486,16 @@ def test_cohort_records_an_unexpected_error_and_goes_on(tmp_path, monkeypatch):
     assert [v.subject_id for v in cohort.iter_volumes(with_seg=False)] == ["s0", "s2"]
     assert [f.subject_id for f in cohort.failures] == ["s1"]
     assert cohort.failures[0].message.endswith("g1.nii.gz: TypeError: boom")
+
+
+def test_fingerprint_of_a_missing_file_or_a_directory_says_so(tmp_path):
+    """The caching job hashes a subject's files before reading them: the words must be read_nifti's."""
+    from slice2vol.data.io import fingerprint
+
+    folder = tmp_path / "folder.nii.gz"
+    folder.mkdir()
+    with pytest.raises(VolumeError, match="is a directory, not a NIfTI file") as info:
+        fingerprint({"t1": folder})
+    assert str(info.value).startswith(str(folder))
+    with pytest.raises(VolumeError, match=r"gone.nii.gz: file not found$"):
+        fingerprint({"t1": tmp_path / "gone.nii.gz"})
