@@ -200,6 +200,12 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
             report.failures.append(Failure(subject.subject_id, err.path, str(err)))
             log.warning("skipping %s", err)
             continue
+        except Exception as err:  # noqa: BLE001 - whatever one subject's files raise fails that subject only
+            source = str(next(iter(subject.images.values()), ""))
+            message = f"{source}: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+            report.failures.append(Failure(subject.subject_id, source, message))
+            log.warning("skipping %s", message)
+            continue
         t1 = time.perf_counter()
         try:
             x = encoder.embed_volume(volume, window).numpy().astype(np.float32)

@@ -59,3 +59,22 @@ def test_list(capsys):
     assert main(["embed", "--list"]) == 0
     out = capsys.readouterr().out
     assert "3d/deepbet" in out and "package|random|file" in out and "3d/monai_resnet18" in out
+
+
+def test_an_unexpected_error_fails_that_subject_only(head_manifest, tmp_path, capsys, monkeypatch):
+    import slice2vol.encoders3d.embed as embed
+
+    real = embed.load_subject
+
+    def flaky(subject, *args, **kwargs):
+        if subject.subject_id == "s1":
+            raise TypeError("cannot promote void to float32")
+        return real(subject, *args, **kwargs)
+
+    monkeypatch.setattr(embed, "load_subject", flaky)
+    store = tmp_path / "f.h5"
+    assert main(["embed", "--encoder", "3d/monai_resnet10", "--manifest", str(head_manifest), "--store", str(store),
+                 "--no-progress", "kwargs.levels=[-1]", "kwargs.input_size=[32,32,32]"]) == 1
+    err = capsys.readouterr().err
+    assert "failed: s1:" in err and "TypeError: cannot promote void to float32" in err
+    assert list(FeatureStore(store).volume_embeddings("3d/monai_resnet10")[0]) == ["s0", "s2", "s3"]
