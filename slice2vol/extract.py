@@ -45,7 +45,7 @@ from slice2vol.cache import (
     run_context,
 )
 from slice2vol.config import to_dict
-from slice2vol.data.io import VolumeConfig, VolumeError, fingerprint, fingerprint_changes
+from slice2vol.data.io import VolumeConfig, fingerprint, fingerprint_changes
 from slice2vol.data.manifest import Cohort, Failure, Subject, load_subject
 from slice2vol.data.slicing import SliceConfig, slice_volume
 from slice2vol.encoders.base import state_sha256
@@ -190,14 +190,10 @@ class VolumeSlicesDataset(torch.utils.data.Dataset):
             out = {p: (s.images.float().contiguous(), s.indices, s.positions) for p, s in sliced.items()}
             inputs = {"files": files, "oblique": {"degrees": volume.obliquity_deg, "action": volume.oblique_action}}
             return VolumeItem(subject.subject_id, out, seconds=time.perf_counter() - start, inputs=inputs)
-        except VolumeError as err:
-            return VolumeItem(subject.subject_id, error=str(err), path=err.path,
-                              seconds=time.perf_counter() - start)
         except Exception as err:  # noqa: BLE001 - anything one subject's files cause fails that subject only
-            first = next(iter(subject.images.values()), "")
-            msg = " ".join(str(err).split())[:200]
-            return VolumeItem(subject.subject_id, error=f"{first}: {type(err).__name__}: {msg}",
-                              path=str(first), seconds=time.perf_counter() - start)
+            failure = Failure.of(subject, err)
+            return VolumeItem(subject.subject_id, error=failure.message, path=failure.path,
+                              seconds=time.perf_counter() - start)
 
 
 def _identity(item: Any) -> Any:

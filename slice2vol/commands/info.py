@@ -90,7 +90,8 @@ def _plain(value) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slice2vol.data.io import VolumeConfig, VolumeError, load_volume
+    from slice2vol.data.io import VolumeConfig, load_volume
+    from slice2vol.data.manifest import Failure
     from slice2vol.data.manifest import load_manifest, load_subject
     from slice2vol.progress import track
 
@@ -115,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
                 volume = load_subject(subject, cfg)
                 first = next(iter(subject.images.values()))
                 _print(describe(volume, _raw_range(first), args.stride, args.min_foreground))
-            except VolumeError as err:
-                failures.append(str(err))
+            except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
+                failures.append(Failure.of(subject, err).message)
         if failures:  # part of the report, like the facts above
             print(f"{len(failures)} subject(s) failed:")
             for f in failures:

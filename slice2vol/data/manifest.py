@@ -47,6 +47,17 @@ class Failure:
     def __str__(self) -> str:
         return f"{self.subject_id}: {self.message}"
 
+    @classmethod
+    def of(cls, subject: "Subject", err: BaseException) -> "Failure":
+        """The failure of one subject whose files raised ``err``: a :class:`VolumeError`'s own one-line
+        message, anything else as ``"<first image>: <ErrorType>: <message>"`` (batch loops catch every
+        exception a subject's files cause, so one bad file never ends a job)."""
+        if isinstance(err, VolumeError):
+            return cls(subject.subject_id, err.path, str(err))
+        first = str(next(iter(subject.images.values()), ""))
+        message = " ".join(str(err).split())[:200]
+        return cls(subject.subject_id, first, f"{first}: {type(err).__name__}: {message}")
+
 
 @dataclass
 class Cohort:
@@ -92,12 +103,8 @@ class Cohort:
         for subject in self.subjects:
             try:
                 yield load_subject(subject, cfg, with_seg=with_seg)
-            except VolumeError as err:
-                self.failures.append(Failure(subject.subject_id, err.path, str(err)))
             except Exception as err:  # noqa: BLE001 - one subject's files must not end the cohort
-                first = str(next(iter(subject.images.values()), ""))
-                message = " ".join(str(err).split())[:200]
-                self.failures.append(Failure(subject.subject_id, first, f"{first}: {type(err).__name__}: {message}"))
+                self.failures.append(Failure.of(subject, err))
 
     def failure_report(self) -> str:
         if not self.failures:

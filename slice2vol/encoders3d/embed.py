@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from slice2vol.data.io import VolumeConfig, VolumeError
+from slice2vol.data.io import VolumeConfig
 from slice2vol.data.manifest import Cohort, Failure, load_subject
 from slice2vol.encoders3d.base import Encoder3D, SlidingWindow, build_encoder3d
 
@@ -196,15 +196,9 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
         t0 = time.perf_counter()
         try:
             volume = load_subject(subject, volume_cfg, with_seg=False)
-        except VolumeError as err:
-            report.failures.append(Failure(subject.subject_id, err.path, str(err)))
-            log.warning("skipping %s", err)
-            continue
         except Exception as err:  # noqa: BLE001 - whatever one subject's files raise fails that subject only
-            source = str(next(iter(subject.images.values()), ""))
-            message = f"{source}: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
-            report.failures.append(Failure(subject.subject_id, source, message))
-            log.warning("skipping %s", message)
+            report.failures.append(Failure.of(subject, err))
+            log.warning("skipping %s", report.failures[-1].message)
             continue
         t1 = time.perf_counter()
         try:

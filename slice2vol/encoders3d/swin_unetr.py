@@ -26,7 +26,7 @@ Features: the five normalised hidden states of ``swinViT`` (48 ch at stride 2, 9
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn

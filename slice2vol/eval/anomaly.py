@@ -15,7 +15,6 @@ The cross-validation loop lives in :func:`slice2vol.eval.dense_bench.anomaly_cv`
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 

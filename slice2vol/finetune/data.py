@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slice2vol.data import Cohort, Failure, SliceConfig, VolumeConfig, VolumeError, load_subject, slice_volume
+from slice2vol.data import Cohort, Failure, SliceConfig, VolumeConfig, load_subject, slice_volume
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ class SliceBank:
         for subject in track(cohort.subjects, desc="slicing", unit="subj", enabled=progress):
             try:
                 volume = load_subject(subject, volume_cfg, with_seg=False)
-            except VolumeError as err:
-                failures.append(Failure(subject.subject_id, getattr(err, "path", ""), str(err)))
-                log.warning("skipping %s", err)
+            except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
+                failures.append(Failure.of(subject, err))
+                log.warning("skipping %s", failures[-1].message)
                 continue
             planes = slice_volume(volume, slice_cfg)
             images = torch.cat([p.images for p in planes.values()]).to(torch.float16)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slice2vol.data.io import Volume, VolumeConfig, VolumeError
+from slice2vol.data.io import Volume, VolumeConfig
 from slice2vol.data.manifest import Cohort, Failure, load_subject
 from slice2vol.data.slicing import PLANES, _plane_view, plane_foreground
 
@@ -137,9 +137,9 @@ class VolumeBank:
         for subject in track(subjects, desc="loading volumes", unit="subj", enabled=progress):
             try:
                 volume = load_subject(subject, volume_cfg, with_seg=False)
-            except VolumeError as err:
-                bank.failures.append(Failure(subject.subject_id, err.path, str(err)))
-                log.warning("skipping %s", err)
+            except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
+                bank.failures.append(Failure.of(subject, err))
+                log.warning("skipping %s", bank.failures[-1].message)
                 continue
             image, mask = prepare_volume(volume, volume_size)
             bank.ids.append(subject.subject_id)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from slice2vol.config import to_dict
-from slice2vol.data.io import VolumeConfig, VolumeError
+from slice2vol.data.io import VolumeConfig
 from slice2vol.data.manifest import Cohort, Failure, load_subject
 from slice2vol.ssl.data import fit_to_grid, prepare_volume
 from slice2vol.ssl.trainer import list_checkpoints, load_checkpoint
@@ -178,9 +178,9 @@ def embed_cohort(model: torch.nn.Module, cohort: Cohort, store_path: str | Path,
     for subject in track(cohort.subjects, desc=f"embed {name}", unit="subj", enabled=progress):
         try:
             volume = load_subject(subject, volume_cfg, with_seg=False)
-        except VolumeError as err:
-            report.failures.append(Failure(subject.subject_id, err.path, str(err)))
-            log.warning("skipping %s", err)
+        except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
+            report.failures.append(Failure.of(subject, err))
+            log.warning("skipping %s", report.failures[-1].message)
             continue
         if mode == "whole":
             image = fit_to_grid(torch.from_numpy(np.ascontiguousarray(volume.data, dtype=np.float32)),

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from slice2vol.config import config_hash, to_dict
-from slice2vol.data.io import VolumeError
 from slice2vol.data.manifest import Cohort, Failure, load_subject
 from slice2vol.data.slicing import PLANES, _plane_view, plane_foreground
 from slice2vol.ssl.data import prepare_volume
@@ -144,9 +143,9 @@ def prepare_cohort(cohort: Cohort, data_cfg, cache_dir: str | Path, *, rank: int
             continue
         try:
             volume = load_subject(subject, data_cfg.volume, with_seg=False)
-        except VolumeError as err:
-            report.failures.append(Failure(subject.subject_id, err.path, str(err)))
-            log.warning("skipping %s", err)
+        except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
+            report.failures.append(Failure.of(subject, err))
+            log.warning("skipping %s", report.failures[-1].message)
             continue
         image, mask = prepare_volume(volume, data_cfg.volume_size)
         write_prepared(path, image, mask, data_cfg.cache_dtype, fp)

@@ -149,3 +149,46 @@ def test_no_image_column_names_the_rule(tmp_path):
     with pytest.raises(ManifestError, match=r"no image column: no column other than 'subject_id' holds only paths "
                                             r"ending in \.nii or \.nii\.gz"):
         load_manifest(csv)
+
+
+@pytest.mark.parametrize("where", ["ssl_bank", "finetune_bank", "info"])
+def test_batch_loops_record_an_unexpected_error_and_go_on(tmp_path, monkeypatch, capsys, where):
+    """Every per-subject loop (SSL volume bank, fine-tuning slice bank, slice2vol info) records any
+    exception one subject's files raise as that subject's failure, with the error type, and goes on."""
+    import importlib
+
+    from slice2vol.data.slicing import SliceConfig
+
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\na,img/a.nii.gz\nb,img/b.nii.gz\nc,img/c.nii.gz\n")
+    module = importlib.import_module({"ssl_bank": "slice2vol.ssl.data", "finetune_bank": "slice2vol.finetune.data",
+                                      "info": "slice2vol.commands.info"}[where])
+    import slice2vol.data.manifest as manifest_module
+
+    real = manifest_module.load_subject
+
+    def flaky(subject, *args, **kwargs):
+        if subject.subject_id == "b":
+            raise TypeError("boom")
+        return real(subject, *args, **kwargs)
+
+    # info imports load_subject inside its run(); the banks at module level
+    monkeypatch.setattr(manifest_module if where == "info" else module, "load_subject", flaky)
+    cohort = load_manifest(csv)
+    if where == "ssl_bank":
+        bank = module.VolumeBank.from_cohort(cohort, volume_size=(16, 16, 16), progress=False)
+        ids, failures = bank.ids, bank.failures
+    elif where == "finetune_bank":
+        bank = module.SliceBank.from_cohort(cohort, SliceConfig(size=16, stride=4), progress=False)
+        ids, failures = sorted(set(bank.ids)), bank.failures
+    else:
+        from slice2vol.cli import main
+
+        assert main(["info", str(csv), "--no-progress"]) == 1
+        out = capsys.readouterr().out
+        assert "subject: a" in out and "subject: c" in out
+        assert "1 subject(s) failed:" in out and "b.nii.gz: TypeError: boom" in out
+        return
+    assert list(ids) == ["a", "c"]
+    assert [f.subject_id for f in failures] == ["b"] and failures[0].message.endswith("b.nii.gz: TypeError: boom")
