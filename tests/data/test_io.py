@@ -83,6 +83,18 @@ def test_multimodal_channels_and_crop(tmp_path):
     np.testing.assert_allclose(vol.affine[:3, 3], full.affine[:3, :3] @ start + full.affine[:3, 3])
 
 
+@pytest.mark.parametrize("compress", ["gzip", "bz2"])
+def test_compressed_nifti_loads_like_the_plain_file(tmp_path, compress):
+    """nibabel reads .nii.gz and .nii.bz2; the header's size checks must not mistake either for a
+    truncated plain file."""
+    import bz2
+
+    plain = write_nifti(tmp_path / "v.nii", blob_volume())
+    packed = tmp_path / f"v.nii.{'gz' if compress == 'gzip' else 'bz2'}"
+    packed.write_bytes((gzip if compress == "gzip" else bz2).compress(plain.read_bytes()))
+    np.testing.assert_array_equal(load_volume(packed).data, load_volume(plain).data)
+
+
 def test_4d_with_one_volume_is_accepted(tmp_path):
     path = write_nifti(tmp_path / "one.nii.gz", blob_volume()[..., None])
     assert load_volume(path).shape == (24, 28, 20)
