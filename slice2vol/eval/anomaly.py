@@ -16,12 +16,15 @@ The cross-validation loop lives in :func:`slice2vol.eval.dense_bench.anomaly_cv`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from slice2vol.eval.dense_bench import DenseFeatureConfig
 from slice2vol.eval.lesions import LesionConfig, SweepConfig
+
+if TYPE_CHECKING:  # annotations only: torch is imported where the maps are computed
+    import torch
 
 
 @dataclass
