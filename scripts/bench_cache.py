@@ -366,14 +366,14 @@ def main(argv=None) -> None:
           f"per repetition: median {float(np.median(paired)):.3f} (" + ", ".join(f"{r:.3f}" for r in paired) + ")")
     print(f"  pipeline {pipe_s:.2f} s = inside encode {enc_s:.2f} s (bare: {n_slices / bare_rate:.2f} s) "
           f"+ outside {pipe_s - enc_s:.2f} s")
-    # on a machine whose cores the encoder already fills (a CPU encoder), every read takes its CPU
-    # time from the encoder: bare / (bare + reads) is then the most the pipeline can reach
+    # on a machine whose cores a CPU encoder keeps busy, a read takes its CPU time from the encoder:
+    # bare / (bare + reads) is the ratio to expect then (higher where the encoder leaves gaps)
     bare_s = n_slices / bare_rate
     results["read_cpu_seconds"] = read_cpu
-    results["bound_if_reads_share_the_cores"] = bare_s / (bare_s + read_cpu)
+    results["ratio_if_reads_take_the_encoders_cpu"] = bare_s / (bare_s + read_cpu)
     print(f"  reading: {read_cpu / len(cohort):.3f} s CPU per volume (one thread, {read_cpu:.2f} s in all, "
-          f"{read_cpu / bare_s:.1%} of the bare forward's time); where reads share the encoder's cores the "
-          f"pipeline reaches at most bare / (bare + reads) = {bare_s / (bare_s + read_cpu):.3f}")
+          f"{read_cpu / bare_s:.1%} of the bare forward's time); if every read took its CPU time from the "
+          f"encoder, the pipeline would reach bare / (bare + reads) = {bare_s / (bare_s + read_cpu):.3f}")
     for name, runs_ in kernel.items():
         results[f"{name}_minor_faults"] = [f for f, _ in runs_]
         results[f"{name}_system_seconds"] = [s for _, s in runs_]
@@ -391,10 +391,13 @@ def main(argv=None) -> None:
             cmd += ["--allocator", args.allocator] if args.allocator else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
             rss[n] = json.loads(out.strip().splitlines()[-1])
+            # a child's peak RSS means a reader process's only with process readers: with threads the
+            # largest child is whatever forked to exec a command, counting the pages it inherited
+            worker = (f"worker {rss[n]['worker_peak_rss_mb']:.0f} MiB" if results["reader"] == "process"
+                      else "readers are threads of it")
             print(f"peak RSS, {n:3d} subjects ({rss[n]['slices']} slices, {args.rss_encoder} @ {args.rss_size}px, "
                   f"store {rss[n]['store_mb']:.1f} MiB): main process {rss[n]['peak_rss_mb']:.0f} MiB, "
-                  f"worker {rss[n]['worker_peak_rss_mb']:.0f} MiB "
-                  f"({rss[n]['seconds']:.1f} s)", flush=True)
+                  f"{worker} ({rss[n]['seconds']:.1f} s)", flush=True)
         results["peak_rss"] = rss
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, default=str))
