@@ -211,25 +211,20 @@ def naive_loop(encoder, cohort, slice_indices: dict, size: int, limit: int, warm
 def reading_cpu_seconds(cohort, slice_cfg, repeats: int = 2) -> float:
     """CPU seconds one reader thread spends on the cohort's volumes (read, mask, normalise, slice,
     resize: what ``cache_cohort``'s readers do), one intra-op thread, best of ``repeats`` warm passes."""
-    import torch
-
     from slice2vol.data.io import VolumeConfig
     from slice2vol.extract import VolumeSlicesDataset
+    from slice2vol.runtime import torch_threads
 
     jobs = [(s, tuple(slice_cfg.planes)) for s in cohort.subjects]
     dataset = VolumeSlicesDataset(jobs, VolumeConfig(), slice_cfg)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    best = float("inf")
+    with torch_threads(1):
         dataset[0]  # warm-up: imports, first-call costs
-        best = float("inf")
         for _ in range(repeats):
             start = time.thread_time()
             for i in range(len(dataset)):
                 dataset[i]
             best = min(best, time.thread_time() - start)
-    finally:
-        torch.set_num_threads(threads)
     return best
 
 

@@ -50,6 +50,7 @@ from slice2vol.data.manifest import Cohort, Failure, Subject, load_subject
 from slice2vol.data.slicing import SliceConfig, slice_volume
 from slice2vol.encoders.base import state_sha256
 from slice2vol.progress import bar as progress_bar
+from slice2vol.runtime import release_free_heap, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -702,8 +703,6 @@ class _VolumeItems:
         import nibabel  # noqa: F401
         import scipy.ndimage  # noqa: F401
 
-        from slice2vol.runtime import release_free_heap
-
         release_free_heap()
         loader = torch.utils.data.DataLoader(
             self.rest, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
@@ -718,18 +717,12 @@ class _VolumeItems:
 
     def __iter__(self) -> Iterator[VolumeItem]:
         if len(self.first):
-            if self.pool is not None:
-                # one intra-op thread while the reader thread reads the next volume on the other core:
-                # otherwise this read's OpenMP team spins between its operators against the reader
-                # (first volume 0.12 -> 0.06 s after an encode, 2 cores, IXI at stride 4)
-                torch.set_num_threads(1)
-                try:
-                    item = self.first[0]
-                finally:
-                    torch.set_num_threads(self.threads)
-                yield item
-            else:
-                yield self.first[0]
+            # beside reader threads, one intra-op thread: otherwise this read's OpenMP team spins
+            # between its operators against the reader on the other core (first volume 0.12 -> 0.06 s
+            # after an encode, 2 cores, IXI at stride 4)
+            with torch_threads(1 if self.pool is not None else None):
+                item = self.first[0]
+            yield item
         if self.pool is not None:
             while self.pending:
                 item = self.pending.popleft().result()  # an unexpected reader exception is raised here

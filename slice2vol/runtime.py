@@ -332,6 +332,23 @@ def _configure_threads(threads: int) -> dict[str, Any]:
     return done
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Within the block, ``n`` torch intra-op threads (``None`` or 0: unchanged); the caller's count after.
+
+    Note that ``torch.set_num_threads`` also sets the count that threads started later begin with.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- FAISS exact search --------------------------------------------------------------------------------
 #: from this many queries on, exact (flat) search is done as one matrix product (BLAS)
 BLAS_MIN_QUERIES = 5

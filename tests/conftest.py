@@ -86,3 +86,16 @@ def blob_volume(shape=(24, 28, 20), seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def small_nifti(tmp_path: Path) -> Path:
     return write_nifti(tmp_path / "small.nii.gz", blob_volume())
+
+
+def fail_subject(monkeypatch, module, subject_id: str, error: BaseException) -> None:
+    """Makes ``module.load_subject`` raise ``error`` for one subject: an unexpected exception from deep
+    inside loading, for the tests that every per-subject loop records it and goes on."""
+    real = module.load_subject
+
+    def flaky(subject, *args, **kwargs):
+        if subject.subject_id == subject_id:
+            raise error
+        return real(subject, *args, **kwargs)
+
+    monkeypatch.setattr(module, "load_subject", flaky)

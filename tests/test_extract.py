@@ -24,7 +24,7 @@ from slice2vol.data.slicing import SliceConfig, slice_volume
 from slice2vol.encoders import build_encoder
 from slice2vol.extract import cache_cohort, parse_shard, shard_from_env, shard_path
 from tests._tiny_encoder import KEY, TinyEncoder, make_tiny_cohort
-from tests.conftest import blob_volume, shared_weight, write_nifti
+from tests.conftest import blob_volume, fail_subject, shared_weight, write_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 SLICES = SliceConfig(size=32, stride=2)
@@ -204,14 +204,7 @@ def test_an_unexpected_error_in_one_subject_fails_that_subject_only(tmp_path: Pa
     import slice2vol.extract as extract
 
     manifest = make_tiny_cohort(tmp_path / "cohort", n=3)
-    real = extract.load_subject
-
-    def flaky(subject, *args, **kwargs):
-        if subject.subject_id == "sub1":
-            raise TypeError("cannot promote void to float32")
-        return real(subject, *args, **kwargs)
-
-    monkeypatch.setattr(extract, "load_subject", flaky)
+    fail_subject(monkeypatch, extract, "sub1", TypeError("cannot promote void to float32"))
     report = cache_cohort(load_manifest(manifest), KEY, tmp_path / "u.h5", slice_cfg=SLICES, progress=False,
                           num_workers=workers)
     assert sorted(report.done) == ["sub0", "sub2"]

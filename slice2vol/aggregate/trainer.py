@@ -219,19 +219,9 @@ class TorchAggregator(Aggregator):
     # -- fit -----------------------------------------------------------------------------------
     def _threads(self):
         """Context manager: ``num_threads`` torch threads inside, the previous setting restored after."""
-        import contextlib
+        from slice2vol.runtime import torch_threads
 
-        @contextlib.contextmanager
-        def scope():
-            before = torch.get_num_threads()
-            if self.num_threads:
-                torch.set_num_threads(int(self.num_threads))
-            try:
-                yield
-            finally:
-                torch.set_num_threads(before)
-
-        return scope()
+        return torch_threads(self.num_threads)
 
     def fit(self, bags: Sequence[Mapping[str, Any]], y: Any = None) -> "TorchAggregator":
         with self._threads():

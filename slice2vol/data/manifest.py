@@ -258,15 +258,13 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
     for subject in subjects:
         for image in {Path(p).resolve() for p in subject.images.values()}:
             owners.setdefault(image, []).append(subject.subject_id)
-    shared = {image: sids for image, sids in owners.items() if len(sids) > 1}
     left_out: set[str] = set()
-    for image, sids in shared.items():
-        for sid in sids:
-            if sid not in left_out:
-                others = ", ".join(repr(o) for o in sids if o != sid)
-                failures.append(Failure(sid, str(image), f"{image}: the same image file as subject(s) {others}; "
-                                                         "all left out"))
-                left_out.add(sid)
+    for image, sids in owners.items():
+        for sid in (s for s in sids if len(sids) > 1 and s not in left_out):
+            others = ", ".join(repr(o) for o in sids if o != sid)
+            failures.append(Failure(sid, str(image), f"{image}: the same image file as subject(s) {others}; "
+                                                     "all left out"))
+            left_out.add(sid)
     subjects = [s for s in subjects if s.subject_id not in left_out]
     return Cohort(subjects, types, failures, source)
 

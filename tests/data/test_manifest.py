@@ -6,7 +6,7 @@ import pytest
 
 from slice2vol.data import ManifestError, cohort_from_glob, load_manifest
 from slice2vol.data.manifest import infer_label_type
-from tests.conftest import blob_volume, write_nifti
+from tests.conftest import blob_volume, fail_subject, write_nifti
 
 import pandas as pd
 
@@ -166,15 +166,8 @@ def test_batch_loops_record_an_unexpected_error_and_go_on(tmp_path, monkeypatch,
                                       "info": "slice2vol.commands.info"}[where])
     import slice2vol.data.manifest as manifest_module
 
-    real = manifest_module.load_subject
-
-    def flaky(subject, *args, **kwargs):
-        if subject.subject_id == "b":
-            raise TypeError("boom")
-        return real(subject, *args, **kwargs)
-
     # info imports load_subject inside its run(); the banks at module level
-    monkeypatch.setattr(manifest_module if where == "info" else module, "load_subject", flaky)
+    fail_subject(monkeypatch, manifest_module if where == "info" else module, "b", TypeError("boom"))
     cohort = load_manifest(csv)
     if where == "ssl_bank":
         bank = module.VolumeBank.from_cohort(cohort, volume_size=(16, 16, 16), progress=False)

@@ -7,6 +7,7 @@ import yaml
 
 from slice2vol.cache import FeatureStore
 from slice2vol.cli import main
+from tests.conftest import fail_subject
 
 
 def test_embed_a_cohort_with_overrides(head_manifest, tmp_path, capsys):
@@ -64,14 +65,7 @@ def test_list(capsys):
 def test_an_unexpected_error_fails_that_subject_only(head_manifest, tmp_path, capsys, monkeypatch):
     import slice2vol.encoders3d.embed as embed
 
-    real = embed.load_subject
-
-    def flaky(subject, *args, **kwargs):
-        if subject.subject_id == "s1":
-            raise TypeError("cannot promote void to float32")
-        return real(subject, *args, **kwargs)
-
-    monkeypatch.setattr(embed, "load_subject", flaky)
+    fail_subject(monkeypatch, embed, "s1", TypeError("cannot promote void to float32"))
     store = tmp_path / "f.h5"
     assert main(["embed", "--encoder", "3d/monai_resnet10", "--manifest", str(head_manifest), "--store", str(store),
                  "--no-progress", "kwargs.levels=[-1]", "kwargs.input_size=[32,32,32]"]) == 1
