@@ -50,7 +50,7 @@ from slice2vol.data.manifest import Cohort, Failure, Subject, load_subject
 from slice2vol.data.slicing import SliceConfig, slice_volume
 from slice2vol.encoders.base import state_sha256
 from slice2vol.progress import bar as progress_bar
-from slice2vol.runtime import release_free_heap, torch_threads
+from slice2vol.runtime import one_intra_op_thread, release_free_heap, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -694,7 +694,7 @@ class _VolumeItems:
             # competes with the encoder's (0.948 -> 0.964 of the bare forward in bench_cache, stride 2)
             self.threads = torch.get_num_threads()
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="slice2vol-reader",
-                                           initializer=torch.set_num_threads, initargs=(1,))
+                                           initializer=one_intra_op_thread)
             self.ahead = 2 * workers
             self._submit()  # the readers start now, while this thread reads the first volume
             return

@@ -349,6 +349,19 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def one_intra_op_thread() -> None:
+    """Gives the calling thread (a reader thread, say) one torch intra-op thread, for good.
+
+    torch starts each new thread's count lazily, at its first parallel call, from the count last set
+    by *any* thread; ``set_num_threads(1)`` alone would be undone there if another thread set its own
+    count in between. Asking for the count first makes that lazy start happen now.
+    """
+    import torch
+
+    torch.get_num_threads()  # the thread's lazy start, before anyone else can change the default
+    torch.set_num_threads(1)
+
+
 # -- FAISS exact search --------------------------------------------------------------------------------
 #: from this many queries on, exact (flat) search is done as one matrix product (BLAS)
 BLAS_MIN_QUERIES = 5

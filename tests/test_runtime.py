@@ -375,3 +375,33 @@ def test_release_free_heap_is_a_no_op_without_glibc(monkeypatch):
     assert runtime.release_free_heap() is False
     monkeypatch.setattr(runtime, "loaded_allocator", lambda: "jemalloc")
     assert runtime.release_free_heap() is False
+
+
+def test_one_intra_op_thread_holds_when_another_thread_changes_its_count_later():
+    """A reader thread given one intra-op thread kept it only until its first parallel call if the
+    encoding thread had set its own count meanwhile (torch's lazy per-thread start); seen as a reader
+    stamped with 2 threads in test_extract about one run in ten."""
+    import threading
+
+    import torch
+
+    from slice2vol.runtime import one_intra_op_thread, torch_threads
+
+    ready, go, seen = threading.Event(), threading.Event(), {}
+
+    def reader():
+        one_intra_op_thread()
+        ready.set()
+        go.wait()
+        seen["threads"] = torch.get_num_threads()
+
+    with torch_threads(2):
+        thread = threading.Thread(target=reader)
+        thread.start()
+        ready.wait()
+        with torch_threads(1):  # what the caching job does around its first volume
+            pass
+        go.set()
+        thread.join()
+        assert torch.get_num_threads() == 2
+    assert seen["threads"] == 1
