@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import nibabel as nib
+from nibabel.tripwire import TripWireError
 import numpy as np
 
 ORIENTATION = ("R", "A", "S")
@@ -156,6 +157,9 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         raise VolumeError(path, f"invalid NIfTI header ({_short(err)})") from None
     except (OSError, EOFError, zlib.error, ValueError) as err:
         raise VolumeError(path, f"unreadable ({_short(err)})") from None
+    except TripWireError:  # nibabel's stand-in for an optional package it lacks (zstd)
+        raise VolumeError(path, "a .zst file needs the package backports.zstd to be read "
+                                "(pip install backports.zstd), or decompress it") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
     problem = _header_problem(path, img)

@@ -1,7 +1,8 @@
 """Cohorts: a CSV manifest or a folder/BIDS glob -> subjects with image paths and labels.
 
 A manifest is a CSV with a ``subject_id`` column, one column per image modality (values are paths
-ending in ``.nii`` or ``.nii.gz``, relative to the manifest's folder), an optional segmentation
+ending in ``.nii``, ``.nii.gz``, ``.nii.bz2`` or ``.nii.zst``, relative to the manifest's folder; a
+column is one of paths when most of its cells are), an optional segmentation
 column (``seg``), optional other label maps (columns whose name contains ``mask`` or ``lesion``),
 and any label columns. Rows that cannot be used (duplicate IDs, missing files) are recorded in
 ``Cohort.failures`` and left out; the other subjects load normally. The delimiter is sniffed from
@@ -22,7 +23,9 @@ import pandas as pd
 from slice2vol.data.io import Volume, VolumeConfig, VolumeError, load_volume
 
 LabelType = Literal["categorical", "continuous"]
-_NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+#: file names nibabel reads as NIfTI (.zst needs the package backports.zstd)
+_NIFTI = re.compile(r"\.nii(\.gz|\.bz2|\.zst)?$", re.IGNORECASE)
+_NIFTI_NAMES = ".nii, .nii.gz, .nii.bz2 or .nii.zst"
 
 
 class ManifestError(ValueError):
@@ -139,9 +142,14 @@ def infer_label_type(values: pd.Series, max_classes: int = 10) -> LabelType:
 
 
 def _is_path_column(series: pd.Series) -> bool:
+    """Whether most non-empty cells are NIfTI paths.
+
+    Most, not all: one broken cell (a typo, ``n/a``) must fail its row, not silently turn a modality
+    column into a label column (which drops that modality, or the whole manifest, without a word).
+    """
     values = series.dropna().astype(str).str.strip()  # resolve() strips the cells too
     values = values[values != ""]
-    return not values.empty and bool(values.map(lambda v: bool(_NIFTI.search(v))).all())
+    return not values.empty and float(values.map(lambda v: bool(_NIFTI.search(v))).mean()) > 0.5
 
 
 def load_manifest(
@@ -194,8 +202,8 @@ def load_manifest(
     if missing_cols:
         raise ManifestError(f"{path}: image column(s) {missing_cols} not in {list(table.columns)}")
     if not image_columns:
-        raise ManifestError(f"{path}: no image column: no column other than {id_column!r} holds only "
-                            f"paths ending in .nii or .nii.gz (columns: {list(table.columns)})")
+        raise ManifestError(f"{path}: no image column: no column other than {id_column!r} holds mostly "
+                            f"paths ending in {_NIFTI_NAMES} (columns: {list(table.columns)})")
     if label_columns is None:
         label_columns = [c for c in table.columns if c not in {id_column, seg_column, *path_columns}]
     types = {c: infer_label_type(table[c]) for c in label_columns}
@@ -243,6 +251,12 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         images = {c: resolve(row[c]) for c in image_columns}
         seg = resolve(row[seg_column]) if seg_column else None
         maps = {c: p for c in map_columns if (p := resolve(row[c])) is not None}
+        named = {**images, **({seg_column: seg} if seg_column and seg is not None else {}), **maps}
+        odd = [f"{c} {str(row[c]).strip()!r}" for c, p in named.items() if p is not None and not _NIFTI.search(p.name)]
+        if odd:
+            failures.append(Failure(sid, source, f"{source}: row {_ + 2} ({sid}): not a NIfTI file name "
+                                                 f"({_NIFTI_NAMES}): {', '.join(odd)}; left out"))
+            continue
         absent = [f"{c} ({p})" if p else f"{c} (empty)" for c, p in images.items() if p is None or not p.exists()]
         if seg is not None and not seg.exists():
             absent.append(f"{seg_column} ({seg})")

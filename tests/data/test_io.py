@@ -142,6 +142,11 @@ def _gz_cut(tmp_path: Path, header_bytes: tuple[int, int]) -> Path:
     return out
 
 
+def _bytes(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
 def _empty_file(tmp_path: Path) -> Path:
     out = tmp_path / "zero_bytes.nii.gz"
     out.write_bytes(b"")
@@ -217,6 +222,9 @@ BAD_CASES = {
             r"unsupported voxel type RGB .*expected real-valued intensities"),
     "complex": (lambda t: _structured(t, "complex", (blob_volume() * (1 + 1j)).astype(np.complex64)),
                 r"unsupported voxel type complex64 \(complex64\); expected real-valued intensities"),
+    # nibabel needs backports.zstd for .zst and raised a TripWireError that named nothing
+    "zst_without_its_package": (lambda t: _bytes(t / "v.nii.zst", b"\x28\xb5\x2f\xfd" + bytes(64)),
+                                r"needs the package backports.zstd|unreadable"),
     "absurd_spacing": (lambda t: write_nifti(t / "huge.nii.gz", blob_volume(), np.diag([1.0, 1.0, 80.0, 1.0])),
                        r"absurd voxel spacing \(1, 1, 80\) mm \(allowed 0.05-20 mm\)"),
 }

@@ -146,8 +146,8 @@ def test_header_only_manifest_says_so(tmp_path):
 def test_no_image_column_names_the_rule(tmp_path):
     csv = tmp_path / "m.csv"
     csv.write_text("subject_id,t1,age\na,a.png,3\n")
-    with pytest.raises(ManifestError, match=r"no image column: no column other than 'subject_id' holds only paths "
-                                            r"ending in \.nii or \.nii\.gz"):
+    with pytest.raises(ManifestError, match=r"no image column: no column other than 'subject_id' holds mostly paths "
+                                            r"ending in \.nii, \.nii\.gz, \.nii\.bz2 or \.nii\.zst"):
         load_manifest(csv)
 
 
@@ -185,3 +185,42 @@ def test_batch_loops_record_an_unexpected_error_and_go_on(tmp_path, monkeypatch,
         return
     assert list(ids) == ["a", "c"]
     assert [f.subject_id for f in failures] == ["b"] and failures[0].message.endswith("b.nii.gz: TypeError: boom")
+
+
+def test_a_broken_cell_fails_its_row_and_keeps_the_modality(tmp_path):
+    """One typo in an image column used to turn the whole column into a label column: the modality
+    (or, for the only image column, every subject) disappeared without a word."""
+    _files(tmp_path, ["a_t1.nii.gz", "a_t2.nii.gz", "b_t1.nii.gz", "b_t2.nii.gz", "c_t1.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,t2,age\n"
+                   "a,img/a_t1.nii.gz,img/a_t2.nii.gz,30\n"
+                   "b,img/b_t1.nii.gz,img/b_t2.nii.gz,40\n"
+                   "c,img/c_t1.nii.gz,img/c_t2.nii.g,50\n")
+    cohort = load_manifest(csv)
+    assert cohort.modalities == ["t1", "t2"]
+    assert cohort.ids == ["a", "b"]
+    assert list(cohort.subjects[0].images) == ["t1", "t2"] and "t2" not in cohort.label_types
+    (failure,) = cohort.failures
+    assert failure.subject_id == "c"
+    assert failure.message == f"{csv}: row 4 (c): not a NIfTI file name (.nii, .nii.gz, .nii.bz2 or .nii.zst): t2 'img/c_t2.nii.g'; left out"
+
+
+def test_bz2_and_zst_paths_are_image_columns(tmp_path):
+    import bz2
+
+    plain = _files(tmp_path, ["a.nii"])[0]
+    (tmp_path / "img" / "b.nii.bz2").write_bytes(bz2.compress(plain.read_bytes()))
+    (tmp_path / "img" / "c.NII.ZST").write_bytes(b"")
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\na,img/a.nii\nb,img/b.nii.bz2\nc,img/c.NII.ZST\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b", "c"] and not cohort.label_types
+    assert cohort.subjects[1].images["t1"].name == "b.nii.bz2"
+
+
+def test_a_column_of_mostly_other_values_stays_a_label(tmp_path):
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,note\na,img/a.nii.gz,ok\nb,img/b.nii.gz,see old.nii\nc,img/c.nii.gz,ok\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b", "c"] and "note" in cohort.label_types
