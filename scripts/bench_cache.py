@@ -309,7 +309,7 @@ def main(argv=None) -> None:
         kernel["bare"].append((after[0] - faults, after[1] - system))
         return n_slices / seconds
 
-    encode_share = []
+    encode_share, waits, writes = [], [], []  # per pipeline run: inside encode, waiting for volumes, store
 
     def pipeline(tmp: Path, rep: int) -> float:
         faults, system = own_usage()
@@ -320,6 +320,8 @@ def main(argv=None) -> None:
         kernel["pipeline"].append((after[0] - faults, after[1] - system))
         assert report.ok and report.slices == n_slices, report.summary()
         encode_share.append(report.encode_seconds)
+        waits.append(report.wait_seconds)
+        writes.append(report.store_seconds)
         return report.slices / report.seconds
 
     def naive() -> float:
@@ -347,11 +349,13 @@ def main(argv=None) -> None:
     # where the pipeline's time goes: inside encode (against bare's time) and outside it
     pipe_s = n_slices / pipe
     enc_s = float(np.median(encode_share))
+    wait_s, store_s = float(np.median(waits)), float(np.median(writes))
     results = {"encoder": args.encoder, "size": args.size, "batch_size": batch_size, "slices": n_slices,
                "device": str(encoder.device), "threads": torch.get_num_threads(), "workers": args.workers,
                "reader": resolve_reader(args.reader, encoder.device),
                "runtime": runtime, "rates": rates, "pipeline_over_bare": pipe / bare_rate,
                "ours_over_naive": pipe / naive_rate, "pipeline_seconds": pipe_s, "pipeline_encode_seconds": enc_s,
+               "pipeline_wait_seconds": wait_s, "pipeline_store_seconds": store_s,
                "bare_seconds": n_slices / bare_rate}
     # the same repetition's pipeline and bare ran back to back: their ratio is what the VM's drift
     # between repetitions disturbs least
@@ -360,7 +364,8 @@ def main(argv=None) -> None:
     print(f"pipeline / bare forward = {pipe:.2f} / {bare_rate:.2f} = {pipe / bare_rate:.3f}  (target >= 0.95); "
           f"per repetition: median {float(np.median(paired)):.3f} (" + ", ".join(f"{r:.3f}" for r in paired) + ")")
     print(f"  pipeline {pipe_s:.2f} s = inside encode {enc_s:.2f} s (bare: {n_slices / bare_rate:.2f} s) "
-          f"+ outside {pipe_s - enc_s:.2f} s")
+          f"+ outside {pipe_s - enc_s:.2f} s (waiting for volumes {wait_s:.2f} s, the first one's read included; "
+          f"writing the store {store_s:.2f} s; packing batches and the rest {pipe_s - enc_s - wait_s - store_s:.2f} s)")
     # on a machine whose cores a CPU encoder keeps busy, a read takes its CPU time from the encoder:
     # bare / (bare + reads) is the ratio to expect then (higher where the encoder leaves gaps)
     bare_s = n_slices / bare_rate

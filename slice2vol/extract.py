@@ -214,6 +214,10 @@ class CacheReport:
         slices: slices encoded by this run.
         seconds: wall time of the job.
         encode_seconds: time inside the encoder.
+        wait_seconds: time the encoding thread waited for volumes (the first volume's read included;
+            large when the readers cannot keep up: raise ``num_workers``). On a GPU the device may
+            still be running the batch before meanwhile.
+        store_seconds: time spent writing the store (commits and the final compaction).
         feature_set: the store's feature-set hash.
         shard: (i, n) or None.
         recomputed: subject -> why it was recomputed although stored (damaged rows, changed input).
@@ -228,6 +232,8 @@ class CacheReport:
     slices: int = 0
     seconds: float = 0.0
     encode_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    store_seconds: float = 0.0
     feature_set: str = ""
     shard: tuple[int, int] | None = None
     recomputed: dict[str, str] = field(default_factory=dict)
@@ -244,7 +250,8 @@ class CacheReport:
         lines = [f"{self.store}{shard}: feature set {self.feature_set}; {len(self.done)} subject(s) cached, "
                  f"{len(self.skipped)} already present, {len(self.failures)} failed; {self.slices} slices "
                  f"in {self.seconds:.1f} s ({rate:.1f} slices/s, encoder busy "
-                 f"{100 * self.encode_seconds / max(self.seconds, 1e-9):.0f}%)"]
+                 f"{100 * self.encode_seconds / max(self.seconds, 1e-9):.0f}%, waiting for volumes "
+                 f"{self.wait_seconds:.1f} s, writing the store {self.store_seconds:.1f} s)"]
         if self.recomputed:
             lines.append(f"{len(self.recomputed)} stored subject(s) recomputed:")
             lines += [f"  {sid}: {why}" for sid, why in self.recomputed.items()]
@@ -565,10 +572,12 @@ def cache_cohort(
         report.feature_set = config_hash_of(provenance)
         finished_before = any(e.get("event") == "cache" and e.get("shard") == (list(shard_) if shard_ else None)
                               for e in store.history)
+        began = time.perf_counter()
         if not report.done and store.exists() and finished_before:  # nothing new: leave the main file alone
             if compact:  # (only finish a killed run's parts)
                 store.compact(drop_broken=True)
             store.close()
+            report.store_seconds += time.perf_counter() - began
             return report
         event = {k: v for k, v in run_context().items() if k != "versions"}
         event.update(event="cache", shard=list(shard_) if shard_ else None, done=len(report.done),
@@ -582,6 +591,7 @@ def cache_cohort(
         else:
             store._commit_part(provenance=provenance, history=[event])
     store.close()
+    report.store_seconds += time.perf_counter() - began
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -769,7 +779,9 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
         nonlocal completed, last_commit
         if completed and (force or len(completed) >= commit_every
                           or time.perf_counter() - last_commit >= commit_seconds):
+            began = time.perf_counter()
             store.commit_subjects(completed, provenance, dtype=precision.dtype, label_types=label_types)
+            report.store_seconds += time.perf_counter() - began
             precision.committed()
             report.done.extend(s.subject_id for s in completed)
             log.debug("committed %d subject(s)", len(completed))
@@ -833,8 +845,20 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
         in_flight = (handle, placements)
 
     items = _VolumeItems(jobs, volume_cfg, slice_cfg, num_workers, reader)
+
+    def arriving() -> Iterator[VolumeItem]:
+        """The items, adding the time spent waiting for each to ``report.wait_seconds``."""
+        stream = iter(items)
+        while True:
+            began = time.perf_counter()
+            item = next(stream, None)
+            report.wait_seconds += time.perf_counter() - began
+            if item is None:
+                return
+            yield item
+
     try:
-        for item in items:
+        for item in arriving():
             if item.error:
                 report.failures.append(Failure(item.subject_id, item.path, item.error))
                 bar.update(1)

@@ -676,3 +676,32 @@ def test_reader_choice() -> None:
     assert resolve_reader("process", torch.device("cpu")) == "process"
     with pytest.raises(ValueError, match="reader must be one of auto, thread, process, got 'fork'"):
         resolve_reader("fork", torch.device("cpu"))
+
+
+def test_report_splits_the_job_time_into_encoder_waiting_and_store(manifest: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """Slow reads show up as waiting for volumes, slow commits as writing the store; with the
+    encoder's time they add up to no more than the job's wall time."""
+    from slice2vol.extract import VolumeSlicesDataset
+
+    read, commit = VolumeSlicesDataset.__getitem__, FeatureStore.commit_subjects
+
+    def slow_read(self, i):
+        time.sleep(0.15)
+        return read(self, i)
+
+    def slow_commit(self, *args, **kwargs):
+        time.sleep(0.2)
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(VolumeSlicesDataset, "__getitem__", slow_read)
+    monkeypatch.setattr(FeatureStore, "commit_subjects", slow_commit)
+    cohort = load_manifest(manifest)
+    report = cache_cohort(cohort, KEY, tmp_path / "f.h5", slice_cfg=SLICES, batch_size=5, num_workers=0,
+                          progress=False, commit_every=2)
+    assert report.ok and len(report.done) == 6
+    assert report.wait_seconds >= 6 * 0.15  # every volume read while the encoder waited (no readers)
+    assert report.store_seconds >= 3 * 0.2  # three commits of two subjects
+    assert report.encode_seconds + report.wait_seconds + report.store_seconds <= report.seconds
+    assert f"waiting for volumes {report.wait_seconds:.1f} s, writing the store {report.store_seconds:.1f} s" \
+        in report.summary()
