@@ -15,8 +15,10 @@ behaviour) or ``refuse`` instead. See ``docs/data.md`` for every rule and bad-in
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import hashlib
+import math
 import os
 import struct
 import warnings
@@ -165,6 +167,10 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
     problem = _header_problem(path, img)
     if problem:
         raise VolumeError(path, problem)
+    try:
+        img = _whole_stream(path, img)
+    except (OSError, EOFError, zlib.error, ValueError) as err:
+        raise VolumeError(path, f"truncated or corrupt data ({_short(err)})") from None
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
         img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
@@ -214,7 +220,7 @@ def _header_problem(path: Path, img: nib.Nifti1Image) -> str | None:
         except Exception:  # noqa: BLE001 - only for the message
             name = str(dtype)
         return f"unsupported voxel type {name} ({dtype}); expected real-valued intensities"
-    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    need = math.prod(shape) * dtype.itemsize  # Python ints: NIfTI-2 dims can overflow an int64 product
     # the image's header is a copy with vox_offset reset; the array proxy keeps the file's
     offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
     on_disk = path.stat().st_size
@@ -231,6 +237,54 @@ def _header_problem(path: Path, img: nib.Nifti1Image) -> str | None:
         return (f"truncated: the header describes {offset + need} bytes (shape {_fmt_shape(shape)}, {dtype}, "
                 f"data from byte {offset}), the file has {on_disk}")
     return None
+
+
+#: a compressed stream may go on past the image (padding, a second gzip member) by this much before
+#: the rest is left unread, and its checksum with it
+_TRAILING_LIMIT = 64 << 20
+
+
+def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """A gzip or bzip2 NIfTI re-opened from its whole decompressed stream, checksums verified.
+
+    nibabel decompresses a .nii.gz only as far as the voxels go, so gzip's CRC and length, at the end
+    of the stream, are never checked: a byte flipped in the middle or a cut trailer loaded as garbage
+    intensities without a word. Decompressing to the end in one zlib/bz2 call verifies them, and the
+    image is then read from those bytes (no second pass; the same nibabel header and array proxy).
+    Other files are returned as they are.
+
+    Raises:
+        zlib.error, OSError, EOFError, ValueError: a corrupt or truncated stream.
+    """
+    with open(path, "rb") as fh:
+        magic = fh.read(3)
+    if magic[:2] == b"\x1f\x8b":
+        stream = zlib.decompressobj(wbits=31)  # gzip wrapper: zlib checks the CRC-32 and length
+    elif magic == b"BZh":
+        stream = bz2.BZ2Decompressor()
+    else:
+        return img
+    offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
+    # Python ints: a NIfTI-2 header's dims can overflow an int64 product
+    need = offset + math.prod(int(n) for n in img.shape) * img.header.get_data_dtype().itemsize
+    try:
+        data = stream.decompress(path.read_bytes(), need + _TRAILING_LIMIT)
+    except zlib.error as err:
+        for code, meaning in (("incorrect data check", "the gzip checksum (CRC-32) does not match the data"),
+                              ("incorrect length check", "the gzip length field does not match the data")):
+            if code in str(err):
+                raise ValueError(meaning) from None
+        raise
+    if len(data) < need:
+        raise EOFError(f"the stream holds {len(data)} of the {need} bytes the header describes")
+    # all input used and the stream unfinished (not merely stopped at the limit): it was cut
+    if isinstance(stream, bz2.BZ2Decompressor):
+        cut = not stream.eof and stream.needs_input
+    else:
+        cut = not stream.eof and not stream.unconsumed_tail
+    if cut:
+        raise EOFError("the compressed stream ends before its end marker")
+    return type(img).from_bytes(data)
 
 
 def _fmt_bytes(n: float) -> str:

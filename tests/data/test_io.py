@@ -142,6 +142,27 @@ def _gz_cut(tmp_path: Path, header_bytes: tuple[int, int]) -> Path:
     return out
 
 
+def _damaged_gz(tmp_path: Path, how: str) -> Path:
+    """A .nii.gz whose stream is damaged where nibabel's partial read never looks (it stops at the
+    last voxel): a byte flipped mid-stream, the CRC-32 changed, or the 8-byte trailer cut off."""
+    raw = bytearray(write_nifti(tmp_path / "src.nii.gz", blob_volume()).read_bytes())
+    if how == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+    elif how == "crc":
+        raw[-6] ^= 0xFF
+    else:
+        raw = raw[:-8]
+    return _bytes(tmp_path / f"gz_{how}.nii.gz", bytes(raw))
+
+
+def _nifti2_dims(tmp_path: Path, n: int) -> Path:
+    src = tmp_path / "n2_src.nii"
+    nib.save(nib.Nifti2Image(blob_volume(), np.eye(4)), str(src))
+    raw = bytearray(src.read_bytes())
+    raw[16:80] = struct.pack("<8q", 3, n, n, n, 1, 1, 1, 1)  # NIfTI-2 dim[0..7], int64
+    return _bytes(tmp_path / "n2_dims.nii", bytes(raw))
+
+
 def _bytes(path: Path, content: bytes) -> Path:
     path.write_bytes(content)
     return path
@@ -214,6 +235,9 @@ BAD_CASES = {
                       r"data from byte 352\), the file has 54112"),
     "vox_offset_beyond_the_file": (lambda t: _patched(t, "offset", _vox_offset(1e7), gz=False),
                                    r"truncated: the header describes 10053760 bytes .* data from byte 10000000\)"),
+    # 2**66 voxels: the int64 product wrapped to 0 and the size check let it through to a traceback
+    "nifti2_dims_overflow": (lambda t: _nifti2_dims(t, 2**22), r"truncated: the header describes "
+                             r"295147905179352826400 bytes \(shape \(4194304, 4194304, 4194304\), float32"),
     "negative_dim": (lambda t: _patched(t, "negative", _dims(3, -24, 28, 20)),
                      r"invalid NIfTI header: shape \(-24, 28, 20\) has a size below 1"),
     "unknown_datatype": (lambda t: _patched(t, "dtype", _datatype(999)),
@@ -222,6 +246,18 @@ BAD_CASES = {
             r"unsupported voxel type RGB .*expected real-valued intensities"),
     "complex": (lambda t: _structured(t, "complex", (blob_volume() * (1 + 1j)).astype(np.complex64)),
                 r"unsupported voxel type complex64 \(complex64\); expected real-valued intensities"),
+    # these loaded as garbage intensities (or as a volume without foreground) before the whole stream was read
+    "gz_byte_flipped": (lambda t: _damaged_gz(t, "flip"),
+                        r"truncated or corrupt data \((the gzip checksum \(CRC-32\) does not match the data|"
+                        r"Error -3 while decompressing data: .*)\)"),
+    "gz_crc_damaged": (lambda t: _damaged_gz(t, "crc"),
+                       r"truncated or corrupt data \(the gzip checksum \(CRC-32\) does not match the data\)"),
+    "gz_trailer_cut": (lambda t: _damaged_gz(t, "cut"),
+                       r"truncated or corrupt data \(the compressed stream ends before its end marker\)"),
+    "bz2_cut": (lambda t: _bytes(t / "cut.nii.bz2", __import__("bz2").compress(
+        write_nifti(t / "src.nii", blob_volume()).read_bytes())[:-20]),
+                # one bzip2 block: nothing of it decodes, not even the header
+                r"truncated or corrupt data|not a NIfTI image \(Cannot work out file type"),
     # nibabel needs backports.zstd for .zst and raised a TripWireError that named nothing
     "zst_without_its_package": (lambda t: _bytes(t / "v.nii.zst", b"\x28\xb5\x2f\xfd" + bytes(64)),
                                 r"needs the package backports.zstd|unreadable"),
