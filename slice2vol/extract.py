@@ -45,9 +45,9 @@ from slice2vol.cache import (
     run_context,
 )
 from slice2vol.config import to_dict
-from slice2vol.data.io import VolumeConfig, fingerprint, fingerprint_changes
+from slice2vol.data.io import VolumeConfig, VolumeError, fingerprint, fingerprint_changes
 from slice2vol.data.manifest import Cohort, Failure, Subject, load_subject
-from slice2vol.data.slicing import SliceConfig, slice_volume
+from slice2vol.data.slicing import SliceConfig, plane_foreground, slice_volume
 from slice2vol.encoders.base import state_sha256
 from slice2vol.progress import bar as progress_bar
 from slice2vol.runtime import one_intra_op_thread, release_free_heap, torch_threads
@@ -188,6 +188,12 @@ class VolumeSlicesDataset(torch.utils.data.Dataset):
             files = fingerprint(subject.images)
             volume = load_subject(subject, self.volume_cfg, with_seg=False)
             sliced = slice_volume(volume, dataclasses.replace(self.slice_cfg, planes=tuple(planes)))
+            empty = [p for p, s in sliced.items() if not len(s)]
+            if empty:
+                # a subject without a slice in a plane has no bag there: every aggregation over that
+                # plane, for the whole cohort, would stop at it (a blank or corrupt volume, or a small
+                # object in a large field of view)
+                raise VolumeError(next(iter(subject.images.values())), no_slices_problem(volume, empty, self.slice_cfg))
             out = {p: (s.images.float().contiguous(), s.indices, s.positions) for p, s in sliced.items()}
             inputs = {"files": files, "oblique": {"degrees": volume.obliquity_deg, "action": volume.oblique_action}}
             return VolumeItem(subject.subject_id, out, seconds=time.perf_counter() - start, inputs=inputs)
@@ -195,6 +201,16 @@ class VolumeSlicesDataset(torch.utils.data.Dataset):
             failure = Failure.of(subject, err)
             return VolumeItem(subject.subject_id, error=failure.message, path=failure.path,
                               seconds=time.perf_counter() - start)
+
+
+def no_slices_problem(volume: Any, planes: Sequence[str], cfg: SliceConfig) -> str:
+    """Why ``planes`` of ``volume`` kept no slice: the fullest candidate slice's foreground fraction."""
+    mask = torch.from_numpy(volume.mask)
+    fullest = max(float(plane_foreground(mask, p)[::cfg.stride].max(initial=0.0)) for p in planes)
+    where = planes[0] if len(planes) == 1 else ", ".join(planes[:-1]) + " or " + planes[-1]
+    return (f"no {where} slice has {cfg.min_foreground:.0%} foreground or more (min_foreground; the fullest "
+            f"of the slices looked at, stride {cfg.stride}, has {fullest:.1%}): a blank or corrupt volume, or a "
+            f"small object in a large field of view (lower --min-foreground)")
 
 
 def _identity(item: Any) -> Any:

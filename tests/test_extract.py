@@ -231,13 +231,26 @@ def test_refuses_append_under_another_config(manifest: Path, tmp_path: Path, cap
     assert more.skipped == ["sub0", "sub1"] and more.done == []
 
 
-def test_empty_plane_subject_is_complete(manifest: Path, tmp_path: Path) -> None:
-    cohort = load_manifest(manifest).subset(["sub0", "sub1"])
-    cfg = SliceConfig(size=32, stride=2, min_foreground=0.99)  # no slice is that full
-    report = cache_cohort(cohort, KEY, tmp_path / "e.h5", slice_cfg=cfg, progress=False)
+def test_a_subject_without_slices_in_a_plane_fails_and_the_others_are_cached(manifest: Path, tmp_path: Path) -> None:
+    """A subject with an empty plane used to be stored as complete: its empty bag then stopped every
+    aggregation of the store (and the bench) for the whole cohort."""
+    cohort = load_manifest(manifest)
+    blank = np.zeros((40, 40, 40), np.float32)
+    blank[18:22, 18:22, 18:22] = 100.0  # a small object in a large field of view: no slice reaches 5%
+    blank[0, 0, 0] = 1.0  # not constant, so the volume itself is valid
+    small = write_nifti(tmp_path / "small.nii.gz", blank)
+    cohort.subjects.append(dataclasses.replace(cohort.subjects[0], subject_id="small", images={"T1": small}))
+    report = cache_cohort(cohort, KEY, tmp_path / "e.h5", slice_cfg=SLICES, progress=False)
+    (failure,) = report.failures
+    assert failure.subject_id == "small" and failure.message.startswith(f"{small}: no axial, coronal or sagittal "
+                                                                           "slice has 5% foreground or more")
+    assert "the fullest of the slices looked at, stride 2, has 1.0%" in failure.message
     store = FeatureStore(tmp_path / "e.h5")
-    assert report.ok and report.slices == 0 and sorted(store.subjects()) == ["sub0", "sub1"]
-    assert store.slice_features("sub0", "axial").shape == (0, 16)
+    assert sorted(store.subjects()) == sorted(cohort.ids[:-1])
+    # a threshold no slice meets fails every subject, naming each file
+    strict = cache_cohort(load_manifest(manifest).subset(["sub0"]), KEY, tmp_path / "s.h5",
+                          slice_cfg=SliceConfig(size=32, stride=2, min_foreground=0.99), progress=False)
+    assert not strict.ok and "slice has 99% foreground or more" in strict.failures[0].message
 
 
 @pytest.mark.parametrize("env, expected", [
