@@ -12,6 +12,7 @@ the header line (comma, semicolon, tab or ``|``: spreadsheets in many locales wr
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import pandas as pd
 
 from slice2vol.data.io import Volume, VolumeConfig, VolumeError, load_volume
 
+log = logging.getLogger(__name__)
 LabelType = Literal["categorical", "continuous"]
 #: file names nibabel reads as NIfTI (.zst needs the package backports.zstd)
 _NIFTI = re.compile(r"\.nii(\.gz|\.bz2|\.zst)?$", re.IGNORECASE)
@@ -141,15 +143,22 @@ def infer_label_type(values: pd.Series, max_classes: int = 10) -> LabelType:
     return "continuous"
 
 
-def _is_path_column(series: pd.Series) -> bool:
-    """Whether most non-empty cells are NIfTI paths.
+#: a cell that names a file (a NIfTI name with a typo, another image format, a path), not a label value
+_PATH_LIKE = re.compile(r"[/\\]|\.(nii|gz|bz2|zst|mgz|mgh|img|hdr|nrrd|nhdr|mha|mhd|dcm)\w*$", re.IGNORECASE)
 
-    Most, not all: one broken cell (a typo, ``n/a``) must fail its row, not silently turn a modality
+
+def _is_path_column(series: pd.Series) -> bool:
+    """Whether a column holds image paths: some cell is a NIfTI file name and at least half of the
+    non-empty cells name files.
+
+    Not all: one broken cell (a typo, ``missing``) must fail its row, not silently turn a modality
     column into a label column (which drops that modality, or the whole manifest, without a word).
     """
     values = series.dropna().astype(str).str.strip()  # resolve() strips the cells too
     values = values[values != ""]
-    return not values.empty and float(values.map(lambda v: bool(_NIFTI.search(v))).mean()) > 0.5
+    if values.empty or not values.map(lambda v: bool(_NIFTI.search(v))).any():
+        return False
+    return float(values.map(lambda v: bool(_NIFTI.search(v) or _PATH_LIKE.search(v))).mean()) >= 0.5
 
 
 def load_manifest(
@@ -180,7 +189,12 @@ def load_manifest(
         raise ManifestError(f"{path}: is a directory, not a manifest CSV (for a BIDS folder use cohort_from_glob)")
     try:
         sep = sniff_delimiter(path)
-        table = pd.read_csv(path, dtype={id_column: str}, sep=sep, encoding="utf-8-sig")
+        # index_col=False: a row with a trailing delimiter must not turn the first column into the index
+        # (pandas then shifts every column name by one)
+        table = pd.read_csv(path, dtype={id_column: str}, sep=sep, encoding="utf-8-sig", index_col=False)
+        # IDs such as NA, None or nan are IDs, not missing values (pandas' default reading of them)
+        ids = pd.read_csv(path, dtype=str, sep=sep, encoding="utf-8-sig", index_col=False,
+                          keep_default_na=False, usecols=lambda c: str(c).strip() == id_column)
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -188,6 +202,10 @@ def load_manifest(
     table.columns = [str(c).strip() for c in table.columns]
     if id_column not in table.columns:
         raise ManifestError(f"{path}: no {id_column!r} column (columns: {list(table.columns)})")
+    if ids.shape[1] == 1 and len(ids) == len(table):
+        table[id_column] = ids.iloc[:, 0].to_numpy()
+    if sep == ";":
+        _read_decimal_commas(table)
     if table.empty:
         raise ManifestError(f"{path}: the manifest has a header ({', '.join(map(str, table.columns))}) "
                             "but no subject rows")
@@ -206,10 +224,28 @@ def load_manifest(
                             f"paths ending in {_NIFTI_NAMES} (columns: {list(table.columns)})")
     if label_columns is None:
         label_columns = [c for c in table.columns if c not in {id_column, seg_column, *path_columns}]
+    for column in label_columns:
+        named = int(table[column].dropna().astype(str).str.strip().map(lambda v: bool(_NIFTI.search(v))).sum())
+        if named:
+            log.warning("%s: column %r is read as a label although %d of its cells name NIfTI files; name it in "
+                        "image_columns to read it as images", path, column, named)
     types = {c: infer_label_type(table[c]) for c in label_columns}
     types.update(label_types or {})
     return _build_cohort(table, root, str(path), id_column, list(image_columns), seg_column,
                          map_columns, types)
+
+
+def _read_decimal_commas(table: pd.DataFrame) -> None:
+    """Columns of numbers written with a decimal comma (``31,5``: spreadsheets that save ``;``-separated
+    files in those locales) become numbers, in place."""
+    decimal = re.compile(r"^[+-]?\d+(,\d+)?$")
+    for column in table.columns:
+        values = table[column].dropna().astype(str).str.strip()
+        values = values[values != ""]
+        if (table[column].dtype == object or pd.api.types.is_string_dtype(table[column])) and not values.empty \
+                and values.str.contains(",").any() and values.map(lambda v: bool(decimal.match(v))).all():
+            table[column] = pd.to_numeric(table[column].astype(str).str.strip().str.replace(",", ".", regex=False)
+                                          .replace({"": None, "nan": None, "None": None, "<NA>": None}))
 
 
 def sniff_delimiter(path: str | Path) -> str:
@@ -266,6 +302,11 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             failures.append(Failure(sid, str(first), f"{first}: file not found: {', '.join(absent)}"))
             continue
         labels = {c: _clean(row[c], types[c]) for c in types}
+        infinite = [f"{c} = {row[c]!r}" for c, v in labels.items() if isinstance(v, float) and not np.isfinite(v)]
+        if infinite:
+            failures.append(Failure(sid, source, f"{source}: row {_ + 2} ({sid}): label not a finite number: "
+                                                 f"{', '.join(infinite)}; left out"))
+            continue
         subjects.append(Subject(sid, images, seg, maps, labels))  # type: ignore[arg-type]
     # one scan under two subject IDs would sit on both sides of a subject-level split (a leak)
     owners: dict[Path, list[str]] = {}

@@ -224,3 +224,62 @@ def test_a_column_of_mostly_other_values_stays_a_label(tmp_path):
     csv.write_text("subject_id,t1,note\na,img/a.nii.gz,ok\nb,img/b.nii.gz,see old.nii\nc,img/c.nii.gz,ok\n")
     cohort = load_manifest(csv)
     assert cohort.ids == ["a", "b", "c"] and "note" in cohort.label_types
+
+
+def test_a_modality_given_for_few_subjects_stays_a_modality(tmp_path):
+    """t2 for one of three subjects, the others 'missing' or empty: the column is still images (its
+    other rows fail, each with a line), not a label holding file names."""
+    _files(tmp_path, ["a_t1.nii.gz", "a_t2.nii.gz", "b_t1.nii.gz", "c_t1.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,t2\na,img/a_t1.nii.gz,img/a_t2.nii.gz\nb,img/b_t1.nii.gz,missing\n"
+                   "c,img/c_t1.nii.gz,\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a"] and cohort.modalities == ["t1", "t2"] and not cohort.label_types
+    messages = {f.subject_id: f.message for f in cohort.failures}
+    assert "not a NIfTI file name (.nii, .nii.gz, .nii.bz2 or .nii.zst): t2 'missing'" in messages["b"]
+    assert "file not found: t2 (empty)" in messages["c"]
+
+
+def test_ids_that_pandas_reads_as_missing_are_ids(tmp_path):
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\nNA,img/a.nii.gz\nNone,img/b.nii.gz\nnan,img/c.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["NA", "None", "nan"] and not cohort.failures
+
+
+def test_a_trailing_delimiter_does_not_shift_the_columns(tmp_path):
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,age\na,img/a.nii.gz,30.5,\nb,img/b.nii.gz,40.5\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"] and cohort.modalities == ["t1"]
+    assert [s.labels["age"] for s in cohort.subjects] == [30.5, 40.5]
+
+
+def test_decimal_commas_in_a_semicolon_manifest_are_numbers(tmp_path):
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id;t1;age;site\na;img/a.nii.gz;31,5;x,y\nb;img/b.nii.gz;42;x\nc;img/c.nii.gz;;y\n")
+    cohort = load_manifest(csv)
+    assert [s.labels["age"] for s in cohort.subjects] == [31.5, 42.0, None]
+    assert cohort.label_types["age"] == "continuous"
+    assert [s.labels["site"] for s in cohort.subjects] == ["x,y", "x", "y"]  # not numbers: left as they are
+
+
+def test_an_infinite_label_fails_its_row(tmp_path):
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,age\na,img/a.nii.gz,30.5\nb,img/b.nii.gz,inf\nc,img/c.nii.gz,41.5\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "c"]
+    assert cohort.failures[0].message == f"{csv}: row 3 (b): label not a finite number: age = inf; left out"
+
+
+def test_a_label_column_naming_nifti_files_is_flagged(tmp_path, caplog):
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,note\na,img/a.nii.gz,ok\nb,img/b.nii.gz,see old.nii\nc,img/c.nii.gz,ok\n")
+    with caplog.at_level("WARNING"):
+        load_manifest(csv)
+    assert "column 'note' is read as a label although 1 of its cells name NIfTI files" in caplog.text
