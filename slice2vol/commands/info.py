@@ -71,10 +71,11 @@ def _obliquity(volume) -> str:
 
 
 def _raw_range(path: Path) -> tuple[float, float]:
-    import nibabel as nib
     import numpy as np
 
-    raw = np.asanyarray(nib.load(str(path)).dataobj)
+    from slice2vol.data.io import read_nifti
+
+    raw = np.asanyarray(read_nifti(path, check_values=False).dataobj)  # the checked (whole-stream) read
     return float(raw.min()), float(raw.max())
 
 

@@ -16,16 +16,19 @@ behaviour) or ``refuse`` instead. See ``docs/data.md`` for every rule and bad-in
 from __future__ import annotations
 
 import bz2
+import contextlib
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import struct
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import nibabel as nib
 from nibabel.tripwire import TripWireError
@@ -152,7 +155,9 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
     if path.is_dir():
         raise VolumeError(path, "is a directory, not a NIfTI file")
     try:
-        img = nib.load(str(path))
+        # nibabel logs the header fields it repairs (to stderr, several lines); what matters is checked here
+        with _quiet_nibabel():
+            img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as err:
         raise VolumeError(path, _cut_header(path) or f"not a NIfTI image ({_short(err)})") from None
     except nib.spatialimages.HeaderDataError as err:  # e.g. an unknown datatype or dim[0] code
@@ -172,8 +177,8 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
     except (OSError, EOFError, zlib.error, ValueError) as err:
         raise VolumeError(path, f"truncated or corrupt data ({_short(err)})") from None
     shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
+    if len(shape) > 3 and all(n == 1 for n in shape[3:]):  # one volume stored as 4D (x, y, z, 1), or 5D
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[(...,) + (0,) * (len(shape) - 3)], img.affine, img.header)
         shape = img.shape
     if len(shape) == 4:
         raise VolumeError(path, f"4D data with {shape[3]} volumes (shape {_fmt_shape(shape)}); "
@@ -185,6 +190,12 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         raise VolumeError(path, f"a single slice, not a volume (shape {_fmt_shape(shape)}: one voxel along "
                                 f"{', '.join(flat)}); expected a 3D volume with at least 2 voxels per axis")
     _check_affine(path, img.affine)
+    if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
+        raw = _raw_pixdim(path, img)
+        if raw is not None and np.any(raw == 0):
+            # nibabel replaces a zero voxel size by 1 mm: with no qform/sform that size is all there is
+            raise VolumeError(path, f"voxel size {_fmt_mm(raw)} mm in pixdim, and no qform or sform: the voxel "
+                                    "spacing is unknown")
     if check_values:
         try:
             data = img.get_fdata(dtype=np.float32)
@@ -284,7 +295,78 @@ def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
         cut = not stream.eof and not stream.unconsumed_tail
     if cut:
         raise EOFError("the compressed stream ends before its end marker")
-    return type(img).from_bytes(data)
+    with _quiet_nibabel():  # its header repairs were reported by nib.load already
+        return type(img).from_bytes(data)
+
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Mutes nibabel's logger, which reports each header field it repairs on load on several lines
+    (its own handler, then the root logger's); what matters is checked and reported by read_nifti.
+
+    nibabel's ``LoggingOutputSuppressor`` misses the root handlers and skips every other handler it
+    removes; this counts nested and concurrent users (reader threads), so the first one to finish does
+    not unmute the logger under another's load.
+    """
+    global _quiet_depth
+    logger = logging.getLogger("nibabel.global")
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_nibabel.was_disabled = logger.disabled  # type: ignore[attr-defined]
+            logger.disabled = True
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                logger.disabled = _quiet_nibabel.was_disabled  # type: ignore[attr-defined]
+
+
+def _raw_pixdim(path: Path, img: nib.Nifti1Image) -> np.ndarray | None:
+    """pixdim[1:4] as the file has it (nibabel's loaded header has zeros replaced by 1)."""
+    try:
+        with _quiet_nibabel(), nib.openers.ImageOpener(str(path)) as fh:
+            header = type(img.header).from_fileobj(fh, check=False)
+        return np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # noqa: BLE001 - the loaded header was readable; this is only a second look
+        return None
+
+
+def _grid_difference(img: nib.Nifti1Image, ref: nib.Nifti1Image) -> str:
+    if img.shape[:3] != ref.shape[:3]:
+        return f"shape {_fmt_shape(img.shape[:3])} vs {_fmt_shape(ref.shape[:3])}"
+    moved = float(np.abs(img.affine[:3, 3] - ref.affine[:3, 3]).max())
+    turned = float(np.abs(img.affine[:3, :3] - ref.affine[:3, :3]).max())
+    return (f"same shape {_fmt_shape(img.shape[:3])}, but the affines differ: origin by up to {moved:.3g} mm, "
+            f"voxel axes by up to {turned:.3g}")
+
+
+def integer_labels(path: str | Path, name: str, values: np.ndarray) -> np.ndarray:
+    """A label map's values as int32, refusing what is not an integer label (NaN, fractions, huge values).
+
+    ``np.rint(...).astype(int32)`` alone turns NaN and labels beyond int32 into -2147483648 and merges
+    fractional values into their neighbours, without a word.
+    """
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise VolumeError(path, f"{name} map has {int((~finite).sum())} NaN/Inf voxels; expected integer labels")
+    rounded = np.rint(values)
+    off = np.abs(values - rounded)
+    if off.max(initial=0.0) > 1e-3:
+        example = values.flat[int(np.argmax(off))]
+        raise VolumeError(path, f"{name} map holds non-integer values (e.g. {example:g}); expected integer labels "
+                                "(a probability map or an interpolated segmentation?)")
+    info = np.iinfo(np.int32)
+    if rounded.size and (rounded.min() < info.min or rounded.max() > info.max):
+        extreme = rounded.max() if rounded.max() > info.max else rounded.min()
+        raise VolumeError(path, f"{name} map holds labels outside the int32 range (e.g. {extreme:g})")
+    return rounded.astype(np.int32)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -586,6 +668,23 @@ def load_volume(
     Raises:
         VolumeError: the first problem found, as ``"<path>: <problem>"``.
     """
+    try:
+        return _load_volume(images, cfg, seg=seg, maps=maps, subject_id=subject_id)
+    except MemoryError:
+        first = next(iter(named_images(images).values()))
+        size = _fmt_bytes(first.stat().st_size) if first.exists() else "?"
+        raise VolumeError(first, f"too large to load: out of memory while reading, reorienting or resampling "
+                                 f"it (file {size})") from None
+
+
+def _load_volume(
+    images: str | Path | Sequence[str | Path] | dict[str, str | Path],
+    cfg: VolumeConfig | None = None,
+    *,
+    seg: str | Path | None = None,
+    maps: dict[str, str | Path] | None = None,
+    subject_id: str | None = None,
+) -> Volume:
     cfg = cfg or VolumeConfig()
     named = named_images(images)
     if not named:
@@ -598,7 +697,7 @@ def load_volume(
     for name, img in opened.items():
         if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
             raise VolumeError(named[name], f"modality {name!r} is not on the grid of {first} "
-                                           f"(shape {_fmt_shape(img.shape[:3])} vs {_fmt_shape(ref.shape[:3])})")
+                                           f"({_grid_difference(img, ref)})")
     tilt = _obliquity_deg(ref.affine)
     grid = None
     action = "none"
@@ -632,10 +731,9 @@ def load_volume(
     for name, path in (({"seg": seg} if seg is not None else {}) | dict(maps or {})).items():
         img = read_nifti(path, check_values=False)
         if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
-            raise VolumeError(path, f"{name} map is not on the image grid "
-                                    f"(shape {_fmt_shape(img.shape[:3])} vs {_fmt_shape(ref.shape[:3])})")
+            raise VolumeError(path, f"{name} map is not on the image grid ({_grid_difference(img, ref)})")
         lab, _, _ = _on_grid(img, grid, order=0)
-        label_maps[name] = np.rint(lab).astype(np.int32)
+        label_maps[name] = integer_labels(path, name, lab)
 
     if cfg.spacing is not None:
         new_stacked, new_affine = resample(stacked, affine, cfg.spacing, order="linear")

@@ -196,6 +196,13 @@ def _datatype(code: int):
     return edit
 
 
+def _pixdim_only(*spacing: float):
+    def edit(raw: bytearray) -> None:
+        raw[80:92] = np.array(spacing, "<f4").tobytes()  # pixdim[1..3]
+        raw[252:256] = np.array([0, 0], "<i2").tobytes()  # qform_code, sform_code
+    return edit
+
+
 def _vox_offset(offset: float):
     def edit(raw: bytearray) -> None:
         raw[108:112] = struct.pack("<f", offset)
@@ -238,6 +245,10 @@ BAD_CASES = {
     # 2**66 voxels: the int64 product wrapped to 0 and the size check let it through to a traceback
     "nifti2_dims_overflow": (lambda t: _nifti2_dims(t, 2**22), r"truncated: the header describes "
                              r"295147905179352826400 bytes \(shape \(4194304, 4194304, 4194304\), float32"),
+    # nibabel replaced the zero by 1 mm (and logged four lines); with no qform/sform pixdim is all there is
+    "zero_pixdim_no_qform_sform": (lambda t: _patched(t, "pixdim0", _pixdim_only(0.0, 1.0, 1.0)),
+                                   r"voxel size \(0, 1, 1\) mm in pixdim, and no qform or sform: the voxel "
+                                   r"spacing is unknown"),
     "negative_dim": (lambda t: _patched(t, "negative", _dims(3, -24, 28, 20)),
                      r"invalid NIfTI header: shape \(-24, 28, 20\) has a size below 1"),
     "unknown_datatype": (lambda t: _patched(t, "dtype", _datatype(999)),
@@ -555,3 +566,64 @@ def test_fingerprint_of_a_missing_file_or_a_directory_says_so(tmp_path):
     assert str(info.value).startswith(str(folder))
     with pytest.raises(VolumeError, match=r"gone.nii.gz: file not found$"):
         fingerprint({"t1": tmp_path / "gone.nii.gz"})
+
+
+def test_nibabel_repairs_leave_no_lines_on_stderr(tmp_path):
+    """A header nibabel repairs on load (negative pixdim: it takes the absolute value) loads with the
+    file's spacing and prints nothing: the one-line rule holds for what slice2vol reports itself."""
+    import subprocess
+    import sys
+
+    path = _patched(tmp_path, "pixneg", _pixdim_only(-2.0, 2.0, 2.0))
+    # a fresh process: nibabel's handler writes to the stderr it found at import, which pytest hides
+    code = f"from slice2vol.data.io import load_volume; print(load_volume({str(path)!r}).spacing)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "(2.0, 2.0, 2.0)" and run.stderr == ""
+
+
+def test_one_volume_stored_as_5d_is_a_volume(tmp_path):
+    path = write_nifti(tmp_path / "five.nii.gz", blob_volume()[..., None, None])
+    np.testing.assert_array_equal(load_volume(path).data, load_volume(write_nifti(tmp_path / "three.nii.gz",
+                                                                                  blob_volume())).data)
+
+
+@pytest.mark.parametrize("values, pattern", [
+    ({(1, 1, 1): np.nan}, r"seg map has 1 NaN/Inf voxels; expected integer labels"),
+    ({(1, 1, 1): 0.25}, r"seg map holds non-integer values \(e.g. 0.25\); expected integer labels"),
+    ({(1, 1, 1): 3e9}, r"seg map holds labels outside the int32 range \(e.g. 3e\+09\)"),
+])
+def test_a_segmentation_that_is_not_integer_labels_is_refused(tmp_path, values, pattern):
+    """These used to become -2147483648 (NaN, > int32) or be rounded into a neighbouring class."""
+    image = write_nifti(tmp_path / "t1.nii.gz", blob_volume())
+    labels = (blob_volume() > 50).astype(np.float64)
+    for where, value in values.items():
+        labels[where] = value
+    seg = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(seg))
+    with pytest.raises(VolumeError, match=pattern) as info:
+        load_volume(image, seg=seg)
+    assert str(info.value).startswith(str(seg))
+
+
+def test_a_modality_on_a_shifted_grid_says_how_it_differs(tmp_path):
+    t1 = write_nifti(tmp_path / "t1.nii.gz", blob_volume())
+    t2 = write_nifti(tmp_path / "t2.nii.gz", blob_volume(), nib.affines.from_matvec(np.eye(3), [2.0, 0, 0]))
+    with pytest.raises(VolumeError, match=r"modality 't2' is not on the grid of .*t1.nii.gz \(same shape "
+                                          r"\(24, 28, 20\), but the affines differ: origin by up to 2 mm, voxel "
+                                          r"axes by up to 0\)"):
+        load_volume({"t1": t1, "t2": t2})
+
+
+def test_out_of_memory_after_reading_names_the_file(tmp_path, monkeypatch):
+    """Memory can run out after the first read too (reorienting, stacking, resampling)."""
+    import slice2vol.data.io as io
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(io, "_to_ras", no_memory)
+    path = write_nifti(tmp_path / "big.nii.gz", blob_volume())
+    with pytest.raises(VolumeError, match=r"too large to load: out of memory while reading, reorienting or "
+                                          r"resampling it \(file [\d.]+ (KiB|bytes)\)") as info:
+        load_volume(path)
+    assert str(info.value).startswith(str(path))
