@@ -528,6 +528,8 @@ def cache_cohort(
     t0 = time.perf_counter()
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1 slice, got {batch_size}")
     volume_cfg = volume_cfg or VolumeConfig()
     slice_cfg = slice_cfg or SliceConfig()
     encoder_kwargs = dict(encoder_kwargs or {})

@@ -718,3 +718,21 @@ def test_report_splits_the_job_time_into_encoder_waiting_and_store(manifest: Pat
     assert report.encode_seconds + report.wait_seconds + report.store_seconds <= report.seconds
     assert f"waiting for volumes {report.wait_seconds:.1f} s, writing the store {report.store_seconds:.1f} s" \
         in report.summary()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--spacing", "0"], "spacing must be 3 voxel sizes of 0.05-20 mm, got (0.0, 0.0, 0.0)"),  # was ignored
+    (["--spacing", "-1"], "spacing must be 3 voxel sizes of 0.05-20 mm, got (-1.0, -1.0, -1.0)"),  # one voxel
+    (["--spacing", "nan"], "spacing must be 3 voxel sizes"),  # failed every subject
+    (["--spacing", "0.01"], "spacing must be 3 voxel sizes"),  # 10^10 voxels per head
+    (["--min-foreground", "2"], "min_foreground must be a fraction of the plane between 0 and 1, got 2.0"),
+    (["--min-foreground", "nan"], "min_foreground must be a fraction of the plane between 0 and 1, got nan"),
+    (["--batch-size", "0"], "batch_size must be >= 1 slice, got 0"),  # was an IndexError traceback
+])
+def test_cache_options_out_of_range_are_refused_in_one_line(manifest: Path, tmp_path: Path, capsys, option,
+                                                            message) -> None:
+    store = tmp_path / "f.h5"
+    assert main(["cache", "--manifest", str(manifest), "--store", str(store), *CLI_ARGS, *option]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not store.exists()

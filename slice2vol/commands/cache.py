@@ -186,7 +186,7 @@ def _cache(args: argparse.Namespace) -> int:
     planes = tuple(p.strip() for p in args.planes.split(",") if p.strip())
     slice_cfg = SliceConfig(planes=planes, stride=args.stride, min_foreground=args.min_foreground,
                             context=args.context, size=args.size)
-    volume_cfg = VolumeConfig(spacing=(args.spacing,) * 3 if args.spacing else None, oblique=args.oblique)
+    volume_cfg = VolumeConfig(spacing=(args.spacing,) * 3 if args.spacing is not None else None, oblique=args.oblique)
     cohort = load_manifest(args.manifest)
     report = cache_cohort(
         cohort, args.encoder, store, weights=args.weights, encoder_kwargs=_encoder_kwargs(args.encoder_arg),

@@ -95,6 +95,21 @@ class VolumeConfig:
             raise ValueError(f"oblique must be one of {OBLIQUE_POLICIES}, got {self.oblique!r}")
         if self.reslice_order not in (1, 3):
             raise ValueError(f"reslice_order must be 1 (trilinear) or 3 (cubic), got {self.reslice_order!r}")
+        if self.spacing is not None:
+            spacing = tuple(float(v) for v in self.spacing)
+            # the range a loaded file's own spacing must lie in: anything else is a typo (0.01 mm would
+            # resample a head into 10^10 voxels, -1 into one voxel, 0 used to be ignored)
+            if len(spacing) != 3 or not all(math.isfinite(v) and self.min_spacing <= v <= self.max_spacing
+                                            for v in spacing):
+                raise ValueError(f"spacing must be 3 voxel sizes of {self.min_spacing:g}-{self.max_spacing:g} mm, "
+                                 f"got {self.spacing}")
+            self.spacing = spacing
+        for name in ("min_spacing", "max_spacing", "crop_margin"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        lo, hi = self.clip_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
 
 
 @dataclass

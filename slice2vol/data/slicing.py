@@ -50,6 +50,8 @@ class SliceConfig:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         if self.context < 1 or self.context % 2 == 0:
             raise ValueError(f"context must be an odd number >= 1, got {self.context}")
+        if not 0.0 <= self.min_foreground <= 1.0:  # a fraction; NaN fails this too
+            raise ValueError(f"min_foreground must be a fraction of the plane between 0 and 1, got {self.min_foreground}")
         if self.size is not None and self.size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {self.size}")
 
