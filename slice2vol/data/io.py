@@ -632,6 +632,7 @@ def normalize_intensity(
         return data
     out = np.empty_like(data, dtype=np.float32)
     lo_p, hi_p = cfg.clip_percentiles
+    scratch = None  # one float64 buffer: the clip and shift used to allocate three (5 GB for a 600^3 volume)
     for c, channel in enumerate(data):
         nonzero = channel[channel != channel.min()]
         if nonzero.size == 0:
@@ -644,7 +645,12 @@ def normalize_intensity(
             lo, hi = np.float64(channel.min()), np.float64(channel.max())
             if hi <= lo:
                 hi = lo + 1e-6
-        out[c] = (np.clip(channel, lo, hi) - lo) / (hi - lo)
+        if scratch is None:
+            scratch = np.empty(channel.shape, dtype=np.float64)
+        # in float64 as (clip(x, lo, hi) - lo) / (hi - lo) with float64 bounds computes it, then rounded once
+        np.clip(channel, lo, hi, out=scratch)
+        np.subtract(scratch, lo, out=scratch)
+        np.divide(scratch, hi - lo, out=out[c], casting="same_kind")
         if cfg.normalize == "zscore":
             inside = out[c][mask] if mask is not None and mask.any() else out[c].ravel()
             out[c] = (out[c] - inside.mean()) / max(float(inside.std()), 1e-6)
@@ -740,7 +746,7 @@ def _load_volume(
             first,
             f"absurd voxel spacing {_fmt_mm(spacing)} mm (allowed {cfg.min_spacing:g}-{cfg.max_spacing:g} mm)",
         )
-    stacked = np.stack(channels)
+    stacked = channels[0][None] if len(channels) == 1 else np.stack(channels)  # one channel: a view, no copy
 
     label_maps: dict[str, np.ndarray] = {}
     for name, path in (({"seg": seg} if seg is not None else {}) | dict(maps or {})).items():

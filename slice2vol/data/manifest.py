@@ -3,7 +3,7 @@
 A manifest is a CSV with a ``subject_id`` column, one column per image modality (values are paths
 ending in ``.nii``, ``.nii.gz``, ``.nii.bz2`` or ``.nii.zst``, relative to the manifest's folder; a
 column is one of paths when most of its cells are), an optional segmentation
-column (``seg``), optional other label maps (columns whose name contains ``mask`` or ``lesion``),
+column (``seg``), optional other label maps (columns whose name contains ``mask``, ``lesion``, ``seg`` or ``parc``),
 and any label columns. Rows that cannot be used (duplicate IDs, missing files) are recorded in
 ``Cohort.failures`` and left out; the other subjects load normally. The delimiter is sniffed from
 the header line (comma, semicolon, tab or ``|``: spreadsheets in many locales write ``;``).
@@ -213,7 +213,8 @@ def load_manifest(
     path_columns = [c for c in table.columns if c != id_column and _is_path_column(table[c])]
     if seg_column not in table.columns:
         seg_column = None
-    map_columns = [c for c in path_columns if c != seg_column and re.search("mask|lesion", c, re.I)]
+    # label maps, not image channels: a column named aseg, seg_path or brain_mask must not become a channel
+    map_columns = [c for c in path_columns if c != seg_column and re.search("mask|lesion|seg|parc", c, re.I)]
     if image_columns is None:
         image_columns = [c for c in path_columns if c != seg_column and c not in map_columns]
     missing_cols = [c for c in image_columns if c not in table.columns]

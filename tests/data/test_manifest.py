@@ -283,3 +283,14 @@ def test_a_label_column_naming_nifti_files_is_flagged(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         load_manifest(csv)
     assert "column 'note' is read as a label although 1 of its cells name NIfTI files" in caplog.text
+
+
+def test_segmentation_like_columns_are_maps_not_channels(tmp_path):
+    """A column named aseg or seg_path used to become a second image channel (label values read as
+    intensities, without a word)."""
+    _files(tmp_path, ["a.nii.gz", "a_aseg.nii.gz", "a_parc.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,aseg,aparc_path\na,img/a.nii.gz,img/a_aseg.nii.gz,img/a_parc.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.modalities == ["t1"]
+    assert sorted(cohort.subjects[0].maps) == ["aparc_path", "aseg"]
