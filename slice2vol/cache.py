@@ -310,8 +310,10 @@ class _Segment:
             try:
                 self._file = h5py.File(self.path, "r")
             except OSError as err:
-                raise StoreCorrupt(f"{self.path}: cannot open as HDF5 ({_short(err)}); the file is damaged "
-                                   "or not a feature store") from None
+                hint = ("the file is damaged or not a feature store" if not self.path.parent.name.endswith(".parts")
+                        else f"a damaged part of an unfinished job: move it out of {self.path.parent} to go on "
+                             "without the subjects it held (the next caching run recomputes them)")
+                raise StoreCorrupt(f"{self.path}: cannot open as HDF5 ({_short(err)}); {hint}") from None
             self._pid = os.getpid()
             if self._file.attrs.get("format") != FORMAT:
                 raise StoreError(f"{self.path}: not a slice2vol feature store (format attribute missing)")

@@ -736,3 +736,20 @@ def test_cache_options_out_of_range_are_refused_in_one_line(manifest: Path, tmp_
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not store.exists()
+
+
+def test_a_damaged_part_says_how_to_go_on(manifest: Path, tmp_path: Path) -> None:
+    """A truncated part of an unfinished job blocked the store with no way forward; the message says
+    to move it aside, and after that the next run recomputes its subjects."""
+    cohort = load_manifest(manifest).subset(["sub0", "sub1", "sub2"])
+    store = tmp_path / "f.h5"
+    cache_cohort(cohort, KEY, store, slice_cfg=SLICES, progress=False, commit_every=1, compact=False)
+    parts = sorted((tmp_path / "f.h5.parts").glob("part-*.h5"))
+    with_subjects = [p for p in parts if p.stat().st_size > 4096][0]
+    with_subjects.write_bytes(with_subjects.read_bytes()[:1000])
+    with pytest.raises(Exception, match=r"cannot open as HDF5 .*a damaged part of an unfinished job: move it out "
+                                        r"of .*f\.h5\.parts to go on without the subjects it held"):
+        FeatureStore(store).subjects()
+    with_subjects.rename(tmp_path / with_subjects.name)
+    report = cache_cohort(cohort, KEY, store, slice_cfg=SLICES, progress=False)
+    assert report.ok and sorted(FeatureStore(store).subjects()) == cohort.ids
