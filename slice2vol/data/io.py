@@ -213,14 +213,35 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
                                     "spacing is unknown")
     if check_values:
         try:
-            data = img.get_fdata(dtype=np.float32)
+            with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # reported below, in one line
+                data = img.get_fdata(dtype=np.float32)
         except (OSError, EOFError, zlib.error, ValueError) as err:
             raise VolumeError(path, f"truncated or corrupt data ({_short(err)})") from None
         except MemoryError:
             raise VolumeError(path, f"too large to load: shape {_fmt_shape(img.shape)} needs "
                                     f"{_fmt_bytes(4 * np.prod(img.shape, dtype=np.float64))} as float32") from None
+        problem = _float32_range_problem(img, data)
+        if problem:
+            raise VolumeError(path, problem)
         check_values_ok(path, data)
     return img
+
+
+def _float32_range_problem(img: nib.Nifti1Image, data: np.ndarray) -> str | None:
+    """Finite float64 voxels that float32 (what everything computes in) turns into Inf or 0."""
+    if img.get_data_dtype().itemsize < 8 or img.get_data_dtype().kind != "f":
+        return None
+    overflow = not np.isfinite(data).all()
+    underflow = not overflow and not data.any()
+    if not (overflow or underflow):
+        return None
+    raw = np.asanyarray(img.dataobj, dtype=np.float64) if hasattr(img.dataobj, "dtype") else None
+    if raw is None or not np.isfinite(raw).all() or not raw.any():
+        return None  # real NaN/Inf or real zeros: check_values_ok says so
+    extreme = np.abs(raw[raw != 0])
+    if overflow:
+        return f"float64 values up to {extreme.max():.3g} do not fit in float32 (max 3.4e+38); rescale the image"
+    return f"float64 values of at most {extreme.max():.3g} are all 0 in float32 (min normal 1.2e-38); rescale the image"
 
 
 #: deflate encodes at most 258 bytes in one symbol of at least 2 bits: ~1032:1 at best; any gzip file
@@ -504,6 +525,8 @@ def _cut_header(path: Path) -> str | None:
         if head[:4] in (struct.pack("<i", size), struct.pack(">i", size)):
             if len(head) < size:
                 return f"truncated: the NIfTI header ends after {len(head)} of {size} bytes"
+            if gz and not path.name.lower().endswith(".gz"):  # nibabel goes by the name and read gzip as NIfTI
+                return f"gzip-compressed NIfTI in a file named {path.suffix or 'without .gz'}: rename it to end in .nii.gz"
             if gz:
                 return f"truncated or corrupt gzip stream ({on_disk} bytes on disk; the NIfTI header in it is whole)"
     return None

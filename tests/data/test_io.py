@@ -257,6 +257,13 @@ BAD_CASES = {
             r"unsupported voxel type RGB .*expected real-valued intensities"),
     "complex": (lambda t: _structured(t, "complex", (blob_volume() * (1 + 1j)).astype(np.complex64)),
                 r"unsupported voxel type complex64 \(complex64\); expected real-valued intensities"),
+    # float32 turned them into Inf (reported as NaN/Inf voxels) or 0 (reported as an empty volume)
+    "float64_beyond_float32": (lambda t: write_nifti(t / "f64big.nii.gz", blob_volume().astype(np.float64) * 1e300),
+                               r"float64 values up to [\d.]+e\+302 do not fit in float32 \(max 3.4e\+38\); rescale"),
+    "float64_below_float32": (lambda t: write_nifti(t / "f64tiny.nii.gz", blob_volume().astype(np.float64) * 1e-300),
+                              r"float64 values of at most [\d.]+e-298 are all 0 in float32"),
+    "gzip_named_nii": (lambda t: _bytes(t / "packed.nii", gzip.compress(write_nifti(t / "src.nii", blob_volume()).read_bytes())),
+                       r"gzip-compressed NIfTI in a file named \.nii: rename it to end in \.nii\.gz"),
     # these loaded as garbage intensities (or as a volume without foreground) before the whole stream was read
     "gz_byte_flipped": (lambda t: _damaged_gz(t, "flip"),
                         r"truncated or corrupt data \((the gzip checksum \(CRC-32\) does not match the data|"
