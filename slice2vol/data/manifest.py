@@ -2,8 +2,9 @@
 
 A manifest is a CSV with a ``subject_id`` column, one column per image modality (values are paths
 ending in ``.nii``, ``.nii.gz``, ``.nii.bz2`` or ``.nii.zst``, relative to the manifest's folder; a
-column is one of paths when most of its cells are), an optional segmentation
-column (``seg``), optional other label maps (columns whose name contains ``mask``, ``lesion``, ``seg`` or ``parc``),
+column holds paths when some cell is a NIfTI file name and at least half of its cells name files), an
+optional segmentation column (``seg``), optional other label maps (columns whose name contains ``mask``,
+``lesion``, ``seg`` or ``parc``),
 and any label columns. Rows that cannot be used (duplicate IDs, missing files) are recorded in
 ``Cohort.failures`` and left out; the other subjects load normally. The delimiter is sniffed from
 the header line (comma, semicolon, tab or ``|``: spreadsheets in many locales write ``;``).
@@ -205,7 +206,7 @@ def load_manifest(
     if ids.shape[1] == 1 and len(ids) == len(table):
         table[id_column] = ids.iloc[:, 0].to_numpy()
     if sep == ";":
-        _read_decimal_commas(table)
+        _read_decimal_commas(table, skip=id_column)
     if table.empty:
         raise ManifestError(f"{path}: the manifest has a header ({', '.join(map(str, table.columns))}) "
                             "but no subject rows")
@@ -236,11 +237,11 @@ def load_manifest(
                          map_columns, types)
 
 
-def _read_decimal_commas(table: pd.DataFrame) -> None:
+def _read_decimal_commas(table: pd.DataFrame, skip: str) -> None:
     """Columns of numbers written with a decimal comma (``31,5``: spreadsheets that save ``;``-separated
-    files in those locales) become numbers, in place."""
+    files in those locales) become numbers, in place; the ``skip`` column (the IDs) stays text."""
     decimal = re.compile(r"^[+-]?\d+(,\d+)?$")
-    for column in table.columns:
+    for column in (c for c in table.columns if c != skip):
         values = table[column].dropna().astype(str).str.strip()
         values = values[values != ""]
         if (table[column].dtype == object or pd.api.types.is_string_dtype(table[column])) and not values.empty \

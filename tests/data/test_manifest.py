@@ -260,8 +260,9 @@ def test_a_trailing_delimiter_does_not_shift_the_columns(tmp_path):
 def test_decimal_commas_in_a_semicolon_manifest_are_numbers(tmp_path):
     _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
     csv = tmp_path / "m.csv"
-    csv.write_text("subject_id;t1;age;site\na;img/a.nii.gz;31,5;x,y\nb;img/b.nii.gz;42;x\nc;img/c.nii.gz;;y\n")
+    csv.write_text("subject_id;t1;age;site\n1,5;img/a.nii.gz;31,5;x,y\nb;img/b.nii.gz;42;x\nc;img/c.nii.gz;;y\n")
     cohort = load_manifest(csv)
+    assert cohort.ids == ["1,5", "b", "c"]  # IDs stay as written
     assert [s.labels["age"] for s in cohort.subjects] == [31.5, 42.0, None]
     assert cohort.label_types["age"] == "continuous"
     assert [s.labels["site"] for s in cohort.subjects] == ["x,y", "x", "y"]  # not numbers: left as they are
