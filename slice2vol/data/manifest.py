@@ -227,7 +227,7 @@ def load_manifest(
     if label_columns is None:
         label_columns = [c for c in table.columns if c not in {id_column, seg_column, *path_columns}]
     for column in label_columns:
-        named = int(table[column].dropna().astype(str).str.strip().map(lambda v: bool(_NIFTI.search(v))).sum())
+        named = sum(bool(_NIFTI.search(str(v).strip())) for v in table[column].dropna())
         if named:
             log.warning("%s: column %r is read as a label although %d of its cells name NIfTI files; name it in "
                         "image_columns to read it as images", path, column, named)

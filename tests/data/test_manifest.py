@@ -295,3 +295,11 @@ def test_segmentation_like_columns_are_maps_not_channels(tmp_path):
     cohort = load_manifest(csv)
     assert cohort.modalities == ["t1"]
     assert sorted(cohort.subjects[0].maps) == ["aparc_path", "aseg"]
+
+
+def test_an_empty_label_column_loads(tmp_path):
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,allnan\na,img/a.nii.gz,\nb,img/b.nii.gz,\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"] and [s.labels["allnan"] for s in cohort.subjects] == [None, None]
