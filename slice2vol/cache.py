@@ -1539,6 +1539,7 @@ def merge_stores(out: str | Path, inputs: Sequence[str | Path], *, allow_version
             if types[col] != ref_types[col]:
                 raise StoreMismatch(f"merge: label {col!r} is {types[col]} in {store.path} "
                                     f"but {ref_types[col]} in {ref.path}")
+    _check_merge_target(out, ref, stores)
     # each store resolves its own copies (newest wins), then across stores the first input wins
     segments: list[_Segment] = []
     selection: Selection = {}
@@ -1569,6 +1570,32 @@ def merge_stores(out: str | Path, inputs: Sequence[str | Path], *, allow_version
     if any(duplicates.values()):
         log.warning("merge: %s subject(s) appeared in several inputs; kept the first copy", duplicates)
     return counts
+
+
+def _check_merge_target(out: Path, ref: "FeatureStore", stores: Sequence["FeatureStore"]) -> None:
+    """Refuses to replace an existing store at ``out`` with what would lose data: a store of another
+    feature set, subjects no input holds, or volume embeddings (merge writes a new file). Rerunning
+    the same merge over the same inputs stays allowed."""
+    if not out.exists() and not out.with_name(out.name + ".parts").exists():
+        return
+    existing = FeatureStore(out)
+    try:
+        if existing.feature_set and ref.feature_set and existing.feature_set != ref.feature_set:
+            raise StoreMismatch(f"{out}: already a store of feature set {existing.feature_set} "
+                                f"({existing.provenance.get('encoder')}), the inputs are {ref.feature_set} "
+                                f"({ref.provenance.get('encoder')}); merge into another --store")
+        held = {sid for store in stores for sid in store.subjects()}
+        lost = sorted(set(existing.subjects()) - held)
+        if lost:
+            raise StoreError(f"{out}: already a store holding {len(lost)} subject(s) no input has (e.g. "
+                             f"{lost[:3]}); merge would replace it: add {out.name} to the inputs, or merge into "
+                             "another --store")
+        names = existing.volume_embedding_names()
+        if names:
+            raise StoreError(f"{out}: already a store with volume embeddings {names}; merge would replace it "
+                             "without them: merge into another --store (then aggregate again)")
+    finally:
+        existing.close()
 
 
 # -- reading as a torch Dataset ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from slice2vol.cache import (
     FeatureStore,
     PlaneFeatures,
     SliceBagDataset,
+    StoreError,
     StoreMismatch,
     SubjectFeatures,
     config_hash_of,
@@ -433,3 +434,27 @@ def test_merge_refuses_missing_and_unfinished_shards(tmp_path: Path) -> None:
     assert not (tmp_path / "f.h5").exists()
     counts = merge_stores(tmp_path / "f.h5", paths, require_complete=False)
     assert counts["subjects"]["axial"] == 3
+
+
+def test_merge_does_not_replace_a_store_it_would_lose_data_of(tmp_path: Path) -> None:
+    """merge writes a new file: an existing store at --store of another feature set, with subjects no
+    input holds, or with volume embeddings used to be replaced without a word."""
+    write_store(tmp_path / "a.h5", ids=[0, 1])
+    write_store(tmp_path / "b.h5", ids=[2, 3])
+    other = FeatureStore(tmp_path / "other.h5", mode="a")
+    with other.writer_lock():
+        other.commit_subjects([fake_subject(0)], {**PROV, "encoder": "tv/other"}, label_types=TYPES)
+    with pytest.raises(StoreMismatch, match=r"other.h5: already a store of feature set \w+ \(tv/other\), the inputs "
+                                            r"are \w+ \(.*\); merge into another --store"):
+        merge_stores(tmp_path / "other.h5", [tmp_path / "a.h5", tmp_path / "b.h5"])
+    assert FeatureStore(tmp_path / "other.h5").provenance["encoder"] == "tv/other"  # untouched
+    write_store(tmp_path / "c.h5", ids=[4])
+    with pytest.raises(StoreError, match=r"c.h5: already a store holding 1 subject\(s\) no input has \(e.g. \['s4'\]\)"):
+        merge_stores(tmp_path / "c.h5", [tmp_path / "a.h5", tmp_path / "b.h5"])
+    # rerunning the same merge is fine; once the result holds volume embeddings it is not replaced
+    merge_stores(tmp_path / "ab.h5", [tmp_path / "a.h5", tmp_path / "b.h5"])
+    merge_stores(tmp_path / "ab.h5", [tmp_path / "a.h5", tmp_path / "b.h5"])
+    FeatureStore(tmp_path / "ab.h5", mode="a").write_volume_embeddings(
+        "mean", ["s0", "s1", "s2", "s3"], np.zeros((4, 3), np.float32), {"kind": "x"})
+    with pytest.raises(StoreError, match=r"ab.h5: already a store with volume embeddings \['mean'\]"):
+        merge_stores(tmp_path / "ab.h5", [tmp_path / "a.h5", tmp_path / "b.h5"])
