@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -94,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (``slice2vol cache info ... | head -2``): not an error of ours;
+        # point stdout at /dev/null so that flushing it at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the broken pipe
     except Exception as err:  # noqa: BLE001
         # User errors (bad input, missing file, our own error classes) get one line, not a traceback;
         # anything else is a bug and keeps its traceback.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import os
 from pathlib import Path
 
 import h5py
@@ -458,3 +459,16 @@ def test_merge_does_not_replace_a_store_it_would_lose_data_of(tmp_path: Path) ->
         "mean", ["s0", "s1", "s2", "s3"], np.zeros((4, 3), np.float32), {"kind": "x"})
     with pytest.raises(StoreError, match=r"ab.h5: already a store with volume embeddings \['mean'\]"):
         merge_stores(tmp_path / "ab.h5", [tmp_path / "a.h5", tmp_path / "b.h5"])
+
+
+def test_cli_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    """``slice2vol cache info ... | head -1`` used to end in 'error: [Errno 32] Broken pipe'."""
+    import subprocess
+    import sys
+
+    write_store(tmp_path / "a.h5", ids=[0, 1])
+    proc = subprocess.Popen([sys.executable, "-m", "slice2vol.cli", "cache", "info", "--store", str(tmp_path / "a.h5")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc.stdout.close()  # the reader goes away before the command writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Broken pipe" not in err and "Traceback" not in err
