@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import pickle
 import os
+import pickle
 from pathlib import Path
 
 import h5py
