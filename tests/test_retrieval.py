@@ -398,3 +398,44 @@ def test_cli_search_writes_table_files_and_refuses_unknown_suffix(cohort_store, 
     capsys.readouterr()
     assert main(base + ["--out", str(tmp_path / "n.txt")]) == 2
     assert "must end in .json, .csv, .html or .png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("nprobe", 0), ("ef_search", 0), ("hnsw_m", 0), ("hnsw_m", -3),
+                                          ("nlist", 0), ("recall_k", 0)])
+def test_out_of_range_index_parameters_are_refused(field, value):
+    """FAISS aborted the process (hnsw_m 0), looped (hnsw_m -3), raised a RuntimeError (nprobe 0) or
+    built an index that finds nothing (ef_search 0) on these."""
+    with pytest.raises(ValueError, match=rf"{field} must be an integer >= \d, got {value}"):
+        IndexConfig(kind="hnsw", **{field: value})
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"index.faiss: not the file this index was built with \(sha256 differs from meta.json\)"),
+    ("swap", r"index.faiss: not the file this index was built with"),
+    ("remove", r"index.faiss: missing; rebuild the index"),
+    ("meta", r"meta.json: not a readable index description \(JSONDecodeError"),
+    ("labels", r"labels.csv: unreadable \(KeyError"),
+])
+def test_a_damaged_index_folder_is_refused_naming_the_file(clustered, tmp_path, damage, message):
+    """A swapped index.faiss (another encoder's vectors) used to be searched without a word; the others
+    ended in FAISS or pandas tracebacks."""
+    Index.build(clustered[:40], _ids(40)).save(tmp_path / "idx")
+    Index.build(clustered[40:80] * 2, _ids(40)).save(tmp_path / "other")
+    target = tmp_path / "idx"
+    if damage == "truncate":
+        (target / "index.faiss").write_bytes((target / "index.faiss").read_bytes()[:100])
+    elif damage == "swap":
+        (target / "index.faiss").write_bytes((tmp_path / "other" / "index.faiss").read_bytes())
+    elif damage == "remove":
+        (target / "index.faiss").unlink()
+    elif damage == "meta":
+        (target / "meta.json").write_text("{bad")
+    else:
+        (target / "labels.csv").write_text("x,y\n")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        Index.load(target)
+
+
+def test_k_below_one_is_refused(clustered):
+    with pytest.raises(ValueError, match=r"k must be an integer >= 1 \(neighbours per query\), got 0"):
+        Index.build(clustered[:20], _ids(20)).search(clustered[0], k=0)

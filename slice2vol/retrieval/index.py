@@ -90,6 +90,12 @@ class IndexConfig:
             raise ValueError(f"index kind must be flat, ivf or hnsw, got {self.kind!r}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
+        # FAISS asserts (aborting the process), loops or silently returns nothing on these
+        for name, low in (("nlist", 1), ("nprobe", 1), ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1),
+                          ("recall_k", 1), ("recall_queries", 1), ("train_size", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -428,6 +434,9 @@ class Index:
         meta = {
             "format_version": FORMAT_VERSION,
             "faiss_version": faiss.__version__,
+            # load() compares: an index.faiss replaced or damaged after the build is refused, not searched
+            "index_sha256": _sha256_file(directory / "index.faiss"),
+            "dim": int(self.faiss_index.d),
             "config": to_dict(self.config),
             "stats": self.stats,
             "label_types": self.label_types,
@@ -448,20 +457,41 @@ class Index:
         if not meta_path.exists():
             raise FileNotFoundError(f"{directory}: not an index folder (no meta.json); "
                                     f"build one with 'slice2vol index build'")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: index format {meta.get('format_version')} is not "
-                             f"{FORMAT_VERSION}; rebuild it with this version of slice2vol")
-        cfg = from_dict(IndexConfig, meta["config"])
-        index = faiss.read_index(str(directory / "index.faiss"))
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"{directory}: index format {meta.get('format_version')} is not "
+                                 f"{FORMAT_VERSION}; rebuild it with this version of slice2vol")
+            cfg = from_dict(IndexConfig, meta["config"])
+            meta["ids"], meta["stats"]  # noqa: B018 - present, or the folder is not one we wrote
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{meta_path}: not a readable index description ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:100]}); rebuild the index") from None
+        faiss_path = directory / "index.faiss"
+        if not faiss_path.is_file():
+            raise FileNotFoundError(f"{faiss_path}: missing; rebuild the index with 'slice2vol index build'")
+        if meta.get("index_sha256") and _sha256_file(faiss_path) != meta["index_sha256"]:
+            raise ValueError(f"{faiss_path}: not the file this index was built with (sha256 differs from "
+                             f"meta.json): replaced or damaged; rebuild the index")
+        try:
+            index = faiss.read_index(str(faiss_path))
+        except RuntimeError as err:
+            raise ValueError(f"{faiss_path}: unreadable FAISS index ({' '.join(str(err).split())[:120]}); "
+                             "rebuild the index") from None
+        if meta.get("dim") is not None and int(index.d) != int(meta["dim"]):
+            raise ValueError(f"{faiss_path}: holds {index.d}-d vectors, meta.json says {meta['dim']}; rebuild the index")
         if index.ntotal != len(meta["ids"]):
             raise ValueError(f"{directory}: index.faiss holds {index.ntotal} vectors but meta.json "
                              f"lists {len(meta['ids'])} IDs")
         if cfg.kind == "ivf":
             index.make_direct_map()
         set_search_param(index, cfg.kind, (meta["stats"].get("tuning") or {}).get("value"))
-        labels = pd.read_csv(directory / "labels.csv", dtype={"subject_id": str}, keep_default_na=True)
-        labels = labels.set_index("subject_id")  # IDs stay strings ("007" must not become 7)
+        try:
+            labels = pd.read_csv(directory / "labels.csv", dtype={"subject_id": str}, keep_default_na=True)
+            labels = labels.set_index("subject_id")  # IDs stay strings ("007" must not become 7)
+        except (OSError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise ValueError(f"{directory / 'labels.csv'}: unreadable ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:100]}); rebuild the index") from None
         return cls(index, [str(i) for i in meta["ids"]], labels, meta.get("label_types", {}),
                    meta.get("provenance", {}), cfg, meta.get("stats", {}), directory)
 
@@ -508,6 +538,8 @@ class Index:
             DataFrame with columns ``query, rank, subject_id, similarity`` and the label columns,
             ``rank`` starting at 1, sorted by query then rank.
         """
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1 (neighbours per query), got {k!r}")
         q = np.atleast_2d(queries)
         names = [f"q{i}" for i in range(len(q))] if query_ids is None else [str(s) for s in query_ids]
         sims, pos = self.search_arrays(q, k + int(exclude_self))
@@ -584,6 +616,16 @@ class Index:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _recall_text(tuning: dict) -> str:
     if tuning.get("recall") is None:
         return "recall not measured (too few vectors to hold any out)"
