@@ -50,7 +50,7 @@ from slice2vol.data.manifest import Cohort, Failure, Subject, load_subject
 from slice2vol.data.slicing import SliceConfig, plane_foreground, slice_volume
 from slice2vol.encoders.base import state_sha256
 from slice2vol.progress import bar as progress_bar
-from slice2vol.runtime import one_intra_op_thread, release_free_heap, torch_threads
+from slice2vol.runtime import checked_device, one_intra_op_thread, release_free_heap, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +544,7 @@ def cache_cohort(
                           "wait for it to finish, or give each job its own --store or --shard")
     report = CacheReport(store_path, shard=shard_, failures=list(cohort.failures))
 
-    dev = torch.device(device)
+    dev = torch.device(checked_device(device))
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     reader_ = resolve_reader(reader, dev)

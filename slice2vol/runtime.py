@@ -432,3 +432,27 @@ def configure_runtime(*, threads: int | None = None, allocator: str | None = Non
 def runtime_record() -> dict[str, Any]:
     """What :func:`configure_runtime` set in this process (empty if it was not called)."""
     return dict(_state.get("record", {}))
+
+
+def checked_device(device: str | None) -> str:
+    """``auto``/``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else checked.
+
+    Raises:
+        ValueError: not a device name, or a CUDA device this machine does not have (one line; torch's
+            own errors come later, as tracebacks from deep inside the job).
+    """
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -405,3 +405,23 @@ def test_one_intra_op_thread_holds_when_another_thread_changes_its_count_later()
         thread.join()
         assert torch.get_num_threads() == 2
     assert seen["threads"] == 1
+
+
+def test_device_names_are_checked_in_one_line(monkeypatch):
+    """--device cuda on a machine without a GPU, or a typo, ended in torch tracebacks from deep inside
+    the job (the caching job, bench, pretraining)."""
+    import torch
+
+    from slice2vol.runtime import checked_device
+
+    with pytest.raises(ValueError, match=r"--device 'bogus' is not a device: use auto, cpu, cuda or cuda:N"):
+        checked_device("bogus")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert checked_device("auto") == "cpu" and checked_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"--device cuda:1: no CUDA device is available here"):
+        checked_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert checked_device("cuda:0") == "cuda:0" and checked_device("auto") == "cuda"
+    with pytest.raises(ValueError, match=r"--device cuda:3: this machine has 1 CUDA device\(s\)"):
+        checked_device("cuda:3")

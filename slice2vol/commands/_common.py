@@ -75,12 +75,11 @@ def add_seed(parser: argparse.ArgumentParser, default: int = 0) -> None:
 
 
 def resolve_device(device: str | None) -> str:
-    """``auto``/``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else unchanged."""
-    if device in (None, "", "auto"):
-        import torch
+    """``auto``/``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else checked
+    (:func:`slice2vol.runtime.checked_device`)."""
+    from slice2vol.runtime import checked_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return checked_device(device)
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:

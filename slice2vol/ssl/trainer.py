@@ -73,9 +73,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` -> CUDA when available, else CPU; other names checked (one line for a missing GPU)."""
+    from slice2vol.runtime import checked_device
+
+    return torch.device(checked_device(name))
 
 
 def cosine_with_warmup(train: TrainConfig):
