@@ -972,6 +972,9 @@ class FeatureStore:
         Raises:
             StoreLocked: a caching job (or another writer) is writing the store.
         """
+        if np.ndim(X) != 2 or np.shape(X)[0] == 0 or np.shape(X)[1] == 0:
+            raise ValueError(f"{self.path}: volume embeddings {name!r} of shape {np.shape(X)}: expected "
+                             "(subjects, dims) with at least one of each")
         self._require_writable()
         X = np.asarray(X, dtype=np.float32)
         ids = [str(i) for i in ids]

@@ -244,6 +244,19 @@ class Aggregator:
 
 def build_aggregator(method: str, **params) -> Aggregator:
     """``AGGREGATORS.build`` with the import of every aggregator module done first."""
+    import inspect
+
     import slice2vol.aggregate  # noqa: F401  (fills the registry)
 
-    return AGGREGATORS.build(method, **params)
+    cls = AGGREGATORS.get(method)
+    signature = inspect.signature(cls)
+    if not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+        unknown = sorted(set(params) - set(signature.parameters))
+        if unknown:
+            allowed = [n for n in signature.parameters if n != "self"]
+            raise ValueError(f"aggregator {method!r} takes no parameter(s) {unknown} "
+                             f"(its parameters: {', '.join(allowed) or 'none'})")
+    try:
+        return cls(**params)
+    except TypeError as err:  # a value of the wrong type (params.p=abc), found by the constructor's checks
+        raise ValueError(f"aggregator {method!r}: bad parameter value(s) {params} ({err})") from None

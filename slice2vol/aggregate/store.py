@@ -37,6 +37,9 @@ def open_store(store: Any, mode: str = "r"):
     if isinstance(store, (str, Path)):
         from slice2vol.cache import FeatureStore
 
+        path = Path(store)
+        if not path.exists() and not path.with_name(path.name + ".parts").exists():
+            raise FileNotFoundError(f"{path}: feature store not found")  # not "holds no completed subject"
         return FeatureStore(store, mode=mode)
     return store
 

@@ -60,12 +60,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_ids(value: str) -> list[str] | str:
     if value == "all":
         return "all"
-    lines = Path(value).read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: --train-ids file not found (one subject ID per line, or 'all')")
+    lines = path.read_text().splitlines()
+    ids = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    if not ids:
+        raise ValueError(f"{path}: no subject IDs in the --train-ids file (one per line)")
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise ValueError(f"{path}: duplicate subject IDs in the --train-ids file, e.g. {duplicated[:3]}")
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+
+    import numpy as np
 
     from slice2vol.aggregate import AGGREGATORS, aggregate_store, cross_validate_aggregator, load_bags
     from slice2vol.aggregate.store import TASK_OF_LABEL_TYPE, open_store
@@ -88,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     if args.planes:
         cfg.planes = [p for p in args.planes.split(",") if p]
 
-    if args.cv:
+    if args.cv is not None:
+        if args.cv < 2:
+            raise ValueError(f"--cv must be 2 or more folds, got {args.cv}")
         if not cfg.label:
             raise ValueError("--cv needs --label")
         store = open_store(args.store)
@@ -100,9 +113,23 @@ def run(args: argparse.Namespace) -> int:
         ids, bags = load_bags(store, ids, cfg.planes, tokens=bool(getattr(AGGREGATORS.get(cfg.method), "wants_tokens", False)))
         task = TASK_OF_LABEL_TYPE.get(store.label_types.get(cfg.label), "classification")
         y = labels.loc[ids, cfg.label].to_numpy()
+        if task == "classification":
+            # scikit-learn's own refusal is a multi-line dump of every failed fit
+            classes, counts = np.unique(y.astype(str), return_counts=True)
+            if len(classes) < 2:
+                raise ValueError(f"label {cfg.label!r} has one class only ({classes[0] if len(classes) else 'none'}) "
+                                 f"among the {len(ids)} subjects with a value: nothing to classify")
+            if counts.min() < args.cv:
+                raise ValueError(f"label {cfg.label!r}: class {classes[counts.argmin()]!r} has {counts.min()} "
+                                 f"subject(s), fewer than the {args.cv} folds of --cv")
+        elif len(ids) < 2 * args.cv:
+            raise ValueError(f"label {cfg.label!r}: {len(ids)} subjects with a value, too few for {args.cv} folds")
         params = dict(cfg.params)
-        res = cross_validate_aggregator(bags, y, cfg.method, task=task, folds=args.cv, seed=args.seed,
-                                        aggregator_seed=params.pop("seed", None), planes=cfg.planes, **params)
+        try:
+            res = cross_validate_aggregator(bags, y, cfg.method, task=task, folds=args.cv, seed=args.seed,
+                                            aggregator_seed=params.pop("seed", None), planes=cfg.planes, **params)
+        except TypeError as err:  # a params.* value of the wrong type, met inside the training loop
+            raise ValueError(f"aggregator {cfg.method!r}: {err} (check the params.* values {cfg.params})") from None
         for i, fold in enumerate(res.folds):
             print(f"fold {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in fold.items()))
         print(f"{cfg.method} {cfg.label} ({task}, {len(ids)} subjects, {args.cv}-fold, predictor "
@@ -116,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     train_ids = _read_ids(args.train_ids) if args.train_ids else None
-    name = aggregate_store(args.store, cfg.method, planes=cfg.planes, name=cfg.name, train_ids=train_ids,
-                           label=cfg.label, out_dir=args.out, plot=not args.no_plot, **cfg.params)
+    try:
+        name = aggregate_store(args.store, cfg.method, planes=cfg.planes, name=cfg.name, train_ids=train_ids,
+                               label=cfg.label, out_dir=args.out, plot=not args.no_plot, **cfg.params)
+    except TypeError as err:  # a params.* value of the wrong type, met inside the training loop
+        raise ValueError(f"aggregator {cfg.method!r}: {err} (check the params.* values {cfg.params})") from None
     print(name)
     return 0

@@ -55,3 +55,50 @@ def test_cv_with_a_config_that_seeds_the_aggregator(store, capsys):
             "--cv", "2", "params.epochs=1", "params.hidden=4", "params.seed=3"]
     assert main(argv) == 0
     assert "predictor head" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "mean", "params.epochs=2"], r"aggregator 'mean' takes no parameter\(s\) \['epochs'\] \(its parameters: planes\)"),
+    (["--method", "gem", "params.p=abc"], r"aggregator 'gem': bad parameter value\(s\)"),
+    (["--method", "mean", "--cv", "0", "--label", "group"], r"--cv must be 2 or more folds, got 0"),  # was ignored
+    (["--method", "mean", "--cv", "2", "--label", "constant"],
+     r"label 'constant' has one class only \(1\) among the 16 subjects with a value: nothing to classify"),
+    (["--method", "mil", "--train-ids", "all", "--label", "group", "params.epochs=abc"],
+     r"aggregator 'mil': .* \(check the params.\* values \{'epochs': 'abc'\}\)"),
+])
+def test_bad_parameters_get_one_line(store, capsys, argv, message):
+    """These ended in TypeError tracebacks or a multi-line scikit-learn dump (found by fuzzing)."""
+    import re
+
+    store.labels = (lambda labels: (lambda: labels.assign(constant=1)))(store.labels())
+    store.label_types = {**store.label_types, "constant": "categorical"}
+    assert main(["aggregate", "--store", "features.h5", "--no-plot", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(message, err) and "\n" not in err and "Traceback" not in err
+
+
+def test_missing_store_and_train_ids_files_are_named(tmp_path, capsys):
+    assert main(["aggregate", "--store", str(tmp_path / "nope.h5"), "--method", "mean"]) == 2
+    assert f"{tmp_path / 'nope.h5'}: feature store not found" in capsys.readouterr().err
+
+
+def test_train_ids_file_problems_are_named(store, tmp_path, capsys):
+    for content, message in (("", "no subject IDs in the --train-ids file"),
+                             ("a\nb\na\n", "duplicate subject IDs in the --train-ids file, e.g. ['a']")):
+        ids = tmp_path / "ids.txt"
+        ids.write_text(content)
+        assert main(["aggregate", "--store", "features.h5", "--method", "mil", "--label", "group",
+                     "--train-ids", str(ids), "--no-plot"]) == 2
+        assert f"{ids}: {message}" in capsys.readouterr().err
+    assert main(["aggregate", "--store", "features.h5", "--method", "mil", "--label", "group",
+                 "--train-ids", str(tmp_path / "gone.txt"), "--no-plot"]) == 2
+    assert "gone.txt: --train-ids file not found" in capsys.readouterr().err
+
+
+def test_an_empty_embedding_set_is_not_written(tmp_path):
+    import numpy as np
+
+    from slice2vol.cache import FeatureStore
+
+    with pytest.raises(ValueError, match=r"volume embeddings 'h0' of shape \(3, 0\): expected \(subjects, dims\)"):
+        FeatureStore(tmp_path / "s.h5", mode="a").write_volume_embeddings("h0", ["a", "b", "c"], np.zeros((3, 0)))
