@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from slice2vol.checkpoint_io import CheckpointError, load_state, read_json, read_safetensors, read_torch_state
 from slice2vol.config import to_dict
 from slice2vol.finetune.data import AugmentConfig, SliceBank, augment, standardise
 from slice2vol.finetune.lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, merge_lora
@@ -305,7 +306,7 @@ def train_steps(encoder, objective: Objective, bank: SliceBank, cfg: FinetuneCon
     """
     from contextlib import nullcontext
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from slice2vol.progress import bar as progress_bar
     from slice2vol.ssl.distributed import DistEnv, all_reduce_max, all_reduce_mean, barrier
@@ -325,12 +326,17 @@ def train_steps(encoder, objective: Objective, bank: SliceBank, cfg: FinetuneCon
     state_dir = Path(out_dir) / "train_state" if out_dir is not None and t.checkpoint_every > 0 else None
     key = _state_key(cfg)
     if state_dir is not None and resume and (state_dir / "state.json").exists():
-        saved = json.loads((state_dir / "state.json").read_text())
-        if saved["config_key"] != key:
+        saved = read_json(state_dir / "state.json")
+        if saved.get("config_key") != key:
             raise ValueError(f"{state_dir}: saved by a run with another config; use another --out or --no-resume")
-        net.load_state_dict(load_file(str(state_dir / "encoder.safetensors")))
-        objective.load_state_dict(load_file(str(state_dir / "objective.safetensors")))
-        optimiser.load_state_dict(torch.load(state_dir / "optimiser.pt", map_location=device, weights_only=True))
+        load_state(net, read_safetensors(state_dir / "encoder.safetensors"), state_dir)
+        load_state(objective, read_safetensors(state_dir / "objective.safetensors"), state_dir)
+        optimiser_state = read_torch_state(state_dir / "optimiser.pt", map_location=device)
+        try:
+            optimiser.load_state_dict(optimiser_state)
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{state_dir / 'optimiser.pt'}: does not fit this run's optimiser ({err}); "
+                                  "use another --out or --no-resume") from None
         start, losses = int(saved["step"]), list(saved["losses"])
         log.info("resuming fine-tuning from step %d", start)
 

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from slice2vol.checkpoint_io import load_state, read_json, read_safetensors, read_torch_state
 from slice2vol.config import config_hash, from_dict, to_dict
 from slice2vol.ssl.config import SSLConfig, TrainConfig
 
@@ -147,6 +148,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from: itself, a run directory (uses ``last``), or a file inside one."""
     path = Path(path).expanduser()
     if path.is_file():
+        if not (path.parent / "meta.json").exists() and not (path.parent / "last" / "meta.json").exists():
+            raise FileNotFoundError(f"{path}: not an SSL checkpoint (a file outside a run folder; give the run "
+                                    "folder or <run dir>/last)")
         path = path.parent
     if (path / "last" / "meta.json").exists():
         path = path / "last"
@@ -161,15 +165,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     Returns:
         (method in eval mode, its :class:`SSLConfig`, meta dict with ``checkpoint`` and ``encoder_file``).
     """
-    from safetensors.torch import load_file
-
     from slice2vol.ssl import build_method
 
     path = resolve_checkpoint(path)
-    meta = json.loads((path / "meta.json").read_text())
+    hint = "give the folder of a complete SSL run (<run dir>/last)"
+    meta = read_json(path / "meta.json", hint)
     cfg = from_dict(SSLConfig, meta["config"])
     model = build_method(cfg)
-    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    missing, unexpected = load_state(model, read_safetensors(path / "model.safetensors", hint), path, hint,
+                                     strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match its config (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
@@ -224,10 +228,10 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     for path in sorted(run_dir.glob("step_*")):
         meta = path / "meta.json"
         if path.is_dir() and meta.exists() and (path / "encoder.safetensors").exists():
-            found[int(json.loads(meta.read_text())["step"])] = path
+            found[int(read_json(meta)["step"])] = path
     last = run_dir / "last"
     if (last / "meta.json").exists() and (last / "encoder.safetensors").exists():
-        step = int(json.loads((last / "meta.json").read_text())["step"])
+        step = int(read_json(last / "meta.json")["step"])
         found.setdefault(step, last)
     return sorted(found.items())
 
@@ -312,13 +316,13 @@ def _seed_step(seed: int, step: int, micro: int, rank: int) -> None:
 def _resume_state(last: Path, extra_meta: dict | None) -> dict | None:
     if not (last / "train_state.pt").exists():
         return None
-    meta = json.loads((last / "meta.json").read_text())
+    meta = read_json(last / "meta.json")
     want = (extra_meta or {}).get("subjects_sha256")
     have = meta.get("subjects_sha256")
     if want and have and want != have:
         raise ValueError(f"{last}: this run was trained on another subject set ({meta.get('n_subjects')} subjects); "
                          "use --no-resume (resume=False) or another output folder")
-    return torch.load(last / "train_state.pt", map_location="cpu", weights_only=True)
+    return read_torch_state(last / "train_state.pt")
 
 
 def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
@@ -371,18 +375,16 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
     total = int(tc.steps)
     cost: dict | None = None
     if state is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(last / "model.safetensors")))
+        load_state(model, read_safetensors(last / "model.safetensors"), last)
         step = int(state["step"])
         if tc.budget_flops or tc.budget_device_hours:  # the steps the budget bought stay fixed
             total = int(state.get("total_steps", total))
         wall_before = float(state.get("wall_s", 0.0))
         cpu_before = float(state.get("cpu_s", 0.0))
-        meta = json.loads((last / "meta.json").read_text())
+        meta = read_json(last / "meta.json")
         cost = meta.get("compute")
         if (out_dir / "metrics.json").exists():
-            history = [r for r in json.loads((out_dir / "metrics.json").read_text()) if r["step"] <= step]
+            history = [r for r in read_json(out_dir / "metrics.json") if r["step"] <= step]
         log.info("resuming %s from step %d of %d", out_dir, step, total)
 
     micro = tc.batch_size
