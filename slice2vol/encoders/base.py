@@ -929,9 +929,17 @@ def build_encoder(key: str, weights: str | Path | None = "random", **kwargs: Any
     """
     import slice2vol.encoders  # noqa: F401  - fills the registry
 
-    if key not in ENCODERS:  # open registry: any timm/<name>, openclip/<arch>:<tag>, hf/<repo>
-        builder = slice2vol.encoders.open_builder(key)
-        if builder is not None:
-            return builder(weights=weights, **kwargs).eval()
-    encoder = ENCODERS.build(key, weights=weights, **kwargs)
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"an encoder key such as 'timm/resnet50' is needed, got {key!r}")
+    try:
+        if key not in ENCODERS:  # open registry: any timm/<name>, openclip/<arch>:<tag>, hf/<repo>
+            builder = slice2vol.encoders.open_builder(key)
+            if builder is not None:
+                return builder(weights=weights, **kwargs).eval()
+        encoder = ENCODERS.build(key, weights=weights, **kwargs)
+    except TypeError as err:
+        # an option the family does not take (encoders.0.kwargs.nosuch=1) or of the wrong type
+        if kwargs and ("unexpected keyword" in str(err) or "argument" in str(err)):
+            raise ValueError(f"encoder {key!r}: {err} (options given: {sorted(kwargs)})") from None
+        raise
     return encoder.eval()

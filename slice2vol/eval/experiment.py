@@ -9,6 +9,7 @@ touches this file.
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -198,6 +199,12 @@ class ExperimentConfig:
     seed: int = 0
     # blocks of tasks registered in slice2vol.eval.tasks that have no field above, by task name
     task_params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, low in (("n_bootstrap", 0), ("n_permutations", 0), ("primary_k", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

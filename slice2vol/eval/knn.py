@@ -32,6 +32,24 @@ class KNNConfig:
     temperature: float = 0.07
     center: bool = True
 
+    def __post_init__(self) -> None:
+        _check_ks(self.ks, self.temperature, "knn.")
+
+
+def _check_ks(ks: Sequence[int], temperature: float, prefix: str = "") -> tuple[int, ...]:
+    """``ks`` as ints >= 1 and a positive temperature, or one line naming the key."""
+    if isinstance(ks, (int, str)) or not len(ks):
+        raise ValueError(f"{prefix}ks must be a non-empty list of neighbour counts, got {ks!r}")
+    try:
+        values = tuple(int(k) for k in ks)
+    except (TypeError, ValueError):
+        raise ValueError(f"{prefix}ks must be whole numbers >= 1, got {list(ks)!r}") from None
+    if min(values) < 1 or any(float(k) != int(k) for k in ks):
+        raise ValueError(f"{prefix}ks must be whole numbers >= 1, got {list(ks)!r}")
+    if not float(temperature) > 0:
+        raise ValueError(f"{prefix}temperature must be > 0, got {temperature!r}")
+    return values
+
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Row-wise L2 normalisation of (N, D) -> float32 (N, D)."""
@@ -72,7 +90,7 @@ class KNNProbe:
                  task: str = "classification", center: bool = False) -> None:
         if task not in ("classification", "regression"):
             raise ValueError(f"task must be classification or regression, got {task!r}")
-        self.ks = tuple(int(k) for k in ks)
+        self.ks = _check_ks(ks, temperature)
         self.temperature = float(temperature)
         self.task = task
         self.center = center

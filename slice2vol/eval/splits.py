@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,12 @@ class SplitConfig:
     seed: int = 0
     n_bins: int = 4
     group: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, low in (("n_folds", 2), ("n_repeats", 1), ("n_bins", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+                raise ValueError(f"splits.{name} must be a whole number >= {low}, got {value!r}")
 
 
 @dataclass

@@ -132,3 +132,25 @@ def test_expand_env_and_relative(monkeypatch, tmp_path):
 def test_shipped_configs_load(name):
     cfg, base = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml")
     assert base == REPO and cfg.encoders
+
+
+@pytest.mark.parametrize("override, message", [
+    ("knn.ks=[0]", r"knn.ks must be whole numbers >= 1, got \[0\]"),  # was an AssertionError traceback
+    ("n_bootstrap=-5", r"n_bootstrap must be a whole number >= 0, got -5"),  # was 'need at least one array'
+    ("splits.n_folds=1", r"splits.n_folds must be a whole number >= 2, got 1"),  # was scikit-learn's words
+    ("primary_k=0", r"primary_k must be a whole number >= 1, got 0"),
+])
+def test_out_of_range_experiment_values_name_the_key(override, message):
+    from slice2vol.config import apply_overrides, from_dict, to_dict
+    from slice2vol.eval.experiment import ExperimentConfig
+
+    with pytest.raises(ValueError, match=message):
+        from_dict(ExperimentConfig, apply_overrides(to_dict(ExperimentConfig()), [override]))
+
+
+def test_an_encoder_option_the_family_does_not_take_is_named():
+    from slice2vol.encoders import build_encoder
+
+    with pytest.raises(ValueError, match=r"encoder 'timm/resnet18': .*unexpected keyword argument 'nosuch' "
+                                         r"\(options given: \['nosuch'\]\)"):
+        build_encoder("timm/resnet18", nosuch=1)
