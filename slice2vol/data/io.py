@@ -713,7 +713,7 @@ def load_volume(
         VolumeError: the first problem found, as ``"<path>: <problem>"``.
     """
     try:
-        return _load_volume(images, cfg, seg=seg, maps=maps, subject_id=subject_id)
+        return _load_volume(images, cfg or VolumeConfig(), seg, maps, subject_id)
     except MemoryError:
         first = next(iter(named_images(images).values()))
         size = _fmt_bytes(first.stat().st_size) if first.exists() else "?"
@@ -721,15 +721,8 @@ def load_volume(
                                  f"it (file {size})") from None
 
 
-def _load_volume(
-    images: str | Path | Sequence[str | Path] | dict[str, str | Path],
-    cfg: VolumeConfig | None = None,
-    *,
-    seg: str | Path | None = None,
-    maps: dict[str, str | Path] | None = None,
-    subject_id: str | None = None,
-) -> Volume:
-    cfg = cfg or VolumeConfig()
+def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
+    """:func:`load_volume` without its out-of-memory guard (same arguments)."""
     named = named_images(images)
     if not named:
         raise ValueError("load_volume: no image given")

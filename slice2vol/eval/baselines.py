@@ -15,7 +15,6 @@ encoder at 0.78 has learnt little more than head size.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from slice2vol.config import to_dict
+from slice2vol.data.io import file_sha256
 from slice2vol.eval.experiment import BaselineConfig, FeaturesEntry
 from slice2vol.eval.resultcache import ResultCache, content_key
 from slice2vol.eval.sets import EmbeddingSet
@@ -31,13 +31,6 @@ log = logging.getLogger(__name__)
 
 BASELINES = ("head_volume", "brain_volume", "intensities")
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> EmbeddingSet:
@@ -94,7 +87,7 @@ def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> Em
         if (X < 0).any():
             raise ValueError(f"{path}: log=true needs non-negative values")
         X = np.log1p(X)
-    prov = {"source": str(path), "source_sha256": _file_sha256(path), "columns": columns[:50],
+    prov = {"source": str(path), "source_sha256": file_sha256(path), "columns": columns[:50],
             "n_columns": len(columns), "id_column": entry.id_column, "log": entry.log}
     if entry.fitted_on is not None:
         prov.update({"fitted_on": list(entry.fitted_on), "fitted_labels": list(entry.fitted_labels)})
@@ -126,7 +119,7 @@ def compute_baselines(names: list[str], cohort, volume_cfg, cfg: BaselineConfig,
     if not wanted:
         return {}, skipped
     t0 = time.time()
-    files = [[_file_sha256(Path(p)) for p in _paths_of(s)] for s in cohort.subjects]
+    files = [[file_sha256(Path(p)) for p in _paths_of(s)] for s in cohort.subjects]
     key = content_key("baselines", sorted(wanted), to_dict(cfg), to_dict(volume_cfg), cohort.ids, files)
     hit = cache.get("baselines", key) if cache else None
     if hit is None:

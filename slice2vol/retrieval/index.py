@@ -617,13 +617,9 @@ class Index:
 
 # -- helpers ------------------------------------------------------------------------------------
 def _sha256_file(path: Path) -> str:
-    import hashlib
+    from slice2vol.data.io import file_sha256
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _recall_text(tuning: dict) -> str:
