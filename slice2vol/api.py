@@ -225,6 +225,8 @@ def evaluate(X: Any, y: Any, *, ids: Sequence[str] | None = None, kind: str | No
 
     sets = _as_sets(X)
     n = next(iter(sets.values())).shape[0]
+    if isinstance(probes, str):  # "knn" or "knn,linear", not three one-letter probes
+        probes = [p.strip() for p in probes.split(",") if p.strip()]
     unknown = [p for p in probes if p not in ("knn", "linear")]
     if unknown or not probes:
         raise ValueError(f"evaluate: probes must be among ['knn', 'linear'], got {list(probes)}")

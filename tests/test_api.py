@@ -190,3 +190,10 @@ def test_random_encoder_is_seeded():
     first = state_sha256(s2v.build_encoder("tv/mobilenet_v2", weights="random", img_size=32))
     assert state_sha256(s2v.build_encoder("tv/mobilenet_v2", weights="random", img_size=32)) == first
     assert state_sha256(s2v.build_encoder("tv/mobilenet_v2", weights="random", img_size=32, seed=1)) != first
+
+
+def test_evaluate_takes_one_probe_as_a_string():
+    """``probes="knn"`` used to be refused as the probes ['k', 'n', 'n']."""
+    X, y = _signal()
+    table = s2v.evaluate(X, y, probes="knn", ks=(5,), n_folds=4, n_repeats=1, n_bootstrap=50)
+    assert set(table.probe) == {"knn"}

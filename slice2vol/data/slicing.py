@@ -43,6 +43,8 @@ class SliceConfig:
     size: int | None = 224
 
     def __post_init__(self) -> None:
+        if isinstance(self.planes, str):  # "axial" or "axial,coronal", not five one-letter planes
+            self.planes = tuple(p.strip() for p in self.planes.split(",") if p.strip())
         unknown = [p for p in self.planes if p not in PLANES]
         if unknown:
             raise ValueError(f"unknown plane(s) {unknown}; choose from {list(PLANES)}")

@@ -128,3 +128,11 @@ def test_ixi_slicing_fast_and_complete(ixi_manifest):
         assert plane.labels is not None and plane.labels.shape[0] == len(plane)
     # generous bound: the figure reported in the notes is measured by scripts/bench_slicing.py
     assert elapsed < 5.0
+
+
+def test_planes_given_as_a_string_are_plane_names():
+    """``SliceConfig(planes="axial")`` used to be five one-letter planes ('unknown plane(s) ['a', 'x', ...]')."""
+    from slice2vol.data.slicing import SliceConfig
+
+    assert SliceConfig(planes="axial").planes == ("axial",)
+    assert SliceConfig(planes="axial, coronal").planes == ("axial", "coronal")
