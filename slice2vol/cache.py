@@ -332,9 +332,14 @@ class _Segment:
     def _attr_json(self, name: str, default: str) -> Any:
         raw = self.file.attrs.get(name, default)
         try:
-            return json.loads(_str(raw))
+            value = json.loads(_str(raw))
         except (ValueError, TypeError) as err:
             raise StoreCorrupt(f"{self.path}: attribute {name!r} is not valid JSON ({_short(err)})") from None
+        expected = type(json.loads(default))  # a dict or a list, as written; an edited file may hold another
+        if not isinstance(value, expected):
+            raise StoreCorrupt(f"{self.path}: attribute {name!r} holds a JSON {type(value).__name__}, not the "
+                               f"{expected.__name__} a store writes (edited by hand?)")
+        return value
 
     @property
     def provenance(self) -> dict:
@@ -414,6 +419,9 @@ class _Segment:
             types = json.loads(_str(ds.attrs.get("label_types", "{}")))
         except (OSError, ValueError, TypeError) as err:
             raise StoreCorrupt(f"{self.path}: /labels cannot be read ({_short(err)})") from None
+        if not isinstance(records, dict) or not all(isinstance(v, dict) for v in records.values()) \
+                or not isinstance(types, dict):
+            raise StoreCorrupt(f"{self.path}: /labels is not a mapping subject -> {{label: value}} (edited by hand?)")
         return records, types
 
     def volume_names(self) -> list[str]:
@@ -857,6 +865,17 @@ class FeatureStore:
                     report.volumes_checked += 1
                 except StoreCorrupt as err:
                     report.broken.append(str(err))
+            # the feature-set hash is computed from the provenance when written: an edited provenance
+            # (another encoder name, slice size...) no longer matches it
+            for seg in self.segments:
+                stored = _str(seg.file.attrs.get("feature_set", ""))
+                try:
+                    prov = json.loads(_str(seg.file.attrs.get("provenance", "{}")))
+                except (ValueError, TypeError):
+                    continue  # reported as unreadable JSON by whoever reads it
+                if stored and isinstance(prov, dict) and prov and config_hash_of(prov) != stored:
+                    report.broken.append(f"{seg.path}: the provenance does not hash to the stored feature set "
+                                         f"{stored} (edited after it was written?)")
             return report
         finally:
             self._tolerant = tolerant

@@ -472,3 +472,29 @@ def test_cli_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
     proc.stdout.close()  # the reader goes away before the command writes anything
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Broken pipe" not in err and "Traceback" not in err
+
+
+def test_hand_edited_json_of_the_wrong_type_or_content_is_caught(tmp_path: Path) -> None:
+    """Provenance or labels JSON of another type gave AttributeError/TypeError tracebacks; an edited
+    provenance (another encoder name) was shown and used under the old feature-set hash unnoticed."""
+    import json
+
+    from slice2vol.cache import StoreCorrupt
+
+    write_store(tmp_path / "s.h5", ids=[0, 1]).close()
+    assert FeatureStore(tmp_path / "s.h5").verify().ok
+    with h5py.File(tmp_path / "s.h5", "r+") as f:
+        prov = json.loads(f.attrs["provenance"])
+        f.attrs["provenance"] = json.dumps({**prov, "encoder": "tv/other"})
+    report = FeatureStore(tmp_path / "s.h5").verify()
+    assert not report.ok and any("the provenance does not hash to the stored feature set" in b for b in report.broken)
+    with h5py.File(tmp_path / "s.h5", "r+") as f:
+        f.attrs["provenance"] = json.dumps([1, 2])
+        labels = f["labels"][()]
+        del f["labels"]
+        f["labels"] = json.dumps(["s0", "s1"])
+    with pytest.raises(StoreCorrupt, match=r"attribute 'provenance' holds a JSON list, not the dict a store writes"):
+        FeatureStore(tmp_path / "s.h5").provenance
+    with pytest.raises(StoreCorrupt, match=r"/labels is not a mapping subject -> \{label: value\}"):
+        FeatureStore(tmp_path / "s.h5").labels()
+    assert labels  # the original was readable
