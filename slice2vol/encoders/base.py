@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import numbers
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -874,10 +875,17 @@ def apply_preprocess_overrides(info: EncoderInfo, *, mean: tuple[float, ...] | N
 
 
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    height, width = size
-    return (int(height), int(width))
+    """An image size as (height, width) from one side or a pair of positive whole numbers."""
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        pair = (int(size), int(size))
+    elif isinstance(size, (tuple, list)) and len(size) == 2 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size):
+        pair = (int(size[0]), int(size[1]))
+    else:  # a string (img_size=abc) used to unpack into letters: "too many values to unpack"
+        raise ValueError(f"img_size must be a whole number of pixels or a (height, width) pair, got {size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"img_size must be positive, got {size!r}")
+    return pair
 
 
 @dataclass

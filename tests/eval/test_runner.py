@@ -154,3 +154,13 @@ def test_an_encoder_option_the_family_does_not_take_is_named():
     with pytest.raises(ValueError, match=r"encoder 'timm/resnet18': .*unexpected keyword argument 'nosuch' "
                                          r"\(options given: \['nosuch'\]\)"):
         build_encoder("timm/resnet18", nosuch=1)
+
+
+@pytest.mark.parametrize("size", ["abc", 0, (224,), [224, "x"], True])
+def test_an_image_size_that_is_not_one_says_so(size):
+    """``encoders.0.kwargs.img_size=abc`` used to end in 'too many values to unpack (expected 2)'."""
+    from slice2vol.encoders.base import to_2tuple
+
+    with pytest.raises(ValueError, match=r"img_size must be"):
+        to_2tuple(size)
+    assert to_2tuple(96) == (96, 96) and to_2tuple([64, 80]) == (64, 80)
