@@ -155,9 +155,15 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({one_line(err)})") from None
         out.append((key.strip(), value))
     return out
+
+
+def one_line(err: BaseException) -> str:
+    """An error's text on one line (YAML parse errors span several, with a caret under the spot)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and line.strip() != "^"]
+    return " ".join(lines)[:300] or type(err).__name__
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
@@ -229,7 +235,7 @@ def load_config(
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config ({err})") from None
+            raise ConfigError(f"{path}: cannot read config ({one_line(err)})") from None
         if section is not None:
             loaded = loaded.get(section, {}) or {}
         if not isinstance(loaded, dict):

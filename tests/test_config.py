@@ -41,3 +41,17 @@ def test_bad_overrides_say_what_is_wrong(override, message):
     with pytest.raises(ConfigError, match="^override") as err:
         apply_overrides(data, [override])
     assert message in str(err.value)
+
+
+def test_a_malformed_yaml_file_is_one_line(tmp_path):
+    """YAML parse errors span several lines (with a caret); the rule is one line naming the file."""
+    from slice2vol.config import ConfigError, load_config
+    from slice2vol.eval.experiment import load_experiment
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [knn\nsplits: {n_folds: 3\n")
+    for load in (lambda: load_experiment(bad), lambda: load_config(dict, bad)):
+        with pytest.raises(ConfigError) as info:
+            load()
+        message = str(info.value)
+        assert message.startswith(f"{bad}: cannot read config (") and "\n" not in message and "line 2" in message

@@ -253,7 +253,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config ({err})") from None
+        raise ConfigError(f"{path}: cannot read config ({_config.one_line(err)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     apply_overrides(data, overrides)
