@@ -868,12 +868,12 @@ class FeatureStore:
             # the feature-set hash is computed from the provenance when written: an edited provenance
             # (another encoder name, slice size...) no longer matches it
             for seg in self.segments:
-                stored = _str(seg.file.attrs.get("feature_set", ""))
                 try:
-                    prov = json.loads(_str(seg.file.attrs.get("provenance", "{}")))
-                except (ValueError, TypeError):
-                    continue  # reported as unreadable JSON by whoever reads it
-                if stored and isinstance(prov, dict) and prov and config_hash_of(prov) != stored:
+                    stored, prov = seg.feature_set, seg.provenance
+                except StoreCorrupt as err:  # provenance that is not a JSON object
+                    report.broken.append(str(err))
+                    continue
+                if stored and prov and config_hash_of(prov) != stored:
                     report.broken.append(f"{seg.path}: the provenance does not hash to the stored feature set "
                                          f"{stored} (edited after it was written?)")
             return report

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from slice2vol.commands import _common
 
@@ -55,6 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_progress(parser)
     parser.add_argument("--list", action="store_true", help="list aggregators and exit")
     _common.add_overrides(parser)
+
+
+@contextlib.contextmanager
+def _params_named(cfg: AggregateConfig) -> Iterator[None]:
+    """A params.* value of the wrong type, met inside the training loop as a TypeError, as one line."""
+    try:
+        yield
+    except TypeError as err:
+        raise ValueError(f"aggregator {cfg.method!r}: {err} (check the params.* values {cfg.params})") from None
 
 
 def _read_ids(value: str) -> list[str] | str:
@@ -125,11 +136,9 @@ def run(args: argparse.Namespace) -> int:
         elif len(ids) < 2 * args.cv:
             raise ValueError(f"label {cfg.label!r}: {len(ids)} subjects with a value, too few for {args.cv} folds")
         params = dict(cfg.params)
-        try:
+        with _params_named(cfg):
             res = cross_validate_aggregator(bags, y, cfg.method, task=task, folds=args.cv, seed=args.seed,
                                             aggregator_seed=params.pop("seed", None), planes=cfg.planes, **params)
-        except TypeError as err:  # a params.* value of the wrong type, met inside the training loop
-            raise ValueError(f"aggregator {cfg.method!r}: {err} (check the params.* values {cfg.params})") from None
         for i, fold in enumerate(res.folds):
             print(f"fold {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in fold.items()))
         print(f"{cfg.method} {cfg.label} ({task}, {len(ids)} subjects, {args.cv}-fold, predictor "
@@ -143,10 +152,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     train_ids = _read_ids(args.train_ids) if args.train_ids else None
-    try:
+    with _params_named(cfg):
         name = aggregate_store(args.store, cfg.method, planes=cfg.planes, name=cfg.name, train_ids=train_ids,
                                label=cfg.label, out_dir=args.out, plot=not args.no_plot, **cfg.params)
-    except TypeError as err:  # a params.* value of the wrong type, met inside the training loop
-        raise ValueError(f"aggregator {cfg.method!r}: {err} (check the params.* values {cfg.params})") from None
     print(name)
     return 0

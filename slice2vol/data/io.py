@@ -267,9 +267,8 @@ def _header_problem(path: Path, img: nib.Nifti1Image) -> str | None:
         except Exception:  # noqa: BLE001 - only for the message
             name = str(dtype)
         return f"unsupported voxel type {name} ({dtype}); expected real-valued intensities"
-    need = math.prod(shape) * dtype.itemsize  # Python ints: NIfTI-2 dims can overflow an int64 product
-    # the image's header is a copy with vox_offset reset; the array proxy keeps the file's
-    offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
+    offset, end = _data_extent(img)
+    need = end - offset
     on_disk = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(4)
@@ -291,6 +290,14 @@ def _header_problem(path: Path, img: nib.Nifti1Image) -> str | None:
 _TRAILING_LIMIT = 64 << 20
 
 
+def _data_extent(img: nib.Nifti1Image) -> tuple[int, int]:
+    """(first, one past the last) byte of the voxels in the (decompressed) file, as Python ints: a
+    NIfTI-2 header's dims can overflow an int64 product."""
+    # the image's header is a copy with vox_offset reset; the array proxy keeps the file's
+    offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
+    return offset, offset + math.prod(int(n) for n in img.shape) * img.header.get_data_dtype().itemsize
+
+
 def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
     """A gzip or bzip2 NIfTI re-opened from its whole decompressed stream, checksums verified.
 
@@ -303,19 +310,16 @@ def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
     Raises:
         zlib.error, OSError, EOFError, ValueError: a corrupt or truncated stream.
     """
-    with open(path, "rb") as fh:
-        magic = fh.read(3)
-    if magic[:2] == b"\x1f\x8b":
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
         stream = zlib.decompressobj(wbits=31)  # gzip wrapper: zlib checks the CRC-32 and length
-    elif magic == b"BZh":
+    elif raw[:3] == b"BZh":
         stream = bz2.BZ2Decompressor()
     else:
         return img
-    offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
-    # Python ints: a NIfTI-2 header's dims can overflow an int64 product
-    need = offset + math.prod(int(n) for n in img.shape) * img.header.get_data_dtype().itemsize
+    need = _data_extent(img)[1]
     try:
-        data = stream.decompress(path.read_bytes(), need + _TRAILING_LIMIT)
+        data = stream.decompress(raw, need + _TRAILING_LIMIT)
     except zlib.error as err:
         for code, meaning in (("incorrect data check", "the gzip checksum (CRC-32) does not match the data"),
                               ("incorrect length check", "the gzip length field does not match the data")):
@@ -336,7 +340,7 @@ def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
 
 
 _quiet_lock = threading.Lock()
-_quiet_depth = 0
+_quiet = {"depth": 0, "was_disabled": False}  # users of _quiet_nibabel now; the logger's state before
 
 
 @contextlib.contextmanager
@@ -348,20 +352,19 @@ def _quiet_nibabel() -> Iterator[None]:
     removes; this counts nested and concurrent users (reader threads), so the first one to finish does
     not unmute the logger under another's load.
     """
-    global _quiet_depth
     logger = logging.getLogger("nibabel.global")
     with _quiet_lock:
-        if _quiet_depth == 0:
-            _quiet_nibabel.was_disabled = logger.disabled  # type: ignore[attr-defined]
+        if _quiet["depth"] == 0:
+            _quiet["was_disabled"] = logger.disabled
             logger.disabled = True
-        _quiet_depth += 1
+        _quiet["depth"] += 1
     try:
         yield
     finally:
         with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0:
-                logger.disabled = _quiet_nibabel.was_disabled  # type: ignore[attr-defined]
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                logger.disabled = _quiet["was_disabled"]
 
 
 def _raw_pixdim(path: Path, img: nib.Nifti1Image) -> np.ndarray | None:

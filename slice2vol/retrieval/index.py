@@ -427,6 +427,8 @@ class Index:
         """Writes ``index.faiss``, ``meta.json`` and ``labels.csv`` into ``directory``."""
         import faiss
 
+        from slice2vol.data.io import file_sha256
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.faiss_index, str(directory / "index.faiss"))
@@ -435,7 +437,7 @@ class Index:
             "format_version": FORMAT_VERSION,
             "faiss_version": faiss.__version__,
             # load() compares: an index.faiss replaced or damaged after the build is refused, not searched
-            "index_sha256": _sha256_file(directory / "index.faiss"),
+            "index_sha256": file_sha256(directory / "index.faiss"),
             "dim": int(self.faiss_index.d),
             "config": to_dict(self.config),
             "stats": self.stats,
@@ -451,6 +453,8 @@ class Index:
     def load(cls, directory: str | Path) -> "Index":
         """Reads an index folder written by :meth:`save`."""
         import faiss
+
+        from slice2vol.data.io import file_sha256
 
         directory = Path(directory)
         meta_path = directory / "meta.json"
@@ -470,7 +474,7 @@ class Index:
         faiss_path = directory / "index.faiss"
         if not faiss_path.is_file():
             raise FileNotFoundError(f"{faiss_path}: missing; rebuild the index with 'slice2vol index build'")
-        if meta.get("index_sha256") and _sha256_file(faiss_path) != meta["index_sha256"]:
+        if meta.get("index_sha256") and file_sha256(faiss_path) != meta["index_sha256"]:
             raise ValueError(f"{faiss_path}: not the file this index was built with (sha256 differs from "
                              f"meta.json): replaced or damaged; rebuild the index")
         try:
@@ -616,11 +620,6 @@ class Index:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    from slice2vol.data.io import file_sha256
-
-    return file_sha256(path)
-
 
 def _recall_text(tuning: dict) -> str:
     if tuning.get("recall") is None:
