@@ -1176,21 +1176,28 @@ class FeatureStore:
                                  label_types=label_types)
 
     def compact(self, history: Sequence[dict] = (), provenance: Mapping[str, Any] | None = None, *,
-                drop_broken: bool = False) -> None:
+                drop_broken: bool = False, subjects: Sequence[SubjectFeatures] = (), dtype: str = "float16",
+                label_types: Mapping[str, str] | None = None) -> None:
         """Merges the main file and all parts into a fresh main file, then deletes the parts.
 
         Crash-safe: the new file is complete and fsync'ed before it replaces the old one; parts are
-        deleted afterwards. Only the winning (newest) copy of each (subject, plane) is kept.
+        deleted afterwards. Only the winning (newest) copy of each (subject, plane) is kept. A store
+        whose only segment is one part (a job of up to ``commit_every`` subjects on a new store) gets
+        that part renamed into place: it is already a complete segment, so copying it would only
+        write the same rows twice.
 
         Args:
-            history: job records to append (written in their own part first, like any other write).
+            history: job records to append (written in a part first, like any other write).
             provenance: provenance of that part (default: the store's).
             drop_broken: leave out plane groups that cannot be read (a caching job that has recomputed
                 their subjects); without it such a store is refused with :class:`StoreCorrupt`.
+            subjects, dtype, label_types: completed subjects not committed yet (a caching job's last
+                ones), written in the same part as ``history`` (as :meth:`commit_subjects`).
         """
         self._require_writable()
-        if history:  # a job's record travels in its own tiny part, like any other write
-            self._commit_part(provenance=provenance or self.provenance, history=history)
+        if history or subjects:  # a job's record and last subjects travel in one part, like any other write
+            self._commit_part(provenance=provenance or self.provenance, subjects=subjects, dtype=dtype,
+                              label_types=label_types, history=history)
         if not any(p != self.path for p in self.segment_paths()):
             return
         self._compact_all(drop_broken=drop_broken)
@@ -1201,7 +1208,18 @@ class FeatureStore:
         try:
             self.refresh()
             segments = list(self.segments)
-            selection = _select(self._build_lookup())
+            lookup = self._build_lookup()
+            if len(parts) == 1 and len(segments) == 1 and not self.broken and all(
+                    len(table) == len(segments[0].index()[plane].ids) for plane, table in lookup.items()):
+                # no main file, one part holding each (subject, plane) once: it is the compacted store
+                segments[0].close()
+                os.replace(parts[0], self.path)
+                _fsync_dir(self.path.parent)
+                with contextlib.suppress(OSError):
+                    self.parts_dir.rmdir()
+                self.refresh()
+                return
+            selection = _select(lookup)
             if drop_broken and self.broken:
                 log.warning("%s: left out unreadable data while compacting: %s", self.path, "; ".join(self.broken))
             _merge_segments(segments, self.path, selection=selection)

@@ -582,10 +582,13 @@ def cache_cohort(
                      len(report.skipped), len(jobs), len(report.recomputed))
         labels = {s.subject_id: s.labels for s in cohort.subjects}
         precision = _Precision(provenance["dtype"], provenance, can_switch=not store.feature_set, report=report)
-        _run_jobs(jobs, encoder, store, provenance, labels, dict(cohort.label_types), report,
-                  volume_cfg=volume_cfg, slice_cfg=slice_cfg, batch_size=batch_size,
-                  num_workers=num_workers, reader=reader_, device=dev, save_tokens=save_tokens, progress=progress,
-                  precision=precision, commit_every=commit_every, commit_seconds=commit_seconds)
+        # with compaction, the last subjects are written with the job's record and compacted in one go
+        held = _run_jobs(jobs, encoder, store, provenance, labels, dict(cohort.label_types), report,
+                         volume_cfg=volume_cfg, slice_cfg=slice_cfg, batch_size=batch_size,
+                         num_workers=num_workers, reader=reader_, device=dev, save_tokens=save_tokens,
+                         progress=progress, precision=precision, commit_every=commit_every,
+                         commit_seconds=commit_seconds, hold_last=compact)
+        report.done.extend(s.subject_id for s in held)
         report.seconds = time.perf_counter() - t0
         report.feature_set = config_hash_of(provenance)
         finished_before = any(e.get("event") == "cache" and e.get("shard") == (list(shard_) if shard_ else None)
@@ -605,7 +608,8 @@ def cache_cohort(
         if provenance.get("dtype_fallback"):
             event["dtype_fallback"] = provenance["dtype_fallback"]
         if compact:
-            store.compact(history=[event], provenance=provenance, drop_broken=True)
+            store.compact(history=[event], provenance=provenance, drop_broken=True, subjects=held,
+                          dtype=precision.dtype, label_types=dict(cohort.label_types))
         else:
             store._commit_part(provenance=provenance, history=[event])
     store.close()
@@ -779,10 +783,16 @@ class _VolumeItems:
 def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict, label_types: dict,
               report: CacheReport, *, volume_cfg, slice_cfg, batch_size: int, num_workers: int, reader: str,
               device: torch.device, save_tokens: bool, progress: bool, precision: "_Precision", commit_every: int,
-              commit_seconds: float) -> None:
-    """Main loop: load (workers) -> pack -> encode -> scatter -> commit; ``precision`` checks each batch."""
+              commit_seconds: float, hold_last: bool = False) -> list[SubjectFeatures]:
+    """Main loop: load (workers) -> pack -> encode -> scatter -> commit; ``precision`` checks each batch.
+
+    Returns:
+        With ``hold_last``, the subjects completed since the last commit, for the caller to write
+        (with the job's record, in the part it compacts); otherwise they are committed here and the
+        list is empty. On an exception everything completed is committed before it propagates.
+    """
     if not jobs:
-        return
+        return []
     runner = _Encoder(encoder, device, batch_size, save_tokens)
     bar = progress_bar(len(jobs), desc=f"cache {provenance['encoder']}", unit="subj", enabled=progress)
     queue: deque[tuple[_Pending, str, int]] = deque()  # (subject, plane, first slice not yet batched)
@@ -901,7 +911,10 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
         if in_flight is not None:
             collect(in_flight)
             in_flight = None
+        if hold_last:
+            return completed
         commit(force=True)
+        return []
     except BaseException:
         # an exception (out of memory, Ctrl-C): keep what is complete, then let it propagate
         try:

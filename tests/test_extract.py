@@ -753,3 +753,42 @@ def test_a_damaged_part_says_how_to_go_on(manifest: Path, tmp_path: Path) -> Non
     with_subjects.rename(tmp_path / with_subjects.name)
     report = cache_cohort(cohort, KEY, store, slice_cfg=SLICES, progress=False)
     assert report.ok and sorted(FeatureStore(store).subjects()) == cohort.ids
+
+
+def test_a_small_job_on_a_new_store_writes_its_rows_once(manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    """Up to ``commit_every`` subjects on a new store: one part (the last subjects and the job's
+    record) renamed into place, no copy; the store equals one compacted from a part per subject,
+    and a second job on it is merged as before."""
+    import slice2vol.cache as cache_mod
+
+    merges: list[Path] = []
+    merge = cache_mod._merge_segments
+
+    def counting_merge(segments, out, **kwargs):
+        merges.append(Path(out))
+        return merge(segments, out, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "_merge_segments", counting_merge)
+    cohort = load_manifest(manifest)
+    first, rest = cohort.subset(["sub0", "sub1", "sub2"]), cohort.subset(["sub3", "sub4", "sub5"])
+    once = cache_cohort(first, KEY, tmp_path / "once.h5", slice_cfg=SLICES, batch_size=5, progress=False)
+    assert once.ok and once.done == ["sub0", "sub1", "sub2"] and merges == []
+    assert not (tmp_path / "once.h5.parts").exists()
+    assert sorted(p.name for p in tmp_path.glob("once.h5*")) == ["once.h5", "once.h5.lock"]
+    # the reference: one part per subject, merged into the main file
+    each = cache_cohort(first, KEY, tmp_path / "each.h5", slice_cfg=SLICES, batch_size=5, progress=False,
+                        commit_every=1)
+    assert each.ok and merges == [tmp_path / "each.h5"]
+    a, b = FeatureStore(tmp_path / "once.h5"), FeatureStore(tmp_path / "each.h5")
+    assert_same_store(a, b)
+    assert [e["event"] for e in a.history] == [e["event"] for e in b.history] == ["cache"]
+    assert a.history[0]["done"] == 3 and a.segment_paths() == [tmp_path / "once.h5"]
+    a.close()
+    again = cache_cohort(cohort, KEY, tmp_path / "once.h5", slice_cfg=SLICES, batch_size=5, progress=False)
+    assert again.done == ["sub3", "sub4", "sub5"] and sorted(again.skipped) == ["sub0", "sub1", "sub2"]
+    assert merges[-1] == tmp_path / "once.h5"  # an existing main file: merged, not replaced
+    whole = FeatureStore(tmp_path / "once.h5")
+    assert sorted(whole.subjects()) == cohort.ids and [e["done"] for e in whole.history] == [3, 3]
+    full = cache_cohort(rest, KEY, tmp_path / "each.h5", slice_cfg=SLICES, batch_size=5, progress=False)
+    assert full.ok
+    assert_same_store(whole, FeatureStore(tmp_path / "each.h5"))
