@@ -309,7 +309,8 @@ def main(argv=None) -> None:
         kernel["bare"].append((after[0] - faults, after[1] - system))
         return n_slices / seconds
 
-    encode_share, waits, writes = [], [], []  # per pipeline run: inside encode, waiting for volumes, store
+    # per pipeline run: inside encode, waiting for volumes, store, and the rest (packing, setup)
+    encode_share, waits, writes, rests = [], [], [], []
 
     def pipeline(tmp: Path, rep: int) -> float:
         faults, system = own_usage()
@@ -322,6 +323,7 @@ def main(argv=None) -> None:
         encode_share.append(report.encode_seconds)
         waits.append(report.wait_seconds)
         writes.append(report.store_seconds)
+        rests.append(report.seconds - report.encode_seconds - report.wait_seconds - report.store_seconds)
         return report.slices / report.seconds
 
     def naive() -> float:
@@ -349,13 +351,14 @@ def main(argv=None) -> None:
     # where the pipeline's time goes: inside encode (against bare's time) and outside it
     pipe_s = n_slices / pipe
     enc_s = float(np.median(encode_share))
-    wait_s, store_s = float(np.median(waits)), float(np.median(writes))
+    # medians per part, each over the runs (so they need not add up to the pipeline's median exactly)
+    wait_s, store_s, rest_s = float(np.median(waits)), float(np.median(writes)), float(np.median(rests))
     results = {"encoder": args.encoder, "size": args.size, "batch_size": batch_size, "slices": n_slices,
                "device": str(encoder.device), "threads": torch.get_num_threads(), "workers": args.workers,
                "reader": resolve_reader(args.reader, encoder.device),
                "runtime": runtime, "rates": rates, "pipeline_over_bare": pipe / bare_rate,
                "ours_over_naive": pipe / naive_rate, "pipeline_seconds": pipe_s, "pipeline_encode_seconds": enc_s,
-               "pipeline_wait_seconds": wait_s, "pipeline_store_seconds": store_s,
+               "pipeline_wait_seconds": wait_s, "pipeline_store_seconds": store_s, "pipeline_rest_seconds": rest_s,
                "bare_seconds": n_slices / bare_rate}
     # the same repetition's pipeline and bare ran back to back: their ratio is what the VM's drift
     # between repetitions disturbs least
@@ -365,7 +368,7 @@ def main(argv=None) -> None:
           f"per repetition: median {float(np.median(paired)):.3f} (" + ", ".join(f"{r:.3f}" for r in paired) + ")")
     print(f"  pipeline {pipe_s:.2f} s = inside encode {enc_s:.2f} s (bare: {n_slices / bare_rate:.2f} s) "
           f"+ outside {pipe_s - enc_s:.2f} s (waiting for volumes {wait_s:.2f} s, the first one's read included; "
-          f"writing the store {store_s:.2f} s; packing batches and the rest {pipe_s - enc_s - wait_s - store_s:.2f} s)")
+          f"writing the store {store_s:.2f} s; packing batches and the rest {rest_s:.2f} s; medians of the runs)")
     # on a machine whose cores a CPU encoder keeps busy, a read takes its CPU time from the encoder:
     # bare / (bare + reads) is the ratio to expect then (higher where the encoder leaves gaps)
     bare_s = n_slices / bare_rate
