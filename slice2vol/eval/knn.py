@@ -23,7 +23,8 @@ import numpy as np
 @dataclass
 class KNNConfig:
     """Attributes:
-    ks: neighbour counts evaluated in one pass (clipped to the training-set size).
+    ks: neighbour counts evaluated in one pass. In the benchmark a k larger than a label's smallest
+        training fold is clipped to it in every fold and listed in the report's box of substitutions.
     temperature: softmax temperature of the weighted vote.
     center: subtract the training-fold mean before normalising (see the module docstring).
     """

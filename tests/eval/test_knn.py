@@ -91,3 +91,42 @@ def test_centring_uses_the_training_mean_and_equals_sklearn_on_centred_features(
     raw = KNNProbe(ks=(10,), temperature=T, center=False).fit(xtr, ytr).predict(xte)
     assert np.abs(raw[(10, "weighted")] - raw[(10, "majority")]).max() < 0.05
     assert np.abs(out[(10, "weighted")] - out[(10, "majority")]).max() > 0.2
+
+
+def test_a_k_larger_than_a_training_fold_is_the_same_k_in_every_fold_and_reported(tmp_path):
+    """13 subjects in 3 folds train on 8 or 9: k=50 becomes k=8 in every fold (clipping per fold
+    mixed k=8 and k=9 under one name), and the report's box says so; k=3 is untouched."""
+    from types import SimpleNamespace
+
+    from slice2vol.eval.cohort import LabelSplits
+    from slice2vol.eval.knn import KNNConfig
+    from slice2vol.eval.sets import EmbeddingSet
+    from slice2vol.eval.splits import SplitConfig, make_splits
+    from slice2vol.eval.tasks.base import TaskContext
+    from slice2vol.eval.tasks.knn import TASK, used_ks
+
+    x, y = clustered(n=13, classes=2)
+    ids = [f"s{i:02d}" for i in range(13)]
+    labels = np.array(["a", "b"])[y]
+    splits = make_splits(ids, labels, "categorical", cfg=SplitConfig(n_folds=3, n_repeats=1, seed=0))
+    assert sorted(len(f.train) for f in splits.folds) == [8, 9, 9]
+    frame = LabelSplits("grp", "categorical", list(splits.subject_ids), labels[[ids.index(s) for s in splits.subject_ids]],
+                        np.array(["a", "b"]), splits, tmp_path / "grp.json")
+    assert used_ks((3, 50), frame) == {3: 3, 50: 8}
+    cfg = SimpleNamespace(knn=KNNConfig(ks=(3, 50)), primary_k=3, seed=0, n_bootstrap=20, n_permutations=0,
+                          splits=SimpleNamespace(n_folds=3), headline_estimate="auto")
+    es = EmbeddingSet("enc", ids, x)
+    ctx = TaskContext(cfg=cfg, base=tmp_path, out=tmp_path, frames={"grp": frame}, sets={"enc": es})
+    for fold in splits.folds:
+        x_train, x_test = es.fold_features(frame, fold)
+        y_train = frame.y[frame.splits.positions(frame.ids, fold)[0]]
+        out, _ = TASK.fit_predict(ctx, x_train, y_train, x_test, frame, fold)
+        ref = KNNProbe(ks=(3, 8), temperature=0.07, center=True).fit(x_train, y_train).predict(x_test)
+        np.testing.assert_allclose(out["k=50 majority"], ref[(8, "majority")])
+        np.testing.assert_allclose(out["k=50 weighted"], ref[(8, "weighted")])
+        np.testing.assert_allclose(out["k=3 weighted"], ref[(3, "weighted")])
+    result = TASK.run(ctx)
+    (note,) = result.skipped
+    assert note == {"name": "knn k=50 (grp)", "reason": "k is larger than the smallest training fold (8 subjects)",
+                    "substitute": "k=8 in every fold, shown under the name k=50"}
+    assert {r["variant"] for r in result.rows} >= {"k=50 weighted", "k=3 weighted"}

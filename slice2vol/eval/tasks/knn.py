@@ -10,7 +10,7 @@ import numpy as np
 
 from slice2vol.config import to_dict
 from slice2vol.eval.knn import KNNProbe
-from slice2vol.eval.tasks.base import ProbeTask, TaskContext, align_proba
+from slice2vol.eval.tasks.base import ProbeTask, TaskContext, TaskResult, align_proba
 
 
 class KNNTask(ProbeTask):
@@ -32,11 +32,40 @@ class KNNTask(ProbeTask):
 
     def fit_predict(self, ctx, x_train, y_train, x_test, frame, fold):
         task = "classification" if frame.kind == "categorical" else "regression"
-        knn = KNNProbe(ctx.cfg.knn.ks, ctx.cfg.knn.temperature, task, center=ctx.cfg.knn.center).fit(x_train, y_train)
+        used = used_ks(ctx.cfg.knn.ks, frame)
+        knn = KNNProbe(sorted(set(used.values())), ctx.cfg.knn.temperature, task,
+                       center=ctx.cfg.knn.center).fit(x_train, y_train)
+        preds = knn.predict(x_test)
         out: dict[str, np.ndarray] = {}
-        for (k, vote), pred in knn.predict(x_test).items():
-            out[f"k={k} {vote}"] = align_proba(pred, knn.classes_, frame.classes) if task == "classification" else pred
+        for k_req, k in used.items():  # variants keep the configured name; run() lists the k used
+            for vote in (("weighted", "majority") if task == "classification" else ("weighted", "mean")):
+                pred = preds[(k, vote)]
+                out[f"k={k_req} {vote}"] = (align_proba(pred, knn.classes_, frame.classes)
+                                           if task == "classification" else pred)
         return out, {}
 
+    def run(self, ctx: TaskContext) -> TaskResult:
+        result = super().run(ctx)
+        for label, frame in ctx.frames.items():
+            smallest = smallest_training_fold(frame)
+            for k_req, k in used_ks(ctx.cfg.knn.ks, frame).items():
+                if k != k_req:
+                    result.skipped.append({
+                        "name": f"knn k={k_req} ({label})",
+                        "reason": f"k is larger than the smallest training fold ({smallest} subjects)",
+                        "substitute": f"k={k} in every fold, shown under the name k={k_req}"})
+        return result
+
+
+def smallest_training_fold(frame) -> int:
+    """Subjects in the smallest training fold of a label's splits."""
+    return min(len(fold.train) for fold in frame.splits.folds)
+
+
+def used_ks(ks, frame) -> dict[int, int]:
+    """Configured k -> the k used in every fold of the label: clipped to its smallest training fold,
+    so one variant is the same k-NN in every fold (clipping per fold would mix k=37 and k=38)."""
+    smallest = smallest_training_fold(frame)
+    return {int(k): min(int(k), smallest) for k in ks}
 
 TASK = KNNTask()
