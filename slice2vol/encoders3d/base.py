@@ -130,6 +130,30 @@ class SlidingWindow:
     sw_batch_size: int = 2
     mode: Literal["constant", "gaussian"] = "constant"
 
+    def __post_init__(self) -> None:
+        # checked here: MONAI takes roi_size 0 or overlap 1 and fails deep inside, or loops forever
+        if self.roi_size is not None:
+            try:
+                roi = tuple(int(s) for s in self.roi_size)
+                whole = all(float(s) == int(s) for s in self.roi_size)
+            except (TypeError, ValueError):
+                roi, whole = (), False
+            if len(roi) != 3 or not whole or min(roi) < 1:
+                raise ValueError(f"sliding_window.roi_size must be 3 window sizes >= 1 voxel (X, Y, Z), "
+                                 f"got {self.roi_size!r}")
+            self.roi_size = roi  # type: ignore[assignment]
+        try:
+            overlap, batch = float(self.overlap), float(self.sw_batch_size)
+        except (TypeError, ValueError):
+            overlap, batch = float("nan"), float("nan")
+        if not 0 <= overlap < 1:
+            raise ValueError(f"sliding_window.overlap must be a fraction in [0, 1), got {self.overlap!r}")
+        if not (batch >= 1 and batch == int(batch)):
+            raise ValueError(f"sliding_window.sw_batch_size must be a whole number >= 1, got {self.sw_batch_size!r}")
+        self.overlap, self.sw_batch_size = overlap, int(batch)
+        if self.mode not in ("constant", "gaussian"):
+            raise ValueError(f"sliding_window.mode must be constant or gaussian, got {self.mode!r}")
+
     @classmethod
     def parse(cls, value: "SlidingWindow | Mapping[str, Any] | bool | None") -> "SlidingWindow | None":
         """``None``/``False`` -> None (whole volume); ``True`` -> defaults; a mapping -> its fields."""
@@ -144,10 +168,7 @@ class SlidingWindow:
             if unknown:
                 raise ValueError(f"sliding_window: unknown option(s) {sorted(unknown)} "
                                  "(roi_size, overlap, sw_batch_size, mode)")
-            out = cls(**dict(value))
-            if out.roi_size is not None:
-                out.roi_size = tuple(int(s) for s in out.roi_size)  # type: ignore[assignment]
-            return out
+            return cls(**dict(value))
         raise TypeError(f"sliding_window must be a mapping, a bool or None, got {type(value).__name__}")
 
 

@@ -43,6 +43,22 @@ def test_sliding_window_parse():
         SlidingWindow.parse({"stride": 4})
 
 
+@pytest.mark.parametrize("option, message", [
+    ({"roi_size": [0, 0, 0]}, r"roi_size must be 3 window sizes >= 1 voxel \(X, Y, Z\), got \[0, 0, 0\]"),
+    ({"roi_size": [32, 32]}, "roi_size must be 3 window sizes"),
+    ({"roi_size": [32.5, 32, 32]}, "roi_size must be 3 window sizes"),
+    ({"roi_size": "big"}, "roi_size must be 3 window sizes"),
+    ({"overlap": 1.0}, r"overlap must be a fraction in \[0, 1\), got 1.0"),  # MONAI's step would be 0
+    ({"overlap": -0.5}, "overlap must be a fraction"),
+    ({"sw_batch_size": 0}, "sw_batch_size must be a whole number >= 1, got 0"),
+    ({"mode": "median"}, "mode must be constant or gaussian, got 'median'"),
+])
+def test_sliding_window_values_out_of_range_are_refused_in_one_line(option, message):
+    with pytest.raises(ValueError, match=message) as err:
+        SlidingWindow.parse(option)
+    assert "\n" not in str(err.value)
+
+
 def test_pool3d_against_hand_computed_values():
     x = torch.arange(16, dtype=torch.float32).view(2, 1, 2, 2, 2)  # sample 0: 0..7, sample 1: 8..15
     assert pool3d(x, "avg").flatten().tolist() == [3.5, 11.5]

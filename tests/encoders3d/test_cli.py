@@ -72,3 +72,12 @@ def test_an_unexpected_error_fails_that_subject_only(head_manifest, tmp_path, ca
     err = capsys.readouterr().err
     assert "failed: s1:" in err and "TypeError: cannot promote void to float32" in err
     assert list(FeatureStore(store).volume_embeddings("3d/monai_resnet10")[0]) == ["s0", "s2", "s3"]
+
+
+def test_a_sliding_window_out_of_range_is_one_line_exit_2(head_manifest, tmp_path, capsys):
+    """roi_size 0 was accepted and failed inside MONAI on the first subject."""
+    assert main(["embed", "--encoder", "3d/monai_resnet10", "--manifest", str(head_manifest), "--store",
+                 str(tmp_path / "f.h5"), "--sliding-window", "--no-progress", "sliding_window.roi_size=[0,0,0]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sliding_window.roi_size must be 3 window sizes >= 1 voxel" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "f.h5").exists()
