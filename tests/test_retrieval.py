@@ -316,6 +316,29 @@ def test_nifti_query_equals_id_query(cohort_store):
         np.testing.assert_allclose(by_file["similarity"], by_id["similarity"], atol=1e-3)
 
 
+def test_a_query_with_another_number_of_modalities_is_refused(cohort_store, tmp_path, capsys):
+    """The index records its cohort's modalities: two files against a one-modality index were encoded
+    until the network failed ("cannot map 2 input channels onto 3"); three would have passed silently."""
+    from slice2vol.cli import main
+
+    root, _, index = cohort_store
+    assert index.provenance["pipeline"]["modalities"] == ["t1"]
+    for files in ([root / "s1.nii.gz", root / "s2.nii.gz"], [root / "s1.nii.gz"] * 3):
+        with pytest.raises(ProvenanceError, match=rf"the indexed cohort has 1 image\(s\) per subject \(t1\), the "
+                                                  rf"query has {len(files)} \(s1.nii.gz, s"):
+            index.search_nifti(files)
+    with pytest.raises(ProvenanceError, match=r"the query has 1 \(flair=s1.nii.gz\): give one file per modality, "
+                                              r"in the order t1"):
+        index.search_nifti({"flair": root / "s1.nii.gz"})
+    by_name = index.search_nifti({"t1": root / "s1.nii.gz"}, k=2)
+    assert by_name["subject_id"].iloc[0] == "s1"
+    index.save(tmp_path / "idx")
+    assert main(["search", "--index", str(tmp_path / "idx"), "--nifti", str(root / "s1.nii.gz"),
+                 str(root / "s2.nii.gz"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the indexed cohort has 1 image(s) per subject (t1), the query has 2" in err and len(err.splitlines()) == 1
+
+
 def test_changed_weights_file_is_refused(cohort_store, tmp_path):
     import torch
 

@@ -198,6 +198,17 @@ class VolumeEmbedder:
         from slice2vol.extract import VolumeSlicesDataset
 
         named = named_images(images)
+        want = self.pipeline.get("modalities")
+        if want and isinstance(images, Mapping) and set(named) == set(want):
+            named = {m: named[m] for m in want}  # named modalities go in the indexed channel order
+        if want and (len(named) != len(want) or (isinstance(images, Mapping) and list(named) != list(want))):
+            # another channel count would be sliced and encoded without complaint (3 files pass
+            # through a 3-channel network) or fail deep in the encoder: say what the index needs
+            got = ", ".join(f"{k}={Path(v).name}" for k, v in named.items()) if isinstance(images, Mapping) \
+                else ", ".join(Path(v).name for v in named.values())
+            raise ProvenanceError(
+                f"the indexed cohort has {len(want)} image(s) per subject ({', '.join(want)}), the query "
+                f"has {len(named)} ({got}): give one file per modality, in the order {' '.join(want)}")
         dataset = VolumeSlicesDataset([(Subject(subject_id, named), self.planes)], self.volume_cfg, self.slice_cfg)
         item = dataset[0]
         if item.error:

@@ -80,12 +80,27 @@ def store_provenance(store: Any, embeddings: str) -> dict[str, Any]:
     path = getattr(store, "path", None)
     pipeline = pipeline_from_store(store_prov, emb_prov or {}, embeddings)
     pipeline["store_planes"] = list(getattr(store, "planes", []) or [])
+    modalities = _store_modalities(store)
+    if modalities:
+        pipeline["modalities"] = modalities
     return {
         "store": {"path": str(Path(path).resolve()) if path else None,
                   "feature_set": str(store.feature_set), "provenance": store_prov},
         "embeddings": {"name": embeddings, "provenance": dict(emb_prov or {})},
         "pipeline": pipeline,
     }
+
+
+def _store_modalities(store: Any) -> list[str] | None:
+    """The image modalities (channel order) the store's slice features were made from, as its first
+    subject's input fingerprint records them; None when unknown (a 3D-only or pre-format-2 store)."""
+    try:
+        plane = store.planes[0]
+        inputs = store.subject_inputs(store.subjects(plane)[0], plane) or {}
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    files = inputs.get("files")
+    return [str(m) for m in files] if isinstance(files, Mapping) and files else None
 
 
 def stable(value: Any) -> Any:
