@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    # a log file that cannot be written (full disk) must not print a traceback per record: the job's
+    # own error says what failed (the logging docs' advice for production use)
+    logging.raiseExceptions = False
     try:
         from slice2vol.runtime import configure_runtime
 

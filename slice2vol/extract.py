@@ -919,8 +919,8 @@ def _run_jobs(jobs, encoder, store: FeatureStore, provenance: dict, labels: dict
         # an exception (out of memory, Ctrl-C): keep what is complete, then let it propagate
         try:
             commit(force=True)
-        except Exception:  # noqa: BLE001 - the original error matters more
-            log.exception("could not commit the completed subjects")
+        except Exception as err:  # noqa: BLE001 - the original error matters more
+            log.error("could not commit the completed subjects either: %s", " ".join(str(err).split()))
         raise
     finally:
         items.close()

@@ -792,3 +792,57 @@ def test_a_small_job_on_a_new_store_writes_its_rows_once(manifest: Path, tmp_pat
     full = cache_cohort(rest, KEY, tmp_path / "each.h5", slice_cfg=SLICES, batch_size=5, progress=False)
     assert full.ok
     assert_same_store(whole, FeatureStore(tmp_path / "each.h5"))
+
+
+def _limited(limit: int, *argv: str) -> subprocess.CompletedProcess:
+    """``slice2vol ARGV`` in a subprocess whose files may not grow beyond ``limit`` bytes (RLIMIT_FSIZE:
+    a write past it fails with EFBIG, as a full disk fails with ENOSPC; no root or small disk needed)."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2]))); "
+            "sys.path.insert(0, sys.argv[1]); import tests._tiny_encoder; "
+            "from slice2vol.cli import main; sys.exit(main(sys.argv[3:]))")
+    return subprocess.run([sys.executable, "-c", code, str(REPO), str(limit), *argv], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if not line.startswith(("INFO ", "WARNING "))]
+
+
+def test_a_full_disk_stops_the_job_in_one_line_and_keeps_what_was_committed(manifest: Path, tmp_path: Path) -> None:
+    """Parts of two subjects fit, the compacted store does not: one line naming the file, no h5py
+    traceback, no temporary file left; the rerun with room skips the committed subjects and finishes."""
+    store = tmp_path / "full.h5"
+    argv = ["cache", "--manifest", str(manifest), "--store", str(store), *CLI_ARGS, "--commit-every", "2",
+            "--workers", "0"]
+    done = _limited(24_000, *argv)
+    assert done.returncode == 2, done.stderr
+    errors = _errors(done.stderr)
+    assert errors[-1] == (f"slice2vol cache: error: {store}: could not be written: no space left on the device (or "
+                          "the disk quota or file size limit is reached); the store is as it was before this write "
+                          "(free space or fix the folder, then rerun)"), done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    assert not store.exists() and not list(tmp_path.rglob("*.tmp"))
+    parts = FeatureStore(store)
+    assert sorted(parts.subjects()) == [f"sub{i}" for i in range(6)]  # every subject committed in a part
+    parts.close()
+    rerun = subprocess.run(_job_command(manifest, store)[:-4] + ["--workers", "0"], capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "6 already cached" in rerun.stdout + rerun.stderr or "0 to do" in rerun.stdout + rerun.stderr
+    final = FeatureStore(store)
+    assert sorted(final.subjects()) == [f"sub{i}" for i in range(6)] and final.segment_paths() == [store]
+
+
+def test_a_full_disk_leaves_the_store_as_it_was_when_writing_volume_embeddings(manifest: Path, tmp_path: Path) -> None:
+    from slice2vol.data.io import file_sha256
+
+    store = tmp_path / "f.h5"
+    assert cache_cohort(load_manifest(manifest), KEY, store, slice_cfg=SLICES, progress=False).ok
+    before = file_sha256(store)
+    failed = _limited(store.stat().st_size // 2, "aggregate", "--store", str(store), "--method", "mean", "--no-progress")
+    assert failed.returncode == 2
+    (line,) = _errors(failed.stderr)
+    assert line.startswith(f"slice2vol aggregate: error: {store}: could not be written: no space left on the device")
+    assert file_sha256(store) == before and not list(tmp_path.glob("*.tmp"))
+    assert main(["aggregate", "--store", str(store), "--method", "mean", "--no-progress"]) == 0
