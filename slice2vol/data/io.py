@@ -28,7 +28,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, NamedTuple, Sequence
 
 import nibabel as nib
 from nibabel.tripwire import TripWireError
@@ -377,7 +377,14 @@ def _raw_pixdim(path: Path, img: nib.Nifti1Image) -> np.ndarray | None:
         return None
 
 
-def _grid_difference(img: nib.Nifti1Image, ref: nib.Nifti1Image) -> str:
+class _Grid(NamedTuple):
+    """The voxel grid of an image (what :func:`_grid_difference` compares), without its data."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+
+
+def _grid_difference(img: "nib.Nifti1Image | _Grid", ref: "nib.Nifti1Image | _Grid") -> str:
     if img.shape[:3] != ref.shape[:3]:
         return f"shape {_fmt_shape(img.shape[:3])} vs {_fmt_shape(ref.shape[:3])}"
     moved = float(np.abs(img.affine[:3, 3] - ref.affine[:3, 3]).max())
@@ -650,6 +657,37 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~outside[background]
 
 
+_SLAB_VALUES = 1 << 20  # values per float64 slab of normalize_intensity (8 MiB)
+_ONE_PASS_VALUES = 1 << 24  # volumes up to this many voxels take their foreground sample in one pass
+
+
+def _foreground_sample(channel: np.ndarray, size: int = 200_000) -> np.ndarray:
+    """Every k-th voxel (C order) of those above the channel's minimum, k = count // ``size``; all of
+    them when the channel is constant. The same values as ``channel[channel != min][::k]``, picked
+    slab by slab for large volumes, so that no copy of the whole foreground is made (1 GiB for a
+    600^3 head); below 2^24 voxels in one pass, which is faster."""
+    low = channel.min()
+    if channel.size <= _ONE_PASS_VALUES:
+        nonzero = channel[channel != low]
+        if nonzero.size == 0:
+            nonzero = channel.ravel()
+        return nonzero[::max(1, nonzero.size // size)]
+    flat = channel.reshape(channel.shape[0], -1)
+    rows = max(1, _SLAB_VALUES // max(1, flat.shape[1]))
+    counts = [int(np.count_nonzero(flat[i:i + rows] != low)) for i in range(0, flat.shape[0], rows)]
+    total = sum(counts)
+    if total == 0:
+        return channel.ravel()[::max(1, channel.size // size)]
+    step = max(1, total // size)
+    parts, before = [], 0
+    for i, count in zip(range(0, flat.shape[0], rows), counts):
+        if count:
+            slab = flat[i:i + rows]
+            parts.append(slab[slab != low][(-before) % step::step])
+        before += count
+    return np.concatenate(parts)
+
+
 def normalize_intensity(
     data: np.ndarray, mask: np.ndarray | None, cfg: VolumeConfig
 ) -> np.ndarray:
@@ -658,12 +696,9 @@ def normalize_intensity(
         return data
     out = np.empty_like(data, dtype=np.float32)
     lo_p, hi_p = cfg.clip_percentiles
-    scratch = None  # one float64 buffer: the clip and shift used to allocate three (5 GB for a 600^3 volume)
+    scratch = None  # one float64 slab buffer: the clip and shift used to allocate three whole volumes
     for c, channel in enumerate(data):
-        nonzero = channel[channel != channel.min()]
-        if nonzero.size == 0:
-            nonzero = channel.ravel()
-        sample = nonzero[:: max(1, nonzero.size // 200_000)]
+        sample = _foreground_sample(channel)
         lo, hi = np.percentile(sample, [lo_p, hi_p])
         if hi <= lo:
             # no spread among the non-background voxels (a binary image, a phantom, one bright spot):
@@ -671,12 +706,17 @@ def normalize_intensity(
             lo, hi = np.float64(channel.min()), np.float64(channel.max())
             if hi <= lo:
                 hi = lo + 1e-6
+        # in float64 as (clip(x, lo, hi) - lo) / (hi - lo) with float64 bounds computes it, then rounded
+        # once; slab by slab along the first axis, so the float64 copy is a few MiB, not twice the volume
+        flat, dest = channel.reshape(channel.shape[0], -1), out[c].reshape(channel.shape[0], -1)
+        rows = max(1, _SLAB_VALUES // max(1, flat.shape[1]))
         if scratch is None:
-            scratch = np.empty(channel.shape, dtype=np.float64)
-        # in float64 as (clip(x, lo, hi) - lo) / (hi - lo) with float64 bounds computes it, then rounded once
-        np.clip(channel, lo, hi, out=scratch)
-        np.subtract(scratch, lo, out=scratch)
-        np.divide(scratch, hi - lo, out=out[c], casting="same_kind")
+            scratch = np.empty((min(rows, flat.shape[0]), flat.shape[1]), dtype=np.float64)
+        for start in range(0, flat.shape[0], rows):
+            part = scratch[:min(rows, flat.shape[0] - start)]
+            np.clip(flat[start:start + rows], lo, hi, out=part)
+            np.subtract(part, lo, out=part)
+            np.divide(part, hi - lo, out=dest[start:start + rows], casting="same_kind")
         if cfg.normalize == "zscore":
             inside = out[c][mask] if mask is not None and mask.any() else out[c].ravel()
             out[c] = (out[c] - inside.mean()) / max(float(inside.std()), 1e-6)
@@ -738,6 +778,7 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
         if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
             raise VolumeError(named[name], f"modality {name!r} is not on the grid of {first} "
                                            f"({_grid_difference(img, ref)})")
+    del img  # the loop's last image would otherwise live on (and its data) through normalisation
     tilt = _obliquity_deg(ref.affine)
     grid = None
     action = "none"
@@ -751,8 +792,11 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
         else:
             action = "snapped"
     channels, affine, codes = [], None, None
-    for img in opened.values():
-        data, aff, file_codes = _on_grid(img, grid, order=cfg.reslice_order)
+    ref = _Grid(tuple(ref.shape[:3]), ref.affine)  # what the label maps are checked against
+    for name in list(opened):
+        # each file's image (its decompressed bytes and float cache) goes once its RAS array exists:
+        # a 400^3 int16 .nii.gz held 366 MiB of them through normalisation
+        data, aff, file_codes = _on_grid(opened.pop(name), grid, order=cfg.reslice_order)
         if affine is None:
             affine, codes = aff, file_codes
         channels.append(data)
@@ -766,6 +810,7 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
             f"absurd voxel spacing {_fmt_mm(spacing)} mm (allowed {cfg.min_spacing:g}-{cfg.max_spacing:g} mm)",
         )
     stacked = channels[0][None] if len(channels) == 1 else np.stack(channels)  # one channel: a view, no copy
+    del channels, data  # several channels were copied into `stacked`
 
     label_maps: dict[str, np.ndarray] = {}
     for name, path in (({"seg": seg} if seg is not None else {}) | dict(maps or {})).items():
@@ -782,6 +827,8 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
 
     scaled = normalize_intensity(stacked, None, dataclasses.replace(cfg, normalize="minmax")) \
         if cfg.normalize != "none" else stacked
+    if cfg.normalize == "minmax":
+        del stacked  # the raw intensities are not needed again (zscore reads them once more)
     mask = foreground_mask(scaled)
     if cfg.normalize == "zscore":
         scaled = normalize_intensity(stacked, mask, cfg)
