@@ -189,16 +189,18 @@ def load_manifest(
     if path.is_dir():
         raise ManifestError(f"{path}: is a directory, not a manifest CSV (for a BIDS folder use cohort_from_glob)")
     try:
+        encoding = text_encoding(path)
         sep = sniff_delimiter(path)
+        _check_layout(path, sep, encoding)
         # index_col=False: a row with a trailing delimiter must not turn the first column into the index
         # (pandas then shifts every column name by one)
-        table = pd.read_csv(path, dtype={id_column: str}, sep=sep, encoding="utf-8-sig", index_col=False)
+        table = pd.read_csv(path, dtype={id_column: str}, sep=sep, encoding=encoding, index_col=False)
         # IDs such as NA, None or nan are IDs, not missing values (pandas' default reading of them)
-        ids = pd.read_csv(path, dtype=str, sep=sep, encoding="utf-8-sig", index_col=False,
+        ids = pd.read_csv(path, dtype=str, sep=sep, encoding=encoding, index_col=False,
                           keep_default_na=False, usecols=lambda c: str(c).strip() == id_column)
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError, csv.Error) as err:
         raise ManifestError(f"{path}: cannot read manifest ({' '.join(str(err).split())[:120]})") from None
     table.columns = [str(c).strip() for c in table.columns]
     if id_column not in table.columns:
@@ -227,6 +229,8 @@ def load_manifest(
     if label_columns is None:
         label_columns = [c for c in table.columns if c not in {id_column, seg_column, *path_columns}]
     for column in label_columns:
+        _mostly_numbers(table, column, id_column, path)
+    for column in label_columns:
         named = sum(bool(_NIFTI.search(str(v).strip())) for v in table[column].dropna())
         if named:
             log.warning("%s: column %r is read as a label although %d of its cells name NIfTI files; name it in "
@@ -250,9 +254,61 @@ def _read_decimal_commas(table: pd.DataFrame, skip: str) -> None:
                                           .replace({"": None, "nan": None, "None": None, "<NA>": None}))
 
 
+def text_encoding(path: str | Path) -> str:
+    """``utf-16`` for a file starting with a UTF-16 byte-order mark (spreadsheets' "Unicode Text"),
+    else ``utf-8-sig`` (UTF-8 with or without its mark)."""
+    with open(path, "rb") as fh:
+        start = fh.read(2)
+    return "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
+def _check_layout(path: Path, sep: str, encoding: str) -> None:
+    """Refuses header names that repeat (after stripping spaces) and rows with more filled cells than
+    the header: pandas renames a repeated name (``age.1``) and drops the extra cells of a row, so
+    an unquoted delimiter inside a value would shift or lose cells without a word."""
+    with open(path, newline="", encoding=encoding) as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        header = [h.strip() for h in next(reader, [])]
+        if header and header[0].startswith("#"):
+            raise ManifestError(f"{path}: the first line is a comment ({sep.join(header)[:40]!r}); the column names "
+                                "must be the first line")
+        repeated = sorted({h for h in header if h and header.count(h) > 1})
+        if repeated:
+            raise ManifestError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more than once "
+                                "in the header (spaces around names are ignored); rename them")
+        long_rows = [reader.line_num for row in reader if any(c.strip() for c in row[len(header):])]
+    if long_rows:
+        lines = ", ".join(map(str, long_rows[:5])) + (" ..." if len(long_rows) > 5 else "")
+        raise ManifestError(f"{path}: line(s) {lines} have more cells than the header's {len(header)} (a "
+                            f"{'tab' if sep == chr(9) else repr(sep)} inside a value that is not quoted?); quote such "
+                            "values or remove the extra cells")
+
+
+def _mostly_numbers(table: pd.DataFrame, column: str, id_column: str, path: Path) -> None:
+    """A label column of numbers with a few cells that are not (``unknown``, ``1,234``) becomes numeric,
+    those cells missing, with a warning naming them, in place: read as text, a continuous label would
+    become a classification target with one class per value. Integer codes with few distinct values
+    (a categorical label) are left as they are."""
+    values = table[column]
+    if values.dtype == bool or pd.api.types.is_numeric_dtype(values):
+        return
+    text = values.map(lambda v: None if pd.isna(v) else str(v).strip())
+    present = text[text.notna() & (text != "")]
+    numbers = pd.to_numeric(present, errors="coerce")
+    bad = present[numbers.isna()]
+    if present.empty or bad.empty or len(bad) > 0.2 * len(present) or bad.size == present.size:
+        return
+    if infer_label_type(numbers.dropna()) != "continuous":
+        return
+    table[column] = pd.to_numeric(text.where(text != "", None), errors="coerce")
+    examples = ", ".join(f"{table.at[i, id_column]}: {v!r}" for i, v in bad.head(3).items())
+    log.warning("%s: label column %r holds numbers, but %d cell(s) are not numbers (%s%s); read as missing",
+                path, column, len(bad), examples, ", ..." if len(bad) > 3 else "")
+
+
 def sniff_delimiter(path: str | Path) -> str:
     """The delimiter of a CSV file, from its header line: ``,`` ``;`` ``\\t`` or ``|`` (default ``,``)."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with open(path, newline="", encoding=text_encoding(path)) as fh:
         head = fh.readline()
     if not head.strip():
         return ","
@@ -300,8 +356,9 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             absent.append(f"{seg_column} ({seg})")
         absent += [f"{c} ({p})" for c, p in maps.items() if not p.exists()]
         if absent:
-            first = next((p for p in [*images.values(), seg] if p is not None), source)
-            failures.append(Failure(sid, str(first), f"{first}: file not found: {', '.join(absent)}"))
+            first = next((p for p in [*images.values(), seg] if p is not None), None)
+            where = f"{first}" if first is not None else f"{source}: row {_ + 2} ({sid})"  # every cell empty
+            failures.append(Failure(sid, str(first or source), f"{where}: file not found: {', '.join(absent)}"))
             continue
         labels = {c: _clean(row[c], types[c]) for c in types}
         infinite = [f"{c} = {row[c]!r}" for c, v in labels.items() if isinstance(v, float) and not np.isfinite(v)]
@@ -372,7 +429,11 @@ def cohort_from_glob(
     part = Path(participants) if participants else root / "participants.tsv"
     if part.exists() and not table.empty:
         sep = "\t" if part.suffix == ".tsv" else ","
-        info = pd.read_csv(part, sep=sep, dtype={"participant_id": str})
+        try:
+            info = pd.read_csv(part, sep=sep, dtype={"participant_id": str}, encoding=text_encoding(part))
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError) as err:
+            raise ManifestError(f"{part}: cannot read the participants table ({' '.join(str(err).split())[:120]})"
+                                ) from None
         key = "participant_id" if "participant_id" in info.columns else info.columns[0]
         info = info.rename(columns={key: "subject_id"})
         table = table.merge(info, on="subject_id", how="left")

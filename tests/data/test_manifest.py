@@ -303,3 +303,70 @@ def test_an_empty_label_column_loads(tmp_path):
     csv.write_text("subject_id,t1,allnan\na,img/a.nii.gz,\nb,img/b.nii.gz,\n")
     cohort = load_manifest(csv)
     assert cohort.ids == ["a", "b"] and [s.labels["allnan"] for s in cohort.subjects] == [None, None]
+
+
+@pytest.mark.parametrize("header", ["subject_id,t1,age,age ", "subject_id,t1,age,age", "subject_id, t1,t1,age"])
+def test_a_column_name_given_twice_is_refused_in_one_line(tmp_path, header):
+    """Names differing only by spaces gave an AttributeError traceback; exact repeats were renamed
+    ``age.1`` by pandas and read as a second label without a word."""
+    _files(tmp_path, ["a.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"{header}\na,img/a.nii.gz,img/a.nii.gz,30.5\n" if header.count("t1") == 2
+                   else f"{header}\na,img/a.nii.gz,30.5,31.5\n")
+    name = "t1" if header.count("t1") == 2 else "age"
+    with pytest.raises(ManifestError, match=rf"^{csv}: column name\(s\) '{name}' appear more than once in the "
+                                            r"header \(spaces around names are ignored\); rename them$"):
+        load_manifest(csv)
+
+
+def test_a_row_with_more_cells_than_the_header_is_refused(tmp_path):
+    """pandas dropped the extra cells (with a two-line ParserWarning naming neither file nor row): an
+    unquoted comma inside a value shifted or lost cells silently. A trailing empty cell stays fine."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,age\na,img/a.nii.gz,30.5,\nb,img/b.nii.gz,Smith, John\nc,img/c.nii.gz,40.5\n")
+    with pytest.raises(ManifestError, match=rf"^{csv}: line\(s\) 3 have more cells than the header's 3 \(a ',' inside "
+                                            r"a value that is not quoted\?\); quote such values or remove the extra"):
+        load_manifest(csv)
+    csv.write_text("# cohort of 2026\nsubject_id,t1,age\na,img/a.nii.gz,30.5\n")
+    with pytest.raises(ManifestError, match="the first line is a comment .*; the column names must be the first line"):
+        load_manifest(csv)
+
+
+def test_a_numeric_label_with_a_few_words_stays_numeric_and_says_so(tmp_path, caplog):
+    """One 'unknown' among ages turned age into a categorical label (one class per age) without a word."""
+    _files(tmp_path, [f"{c}.nii.gz" for c in "abcdef"])
+    csv = tmp_path / "m.csv"
+    rows = [("a", "31.5", "1"), ("b", "unknown", "2"), ("c", "44.25", "1"), ("d", "55.75", "x"), ("e", "61.5", "2"),
+            ("f", "70.5", "1")]
+    csv.write_text("subject_id,t1,age,site\n" + "".join(f"{s},img/{s}.nii.gz,{a},{k}\n" for s, a, k in rows))
+    with caplog.at_level("WARNING"):
+        cohort = load_manifest(csv)
+    assert cohort.label_types == {"age": "continuous", "site": "categorical"}  # site: codes and a word, as written
+    assert [s.labels["age"] for s in cohort.subjects] == [31.5, None, 44.25, 55.75, 61.5, 70.5]
+    assert [s.labels["site"] for s in cohort.subjects] == ["1", "2", "1", "x", "2", "1"]
+    assert (f"{csv}: label column 'age' holds numbers, but 1 cell(s) are not numbers (b: 'unknown'); read as "
+            "missing") in caplog.text
+
+
+def test_a_utf16_manifest_is_read(tmp_path):
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id\tt1\tage\na\timg/a.nii.gz\t30.5\nb\timg/b.nii.gz\t40.5\n", encoding="utf-16")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"] and [s.labels["age"] for s in cohort.subjects] == [30.5, 40.5]
+
+
+def test_a_row_with_every_image_cell_empty_names_its_row(tmp_path):
+    _files(tmp_path, ["b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,age\na,,30.5\nb,img/b.nii.gz,40.5\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["b"] and cohort.failures[0].message == f"{csv}: row 2 (a): file not found: t1 (empty)"
+
+
+def test_a_participants_table_that_cannot_be_parsed_names_the_file(tmp_path):
+    write_nifti(tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz", blob_volume(seed=0))
+    (tmp_path / "participants.tsv").write_text('participant_id\tage\nsub-01\t"30\n')
+    with pytest.raises(ManifestError, match=rf"^{tmp_path / 'participants.tsv'}: cannot read the participants table"):
+        cohort_from_glob(tmp_path)
