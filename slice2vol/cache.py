@@ -125,6 +125,15 @@ def _write_failure(path: Path, err: BaseException) -> StoreWriteFailed:
                             "(free space or fix the folder, then rerun)")
 
 
+def checked_store_path(path: str | Path) -> Path:
+    """``path`` as a Path, or :class:`StoreError` when it is a folder ('.', '..', an existing
+    directory): a store, its parts folder, lock and log are named after a file name."""
+    out = Path(path)
+    if not out.name or out.name == ".." or out.is_dir():
+        raise StoreError(f"{path}: is a directory; a feature store is a file, e.g. {out / 'feats.h5'}")
+    return out
+
+
 # -- provenance helpers --------------------------------------------------------------------------
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that can change features, without importing them."""
@@ -619,7 +628,7 @@ class FeatureStore:
     def __init__(self, path: str | Path, mode: str = "r") -> None:
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
-        self.path = Path(path)
+        self.path = checked_store_path(path)
         self.mode = mode
         self._segments: list[_Segment] | None = None
         self._pid: int | None = None

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pytest
+
 from slice2vol.cli import main
 from tests.conftest import blob_volume, write_nifti
 
@@ -19,6 +24,15 @@ def test_info_on_file(small_nifti, capsys):
                   "axial_slices", "coronal_slices", "sagittal_slices"):
         assert field in out
     assert "(24, 28, 20)" in out
+
+
+def test_info_shows_tiny_intensities_as_they_are(tmp_path, capsys):
+    """Values around 1e-28 were shown as "(-0, 0)", which reads as an empty volume."""
+    path = write_nifti(tmp_path / "tiny.nii.gz", (blob_volume() * 1e-28).astype(np.float32))
+    assert main(["info", str(path)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "intensity_range" in l)
+    low, high = (float(v) for v in line.split(":", 1)[1].strip(" ()").split(","))
+    assert low == 0 and 1e-28 < high < 1e-25
 
 
 def test_info_on_bad_file_names_it(tmp_path, capsys):
@@ -375,3 +389,21 @@ def test_demo_runs_bench_on_the_packaged_config_then_adds_cohort_and_command_lin
         if isinstance(handler, logging.FileHandler):
             logging.getLogger().removeHandler(handler)
             handler.close()
+
+
+@pytest.mark.parametrize("store", [".", "..", "folder"])
+def test_a_store_that_is_a_folder_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, store):
+    """'--store .' said "PosixPath('.') has an empty name" and left a file '.log' behind; a folder name
+    wrote its log next to the folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    write_nifti(tmp_path / "a.nii.gz", blob_volume())
+    (tmp_path / "m.csv").write_text("subject_id,t1\na,a.nii.gz\n")
+    before = sorted(p.name for p in tmp_path.parent.iterdir()), sorted(p.name for p in tmp_path.iterdir())
+    assert main(["cache", "--manifest", "m.csv", "--encoder", "tv/resnet18", "--store", store, "--size", "32",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (f"slice2vol cache: error: {store}: is a directory; a feature store "
+                                               f"is a file, e.g. {Path(store) / 'feats.h5'}")
+    assert (sorted(p.name for p in tmp_path.parent.iterdir()), sorted(p.name for p in tmp_path.iterdir())) == before
+    assert main(["info", store]) == 2
+    assert "is a directory" in capsys.readouterr().err

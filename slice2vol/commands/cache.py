@@ -181,8 +181,12 @@ def _cache(args: argparse.Namespace) -> int:
         raise ValueError(f"{store}: running as SLURM array task {task} without --shard: pass --shard "
                          f"$SLURM_ARRAY_TASK_ID/N with N the number of shards (scripts/slurm_cache.sh does), or "
                          "--shard 0/1 to cache every subject in this one task")
-    target = shard_path(store, *shard) if shard and shard[1] > 1 else Path(store)
-    add_run_log(target.parent, f"{target.name}.log")
+    from slice2vol.cache import checked_store_path
+
+    store = checked_store_path(store)
+    target = shard_path(store, *shard) if shard and shard[1] > 1 else store
+    add_run_log(target.parent, f"{target.name}.log")  # after the check: '--store .' wrote a file '.log'
+
     planes = tuple(p.strip() for p in args.planes.split(",") if p.strip())
     slice_cfg = SliceConfig(planes=planes, stride=args.stride, min_foreground=args.min_foreground,
                             context=args.context, size=args.size)

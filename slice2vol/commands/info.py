@@ -48,7 +48,8 @@ def describe(volume, raw_range: tuple[float, float], stride: int, min_foreground
         "spacing_mm": tuple(round(float(s), 3) for s in volume.spacing),
         "orientation": "".join(volume.original_orientation) + " -> " + "".join(volume.orientation),
         "obliquity": _obliquity(volume),
-        "intensity_range": tuple(round(float(v), 3) for v in raw_range),
+        # 4 significant digits, not 3 decimals: a volume of values around 1e-28 is not "(-0, 0)"
+        "intensity_range": tuple(float(f"{float(v):.4g}") for v in raw_range),
         "foreground_fraction": round(float(volume.mask.mean()), 3),
     }
     mask = torch.from_numpy(volume.mask)
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give a NIfTI file, a feature store, or --manifest cohort.csv")
     path = Path(target)
     cfg = VolumeConfig(oblique=args.oblique)
-    if path.suffix in (".h5", ".hdf5") or path.with_name(path.name + ".parts").is_dir():
+    if path.name and (path.suffix in (".h5", ".hdf5") or path.with_name(path.name + ".parts").is_dir()):
         from slice2vol.cache import FeatureStore
 
         print(FeatureStore(path).summary())

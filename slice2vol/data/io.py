@@ -18,10 +18,12 @@ from __future__ import annotations
 import bz2
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import math
 import os
+import stat
 import struct
 import threading
 import warnings
@@ -165,10 +167,12 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
     broken spacing, and (with ``check_values``) NaN/Inf, empty or constant data.
     """
     path = Path(path)
-    if not path.exists():
-        raise VolumeError(path, "file not found")
-    if path.is_dir():
-        raise VolumeError(path, "is a directory, not a NIfTI file")
+    problem = file_problem(path)
+    if problem:
+        raise VolumeError(path, problem)
+    if path.name.lower().endswith((".hdr", ".img", ".hdr.gz", ".img.gz")):
+        raise VolumeError(path, "a NIfTI-1/Analyze .hdr/.img pair: convert it to one .nii.gz file first, e.g. "
+                                "nibabel.save(nibabel.load('x.hdr'), 'x.nii.gz')")
     try:
         # nibabel logs the header fields it repairs (to stderr, several lines); what matters is checked here
         with _quiet_nibabel():
@@ -178,7 +182,7 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
     except nib.spatialimages.HeaderDataError as err:  # e.g. an unknown datatype or dim[0] code
         raise VolumeError(path, f"invalid NIfTI header ({_short(err)})") from None
     except (OSError, EOFError, zlib.error, ValueError) as err:
-        raise VolumeError(path, f"unreadable ({_short(err)})") from None
+        raise VolumeError(path, _cut_header(path) or f"unreadable ({_short(err)})") from None
     except TripWireError:  # nibabel's stand-in for an optional package it lacks (zstd)
         raise VolumeError(path, "a .zst file needs the package backports.zstd to be read "
                                 "(pip install backports.zstd), or decompress it") from None
@@ -225,6 +229,29 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
             raise VolumeError(path, problem)
         check_values_ok(path, data)
     return img
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be opened as a volume file, or None: missing (a dangling link names its
+    target), a link loop, a directory, or not a regular file (a named pipe would block the reader
+    forever, a device or socket never end)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        return "file not found"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop (the link points back at itself)"
+        return f"unreadable ({err.strerror or _short(err)})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a NIfTI file"
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        return f"{kind}, not a regular file"
+    return None
 
 
 def _float32_range_problem(img: nib.Nifti1Image, data: np.ndarray) -> str | None:
@@ -511,34 +538,44 @@ def reslice(img: nib.Nifti1Image, affine: np.ndarray, shape: Sequence[int], *, o
     return np.asarray(out.dataobj, dtype=np.float32)
 
 
+_COMPRESSION = {b"\x1f\x8b": ("gzip", ".gz"), b"BZh": ("bzip2", ".bz2"), b"\x28\xb5\x2f\xfd": ("zstd", ".zst")}
+
+
 def _cut_header(path: Path) -> str | None:
-    """Why nibabel could not tell what ``path`` is, when it is an empty file or a NIfTI cut off early
-    (a copy or download that stopped); None otherwise.
+    """Why nibabel could not read ``path``, when it is an empty file, compressed data under another
+    name, or a NIfTI cut off early (a copy or download that stopped); None otherwise.
 
     A NIfTI header starts with its own size as an int32 (348 for NIfTI-1, 540 for NIfTI-2, either byte
-    order), so a file (or gzip stream) that starts like one is a NIfTI: if it ends inside the header
-    it is cut there; if its gzip stream holds the whole header, nibabel failed on the stream itself.
+    order), so a file (or compressed stream) that starts like one is a NIfTI: if it ends inside the
+    header it is cut there; if its stream holds the whole header, reading failed on the stream itself.
     """
     on_disk = path.stat().st_size
     if on_disk == 0:
         return "empty file (0 bytes)"
     with open(path, "rb") as f:
         raw = f.read(1 << 16)
-    gz = raw[:2] == b"\x1f\x8b"
+    kind, suffix = next((v for magic, v in _COMPRESSION.items() if raw.startswith(magic)), (None, ""))
+    name = path.name.lower()
+    if kind and not name.endswith(suffix):  # nibabel goes by the name
+        return f"{kind}-compressed data in a file named {path.name}: rename it to end in .nii{suffix}"
+    if not kind and name.endswith((".gz", ".bz2", ".zst")):
+        return f"not compressed, but named {path.name}: rename it to end in .nii"
     head = raw
-    if gz:  # what the (possibly cut) stream holds
-        try:
+    try:
+        if kind == "gzip":  # what the (possibly cut) stream holds
             head = zlib.decompressobj(wbits=31).decompress(raw, 540)
-        except zlib.error:
-            return None
+        elif kind == "bzip2":
+            head = bz2.BZ2Decompressor().decompress(raw, 540)
+    except (OSError, EOFError, ValueError, zlib.error):
+        return f"corrupt {kind} stream ({on_disk} bytes on disk)" if kind else None
+    if kind and len(head) < 4:  # a bzip2 block decodes only whole: a cut one gives nothing at all
+        return f"truncated or corrupt {kind} stream ({on_disk} bytes on disk; nothing of it decodes)"
     for size in (348, 540):
         if head[:4] in (struct.pack("<i", size), struct.pack(">i", size)):
             if len(head) < size:
                 return f"truncated: the NIfTI header ends after {len(head)} of {size} bytes"
-            if gz and not path.name.lower().endswith(".gz"):  # nibabel goes by the name and read gzip as NIfTI
-                return f"gzip-compressed NIfTI in a file named {path.suffix or 'without .gz'}: rename it to end in .nii.gz"
-            if gz:
-                return f"truncated or corrupt gzip stream ({on_disk} bytes on disk; the NIfTI header in it is whole)"
+            if kind:
+                return f"truncated or corrupt {kind} stream ({on_disk} bytes on disk; the NIfTI header in it is whole)"
     return None
 
 
@@ -888,6 +925,9 @@ def fingerprint(images: dict[str, str | Path]) -> dict[str, dict]:
     """
     out = {}
     for name, path in images.items():
+        problem = file_problem(path)  # before opening: a named pipe would block the hashing for ever
+        if problem:
+            raise VolumeError(path, problem)
         try:
             out[name] = {**file_stat(path), "sha256": file_sha256(path)}
         except FileNotFoundError:
@@ -912,10 +952,12 @@ def fingerprint_changes(stored: dict[str, dict], images: dict[str, str | Path]) 
         return [f"modalities {sorted(stored)} -> {sorted(now)}"]
     for name, path in now.items():
         old = stored[name]
+        if file_problem(path):
+            continue  # a missing or odd file fails at loading, with its own message
         try:
             st = file_stat(path)
         except OSError:
-            continue  # a missing file fails at loading, with its own message
+            continue
         if st["size"] == old.get("size") and st["mtime_ns"] == old.get("mtime_ns"):
             continue
         if old.get("sha256") and file_sha256(path) == old["sha256"]:

@@ -4,6 +4,7 @@ and ``slice2vol info``."""
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -263,7 +264,16 @@ BAD_CASES = {
     "float64_below_float32": (lambda t: write_nifti(t / "f64tiny.nii.gz", blob_volume().astype(np.float64) * 1e-300),
                               r"float64 values of at most [\d.]+e-298 are all 0 in float32"),
     "gzip_named_nii": (lambda t: _bytes(t / "packed.nii", gzip.compress(write_nifti(t / "src.nii", blob_volume()).read_bytes())),
-                       r"gzip-compressed NIfTI in a file named \.nii: rename it to end in \.nii\.gz"),
+                       r"gzip-compressed data in a file named packed\.nii: rename it to end in \.nii\.gz"),
+    # the fuzzer's round 3: "not a gzip file" or "cannot work out file type", no hint
+    "bz2_named_gz": (lambda t: _bytes(t / "packed.nii.gz", __import__("bz2").compress(
+        write_nifti(t / "src.nii", blob_volume()).read_bytes())),
+                     r"bzip2-compressed data in a file named packed\.nii\.gz: rename it to end in \.nii\.bz2"),
+    "plain_named_gz": (lambda t: _bytes(t / "plain.nii.gz", write_nifti(t / "src.nii", blob_volume()).read_bytes()),
+                       r"not compressed, but named plain\.nii\.gz: rename it to end in \.nii"),
+    "analyze_pair": (lambda t: _bytes(t / "pair.hdr", bytes(348)),
+                     r"a NIfTI-1/Analyze \.hdr/\.img pair: convert it to one \.nii\.gz file first|"
+                     r"not a NIfTI file name"),  # (a manifest refuses the name before reading)
     # these loaded as garbage intensities (or as a volume without foreground) before the whole stream was read
     "gz_byte_flipped": (lambda t: _damaged_gz(t, "flip"),
                         r"truncated or corrupt data \((the gzip checksum \(CRC-32\) does not match the data|"
@@ -275,7 +285,7 @@ BAD_CASES = {
     "bz2_cut": (lambda t: _bytes(t / "cut.nii.bz2", __import__("bz2").compress(
         write_nifti(t / "src.nii", blob_volume()).read_bytes())[:-20]),
                 # one bzip2 block: nothing of it decodes, not even the header
-                r"truncated or corrupt data|not a NIfTI image \(Cannot work out file type"),
+                r"(truncated or )?corrupt bzip2 stream \(\d+ bytes on disk"),
     # nibabel needs backports.zstd for .zst and raised a TripWireError that named nothing
     "zst_without_its_package": (lambda t: _bytes(t / "v.nii.zst", b"\x28\xb5\x2f\xfd" + bytes(64)),
                                 r"needs the package backports.zstd|unreadable"),
@@ -674,3 +684,34 @@ def test_loading_keeps_few_copies_of_a_volume(tmp_path):
         tracemalloc.stop()
     assert volume.mask.any() and volume.data.shape == (1, n, n, n)  # float32, not cropped (the default)
     assert peak < 4.5 * volume.data.nbytes, peak / volume.data.nbytes
+
+
+def test_a_named_pipe_or_a_link_loop_fails_its_subject_without_blocking(tmp_path):
+    """A FIFO in a manifest blocked the caching job for ever (its reader thread opened the pipe to
+    hash it); a link loop was reported as "file not found"."""
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "pipe.nii.gz")
+    (tmp_path / "loop.nii.gz").symlink_to(tmp_path / "loop.nii.gz")
+    (tmp_path / "gone.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    write_nifti(tmp_path / "ok.nii.gz", blob_volume())
+    (tmp_path / "m.csv").write_text("subject_id,t1\nok,ok.nii.gz\npipe,pipe.nii.gz\nloop,loop.nii.gz\n"
+                                    "gone,gone.nii.gz\n")
+    for name, message in [("pipe", "a named pipe (FIFO), not a regular file"),
+                          ("loop", "a symbolic link loop (the link points back at itself)"),
+                          ("gone", f"a symbolic link to {tmp_path / 'nowhere.nii.gz'}, which does not exist")]:
+        with pytest.raises(VolumeError, match=f"^{tmp_path / name}.nii.gz: {re.escape(message)}$"):
+            load_volume(tmp_path / f"{name}.nii.gz")
+    repo = Path(__file__).resolve().parents[2]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tests._tiny_encoder; "
+            "from slice2vol.cli import main; sys.exit(main(sys.argv[2:]))")
+    done = subprocess.run([sys.executable, "-c", code, str(repo), "cache", "--manifest", str(tmp_path / "m.csv"),
+                           "--store", str(tmp_path / "f.h5"), "--encoder", "test/tiny_cnn", "--size", "32",
+                           "--stride", "4", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert f"{tmp_path / 'pipe.nii.gz'}: a named pipe (FIFO), not a regular file" in done.stderr
+    from slice2vol.cache import FeatureStore
+
+    assert FeatureStore(tmp_path / "f.h5").subjects() == ["ok"]
