@@ -558,8 +558,6 @@ def _cut_header(path: Path) -> str | None:
     name = path.name.lower()
     if kind and not name.endswith(suffix):  # nibabel goes by the name
         return f"{kind}-compressed data in a file named {path.name}: rename it to end in .nii{suffix}"
-    if not kind and name.endswith((".gz", ".bz2", ".zst")):
-        return f"not compressed, but named {path.name}: rename it to end in .nii"
     head = raw
     try:
         if kind == "gzip":  # what the (possibly cut) stream holds
@@ -574,6 +572,8 @@ def _cut_header(path: Path) -> str | None:
         if head[:4] in (struct.pack("<i", size), struct.pack(">i", size)):
             if len(head) < size:
                 return f"truncated: the NIfTI header ends after {len(head)} of {size} bytes"
+            if not kind and name.endswith((".gz", ".bz2", ".zst")):
+                return f"not compressed, but named {path.name}: rename it to end in .nii"
             if kind:
                 return f"truncated or corrupt {kind} stream ({on_disk} bytes on disk; the NIfTI header in it is whole)"
     return None
