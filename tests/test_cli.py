@@ -77,10 +77,6 @@ def test_our_errors_are_one_line_and_bugs_keep_tracebacks(monkeypatch, small_nif
 
 # -- the one CLI convention ------------------------------------------------------------------------
 import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 from slice2vol.cli import COMMANDS, build_parser, command_parser  # noqa: E402
 

@@ -23,7 +23,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from slice2vol.commands._common import (
     HelpFormatter,

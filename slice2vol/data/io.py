@@ -549,11 +549,15 @@ def _cut_header(path: Path) -> str | None:
     order), so a file (or compressed stream) that starts like one is a NIfTI: if it ends inside the
     header it is cut there; if its stream holds the whole header, reading failed on the stream itself.
     """
-    on_disk = path.stat().st_size
-    if on_disk == 0:
-        return "empty file (0 bytes)"
-    with open(path, "rb") as f:
-        raw = f.read(1 << 16)
+    try:
+        on_disk = path.stat().st_size
+        if on_disk == 0:
+            return "empty file (0 bytes)"
+        with open(path, "rb") as f:
+            raw = f.read(1 << 16)
+    except OSError as err:  # (no permission to read it): the caller's message stands
+        logging.getLogger(__name__).debug("%s: %s", path, err)
+        return None
     kind, suffix = next((v for magic, v in _COMPRESSION.items() if raw.startswith(magic)), (None, ""))
     name = path.name.lower()
     if kind and not name.endswith(suffix):  # nibabel goes by the name
