@@ -207,6 +207,10 @@ def load_manifest(
         raise ManifestError(f"{path}: no {id_column!r} column (columns: {list(table.columns)})")
     if ids.shape[1] == 1 and len(ids) == len(table):
         table[id_column] = ids.iloc[:, 0].to_numpy()
+    # rows with every cell empty (a spreadsheet's ";;;" padding) are no subjects: dropped, not failed
+    blank = table.apply(lambda row: all(pd.isna(v) or str(v).strip() == "" for v in row), axis=1)
+    if blank.any():
+        table = table[~blank]
     if sep == ";":
         _read_decimal_commas(table, skip=id_column)
     if table.empty:

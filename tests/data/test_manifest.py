@@ -370,3 +370,15 @@ def test_a_participants_table_that_cannot_be_parsed_names_the_file(tmp_path):
     (tmp_path / "participants.tsv").write_text('participant_id\tage\nsub-01\t"30\n')
     with pytest.raises(ManifestError, match=rf"^{tmp_path / 'participants.tsv'}: cannot read the participants table"):
         cohort_from_glob(tmp_path)
+
+
+def test_rows_with_every_cell_empty_are_not_subjects(tmp_path):
+    """A spreadsheet's ';;;' padding rows failed as "row N has no subject_id" (exit 1 for the job)."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id;t1;age\na;img/a.nii.gz;30,5\n;;\n ; ; \nb;img/b.nii.gz;40\n;;\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"] and cohort.failures == []
+    assert [s.labels["age"] for s in cohort.subjects] == [30.5, 40.0]
+    csv.write_text("subject_id,t1,age\na,img/a.nii.gz,30.5\n,,41\n")  # a row with a value is still reported
+    assert [f.message for f in load_manifest(csv).failures] == [f"{csv}: row 3 has no subject_id; left out"]
