@@ -102,25 +102,16 @@ class StoreWriteFailed(StoreError, OSError):
     """A store file could not be written (disk full, quota, permissions): nothing was replaced."""
 
 
-def _failed_write(err: BaseException) -> bool:
-    """An error of the file system under a write: OSError, or h5py's RuntimeError for a failed
-    object copy or flush ("file write failed ... errno = 28")."""
-    if isinstance(err, StoreError):
-        return False
-    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "write failed" in str(err))
-
-
 def _write_failure(path: Path, err: BaseException) -> StoreWriteFailed:
-    """One line for an OSError while writing ``path``'s new version (h5py's own spans two lines)."""
-    text = str(err)
-    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or any(
-            mark in text for mark in ("No space left", "errno = 28", "File too large", "errno = 27",
-                                      "Disk quota", "errno = 122")):
+    """One line for an error while writing ``path``'s new version. Disk errors arrive as the OSError of
+    :class:`_GuardedFile`'s own write, with its errno (HDF5 never sees them)."""
+    code = getattr(err, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         why = "no space left on the device (or the disk quota or file size limit is reached)"
-    elif getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text:
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         why = "no permission to write in its folder"
     else:
-        why = " ".join(text.split())
+        why = " ".join(str(err).split())
     return StoreWriteFailed(f"{path}: could not be written: {why}; the store is as it was before this write "
                             "(free space or fix the folder, then rerun)")
 

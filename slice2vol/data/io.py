@@ -702,6 +702,12 @@ _SLAB_VALUES = 1 << 20  # values per float64 slab of normalize_intensity (8 MiB)
 _ONE_PASS_VALUES = 1 << 24  # volumes up to this many voxels take their foreground sample in one pass
 
 
+def _slabs(channel: np.ndarray) -> tuple[np.ndarray, int]:
+    """An (X, Y, Z) channel as (X, Y*Z) rows, and how many rows make one slab of ~_SLAB_VALUES values."""
+    flat = channel.reshape(channel.shape[0], -1)
+    return flat, max(1, _SLAB_VALUES // max(1, flat.shape[1]))
+
+
 def _foreground_sample(channel: np.ndarray, size: int = 200_000) -> np.ndarray:
     """Every k-th voxel (C order) of those above the channel's minimum, k = count // ``size``; all of
     them when the channel is constant. The same values as ``channel[channel != min][::k]``, picked
@@ -713,8 +719,7 @@ def _foreground_sample(channel: np.ndarray, size: int = 200_000) -> np.ndarray:
         if nonzero.size == 0:
             nonzero = channel.ravel()
         return nonzero[::max(1, nonzero.size // size)]
-    flat = channel.reshape(channel.shape[0], -1)
-    rows = max(1, _SLAB_VALUES // max(1, flat.shape[1]))
+    flat, rows = _slabs(channel)
     counts = [int(np.count_nonzero(flat[i:i + rows] != low)) for i in range(0, flat.shape[0], rows)]
     total = sum(counts)
     if total == 0:
@@ -749,8 +754,7 @@ def normalize_intensity(
                 hi = lo + 1e-6
         # in float64 as (clip(x, lo, hi) - lo) / (hi - lo) with float64 bounds computes it, then rounded
         # once; slab by slab along the first axis, so the float64 copy is a few MiB, not twice the volume
-        flat, dest = channel.reshape(channel.shape[0], -1), out[c].reshape(channel.shape[0], -1)
-        rows = max(1, _SLAB_VALUES // max(1, flat.shape[1]))
+        (flat, rows), dest = _slabs(channel), out[c].reshape(channel.shape[0], -1)
         if scratch is None:
             scratch = np.empty((min(rows, flat.shape[0]), flat.shape[1]), dtype=np.float64)
         for start in range(0, flat.shape[0], rows):
@@ -934,11 +938,7 @@ def fingerprint(images: dict[str, str | Path]) -> dict[str, dict]:
             raise VolumeError(path, problem)
         try:
             out[name] = {**file_stat(path), "sha256": file_sha256(path)}
-        except FileNotFoundError:
-            raise VolumeError(path, "file not found") from None
-        except IsADirectoryError:
-            raise VolumeError(path, "is a directory, not a NIfTI file") from None
-        except OSError as err:
+        except OSError as err:  # (missing files and folders are file_problem's)
             raise VolumeError(path, f"unreadable ({err.strerror or _short(err)})") from None
     return out
 

@@ -190,7 +190,7 @@ def load_manifest(
         raise ManifestError(f"{path}: is a directory, not a manifest CSV (for a BIDS folder use cohort_from_glob)")
     try:
         encoding = text_encoding(path)
-        sep = sniff_delimiter(path)
+        sep = sniff_delimiter(path, encoding)
         _check_layout(path, sep, encoding)
         # index_col=False: a row with a trailing delimiter must not turn the first column into the index
         # (pandas then shifts every column name by one)
@@ -300,7 +300,7 @@ def _mostly_numbers(table: pd.DataFrame, column: str, id_column: str, path: Path
     present = text[text.notna() & (text != "")]
     numbers = pd.to_numeric(present, errors="coerce")
     bad = present[numbers.isna()]
-    if present.empty or bad.empty or len(bad) > 0.2 * len(present) or bad.size == present.size:
+    if present.empty or bad.empty or len(bad) > 0.2 * len(present):
         return
     if infer_label_type(numbers.dropna()) != "continuous":
         return
@@ -310,9 +310,9 @@ def _mostly_numbers(table: pd.DataFrame, column: str, id_column: str, path: Path
                 path, column, len(bad), examples, ", ..." if len(bad) > 3 else "")
 
 
-def sniff_delimiter(path: str | Path) -> str:
+def sniff_delimiter(path: str | Path, encoding: str | None = None) -> str:
     """The delimiter of a CSV file, from its header line: ``,`` ``;`` ``\\t`` or ``|`` (default ``,``)."""
-    with open(path, newline="", encoding=text_encoding(path)) as fh:
+    with open(path, newline="", encoding=encoding or text_encoding(path)) as fh:
         head = fh.readline()
     if not head.strip():
         return ","

@@ -35,24 +35,22 @@ class KNNTask(ProbeTask):
         used = used_ks(ctx.cfg.knn.ks, frame)
         knn = KNNProbe(sorted(set(used.values())), ctx.cfg.knn.temperature, task,
                        center=ctx.cfg.knn.center).fit(x_train, y_train)
-        preds = knn.predict(x_test)
         out: dict[str, np.ndarray] = {}
-        for k_req, k in used.items():  # variants keep the configured name; run() lists the k used
-            for vote in (("weighted", "majority") if task == "classification" else ("weighted", "mean")):
-                pred = preds[(k, vote)]
-                out[f"k={k_req} {vote}"] = (align_proba(pred, knn.classes_, frame.classes)
-                                           if task == "classification" else pred)
+        for (k, vote), pred in knn.predict(x_test).items():
+            if task == "classification":
+                pred = align_proba(pred, knn.classes_, frame.classes)
+            for k_req in (r for r, used_k in used.items() if used_k == k):  # the configured names; run() lists
+                out[f"k={k_req} {vote}"] = pred                              # the k used
         return out, {}
 
     def run(self, ctx: TaskContext) -> TaskResult:
         result = super().run(ctx)
         for label, frame in ctx.frames.items():
-            smallest = smallest_training_fold(frame)
             for k_req, k in used_ks(ctx.cfg.knn.ks, frame).items():
-                if k != k_req:
+                if k != k_req:  # clipped: k is the smallest training fold's size
                     result.skipped.append({
                         "name": f"knn k={k_req} ({label})",
-                        "reason": f"k is larger than the smallest training fold ({smallest} subjects)",
+                        "reason": f"k is larger than the smallest training fold ({k} subjects)",
                         "substitute": f"k={k} in every fold, shown under the name k={k_req}"})
         return result
 
