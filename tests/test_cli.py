@@ -53,6 +53,27 @@ def test_info_on_manifest_reports_failures_and_goes_on(tmp_path, capsys):
     assert "subject: a2" in out and "missing.nii.gz" in out and "file not found" in out
 
 
+def test_info_on_manifest_names_the_row_of_a_file_that_fails_to_read(tmp_path, capsys):
+    good = write_nifti(tmp_path / "a.nii.gz", blob_volume())
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08garbage")
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"subject_id,t1\na,{good.name}\nsub-7,broken.nii.gz\n")
+    assert main(["info", str(csv)]) == 1
+    lines = [l.strip() for l in capsys.readouterr().out.splitlines() if "broken.nii.gz" in l]
+    assert len(lines) == 1 and lines[0].startswith("row 3 (sub-7): ") and str(tmp_path / "broken.nii.gz") in lines[0]
+
+
+def test_subjects_know_their_manifest_line_and_glob_cohorts_have_none(tmp_path):
+    from slice2vol.data.manifest import cohort_from_glob, load_manifest
+
+    for sid in ("sub-01", "sub-02"):
+        write_nifti(tmp_path / sid / "anat" / f"{sid}_T1w.nii.gz", blob_volume())
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\n,,\nsub-01,sub-01/anat/sub-01_T1w.nii.gz\nsub-02,sub-02/anat/sub-02_T1w.nii.gz\n")
+    assert [s.row for s in load_manifest(csv).subjects] == [3, 4]  # line 2 is an empty row
+    assert [s.row for s in cohort_from_glob(tmp_path).subjects] == [None, None]
+
+
 def test_our_errors_are_one_line_and_bugs_keep_tracebacks(monkeypatch, small_nifti, capsys):
     import pytest
 

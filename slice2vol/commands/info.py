@@ -119,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
                 first = next(iter(subject.images.values()))
                 _print(describe(volume, _raw_range(first), args.stride, args.min_foreground))
             except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
-                failures.append(Failure.of(subject, err).message)
+                # the manifest's row and ID first: the message names only the file that failed
+                where = f"row {subject.row} ({subject.subject_id})" if subject.row else subject.subject_id
+                failures.append(f"{where}: {Failure.of(subject, err).message}")
         if failures:  # part of the report, like the facts above
             print(f"{len(failures)} subject(s) failed:")
             for f in failures:

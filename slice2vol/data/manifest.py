@@ -42,6 +42,9 @@ class Subject:
     seg: Path | None = None
     maps: dict[str, Path] = field(default_factory=dict)
     labels: dict[str, Any] = field(default_factory=dict)
+    #: line of the manifest file that lists this subject (1 = the header), for messages; None for a
+    #: cohort built from files (``cohort_from_glob``) or by hand
+    row: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -324,7 +327,9 @@ def sniff_delimiter(path: str | Path, encoding: str | None = None) -> str:
 
 def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
                   image_columns: list[str], seg_column: str | None, map_columns: list[str],
-                  types: dict[str, LabelType]) -> Cohort:
+                  types: dict[str, LabelType], *, numbered: bool = True) -> Cohort:
+    """Subjects from a table of one row per subject (``numbered``: the rows are a file's lines after
+    its header, so messages and :attr:`Subject.row` can give the line)."""
     failures: list[Failure] = []
     # not astype(str): with pandas' string dtype an empty cell stays NaN (a float) instead of "nan"
     ids = table[id_column].map(lambda v: "" if pd.isna(v) else str(v).strip())
@@ -346,13 +351,14 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         if sid == "":
             failures.append(Failure("?", source, f"{source}: row {_ + 2} has no subject_id; left out"))
             continue
+        at = f"{source}: row {_ + 2} ({sid})" if numbered else f"{source}: {sid}"
         images = {c: resolve(row[c]) for c in image_columns}
         seg = resolve(row[seg_column]) if seg_column else None
         maps = {c: p for c in map_columns if (p := resolve(row[c])) is not None}
         named = {**images, **({seg_column: seg} if seg_column and seg is not None else {}), **maps}
         odd = [f"{c} {str(row[c]).strip()!r}" for c, p in named.items() if p is not None and not _NIFTI.search(p.name)]
         if odd:
-            failures.append(Failure(sid, source, f"{source}: row {_ + 2} ({sid}): not a NIfTI file name "
+            failures.append(Failure(sid, source, f"{at}: not a NIfTI file name "
                                                  f"({_NIFTI_NAMES}): {', '.join(odd)}; left out"))
             continue
         absent = [f"{c} ({p})" if p else f"{c} (empty)" for c, p in images.items() if p is None or not p.exists()]
@@ -361,16 +367,16 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         absent += [f"{c} ({p})" for c, p in maps.items() if not p.exists()]
         if absent:
             first = next((p for p in [*images.values(), seg] if p is not None), None)
-            where = f"{first}" if first is not None else f"{source}: row {_ + 2} ({sid})"  # every cell empty
+            where = f"{first}" if first is not None else at  # every cell empty
             failures.append(Failure(sid, str(first or source), f"{where}: file not found: {', '.join(absent)}"))
             continue
         labels = {c: _clean(row[c], types[c]) for c in types}
         infinite = [f"{c} = {row[c]!r}" for c, v in labels.items() if isinstance(v, float) and not np.isfinite(v)]
         if infinite:
-            failures.append(Failure(sid, source, f"{source}: row {_ + 2} ({sid}): label not a finite number: "
+            failures.append(Failure(sid, source, f"{at}: label not a finite number: "
                                                  f"{', '.join(infinite)}; left out"))
             continue
-        subjects.append(Subject(sid, images, seg, maps, labels))  # type: ignore[arg-type]
+        subjects.append(Subject(sid, images, seg, maps, labels, row=_ + 2 if numbered else None))  # type: ignore[arg-type]
     # one scan under two subject IDs would sit on both sides of a subject-level split (a leak)
     owners: dict[Path, list[str]] = {}
     for subject in subjects:
@@ -443,6 +449,6 @@ def cohort_from_glob(
         table = table.merge(info, on="subject_id", how="left")
         labels = {c: infer_label_type(info[c]) for c in info.columns if c != "subject_id"}
     image_cols = [c for c in table.columns if c != "subject_id" and c not in labels]
-    cohort = _build_cohort(table, root, str(root), "subject_id", image_cols, None, [], labels)
+    cohort = _build_cohort(table, root, str(root), "subject_id", image_cols, None, [], labels, numbered=False)
     cohort.failures[:0] = failures
     return cohort
