@@ -469,13 +469,22 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
     if not np.isfinite(affine).all():
         raise VolumeError(path, "affine has NaN/Inf entries")
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    if np.any(spacing <= 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+    if np.any(spacing <= 1e-6):
         raise VolumeError(path, f"zero voxel spacing {_fmt_mm(spacing)} mm (singular affine)")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9 * np.prod(spacing):
+        # non-zero columns that are parallel: two voxel axes point the same way, no 3D grid
+        raise VolumeError(path, f"singular affine: its voxel axes are not independent (columns "
+                                f"{_fmt_axes(affine[:3, :3])}); the header's orientation is broken")
 
 
 def _fmt_mm(values: Sequence[float]) -> str:
     """``(2, 2, 0)``: plain numbers (numpy 2 would print ``np.float64(2.0)`` inside a tuple repr)."""
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+def _fmt_axes(m: np.ndarray) -> str:
+    """The three voxel-axis columns of a 3x3 matrix, as ``(2, 2, 0), (2, 2, 0), (0, 0, 2)``."""
+    return ", ".join(_fmt_mm(m[:, i]) for i in range(3))
 
 
 def _fmt_shape(shape: Sequence[int]) -> str:

@@ -233,6 +233,11 @@ BAD_CASES = {
     "constant": (lambda t: write_nifti(t / "const.nii.gz", np.full((8, 8, 8), 7, np.float32)), "constant volume"),
     # spacing printed as plain numbers (numpy 2 prints np.float64(2.0) inside a tuple's repr)
     "zero_spacing": (_zero_spacing, r"zero voxel spacing \(1, 0, 1\) mm"),
+    # every column non-zero but two of them parallel: it was reported as "zero voxel spacing (2.828, ...)"
+    "parallel_axes": (lambda t: write_nifti(t / "parallel.nii.gz", blob_volume(),
+                                            np.array([[2, 2, 0, 0], [2, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1.0]])),
+                      r"singular affine: its voxel axes are not independent \(columns \(2, 2, 0\), \(2, 2, 0\), "
+                      r"\(0, 0, 2\)\)"),
     # corrupt headers: caught before any voxel is read (these used to end in MemoryError, nibabel's
     # HeaderDataError or numpy's DTypePromotionError, none naming the file; the last two killed a job)
     "huge_dims_gz": (lambda t: _patched(t, "huge", _dims(3, 2000, 2000, 2000)),
