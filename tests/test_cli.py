@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,54 @@ def test_export_errors_name_the_problem(tmp_path, capsys):
     assert "no volume embeddings 'max'" in err and "mean" in err
     assert main(["export", "--store", str(store), "--embeddings", "mean", "--out", str(tmp_path / "x.txt")]) == 2
     assert "pass --to csv|parquet|npz" in capsys.readouterr().err
+
+
+def _labelled_store(path):
+    from slice2vol.cache import FeatureStore
+
+    ids = ["a", "b", "c"]
+    fs = FeatureStore(path, mode="a")
+    fs.write_volume_embeddings("mean", ids, np.arange(6, dtype=np.float32).reshape(3, 2), {})
+    # a text label (IXI's sex), a numeric one, and one named like the first embedding column
+    fs.write_labels({s: {"sex": "MFM"[i], "age": 20.5 + i, "e0": i} for i, s in enumerate(ids)},
+                    {"sex": "categorical", "age": "continuous", "e0": "continuous"})
+    return path
+
+
+def test_export_labels_keep_text_labels_and_never_replace_a_column(tmp_path, capsys):
+    store = _labelled_store(tmp_path / "s.h5")
+    assert main(["export", "--store", str(store), "--embeddings", "mean", "--out", str(tmp_path / "e.npz"),
+                 "--labels"]) == 0
+    with np.load(tmp_path / "e.npz", allow_pickle=False) as data:
+        assert list(data["label_sex"]) == ["M", "F", "M"]  # was: could not convert string to float: 'M'
+        np.testing.assert_array_equal(data["label_age"], [20.5, 21.5, 22.5])
+    import pandas as pd
+
+    assert main(["export", "--store", str(store), "--embeddings", "mean", "--out", str(tmp_path / "e.csv"),
+                 "--labels"]) == 0
+    table = pd.read_csv(tmp_path / "e.csv")
+    np.testing.assert_array_equal(table["e0"], [0, 2, 4])  # the embedding, not the label of the same name
+    np.testing.assert_array_equal(table["label_e0"], [0, 1, 2])
+    assert list(table["sex"]) == ["M", "F", "M"]
+
+
+def test_export_never_overwrites_a_store(tmp_path, capsys, monkeypatch):
+    store = _labelled_store(tmp_path / "s.h5")
+    before = store.read_bytes()
+    assert main(["export", "--store", str(store), "--embeddings", "mean", "--out", str(store), "--to", "csv"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("s.h5: --out is the store being exported; write the export to another file")
+    other = _labelled_store(tmp_path / "other.h5")
+    assert main(["export", "--store", str(store), "--embeddings", "mean", "--out", str(other), "--to", "npz"]) == 2
+    assert "other.h5: is an HDF5 file (a feature store?); refusing to overwrite it" in capsys.readouterr().err
+    assert store.read_bytes() == before and not list(tmp_path.glob(".*tmp"))
+    # Parquet without pyarrow: what to install, in one line (it was a traceback)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert main(["export", "--store", str(store), "--embeddings", "mean", "--out", str(tmp_path / "e.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slice2vol export: error: Parquet export needs pyarrow: pip install pyarrow") and "\n" not in err
+    assert not (tmp_path / "e.parquet").exists() and not list(tmp_path.glob(".*tmp"))
 
 
 def test_command_line_is_recorded_and_run_log_written(tmp_path, monkeypatch):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
+
+import numpy as np
 
 from slice2vol.commands._common import add_out, add_store
 
@@ -26,6 +29,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", choices=FORMATS, default=None, help="format (default: from the --out suffix)")
     add_out(parser, help="file to write")
     parser.add_argument("--labels", action="store_true", help="add the store's label columns after subject_id")
+
+
+class MissingDependency(ImportError):
+    """An optional package a format needs is not installed (the message says what to install)."""
+
+
+def _refuse_to_clobber(out: Path, store_path: Path) -> None:
+    """Refuses an ``out`` that is the store itself or another HDF5 file (a feature store, most likely):
+    an export is a copy of part of a store and must never replace one."""
+    if out.exists() and out.resolve() == store_path.resolve():
+        raise ValueError(f"{out}: --out is the store being exported; write the export to another file")
+    if out.is_dir():
+        raise ValueError(f"{out}: --out is a folder; give a file name such as {out / 'embeddings.csv'}")
+    if out.is_file():
+        with open(out, "rb") as fh:
+            if fh.read(8) == b"\x89HDF\r\n\x1a\n":
+                raise ValueError(f"{out}: is an HDF5 file (a feature store?); refusing to overwrite it with an "
+                                 "export: choose another --out or remove it first")
+
+
+def _label_columns(frame, taken: set[str], prefix: str = "", arrays: bool = False) -> dict:
+    """The store's labels as columns, as they are (``arrays``: as plain arrays for npz, numeric labels
+    as float and the others, M/F or site names, as text).
+
+    A label whose column name is already taken (``subject_id``, an embedding column ``e0000``) is
+    written as ``label_<name>`` instead of silently replacing that column.
+    """
+    import logging
+
+    import pandas as pd
+
+    columns = {}
+    for c in frame.columns:
+        values = frame[c]
+        # pandas >= 3 gives text columns a string dtype, not object: test for numbers, not for object
+        if not arrays:
+            array = values.to_numpy()
+        elif pd.api.types.is_numeric_dtype(values):
+            array = values.to_numpy(dtype=float, na_value=np.nan)
+        else:
+            array = values.astype(str).to_numpy(dtype=str)
+        name = f"{prefix}{c}"
+        if name in taken:
+            logging.getLogger(__name__).warning("label %r is also the name of another column; written as label_%s",
+                                                c, c)
+            name = f"label_{c}"
+        columns[name] = array
+    return columns
 
 
 def _format_of(out: Path, to: str | None) -> str:
@@ -50,16 +101,16 @@ def export_embeddings(store_path: str | Path, name: str, out: str | Path, fmt: s
 
     Raises:
         FileNotFoundError: no such store. KeyError: no such set (the message lists the sets).
-        ImportError: Parquet without pyarrow (the message says what to install).
+        MissingDependency: Parquet without pyarrow (the message says what to install).
+        ValueError: ``out`` is the store itself, a folder, or another HDF5 file.
     """
-    import numpy as np
-
     from slice2vol.cache import FeatureStore
 
     store_path, out = Path(store_path), Path(out)
     if not store_path.exists() and not store_path.with_name(store_path.name + ".parts").exists():
         raise FileNotFoundError(f"{store_path}: feature store not found")
     fmt = _format_of(out, fmt)
+    _refuse_to_clobber(out, store_path)
     store = FeatureStore(store_path)
     ids, X, provenance = store.volume_embeddings(name)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,37 +120,37 @@ def export_embeddings(store_path: str | Path, name: str, out: str | Path, fmt: s
     if fmt in ("csv", "parquet"):
         import pandas as pd
 
+        width = len(str(X.shape[1] - 1))
+        embedding = {f"e{j:0{width}d}": X[:, j] for j in range(X.shape[1])}
         columns = {"subject_id": list(ids)}
         if labels:
-            frame = store.labels().reindex(list(ids))
-            columns.update({c: frame[c].to_numpy() for c in frame.columns})
-        width = len(str(X.shape[1] - 1))
-        columns.update({f"e{j:0{width}d}": X[:, j] for j in range(X.shape[1])})
-        table = pd.DataFrame(columns)
-    if fmt == "csv":
-        table.to_csv(out, index=False, float_format="%.8g")
-    elif fmt == "parquet":
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError("Parquet export needs pyarrow: pip install pyarrow (or pip install "
-                              "'slice2vol[export]'); CSV and npz need nothing more") from None
-        arrow = pa.Table.from_pandas(table, preserve_index=False)
-        arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}),
-                                               b"slice2vol.provenance": json.dumps(meta, default=str).encode()})
-        pq.write_table(arrow, out)
-    else:
-        extra = {}
-        if labels:
-            frame = store.labels().reindex(list(ids))
-            extra = {f"label_{c}": frame[c].to_numpy().astype(str if frame[c].dtype == object else float)
-                     for c in frame.columns}
-        if out.suffix != ".npz":  # numpy would append it anyway
-            out = out.with_name(out.name + ".npz")
-        # plain arrays only (np.load(..., allow_pickle=False) reads it): IDs as unicode, provenance as JSON
-        np.savez(out, ids=np.asarray(ids, dtype=str), X=X.astype(np.float32),
-                 provenance=np.asarray(json.dumps(meta, default=str)), **extra)
+            columns.update(_label_columns(store.labels().reindex(list(ids)), {"subject_id", *embedding}))
+        table = pd.DataFrame({**columns, **embedding})
+    # written under a temporary name and renamed: an interrupted export leaves no half-written file
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if fmt == "csv":
+            table.to_csv(tmp, index=False, float_format="%.8g")
+        elif fmt == "parquet":
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise MissingDependency("Parquet export needs pyarrow: pip install pyarrow (or pip install "
+                                        "'slice2vol[export]'); CSV and npz need nothing more") from None
+            arrow = pa.Table.from_pandas(table, preserve_index=False)
+            arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}),
+                                                   b"slice2vol.provenance": json.dumps(meta, default=str).encode()})
+            pq.write_table(arrow, tmp)
+        else:
+            extra = _label_columns(store.labels().reindex(list(ids)), set(), prefix="label_", arrays=True) if labels else {}
+            # plain arrays only (np.load(..., allow_pickle=False) reads it): IDs as unicode, provenance as JSON
+            with open(tmp, "wb") as fh:  # a file object: numpy appends no .npz (the file is named as asked)
+                np.savez(fh, ids=np.asarray(ids, dtype=str), X=X.astype(np.float32),
+                         provenance=np.asarray(json.dumps(meta, default=str)), **extra)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     out.with_name(out.name + ".provenance.json").write_text(json.dumps(meta, indent=1, default=str))
     return out
 
