@@ -98,20 +98,37 @@ class LinearProbe:
         if self.task == "regression":
             y = y.astype(np.float64)
         grid: Sequence[float] = self.cfg.Cs if self.task == "classification" else self.cfg.alphas
-        inner = _inner_splits(y, self.cfg.inner_folds, self.task == "classification", self.seed)
+        classification = self.task == "classification"
         self.sweep_: dict[float, float] = {}
+        # ties go to the stronger penalty (smaller C / larger alpha)
+        ordered = sorted(grid) if classification else sorted(grid, reverse=True)
+        if classification and len(np.unique(y)) < 2:
+            # a training fold of one class (a class with a single subject sits in the test fold): a
+            # logistic regression cannot be fitted; the probe predicts that class, as a model that
+            # learnt only the class prior would
+            from sklearn.dummy import DummyClassifier
+
+            self.best_param_ = ordered[len(ordered) // 2]
+            self.scaler_ = _Standardizer().fit(x)
+            self.model_ = DummyClassifier(strategy="prior").fit(x, y)
+            self.classes_ = self.model_.classes_
+            return self
+        inner = _inner_splits(y, self.cfg.inner_folds, classification, self.seed)
+        if classification:
+            # with few subjects an inner-training part can hold one class only: it cannot be fitted
+            inner = [(tr, va) for tr, va in inner if len(np.unique(y[tr])) > 1]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence chatter at extreme C is expected
-            for param in grid:
+            for param in grid if inner else []:
                 scores = []
                 for tr, va in inner:
                     scaler = _Standardizer().fit(x[tr])
                     model = self._model(param).fit(scaler.transform(x[tr]), y[tr])
                     scores.append(self._score(model, scaler.transform(x[va]), y[va]))
                 self.sweep_[float(param)] = float(np.mean(scores))
-            # ties go to the stronger penalty (smaller C / larger alpha)
-            ordered = sorted(grid) if self.task == "classification" else sorted(grid, reverse=True)
-            self.best_param_ = max(ordered, key=lambda p: self.sweep_[float(p)])
+            # no inner split could be fitted (too few subjects per class to tune): the grid's middle value
+            self.best_param_ = (max(ordered, key=lambda p: self.sweep_[float(p)]) if self.sweep_
+                                else ordered[len(ordered) // 2])
             self.scaler_ = _Standardizer().fit(x)
             self.model_ = self._model(self.best_param_).fit(self.scaler_.transform(x), y)
         if self.task == "classification":

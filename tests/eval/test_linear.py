@@ -120,3 +120,31 @@ def test_tiny_scale_features_are_standardised_not_dropped():
     probe = LinearProbe("classification", LinearConfig(Cs=(0.1, 1.0))).fit(x[:40] * 1e-9, y[:40])
     ref = LinearProbe("classification", LinearConfig(Cs=(0.1, 1.0))).fit(x[:40], y[:40])
     np.testing.assert_allclose(probe.predict_proba(x[40:] * 1e-9), ref.predict_proba(x[40:]), atol=1e-6)
+
+
+def test_a_class_with_one_training_subject_is_still_fitted():
+    # 6 subjects, 3 per class, 2 outer folds: a training fold of 3 holds one subject of a class, so an
+    # inner training part can be one class (sklearn: "needs samples of at least 2 classes"; it ended
+    # the whole benchmark)
+    x, y = data(n=3)
+    y = np.array([0, 0, 1])
+    probe = LinearProbe("classification", LinearConfig(Cs=(0.01, 1.0, 100.0), inner_folds=2)).fit(x, y)
+    # tuned on the inner split whose training part holds both classes only
+    assert set(probe.sweep_) == {0.01, 1.0, 100.0} and probe.best_param_ in probe.sweep_
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=probe.best_param_,
+                                                                   max_iter=LinearConfig().max_iter)).fit(x, y)
+    np.testing.assert_allclose(probe.predict_proba(x), reference.predict_proba(x), atol=1e-6)
+
+
+def test_a_training_fold_of_one_class_predicts_that_class():
+    x, _ = data(n=5)
+    probe = LinearProbe("classification").fit(x, np.array(["M"] * 5))
+    assert list(probe.classes_) == ["M"]
+    np.testing.assert_array_equal(probe.predict_proba(x[:2]), np.ones((2, 1)))
+    assert list(probe.predict(x[:2])) == ["M", "M"]
+
+
+def test_no_inner_split_to_tune_on_takes_the_middle_of_the_grid():
+    x, _ = data(n=2)
+    probe = LinearProbe("classification", LinearConfig(Cs=(100.0, 0.01, 1.0))).fit(x, np.array([0, 1]))
+    assert probe.sweep_ == {} and probe.best_param_ == 1.0  # every inner training part is one subject
