@@ -49,6 +49,8 @@ def _inner_splits(y: np.ndarray, n_folds: int, classification: bool, seed: int):
     if classification:
         counts = np.unique(y, return_counts=True)[1]
         n_folds = max(2, min(n_folds, int(counts.min())))
+        if counts.max() < n_folds:  # one subject per class: no split keeps a class on both sides
+            return []
         return list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     n_folds = max(2, min(n_folds, len(y) // 2))
     return list(KFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y))))
