@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     from slice2vol.aggregate import AGGREGATORS, aggregate_store, cross_validate_aggregator, load_bags
     from slice2vol.aggregate.store import TASK_OF_LABEL_TYPE, open_store
-    from slice2vol.config import load_config
+    from slice2vol.config import load_config, resolve_config_path
 
     if args.list:
         for name in AGGREGATORS.names():
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.store:
         raise ValueError("give the feature store with --store FILE (or --list)")
-    cfg = load_config(AggregateConfig, args.config, _common.overrides_of(args))
+    config = resolve_config_path(args.config) if args.config else None  # a file, or a packaged config by name
+    cfg = load_config(AggregateConfig, config, _common.overrides_of(args))
     for key in ("method", "label", "name"):
         if getattr(args, key):
             setattr(cfg, key, getattr(args, key))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from slice2vol.commands import _common
@@ -28,11 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from slice2vol.commands._common import command_line, overrides_of, resolve_device
-    from slice2vol.config import ConfigError
+    from slice2vol.config import ConfigError, resolve_config_path
     from slice2vol.eval.runner import IntegrationError, load_experiment, run_experiment
 
     try:
-        cfg, base = load_experiment(args.config, overrides_of(args))
+        config = resolve_config_path(args.config)  # a file, or a packaged config by name (experiments/ci)
+        cfg, base = load_experiment(config, overrides_of(args))
     except ConfigError as err:
         raise ValueError(str(err)) from None
     device = getattr(args, "device", None) or "auto"
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     _common.add_run_log(out)
     try:
         result = run_experiment(cfg, base=base, out=out, progress=_common.progress_enabled(args),
-                                config_path=str(args.config),
+                                config_path=str(config),
                                 command_line=getattr(args, "command_line", None) or command_line())
     except IntegrationError as err:
         raise ValueError(f"pipeline piece missing: {err}") from None
@@ -51,4 +53,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"[bench] report: {paths['report.html']}")
     print(f"[bench] results: {paths['results.csv']} ({len(result['rows'])} rows), {paths['results.json']}")
     print(f"[bench] time: {result['timings'].get('total', 0):.1f} s")
-    return 1 if result["failures"] else 0
+    failed = result["results"]["cohort"]["failures"]  # manifest rows left out, and subjects that failed
+    if failed:
+        print(f"[bench] {len(failed)} subject(s) failed or were left out (listed in the report):", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+    if not result["rows"]:
+        print("[bench] no result: every task or label was skipped (the report's 'Skipped' section says why)",
+              file=sys.stderr)
+    return 1 if failed or not result["rows"] else 0

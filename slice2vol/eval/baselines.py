@@ -95,7 +95,8 @@ def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> Em
 
 
 def compute_baselines(names: list[str], cohort, volume_cfg, cfg: BaselineConfig, cache: ResultCache | None,
-                      progress: bool = True, timings: dict | None = None) -> tuple[dict[str, EmbeddingSet], list[dict]]:
+                      progress: bool = True, timings: dict | None = None,
+                      failures: list[str] | None = None) -> tuple[dict[str, EmbeddingSet], list[dict]]:
     """The computed baselines of every subject (cached by the content of the image files).
 
     Returns:
@@ -104,7 +105,7 @@ def compute_baselines(names: list[str], cohort, volume_cfg, cfg: BaselineConfig,
     import torch
     import torch.nn.functional as F
 
-    from slice2vol.data.manifest import load_subject
+    from slice2vol.data.manifest import Failure, load_subject
     from slice2vol.progress import track
 
     unknown = [n for n in names if n not in BASELINES]
@@ -119,15 +120,23 @@ def compute_baselines(names: list[str], cohort, volume_cfg, cfg: BaselineConfig,
     if not wanted:
         return {}, skipped
     t0 = time.time()
-    files = [[file_sha256(Path(p)) for p in _paths_of(s)] for s in cohort.subjects]
+    files = [[_content_of(Path(p)) for p in _paths_of(s)] for s in cohort.subjects]
     key = content_key("baselines", sorted(wanted), to_dict(cfg), to_dict(volume_cfg), cohort.ids, files)
     hit = cache.get("baselines", key) if cache else None
     if hit is None:
         feats: dict[str, list] = {n: [] for n in wanted}
         ids: dict[str, list] = {n: [] for n in wanted}
+        failed: list[str] = []
         g = cfg.intensity_grid
         for subject in track(cohort.subjects, desc="baselines", unit="vol", enabled=progress):
-            vol = load_subject(subject, volume_cfg)
+            try:
+                vol = load_subject(subject, volume_cfg)
+            except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
+                # the subject is left out of these sets (as the encoders' caching jobs leave it out) and
+                # reported; the run goes on with the others
+                failed.append(str(Failure.of(subject, err)))
+                log.warning("baselines: %s", failed[-1])
+                continue
             voxel_ml = float(np.prod(vol.spacing)) / 1000.0
             if "head_volume" in wanted:
                 feats["head_volume"].append([float(vol.mask.sum()) * voxel_ml])
@@ -139,16 +148,30 @@ def compute_baselines(names: list[str], cohort, volume_cfg, cfg: BaselineConfig,
                 x = torch.from_numpy(np.ascontiguousarray(vol.data[:1], dtype=np.float32))[None]
                 feats["intensities"].append(F.adaptive_avg_pool3d(x, (g, g, g)).reshape(-1).numpy())
                 ids["intensities"].append(subject.subject_id)
-        hit = {n: {"ids": ids[n], "X": np.asarray(feats[n], dtype=np.float32)} for n in wanted}
+        hit = {n: {"ids": ids[n], "X": np.asarray(feats[n], dtype=np.float32).reshape(len(ids[n]), -1)}
+               for n in wanted}
+        hit["failures"] = failed
         if cache:
             cache.put("baselines", key, hit)
+    if failures is not None:
+        failures += [f for f in hit.get("failures", []) if f not in failures]
     if timings is not None:
         timings["baselines"] = round(time.time() - t0, 2)
     what = {"head_volume": "head (foreground mask) volume, mL", "brain_volume": "segmentation > 0 volume, mL",
             "intensities": f"intensities average-pooled to {cfg.intensity_grid}^3"}
     sets = {n: EmbeddingSet(n, list(hit[n]["ids"]), np.asarray(hit[n]["X"]), {"baseline": what[n]}, "baseline")
-            for n in wanted}
+            for n in wanted if len(hit[n]["ids"])}
+    skipped += [{"name": n, "reason": "no subject could be loaded", "substitute": None} for n in wanted if n not in sets]
     return sets, skipped
+
+
+def _content_of(path: Path) -> str:
+    """The sha256 of a file for the cache key, or why it cannot be read (that subject then fails on
+    loading, with the message of the loader, instead of the whole run on hashing)."""
+    try:
+        return file_sha256(path)
+    except OSError as err:
+        return f"unreadable: {type(err).__name__} {err.errno}"
 
 
 def _paths_of(subject) -> list[str]:

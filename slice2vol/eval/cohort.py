@@ -92,24 +92,37 @@ def _isnan(v) -> bool:
 
 
 def make_label_splits(labels, label_types: Mapping[str, str], subject_sets: list[set[str]],
-                      cfg: ExperimentConfig, split_dir: Path) -> dict[str, LabelSplits]:
+                      cfg: ExperimentConfig, split_dir: Path, skipped: list[dict] | None = None
+                      ) -> dict[str, LabelSplits]:
     """Subjects with a value and a row in every set -> saved (or reused) folds, per label.
 
-    Labels with too few subjects or a single class are skipped with a warning.
+    Labels with too few subjects or a single class are skipped with a warning and, when ``skipped`` is
+    given, an entry ``{name, reason, substitute}`` for the report.
     """
     out: dict[str, LabelSplits] = {}
+    everywhere = [s for s in labels.index.astype(str) if all(s in ids for ids in subject_sets)]
+    n_labelled = {label: int(labels[label].notna().sum()) for label in label_types}
+
+    def skip(label: str, reason: str) -> None:
+        log.warning("label %s: %s; skipped", label, reason)
+        if skipped is not None:
+            skipped.append({"name": f"label {label}", "reason": reason, "substitute": None})
+
     for label, kind in label_types.items():
         column = labels[label]
         common = [s for s in labels.index.astype(str)
                   if all(s in ids for ids in subject_sets) and column.get(s) is not None
                   and not _isnan(column.get(s))]
+        # where the subjects went: a set covering part of the cohort restricts every label to its subjects
+        where = (f"{len(common)} subjects have a value and an embedding in every set ({n_labelled[label]} have "
+                 f"a value, {len(everywhere)} are in every set)")
         if len(common) < 2 * cfg.splits.n_folds:
-            log.warning("label %s: only %d subjects with embeddings and a value; skipped", label, len(common))
+            skip(label, f"{where}: fewer than 2 x splits.n_folds = {2 * cfg.splits.n_folds}")
             continue
         y = column.reindex(common).to_numpy()
         y = y.astype(np.float64) if kind == "continuous" else y.astype(str)
         if kind == "categorical" and len(np.unique(y)) < 2:
-            log.warning("label %s has one class; skipped", label)
+            skip(label, f"one class ({y[0]!s}) among the {where}")
             continue
         groups = None
         if cfg.splits.group:

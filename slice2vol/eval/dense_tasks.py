@@ -133,6 +133,32 @@ def _files(ctx, pset: ProbeSet, feat: DenseFeatureConfig, levels: Sequence) -> D
 _VOLUME_MEMO_BYTES = 2 << 30
 
 
+def _loadable(subjects: Sequence[Any], load: Callable[[Any], Any], task: str,
+              limit: int | None = None) -> tuple[list[Any], list[dict]]:
+    """The first ``limit`` (all: None) of ``subjects`` whose volume loads, and a skipped entry for each
+    one that does not.
+
+    A subject whose files cannot be read fails for every set alike: it is left out of the task before
+    the folds are made, so the sets are still compared on the same subjects, instead of every set
+    being skipped for it. ``load`` remembers what it loaded, so the sets do not read the files again.
+    """
+    from slice2vol.data.manifest import Failure
+
+    kept, skipped = [], []
+    for subject in subjects:
+        if limit is not None and len(kept) >= limit:
+            break
+        try:
+            load(subject)
+        except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
+            reason = str(Failure.of(subject, err))
+            log.warning("%s: %s left out: %s", task, subject.subject_id, reason)
+            skipped.append({"name": f"{task}: subject {subject.subject_id}", "reason": reason, "substitute": None})
+            continue
+        kept.append(subject)
+    return kept, skipped
+
+
 def _loader(ctx, budget: int = _VOLUME_MEMO_BYTES) -> Callable[[Any], Any]:
     """subject -> loaded Volume, remembered (up to ``budget`` bytes) for the other sets of the task.
 

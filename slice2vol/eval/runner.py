@@ -116,12 +116,12 @@ def build_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, out: P
         sets[entry.name] = read_features(entry, Path(expand(entry.path, base)), list(cohort.ids))
     if cfg.baselines.sets:
         computed, missed = compute_baselines(list(cfg.baselines.sets), cohort, cfg.volume, cfg.baselines, cache,
-                                             progress, timings)
+                                             progress, timings, failures=failures)
         sets.update(computed)
         skipped += missed
     if cfg.baselines.chance and sets:
         sets["chance"] = chance_set(list(cohort.ids))
-    return sets, models3d, failures, skipped
+    return sets, models3d, list(dict.fromkeys(failures)), skipped  # a subject failing for 2D and 3D: once
 
 
 def _legacy_report(write_report, out: Path, results: dict) -> dict:
@@ -222,7 +222,8 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
         log.warning("reference %r is not an embedding set (have %s); using %r", cfg.reference, names, reference)
         skipped.append({"name": f"reference {cfg.reference}", "reason": "not an embedding set of this run",
                         "substitute": reference})
-    frames = make_label_splits(labels, label_types, [set(es.ids) for es in sets.values()], cfg, out / "splits")
+    frames = make_label_splits(labels, label_types, [set(es.ids) for es in sets.values()], cfg, out / "splits",
+                               skipped=skipped)
     tested = tested_subjects(frames)
     for es in sets.values():
         if es.pretraining is not None:

@@ -164,3 +164,48 @@ def test_an_image_size_that_is_not_one_says_so(size):
     with pytest.raises(ValueError, match=r"img_size must be"):
         to_2tuple(size)
     assert to_2tuple(96) == (96, 96) and to_2tuple([64, 80]) == (64, 80)
+
+
+def test_bench_goes_on_without_subjects_whose_files_are_broken(tmp_path, capsys):
+    """Two unreadable subjects fail in every stage that reads them (2D cache, computed baselines,
+    segmentation, anomaly): each stage leaves them out and goes on; the run exits 1 and lists them
+    once each. The baselines and dense tasks used to end the whole run (or skip every set) instead."""
+    manifest = blob_cohort(tmp_path / "data")
+    data = tmp_path / "data"
+    raw = (data / "s3.nii.gz").read_bytes()
+    (data / "s3.nii.gz").write_bytes(raw[: len(raw) // 2])  # truncated
+    write_nifti(data / "s6.nii.gz", np.random.default_rng(0).random((24, 28, 20, 2)).astype(np.float32))  # 4D
+    out = tmp_path / "run"
+    argv = ["bench", "--config", "experiments/ci", "--out", str(out), "--no-progress",  # a packaged config by name
+            f"cohort.manifest={manifest}", *OVERRIDES, "encoders.0.aggregators=[mean]", "tasks=[knn,segmentation,anomaly]",
+            "segmentation.epochs=2", "splits.n_folds=2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    failures = results["cohort"]["failures"]
+    assert len(failures) == 2 and {f.split(":")[0] for f in failures} == {"s03", "s06"}
+    assert "truncated" in failures[0] + failures[1] and "4D data with 2 volumes" in failures[0] + failures[1]
+    assert "2 subject(s) failed or were left out" in err
+    assert results["sets"]["head_volume"]["n"] == 10
+    rows = results["rows"]
+    assert {(r["task"], r["label"]) for r in rows} >= {("knn", "grp"), ("segmentation", "core"),
+                                                       ("anomaly", "subject-level")}
+    assert sorted(results["tasks"]["segmentation"]["subjects"]) == [f"s{i:02d}" for i in range(12) if i not in (3, 6)]
+    left_out = {s["name"] for s in results["skipped"]}
+    assert {"segmentation: subject s03", "segmentation: subject s06", "anomaly: subject s03",
+            "anomaly: subject s06"} <= left_out
+
+
+def test_bench_with_more_folds_than_subjects_allow_says_so_and_exits_1(tmp_path, capsys):
+    manifest = blob_cohort(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["bench", "--config", str(REPO / "configs/experiments/ci.yaml"), "--out", str(out), "--no-progress",
+            f"cohort.manifest={manifest}", *OVERRIDES, "encoders.0.aggregators=[mean]", "baselines={sets: []}",
+            "tasks=[knn]", "splits.n_folds=7"]
+    assert main(argv) == 1
+    assert "no result: every task or label was skipped" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    skipped = {s["name"]: s["reason"] for s in results["skipped"]}
+    assert skipped["label grp"] == ("12 subjects have a value and an embedding in every set (12 have a value, 12 are "
+                                    "in every set): fewer than 2 x splits.n_folds = 14")
+    assert "label grp: skipped" in (out / "report.md").read_text()

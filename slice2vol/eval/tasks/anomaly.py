@@ -21,7 +21,7 @@ import numpy as np
 from slice2vol.config import to_dict
 from slice2vol.eval.dense_bench import ProbeSet, anomaly_cv, content_hash
 from slice2vol.eval.dense_tasks import (ANOMALY_TASK, _anomaly_features, _code, _figure, _files, _folds, _gains,
-                                        _holm, _loader, _paired, _reference, _row, _scorer, comparison_pairs,
+                                        _holm, _loadable, _loader, _paired, _reference, _row, _scorer, comparison_pairs,
                                         extraction_levels, probe_sets)
 from slice2vol.eval.metrics import mean_sd
 from slice2vol.eval.tasks.base import Task, TaskContext, TaskResult
@@ -36,7 +36,8 @@ def run_anomaly(ctx) -> dict:
 
     cfg, ac = ctx.cfg, ctx.cfg.anomaly
     out: dict[str, Any] = {"rows": [], "paired": [], "figures": [], "extras": {}, "skipped": []}
-    subjects = list(ctx.cohort.subjects)[: ac.max_subjects or None]
+    load = _loader(ctx)
+    subjects, out["skipped"] = _loadable(list(ctx.cohort.subjects), load, ANOMALY_TASK, ac.max_subjects or None)
     if len(subjects) < 4:
         out["skipped"].append({"name": ANOMALY_TASK, "reason": f"{len(subjects)} subjects (< 4)", "substitute": None})
         return out
@@ -47,7 +48,6 @@ def run_anomaly(ctx) -> dict:
         fold_of[test] = f
     feat = _anomaly_features(cfg)
     sets = probe_sets(ac, cfg.encoders, ctx.base)
-    load = _loader(ctx)
     variants = list(ac.variants) or ["patchcore"]
     results: dict[tuple[str, str], dict] = {}
     for pset in sets:

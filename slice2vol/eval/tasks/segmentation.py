@@ -21,8 +21,8 @@ import numpy as np
 from slice2vol.config import to_dict
 from slice2vol.eval.dense_bench import DenseFeatureConfig, ProbeSet, content_hash, segmentation_cv
 from slice2vol.eval.dense_tasks import (SEG_TASK, _code, _figure, _files, _folds, _gains, _holm, _later_task_needs,
-                                        _loader, _paired, _reference, _resolve_weights, _row, comparison_pairs,
-                                        extraction_levels, probe_sets)
+                                        _loadable, _loader, _paired, _reference, _resolve_weights, _row,
+                                        comparison_pairs, extraction_levels, probe_sets)
 from slice2vol.eval.tasks.base import Task, TaskContext, TaskResult
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ def run_segmentation(ctx) -> dict:
 
     cfg, sc = ctx.cfg, ctx.cfg.segmentation
     out: dict[str, Any] = {"rows": [], "paired": [], "figures": [], "extras": {}, "skipped": []}
-    subjects = [s for s in ctx.cohort.subjects if getattr(s, "seg", None) is not None][: sc.max_subjects or None]
+    load = _loader(ctx)
+    with_seg = [s for s in ctx.cohort.subjects if getattr(s, "seg", None) is not None]
+    subjects, out["skipped"] = _loadable(with_seg, load, SEG_TASK, sc.max_subjects or None)
     if len(subjects) < 4:
         out["skipped"].append({"name": SEG_TASK, "reason": f"{len(subjects)} subjects with a segmentation (< 4)",
                                "substitute": None})
@@ -50,7 +52,6 @@ def run_segmentation(ctx) -> dict:
     for f, (_, test) in enumerate(folds):
         fold_of[test] = f
     sets = probe_sets(sc, cfg.encoders, ctx.base)
-    load = _loader(ctx)
     results: dict[str, dict] = {}
     for pset in sets:
         t0 = time.time()
