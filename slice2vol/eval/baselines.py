@@ -43,12 +43,26 @@ def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> Em
     if not path.exists():
         raise ValueError(f"{path}: features file not found (features entry {entry.name!r})")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            if "ids" not in data or "X" not in data:
-                raise ValueError(f"{path}: an .npz of features needs arrays 'ids' (N,) and 'X' (N, D)")
-            ids = [str(s) for s in data["ids"].tolist()]
-            X = np.asarray(data["X"], dtype=np.float64)
-            columns = [f"f{i}" for i in range(X.shape[1])]
+        import zipfile
+
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "ids" not in data or "X" not in data:
+                    raise ValueError(f"{path}: an .npz of features needs arrays 'ids' (N,) and 'X' (N, D)")
+                ids = [str(s) for s in data["ids"].tolist()]
+                X = np.asarray(data["X"], dtype=np.float64)
+        except (OSError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: cannot read the features .npz ({' '.join(str(err).split())[:120]})") from None
+        except ValueError as err:
+            if str(err).startswith(str(path)):
+                raise
+            # e.g. IDs saved as an object array: loading it would need pickle, which is never used here
+            raise ValueError(f"{path}: cannot read the features .npz ({' '.join(str(err).split())[:120]}); save "
+                             "ids as text (np.asarray(ids, dtype=str)) and X as numbers") from None
+        if X.ndim != 2:
+            raise ValueError(f"{path}: 'X' has shape {X.shape}; expected (subjects, features), e.g. X[:, None] "
+                             "for one feature")
+        columns = [f"f{i}" for i in range(X.shape[1])]
     else:
         import pandas as pd
 
@@ -80,15 +94,20 @@ def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> Em
     X = X[keep]
     ids = [ids[i] for i in keep]
     finite = np.isfinite(X).all(1)
-    if not finite.all():
-        log.warning("%s: %d subject(s) with missing values are left out", path, int((~finite).sum()))
+    left_out = [s for s, f in zip(ids, finite) if not f]
+    if left_out:
+        log.warning("%s: %d subject(s) with missing values are left out", path, len(left_out))
         X, ids = X[finite], [s for s, f in zip(ids, finite) if f]
+    if len(X) > 1 and np.ptp(X, axis=0).max() == 0:
+        raise ValueError(f"{path}: every subject has the same features (features entry {entry.name!r}); there is "
+                         "nothing to compare")
     if entry.log:
         if (X < 0).any():
             raise ValueError(f"{path}: log=true needs non-negative values")
         X = np.log1p(X)
     prov = {"source": str(path), "source_sha256": file_sha256(path), "columns": columns[:50],
-            "n_columns": len(columns), "id_column": entry.id_column, "log": entry.log}
+            "n_columns": len(columns), "id_column": entry.id_column, "log": entry.log,
+            "left_out_missing_values": left_out}
     if entry.fitted_on is not None:
         prov.update({"fitted_on": list(entry.fitted_on), "fitted_labels": list(entry.fitted_labels)})
     return EmbeddingSet(entry.name, ids, X.astype(np.float32), prov, "features", entry)

@@ -114,6 +114,10 @@ def build_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, out: P
         sets[es.name] = es
     for entry in cfg.features:
         sets[entry.name] = read_features(entry, Path(expand(entry.path, base)), list(cohort.ids))
+        missing = sets[entry.name].provenance.get("left_out_missing_values")
+        if missing:  # these subjects then drop out of every set's comparison (labels use common subjects)
+            skipped.append({"name": f"{entry.name}: {len(missing)} subject(s) {missing[:5]}",
+                            "reason": "missing or non-finite values in the features file", "substitute": None})
     if cfg.baselines.sets:
         computed, missed = compute_baselines(list(cfg.baselines.sets), cohort, cfg.volume, cfg.baselines, cache,
                                              progress, timings, failures=failures)

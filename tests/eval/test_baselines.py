@@ -77,6 +77,38 @@ def test_features_from_csv_and_npz(tmp_path):
     assert es.X.shape == (5, 3) and es.ids == ids
 
 
+def test_bad_feature_npz_files_get_one_line_errors(tmp_path):
+    ids = np.array(["s00", "s01", "s02"])
+    cases = {
+        "flat": ({"ids": ids, "X": np.arange(3.0)}, r"'X' has shape \(3,\); expected \(subjects, features\)"),
+        "object_ids": ({"ids": ids.astype(object), "X": np.eye(3)}, r"cannot read the features .npz .*save ids as text"),
+        "constant": ({"ids": ids, "X": np.ones((3, 4))}, r"every subject has the same features \(features entry 'x'\)"),
+    }
+    for name, (arrays, match) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(ValueError, match=match) as err:
+            read_features(FeaturesEntry("x", str(path)), path, list(ids))
+        assert str(err.value).startswith(str(path)) and "\n" not in str(err.value), name
+    path = tmp_path / "text.npz"
+    path.write_text("not a zip")
+    with pytest.raises(ValueError, match=r"text.npz: cannot read the features .npz"):
+        read_features(FeaturesEntry("x", str(path)), path, list(ids))
+
+
+def test_feature_rows_with_missing_values_are_left_out_and_named():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f.npz"
+        X = np.arange(12.0).reshape(3, 4)
+        X[1, 2] = np.nan
+        np.savez(path, ids=np.array(["s00", "s01", "s02"]), X=X)
+        es = read_features(FeaturesEntry("x", str(path)), path, ["s00", "s01", "s02"])
+    assert es.ids == ["s00", "s02"] and es.provenance["left_out_missing_values"] == ["s01"]
+
+
 @pytest.mark.parametrize("content,entry,match", [
     ("ID,a\ns00,1\n", {"id_column": "MRID"}, "no ID column 'MRID'"),
     ("MRID,a\ns00,x\ns01,2\n", {"id_column": "MRID"}, "non-numeric values in column"),
