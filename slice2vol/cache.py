@@ -1532,11 +1532,12 @@ def _select(lookup: Mapping[str, Mapping[str, tuple[int, int, int, int]]]) -> Se
 
 
 def _merge_segments(segments: Sequence[_Segment], out: Path, *, selection: Selection,
-                    extra_history: Sequence[dict] = (), provenance: Mapping[str, Any] | None = None) -> None:
+                    extra_history: Sequence[dict] = (), provenance: Mapping[str, Any] | None = None,
+                    volumes: bool = True) -> None:
     """Streams the ``selection`` of rows of ``segments`` into one new segment at ``out`` (atomic).
 
     Checksums and fingerprints are copied, never recomputed, so damage in a source stays detectable.
-    Labels and volume-embedding sets: the newest segment wins.
+    Labels and (with ``volumes``) volume-embedding sets: the newest segment wins.
     """
     if provenance is None:
         provenance = next((s.provenance for s in segments if s.feature_set), {})
@@ -1594,11 +1595,11 @@ def _merge_segments(segments: Sequence[_Segment], out: Path, *, selection: Selec
             types.update(t)
         if records or types:
             _write_labels(f, records, types)
-        volumes: dict[str, _Segment] = {}
-        for seg in segments:
+        newest: dict[str, _Segment] = {}
+        for seg in segments if volumes else []:
             for name in seg.volume_names():
-                volumes[name] = seg  # newest wins
-        for name, seg in volumes.items():
+                newest[name] = seg  # newest wins
+        for name, seg in newest.items():
             f.copy(seg.volume_group(name), f.require_group("volumes"), name=_vol_key(name))
 
 
@@ -1722,17 +1723,66 @@ def merge_stores(out: str | Path, inputs: Sequence[str | Path], *, allow_version
                 chosen.append((base + k, sid, a, b, i))
     event = {**run_context(), "event": "merge", "inputs": [str(p) for p in inputs]}
     event.pop("versions")
+    sets, dropped = _merged_volume_sets(stores)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FeatureStore(out, mode="a").writer_lock():
-        _merge_segments(segments, out, selection=selection, extra_history=[event], provenance=ref_prov)
+    target = FeatureStore(out, mode="a")
+    with target.writer_lock():
+        _merge_segments(segments, out, selection=selection, extra_history=[event], provenance=ref_prov,
+                        volumes=False)
     for store in stores:
         store.close()
+    target.refresh()
+    for name, (ids, X, prov) in sets.items():
+        target.write_volume_embeddings(name, ids, X, prov)
+    target.close()
+    for name, why in dropped.items():
+        log.warning("merge: volume embeddings %r not merged: %s; run slice2vol aggregate (or embed) on %s",
+                    name, why, out)
     merged = FeatureStore(out)
-    counts = {"subjects": {p: len(merged.subjects(p)) for p in merged.planes}, "duplicates": duplicates}
+    counts = {"subjects": {p: len(merged.subjects(p)) for p in merged.planes}, "duplicates": duplicates,
+              "volume_sets": sorted(sets), "volume_sets_dropped": dropped}
     merged.close()
     if any(duplicates.values()):
         log.warning("merge: %s subject(s) appeared in several inputs; kept the first copy", duplicates)
     return counts
+
+
+def _merged_volume_sets(stores: Sequence["FeatureStore"]
+                        ) -> tuple[dict[str, tuple[list[str], np.ndarray, dict]], dict[str, str]]:
+    """The volume-embedding sets of the merged store, and why the others are left out.
+
+    Shards aggregated (or embedded) one by one hold one set each covering their own subjects: a set
+    is joined (rows of the inputs in order, a subject's first copy wins) when every input holds it and
+    was made the same way (provenance equal but for date and host; a trainable aggregator fitted on
+    each shard differs in its training subjects, so it is not joined). Otherwise it is left out, with
+    a warning, instead of one input's set standing for the whole store.
+    """
+    names = list(dict.fromkeys(n for store in stores for n in store.volume_embedding_names()))
+    sets: dict[str, tuple[list[str], np.ndarray, dict]] = {}
+    dropped: dict[str, str] = {}
+    for name in names:
+        lacking = [str(store.path) for store in stores if name not in store.volume_embedding_names()]
+        if lacking:
+            dropped[name] = f"{len(lacking)} input(s) do not hold it (e.g. {lacking[0]})"
+            continue
+        parts = [store.volume_embeddings(name) for store in stores]
+        ref_id = identity_of(parts[0][2])
+        diffs = [(store.path, diff_dicts(ref_id, identity_of(prov))) for store, (_, _, prov) in zip(stores, parts)]
+        differ = [(path, d) for path, d in diffs if d]
+        if differ:
+            dropped[name] = f"{differ[0][0]} made it differently ({'; '.join(differ[0][1][:3])})"
+            continue
+        ids: list[str] = []
+        rows: list[np.ndarray] = []
+        seen: set[str] = set()
+        for sub_ids, X, _ in parts:
+            for sid, row in zip(sub_ids, X):
+                if sid not in seen:
+                    seen.add(sid)
+                    ids.append(sid)
+                    rows.append(row)
+        sets[name] = (ids, np.stack(rows), identity_of(parts[0][2]))
+    return sets, dropped
 
 
 def _check_merge_target(out: Path, ref: "FeatureStore", stores: Sequence["FeatureStore"]) -> None:

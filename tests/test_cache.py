@@ -437,6 +437,31 @@ def test_merge_refuses_missing_and_unfinished_shards(tmp_path: Path) -> None:
     assert counts["subjects"]["axial"] == 3
 
 
+def test_merge_joins_the_volume_embeddings_of_shards_made_the_same_way(tmp_path: Path, caplog) -> None:
+    """Shards aggregated one by one: the merged store used to keep one shard's set only (6 of 12
+    subjects in ``mean``), without a word."""
+    rng = np.random.default_rng(0)
+    a, b = write_store(tmp_path / "a.h5", ids=[0, 1]), write_store(tmp_path / "b.h5", ids=[2, 3])
+    rows = {f"s{i}": rng.normal(size=3).astype(np.float32) for i in range(4)}
+    for store, ids in ((a, ["s0", "s1"]), (b, ["s2", "s3"])):
+        store = FeatureStore(store.path, mode="a")
+        store.write_volume_embeddings("mean", ids, np.stack([rows[s] for s in ids]), {"aggregator": "mean"})
+        # a trainable aggregator fitted on each shard's own subjects: two different models
+        store.write_volume_embeddings("mil", ids, np.stack([rows[s] for s in ids]), {"aggregator": "mil",
+                                                                                    "train_ids": ids})
+    FeatureStore(a.path, mode="a").write_volume_embeddings("only_a", ["s0"], rows["s0"][None], {"aggregator": "x"})
+    counts = merge_stores(tmp_path / "ab.h5", [a.path, b.path])
+    assert counts["volume_sets"] == ["mean"] and set(counts["volume_sets_dropped"]) == {"mil", "only_a"}
+    assert "made it differently (train_ids" in counts["volume_sets_dropped"]["mil"]
+    assert "1 input(s) do not hold it" in counts["volume_sets_dropped"]["only_a"]
+    merged = FeatureStore(tmp_path / "ab.h5")
+    ids, X, prov = merged.volume_embeddings("mean")
+    assert ids == ["s0", "s1", "s2", "s3"] and prov["aggregator"] == "mean"
+    np.testing.assert_array_equal(X, np.stack([rows[s] for s in ids]))
+    assert merged.volume_embedding_names() == ["mean"]
+    assert any("volume embeddings 'mil' not merged" in r.message for r in caplog.records)
+
+
 def test_merge_does_not_replace_a_store_it_would_lose_data_of(tmp_path: Path) -> None:
     """merge writes a new file: an existing store at --store of another feature set, with subjects no
     input holds, or with volume embeddings used to be replaced without a word."""

@@ -223,7 +223,10 @@ def _merge(args: argparse.Namespace) -> int:
     counts = merge_stores(out, inputs, allow_version_mismatch=args.allow_version_mismatch,
                           require_complete=not args.allow_incomplete)
     print(f"{out}: merged {len(inputs)} store(s); subjects per plane {counts['subjects']}"
-          + (f"; duplicates left out {counts['duplicates']}" if any(counts["duplicates"].values()) else ""))
+          + (f"; duplicates left out {counts['duplicates']}" if any(counts["duplicates"].values()) else "")
+          + (f"; volume embeddings joined {counts['volume_sets']}" if counts["volume_sets"] else "")
+          + (f"; not joined {sorted(counts['volume_sets_dropped'])} (see the warning)"
+             if counts["volume_sets_dropped"] else ""))
     if not args.manifest:
         return 0
     return _coverage(out, args.manifest)
