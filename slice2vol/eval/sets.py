@@ -165,7 +165,13 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
         store = FeatureStore(path, mode="r")
         feature_set = store.feature_set
         weights = store.provenance.get("weights") if entry.store else resolve_weights(entry.weights, base)
-        key = entry.key or store.provenance.get("encoder_key") or store.provenance.get("encoder")
+        stored_key = store.provenance.get("encoder_key") or store.provenance.get("encoder")
+        if entry.store and entry.key and stored_key and entry.key != stored_key:
+            # the report would name an encoder that did not make these features
+            raise ValueError(f"{path}: encoders entry {entry.name!r} says key {entry.key!r}, but the store holds "
+                             f"{stored_key!r} features; drop 'key' from the entry (the store says which encoder "
+                             "made it) or point 'store' at a cache of that encoder")
+        key = entry.key or stored_key
         base_prov = {"store": str(path), "feature_set": feature_set, "encoder_key": key, "weights": weights,
                      "store_provenance": _short_prov(store.provenance)}
         for agg in entry.aggregators:

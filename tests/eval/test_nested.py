@@ -110,3 +110,15 @@ def test_bench_refuses_a_set_fitted_with_labels_on_test_subjects(noise, tmp_path
     assert len(err) == 1, err
     assert "'noise/mil'" in err[0] and "48 subjects, 48 of them test subjects" in err[0]
     assert not (tmp_path / "leak" / "results.json").exists()
+
+
+def test_a_store_entry_whose_key_is_not_the_stores_encoder_is_refused(noise, tmp_path, capsys):
+    """The report used to name the entry's key (tv/mobilenet_v2) for features another encoder made."""
+    manifest, store = noise
+    argv = bench_argv(manifest, store, tmp_path / "run", "tasks=[knn]")
+    argv = [a.replace("{name: noise, store:", "{name: noise, key: tv/mobilenet_v2, store:") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("noise.h5: encoders entry 'noise' says key 'tv/mobilenet_v2', but the store holds 'noise' "
+                        "features; drop 'key' from the entry (the store says which encoder made it) or point 'store' "
+                        "at a cache of that encoder")
