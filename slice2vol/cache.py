@@ -594,8 +594,11 @@ class VerifyReport:
         lines = [head]
         lines += [f"  damaged: {sid} {plane}: {reason}" for sid, plane, reason in self.damaged]
         lines += [f"  broken: {line}" for line in self.broken]
-        if not self.ok:
+        if self.damaged:
             lines.append("  rerun the caching job on this store to recompute the damaged subjects")
+        if any("volume embeddings" in line for line in self.broken):
+            # a set is derived data: the caching job does not rewrite it, aggregating (or embedding) does
+            lines.append("  write damaged volume embeddings again: slice2vol aggregate (or embed) with the same name")
         return "\n".join(lines)
 
 

@@ -395,7 +395,12 @@ def test_volume_embeddings_checksum(tmp_path: Path) -> None:
     flip_bit(path, "volumes/mean/X", byte=9)
     with pytest.raises(StoreCorrupt, match=r"vc\.h5: volume embeddings 'mean' fail their checksum"):
         FeatureStore(path).volume_embeddings("mean")
-    assert "volume embeddings 'mean'" in FeatureStore(path).verify().broken[0]
+    report = FeatureStore(path).verify()
+    assert "volume embeddings 'mean'" in report.broken[0]
+    # the remedy for derived data is to write it again, not to rerun the caching job (which keeps it)
+    assert report.summary().splitlines()[-1] == ("  write damaged volume embeddings again: slice2vol aggregate (or "
+                                                 "embed) with the same name")
+    assert "rerun the caching job" not in report.summary()
 
 
 def test_lock_conflict_names_store_and_holder(tmp_path: Path) -> None:

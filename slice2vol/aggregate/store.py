@@ -45,7 +45,8 @@ def open_store(store: Any, mode: str = "r"):
 
 
 def load_bags(store: Any, subjects: Sequence[str] | None = None, planes: Sequence[str] | None = None,
-              *, tokens: bool = False) -> tuple[list[str], list[dict[str, PlaneBag]]]:
+              *, tokens: bool = False, damaged: list[str] | None = None
+              ) -> tuple[list[str], list[dict[str, PlaneBag]]]:
     """Reads subjects' slice features (and positions, indices, optionally tokens) from a store.
 
     Args:
@@ -53,6 +54,8 @@ def load_bags(store: Any, subjects: Sequence[str] | None = None, planes: Sequenc
         subjects: subject ids (default: every completed subject).
         planes: planes to read (default: all cached planes).
         tokens: also read patch tokens when cached (silently absent otherwise).
+        damaged: given, a subject whose rows fail their checksum is left out and the error's message
+            appended here (otherwise :class:`~slice2vol.cache.StoreCorrupt` is raised).
 
     Returns:
         (subject ids, bags) in the same order.
@@ -60,6 +63,17 @@ def load_bags(store: Any, subjects: Sequence[str] | None = None, planes: Sequenc
     store = open_store(store)
     ids = list(store.subjects()) if subjects is None else list(subjects)
     planes = list(store.planes) if planes is None else list(planes)
+    if damaged is not None:
+        from slice2vol.cache import StoreCorrupt
+
+        kept, bags = [], []
+        for sid in ids:
+            try:
+                bags += load_bags(store, [sid], planes, tokens=tokens)[1]
+                kept.append(sid)
+            except StoreCorrupt as err:
+                damaged.append(str(err))
+        return kept, bags
     bags = []
     for sid in ids:
         bag = {}
@@ -153,6 +167,7 @@ def aggregate_store(
     out_dir: str | Path | None = None,
     plot: bool = True,
     chunk: int = 64,
+    damaged: list[str] | None = None,
     **params,
 ) -> str:
     """Aggregates every subject of a feature store and writes the volume embeddings back.
@@ -170,6 +185,9 @@ def aggregate_store(
             beside the store).
         plot: write attention PNGs.
         chunk: subjects read at a time when embedding.
+        damaged: given, subjects whose cached rows fail their checksum are left out of fitting and of
+            the written set, each with its message appended here (``slice2vol cache verify`` lists
+            them; recaching repairs them); otherwise the first one raises StoreCorrupt.
         **params: the aggregator's constructor parameters.
 
     Returns:
@@ -184,12 +202,16 @@ def aggregate_store(
         planes = [planes] if isinstance(planes, str) else list(planes)
         unknown = [p for p in planes if p not in all_planes]
         if unknown:
-            raise ValueError(f"plane(s) {unknown} are not cached in this store (cached: {all_planes})")
+            raise ValueError(f"{getattr(store, 'path', store_path)}: plane(s) {unknown} are not cached in this store "
+                             f"(cached: {all_planes})")
     use_planes = planes or all_planes
     agg = build_aggregator(method, planes=planes, **params)
     ids = list(store.subjects())
     if not ids:
-        raise ValueError("the store holds no completed subject")
+        where = getattr(store, "path", store_path)
+        sets = store.volume_embedding_names() if hasattr(store, "volume_embedding_names") else []
+        raise ValueError(f"{where}: the store holds no cached slice features" + (
+            f" (only volume embeddings {sets}, from slice2vol embed: nothing to aggregate)" if sets else ""))
     wants_tokens = bool(getattr(agg, "wants_tokens", False))
 
     fit_ids: list[str] = []
@@ -217,7 +239,10 @@ def aggregate_store(
             ltype = getattr(store, "label_types", {}).get(label)
             if "task" in agg.get_params() and agg.task == "auto" and ltype in TASK_OF_LABEL_TYPE:
                 agg.set_params(task=TASK_OF_LABEL_TYPE[ltype])
-        _, train_bags = load_bags(store, fit_ids, use_planes, tokens=wants_tokens)
+        kept, train_bags = load_bags(store, fit_ids, use_planes, tokens=wants_tokens, damaged=damaged)
+        if len(kept) < len(fit_ids):
+            y = None if y is None else y[[i for i, s in enumerate(fit_ids) if s in set(kept)]]
+            fit_ids = kept
         agg.fit(train_bags, y)
         del train_bags
         task = getattr(agg, "task_", None)
@@ -228,8 +253,12 @@ def aggregate_store(
     name = name or default_name(agg, method, label, planes, all_planes)
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(store, store_path, name)
     rows, attention, coords, att_bags = [], [], [], []
+    done: list[str] = []
+    reported = set(damaged or [])
     for start in range(0, len(ids), chunk):
-        chunk_ids, bags = load_bags(store, ids[start:start + chunk], use_planes, tokens=wants_tokens)
+        chunk_ids, bags = load_bags(store, ids[start:start + chunk], use_planes, tokens=wants_tokens,
+                                    damaged=damaged)
+        done += chunk_ids
         try:
             rows.append(agg.transform(bags))
         except BagError as err:
@@ -244,6 +273,14 @@ def aggregate_store(
             coords.extend({p: slice_coordinates(b[p], p) for p in b} for b in bags)
             att_bags.extend({p: PlaneBag(b[p].features[:, :0], b[p].positions, b[p].indices) for p in b}
                             for b in bags)  # keep geometry, drop features
+    if damaged is not None:
+        for message in dict.fromkeys(m for m in damaged if m not in reported):
+            log.warning("left out: %s", message)
+        damaged[:] = list(dict.fromkeys(damaged))  # a training subject is read twice: reported once
+        ids = done
+    if not ids:
+        raise ValueError(f"{getattr(store, 'path', store_path)}: every subject's cached features are damaged; "
+                         "nothing to aggregate (slice2vol cache verify lists them)")
     X = np.concatenate(rows).astype(np.float32)
     if not np.isfinite(X).all():
         bad = [ids[i] for i in np.where(~np.isfinite(X).all(1))[0][:5]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -153,8 +154,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     train_ids = _read_ids(args.train_ids) if args.train_ids else None
+    damaged: list[str] = []  # subjects whose cached rows fail their checksum: left out, listed, exit 1
     with _params_named(cfg):
         name = aggregate_store(args.store, cfg.method, planes=cfg.planes, name=cfg.name, train_ids=train_ids,
-                               label=cfg.label, out_dir=args.out, plot=not args.no_plot, **cfg.params)
+                               label=cfg.label, out_dir=args.out, plot=not args.no_plot, damaged=damaged,
+                               **cfg.params)
     print(name)
+    if damaged:
+        print(f"{len(damaged)} subject(s) left out, their cached features are damaged (rerun the caching job on "
+              "this store to recompute them):", file=sys.stderr)
+        for message in damaged:
+            print(f"  {message}", file=sys.stderr)
+        return 1
     return 0

@@ -148,7 +148,7 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
     """
     try:
         from slice2vol.aggregate import aggregate_store
-        from slice2vol.cache import FeatureStore
+        from slice2vol.cache import FeatureStore, StoreCorrupt
     except ImportError as err:
         raise IntegrationError(f"2D encoders need slice2vol.cache and slice2vol.aggregate ({err})") from None
     from slice2vol.eval.leakage import disclosure_from_provenance
@@ -187,12 +187,17 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
             names = store.volume_embedding_names()
             fresh = False
             if set_name in names:
-                ids, X, prov = store.volume_embeddings(set_name)
-                fresh = (prov.get("source_feature_set", prov.get("slice_feature_set")) == feature_set
-                         and set(ids) == set(store.subjects()) and prov.get("params_requested") == params)
+                try:
+                    ids, X, prov = store.volume_embeddings(set_name)
+                    fresh = (prov.get("source_feature_set", prov.get("slice_feature_set")) == feature_set
+                             and set(ids) == set(store.subjects()) and prov.get("params_requested") == params)
+                except StoreCorrupt as err:  # derived data: aggregated again from the slice features
+                    log.warning("%s; aggregating again", err)
             if not fresh:
                 log.info("%s: aggregating with %s", entry.name, agg)
-                written = aggregate_store(path, agg, name=set_name, plot=False, **params)
+                damaged: list[str] = []  # subjects whose slice rows fail their checksum: left out, reported
+                written = aggregate_store(path, agg, name=set_name, plot=False, damaged=damaged, **params)
+                failures += [m for m in damaged if m not in failures]
                 if written != set_name:
                     set_name = written
                 _annotate(path, set_name, params)

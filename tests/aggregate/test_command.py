@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from slice2vol.cli import main
@@ -102,3 +103,38 @@ def test_an_empty_embedding_set_is_not_written(tmp_path):
 
     with pytest.raises(ValueError, match=r"volume embeddings 'h0' of shape \(3, 0\): expected \(subjects, dims\)"):
         FeatureStore(tmp_path / "s.h5", mode="a").write_volume_embeddings("h0", ["a", "b", "c"], np.zeros((3, 0)))
+
+
+def test_a_damaged_subject_is_left_out_and_the_rest_aggregated(tmp_path, capsys):
+    """One subject whose cached rows fail their checksum used to stop the whole job (exit 2)."""
+    import h5py
+
+    from slice2vol.cache import FeatureStore
+    from tests.test_cache import write_store
+
+    path = tmp_path / "s.h5"
+    write_store(path, ids=range(4))
+    with h5py.File(path, "a") as f:  # s1's first axial row: s0 has 3 rows, then s1
+        f["planes/axial/features"][3, 3] += 1
+    assert main(["aggregate", "--store", str(path), "--method", "mean", "--no-plot"]) == 1
+    err = capsys.readouterr().err
+    assert "1 subject(s) left out, their cached features are damaged" in err
+    assert "subject 's1' axial" in err and "fail their checksum" in err
+    ids, X, _ = FeatureStore(path).volume_embeddings("mean")
+    assert ids == ["s0", "s2", "s3"]
+    # the others are aggregated as they would be without the damaged one (a mean over their slices)
+    expected = [np.concatenate([FeatureStore(path).slice_features(s, p) for p in ("axial", "coronal")]).mean(0)
+                for s in ids]
+    np.testing.assert_allclose(X, np.stack(expected), rtol=1e-5)
+    assert "write damaged volume embeddings again" not in err
+
+
+def test_an_embed_store_is_named_when_there_is_nothing_to_aggregate(tmp_path, capsys):
+    from slice2vol.cache import FeatureStore
+
+    path = tmp_path / "e.h5"
+    FeatureStore(path, mode="a").write_volume_embeddings("3d/x", ["a", "b"], np.ones((2, 3)), {})
+    assert main(["aggregate", "--store", str(path), "--method", "mean"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "e.h5: the store holds no cached slice features (only volume embeddings ['3d/x'], from slice2vol embed: "
+        "nothing to aggregate)")

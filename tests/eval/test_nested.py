@@ -122,3 +122,22 @@ def test_a_store_entry_whose_key_is_not_the_stores_encoder_is_refused(noise, tmp
     assert err.endswith("noise.h5: encoders entry 'noise' says key 'tv/mobilenet_v2', but the store holds 'noise' "
                         "features; drop 'key' from the entry (the store says which encoder made it) or point 'store' "
                         "at a cache of that encoder")
+
+
+def test_damaged_rows_and_a_damaged_set_in_a_store_do_not_end_the_run(tmp_path, capsys):
+    """A damaged `mean` set is aggregated again from the slice features, and a subject whose rows fail
+    their checksum is left out and reported (exit 1); both used to end the run with exit 2."""
+    import h5py
+
+    manifest, store = noise_cohort(tmp_path)
+    FeatureStore(store, mode="a").write_volume_embeddings("mean", [f"sub-{i:02d}" for i in range(N)],
+                                                          np.ones((N, 3), np.float32), {"aggregator": "mean"})
+    with h5py.File(store, "a") as f:
+        f["volumes/mean/X"][0, 0] += 1
+        f["planes/axial/features"][0, 0] += 1  # sub-00's first axial row
+    argv = bench_argv(manifest, store, tmp_path / "run", "tasks=[knn]", "encoders.0.aggregators=[mean]")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "subject 'sub-00' axial" in err and "fail their checksum" in err
+    ids, X, _ = FeatureStore(store).volume_embeddings("mean")
+    assert "sub-00" not in ids and len(ids) == N - 1 and X.shape[1] == 16
