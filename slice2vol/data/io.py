@@ -457,7 +457,8 @@ def check_values_ok(path: str | Path, data: np.ndarray) -> None:
     finite = np.isfinite(data)
     if not finite.all():
         bad = int(data.size - finite.sum())
-        raise VolumeError(path, f"{bad} NaN/Inf voxels ({100 * bad / data.size:.2g}% of the volume)")
+        share = "all" if bad == data.size else f"{_percent(bad / data.size)} of the volume"
+        raise VolumeError(path, f"{bad} NaN/Inf voxels ({share})")
     lo, hi = float(data.min()), float(data.max())
     if lo == hi == 0:
         raise VolumeError(path, "empty volume (all voxels are 0)")
@@ -480,6 +481,17 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
 def _fmt_mm(values: Sequence[float]) -> str:
     """``(2, 2, 0)``: plain numbers (numpy 2 would print ``np.float64(2.0)`` inside a tuple repr)."""
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+def _percent(fraction: float) -> str:
+    """``0.98`` -> ``98%``, ``0.0004`` -> ``0.04%``: two significant digits, never in e-notation, and
+    never ``100%`` unless it is all."""
+    pct = 100 * fraction
+    if pct >= 99.5:
+        return "100%" if fraction >= 1 else "over 99%"
+    if pct < 0.01:
+        return "under 0.01%"
+    return f"{pct:.0f}%" if pct >= 10 else f"{float(f'{pct:.2g}'):g}%"
 
 
 def _fmt_axes(m: np.ndarray) -> str:
@@ -656,6 +668,9 @@ def resample(
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of a 1D array (between-class variance maximum)."""
+    # float64: a float32 range near its maximum (3.4e38) overflows to inf in the bin edges
+    # ("Too many bins for data range") and in the class means
+    values = np.asarray(values, dtype=np.float64)
     hist, edges = np.histogram(values, bins=bins)
     centres = (edges[:-1] + edges[1:]) / 2
     weight0 = np.cumsum(hist)

@@ -229,6 +229,9 @@ BAD_CASES = {
                      r"a single slice, not a volume \(shape \(24, 28, 1\): one voxel along z\)"),
     "4d": (lambda t: write_nifti(t / "multi.nii.gz", np.random.rand(8, 8, 8, 3).astype(np.float32)), "4D data with 3 volumes"),
     "nan": (lambda t: write_nifti(t / "nan.nii.gz", np.where(blob_volume() > 50, np.nan, blob_volume()).astype(np.float32)), "NaN/Inf voxels"),
+    # the share was printed as '1e+02% of the volume'
+    "all_nan": (lambda t: write_nifti(t / "allnan.nii.gz", np.full((8, 8, 8), np.nan, np.float32)),
+                r"512 NaN/Inf voxels \(all\)$"),
     "empty": (lambda t: write_nifti(t / "empty.nii.gz", np.zeros((8, 8, 8), np.float32)), "empty volume"),
     "constant": (lambda t: write_nifti(t / "const.nii.gz", np.full((8, 8, 8), 7, np.float32)), "constant volume"),
     # spacing printed as plain numbers (numpy 2 prints np.float64(2.0) inside a tuple's repr)
@@ -720,3 +723,21 @@ def test_a_named_pipe_or_a_link_loop_fails_its_subject_without_blocking(tmp_path
     from slice2vol.cache import FeatureStore
 
     assert FeatureStore(tmp_path / "f.h5").subjects() == ["ok"]
+
+
+def test_foreground_of_intensities_near_the_float32_maximum():
+    """A volume scaled up to ~3e38 (kept raw by the 3D encoders, normalize='none') ended in numpy's
+    'Too many bins for data range' (its float32 bin edges overflow) with overflow warnings."""
+    import warnings
+
+    from slice2vol.data.io import foreground_mask, otsu_threshold
+
+    head = blob_volume().astype(np.float32)
+    scale = np.float32(3e38) / head.max()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        huge = otsu_threshold((head * scale).ravel())
+        mask = foreground_mask((head * scale)[None])
+    # Otsu's threshold scales with the intensities
+    assert huge == pytest.approx(otsu_threshold(head.ravel()) * float(scale), rel=1e-5)
+    np.testing.assert_array_equal(mask, foreground_mask(head[None]))
