@@ -462,3 +462,16 @@ def test_a_damaged_index_folder_is_refused_naming_the_file(clustered, tmp_path, 
 def test_k_below_one_is_refused(clustered):
     with pytest.raises(ValueError, match=r"k must be an integer >= 1 \(neighbours per query\), got 0"):
         Index.build(clustered[:20], _ids(20)).search(clustered[0], k=0)
+
+
+def test_index_errors_name_the_store_the_set_and_the_subjects(tmp_path):
+    from slice2vol.cache import FeatureStore
+
+    X = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    X[2] = 0
+    FeatureStore(tmp_path / "z.h5", mode="a").write_volume_embeddings("mean", ["a", "b", "c", "d"], X, {})
+    with pytest.raises(ValueError, match=r"^z.h5: volume embeddings 'mean': 1 embedding\(s\) are all zeros "
+                                         r"\(e.g. c\); cosine is undefined$"):
+        Index.from_store(tmp_path / "z.h5", "mean")
+    with pytest.raises(ValueError, match=r"^2 embedding\(s\) contain NaN/Inf$"):  # plain arrays: nothing to name
+        normalize_rows(np.array([[np.nan, 1.0], [np.inf, 0.0], [1.0, 2.0]]))

@@ -98,16 +98,27 @@ class IndexConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """(N, D) -> float32 (N, D) with unit L2 rows; a zero row is an error (it has no direction)."""
+def normalize_rows(x: np.ndarray, ids: Sequence[str] | None = None, where: str = "") -> np.ndarray:
+    """(N, D) -> float32 (N, D) with unit L2 rows; a zero row is an error (it has no direction).
+
+    ``ids`` and ``where`` (e.g. ``"feats.h5: volume embeddings 'mean'"``) only make the errors name
+    the subjects and their source.
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
+    prefix = f"{where}: " if where else ""
     if x.ndim != 2:
-        raise ValueError(f"expected a (N, D) array of embeddings, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{int((~np.isfinite(x)).any(1).sum())} embedding(s) contain NaN/Inf")
+        raise ValueError(f"{prefix}expected a (N, D) array of embeddings, got shape {x.shape}")
+
+    def named(rows: np.ndarray) -> str:
+        return f" (e.g. {', '.join(str(ids[i]) for i in np.flatnonzero(rows)[:3])})" if ids is not None else ""
+
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        raise ValueError(f"{prefix}{int(bad.sum())} embedding(s) contain NaN/Inf{named(bad)}")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ValueError(f"{int((norms == 0).sum())} embedding(s) are all zeros; cosine is undefined")
+    zero = norms[:, 0] == 0
+    if zero.any():
+        raise ValueError(f"{prefix}{int(zero.sum())} embedding(s) are all zeros{named(zero)}; cosine is undefined")
     return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 
@@ -346,9 +357,14 @@ class Index:
         ids = [str(i) for i in ids]
         if len(ids) != len(embeddings):
             raise ValueError(f"{len(ids)} IDs for {len(embeddings)} embeddings")
+        where = ""  # errors name the store and set when the provenance says (Index.from_store)
+        store_path = ((provenance or {}).get("store") or {}).get("path")
+        set_name = ((provenance or {}).get("embeddings") or {}).get("name")
+        if store_path and set_name:
+            where = f"{Path(store_path).name}: volume embeddings {set_name!r}"
         if len(ids) == 0:
-            raise ValueError("no embeddings to index")
-        x = normalize_rows(embeddings)
+            raise ValueError(f"{where or 'index'}: no embeddings to index")
+        x = normalize_rows(embeddings, ids, where)
         start = time.perf_counter()
         if tune_queries is not None:  # the caller's own fresh queries: index everything, then tune
             queries = normalize_rows(np.atleast_2d(tune_queries))
