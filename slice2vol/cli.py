@@ -69,7 +69,15 @@ def command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.Argum
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status (0 ok, 1 some subjects failed, 2 usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # overrides may sit between options (`bench --config x a=1 --out y b=2`): argparse gives the
+        # positional list the first run only and leaves the rest unrecognised
+        sub = command_parser(parser, args.command) if getattr(args, "command", None) else parser
+        strays = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if strays:
+            sub.error(f"unrecognized arguments: {' '.join(strays)}")
+        args.overrides = list(args.overrides) + extra
     # the command line as typed, for the provenance of whatever the job writes
     from slice2vol.commands._common import command_line
 

@@ -473,3 +473,21 @@ def test_a_store_that_is_a_folder_is_refused_before_anything_is_written(tmp_path
     assert (sorted(p.name for p in tmp_path.parent.iterdir()), sorted(p.name for p in tmp_path.iterdir())) == before
     assert main(["info", store]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_overrides_may_sit_between_options(monkeypatch, capsys):
+    """`bench --config x a=1 --out y b=2` used to fail with the top-level usage and 'unrecognized
+    arguments: b=2'."""
+    from slice2vol.commands import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda args: seen.update(overrides=args.overrides, out=args.out) or 0)
+    assert main(["bench", "--config", "x.yaml", "splits.n_folds=3", "--out", "runs/y", "tasks=[knn]"]) == 0
+    assert seen == {"overrides": ["splits.n_folds=3", "tasks=[knn]"], "out": "runs/y"}
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--config", "x.yaml", "--out", "runs/y", "--nosuch", "a=1"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("slice2vol bench: error: unrecognized arguments: --nosuch")
+    with pytest.raises(SystemExit):  # a command without overrides keeps argparse's refusal
+        main(["info", "x.nii.gz", "a=1"])
+    assert "unrecognized arguments: a=1" in capsys.readouterr().err
