@@ -100,6 +100,9 @@ def make_label_splits(labels, label_types: Mapping[str, str], subject_sets: list
     given, an entry ``{name, reason, substitute}`` for the report.
     """
     out: dict[str, LabelSplits] = {}
+    if cfg.splits.group and cfg.splits.group not in labels.columns:
+        raise ValueError(f"splits.group={cfg.splits.group!r} is not a column of the manifest (columns: "
+                         f"{', '.join(map(str, labels.columns))})")
     everywhere = [s for s in labels.index.astype(str) if all(s in ids for ids in subject_sets)]
     n_labelled = {label: int(labels[label].notna().sum()) for label in label_types}
 

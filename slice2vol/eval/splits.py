@@ -199,6 +199,10 @@ def make_splits(
         seed = cfg.seed + r
         if groups is not None:
             g = np.asarray([str(v) for v in groups])
+            if len(np.unique(g)) < cfg.n_folds:
+                raise ValueError(f"splits.group={cfg.group!r}: {len(np.unique(g))} group(s) "
+                                 f"({', '.join(map(str, np.unique(g)[:5]))}) cannot fill splits.n_folds="
+                                 f"{cfg.n_folds} folds without splitting a group; use fewer folds or no group")
             if strata is not None:
                 splitter = StratifiedGroupKFold(cfg.n_folds, shuffle=True, random_state=seed)
                 parts = splitter.split(np.zeros(n), strata, g)

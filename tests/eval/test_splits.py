@@ -167,3 +167,17 @@ def test_same_path_other_definition_is_redrawn_not_reused(tmp_path):
     again = load_or_make_splits(path, ids, None, "categorical", groups=labels["site"].to_numpy(),
                                 cfg=SplitConfig(n_folds=4, group="site"))
     assert "definition" in again.meta
+
+
+def test_a_group_column_that_is_missing_or_has_too_few_groups_is_named(tmp_path):
+    """`splits.group=nocol` gave 'error: nocol' (a bare KeyError), too few groups scikit-learn's words."""
+    from slice2vol.eval.cohort import make_label_splits
+
+    ids, labels = _frame_inputs()
+    cfg = ExperimentConfig(splits=SplitConfig(n_folds=4, group="nocol"))
+    with pytest.raises(ValueError, match=r"^splits.group='nocol' is not a column of the manifest \(columns: .*site"):
+        make_label_splits(labels, {"age": "continuous"}, [set(ids)], cfg, tmp_path)
+    cfg = ExperimentConfig(splits=SplitConfig(n_folds=6, group="site"))  # 5 sites
+    with pytest.raises(ValueError, match=r"^splits.group='site': 5 group\(s\) \(site0, site1, site2, site3, site4\) "
+                                         r"cannot fill splits.n_folds=6 folds without splitting a group"):
+        make_label_splits(labels, {"age": "continuous"}, [set(ids)], cfg, tmp_path)
