@@ -250,7 +250,17 @@ def aggregate_store(
         if train_ids is not None or label is not None:
             log.info("%s is parameter-free: train_ids/label are not used", method)
 
+    if name is not None and (not str(name).strip() or str(name) != str(name).strip()):
+        raise ValueError(f"the name of the embedding set must be non-empty without surrounding spaces, got {name!r}")
     name = name or default_name(agg, method, label, planes, all_planes)
+    if name in (store.volume_embedding_names() if hasattr(store, "volume_embedding_names") else []):
+        try:
+            before = store.volume_embeddings(name)[2].get("aggregator")
+        except Exception:  # noqa: BLE001 - a damaged set is replaced anyway
+            before = None
+        if before and before != method:
+            log.warning("%s: replacing the volume embeddings %r, made by %s, with %s", getattr(store, "path", ""),
+                        name, before, method)
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(store, store_path, name)
     rows, attention, coords, att_bags = [], [], [], []
     done: list[str] = []

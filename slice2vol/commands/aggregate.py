@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"label {cfg.label!r} has one class only ({classes[0] if len(classes) else 'none'}) "
                                  f"among the {len(ids)} subjects with a value: nothing to classify")
             if counts.min() < args.cv:
-                raise ValueError(f"label {cfg.label!r}: class {classes[counts.argmin()]!r} has {counts.min()} "
+                raise ValueError(f"label {cfg.label!r}: class {str(classes[counts.argmin()])!r} has {counts.min()} "
                                  f"subject(s), fewer than the {args.cv} folds of --cv")
         elif len(ids) < 2 * args.cv:
             raise ValueError(f"label {cfg.label!r}: {len(ids)} subjects with a value, too few for {args.cv} folds")

@@ -1,6 +1,7 @@
 """``slice2vol aggregate`` in-process on a fake store."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -138,3 +139,19 @@ def test_an_embed_store_is_named_when_there_is_nothing_to_aggregate(tmp_path, ca
     assert capsys.readouterr().err.strip().endswith(
         "e.h5: the store holds no cached slice features (only volume embeddings ['3d/x'], from slice2vol embed: "
         "nothing to aggregate)")
+
+
+def test_too_many_cv_folds_for_a_class_is_said_plainly(store, capsys):
+    assert main(["aggregate", "--store", "features.h5", "--method", "mean", "--label", "group", "--cv", "20"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fewer than the 20 folds of --cv" in err and "np.str_" not in err
+    assert re.search(r"label 'group': class '[^']+' has \d+ subject\(s\)", err)
+
+
+def test_a_set_of_another_method_is_replaced_with_a_warning_and_blank_names_are_refused(store, capsys, caplog):
+    assert main(["aggregate", "--store", "features.h5", "--method", "mean", "--no-plot"]) == 0
+    assert main(["aggregate", "--store", "features.h5", "--method", "max", "--name", "mean", "--no-plot"]) == 0
+    assert "replacing the volume embeddings 'mean', made by mean, with max" in caplog.text
+    assert store.volume_embeddings("mean")[2]["aggregator"] == "max"
+    assert main(["aggregate", "--store", "features.h5", "--method", "max", "--name", "  ", "--no-plot"]) == 2
+    assert "name of the embedding set must be non-empty" in capsys.readouterr().err
