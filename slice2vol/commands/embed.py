@@ -13,6 +13,12 @@ The config (``--config`` and ``KEY=VALUE`` overrides) is :class:`slice2vol.encod
 ``key``, ``weights``, ``kwargs`` (family options), ``sliding_window`` (MONAI sliding-window options, or
 null for whole volumes), ``device``. ``--encoder``/``--weights``/``--sliding-window`` are shortcuts for
 ``key=``, ``weights=`` and ``sliding_window={}``. An interrupted run resumes when run again.
+
+Running again on a store that holds the set updates it (made with the same encoder, weights and
+options): subjects whose input files did not change are not embedded again, and the rows of subjects
+that fail now or are not in this manifest are kept (listed as "kept from before"). A set of that name
+made with other settings is refused unless ``--replace`` is given. The store is checked before any
+embedding (locked by another job, not writable: one line, exit 2).
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_manifest(parser)
     add_store(parser, required=False, help="HDF5 feature store written (created if needed)")
     parser.add_argument("--name", help="embedding set name (default: the encoder key, or ssl3d/<method>)")
+    parser.add_argument("--replace", action="store_true",
+                        help="write the set from this run only, dropping the rows of a stored set of that name "
+                             "(needed when it was made with another encoder, weights or options)")
     parser.add_argument("--sliding-window", action="store_true",
                         help="tile the volume with MONAI sliding_window_inference (options: sliding_window.*=...)")
     add_device(parser)
@@ -82,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from slice2vol.config import load_config
     from slice2vol.data.manifest import load_manifest
     from slice2vol.encoders3d import Encoder3DConfig, embed_cohort3d
+    from slice2vol.encoders3d.embed import check_store_writable
 
     overrides = overrides_of(args)
     if args.encoder:
@@ -95,14 +105,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.config and not args.encoder:
         raise ValueError("give --encoder KEY (see slice2vol embed --list) or --config FILE")
     cfg = load_config(Encoder3DConfig, args.config, overrides)
+    name = args.name or cfg.key
+    check_store_writable(args.store, name)  # before loading weights and embedding for minutes
     cohort = load_manifest(args.manifest)
     encoder = cfg.build()
-    name = args.name or cfg.key
     report = embed_cohort3d(encoder, cohort, args.store, name, progress=progress_enabled(args),
-                            sliding_window=cfg.sliding_window,
+                            sliding_window=cfg.sliding_window, replace=args.replace,
                             provenance={"command": "slice2vol embed", "manifest": str(args.manifest)})
     failures = list(cohort.failures) + list(report.failures)
-    print(report.summary().splitlines()[0])
+    print(report.summary(failures=False))
     print(f"  encoder {cfg.key}, weights {encoder.info.weights}"
           + (f" (sha256 {encoder.info.weights_sha256[:16]}...)" if encoder.info.weights_sha256 else ""))
     for failure in failures:
@@ -113,10 +124,14 @@ def run(args: argparse.Namespace) -> int:
 def _run_checkpoint(args: argparse.Namespace) -> int:
     """A trained ``slice2vol pretrain`` checkpoint (``slice2vol.ssl.export``)."""
     from slice2vol.data.manifest import load_manifest
+    from slice2vol.encoders3d.embed import check_store_writable
     from slice2vol.ssl.export import embed_cohort, load_encoder
 
     if args.encoder or args.config or overrides_of(args):
         raise ValueError("--checkpoint embeds an SSL run; --encoder/--config/KEY=VALUE are for registered encoders")
+    if args.replace:
+        raise ValueError("--replace is for registered encoders; an SSL checkpoint's set is always written anew")
+    check_store_writable(args.store)
     device = resolve_device(args.device)
     model = load_encoder(args.checkpoint, device)
     meta = model.slice2vol_meta

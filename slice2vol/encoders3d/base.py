@@ -26,6 +26,8 @@ checkpoint are built and loaded too, so nothing is silently dropped).
 from __future__ import annotations
 
 import logging
+import numbers
+from collections import abc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
@@ -314,13 +316,23 @@ def pool3d(feature_map: torch.Tensor, pooling: str = "avg", gem_p: float = 3.0) 
 
 
 def resolve_levels(levels: Iterable[int] | int | str | None, n_levels: int, key: str) -> tuple[int, ...]:
-    """``None``/``all`` -> every stage; ``-1`` -> the last; a list -> those (negative from the end)."""
+    """``None``/``all`` -> every stage; ``-1`` -> the last; a list -> those (negative from the end).
+
+    Raises:
+        ValueError: anything else (a string such as ``foo`` from ``kwargs.levels=foo``, a float, a bool),
+            or a stage out of range, naming ``key``.
+    """
     if levels is None or levels == "all":
         return tuple(range(n_levels))
-    if isinstance(levels, int):
+    if isinstance(levels, numbers.Integral) and not isinstance(levels, bool):
         levels = [levels]
+    # a string is iterable too: 'foo' or '12' must not be read character by character
+    items = list(levels) if isinstance(levels, abc.Sequence) and not isinstance(levels, (str, bytes)) else None
+    if not items or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"{key}: levels must be 'all', a stage index or a list of stage indices (0 to "
+                         f"{n_levels - 1}, negative from the end), got {levels!r}")
     out = []
-    for level in levels:  # type: ignore[union-attr]
+    for level in items:
         idx = int(level) + (n_levels if int(level) < 0 else 0)
         if not 0 <= idx < n_levels:
             raise ValueError(f"{key}: level {level} out of range (the encoder has {n_levels} stages)")
@@ -459,5 +471,32 @@ def build_encoder3d(key: str, weights: str | Path | None = "random", **kwargs: A
     """
     import slice2vol.encoders3d  # noqa: F401 - fills the registry
 
+    check_options(key, ENCODERS3D.get(key), kwargs)
     encoder = ENCODERS3D.build(key, weights=weights, **kwargs)
     return encoder.eval()
+
+
+class UnknownOptions(ValueError, TypeError):
+    """Options a 3D builder does not take: a ``TypeError`` like Python's own for an unexpected keyword,
+    and a ``ValueError`` (of this package) so that the command line prints it as one line."""
+
+
+def check_options(key: str, builder: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """Refuses options the builder of ``key`` does not take, before anything is built.
+
+    A builder's options are its keyword parameters (a builder that takes ``**kwargs`` without a
+    ``__signature__`` checks its own, raising :class:`UnknownOptions` too).
+
+    Raises:
+        UnknownOptions: ``<key>: unknown option(s) [...] (known: ...)``.
+    """
+    import inspect
+
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n, p in params.items() if n != "weights" and p.kind in (
+        inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise UnknownOptions(f"{key}: unknown option(s) {unknown} (known: {', '.join(sorted(known))})")

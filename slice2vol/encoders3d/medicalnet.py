@@ -22,6 +22,7 @@ Features: ``conv1`` (64, stride 2), ``layer1`` (64/256, stride 4), ``layer2`` (1
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +38,7 @@ from slice2vol.encoders3d.base import (
     Encoder3DInfo,
     FeatureLevel3D,
     RecipeEncoder,
+    check_options,
     load_strict,
     published_weights,
     read_checkpoint,
@@ -159,10 +161,15 @@ def _register(depth: int) -> None:
     @ENCODERS3D.register(f"3d/medicalnet_resnet{depth}", embed_dim=DEPTHS[depth][-1], source="Tencent MedicalNet",
                          weights=("random", "hub", "file"))
     def build(weights: str | Path | None = "random", **kwargs: Any) -> MedicalNetEncoder:
+        check_options(f"3d/medicalnet_resnet{depth}", build, kwargs)
         return build_medicalnet(depth, weights, **kwargs)
 
     build.__name__ = f"build_medicalnet_resnet{depth}"
     build.__doc__ = build_medicalnet.__doc__
+    # build_medicalnet's options without ``depth``: what check_options (and help()) read
+    signature = inspect.signature(build_medicalnet)
+    build.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for name, p in signature.parameters.items() if name != "depth"])
 
 
 for _depth in DEPTHS:

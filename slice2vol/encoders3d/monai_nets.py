@@ -25,6 +25,7 @@ from slice2vol.encoders3d.base import (
     Encoder3DInfo,
     FeatureLevel3D,
     RecipeEncoder,
+    UnknownOptions,
     file_weights,
     load_strict,
     parse_weights3d,
@@ -81,6 +82,10 @@ def _recipe(spacing: Sequence[float] | float | None, input_size: Sequence[int] |
                   divisor=divisor, intensity=intensity)  # type: ignore[arg-type]
 
 
+#: the options every MONAI builder takes (popped one by one in :func:`_build`)
+OPTIONS = ("channel", "input_size", "intensity", "levels", "margin", "pooling", "seed", "spacing")
+
+
 def _build(key: str, arch: str, make: Callable[[], nn.Module], levels: list[FeatureLevel3D],
            stages: Callable[[nn.Module], Callable[[torch.Tensor], list[torch.Tensor]]], weights: Any,
            kw: dict[str, Any]) -> RecipeEncoder:
@@ -91,7 +96,7 @@ def _build(key: str, arch: str, make: Callable[[], nn.Module], levels: list[Feat
                      int(kw.pop("margin", 4)))
     channel = kw.pop("channel", None)
     if kw:
-        raise TypeError(f"{key}: unknown option(s) {sorted(kw)}")
+        raise UnknownOptions(f"{key}: unknown option(s) {sorted(kw)} (known: {', '.join(OPTIONS)})")
     kind, detail = parse_weights3d(weights)
     if kind in ("hub", "package"):
         raise ValueError(f"{key}: a MONAI network without published weights: use weights=random (seeded) or a "

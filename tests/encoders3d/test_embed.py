@@ -116,3 +116,181 @@ def test_a_partial_file_of_other_options_is_not_reused(head_manifest, tmp_path):
     assert report.resumed == 0
     _, X, _ = FeatureStore(store).volume_embeddings("set")
     assert not np.allclose(X[0], 0)
+
+
+# -- running again on a store that holds the set ---------------------------------------------------
+def _counting(monkeypatch, enc) -> list[str]:
+    """Records the subject of every ``embed_volume`` call of ``enc``'s class (and still embeds)."""
+    calls: list[str] = []
+    original = type(enc).embed_volume
+
+    def counted(self, volume, sliding_window=None):
+        calls.append(volume.subject_id)
+        return original(self, volume, sliding_window)
+
+    monkeypatch.setattr(type(enc), "embed_volume", counted)
+    return calls
+
+
+def _rows(store_path, name="set") -> dict[str, np.ndarray]:
+    ids, X, _ = FeatureStore(store_path).volume_embeddings(name)
+    return dict(zip(ids, X))
+
+
+def _reference(enc, subject) -> np.ndarray:
+    """The embedding of ``subject`` computed directly, as the encoder loads it (not through the job)."""
+    from slice2vol.data.manifest import load_subject
+
+    return enc.embed_volume(load_subject(subject, enc.volume_config(), with_seg=False)).numpy()
+
+
+def test_a_rerun_keeps_the_rows_of_failing_and_absent_subjects_and_skips_unchanged_ones(head_manifest, tmp_path,
+                                                                                      monkeypatch):
+    """A rerun with a subject now corrupt and one left out of the manifest used to delete both rows."""
+    cohort = load_manifest(head_manifest)
+    enc = build_encoder3d("3d/monai_resnet10", **KW)
+    store = tmp_path / "f.h5"
+    embed_cohort3d(enc, cohort, store, "set", progress=False)
+    before = _rows(store)
+    (head_manifest.parent / "nii" / "s1.nii.gz").write_bytes(b"not a nifti file")
+    calls = _counting(monkeypatch, enc)
+    report = embed_cohort3d(enc, cohort.subset(["s0", "s1", "s2"]), store, "set", progress=False)
+    assert calls == [] and report.unchanged == ["s0", "s2"] and [f.subject_id for f in report.failures] == ["s1"]
+    assert report.kept == {"s1": "failed in this run; the row is of its input before it changed",
+                           "s3": "not in this run's manifest"}
+    after = _rows(store)
+    assert list(after) == ["s0", "s2", "s1", "s3"] and all(np.array_equal(after[i], before[i]) for i in before)
+    summary = report.summary()
+    assert "wrote 'set', 4 subjects" in summary and "0 embedded, 2 unchanged, 2 kept from before" in summary
+    assert "kept from before (not in this run's manifest): s3" in summary and "kept from before (failed" in summary
+    prov = FeatureStore(store).volume_embeddings("set")[2]
+    assert set(prov["inputs"]) == {"s0", "s1", "s2", "s3"} and prov["kept"]["s3"] == "not in this run's manifest"
+
+
+def test_a_rerun_embeds_again_only_the_subject_whose_input_changed(head_manifest, tmp_path, monkeypatch):
+    from tests.conftest import write_nifti
+    from tests.encoders3d.conftest import SPACING_2MM, head
+
+    cohort = load_manifest(head_manifest)
+    enc = build_encoder3d("3d/monai_resnet10", **KW)
+    store = tmp_path / "f.h5"
+    embed_cohort3d(enc, cohort, store, "set", progress=False)
+    before = _rows(store)
+    write_nifti(head_manifest.parent / "nii" / "s2.nii.gz", head((34, 30, 30), seed=7), SPACING_2MM)
+    calls = _counting(monkeypatch, enc)
+    report = embed_cohort3d(enc, cohort, store, "set", progress=False)
+    assert calls == ["s2"] and report.unchanged == ["s0", "s1", "s3"] and report.ok and not report.kept
+    after = _rows(store)
+    assert list(after) == ["s0", "s1", "s2", "s3"]
+    assert np.allclose(after["s2"], _reference(enc, cohort.subjects[2]), atol=1e-6)
+    assert not np.allclose(after["s2"], before["s2"], atol=1e-4)
+    assert all(np.array_equal(after[i], before[i]) for i in ("s0", "s1", "s3"))
+
+
+def test_a_set_made_with_other_settings_is_refused_unless_replaced(head_manifest, tmp_path):
+    from slice2vol.cache import StoreMismatch
+
+    cohort = load_manifest(head_manifest)
+    store = tmp_path / "f.h5"
+    embed_cohort3d(build_encoder3d("3d/monai_resnet10", **KW), cohort, store, "set", progress=False)
+    before = _rows(store)
+    other = build_encoder3d("3d/monai_resnet10", input_size=(32, 32, 32), levels=[-2])
+    with pytest.raises(StoreMismatch, match=r"f\.h5: set 'set' holds 4 embeddings made with other settings "
+                                            r"\(.*levels.*--replace"):
+        embed_cohort3d(other, cohort.subset(["s0"]), store, "set", progress=False)
+    assert all(np.array_equal(_rows(store)[i], before[i]) for i in before)
+    report = embed_cohort3d(other, cohort.subset(["s0"]), store, "set", progress=False, replace=True)
+    assert report.replaced == 4 and "4 earlier rows were dropped" in report.summary()
+    after = _rows(store)
+    assert list(after) == ["s0"] and np.allclose(after["s0"], _reference(other, cohort.subjects[0]), atol=1e-6)
+
+
+def test_a_resume_embeds_again_a_subject_whose_input_changed_after_the_kill(head_manifest, tmp_path, monkeypatch):
+    """The partial file's rows used to be taken over whatever happened to the images since the kill."""
+    from tests.conftest import write_nifti
+    from tests.encoders3d.conftest import SPACING_2MM, head
+
+    cohort = load_manifest(head_manifest)
+    enc = build_encoder3d("3d/monai_resnet10", **KW)
+    original = type(enc).embed_volume
+    calls: list[str] = []
+
+    def dying(self, volume, sliding_window=None):
+        calls.append(volume.subject_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while embedding the third subject: s0 and s1 are in the partial
+        return original(self, volume, sliding_window)
+
+    store = tmp_path / "f.h5"
+    monkeypatch.setattr(type(enc), "embed_volume", dying)
+    with pytest.raises(KeyboardInterrupt):
+        embed_cohort3d(enc, cohort, store, "set", progress=False, commit_every=1)
+    monkeypatch.setattr(type(enc), "embed_volume", original)
+    write_nifti(head_manifest.parent / "nii" / "s0.nii.gz", head((34, 30, 30), seed=9), SPACING_2MM)
+    calls = _counting(monkeypatch, enc)
+    report = embed_cohort3d(enc, cohort, store, "set", progress=False, commit_every=1)
+    assert report.resumed == 1 and calls == ["s0", "s2", "s3"]
+    assert np.allclose(_rows(store)["s0"], _reference(enc, cohort.subjects[0]), atol=1e-6)
+
+
+def test_a_locked_store_fails_before_anything_is_embedded(head_manifest, tmp_path, monkeypatch):
+    import fcntl
+
+    from slice2vol.cache import StoreLocked
+
+    enc = build_encoder3d("3d/monai_resnet10", **KW)
+    store = tmp_path / "f.h5"
+    calls = _counting(monkeypatch, enc)
+    with open(FeatureStore(store).lock_path, "a+") as fh:  # another writer holds the lock
+        fh.write("pid 1 on elsewhere: slice2vol cache")
+        fh.flush()
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(StoreLocked, match=r"f\.h5: another process is writing this store \(pid 1 on elsewhere"):
+            embed_cohort3d(enc, load_manifest(head_manifest), store, "set", progress=False)
+    assert calls == [] and not partial_path(store, "set").exists()
+
+
+def test_an_immutable_store_fails_before_anything_is_embedded(head_manifest, tmp_path, monkeypatch):
+    import subprocess
+
+    from slice2vol.cache import StoreError
+
+    cohort = load_manifest(head_manifest).subset(["s0"])
+    enc = build_encoder3d("3d/monai_resnet10", **KW)
+    store = tmp_path / "f.h5"
+    embed_cohort3d(enc, cohort, store, "set", progress=False)
+    if subprocess.run(["chattr", "+i", str(store)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root (CAP_LINUX_IMMUTABLE) and a file system with attributes")
+    try:
+        calls = _counting(monkeypatch, enc)
+        with pytest.raises(StoreError, match=r"f\.h5: not writable \(read-only or immutable\)"):
+            embed_cohort3d(enc, load_manifest(head_manifest), store, "set", progress=False)
+        assert calls == []
+    finally:
+        subprocess.run(["chattr", "-i", str(store)], check=True)
+
+
+def test_a_failed_final_write_keeps_the_rows_for_the_rerun(head_manifest, tmp_path, monkeypatch):
+    """The rows embedded since the last commit (here: all, commit_every=0) used to be lost."""
+    from slice2vol.cache import StoreWriteFailed
+
+    cohort = load_manifest(head_manifest)
+    enc = build_encoder3d("3d/monai_resnet10", **KW)
+    clean = tmp_path / "clean.h5"
+    embed_cohort3d(enc, cohort, clean, "set", progress=False)
+    store = tmp_path / "f.h5"
+    real_write = FeatureStore.write_volume_embeddings
+
+    def failing(self, *args, **kwargs):
+        raise StoreWriteFailed(f"{self.path}: could not be written: no space left on the device")
+
+    monkeypatch.setattr(FeatureStore, "write_volume_embeddings", failing)
+    with pytest.raises(StoreWriteFailed):
+        embed_cohort3d(enc, cohort, store, "set", progress=False, commit_every=0)
+    assert partial_path(store, "set").exists()
+    monkeypatch.setattr(FeatureStore, "write_volume_embeddings", real_write)
+    calls = _counting(monkeypatch, enc)
+    report = embed_cohort3d(enc, cohort, store, "set", progress=False, commit_every=0)
+    assert calls == [] and report.resumed == 4 and not partial_path(store, "set").exists()
+    a, b = FeatureStore(clean).volume_embeddings("set"), FeatureStore(store).volume_embeddings("set")
+    assert list(a[0]) == list(b[0]) and np.array_equal(a[1], b[1])
