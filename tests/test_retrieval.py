@@ -475,3 +475,23 @@ def test_index_errors_name_the_store_the_set_and_the_subjects(tmp_path):
         Index.from_store(tmp_path / "z.h5", "mean")
     with pytest.raises(ValueError, match=r"^2 embedding\(s\) contain NaN/Inf$"):  # plain arrays: nothing to name
         normalize_rows(np.array([[np.nan, 1.0], [np.inf, 0.0], [1.0, 2.0]]))
+
+
+def test_cli_search_edge_cases_are_plain_lines(tmp_path, capsys):
+    """A one-subject index with --exclude-self printed pandas' 'Empty DataFrame' block; --batch-size 0
+    gave 'range() arg 3 must not be zero'; a missing index folder was 'not an index folder'."""
+    from slice2vol.cache import FeatureStore
+    from slice2vol.cli import main
+
+    FeatureStore(tmp_path / "one.h5", mode="a").write_volume_embeddings("mean", ["a"], np.ones((1, 4)), {})
+    assert main(["index", "build", "--store", str(tmp_path / "one.h5"), "--embeddings", "mean", "--out",
+                 str(tmp_path / "idx"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "idx"), "--subject", "a", "--exclude-self"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# 0 nearest of a") and out[1:] == ["# no neighbour: the index holds no other subject"]
+    assert main(["search", "--index", str(tmp_path / "idx"), "--nifti", "x.nii.gz", "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--batch-size must be at least 1 (slices per encoder call), got 0")
+    assert main(["search", "--index", str(tmp_path / "nowhere"), "--subject", "a"]) == 2
+    assert capsys.readouterr().err.strip().endswith("nowhere: no such index folder; build one with 'slice2vol index "
+                                                    "build'")

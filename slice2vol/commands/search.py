@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: --out/--gallery must end in .json, .csv, .html or .png")
     if args.gallery and Path(args.gallery).suffix.lower() not in GALLERY_SUFFIXES:
         raise ValueError(f"{args.gallery}: a gallery is .html or .png")
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1, got {args.k}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1 (slices per encoder call), got {args.batch_size}")
     index = Index.load(args.index)
     start = time.perf_counter()
     query_images = None
@@ -79,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=1))
     else:
         print(f"# {len(table)} nearest of {query_name} in {index.describe()} ({elapsed:.2f} s)")
-        print(table.drop(columns="query").to_string(index=False, formatters={"similarity": "{:.4f}".format}))
+        if len(table):
+            print(table.drop(columns="query").to_string(index=False, formatters={"similarity": "{:.4f}".format}))
+        else:  # pandas would print 'Empty DataFrame / Columns: [...] / Index: []'
+            print("# no neighbour: the index holds no other subject")
     for path in outputs:
         suffix = Path(path).suffix.lower()
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -474,6 +474,8 @@ class Index:
 
         directory = Path(directory)
         meta_path = directory / "meta.json"
+        if not directory.exists():
+            raise FileNotFoundError(f"{directory}: no such index folder; build one with 'slice2vol index build'")
         if not meta_path.exists():
             raise FileNotFoundError(f"{directory}: not an index folder (no meta.json); "
                                     f"build one with 'slice2vol index build'")
