@@ -9,6 +9,7 @@ skipped, so jobs can be added one file at a time.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -66,6 +67,24 @@ def command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.Argum
     raise KeyError(f"no command {name!r}")
 
 
+_OS_REASONS = {
+    errno.EEXIST: "already exists (a file where a folder is needed?)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "not permitted (a read-only or immutable file or folder?)",
+    errno.EISDIR: "is a folder; a file is needed",
+    errno.ENOTDIR: "part of this path is a file, not a folder",
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "on a read-only file system",
+    errno.ENOENT: "no such file or folder",
+}
+
+
+def os_error_message(err: OSError) -> str:
+    """``[Errno 17] File exists: 'runs/x'`` -> ``runs/x: already exists (a file where a folder is needed?)``."""
+    where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+    return f"{where}: {_OS_REASONS.get(err.errno, err.strerror or str(err))}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status (0 ok, 1 some subjects failed, 2 usage error)."""
     parser = build_parser()
@@ -120,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, OSError) and err.filename and not type(err).__module__.startswith("slice2vol"):
+            msg = os_error_message(err)
         print(f"slice2vol {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

@@ -491,3 +491,16 @@ def test_overrides_may_sit_between_options(monkeypatch, capsys):
     with pytest.raises(SystemExit):  # a command without overrides keeps argparse's refusal
         main(["info", "x.nii.gz", "a=1"])
     assert "unrecognized arguments: a=1" in capsys.readouterr().err
+
+
+def test_operating_system_errors_name_the_path_in_words(tmp_path, capsys):
+    """`--out` that is a file where a folder is needed printed '[Errno 17] File exists: ...'."""
+    from slice2vol.cache import FeatureStore
+
+    FeatureStore(tmp_path / "s.h5", mode="a").write_volume_embeddings("mean", ["a", "b"], np.eye(2, 3), {})
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["index", "build", "--store", str(tmp_path / "s.h5"), "--embeddings", "mean", "--out",
+                 str(afile), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"slice2vol index: error: {afile}: already exists (a file where a folder is needed?)"
