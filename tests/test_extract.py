@@ -426,10 +426,11 @@ def test_flipped_bit_caught_by_verify_and_recomputed_on_resume(manifest: Path, t
     assert main(["cache", "verify", str(damaged)]) == 1
     err = capsys.readouterr().err
     assert "1 damaged" in err and "damaged: sub3 coronal: features fail their checksum" in err
-    # aggregate (any reader) refuses the damaged subject instead of using it
-    assert main(["aggregate", "--store", str(damaged), "--method", "mean", "--no-plot"]) == 2
+    # aggregate (any reader) leaves the damaged subject out instead of using it, and says so (exit 1)
+    assert main(["aggregate", "--store", str(damaged), "--method", "mean", "--no-plot"]) == 1
     err = capsys.readouterr().err
-    assert "damaged.h5: subject 'sub3' coronal features fail their checksum" in err and len(err.splitlines()) == 1
+    assert "damaged.h5: subject 'sub3' coronal features fail their checksum" in err
+    assert "sub3" not in FeatureStore(damaged).volume_embeddings("mean")[0]
     # resume: only the damaged subject is recomputed, the store verifies, the others are untouched
     report = cache_cohort(load_manifest(manifest), KEY, damaged, slice_cfg=SLICES, batch_size=5, progress=False)
     assert report.ok and report.done == ["sub3"] and sorted(report.skipped) == ["sub0", "sub1", "sub2", "sub4", "sub5"]
