@@ -528,3 +528,14 @@ def test_hand_edited_json_of_the_wrong_type_or_content_is_caught(tmp_path: Path)
     with pytest.raises(StoreCorrupt, match=r"/labels is not a mapping subject -> \{label: value\}"):
         FeatureStore(tmp_path / "s.h5").labels()
     assert labels  # the original was readable
+
+
+def test_merge_with_a_missing_manifest_stops_before_writing(tmp_path: Path, capsys) -> None:
+    from slice2vol.cli import main
+
+    write_store(tmp_path / "a.h5", ids=[0, 1])
+    write_store(tmp_path / "b.h5", ids=[2, 3])
+    assert main(["cache", "merge", "--store", str(tmp_path / "ab.h5"), str(tmp_path / "a.h5"), str(tmp_path / "b.h5"),
+                 "--manifest", str(tmp_path / "none.csv")]) == 2
+    assert capsys.readouterr().err.strip().endswith("none.csv: manifest not found")
+    assert not (tmp_path / "ab.h5").exists()  # it used to write the merged store, then fail

@@ -495,3 +495,22 @@ def test_cli_search_edge_cases_are_plain_lines(tmp_path, capsys):
     assert main(["search", "--index", str(tmp_path / "nowhere"), "--subject", "a"]) == 2
     assert capsys.readouterr().err.strip().endswith("nowhere: no such index folder; build one with 'slice2vol index "
                                                     "build'")
+
+
+def test_index_build_checks_its_inputs_before_making_the_folder(tmp_path, capsys, caplog):
+    """A missing manifest left a half-made index folder (its log) behind; --threads -1 was 'argument=-1'."""
+    from slice2vol.cache import FeatureStore
+    from slice2vol.cli import main
+    from tests.conftest import write_nifti
+
+    FeatureStore(tmp_path / "s.h5", mode="a").write_volume_embeddings("mean", ["a", "b"], np.eye(2, 3), {})
+    base = ["index", "build", "--store", str(tmp_path / "s.h5"), "--embeddings", "mean", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "i1"), "--manifest", str(tmp_path / "none.csv")]) == 2
+    assert capsys.readouterr().err.strip().endswith("none.csv: manifest not found") and not (tmp_path / "i1").exists()
+    assert main(base + ["--out", str(tmp_path / "i2"), "--threads", "-1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--threads must be at least 1, got -1")
+    other = tmp_path / "other.csv"  # a manifest of other subjects: galleries would show no image
+    write_nifti(tmp_path / "z.nii.gz", np.random.default_rng(0).random((8, 8, 8)).astype(np.float32) + 1)
+    other.write_text("subject_id,t1\nz,z.nii.gz\n")
+    assert main(base + ["--out", str(tmp_path / "i3"), "--manifest", str(other)]) == 0
+    assert "holds the images of 0 of the 2 indexed subjects" in caplog.text

@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from slice2vol.commands._common import (
     HelpFormatter,
@@ -220,6 +221,8 @@ def _merge(args: argparse.Namespace) -> int:
         inputs = [str(p) for p in find_shards(out)]
         if inputs:
             log.info("%s: merging %d shard file(s) found beside it", out, len(inputs))
+    if args.manifest and not Path(args.manifest).is_file():  # before the merge, not after writing it
+        raise FileNotFoundError(f"{args.manifest}: manifest not found")
     counts = merge_stores(out, inputs, allow_version_mismatch=args.allow_version_mismatch,
                           require_complete=not args.allow_incomplete)
     print(f"{out}: merged {len(inputs)} store(s); subjects per plane {counts['subjects']}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from slice2vol.commands._common import (
     HelpFormatter,
@@ -64,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
     if args.index_command == "build":
         import faiss
 
+        # what can be checked in a moment is checked before the output folder (and its log) is made
+        store = Path(args.store)
+        if not store.exists() and not store.with_name(store.name + ".parts").exists():
+            raise FileNotFoundError(f"{store}: feature store not found")
+        if args.manifest and not Path(args.manifest).is_file():
+            raise FileNotFoundError(f"{args.manifest}: manifest not found")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
         if args.threads:
             from slice2vol.runtime import configure_runtime
 

@@ -435,6 +435,10 @@ class Index:
         if manifest is not None:
             prov["images"] = _manifest_images(manifest)
             prov["manifest"] = str(Path(manifest).resolve())
+            covered = sum(1 for i in ids if i in prov["images"])
+            if covered < len(ids):  # another cohort's manifest shows no images in galleries
+                log.warning("%s: holds the images of %d of the %d indexed subjects; galleries show no image for "
+                            "the others", manifest, covered, len(ids))
         return cls.build(x, ids, labels=labels, label_types=dict(getattr(store, "label_types", {}) or {}),
                          provenance=prov, config=config)
 
