@@ -437,7 +437,9 @@ def test_out_of_range_index_parameters_are_refused(field, value):
     ("swap", r"index.faiss: not the file this index was built with"),
     ("remove", r"index.faiss: missing; rebuild the index"),
     ("meta", r"meta.json: not a readable index description \(JSONDecodeError"),
-    ("labels", r"labels.csv: unreadable \(KeyError"),
+    # a cut table showed neighbours with missing labels
+    ("labels", r"labels.csv: not the file this index was built with \(sha256 differs from meta.json: cut or edited"),
+    ("labels_unchecked", r"labels.csv: unreadable \(KeyError"),  # an index saved before labels had a sha256
 ])
 def test_a_damaged_index_folder_is_refused_naming_the_file(clustered, tmp_path, damage, message):
     """A swapped index.faiss (another encoder's vectors) used to be searched without a word; the others
@@ -453,7 +455,13 @@ def test_a_damaged_index_folder_is_refused_naming_the_file(clustered, tmp_path, 
         (target / "index.faiss").unlink()
     elif damage == "meta":
         (target / "meta.json").write_text("{bad")
+    elif damage == "labels":
+        lines = (target / "labels.csv").read_text().splitlines(keepends=True)
+        (target / "labels.csv").write_text("".join(lines[:5]))
     else:
+        meta = json.loads((target / "meta.json").read_text())
+        del meta["labels_sha256"]
+        (target / "meta.json").write_text(json.dumps(meta))
         (target / "labels.csv").write_text("x,y\n")
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         Index.load(target)

@@ -458,6 +458,7 @@ class Index:
             "faiss_version": faiss.__version__,
             # load() compares: an index.faiss replaced or damaged after the build is refused, not searched
             "index_sha256": file_sha256(directory / "index.faiss"),
+            "labels_sha256": file_sha256(directory / "labels.csv"),
             "dim": int(self.faiss_index.d),
             "config": to_dict(self.config),
             "stats": self.stats,
@@ -512,6 +513,11 @@ class Index:
         if cfg.kind == "ivf":
             index.make_direct_map()
         set_search_param(index, cfg.kind, (meta["stats"].get("tuning") or {}).get("value"))
+        labels_path = directory / "labels.csv"
+        if meta.get("labels_sha256") and labels_path.is_file() and file_sha256(labels_path) != meta["labels_sha256"]:
+            # a cut or edited table would show neighbours with missing or wrong labels
+            raise ValueError(f"{labels_path}: not the file this index was built with (sha256 differs from "
+                             "meta.json: cut or edited?); rebuild the index")
         try:
             labels = pd.read_csv(directory / "labels.csv", dtype={"subject_id": str}, keep_default_na=True)
             labels = labels.set_index("subject_id")  # IDs stay strings ("007" must not become 7)
