@@ -223,7 +223,33 @@ class TorchAggregator(Aggregator):
 
         return torch_threads(self.num_threads)
 
+    #: parameters that are sizes or counts (>= the bound), and the optimiser's (see _check_params)
+    _AT_LEAST = {"hidden": 1, "attn_dim": 1, "d_model": 1, "heads": 1, "layers": 1, "channels": 1, "depth": 0,
+                 "epochs": 1, "batch_size": 1}
+
+    def _check_params(self) -> None:
+        """Refuses parameters that cannot train (checked at ``fit``, as scikit-learn does): a zero-wide
+        layer used to train and fail only when its empty embeddings were written; epochs=0 wrote an
+        untrained random projection; a negative lr was torch's 'Invalid learning rate'."""
+        params = self.get_params()
+        for name, low in self._AT_LEAST.items():
+            value = params.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or value < low):
+                raise ValueError(f"{type(self).__name__}: {name} must be a whole number >= {low}, got {value!r}")
+        checks = {"lr": lambda v: v > 0, "weight_decay": lambda v: v >= 0, "dropout": lambda v: 0 <= v < 1,
+                  "temperature": lambda v: v > 0}
+        wanted = {"lr": "> 0", "weight_decay": ">= 0", "dropout": "in [0, 1)", "temperature": "> 0"}
+        for name, ok in checks.items():
+            value = params.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
+                    or not ok(value):
+                raise ValueError(f"{type(self).__name__}: {name} must be a number {wanted[name]}, got {value!r}")
+
     def fit(self, bags: Sequence[Mapping[str, Any]], y: Any = None) -> "TorchAggregator":
+        self._check_params()
         with self._threads():
             return self._fit(bags, y)
 

@@ -66,7 +66,17 @@ def test_cv_with_a_config_that_seeds_the_aggregator(store, capsys):
     (["--method", "mean", "--cv", "2", "--label", "constant"],
      r"label 'constant' has one class only \(1\) among the 16 subjects with a value: nothing to classify"),
     (["--method", "mil", "--train-ids", "all", "--label", "group", "params.epochs=abc"],
-     r"aggregator 'mil': .* \(check the params.\* values \{'epochs': 'abc'\}\)"),
+     r"AttentionMIL: epochs must be a whole number >= 1, got 'abc'"),
+    # these trained, then failed at the write (hidden=0), wrote untrained embeddings (epochs=0), or gave
+    # torch's 'Invalid learning rate'
+    (["--method", "mil", "--train-ids", "all", "--label", "group", "params.hidden=0"],
+     r"AttentionMIL: hidden must be a whole number >= 1, got 0"),
+    (["--method", "mil", "--train-ids", "all", "--label", "group", "params.epochs=0"],
+     r"AttentionMIL: epochs must be a whole number >= 1, got 0"),
+    (["--method", "mil", "--train-ids", "all", "--label", "group", "params.lr=-1"],
+     r"AttentionMIL: lr must be a number > 0, got -1"),
+    (["--method", "mil", "--train-ids", "all", "--label", "group", "params.dropout=1.5"],
+     r"AttentionMIL: dropout must be a number in \[0, 1\), got 1.5"),
 ])
 def test_bad_parameters_get_one_line(store, capsys, argv, message):
     """These ended in TypeError tracebacks or a multi-line scikit-learn dump (found by fuzzing)."""
