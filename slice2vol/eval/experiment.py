@@ -207,6 +207,9 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
 
 
+#: the embedding projections ``plots`` may name (slice2vol.eval.plots)
+PROJECTIONS = ("umap", "tsne")
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -271,6 +274,13 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"{path}: unknown task(s) {unknown}; known: {sorted(TASKS)}")
+    odd_plots = [p for p in cfg.plots if p not in PROJECTIONS]
+    if odd_plots:  # found only after every probe had run, as a warning
+        raise ConfigError(f"{path}: unknown plot(s) {odd_plots}; known: {', '.join(PROJECTIONS)}")
+    if "knn" in cfg.tasks and cfg.primary_k not in cfg.knn.ks:
+        # the headline k would silently be another one
+        raise ConfigError(f"{path}: primary_k={cfg.primary_k} is not one of knn.ks {list(cfg.knn.ks)}; add it to "
+                          "knn.ks or choose one of them")
     names = ([e.name for e in cfg.encoders] + [e.name for e in cfg.encoders3d] + [e.name for e in cfg.finetune]
              + [e.name for e in cfg.features] + list(cfg.baselines.sets) + (["chance"] if cfg.baselines.chance else []))
     if len(set(names)) != len(names):

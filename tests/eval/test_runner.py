@@ -209,3 +209,14 @@ def test_bench_with_more_folds_than_subjects_allow_says_so_and_exits_1(tmp_path,
     assert skipped["label grp"] == ("12 subjects have a value and an embedding in every set (12 have a value, 12 are "
                                     "in every set): fewer than 2 x splits.n_folds = 14")
     assert "label grp: skipped" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("plots=[pca3d]", r"ci.yaml: unknown plot\(s\) \['pca3d'\]; known: umap, tsne"),  # a warning after every probe
+    ("primary_k=7", r"ci.yaml: primary_k=7 is not one of knn.ks \[3, 5\]"),  # k=3 became the headline silently
+])
+def test_plots_and_primary_k_are_checked_with_the_config(override, message):
+    from slice2vol.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(REPO / "configs/experiments/ci.yaml", [override])
