@@ -156,7 +156,20 @@ def load_attention(path: str | Path) -> dict[str, dict[str, dict[str, np.ndarray
     return out
 
 
-def aggregate_store(
+def aggregate_store(store_path: Any, method: str, **kwargs: Any) -> str:
+    """Aggregates every subject of a feature store and writes the volume embeddings back.
+
+    The arguments are those of :func:`aggregate_embeddings`, which computes the set; this writes it
+    into the store (``FeatureStore.write_volume_embeddings``) and returns its name.
+    """
+    name, ids, X, provenance = aggregate_embeddings(store_path, method, **kwargs)
+    store = open_store(store_path, mode="a")
+    store.write_volume_embeddings(name, ids, X, provenance)
+    log.info("wrote volume embeddings %r: %d subjects x %d", name, X.shape[0], X.shape[1])
+    return name
+
+
+def aggregate_embeddings(
     store_path: Any,
     method: str,
     *,
@@ -169,8 +182,8 @@ def aggregate_store(
     chunk: int = 64,
     damaged: list[str] | None = None,
     **params,
-) -> str:
-    """Aggregates every subject of a feature store and writes the volume embeddings back.
+) -> tuple[str, list[str], np.ndarray, dict]:
+    """Aggregates every subject of a feature store (read only; :func:`aggregate_store` also writes).
 
     Args:
         store_path: the FeatureStore path (or an open store).
@@ -191,12 +204,12 @@ def aggregate_store(
         **params: the aggregator's constructor parameters.
 
     Returns:
-        The name of the written volume-embedding set.
+        (name of the set, subject ids (N,), embeddings (N, D) float32, provenance).
 
     Raises:
         ValueError: a trainable method without ``train_ids``, unknown subjects/label/planes.
     """
-    store = open_store(store_path, mode="a")
+    store = open_store(store_path, mode="r")
     all_planes = list(store.planes)
     if planes is not None:
         planes = [planes] if isinstance(planes, str) else list(planes)
@@ -326,9 +339,7 @@ def aggregate_store(
             pngs = _plot_attention(attention, coords, out_dir, labels, f"{name}:", fitted_planes)
             provenance["attention_plots"] = [str(p) for p in pngs]
         (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
-    store.write_volume_embeddings(name, ids, X, provenance)
-    log.info("wrote volume embeddings %r: %d subjects x %d", name, X.shape[0], X.shape[1])
-    return name
+    return name, ids, X, provenance
 
 
 def _plot_attention(attention, coords, out_dir, labels, title, plane_names) -> list[Path]:

@@ -138,6 +138,14 @@ def cached_store(entry: Encoder2DEntry, cfg: ExperimentConfig, cohort, base: Pat
     return path, failures
 
 
+def _writable(path: Path) -> bool:
+    """Whether a set can be written into the store at ``path``: the file and its folder (the store is
+    rewritten through a temporary file beside it) are writable."""
+    import os
+
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
+
+
 def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, progress: bool,
                   timings: dict, cache=None) -> tuple[dict[str, EmbeddingSet], list[str]]:
     """Caches slice features and aggregates them, for every 2D entry; returns sets and failures.
@@ -148,6 +156,7 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
     """
     try:
         from slice2vol.aggregate import aggregate_store
+        from slice2vol.aggregate.store import aggregate_embeddings
         from slice2vol.cache import FeatureStore, StoreCorrupt
     except ImportError as err:
         raise IntegrationError(f"2D encoders need slice2vol.cache and slice2vol.aggregate ({err})") from None
@@ -193,16 +202,25 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
                              and set(ids) == set(store.subjects()) and prov.get("params_requested") == params)
                 except StoreCorrupt as err:  # derived data: aggregated again from the slice features
                     log.warning("%s; aggregating again", err)
+            computed = None
             if not fresh:
                 log.info("%s: aggregating with %s", entry.name, agg)
                 damaged: list[str] = []  # subjects whose slice rows fail their checksum: left out, reported
-                written = aggregate_store(path, agg, name=set_name, plot=False, damaged=damaged, **params)
+                if _writable(path):
+                    written = aggregate_store(path, agg, name=set_name, plot=False, damaged=damaged, **params)
+                    if written != set_name:
+                        set_name = written
+                    _annotate(path, set_name, params)
+                    store = FeatureStore(path, mode="r")
+                else:
+                    # a shared or read-only store (entry `store:`): the set is computed for this run only
+                    log.info("%s: %s is not writable: the %s set is kept in this run only", entry.name, path, agg)
+                    _, ids, X, prov = aggregate_embeddings(path, agg, name=set_name, plot=False, damaged=damaged,
+                                                           out_dir=store_dir / "aggregate" / safe_name(name),
+                                                           **params)
+                    computed = (ids, X, {**prov, "params_requested": params})
                 failures += [m for m in damaged if m not in failures]
-                if written != set_name:
-                    set_name = written
-                _annotate(path, set_name, params)
-                store = FeatureStore(path, mode="r")
-            ids, X, prov = store.volume_embeddings(set_name)
+            ids, X, prov = computed or store.volume_embeddings(set_name)
             timings[f"aggregate:{name}"] = round(time.time() - t0, 2)
             check_degenerate(name, X)
             fitted, pretraining, fit_subjects = disclosure_from_provenance(prov)

@@ -141,3 +141,32 @@ def test_damaged_rows_and_a_damaged_set_in_a_store_do_not_end_the_run(tmp_path, 
     assert "subject 'sub-00' axial" in err and "fail their checksum" in err
     ids, X, _ = FeatureStore(store).volume_embeddings("mean")
     assert "sub-00" not in ids and len(ids) == N - 1 and X.shape[1] == 16
+
+
+def test_a_read_only_store_is_aggregated_for_the_run_only(tmp_path, capsys):
+    """bench wrote its sets into the entry's store, so a shared or read-only store failed ('no permission
+    to write in its folder')."""
+    import subprocess
+
+    manifest, mine = noise_cohort(tmp_path / "ro")
+    writer = FeatureStore(mine, mode="a")
+    with writer.writer_lock():
+        writer.compact()  # one file, as a shared store would be
+    before = mine.read_bytes()
+    if subprocess.run(["chattr", "+i", str(mine)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root (CAP_LINUX_IMMUTABLE) and a file system with attributes")
+    try:
+        argv = bench_argv(manifest, mine, tmp_path / "run", "tasks=[knn]", "encoders.0.aggregators=[mean, max]")
+        assert main(argv) == 0
+    finally:
+        subprocess.run(["chattr", "-i", str(mine)], check=True)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"noise/mean", "noise/max"} <= set(results["sets"]) and results["rows"]
+    assert mine.read_bytes() == before  # untouched
+    # the same numbers as aggregating the store itself (an independent path: aggregate_store)
+    from slice2vol.aggregate import aggregate_store, load_bags
+
+    ids, bags = load_bags(FeatureStore(mine))
+    expected = np.stack([np.concatenate([b[p].features for p in b]).mean(0) for b in bags])
+    aggregate_store(mine, "mean", plot=False)
+    np.testing.assert_allclose(FeatureStore(mine).volume_embeddings("mean")[1], expected, rtol=1e-5)
