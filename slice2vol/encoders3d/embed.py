@@ -402,7 +402,13 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
             log.warning("%s: embedding failed: %s", subject.subject_id, message)
             continue
         if not np.isfinite(x).all():
-            report.failures.append(Failure(subject.subject_id, "", f"{subject.subject_id}: non-finite embedding"))
+            # the network overflowed on this volume's raw intensities (e.g. values near 1e30): name the file
+            source = subject.images[next(iter(subject.images))] if subject.images else ""
+            lo, hi = float(np.nanmin(volume.data)), float(np.nanmax(volume.data))
+            report.failures.append(Failure(subject.subject_id, str(source), (
+                f"{source}: the embedding is not finite (NaN/Inf); intensities {lo:.3g} to {hi:.3g} as given to "
+                f"{encoder.info.key}: rescale the image")))
+            log.warning("%s: %s", subject.subject_id, report.failures[-1].message)
             continue
         load_s += t1 - t0
         embed_s += time.perf_counter() - t1

@@ -294,3 +294,21 @@ def test_a_failed_final_write_keeps_the_rows_for_the_rerun(head_manifest, tmp_pa
     assert calls == [] and report.resumed == 4 and not partial_path(store, "set").exists()
     a, b = FeatureStore(clean).volume_embeddings("set"), FeatureStore(store).volume_embeddings("set")
     assert list(a[0]) == list(b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_a_non_finite_embedding_fails_its_subject_naming_the_file(head_manifest, tmp_path, monkeypatch):
+    """A volume whose raw intensities overflow the network (a 1e30-scaled scan) was recorded as
+    's1: non-finite embedding', without the file or a hint."""
+    enc = build_encoder3d("3d/monai_resnet10", **KW)
+    real = enc.embed_volume
+
+    def overflowing(volume, window=None):
+        x = real(volume, window)
+        return x * float("nan") if volume.subject_id == "s1" else x
+
+    monkeypatch.setattr(enc, "embed_volume", overflowing)
+    report = embed_cohort3d(enc, load_manifest(head_manifest), tmp_path / "f.h5", "x", progress=False)
+    assert report.done == ["s0", "s2", "s3"] and [f.subject_id for f in report.failures] == ["s1"]
+    message = report.failures[0].message
+    assert message.startswith(str(head_manifest.parent / "nii" / "s1.nii.gz") + ": the embedding is not finite")
+    assert "as given to 3d/monai_resnet10: rescale the image" in message
