@@ -504,3 +504,15 @@ def test_operating_system_errors_name_the_path_in_words(tmp_path, capsys):
                  str(afile), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"slice2vol index: error: {afile}: already exists (a file where a folder is needed?)"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cache", "--manifest", "m.csv", "--encoder", "tv/mobilenet_v2", "--store", "s.h5", "--workers", "-1"],
+     "--workers must be >= 0, got -1"),
+    (["cache", "--manifest", "m.csv", "--encoder", "tv/mobilenet_v2", "--store", "s.h5", "--commit-every", "0"],
+     "--commit-every must be >= 1, got 0"),
+    (["info", "x.nii.gz", "--stride", "0"], "--stride must be >= 1, got 0"),  # was 'slice step cannot be zero'
+])
+def test_out_of_range_counts_name_their_flag(argv, message, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith(message)

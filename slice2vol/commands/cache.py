@@ -170,6 +170,11 @@ def _cache(args: argparse.Namespace) -> int:
                if not value]
     if missing:
         raise ValueError(f"caching needs --{', --'.join(missing)} (or an action: merge, verify, compact, info)")
+    # --workers -1 read volumes in the encoder's thread and --commit-every 0 committed every subject,
+    # both without a word
+    for flag, value, low in (("--workers", args.workers, 0), ("--commit-every", args.commit_every, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
     from slice2vol.data.io import VolumeConfig
     from slice2vol.data.manifest import load_manifest
     from slice2vol.data.slicing import SliceConfig

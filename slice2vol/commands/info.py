@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.path and args.manifest:
         raise ValueError(f"give a PATH ({args.path}) or --manifest ({args.manifest}), not both")
+    if args.stride < 1:  # Python's own 'slice step cannot be zero' named no flag
+        raise ValueError(f"--stride must be >= 1, got {args.stride}")
     target = args.manifest or args.path
     if not target:
         raise ValueError("give a NIfTI file, a feature store, or --manifest cohort.csv")
