@@ -160,6 +160,19 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def blame_override(err: ConfigError, overrides: Sequence[str]) -> ConfigError:
+    """``err`` naming the ``KEY=VALUE`` override that caused it, when one did: an unknown key the
+    override brought in (``splits.n_fold=3``), or a bad value at the override's key. Otherwise ``err``."""
+    text = str(err)
+    found = re.search(r"unknown key\(s\) \[([^\]]*)\]", text)
+    unknown = set(re.findall(r"'([^']*)'", found.group(1))) if found else set()
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if unknown & set(key.split(".")) or f".{key}:" in text:
+            return ConfigError(f"override {item!r}: {text}")
+    return err
+
+
 def one_line(err: BaseException) -> str:
     """An error's text on one line (YAML parse errors span several, with a caret under the spot)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip() and line.strip() != "^"]
@@ -243,4 +256,7 @@ def load_config(
         data.update(loaded)
     apply_overrides(data, overrides)
     where = str(path) if path is not None else cls.__name__
-    return from_dict(cls, data, where)
+    try:
+        return from_dict(cls, data, where)
+    except ConfigError as err:
+        raise blame_override(err, overrides) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,23 @@ def test_a_malformed_yaml_file_is_one_line(tmp_path):
             load()
         message = str(info.value)
         assert message.startswith(f"{bad}: cannot read config (") and "\n" not in message and "line 2" in message
+
+
+def test_an_override_that_brings_an_unknown_key_or_a_bad_value_is_named(tmp_path):
+    """docs/cli.md promises errors naming the override; a typo was reported against the config file."""
+    from slice2vol.config import ConfigError
+    from slice2vol.eval.experiment import load_experiment
+
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=r"^override 'splits.n_fold=3': .*ci.yaml.splits: unknown key\(s\) "
+                                          r"\['n_fold'\]"):
+        load_experiment(repo / "configs/experiments/ci.yaml", ["splits.n_fold=3"])
+    with pytest.raises(ConfigError, match=r"^override 'splits.n_folds=abc': .*splits.n_folds: expected int"):
+        load_experiment(repo / "configs/experiments/ci.yaml", ["splits.n_folds=abc"])
+    path = tmp_path / "c.yaml"
+    path.write_text("n: 1\nentries: []\n")
+    with pytest.raises(ConfigError, match=r"^override 'nn=2': .*c.yaml: unknown key\(s\) \['nn'\]"):
+        load_config(_Cfg, path, ["nn=2"])
+    path.write_text("n: 1\nbogus: 2\n")  # the file's own mistake is still the file's
+    with pytest.raises(ConfigError, match=r"^\S*c.yaml: unknown key\(s\) \['bogus'\]"):
+        load_config(_Cfg, path, ["n=3"])

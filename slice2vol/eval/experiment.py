@@ -270,7 +270,10 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
         block.setdefault("name", Path(str(block.get("path", "features"))).stem)
         data["features"] = [block]
     # through the module attribute, so a caller (or a test spy) sees every config this job builds
-    cfg = _config.from_dict(ExperimentConfig, data, str(path))
+    try:
+        cfg = _config.from_dict(ExperimentConfig, data, str(path))
+    except ConfigError as err:
+        raise _config.blame_override(err, overrides) from None
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"{path}: unknown task(s) {unknown}; known: {sorted(TASKS)}")
