@@ -219,7 +219,9 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
     skipped = [{"name": e.name, "reason": f"weights file {expand(e.weights, base)} not found", "substitute": None}
                for e in absent] + [{"name": e.name, "reason": why, "substitute": None} for e, why in absent3d] + skipped
     if not sets:
-        raise ValueError("no embedding set: list encoders, encoders3d, finetune, features or baselines in the config")
+        why = "; ".join(f"{e['name']}: {e['reason']}" for e in skipped)
+        raise ValueError("no embedding set: list encoders, encoders3d, finetune, features or baselines in the config"
+                         + (f" (skipped: {why})" if why else ""))
     names = list(sets)
     reference = cfg.reference if cfg.reference in sets else names[0]
     if cfg.reference and cfg.reference not in sets:

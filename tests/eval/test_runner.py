@@ -220,3 +220,14 @@ def test_plots_and_primary_k_are_checked_with_the_config(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_experiment(REPO / "configs/experiments/ci.yaml", [override])
+
+
+def test_no_set_left_says_which_optional_encoders_were_skipped(tmp_path, capsys):
+    manifest = blob_cohort(tmp_path / "data", n=4)
+    argv = ["bench", "--config", str(REPO / "configs/experiments/ci.yaml"), "--out", str(tmp_path / "run"),
+            "--no-progress", f"cohort.manifest={manifest}", "cohort.labels=[grp]", "baselines={sets: [], chance: true}",
+            "encoders3d=[]", f"encoders=[{{name: local, key: test/tiny_cnn, weights: {tmp_path / 'none.pth'}, "
+            "optional: true}]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"(skipped: local: weights file {tmp_path / 'none.pth'} not found)")
