@@ -104,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"device={args.device}")
     if not args.config and not args.encoder:
         raise ValueError("give --encoder KEY (see slice2vol embed --list) or --config FILE")
+    ssl_only = [flag for flag, given in (("--input-size", args.input_size is not None),
+                                         ("--mode", args.mode != "whole")) if given]
+    if ssl_only:  # they were ignored without a word for registered encoders
+        raise ValueError(f"{', '.join(ssl_only)} apply to --checkpoint runs only; a registered encoder takes "
+                         "kwargs.input_size=[X,Y,Z] and --sliding-window")
     cfg = load_config(Encoder3DConfig, args.config, overrides)
     name = args.name or cfg.key
     check_store_writable(args.store, name)  # before loading weights and embedding for minutes

@@ -176,3 +176,13 @@ def test_a_bad_checkpoint_is_one_line_naming_the_file(meta, expected, head_manif
                  str(tmp_path / "f.h5"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(run) in err and expected in err
+
+
+def test_checkpoint_only_flags_are_refused_for_a_registered_encoder(tmp_path, capsys):
+    from slice2vol.cli import main
+
+    assert main(["embed", "--encoder", "3d/monai_resnet10", "--manifest", "m.csv", "--store", str(tmp_path / "s.h5"),
+                 "--input-size", "0", "0", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--input-size apply to --checkpoint runs only; a registered encoder takes kwargs.input_size=[X,Y,Z] and "
+        "--sliding-window")
