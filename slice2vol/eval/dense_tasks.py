@@ -151,8 +151,8 @@ def _loadable(subjects: Sequence[Any], load: Callable[[Any], Any], task: str,
         try:
             load(subject)
         except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
-            reason = str(Failure.of(subject, err))
-            log.warning("%s: %s left out: %s", task, subject.subject_id, reason)
+            reason = Failure.of(subject, err).message  # "<file>: <problem>"; the entry's name gives the subject
+            log.warning("%s: subject %s left out: %s", task, subject.subject_id, reason)
             skipped.append({"name": f"{task}: subject {subject.subject_id}", "reason": reason, "substitute": None})
             continue
         kept.append(subject)
