@@ -513,6 +513,7 @@ def test_operating_system_errors_name_the_path_in_words(tmp_path, capsys):
      "--commit-every must be >= 1, got 0"),
     (["info", "x.nii.gz", "--stride", "0"], "--stride must be >= 1, got 0"),  # was 'slice step cannot be zero'
 ])
-def test_out_of_range_counts_name_their_flag(argv, message, capsys):
+def test_out_of_range_counts_name_their_flag(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths: nothing lands in the checkout, even on the code before
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().endswith(message)
