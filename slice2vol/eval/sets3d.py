@@ -121,6 +121,8 @@ def _registry_set(entry: Encoder3DEntry, cfg: ExperimentConfig, cohort, base: Pa
         report = embed_cohort3d(enc, cohort, path, set_name, progress=progress, sliding_window=entry.sliding_window)
         failures = [str(f) for f in getattr(report, "failures", [])]
     ids, X, prov = FeatureStore(path, mode="r").volume_embeddings(set_name)
+    if enc is None:  # a rerun reads the stored set: its failures are reported again, as on the first run
+        failures = [str(f) for f in prov.get("failures", []) or []]
     info = enc.info.to_dict() if enc is not None and hasattr(enc.info, "to_dict") else {}
     prov = {**prov, "store": str(path), "encoder_key": entry.key, "weights": weights,
             "weights_sha256": prov.get("weights_sha256") or info.get("weights_sha256")}

@@ -85,3 +85,17 @@ def test_optional_3d_network_without_weights_is_skipped_and_listed(tmp_path):
 def test_required_3d_network_without_weights_fails_the_run(tmp_path, capsys):
     manifest = blob_cohort(tmp_path / "data")
     assert main(argv(manifest, tmp_path / "run", _missing_file_entry(tmp_path, False))) != 0
+
+
+def test_a_rerun_from_the_stored_3d_set_reports_its_failures_again(tmp_path, capsys):
+    """Only the 3D stage reads the images here (no 2D encoder, no computed baseline): a rerun that
+    reads the stored set used to forget the subject that failed and exit 0."""
+    manifest = blob_cohort(tmp_path / "data")
+    (manifest.parent / "s5.nii.gz").write_bytes(b"not a nifti file")
+    out = tmp_path / "run"
+    args = argv(manifest, out, "baselines={sets: [], chance: true}")
+    assert main(args) == 1
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "1 subject(s) failed or were left out" in err and "s5.nii.gz" in err
