@@ -522,3 +522,15 @@ def test_index_build_checks_its_inputs_before_making_the_folder(tmp_path, capsys
     other.write_text("subject_id,t1\nz,z.nii.gz\n")
     assert main(base + ["--out", str(tmp_path / "i3"), "--manifest", str(other)]) == 0
     assert "holds the images of 0 of the 2 indexed subjects" in caplog.text
+
+
+def test_options_of_another_index_kind_are_refused(tmp_path, capsys):
+    from slice2vol.cache import FeatureStore
+    from slice2vol.cli import main
+
+    FeatureStore(tmp_path / "s.h5", mode="a").write_volume_embeddings("mean", ["a", "b"], np.eye(2, 3), {})
+    assert main(["index", "build", "--store", str(tmp_path / "s.h5"), "--embeddings", "mean", "--out",
+                 str(tmp_path / "i"), "--kind", "flat", "--nlist", "5"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--nlist: not an option of --kind flat (--nlist/--nprobe are for "
+                                                    "ivf, --ef-search for hnsw)")
+    assert not (tmp_path / "i").exists()

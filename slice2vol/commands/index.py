@@ -73,6 +73,13 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.manifest}: manifest not found")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        # options of another kind of index were accepted and ignored
+        other = [flag for flag, value, kind in (("--nlist", args.nlist, "ivf"), ("--nprobe", args.nprobe, "ivf"),
+                                                ("--ef-search", args.ef_search, "hnsw")) if value is not None
+                 and kind != args.kind]
+        if other:
+            raise ValueError(f"{', '.join(other)}: not an option of --kind {args.kind} (--nlist/--nprobe are for ivf, "
+                             "--ef-search for hnsw)")
         if args.threads:
             from slice2vol.runtime import configure_runtime
 
