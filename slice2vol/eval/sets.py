@@ -172,6 +172,9 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
         failures += missing
         timings[f"cache:{entry.name}"] = round(time.time() - t0, 2)
         store = FeatureStore(path, mode="r")
+        if not store.subjects():  # every subject failed: say why, not that the store is empty
+            raise ValueError(f"encoder {entry.name!r}: no subject of the cohort could be cached ({len(missing)} "
+                             f"failed; first: {missing[0] if missing else '-'})")
         feature_set = store.feature_set
         weights = store.provenance.get("weights") if entry.store else resolve_weights(entry.weights, base)
         stored_key = store.provenance.get("encoder_key") or store.provenance.get("encoder")

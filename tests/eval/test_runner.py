@@ -231,3 +231,16 @@ def test_no_set_left_says_which_optional_encoders_were_skipped(tmp_path, capsys)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"(skipped: local: weights file {tmp_path / 'none.pth'} not found)")
+
+
+def test_a_cohort_whose_every_image_is_broken_says_so(tmp_path, capsys):
+    manifest = blob_cohort(tmp_path / "data", n=4)
+    for i in range(4):
+        (manifest.parent / f"s{i}.nii.gz").write_bytes(b"garbage")
+    argv = ["bench", "--config", str(REPO / "configs/experiments/ci.yaml"), "--out", str(tmp_path / "run"),
+            "--no-progress", f"cohort.manifest={manifest}", *OVERRIDES, "encoders.0.aggregators=[mean]",
+            "baselines={sets: [], chance: true}", "tasks=[knn]"]
+    assert main(argv) == 2  # was: 'run/stores/tiny-....h5: the store holds no cached slice features'
+    err = capsys.readouterr().err.strip()
+    assert "encoder 'tiny': no subject of the cohort could be cached (4 failed; first: s00: " in err
+    assert "s0.nii.gz: not a NIfTI image" in err
