@@ -1768,7 +1768,11 @@ def _merged_volume_sets(stores: Sequence["FeatureStore"]
         if lacking:
             dropped[name] = f"{len(lacking)} input(s) do not hold it (e.g. {lacking[0]})"
             continue
-        parts = [store.volume_embeddings(name) for store in stores]
+        try:
+            parts = [store.volume_embeddings(name) for store in stores]
+        except StoreCorrupt as err:  # derived data: left out, the slice features are still merged
+            dropped[name] = str(err)
+            continue
         ref_id = identity_of(parts[0][2])
         diffs = [(store.path, diff_dicts(ref_id, identity_of(prov))) for store, (_, _, prov) in zip(stores, parts)]
         differ = [(path, d) for path, d in diffs if d]

@@ -465,6 +465,11 @@ def test_merge_joins_the_volume_embeddings_of_shards_made_the_same_way(tmp_path:
     np.testing.assert_array_equal(X, np.stack([rows[s] for s in ids]))
     assert merged.volume_embedding_names() == ["mean"]
     assert any("volume embeddings 'mil' not merged" in r.message for r in caplog.records)
+    # a damaged set in one shard is left out, with its checksum error; the slice features still merge
+    flip_bit(b.path, "volumes/mean/X", byte=5)
+    counts = merge_stores(tmp_path / "ab2.h5", [a.path, b.path])
+    assert "mean" not in counts["volume_sets"] and "fail their checksum" in counts["volume_sets_dropped"]["mean"]
+    assert counts["subjects"] == {"axial": 4, "coronal": 4}
 
 
 def test_merge_does_not_replace_a_store_it_would_lose_data_of(tmp_path: Path) -> None:
