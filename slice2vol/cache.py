@@ -1188,6 +1188,26 @@ class FeatureStore:
         if self.mode != "a":
             raise PermissionError(f"{self.path}: store opened read-only; use FeatureStore(path, mode='a')")
 
+    def write_problem(self, also: Sequence[Path] = ()) -> str | None:
+        """Why this store could not be written now (one line), or None: its folder cannot be created or
+        written in, or the store file, its lock, its parts folder or one of ``also`` (where they exist)
+        is read-only. ``os.access`` honours read-only file systems and immutable files, also for root,
+        unlike a mode check. The writer lock is not looked at (:meth:`locked_by`)."""
+        folder = self.path.parent
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{existing}: not a folder, so the store's folder {folder} cannot be created"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return (f"{existing}: no permission to write in this folder (read-only, immutable or another user's); "
+                    "write the store elsewhere (--store)")
+        for path in (self.path, self.lock_path, self.parts_dir, *also):
+            if path.exists() and not os.access(path, os.W_OK):
+                return (f"{path}: not writable (read-only or immutable), so the store cannot be updated; fix its "
+                        "permissions or write to another --store")
+        return None
+
     @property
     def lock_path(self) -> Path:
         return self.path.with_name(self.path.name + ".lock")

@@ -164,6 +164,14 @@ def aggregate_store(store_path: Any, method: str, **kwargs: Any) -> str:
     """
     name, ids, X, provenance = aggregate_embeddings(store_path, method, **kwargs)
     store = open_store(store_path, mode="a")
+    if name in store.volume_embedding_names():  # replacing another method's set is most likely a slip
+        try:
+            before = store.volume_embeddings(name)[2].get("aggregator")
+        except Exception:  # noqa: BLE001 - a damaged set is replaced anyway
+            before = None
+        if before and before != method:
+            log.warning("%s: replacing the volume embeddings %r, made by %s, with %s", getattr(store, "path", ""),
+                        name, before, method)
     store.write_volume_embeddings(name, ids, X, provenance)
     log.info("wrote volume embeddings %r: %d subjects x %d", name, X.shape[0], X.shape[1])
     return name
@@ -254,7 +262,8 @@ def aggregate_embeddings(
                 agg.set_params(task=TASK_OF_LABEL_TYPE[ltype])
         kept, train_bags = load_bags(store, fit_ids, use_planes, tokens=wants_tokens, damaged=damaged)
         if len(kept) < len(fit_ids):
-            y = None if y is None else y[[i for i, s in enumerate(fit_ids) if s in set(kept)]]
+            keep = set(kept)
+            y = None if y is None else y[[i for i, s in enumerate(fit_ids) if s in keep]]
             fit_ids = kept
         agg.fit(train_bags, y)
         del train_bags
@@ -266,14 +275,6 @@ def aggregate_embeddings(
     if name is not None and (not str(name).strip() or str(name) != str(name).strip()):
         raise ValueError(f"the name of the embedding set must be non-empty without surrounding spaces, got {name!r}")
     name = name or default_name(agg, method, label, planes, all_planes)
-    if name in (store.volume_embedding_names() if hasattr(store, "volume_embedding_names") else []):
-        try:
-            before = store.volume_embeddings(name)[2].get("aggregator")
-        except Exception:  # noqa: BLE001 - a damaged set is replaced anyway
-            before = None
-        if before and before != method:
-            log.warning("%s: replacing the volume embeddings %r, made by %s, with %s", getattr(store, "path", ""),
-                        name, before, method)
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(store, store_path, name)
     rows, attention, coords, att_bags = [], [], [], []
     done: list[str] = []

@@ -43,10 +43,11 @@ def _refuse_to_clobber(out: Path, store_path: Path) -> None:
     if out.is_dir():
         raise ValueError(f"{out}: --out is a folder; give a file name such as {out / 'embeddings.csv'}")
     if out.is_file():
-        with open(out, "rb") as fh:
-            if fh.read(8) == b"\x89HDF\r\n\x1a\n":
-                raise ValueError(f"{out}: is an HDF5 file (a feature store?); refusing to overwrite it with an "
-                                 "export: choose another --out or remove it first")
+        import h5py
+
+        if h5py.is_hdf5(out):  # HDF5's own signature check (it also finds a signature after a user block)
+            raise ValueError(f"{out}: is an HDF5 file (a feature store?); refusing to overwrite it with an "
+                             "export: choose another --out or remove it first")
 
 
 def _label_columns(frame, taken: set[str], prefix: str = "", arrays: bool = False) -> dict:

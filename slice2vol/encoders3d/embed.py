@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -239,21 +238,9 @@ def check_store_writable(store_path: str | Path, set_name: str | None = None) ->
     from slice2vol.cache import FeatureStore, StoreError, StoreLocked
 
     store = FeatureStore(store_path, mode="a")  # a folder given as the store fails here
-    folder = store.path.parent
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise StoreError(f"{existing}: not a folder, so the store's folder {folder} cannot be created")
-    # os.access honours read-only file systems and immutable files (also for root), unlike a mode check
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise StoreError(f"{existing}: no permission to write in this folder (read-only, immutable or another "
-                         "user's); write the store elsewhere (--store)")
-    paths = [store.path, store.lock_path, store.parts_dir] + ([partial_path(store.path, set_name)] if set_name else [])
-    for path in paths:
-        if path.exists() and not os.access(path, os.W_OK):
-            raise StoreError(f"{path}: not writable (read-only or immutable), so the store cannot be updated; "
-                             "fix its permissions or write to another --store")
+    problem = store.write_problem([partial_path(store.path, set_name)] if set_name else [])
+    if problem:
+        raise StoreError(problem)
     holder = store.locked_by()
     if holder:
         raise StoreLocked(f"{store.path}: another process is writing this store ({holder}; lock {store.lock_path}); "

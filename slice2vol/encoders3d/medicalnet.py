@@ -38,7 +38,6 @@ from slice2vol.encoders3d.base import (
     Encoder3DInfo,
     FeatureLevel3D,
     RecipeEncoder,
-    check_options,
     load_strict,
     published_weights,
     read_checkpoint,
@@ -161,12 +160,11 @@ def _register(depth: int) -> None:
     @ENCODERS3D.register(f"3d/medicalnet_resnet{depth}", embed_dim=DEPTHS[depth][-1], source="Tencent MedicalNet",
                          weights=("random", "hub", "file"))
     def build(weights: str | Path | None = "random", **kwargs: Any) -> MedicalNetEncoder:
-        check_options(f"3d/medicalnet_resnet{depth}", build, kwargs)
         return build_medicalnet(depth, weights, **kwargs)
 
     build.__name__ = f"build_medicalnet_resnet{depth}"
     build.__doc__ = build_medicalnet.__doc__
-    # build_medicalnet's options without ``depth``: what check_options (and help()) read
+    # build_medicalnet's options without ``depth``: what build_encoder3d's check_options (and help()) read
     signature = inspect.signature(build_medicalnet)
     build.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[p for name, p in signature.parameters.items() if name != "depth"])

@@ -45,20 +45,20 @@ def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> Em
     if path.suffix == ".npz":
         import zipfile
 
+        ids, X = None, None
         try:
             with np.load(path, allow_pickle=False) as data:
-                if "ids" not in data or "X" not in data:
-                    raise ValueError(f"{path}: an .npz of features needs arrays 'ids' (N,) and 'X' (N, D)")
-                ids = [str(s) for s in data["ids"].tolist()]
-                X = np.asarray(data["X"], dtype=np.float64)
-        except (OSError, EOFError, zipfile.BadZipFile) as err:
-            raise ValueError(f"{path}: cannot read the features .npz ({' '.join(str(err).split())[:120]})") from None
-        except ValueError as err:
-            if str(err).startswith(str(path)):
-                raise
-            # e.g. IDs saved as an object array: loading it would need pickle, which is never used here
-            raise ValueError(f"{path}: cannot read the features .npz ({' '.join(str(err).split())[:120]}); save "
-                             "ids as text (np.asarray(ids, dtype=str)) and X as numbers") from None
+                if "ids" in data and "X" in data:
+                    ids = [str(s) for s in data["ids"].tolist()]
+                    X = np.asarray(data["X"], dtype=np.float64)
+        except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+            # a ValueError: e.g. IDs saved as an object array, which would need pickle (never used here)
+            hint = ("; save ids as text (np.asarray(ids, dtype=str)) and X as numbers"
+                    if isinstance(err, ValueError) else "")
+            raise ValueError(f"{path}: cannot read the features .npz ({' '.join(str(err).split())[:120]}){hint}"
+                             ) from None
+        if X is None:
+            raise ValueError(f"{path}: an .npz of features needs arrays 'ids' (N,) and 'X' (N, D)")
         if X.ndim != 2:
             raise ValueError(f"{path}: 'X' has shape {X.shape}; expected (subjects, features), e.g. X[:, None] "
                              "for one feature")

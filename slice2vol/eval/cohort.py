@@ -113,9 +113,7 @@ def make_label_splits(labels, label_types: Mapping[str, str], subject_sets: list
 
     for label, kind in label_types.items():
         column = labels[label]
-        common = [s for s in labels.index.astype(str)
-                  if all(s in ids for ids in subject_sets) and column.get(s) is not None
-                  and not _isnan(column.get(s))]
+        common = [s for s in everywhere if column.get(s) is not None and not _isnan(column.get(s))]
         # where the subjects went: a set covering part of the cohort restricts every label to its subjects
         where = (f"{len(common)} subjects have a value and an embedding in every set ({n_labelled[label]} have "
                  f"a value, {len(everywhere)} are in every set)")

@@ -99,26 +99,18 @@ class LinearProbe:
         y = np.asarray(y)
         if self.task == "regression":
             y = y.astype(np.float64)
-        grid: Sequence[float] = self.cfg.Cs if self.task == "classification" else self.cfg.alphas
         classification = self.task == "classification"
-        self.sweep_: dict[float, float] = {}
+        grid: Sequence[float] = self.cfg.Cs if classification else self.cfg.alphas
         # ties go to the stronger penalty (smaller C / larger alpha)
         ordered = sorted(grid) if classification else sorted(grid, reverse=True)
-        if classification and len(np.unique(y)) < 2:
-            # a training fold of one class (a class with a single subject sits in the test fold): a
-            # logistic regression cannot be fitted; the probe predicts that class, as a model that
-            # learnt only the class prior would
-            from sklearn.dummy import DummyClassifier
-
-            self.best_param_ = ordered[len(ordered) // 2]
-            self.scaler_ = _Standardizer().fit(x)
-            self.model_ = DummyClassifier(strategy="prior").fit(x, y)
-            self.classes_ = self.model_.classes_
-            return self
-        inner = _inner_splits(y, self.cfg.inner_folds, classification, self.seed)
+        # a training fold of one class (a class with a single subject sits in the test fold): no logistic
+        # regression can be fitted; the probe predicts that class, as a model of the class prior would
+        one_class = classification and len(np.unique(y)) < 2
+        inner = [] if one_class else _inner_splits(y, self.cfg.inner_folds, classification, self.seed)
         if classification:
             # with few subjects an inner-training part can hold one class only: it cannot be fitted
             inner = [(tr, va) for tr, va in inner if len(np.unique(y[tr])) > 1]
+        self.sweep_: dict[float, float] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence chatter at extreme C is expected
             for param in grid if inner else []:
@@ -132,8 +124,13 @@ class LinearProbe:
             self.best_param_ = (max(ordered, key=lambda p: self.sweep_[float(p)]) if self.sweep_
                                 else ordered[len(ordered) // 2])
             self.scaler_ = _Standardizer().fit(x)
-            self.model_ = self._model(self.best_param_).fit(self.scaler_.transform(x), y)
-        if self.task == "classification":
+            if one_class:
+                from sklearn.dummy import DummyClassifier
+
+                self.model_ = DummyClassifier(strategy="prior").fit(x, y)
+            else:
+                self.model_ = self._model(self.best_param_).fit(self.scaler_.transform(x), y)
+        if classification:
             self.classes_ = self.model_.classes_
         return self
 

@@ -94,7 +94,9 @@ def project_2d(x: np.ndarray, method: str, *, seed: int = 0, cache_dir: str | Pa
 
         coords = TSNE(perplexity=max(2.0, min(30.0, (n - 1) / 3)), random_state=seed, init="pca").fit_transform(z)
     else:
-        raise KeyError(f"unknown projection {method!r}; known: umap, tsne")
+        from slice2vol.eval.experiment import PROJECTIONS
+
+        raise KeyError(f"unknown projection {method!r}; known: {', '.join(PROJECTIONS)}")
     coords = np.asarray(coords, dtype=np.float32)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -138,14 +138,6 @@ def cached_store(entry: Encoder2DEntry, cfg: ExperimentConfig, cohort, base: Pat
     return path, failures
 
 
-def _writable(path: Path) -> bool:
-    """Whether a set can be written into the store at ``path``: the file and its folder (the store is
-    rewritten through a temporary file beside it) are writable."""
-    import os
-
-    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
-
-
 def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, progress: bool,
                   timings: dict, cache=None) -> tuple[dict[str, EmbeddingSet], list[str]]:
     """Caches slice features and aggregates them, for every 2D entry; returns sets and failures.
@@ -209,7 +201,7 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
             if not fresh:
                 log.info("%s: aggregating with %s", entry.name, agg)
                 damaged: list[str] = []  # subjects whose slice rows fail their checksum: left out, reported
-                if _writable(path):
+                if store.write_problem() is None:
                     written = aggregate_store(path, agg, name=set_name, plot=False, damaged=damaged, **params)
                     if written != set_name:
                         set_name = written

@@ -27,7 +27,7 @@ from slice2vol.config import to_dict
 from slice2vol.data.io import VolumeConfig
 from slice2vol.data.manifest import Cohort, Failure, load_subject
 from slice2vol.ssl.data import fit_to_grid, prepare_volume
-from slice2vol.ssl.trainer import list_checkpoints, load_checkpoint
+from slice2vol.ssl.trainer import check_checkpoint, list_checkpoints, load_checkpoint
 
 __all__ = ["ExportReport", "check_checkpoint", "embed_cohort", "embed_volume", "list_checkpoints", "load_encoder",
            "windows"]
@@ -44,52 +44,12 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
     """
     from slice2vol.encoders.base import sha256_file
 
-    check_checkpoint(path)
-    model, cfg, meta = load_checkpoint(path, map_location)
+    model, cfg, meta = load_checkpoint(path, map_location)  # checks meta.json (check_checkpoint)
     encoder = model.encoder.eval()
     meta["weights_sha256"] = sha256_file(meta["encoder_file"])
     meta["key"] = f"ssl{cfg.spatial_dims}d/{cfg.method}"
     encoder.slice2vol_meta = meta
     return encoder
-
-
-#: the keys of a checkpoint's meta.json that loading and embedding read, and their JSON types
-META_KEYS = {"method": str, "spatial_dims": int, "config": dict}
-
-
-def check_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder of ``path`` (itself, ``<run dir>/last`` or a file's folder) after checking
-    that it exists and that its ``meta.json`` is what ``slice2vol pretrain`` writes.
-
-    Loading reads the meta's keys without looking (a list, or an object without ``config``, gave a
-    TypeError or a bare key name): this says which file is wrong and how, in one line.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist, or holds no meta.json.
-        CheckpointError: meta.json is damaged, not a JSON object, or lacks or mistypes a key.
-    """
-    from slice2vol.checkpoint_io import CheckpointError, read_json
-    from slice2vol.ssl.trainer import resolve_checkpoint
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder (give a slice2vol pretrain run folder or "
-                                "<run dir>/last)")
-    folder = resolve_checkpoint(path)
-    meta_path = folder / "meta.json"
-    hint = "not a checkpoint written by slice2vol pretrain; give the folder of a complete run (<run dir>/last)"
-    meta = read_json(meta_path, hint)
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_path}: a JSON {type(meta).__name__}, expected an object with "
-                              f"{', '.join(META_KEYS)}; {hint}")
-    missing = [key for key in META_KEYS if key not in meta]
-    if missing:
-        raise CheckpointError(f"{meta_path}: missing key(s) {missing}; {hint}")
-    for key, kind in META_KEYS.items():
-        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
-            raise CheckpointError(f"{meta_path}: {key} is {meta[key]!r}, expected a JSON "
-                                  f"{ {str: 'string', int: 'integer', dict: 'object'}[kind]}; {hint}")
-    return folder
 
 
 @dataclass

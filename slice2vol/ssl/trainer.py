@@ -159,17 +159,59 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+#: the keys of a checkpoint's meta.json that loading and embedding read, and their JSON types
+META_KEYS = {"method": str, "spatial_dims": int, "config": dict}
+
+
+def read_checkpoint_meta(path: str | Path) -> tuple[Path, dict]:
+    """The checkpoint folder of ``path`` (itself, ``<run dir>/last`` or a file's folder) and its
+    ``meta.json``, checked to be what ``slice2vol pretrain`` writes.
+
+    Loading reads the meta's keys without looking (a list, or an object without ``config``, gave a
+    TypeError or a bare key name): this says which file is wrong and how, in one line.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or holds no meta.json.
+        CheckpointError: meta.json is damaged, not a JSON object, or lacks or mistypes a key.
+    """
+    from slice2vol.checkpoint_io import CheckpointError
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder (give a slice2vol pretrain run folder or "
+                                "<run dir>/last)")
+    folder = resolve_checkpoint(path)
+    meta_path = folder / "meta.json"
+    hint = "not a checkpoint written by slice2vol pretrain; give the folder of a complete run (<run dir>/last)"
+    meta = read_json(meta_path, hint)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: a JSON {type(meta).__name__}, expected an object with "
+                              f"{', '.join(META_KEYS)}; {hint}")
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path}: missing key(s) {missing}; {hint}")
+    for key, kind in META_KEYS.items():
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise CheckpointError(f"{meta_path}: {key} is {meta[key]!r}, expected a JSON "
+                                  f"{ {str: 'string', int: 'integer', dict: 'object'}[kind]}; {hint}")
+    return folder, meta
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder of ``path``, after :func:`read_checkpoint_meta`'s checks."""
+    return read_checkpoint_meta(path)[0]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuilds the trained method from a checkpoint.
+    """Rebuilds the trained method from a checkpoint (its meta.json checked by :func:`read_checkpoint_meta`).
 
     Returns:
         (method in eval mode, its :class:`SSLConfig`, meta dict with ``checkpoint`` and ``encoder_file``).
     """
     from slice2vol.ssl import build_method
 
-    path = resolve_checkpoint(path)
+    path, meta = read_checkpoint_meta(path)
     hint = "give the folder of a complete SSL run (<run dir>/last)"
-    meta = read_json(path / "meta.json", hint)
     cfg = from_dict(SSLConfig, meta["config"])
     model = build_method(cfg)
     missing, unexpected = load_state(model, read_safetensors(path / "model.safetensors", hint), path, hint,
