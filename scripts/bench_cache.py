@@ -10,7 +10,9 @@
    encoder object (channels_last when the bare run has it), ``inference_mode``, warmed up, same
    allocator and threads.
 3. peak RSS of the job for a small and a large cohort (fresh processes), which should stay flat.
-4. (``--read N``) read paths on a synthetic N-subject store: random per-subject reads, one bulk
+4. (``--profile-read``) where one reader's CPU time goes per volume (cProfile of the cohort's reads)
+   and the head mask's hole filling against ``scipy.ndimage.binary_fill_holes`` on the same masks.
+5. (``--read N``) read paths on a synthetic N-subject store: random per-subject reads, one bulk
    ``load_packed``, and the torch Dataset through a DataLoader worker.
 
 Variants are interleaved (pipeline, bare, naive, then bare, naive, pipeline, ...) because this VM's
@@ -23,6 +25,7 @@ Usage::
     python scripts/bench_cache.py --subjects 4 --stride 2 --reps 3 --rss ''
     python scripts/bench_cache.py --rss 12,48 --rss-encoder tv/mobilenet_v2 --rss-size 64
     python scripts/bench_cache.py --read 10000 --encoder none   # read paths only
+    python scripts/bench_cache.py --subjects 12 --profile-read --encoder none   # a volume's read
     python scripts/bench_cache.py --device cuda --amp bf16 --batch-size auto --subjects 8 --stride 1
 """
 
@@ -72,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time reads from a synthetic store of this many subjects (e.g. 10000)")
     p.add_argument("--read-slices", type=int, default=60, help="slices per subject of the read store")
     p.add_argument("--read-dim", type=int, default=512, help="feature dim of the read store")
+    p.add_argument("--profile-read", action="store_true",
+                   help="profile the cohort's reads (one reader thread) and time the hole filling against scipy's")
     p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -228,6 +233,72 @@ def reading_cpu_seconds(cohort, slice_cfg, repeats: int = 2) -> float:
     return best
 
 
+def profile_reading(cohort, slice_cfg, repeats: int = 3, top: int = 12) -> None:
+    """Prints where one reader thread's CPU time goes per volume (cProfile, by own time), then times
+    :func:`slice2vol.data.io.fill_holes` and ``scipy.ndimage.binary_fill_holes`` side by side (best of
+    ``repeats``) on the head masks of the cohort's volumes (after the reader's normalisation)."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+    from scipy import ndimage
+
+    from slice2vol.data.io import VolumeConfig, fill_holes
+    from slice2vol.data.manifest import load_subject
+    from slice2vol.extract import VolumeSlicesDataset
+    from slice2vol.runtime import torch_threads
+
+    jobs = [(s, tuple(slice_cfg.planes)) for s in cohort.subjects]
+    dataset = VolumeSlicesDataset(jobs, VolumeConfig(), slice_cfg)
+    with torch_threads(1):
+        dataset[0]  # imports, first-call costs
+        profile = cProfile.Profile()
+        profile.enable()
+        for i in range(len(dataset)):
+            dataset[i]
+        profile.disable()
+    stats = pstats.Stats(profile)
+    n = len(dataset)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # (file, line, name) -> (cc, nc, tt, ct, ...)
+    print(f"reading, one thread, {n} volumes (cProfile, which adds its own overhead): "
+          f"{1e3 * stats.total_tt / n:.1f} ms per volume; by own time:")
+    for (file, line, name), (_, calls, own, _cum, _) in rows:
+        where = name if file == "~" else f"{Path(file).name}:{line}({name})"
+        print(f"  {1e3 * own / n:6.2f} ms  {calls / n:6.1f} calls  {where}")
+    # the very masks the reader fills (its foreground_mask calls io.fill_holes), recorded on one more read
+    from slice2vol.data import io as volume_io
+
+    masks = []
+
+    def record(mask):
+        masks.append(mask.copy())
+        return fill_holes(mask)
+
+    volume_io.fill_holes = record
+    try:
+        for subject in cohort.subjects:
+            load_subject(subject, with_seg=False)
+    finally:
+        volume_io.fill_holes = fill_holes
+    timings = {}
+    for name, fill in (("slice2vol fill_holes", fill_holes), ("scipy binary_fill_holes", ndimage.binary_fill_holes)):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.thread_time()
+            for m in masks:
+                fill(m)
+            best = min(best, time.thread_time() - start)
+        timings[name] = best / len(masks)
+    same = all(np.array_equal(fill_holes(m), ndimage.binary_fill_holes(m)) for m in masks)
+    ours, theirs = timings["slice2vol fill_holes"], timings["scipy binary_fill_holes"]
+    # fill_holes labels the mask's bounding box only: what share of the grid that is
+    boxes = [np.prod([np.ptp(np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax)))) + 1
+                      for ax in range(3)]) / m.size for m in masks if m.any()]
+    print(f"hole filling of {len(masks)} head masks (shape {masks[0].shape}, bounding box "
+          f"{min(boxes):.0%}-{max(boxes):.0%} of the grid): fill_holes {1e3 * ours:.1f} ms, "
+          f"scipy binary_fill_holes {1e3 * theirs:.1f} ms per mask ({theirs / ours:.1f}x), identical: {same}")
+
+
 def _sync(device) -> None:
     import torch
 
@@ -250,6 +321,18 @@ def main(argv=None) -> None:
               f"{r['random_single_s']:.2f} s ({1e3 * r['random_single_s'] / r['subjects']:.2f} ms each), "
               f"load_packed all {r['load_packed_s']:.2f} s, SliceBagDataset 1 worker {r['dataset_1worker_s']:.2f} s",
               flush=True)
+        if args.encoder == "none" and not args.profile_read:
+            return
+    if args.profile_read:
+        from slice2vol.data.manifest import load_manifest
+        from slice2vol.data.slicing import SliceConfig
+
+        manifest = Path(args.ixi) / "participants.csv"
+        if not manifest.exists():
+            sys.exit(f"{manifest} not found: pass --ixi PATH")
+        cohort = load_manifest(manifest)
+        cohort = cohort.subset(cohort.ids[:args.subjects])
+        profile_reading(cohort, SliceConfig(planes=tuple(args.planes.split(",")), size=args.size, stride=args.stride))
         if args.encoder == "none":
             return
     import numpy as np

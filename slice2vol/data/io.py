@@ -701,9 +701,12 @@ def foreground_mask(data: np.ndarray, fraction: float = 0.5) -> np.ndarray:
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.binary_fill_holes(mask)`` (face connectivity), by labelling the background once.
 
-    A background voxel is a hole unless its face-connected background component touches the array's
-    border, which is what scipy's iterated dilation from the border finds; one ``ndimage.label`` pass
-    gets the same mask in half the time (24 vs 51 ms on a 120 x 120 x 90 IXI head).
+    A background voxel is a hole unless its face-connected background component reaches the array's
+    border, which is what scipy's iterated dilation from the border finds. Here the background is
+    labelled once, inside the mask's bounding box padded by one voxel: everything outside that box
+    is background joined to the border, so a voxel in the box is outside exactly when its component
+    holds the padding ring (one component, whose label the first corner carries). For the 48 IXI
+    heads the box is 67-93% of the grid, and the whole fill costs a third of scipy's (``python scripts/bench_cache.py --subjects 48 --profile-read --encoder none``).
 
     Args:
         mask: bool array of any dimension.
@@ -713,13 +716,16 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     """
     from scipy import ndimage
 
-    background, count = ndimage.label(~mask)  # default structure: face connectivity, as scipy's fill
-    outside = np.zeros(count + 1, dtype=bool)
-    for axis in range(mask.ndim):
-        for end in (0, -1):
-            outside[np.take(background, end, axis=axis)] = True
-    outside[0] = False  # label 0 is the foreground itself
-    return ~outside[background]
+    mask = np.asarray(mask, dtype=bool)
+    out = mask.copy()
+    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+             for axis in range(mask.ndim)]
+    if mask.ndim == 0 or any(len(s) == 0 for s in spans):
+        return out  # no foreground: no hole either
+    box = tuple(slice(int(s[0]), int(s[-1]) + 1) for s in spans)
+    background, _ = ndimage.label(~np.pad(mask[box], 1))  # default structure: face connectivity, as scipy
+    out[box] = (background != background.flat[0])[(slice(1, -1),) * mask.ndim]
+    return out
 
 
 _SLAB_VALUES = 1 << 20  # values per float64 slab of normalize_intensity (8 MiB)
