@@ -706,7 +706,8 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     labelled once, inside the mask's bounding box padded by one voxel: everything outside that box
     is background joined to the border, so a voxel in the box is outside exactly when its component
     holds the padding ring (one component, whose label the first corner carries). For the 48 IXI
-    heads the box is 67-93% of the grid, and the whole fill costs a third of scipy's (``python scripts/bench_cache.py --subjects 48 --profile-read --encoder none``).
+    heads the box is 67-93% of the grid, and the whole fill costs a third of scipy's
+    (``python scripts/bench_cache.py --subjects 48 --profile-read --encoder none``).
 
     Args:
         mask: bool array of any dimension.
