@@ -345,6 +345,7 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         return p if p.is_absolute() else root / p
 
     subjects: list[Subject] = []
+    infinite: list[str] = []  # label cells holding inf, read as missing
     for sid, (_, row) in zip(ids, table.iterrows()):
         if sid in duplicated:
             continue
@@ -371,12 +372,15 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             failures.append(Failure(sid, str(first or source), f"{where}: file not found: {', '.join(absent)}"))
             continue
         labels = {c: _clean(row[c], types[c]) for c in types}
-        infinite = [f"{c} = {row[c]!r}" for c, v in labels.items() if isinstance(v, float) and not np.isfinite(v)]
-        if infinite:
-            failures.append(Failure(sid, source, f"{at}: label not a finite number: "
-                                                 f"{', '.join(infinite)}; left out"))
-            continue
+        for c, v in labels.items():
+            if isinstance(v, float) and not np.isfinite(v):
+                # one unusable value costs that label only: the scan and its other labels still count
+                infinite.append(f"{at}: {c} = {row[c]!r}")
+                labels[c] = None
         subjects.append(Subject(sid, images, seg, maps, labels, row=_ + 2 if numbered else None))  # type: ignore[arg-type]
+    if infinite:
+        log.warning("%d label cell(s) are not finite numbers (%s%s); read as missing", len(infinite),
+                    "; ".join(infinite[:3]), "; ..." if len(infinite) > 3 else "")
     # one scan under two subject IDs would sit on both sides of a subject-level split (a leak)
     owners: dict[Path, list[str]] = {}
     for subject in subjects:

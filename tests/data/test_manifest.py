@@ -268,13 +268,20 @@ def test_decimal_commas_in_a_semicolon_manifest_are_numbers(tmp_path):
     assert [s.labels["site"] for s in cohort.subjects] == ["x,y", "x", "y"]  # not numbers: left as they are
 
 
-def test_an_infinite_label_fails_its_row(tmp_path):
+def test_an_infinite_label_is_missing_for_that_label_only(tmp_path, caplog):
+    """inf in one label cell makes that label missing for that subject (as an empty cell), with a
+    warning naming the row: the scan and its other labels stay in the cohort."""
     _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
     csv = tmp_path / "m.csv"
-    csv.write_text("subject_id,t1,age\na,img/a.nii.gz,30.5\nb,img/b.nii.gz,inf\nc,img/c.nii.gz,41.5\n")
-    cohort = load_manifest(csv)
-    assert cohort.ids == ["a", "c"]
-    assert cohort.failures[0].message == f"{csv}: row 3 (b): label not a finite number: age = inf; left out"
+    csv.write_text("subject_id,t1,age,sex\na,img/a.nii.gz,30.5,F\nb,img/b.nii.gz,inf,M\nc,img/c.nii.gz,-inf,F\n")
+    with caplog.at_level("WARNING"):
+        cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b", "c"] and not cohort.failures
+    assert [s.labels["age"] for s in cohort.subjects] == [30.5, None, None]
+    assert [s.labels["sex"] for s in cohort.subjects] == ["F", "M", "F"]
+    assert cohort.label_types["age"] == "continuous"
+    assert (f"2 label cell(s) are not finite numbers ({csv}: row 3 (b): age = inf; {csv}: row 4 (c): age = -inf); "
+            "read as missing") in caplog.text
 
 
 def test_a_label_column_naming_nifti_files_is_flagged(tmp_path, caplog):
