@@ -18,7 +18,9 @@ Running again on a store that holds the set updates it (made with the same encod
 options): subjects whose input files did not change are not embedded again, and the rows of subjects
 that fail now or are not in this manifest are kept (listed as "kept from before"). A set of that name
 made with other settings is refused unless ``--replace`` is given. The store is checked before any
-embedding (locked by another job, not writable: one line, exit 2).
+embedding (locked by another job, not writable: one line, exit 2). A trained SSL checkpoint
+(``--checkpoint``, with ``--mode``/``--input-size``/``--overlap``) is embedded and updated the same way
+(:class:`slice2vol.ssl.export.CheckpointEncoder3D`).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ssl.add_argument("--input-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                      help="network input (whole; default: the training volume_size) or window (sliding)")
     ssl.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
-    ssl.add_argument("--batch-size", type=int, default=4, help="volumes (whole) or windows (sliding) per pass")
+    ssl.add_argument("--batch-size", type=int, default=4, help="windows per pass (sliding; whole: one volume a pass)")
     add_overrides(parser)
 
 
@@ -127,16 +129,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_checkpoint(args: argparse.Namespace) -> int:
-    """A trained ``slice2vol pretrain`` checkpoint (``slice2vol.ssl.export``)."""
+    """A trained ``slice2vol pretrain`` checkpoint, embedded like a registered encoder (the set is
+    updated on a rerun: only new or changed subjects are embedded; ``--replace`` for other settings)."""
     from slice2vol.data.manifest import load_manifest
+    from slice2vol.encoders3d import embed_cohort3d
     from slice2vol.encoders3d.embed import check_store_writable
-    from slice2vol.ssl.export import embed_cohort, load_encoder
+    from slice2vol.ssl.export import CheckpointEncoder3D, load_encoder
 
     if args.encoder or args.config or overrides_of(args):
         raise ValueError("--checkpoint embeds an SSL run; --encoder/--config/KEY=VALUE are for registered encoders")
-    if args.replace:
-        raise ValueError("--replace is for registered encoders; an SSL checkpoint's set is always written anew")
-    check_store_writable(args.store)
+    if args.sliding_window:
+        raise ValueError("--sliding-window is for registered encoders; an SSL checkpoint takes --mode sliding")
     device = resolve_device(args.device)
     model = load_encoder(args.checkpoint, device)
     meta = model.slice2vol_meta
@@ -151,12 +154,17 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     else:
         size = tuple(cfg["data"]["volume_size"] or cfg["data"]["crop_size"])
     name = args.name or f"ssl3d/{meta['method']}"
+    check_store_writable(args.store, name)  # before reading a volume
+    encoder = CheckpointEncoder3D(model, size, mode=args.mode, overlap=args.overlap, batch_size=args.batch_size)
     cohort = load_manifest(args.manifest)
-    report = embed_cohort(model, cohort, args.store, name, input_size=size, mode=args.mode, overlap=args.overlap,
-                          batch_size=args.batch_size, device=device, progress=progress_enabled(args))
-    failures = cohort.failures + report.failures
-    print(f"{args.store}: wrote {name!r}, {len(report.done)} subjects x {report.embed_dim} "
-          f"({args.mode}, input {size})")
-    for f in failures:
-        print(f"  failed: {f}")
+    report = embed_cohort3d(encoder, cohort, args.store, name, progress=progress_enabled(args), replace=args.replace,
+                            provenance={"command": "slice2vol embed --checkpoint", "manifest": str(args.manifest),
+                                        "checkpoint": meta.get("checkpoint"), "method": meta.get("method"),
+                                        "input_size": list(encoder.info.input_size)})
+    failures = list(cohort.failures) + list(report.failures)
+    print(report.summary(failures=False))
+    print(f"  checkpoint {meta.get('checkpoint')} ({meta.get('method')}, step {meta.get('step')}, sha256 "
+          f"{str(meta.get('weights_sha256', ''))[:16]}...), {args.mode}, input {tuple(encoder.info.input_size)}")
+    for failure in failures:
+        print(f"  failed: {failure}", file=sys.stderr)
     return 1 if failures else 0

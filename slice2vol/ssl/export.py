@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from slice2vol.config import to_dict
-from slice2vol.data.io import VolumeConfig
+from slice2vol.data.io import Volume, VolumeConfig
 from slice2vol.data.manifest import Cohort, Failure, load_subject
+from slice2vol.encoders3d.base import Encoder3D, Encoder3DInfo
 from slice2vol.ssl.data import fit_to_grid, prepare_volume
 from slice2vol.ssl.trainer import check_checkpoint, list_checkpoints, load_checkpoint
 
-__all__ = ["ExportReport", "check_checkpoint", "embed_cohort", "embed_volume", "list_checkpoints", "load_encoder",
+__all__ = ["CheckpointEncoder3D", "ExportReport", "check_checkpoint", "embed_cohort", "embed_volume", "list_checkpoints", "load_encoder",
            "windows"]
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,101 @@ def embed_volume(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor
     return torch.cat(feats).mean(0)
 
 
+def _settings(model: torch.nn.Module, name: str, mode: str, volume_cfg: VolumeConfig | None,
+              volume_size: Sequence[int] | None, input_size: Sequence[int]
+              ) -> tuple[VolumeConfig, tuple[int, ...] | None, tuple[int, ...]]:
+    """Loading options, SSL grid and input size of a trained encoder: those given, else the
+    training run's (its checkpoint meta), else a head-cropped volume on its own grid. A model with
+    a fixed input size (ViT/MAE) in ``whole`` mode always gets that size."""
+    if mode not in ("whole", "sliding"):
+        raise ValueError(f"mode must be 'whole' or 'sliding', got {mode!r}")
+    meta = getattr(model, "slice2vol_meta", {}) or {}
+    data_cfg = (meta.get("config") or {}).get("data", {})
+    if volume_cfg is None:
+        from slice2vol.config import from_dict
+
+        volume_cfg = from_dict(VolumeConfig, data_cfg["volume"]) if "volume" in data_cfg else \
+            VolumeConfig(crop_foreground=True)
+    if volume_size is None and data_cfg.get("volume_size"):
+        volume_size = tuple(data_cfg["volume_size"])
+    input_size = tuple(int(s) for s in input_size)
+    fixed = getattr(model, "fixed_size", None)
+    if fixed is not None and tuple(fixed) != input_size:
+        log.warning("%s: encoder needs input %s; using it instead of %s", name, tuple(fixed), input_size)
+        input_size = tuple(fixed)
+    return volume_cfg, (tuple(int(v) for v in volume_size) if volume_size else None), input_size
+
+
+class CheckpointEncoder3D(Encoder3D):
+    """A trained SSL encoder (:func:`load_encoder`) as an :class:`~slice2vol.encoders3d.Encoder3D`.
+
+    :func:`slice2vol.encoders3d.embed_cohort3d` can then embed it like a registered 3D encoder: a
+    rerun embeds only the subjects whose input files changed, an interrupted run resumes, rows of
+    subjects that fail or are absent are kept, and a set made with other settings is refused
+    unless replaced. One volume is embedded at a time, as :func:`embed_cohort` does it per mode
+    (``whole``: fitted into ``input_size``, one pass; ``sliding``: fitted into the SSL grid, tiled,
+    mean of the windows' embeddings). The mode, window and grid are part of ``info`` and thus of
+    the set's identity.
+
+    Args:
+        model: from :func:`load_encoder`; (B, C, *input_size) -> (B, D).
+        input_size, mode, overlap, min_foreground, batch_size, volume_cfg, volume_size: as in
+            :func:`embed_cohort` (``batch_size``: windows per pass in ``sliding`` mode).
+    """
+
+    def __init__(self, model: torch.nn.Module, input_size: Sequence[int], *, mode: str = "whole",
+                 overlap: float = 0.5, min_foreground: float = 0.05, batch_size: int = 4,
+                 volume_cfg: VolumeConfig | None = None, volume_size: Sequence[int] | None = None) -> None:
+        super().__init__()
+        meta = getattr(model, "slice2vol_meta", {}) or {}
+        key = meta.get("key", type(model).__name__)
+        self._volume_cfg, self.volume_size, size = _settings(model, key, mode, volume_cfg, volume_size, input_size)
+        self.model = model.eval()
+        self.mode, self.overlap, self.min_foreground = mode, float(overlap), float(min_foreground)
+        self.batch_size = int(batch_size)
+        sliding = mode == "sliding"
+        grid = f"fitted into {list(self.volume_size)}" if self.volume_size else "on its loaded grid"
+        self.info = Encoder3DInfo(
+            key=key, embed_dim=int(getattr(model, "embed_dim", 0)), source="slice2vol pretrain",
+            weights=str(meta.get("checkpoint", "")), weights_sha256=str(meta.get("weights_sha256", "")),
+            in_chans=int(getattr(model, "in_channels", 1) or 1),
+            input_size=size,
+            crop=(f"head bounding box {grid}, windows of {list(size)} (overlap {overlap:g}, head >= "
+                  f"{min_foreground:g}), mean of their embeddings" if sliding else
+                  f"head bounding box fitted into {list(size)} (aspect kept, zero-padded)"),
+            intensity=f"the training run's ({self._volume_cfg.normalize})",
+            checkpoint=str(meta.get("checkpoint", "")),
+            extra={"method": meta.get("method"), "ssl_config_hash": meta.get("config_hash"),
+                   "train_step": meta.get("step"), "mode": mode, "overlap": self.overlap if sliding else None,
+                   "min_foreground": self.min_foreground if sliding else None,
+                   "volume_size": list(self.volume_size) if self.volume_size else None},
+        )
+
+    def volume_config(self) -> VolumeConfig:
+        return self._volume_cfg
+
+    def preprocess(self, volume: Volume) -> torch.Tensor:
+        """Volume (C, X, Y, Z) -> (1, C, *input_size), the ``whole`` mode's input."""
+        data = torch.from_numpy(np.ascontiguousarray(volume.data, dtype=np.float32))
+        return fit_to_grid(data, volume.spacing, self.info.input_size)[None]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *input_size) -> (B, D) float32."""
+        return self.model(x).float()
+
+    @torch.inference_mode()
+    def embed_volume(self, volume: Volume, sliding_window: Any = None) -> torch.Tensor:
+        """One volume -> (D,) float32 on CPU, in this encoder's ``mode``."""
+        if sliding_window:
+            raise ValueError(f"{self.info.key}: an SSL checkpoint slides its own windows (mode='sliding'); "
+                             "MONAI sliding-window options do not apply")
+        if self.mode == "whole":
+            return self.encode(self.preprocess(volume).to(self.device))[0].cpu()
+        image, mask = prepare_volume(volume, self.volume_size)
+        return embed_volume(self.model, image, mask, window=self.info.input_size, overlap=self.overlap,
+                            min_foreground=self.min_foreground, batch_size=self.batch_size, device=self.device)
+
+
 def embed_cohort(model: torch.nn.Module, cohort: Cohort, store_path: str | Path, name: str, *,
                  input_size: Sequence[int] = (96, 96, 96), mode: str = "whole",
                  volume_cfg: VolumeConfig | None = None, volume_size: Sequence[int] | None = None,
@@ -145,22 +241,8 @@ def embed_cohort(model: torch.nn.Module, cohort: Cohort, store_path: str | Path,
     from slice2vol.cache import FeatureStore
     from slice2vol.progress import track
 
-    if mode not in ("whole", "sliding"):
-        raise ValueError(f"mode must be 'whole' or 'sliding', got {mode!r}")
     meta = getattr(model, "slice2vol_meta", {}) or {}
-    data_cfg = (meta.get("config") or {}).get("data", {})
-    if volume_cfg is None:
-        from slice2vol.config import from_dict
-
-        volume_cfg = from_dict(VolumeConfig, data_cfg["volume"]) if "volume" in data_cfg else \
-            VolumeConfig(crop_foreground=True)
-    if volume_size is None and data_cfg.get("volume_size"):
-        volume_size = tuple(data_cfg["volume_size"])
-    input_size = tuple(int(s) for s in input_size)
-    fixed = getattr(model, "fixed_size", None)
-    if fixed is not None and tuple(fixed) != input_size:
-        log.warning("%s: encoder needs input %s; using it instead of %s", name, tuple(fixed), input_size)
-        input_size = tuple(fixed)
+    volume_cfg, volume_size, input_size = _settings(model, name, mode, volume_cfg, volume_size, input_size)
     model = model.to(device).eval()
     report = ExportReport(name, Path(store_path), embed_dim=int(getattr(model, "embed_dim", 0)))
     rows: list[np.ndarray] = []
