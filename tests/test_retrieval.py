@@ -534,3 +534,17 @@ def test_options_of_another_index_kind_are_refused(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("--nlist: not an option of --kind flat (--nlist/--nprobe are for "
                                                     "ivf, --ef-search for hnsw)")
     assert not (tmp_path / "i").exists()
+
+
+def test_small_ivf_trains_without_faiss_stderr_and_a_chosen_nlist_is_warned_in_one_line(clustered, capfd, caplog):
+    """FAISS prints a multi-line C++ warning when k-means gets fewer than 39 points per cell: the
+    default nlist (one cell below 39 vectors) says nothing, a chosen nlist gets one log line."""
+    Index.build(clustered[:20], _ids(20), config=IndexConfig(kind="ivf", recall_queries=10))
+    with caplog.at_level("WARNING"):
+        Index.build(clustered[:60], _ids(60), config=IndexConfig(kind="ivf", nlist=4, nprobe=2, recall_queries=10))
+    assert "WARNING clustering" not in capfd.readouterr().err
+    lines = [r.getMessage() for r in caplog.records if "nlist=4" in r.getMessage()]
+    # (some of the 60 vectors are held out as fresh queries for the recall check)
+    assert len(lines) == 1 and re.fullmatch(r"IVF nlist=4 trained on \d\d vectors \(fewer than 39 per cell, FAISS's "
+                                            r"minimum\): the cells are poorly placed; a smaller --nlist or --kind "
+                                            r"flat fits this size", lines[0]), lines

@@ -122,8 +122,12 @@ def normalize_rows(x: np.ndarray, ids: Sequence[str] | None = None, where: str =
     return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 
+#: k-means points per IVF cell below which FAISS warns (ClusteringParameters.min_points_per_centroid)
+FAISS_MIN_POINTS = 39
+
+
 def default_nlist(n: int) -> int:
-    return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
+    return int(max(1, min(round(4 * math.sqrt(n)), n // FAISS_MIN_POINTS)))
 
 
 def recall_per_query(approx: np.ndarray, exact: np.ndarray, k: int) -> np.ndarray:
@@ -201,6 +205,14 @@ def create_faiss(x: np.ndarray, cfg: IndexConfig) -> tuple[Any, dict]:
         rng = np.random.default_rng(cfg.seed)
         sample = x if train_n == n else x[np.sort(rng.choice(n, train_n, replace=False))]
         index.cp.max_points_per_centroid = max(1, math.ceil(train_n / nlist))  # no silent resampling
+        if train_n < FAISS_MIN_POINTS * nlist:
+            # FAISS would print its own multi-line warning to stderr from C++; a default nlist only gets
+            # here below 39 vectors (one cell: nothing to place), a chosen one is told in one line
+            if cfg.nlist:
+                log.warning("IVF nlist=%d trained on %d vectors (fewer than %d per cell, FAISS's minimum): the "
+                            "cells are poorly placed; a smaller --nlist or --kind flat fits this size",
+                            nlist, train_n, FAISS_MIN_POINTS)
+            index.cp.min_points_per_centroid = max(1, train_n // nlist)
         index.train(sample)
         info.update(nlist=nlist, train_size=train_n)
     else:
