@@ -512,6 +512,11 @@ def test_operating_system_errors_name_the_path_in_words(tmp_path, capsys):
     (["cache", "--manifest", "m.csv", "--encoder", "tv/mobilenet_v2", "--store", "s.h5", "--commit-every", "0"],
      "--commit-every must be >= 1, got 0"),
     (["info", "x.nii.gz", "--stride", "0"], "--stride must be >= 1, got 0"),  # was 'slice step cannot be zero'
+    # was exit 0, "2 subject(s) cached", 0 slices
+    (["cache", "--manifest", "m.csv", "--encoder", "tv/mobilenet_v2", "--store", "s.h5", "--planes", ","],
+     "no plane given; choose one or more of sagittal, coronal, axial"),
+    (["cache", "--manifest", "m.csv", "--encoder", "tv/mobilenet_v2", "--store", "s.h5", "--planes", "axial,axial"],
+     "plane(s) axial given more than once"),
 ])
 def test_out_of_range_counts_name_their_flag(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths: nothing lands in the checkout, even on the code before

@@ -236,6 +236,7 @@ def load_manifest(
     if label_columns is None:
         label_columns = [c for c in table.columns if c not in {id_column, seg_column, *path_columns}]
     for column in label_columns:
+        _clean_text_cells(table, column)
         _mostly_numbers(table, column, id_column, path)
     for column in label_columns:
         named = sum(bool(_NIFTI.search(str(v).strip())) for v in table[column].dropna())
@@ -291,6 +292,27 @@ def _check_layout(path: Path, sep: str, encoding: str) -> None:
                             "values or remove the extra cells")
 
 
+#: cells read as missing whatever their case (pandas' defaults are case-sensitive: ``NAN``, ``Null``
+#: and ``n/a `` with a space would become classes of a categorical label)
+_MISSING_TOKENS = {"", "nan", "-nan", "na", "n/a", "#n/a", "#na", "null", "none", "<na>"}
+
+
+def _clean_text_cells(table: pd.DataFrame, column: str) -> None:
+    """Text cells of a label column without surrounding spaces, missing tokens in any case as missing,
+    in place: ``M `` and ``M`` are one class (IDs and paths are stripped too)."""
+    values = table[column]
+    if values.dtype == bool or pd.api.types.is_numeric_dtype(values):
+        return
+
+    def clean(v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        v = v.strip()
+        return None if v.lower() in _MISSING_TOKENS else v
+
+    table[column] = values.map(clean).astype(object)
+
+
 def _mostly_numbers(table: pd.DataFrame, column: str, id_column: str, path: Path) -> None:
     """A label column of numbers with a few cells that are not (``unknown``, ``1,234``) becomes numeric,
     those cells missing, with a warning naming them, in place: read as text, a continuous label would
@@ -303,7 +325,15 @@ def _mostly_numbers(table: pd.DataFrame, column: str, id_column: str, path: Path
     present = text[text.notna() & (text != "")]
     numbers = pd.to_numeric(present, errors="coerce")
     bad = present[numbers.isna()]
-    if present.empty or bad.empty or len(bad) > 0.2 * len(present):
+    if present.empty or bad.empty:
+        return
+    if len(bad) > 0.2 * len(present):
+        if len(bad) < len(present):  # numbers and text mixed: read as classes, which may not be meant
+            distinct = list(dict.fromkeys(bad))
+            examples = ", ".join(map(repr, distinct[:3])) + (", ..." if len(distinct) > 3 else "")
+            log.warning("%s: label column %r mixes %d number(s) and %d text cell(s) (%s); read as categorical "
+                        "with one class per distinct value: clean the column, or give label_types to choose",
+                        path, column, len(present) - len(bad), len(bad), examples)
         return
     if infer_label_type(numbers.dropna()) != "continuous":
         return
@@ -352,6 +382,14 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         if sid == "":
             failures.append(Failure("?", source, f"{source}: row {_ + 2} has no subject_id; left out"))
             continue
+        control = [c for c in sid if ord(c) < 32 or ord(c) == 127]
+        if control:
+            # a NUL cannot be stored in HDF5 names, a newline breaks every one-line message
+            shown = sid.encode("unicode_escape").decode("ascii")
+            failures.append(Failure(shown, source, f"{source}: row {_ + 2}: subject_id '{shown}' holds a control "
+                                                   f"character ({control[0].encode('unicode_escape').decode()}); "
+                                                   "left out"))
+            continue
         at = f"{source}: row {_ + 2} ({sid})" if numbered else f"{source}: {sid}"
         images = {c: resolve(row[c]) for c in image_columns}
         seg = resolve(row[seg_column]) if seg_column else None
@@ -382,12 +420,20 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         log.warning("%d label cell(s) are not finite numbers (%s%s); read as missing", len(infinite),
                     "; ".join(infinite[:3]), "; ..." if len(infinite) > 3 else "")
     # one scan under two subject IDs would sit on both sides of a subject-level split (a leak)
-    owners: dict[Path, list[str]] = {}
+    owners: dict[Any, list[str]] = {}
+    named_as: dict[Any, Path] = {}
     for subject in subjects:
         for image in {Path(p).resolve() for p in subject.images.values()}:
-            owners.setdefault(image, []).append(subject.subject_id)
+            try:  # a hard link is the same file under another path: the inode tells
+                st = image.stat()
+                key: Any = (st.st_dev, st.st_ino)
+            except OSError:
+                key = image
+            named_as.setdefault(key, image)
+            owners.setdefault(key, []).append(subject.subject_id)
     left_out: set[str] = set()
-    for image, sids in owners.items():
+    for key, sids in owners.items():
+        image = named_as[key]
         for sid in (s for s in sids if len(sids) > 1 and s not in left_out):
             others = ", ".join(repr(o) for o in sids if o != sid)
             failures.append(Failure(sid, str(image), f"{image}: the same image file as subject(s) {others}; "

@@ -48,6 +48,11 @@ class SliceConfig:
         unknown = [p for p in self.planes if p not in PLANES]
         if unknown:
             raise ValueError(f"unknown plane(s) {unknown}; choose from {list(PLANES)}")
+        if not self.planes:  # a job would "cache" every subject with no slice at all
+            raise ValueError(f"no plane given; choose one or more of {', '.join(PLANES)}")
+        repeated = sorted({p for p in self.planes if list(self.planes).count(p) > 1})
+        if repeated:
+            raise ValueError(f"plane(s) {', '.join(repeated)} given more than once")
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         if self.context < 1 or self.context % 2 == 0:

@@ -389,3 +389,52 @@ def test_rows_with_every_cell_empty_are_not_subjects(tmp_path):
     assert [s.labels["age"] for s in cohort.subjects] == [30.5, 40.0]
     csv.write_text("subject_id,t1,age\na,img/a.nii.gz,30.5\n,,41\n")  # a row with a value is still reported
     assert [f.message for f in load_manifest(csv).failures] == [f"{csv}: row 3 has no subject_id; left out"]
+
+
+def test_label_cells_are_stripped_and_missing_tokens_read_in_any_case(tmp_path):
+    """'M ' and 'M' are one class; NAN, Null and ' n/a ' are missing, as pandas reads nan, NULL and N/A."""
+    _files(tmp_path, [f"{c}.nii.gz" for c in "abcdef"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,sex\na,img/a.nii.gz,M \nb,img/b.nii.gz,F\nc,img/c.nii.gz,M\n"
+                   "d,img/d.nii.gz,NAN\ne,img/e.nii.gz,Null\nf,img/f.nii.gz, n/a \n")
+    cohort = load_manifest(csv)
+    assert [s.labels["sex"] for s in cohort.subjects] == ["M", "F", "M", None, None, None]
+    assert cohort.label_types["sex"] == "categorical"
+
+
+def test_a_label_column_mixing_numbers_and_much_text_is_warned(tmp_path, caplog):
+    _files(tmp_path, [f"{c}.nii.gz" for c in "abcd"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,age\na,img/a.nii.gz,31\nb,img/b.nii.gz,unknown\nc,img/c.nii.gz,unknown\n"
+                   "d,img/d.nii.gz,?\n")
+    with caplog.at_level("WARNING"):
+        cohort = load_manifest(csv)
+    assert cohort.label_types["age"] == "categorical"
+    assert (f"{csv}: label column 'age' mixes 1 number(s) and 3 text cell(s) ('unknown', '?'); read as categorical"
+            in caplog.text)
+
+
+@pytest.mark.parametrize("sid, shown", [("bad\0x", "bad\\x00x"), ("x\ty", "x\\ty")])
+def test_a_subject_id_with_a_control_character_fails_its_row(sid, shown, tmp_path):
+    """A NUL cannot be written as an HDF5 string (the caching job used to stop at its first commit);
+    a newline or tab breaks one-line messages: the row fails, the others stay."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(f"subject_id,t1\na,img/a.nii.gz\n{sid},img/b.nii.gz\n".encode())
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a"]
+    message = cohort.failures[0].message
+    assert message.startswith(f"{csv}: row 3: subject_id '{shown}' holds a control character") and "\n" not in message
+
+
+def test_a_hard_link_is_the_same_image(tmp_path):
+    import os
+
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    os.link(tmp_path / "img" / "a.nii.gz", tmp_path / "img" / "a_link.nii.gz")
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\na,img/a.nii.gz\nb,img/b.nii.gz\nc,img/a_link.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["b"]
+    assert {f.subject_id for f in cohort.failures} == {"a", "c"}
+    assert "the same image file as subject(s) 'c'; all left out" in cohort.failures[0].message
