@@ -90,6 +90,10 @@ class StoreCorrupt(StoreError):
     """Stored data that fails its checksum or whose layout is inconsistent (names file, subject, plane)."""
 
 
+class StaleEmbeddings(StoreError):
+    """Volume embeddings aggregated from slice features that were recomputed or removed since."""
+
+
 class StoreLocked(StoreError, RuntimeError):
     """Another process holds the store's writer lock (the message names the lock and its holder)."""
 
@@ -799,6 +803,38 @@ class FeatureStore:
                                f"is damaged); run `slice2vol cache verify --store {self.path}`, then rerun the "
                                "caching job to recompute it")
 
+    def slice_source_sha256(self, subjects: Iterable[str], planes: Sequence[str]) -> str | None:
+        """One sha256 over the stored feature checksums of ``subjects`` x ``planes`` (sorted): what a
+        set aggregated from them records, so that a later recompute of any of them shows. None when a
+        row has no checksum (a store written before format 2).
+
+        Raises:
+            KeyError: a subject has no features in a plane (any more).
+        """
+        digest = hashlib.sha256()
+        for sid in sorted(set(subjects)):
+            for plane in sorted(planes):
+                k, _, _, i = self._entry(sid, plane)
+                checksum = self.segments[k].index()[plane].get("checksums", i)
+                if not checksum:
+                    return None
+                digest.update(f"{sid}\t{plane}\t{checksum}\n".encode())
+        return digest.hexdigest()
+
+    def _check_fresh(self, name: str, ids: Sequence[str], prov: Mapping[str, Any]) -> None:
+        """Refuses an aggregated set whose slice features changed since it was made (StaleEmbeddings)."""
+        recorded = prov.get("source_slices_sha256") if isinstance(prov, Mapping) else None
+        if not recorded or prov.get("kind") != "aggregate":
+            return
+        used = set(ids) | set(prov.get("train_ids") or [])
+        try:
+            now = self.slice_source_sha256(used, list(prov.get("source_planes") or prov.get("planes") or []))
+        except (KeyError, LookupError):
+            now = "missing"
+        if now is not None and now != recorded:
+            raise StaleEmbeddings(f"{self.path}: volume embeddings {name!r} were aggregated from slice features that "
+                                  "changed since (a subject cached again or removed): run slice2vol aggregate again")
+
     def subject_inputs(self, subject: str, plane: str) -> dict[str, Any] | None:
         """What a subject's features in ``plane`` were made from (input fingerprint, oblique handling),
         or None when the store does not record it (stores written before format 2)."""
@@ -989,7 +1025,7 @@ class FeatureStore:
                 try:
                     self.volume_embeddings(name)
                     report.volumes_checked += 1
-                except StoreCorrupt as err:
+                except (StoreCorrupt, StaleEmbeddings) as err:
                     report.broken.append(str(err))
             # the feature-set hash is computed from the provenance when written: an edited provenance
             # (another encoder name, slice size...) no longer matches it
@@ -1079,8 +1115,12 @@ class FeatureStore:
             names += [n for n in seg.volume_names() if n not in names]
         return names
 
-    def volume_embeddings(self, name: str) -> tuple[list[str], np.ndarray, dict]:
-        """One set of volume embeddings: (ids, X (N, D) float32, provenance), checked against its checksum."""
+    def volume_embeddings(self, name: str, *, check_fresh: bool = True) -> tuple[list[str], np.ndarray, dict]:
+        """One set of volume embeddings: (ids, X (N, D) float32, provenance), checked against its checksum.
+
+        An aggregated set is also checked against the slice features it was made from (``check_fresh``):
+        :class:`StaleEmbeddings` when any of them was recomputed or removed since.
+        """
         for seg in reversed(self.segments):  # newest wins
             group = seg.volume_group(name)
             if group is not None:
@@ -1097,6 +1137,8 @@ class FeatureStore:
                                        "damaged); write them again (slice2vol aggregate / embed)")
                 if len(ids) != len(X):
                     raise StoreCorrupt(f"{seg.path}: volume embeddings {name!r}: {len(ids)} ids for {len(X)} rows")
+                if check_fresh:
+                    self._check_fresh(name, ids, prov)
                 return ids, X, prov
         raise KeyError(f"{self.path}: no volume embeddings {name!r} (have: {self.volume_embedding_names()})")
 
@@ -1790,7 +1832,7 @@ def _merged_volume_sets(stores: Sequence["FeatureStore"]
             continue
         try:
             parts = [store.volume_embeddings(name) for store in stores]
-        except StoreCorrupt as err:  # derived data: left out, the slice features are still merged
+        except (StoreCorrupt, StaleEmbeddings) as err:  # derived data: left out, the slice features are still merged
             dropped[name] = str(err)
             continue
         ref_id = identity_of(parts[0][2])

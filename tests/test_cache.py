@@ -544,3 +544,41 @@ def test_merge_with_a_missing_manifest_stops_before_writing(tmp_path: Path, caps
                  "--manifest", str(tmp_path / "none.csv")]) == 2
     assert capsys.readouterr().err.strip().endswith("none.csv: manifest not found")
     assert not (tmp_path / "ab.h5").exists()  # it used to write the merged store, then fail
+
+
+def test_an_aggregated_set_goes_stale_when_its_subjects_are_recomputed(tmp_path: Path, capsys) -> None:
+    """A volume set aggregated from the slice rows of s0..s3 is refused once s1's rows are replaced
+    (a recompute after its input changed): the stored mean would be the old scan's. Adding a subject
+    leaves it valid (its rows are all still there); aggregating again makes it fresh."""
+    from slice2vol.aggregate import aggregate_store
+    from slice2vol.cache import StaleEmbeddings
+    from slice2vol.cli import main
+
+    path = tmp_path / "s.h5"
+    write_store(path)
+    aggregate_store(path, "mean", plot=False)
+    assert FeatureStore(path).volume_embeddings("mean")[0] == ["s0", "s1", "s2", "s3"]
+
+    store = FeatureStore(path, mode="a")
+    with store.writer_lock():
+        store.commit_subjects([fake_subject(9)], PROV, label_types=TYPES)  # a new subject
+    assert FeatureStore(path).volume_embeddings("mean")[0] == ["s0", "s1", "s2", "s3"]
+
+    changed = fake_subject(1)
+    changed.planes["axial"].features[:, 5] += 1.0  # s1 cached again from another scan
+    with store.writer_lock():
+        store.commit_subjects([changed], PROV, label_types=TYPES)
+    with pytest.raises(StaleEmbeddings, match=r"s.h5: volume embeddings 'mean' were aggregated from slice features "
+                                              r"that changed since .*: run slice2vol aggregate again"):
+        FeatureStore(path).volume_embeddings("mean")
+    report = FeatureStore(path).verify()
+    assert not report.ok and any("'mean' were aggregated from slice features that changed" in b for b in report.broken)
+    assert main(["export", "--store", str(path), "--embeddings", "mean", "--out", str(tmp_path / "x.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run slice2vol aggregate again" in err
+
+    aggregate_store(path, "mean", plot=False)  # made again: fresh
+    ids, X, _ = FeatureStore(path).volume_embeddings("mean")
+    s1 = FeatureStore(path)
+    expected = np.concatenate([s1.slice_features("s1", p) for p in s1.planes]).mean(0)
+    np.testing.assert_allclose(X[ids.index("s1")], expected, rtol=1e-5)

@@ -92,6 +92,16 @@ def load_bags(store: Any, subjects: Sequence[str] | None = None, planes: Sequenc
     return ids, bags
 
 
+def _source_sha256(store: Any, ids: Iterable[str], planes: Sequence[str]) -> str | None:
+    digest = getattr(store, "slice_source_sha256", None)
+    if digest is None:
+        return None
+    try:
+        return digest(ids, planes)
+    except (KeyError, LookupError):
+        return None
+
+
 def ids_sha256(ids: Iterable[str]) -> str:
     """Order-independent hash of a set of subject ids."""
     return hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()
@@ -166,7 +176,7 @@ def aggregate_store(store_path: Any, method: str, **kwargs: Any) -> str:
     store = open_store(store_path, mode="a")
     if name in store.volume_embedding_names():  # replacing another method's set is most likely a slip
         try:
-            before = store.volume_embeddings(name)[2].get("aggregator")
+            before = store.volume_embeddings(name, check_fresh=False)[2].get("aggregator")
         except Exception:  # noqa: BLE001 - a damaged set is replaced anyway
             before = None
         if before and before != method:
@@ -325,6 +335,9 @@ def aggregate_embeddings(
         "train_ids_sha256": ids_sha256(fit_ids) if fit_ids else None,
         "out_dim": int(X.shape[1]),
         "source_feature_set": getattr(store, "feature_set", None),
+        # the rows it was made from: a later recompute of any subject makes the set stale (FeatureStore)
+        "source_planes": list(use_planes),
+        "source_slices_sha256": _source_sha256(store, set(ids) | set(fit_ids), use_planes),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     from slice2vol import __version__

@@ -206,11 +206,35 @@ def _cache(args: argparse.Namespace) -> int:
         commit_every=args.commit_every, compact=not args.no_compact, seed=args.seed,
     )
     print(report.summary(), file=sys.stderr if report.failures else sys.stdout)
+    if report.recomputed:
+        _stale_sets(report.store)
     if report.failures and args.allow_failures:
         print(f"{report.store}: {len(report.failures)} subject(s) failed; exit status 0 because of "
               "--allow-failures", file=sys.stderr)
         return 0
     return 0 if report.ok else 1
+
+
+def _stale_sets(store_path) -> None:
+    """Names the aggregated volume-embedding sets that the subjects recomputed now made stale."""
+    from slice2vol.cache import FeatureStore, StaleEmbeddings, StoreError
+
+    try:
+        store = FeatureStore(store_path, mode="r")
+        names = store.volume_embedding_names()
+    except (StoreError, OSError):
+        return
+    stale = []
+    for name in names:
+        try:
+            store.volume_embeddings(name)
+        except StaleEmbeddings:
+            stale.append(name)
+        except (StoreError, OSError, KeyError):
+            continue
+    if stale:
+        print(f"{store_path}: volume embeddings {', '.join(map(repr, stale))} were aggregated from features "
+              "recomputed now: run slice2vol aggregate again (until then they are refused)", file=sys.stderr)
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -149,7 +149,7 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
     try:
         from slice2vol.aggregate import aggregate_store
         from slice2vol.aggregate.store import aggregate_embeddings
-        from slice2vol.cache import FeatureStore, StoreCorrupt
+        from slice2vol.cache import FeatureStore, StaleEmbeddings, StoreCorrupt
     except ImportError as err:
         raise IntegrationError(f"2D encoders need slice2vol.cache and slice2vol.aggregate ({err})") from None
     from slice2vol.eval.leakage import disclosure_from_provenance
@@ -195,7 +195,7 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
                     ids, X, prov = store.volume_embeddings(set_name)
                     fresh = (prov.get("source_feature_set", prov.get("slice_feature_set")) == feature_set
                              and set(ids) == set(store.subjects()) and prov.get("params_requested") == params)
-                except StoreCorrupt as err:  # derived data: aggregated again from the slice features
+                except (StoreCorrupt, StaleEmbeddings) as err:  # derived data: aggregated again from the slices
                     log.warning("%s; aggregating again", err)
             computed = None
             if not fresh:

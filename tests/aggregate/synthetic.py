@@ -86,7 +86,7 @@ class FakeStore:
     def write_volume_embeddings(self, name, ids, X, provenance):
         self.written[name] = (list(ids), np.asarray(X), dict(provenance))
 
-    def volume_embeddings(self, name):
+    def volume_embeddings(self, name, *, check_fresh=True):  # the fake's rows never change: always fresh
         return self.written[name]
 
     def volume_embedding_names(self):
