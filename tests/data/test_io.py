@@ -216,6 +216,13 @@ def _structured(tmp_path: Path, name: str, data: np.ndarray) -> Path:
     return out
 
 
+
+def _with_one(array: np.ndarray, value: float) -> np.ndarray:
+    out = np.asarray(array, np.float32).copy()
+    out[7, 9, 11] = value
+    return out
+
+
 BAD_CASES = {
     "missing": (lambda t: t / "nope.nii.gz", "file not found"),
     "header_cut": (_header_cut, r"truncated: the NIfTI header ends after 200 of 348 bytes"),
@@ -234,6 +241,12 @@ BAD_CASES = {
                 r"512 NaN/Inf voxels \(all\)$"),
     "empty": (lambda t: write_nifti(t / "empty.nii.gz", np.zeros((8, 8, 8), np.float32)), "empty volume"),
     "constant": (lambda t: write_nifti(t / "const.nii.gz", np.full((8, 8, 8), 7, np.float32)), "constant volume"),
+    # one stray voxel: it read as 100% foreground (cached every slice) or embedded as zeros
+    "blank_with_a_stray_voxel": (lambda t: write_nifti(t / "stray.nii.gz", _with_one(np.zeros((48, 48, 48)), -1e-30)),
+                                 r"almost empty volume: 1 of 110592 voxels differ from 0$"),
+    "constant_with_a_bright_voxel": (lambda t: write_nifti(t / "bright.nii.gz", _with_one(np.full((48, 48, 48), 5.0),
+                                                                                           1000.0)),
+                                     r"almost constant volume: 1 of 110592 voxels differ from 5$"),
     # spacing printed as plain numbers (numpy 2 prints np.float64(2.0) inside a tuple's repr)
     "zero_spacing": (_zero_spacing, r"zero voxel spacing \(1, 0, 1\) mm"),
     # every column non-zero but two of them parallel: it was reported as "zero voxel spacing (2.828, ...)"
