@@ -193,8 +193,14 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         raise VolumeError(path, problem)
     try:
         img = _whole_stream(path, img)
+    except VolumeError:
+        raise
     except (OSError, EOFError, zlib.error, ValueError) as err:
         raise VolumeError(path, f"truncated or corrupt data ({_short(err)})") from None
+    if not path.name.lower().endswith((".gz", ".bz2", ".zst")):
+        problem = _trailing_problem(img, path.stat().st_size - _data_extent(img)[1])
+        if problem:
+            raise VolumeError(path, problem)
     shape = img.shape
     if len(shape) > 3 and all(n == 1 for n in shape[3:]):  # one volume stored as 4D (x, y, z, 1), or 5D
         img = nib.Nifti1Image(np.asanyarray(img.dataobj)[(...,) + (0,) * (len(shape) - 3)], img.affine, img.header)
@@ -325,6 +331,23 @@ def _data_extent(img: nib.Nifti1Image) -> tuple[int, int]:
     return offset, offset + math.prod(int(n) for n in img.shape) * img.header.get_data_dtype().itemsize
 
 
+def _trailing_problem(img: nib.Nifti1Image, extra: int, more: bool = False) -> str | None:
+    """Why ``extra`` bytes after the voxels the header describes make the file suspect, or None.
+
+    A writer may pad a file by a few bytes; a whole slice or more after the data is what a header
+    whose shape was cut (``dim[3]`` 90 -> 45) leaves, and nibabel then loads part of the scan as if
+    it were all of it.
+    """
+    shape = tuple(int(n) for n in img.shape)
+    slice_bytes = math.prod(shape[:2]) * img.header.get_data_dtype().itemsize if len(shape) >= 2 else 0
+    if slice_bytes <= 0 or (extra < slice_bytes and not more):
+        return None
+    size = f"at least {_fmt_bytes(extra)}" if more else f"{extra} bytes"
+    return (f"the file holds {size} after the voxels its header describes (shape {_fmt_shape(shape)}, "
+            f"{img.get_data_dtype()}): {'many' if more else f'{extra / slice_bytes:.3g}'} more slice(s) of data; "
+            "is the header's shape wrong?")
+
+
 def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
     """A gzip or bzip2 NIfTI re-opened from its whole decompressed stream, checksums verified.
 
@@ -362,6 +385,9 @@ def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
         cut = not stream.eof and not stream.unconsumed_tail
     if cut:
         raise EOFError("the compressed stream ends before its end marker")
+    problem = _trailing_problem(img, len(data) - need, more=not stream.eof)
+    if problem:
+        raise VolumeError(path, problem)
     with _quiet_nibabel():  # its header repairs were reported by nib.load already
         return type(img).from_bytes(data)
 

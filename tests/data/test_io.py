@@ -271,6 +271,12 @@ BAD_CASES = {
     "zero_pixdim_no_qform_sform": (lambda t: _patched(t, "pixdim0", _pixdim_only(0.0, 1.0, 1.0)),
                                    r"voxel size \(0, 1, 1\) mm in pixdim, and no qform or sform: the voxel "
                                    r"spacing is unknown"),
+    # a header whose shape was cut (dim[3] 20 -> 10): half the scan loaded as if it were all of it
+    "header_shape_cut_nii": (lambda t: _patched(t, "cut_shape", _dims(3, 24, 28, 10), gz=False),
+                             r"the file holds 26880 bytes after the voxels its header describes \(shape \(24, 28, "
+                             r"10\), float32\): 10 more slice\(s\) of data; is the header's shape wrong\?$"),
+    "header_shape_cut_gz": (lambda t: _patched(t, "cut_shape", _dims(3, 24, 28, 10)),
+                            r"the file holds 26880 bytes after the voxels its header describes"),
     "negative_dim": (lambda t: _patched(t, "negative", _dims(3, -24, 28, 20)),
                      r"invalid NIfTI header: shape \(-24, 28, 20\) has a size below 1"),
     "unknown_datatype": (lambda t: _patched(t, "dtype", _datatype(999)),
@@ -778,3 +784,12 @@ def test_foreground_of_intensities_near_the_float32_maximum():
     # Otsu's threshold scales with the intensities
     assert huge == pytest.approx(otsu_threshold(head.ravel()) * float(scale), rel=1e-5)
     np.testing.assert_array_equal(mask, foreground_mask(head[None]))
+
+
+def test_a_few_padding_bytes_after_the_voxels_are_accepted(tmp_path):
+    """Less than one slice after the data (a writer's padding) is no sign of a wrong shape."""
+    from slice2vol.data.io import read_nifti
+
+    plain = write_nifti(tmp_path / "padded.nii", blob_volume())
+    plain.write_bytes(plain.read_bytes() + b"\0" * 16)
+    assert read_nifti(plain).shape == blob_volume().shape
