@@ -182,7 +182,7 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
     except nib.spatialimages.HeaderDataError as err:  # e.g. an unknown datatype or dim[0] code
         raise VolumeError(path, f"invalid NIfTI header ({_short(err)})") from None
     except (OSError, EOFError, zlib.error, ValueError) as err:
-        raise VolumeError(path, _cut_header(path) or f"unreadable ({_short(err)})") from None
+        raise VolumeError(path, _qform_problem(err) or _cut_header(path) or f"unreadable ({_short(err)})") from None
     except TripWireError:  # nibabel's stand-in for an optional package it lacks (zstd)
         raise VolumeError(path, "a .zst file needs the package backports.zstd to be read "
                                 "(pip install backports.zstd), or decompress it") from None
@@ -196,7 +196,7 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
     except VolumeError:
         raise
     except (OSError, EOFError, zlib.error, ValueError) as err:
-        raise VolumeError(path, f"truncated or corrupt data ({_short(err)})") from None
+        raise VolumeError(path, _qform_problem(err) or f"truncated or corrupt data ({_short(err)})") from None
     if not path.name.lower().endswith((".gz", ".bz2", ".zst")):
         problem = _trailing_problem(img, path.stat().st_size - _data_extent(img)[1])
         if problem:
@@ -329,6 +329,15 @@ def _data_extent(img: nib.Nifti1Image) -> tuple[int, int]:
     # the image's header is a copy with vox_offset reset; the array proxy keeps the file's
     offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
     return offset, offset + math.prod(int(n) for n in img.shape) * img.header.get_data_dtype().itemsize
+
+
+def _qform_problem(err: BaseException) -> str | None:
+    """nibabel's words for a qform quaternion it cannot turn into a rotation, as the file's problem."""
+    text = str(err)
+    if "w2 should be positive" in text:  # quatern_b^2 + c^2 + d^2 > 1: no unit quaternion
+        return ("invalid qform: its quaternion (quatern_b, quatern_c, quatern_d) has a norm above 1, so it is no "
+                f"rotation (nibabel: {_short(err)}); fix the qform, or set qform_code 0 with a valid sform")
+    return None
 
 
 def _trailing_problem(img: nib.Nifti1Image, extra: int, more: bool = False) -> str | None:

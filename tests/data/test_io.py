@@ -191,6 +191,11 @@ def _dims(*dims: int):
     return edit
 
 
+def _bad_quaternion(raw: bytearray) -> None:
+    raw[252:256] = struct.pack("<2h", 1, 0)  # qform_code 1, sform_code 0
+    raw[256:268] = struct.pack("<3f", 2.0, 2.0, 2.0)  # quatern_b, c, d: norm above 1
+
+
 def _datatype(code: int):
     def edit(raw: bytearray) -> None:
         raw[70:72] = struct.pack("<h", code)
@@ -277,6 +282,11 @@ BAD_CASES = {
                              r"10\), float32\): 10 more slice\(s\) of data; is the header's shape wrong\?$"),
     "header_shape_cut_gz": (lambda t: _patched(t, "cut_shape", _dims(3, 24, 28, 10)),
                             r"the file holds 26880 bytes after the voxels its header describes"),
+    # qform_code 1, no sform, quaternion (2, 2, 2): the .nii.gz was called a corrupt gzip stream
+    "non_unit_qform_gz": (lambda t: _patched(t, "quat", _bad_quaternion),
+                          r"invalid qform: its quaternion \(quatern_b, quatern_c, quatern_d\) has a norm above 1"),
+    "non_unit_qform_nii": (lambda t: _patched(t, "quat", _bad_quaternion, gz=False),
+                           r"invalid qform: its quaternion \(quatern_b, quatern_c, quatern_d\) has a norm above 1"),
     "negative_dim": (lambda t: _patched(t, "negative", _dims(3, -24, 28, 20)),
                      r"invalid NIfTI header: shape \(-24, 28, 20\) has a size below 1"),
     "unknown_datatype": (lambda t: _patched(t, "dtype", _datatype(999)),
