@@ -14,7 +14,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from slice2vol import __version__
 from slice2vol.commands._common import HelpFormatter
@@ -141,8 +141,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         if isinstance(err, OSError) and err.filename and not type(err).__module__.startswith("slice2vol"):
             msg = os_error_message(err)
+        msg = _name_damaged_store(err, msg, args)
         print(f"slice2vol {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _name_damaged_store(err: BaseException, msg: Any, args: argparse.Namespace) -> Any:
+    """An error raised inside h5py names no file (``Can't synchronously read data``): on a command
+    given a store, it is that store's HDF5 structure that could not be read or written."""
+    import traceback
+
+    store = getattr(args, "store", None) or getattr(args, "sub_store", None)
+    if not store or str(store) in str(msg) or ours_in_message(msg):
+        return msg
+    if not any("h5py" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(err.__traceback__)):
+        return msg
+    text = " ".join(str(msg).split())[:200]
+    return (f"{store}: its HDF5 structure could not be read or written ({text}): the file is damaged; "
+            f"`slice2vol cache verify --store {store}` says what is, or rebuild the store with the caching job")
+
+
+def ours_in_message(msg: Any) -> bool:
+    """Whether a message already starts with a file (``PATH: problem``), as this package's errors do."""
+    head = str(msg).split(": ", 1)[0]
+    return head.endswith((".h5", ".hdf5", ".csv", ".nii", ".nii.gz", ".json", ".npz"))
 
 
 if __name__ == "__main__":

@@ -582,3 +582,20 @@ def test_an_aggregated_set_goes_stale_when_its_subjects_are_recomputed(tmp_path:
     s1 = FeatureStore(path)
     expected = np.concatenate([s1.slice_features("s1", p) for p in s1.planes]).mean(0)
     np.testing.assert_allclose(X[ids.index("s1")], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [2048, 4096])
+def test_damaged_hdf5_structure_is_one_line_naming_the_store(offset, tmp_path: Path, capsys) -> None:
+    """h5py's own words ("Can't synchronously read data", "incorrect metadata checksum") name no file:
+    the command's store is named, with what to do."""
+    from slice2vol.cli import main
+
+    path = tmp_path / "s.h5"
+    write_store(path)
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\xff" * 512)
+    assert main(["cache", "info", "--store", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"slice2vol cache: error: {path}: ") and "damaged" in err and "cache verify" in err
