@@ -230,7 +230,7 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         except MemoryError:
             raise VolumeError(path, f"too large to load: shape {_fmt_shape(img.shape)} needs "
                                     f"{_fmt_bytes(4 * np.prod(img.shape, dtype=np.float64))} as float32") from None
-        problem = _float32_range_problem(img, data)
+        problem = _float32_range_problem(img, data) or _scaling_problem(img, data)
         if problem:
             raise VolumeError(path, problem)
         check_values_ok(path, data)
@@ -258,6 +258,21 @@ def file_problem(path: str | Path) -> str | None:
         kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
         return f"{kind}, not a regular file"
     return None
+
+
+def _scaling_problem(img: nib.Nifti1Image, data: np.ndarray) -> str | None:
+    """NaN/Inf voxels made by the header's scaling (``scl_slope``/``scl_inter``) from finite stored values."""
+    # nibabel moves the scaling from the header into the array proxy when it loads a file
+    slope, inter = (float(np.asarray(getattr(img.dataobj, name, default)).ravel()[0])
+                    for name, default in (("slope", 1.0), ("inter", 0.0)))
+    if (slope == 1 and not inter) or np.isfinite(data).all():
+        return None
+    stored = np.asanyarray(img.dataobj.get_unscaled()) if hasattr(img.dataobj, "get_unscaled") else None
+    if stored is None or (stored.dtype.kind == "f" and not np.isfinite(stored).all()):
+        return None  # NaN/Inf stored as such: check_values_ok says so
+    bad = int((~np.isfinite(data)).sum())
+    return (f"{bad} NaN/Inf voxels ({_percent(bad / data.size)} of the volume) made by the header's scaling "
+            f"(scl_slope {slope:g}, scl_inter {inter:g}) of finite stored values: fix scl_slope/scl_inter")
 
 
 def _float32_range_problem(img: nib.Nifti1Image, data: np.ndarray) -> str | None:
@@ -514,7 +529,8 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
         raise VolumeError(path, "affine has NaN/Inf entries")
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if np.any(spacing <= 1e-6):
-        raise VolumeError(path, f"zero voxel spacing {_fmt_mm(spacing)} mm (singular affine)")
+        what = "zero" if np.any(spacing == 0) else "near-zero (below 1e-6 mm)"
+        raise VolumeError(path, f"{what} voxel spacing {_fmt_mm(spacing)} mm (singular affine)")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9 * np.prod(spacing):
         # non-zero columns that are parallel: two voxel axes point the same way, no 3D grid
         raise VolumeError(path, f"singular affine: its voxel axes are not independent (columns "

@@ -191,6 +191,14 @@ def _dims(*dims: int):
     return edit
 
 
+def _huge_slope(tmp_path: Path) -> Path:
+    img = nib.Nifti1Image((blob_volume() * 10).astype(np.int16), np.eye(4))
+    img.header.set_slope_inter(1e38, 0)
+    path = tmp_path / "slope.nii.gz"
+    nib.save(img, path)
+    return path
+
+
 def _bad_quaternion(raw: bytearray) -> None:
     raw[252:256] = struct.pack("<2h", 1, 0)  # qform_code 1, sform_code 0
     raw[256:268] = struct.pack("<3f", 2.0, 2.0, 2.0)  # quatern_b, c, d: norm above 1
@@ -254,6 +262,12 @@ BAD_CASES = {
                                      r"almost constant volume: 1 of 110592 voxels differ from 5$"),
     # spacing printed as plain numbers (numpy 2 prints np.float64(2.0) inside a tuple's repr)
     "zero_spacing": (_zero_spacing, r"zero voxel spacing \(1, 0, 1\) mm"),
+    # the scaling, not the stored values, overflows: it was reported as NaN/Inf voxels only
+    "huge_scl_slope": (_huge_slope, r"NaN/Inf voxels \(.*\) made by the header's scaling \(scl_slope 1e\+38, scl_inter "
+                                    r"0\) of finite stored values: fix scl_slope/scl_inter$"),
+    # 1e-9 mm was called "zero"
+    "near_zero_spacing": (lambda t: write_nifti(t / "tiny.nii.gz", blob_volume(), np.diag([1e-9, 1e-9, 1e-9, 1.0])),
+                          r": near-zero \(below 1e-6 mm\) voxel spacing \(1e-09, 1e-09, 1e-09\) mm"),
     # every column non-zero but two of them parallel: it was reported as "zero voxel spacing (2.828, ...)"
     "parallel_axes": (lambda t: write_nifti(t / "parallel.nii.gz", blob_volume(),
                                             np.array([[2, 2, 0, 0], [2, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1.0]])),
