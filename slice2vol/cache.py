@@ -112,8 +112,13 @@ def _write_failure(path: Path, err: BaseException) -> StoreWriteFailed:
     code = getattr(err, "errno", None)
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         why = "no space left on the device (or the disk quota or file size limit is reached)"
-    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "no permission to write in its folder"
+    elif code == errno.EROFS:
+        why = "its file system is mounted read-only"
+    elif code in (errno.EACCES, errno.EPERM):
+        folder = path.parent if str(path.parent) else Path(".")
+        # a writable folder with a file that cannot be replaced: an immutable file (chattr +i) or an ACL
+        why = ("the file cannot be replaced although its folder is writable (marked immutable? lsattr shows "
+               "it; chattr -i clears it)" if os.access(folder, os.W_OK) else "no permission to write in its folder")
     else:
         why = " ".join(str(err).split())
     return StoreWriteFailed(f"{path}: could not be written: {why}; the store is as it was before this write "

@@ -599,3 +599,16 @@ def test_damaged_hdf5_structure_is_one_line_naming_the_store(offset, tmp_path: P
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith(f"slice2vol cache: error: {path}: ") and "damaged" in err and "cache verify" in err
+
+
+def test_a_write_refused_in_a_writable_folder_blames_the_file(tmp_path: Path) -> None:
+    """EPERM while the folder is writable (chattr +i on the store) was reported as the folder's fault."""
+    import errno
+
+    from slice2vol.cache import _write_failure
+
+    err = PermissionError(errno.EPERM, "Operation not permitted")
+    message = str(_write_failure(tmp_path / "s.h5", err))
+    assert message.startswith(f"{tmp_path / 's.h5'}: could not be written: the file cannot be replaced although its "
+                              "folder is writable (marked immutable? lsattr shows it; chattr -i clears it)")
+    assert "no permission to write in its folder" in str(_write_failure(tmp_path / "nowhere" / "s.h5", err))
