@@ -406,8 +406,10 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         absent += [f"{c} ({p})" for c, p in maps.items() if not p.exists()]
         if absent:
             first = next((p for p in [*images.values(), seg] if p is not None), None)
-            where = f"{first}" if first is not None else at  # every cell empty
-            failures.append(Failure(sid, str(first or source), f"{where}: file not found: {', '.join(absent)}"))
+            # the line starts with the missing file, or with the row when the first file is there (a
+            # missing second modality): "b_t1.nii.gz: file not found: t2" read as if b_t1 were missing
+            where = first if first is not None and not first.exists() else None
+            failures.append(Failure(sid, str(where or source), f"{where or at}: file not found: {', '.join(absent)}"))
             continue
         labels = {c: _clean(row[c], types[c]) for c in types}
         for c, v in labels.items():

@@ -237,7 +237,8 @@ def test_a_modality_given_for_few_subjects_stays_a_modality(tmp_path):
     assert cohort.ids == ["a"] and cohort.modalities == ["t1", "t2"] and not cohort.label_types
     messages = {f.subject_id: f.message for f in cohort.failures}
     assert "not a NIfTI file name (.nii, .nii.gz, .nii.bz2 or .nii.zst): t2 'missing'" in messages["b"]
-    assert "file not found: t2 (empty)" in messages["c"]
+    # the row, not c_t1.nii.gz (which is there), starts the line
+    assert messages["c"] == f"{csv}: row 4 (c): file not found: t2 (empty)"
 
 
 def test_ids_that_pandas_reads_as_missing_are_ids(tmp_path):
