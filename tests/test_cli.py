@@ -522,3 +522,15 @@ def test_out_of_range_counts_name_their_flag(argv, message, capsys, tmp_path, mo
     monkeypatch.chdir(tmp_path)  # relative paths: nothing lands in the checkout, even on the code before
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().endswith(message)
+
+
+def test_cache_into_a_file_that_is_no_store_leaves_nothing_beside_it(tmp_path, capsys):
+    """A CSV named .h5 is refused in one line before the job's log and lock are created beside it."""
+    store = tmp_path / "s.h5"
+    store.write_text("subject_id,t1\n")
+    assert main(["cache", "--manifest", str(tmp_path / "m.csv"), "--encoder", "tv/mobilenet_v2", "--store",
+                 str(store), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"slice2vol cache: error: {store}: cannot open as HDF5 (not an HDF5 file); the file is damaged "
+                   "or not a feature store")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]

@@ -190,6 +190,7 @@ def _cache(args: argparse.Namespace) -> int:
 
     store = checked_store_path(store)
     target = shard_path(store, *shard) if shard and shard[1] > 1 else store
+    _refuse_non_store(target)  # before the log and the lock: '/dev/null' or a CSV named .h5 left both beside it
     add_run_log(target.parent, f"{target.name}.log")  # after the check: '--store .' wrote a file '.log'
 
     planes = tuple(p.strip() for p in args.planes.split(",") if p.strip())
@@ -213,6 +214,24 @@ def _cache(args: argparse.Namespace) -> int:
               "--allow-failures", file=sys.stderr)
         return 0
     return 0 if report.ok else 1
+
+
+def _refuse_non_store(path: Path) -> None:
+    """An existing ``--store`` that is no regular file, or a non-empty file that is no HDF5 file."""
+    import stat as stat_
+
+    import h5py
+
+    from slice2vol.cache import StoreCorrupt, StoreError
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # absent (created by the job) or unreadable (the job says why)
+    if not stat_.S_ISREG(mode):
+        raise StoreError(f"{path}: not a regular file (a device, pipe or socket); a feature store is an HDF5 file")
+    if path.stat().st_size > 0 and not h5py.is_hdf5(str(path)):
+        raise StoreCorrupt(f"{path}: cannot open as HDF5 (not an HDF5 file); the file is damaged or not a feature store")
 
 
 def _stale_sets(store_path) -> None:
