@@ -1202,7 +1202,13 @@ class FeatureStore:
         self.refresh()
         if not self.path.exists() or any(p != self.path for p in self.segment_paths()):
             self._commit_part(volumes=volumes, labels=labels)
-            self._compact_all()
+            try:
+                self._compact_all()
+            except StoreWriteFailed as err:
+                # the part is written: the store has the new data, only not in one file yet
+                head = str(err).split("; the store is as it was before this write")[0]
+                raise StoreWriteFailed(f"{head}; what was written is kept in {self.parts_dir} (the store reads "
+                                       "it from there) and joins the main file at the next compaction") from None
             return
         old = _Segment(self.path)
         try:

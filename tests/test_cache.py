@@ -612,3 +612,27 @@ def test_a_write_refused_in_a_writable_folder_blames_the_file(tmp_path: Path) ->
     assert message.startswith(f"{tmp_path / 's.h5'}: could not be written: the file cannot be replaced although its "
                               "folder is writable (marked immutable? lsattr shows it; chattr -i clears it)")
     assert "no permission to write in its folder" in str(_write_failure(tmp_path / "nowhere" / "s.h5", err))
+
+
+def test_a_set_written_as_a_part_is_not_said_lost_when_compaction_fails(tmp_path: Path, monkeypatch) -> None:
+    """With parts pending, a new volume set is committed as a part first; when the compaction then
+    fails (an immutable main file), the message said "the store is as it was" although the set is
+    there: it now says where it is kept."""
+    import errno
+
+    from slice2vol.cache import StoreWriteFailed, _write_failure
+
+    path = tmp_path / "s.h5"
+    write_store(path, compact=False)
+
+    def refuse(self, *args, **kwargs):
+        raise _write_failure(self.path, PermissionError(errno.EPERM, "Operation not permitted"))
+
+    monkeypatch.setattr(FeatureStore, "_compact_all", refuse)
+    with pytest.raises(StoreWriteFailed) as caught:
+        FeatureStore(path, mode="a").write_volume_embeddings("mean", ["s0", "s1"], np.ones((2, 3)), {})
+    message = str(caught.value)
+    assert "the store is as it was" not in message
+    assert message.endswith(f"what was written is kept in {FeatureStore(path).parts_dir} (the store reads it from "
+                            "there) and joins the main file at the next compaction")
+    assert FeatureStore(path).volume_embeddings("mean")[0] == ["s0", "s1"]
