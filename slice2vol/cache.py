@@ -50,6 +50,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -352,6 +353,10 @@ class _AtomicH5:
                 try:
                     guard.fsync()
                     guard.close()
+                    with contextlib.suppress(OSError):
+                        # the rewritten file keeps the store's permissions (664 for a group-shared store,
+                        # 444 for a frozen one) instead of the process's default
+                        os.chmod(self.tmp, stat.S_IMODE(self.path.stat().st_mode))
                     os.replace(self.tmp, self.path)
                 except OSError as err:
                     raise _write_failure(self.path, err) from None

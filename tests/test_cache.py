@@ -636,3 +636,15 @@ def test_a_set_written_as_a_part_is_not_said_lost_when_compaction_fails(tmp_path
     assert message.endswith(f"what was written is kept in {FeatureStore(path).parts_dir} (the store reads it from "
                             "there) and joins the main file at the next compaction")
     assert FeatureStore(path).volume_embeddings("mean")[0] == ["s0", "s1"]
+
+
+def test_a_rewritten_store_keeps_its_permissions(tmp_path: Path) -> None:
+    """The main file is rewritten (temporary file, then rename): a group-shared 0664 store became 0644."""
+    import stat as stat_
+
+    path = tmp_path / "s.h5"
+    write_store(path)
+    path.chmod(0o664)
+    FeatureStore(path, mode="a").write_volume_embeddings("mean", ["s0", "s1"], np.ones((2, 3)), {})
+    assert stat_.S_IMODE(path.stat().st_mode) == 0o664
+    assert FeatureStore(path).volume_embeddings("mean")[0] == ["s0", "s1"]
