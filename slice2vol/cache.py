@@ -104,7 +104,14 @@ class ShardsIncomplete(StoreError):
 
 
 class StoreWriteFailed(StoreError, OSError):
-    """A store file could not be written (disk full, quota, permissions): nothing was replaced."""
+    """A store file could not be written (disk full, quota, permissions): nothing was replaced.
+
+    ``why`` is the reason in words, without the file or what became of the store.
+    """
+
+    def __init__(self, message: str, why: str = "") -> None:
+        super().__init__(message)
+        self.why = why
 
 
 def _write_failure(path: Path, err: BaseException) -> StoreWriteFailed:
@@ -123,7 +130,7 @@ def _write_failure(path: Path, err: BaseException) -> StoreWriteFailed:
     else:
         why = " ".join(str(err).split())
     return StoreWriteFailed(f"{path}: could not be written: {why}; the store is as it was before this write "
-                            "(free space or fix the folder, then rerun)")
+                            "(free space or fix the folder, then rerun)", why)
 
 
 def checked_store_path(path: str | Path) -> Path:
@@ -801,11 +808,16 @@ class FeatureStore:
         k, start, stop, _ = self._entry(subject, plane)
         return self.segments[k].file["planes"][plane], start, stop
 
-    def _check(self, subject: str, plane: str, what: str, *blocks: np.ndarray) -> None:
-        """Compares rows just read with their stored checksum (``what``: a per-subject dataset)."""
+    def _per_subject(self, subject: str, plane: str, name: str) -> tuple[_Segment, str]:
+        """The segment holding (subject, plane) and its value of the per-subject dataset ``name``
+        (``checksums``, ``inputs``...; ``""`` where the store has none)."""
         k, _, _, i = self._entry(subject, plane)
         seg = self.segments[k]
-        expected = seg.index()[plane].get(what, i)
+        return seg, seg.index()[plane].get(name, i)
+
+    def _check(self, subject: str, plane: str, what: str, *blocks: np.ndarray) -> None:
+        """Compares rows just read with their stored checksum (``what``: a per-subject dataset)."""
+        seg, expected = self._per_subject(subject, plane, what)
         if expected and block_sha256(*blocks) != expected:
             label = {"checksums": "features", "meta_checksums": "slice indices/positions",
                      "token_checksums": "tokens"}[what]
@@ -824,8 +836,7 @@ class FeatureStore:
         digest = hashlib.sha256()
         for sid in sorted(set(subjects)):
             for plane in sorted(planes):
-                k, _, _, i = self._entry(sid, plane)
-                checksum = self.segments[k].index()[plane].get("checksums", i)
+                checksum = self._per_subject(sid, plane, "checksums")[1]
                 if not checksum:
                     return None
                 digest.update(f"{sid}\t{plane}\t{checksum}\n".encode())
@@ -848,8 +859,7 @@ class FeatureStore:
     def subject_inputs(self, subject: str, plane: str) -> dict[str, Any] | None:
         """What a subject's features in ``plane`` were made from (input fingerprint, oblique handling),
         or None when the store does not record it (stores written before format 2)."""
-        k, _, _, i = self._entry(subject, plane)
-        raw = self.segments[k].index()[plane].get("inputs", i)
+        raw = self._per_subject(subject, plane, "inputs")[1]
         if not raw:
             return None
         try:
@@ -1211,9 +1221,9 @@ class FeatureStore:
                 self._compact_all()
             except StoreWriteFailed as err:
                 # the part is written: the store has the new data, only not in one file yet
-                head = str(err).split("; the store is as it was before this write")[0]
-                raise StoreWriteFailed(f"{head}; what was written is kept in {self.parts_dir} (the store reads "
-                                       "it from there) and joins the main file at the next compaction") from None
+                raise StoreWriteFailed(f"{self.path}: could not be written: {err.why}; what was written is kept in "
+                                       f"{self.parts_dir} (the store reads it from there) and joins the main file "
+                                       "at the next compaction", err.why) from None
             return
         old = _Segment(self.path)
         try:

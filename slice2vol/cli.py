@@ -152,7 +152,7 @@ def _name_damaged_store(err: BaseException, msg: Any, args: argparse.Namespace) 
     import traceback
 
     store = getattr(args, "store", None) or getattr(args, "sub_store", None)
-    if not store or str(store) in str(msg) or ours_in_message(msg):
+    if not store or str(store) in str(msg) or _starts_with_a_file(msg):
         return msg
     if not any("h5py" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(err.__traceback__)):
         return msg
@@ -161,7 +161,7 @@ def _name_damaged_store(err: BaseException, msg: Any, args: argparse.Namespace) 
             f"`slice2vol cache verify --store {store}` says what is, or rebuild the store with the caching job")
 
 
-def ours_in_message(msg: Any) -> bool:
+def _starts_with_a_file(msg: Any) -> bool:
     """Whether a message already starts with a file (``PATH: problem``), as this package's errors do."""
     head = str(msg).split(": ", 1)[0]
     return head.endswith((".h5", ".hdf5", ".csv", ".nii", ".nii.gz", ".json", ".npz"))

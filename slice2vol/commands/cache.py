@@ -225,12 +225,12 @@ def _refuse_non_store(path: Path) -> None:
     from slice2vol.cache import StoreCorrupt, StoreError
 
     try:
-        mode = path.stat().st_mode
+        st = path.stat()
     except OSError:
         return  # absent (created by the job) or unreadable (the job says why)
-    if not stat_.S_ISREG(mode):
+    if not stat_.S_ISREG(st.st_mode):
         raise StoreError(f"{path}: not a regular file (a device, pipe or socket); a feature store is an HDF5 file")
-    if path.stat().st_size > 0 and not h5py.is_hdf5(str(path)):
+    if st.st_size > 0 and not h5py.is_hdf5(str(path)):
         raise StoreCorrupt(f"{path}: cannot open as HDF5 (not an HDF5 file); the file is damaged or not a feature store")
 
 

@@ -230,10 +230,17 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         except MemoryError:
             raise VolumeError(path, f"too large to load: shape {_fmt_shape(img.shape)} needs "
                                     f"{_fmt_bytes(4 * np.prod(img.shape, dtype=np.float64))} as float32") from None
-        problem = _float32_range_problem(img, data) or _scaling_problem(img, data)
+        problem = _float32_range_problem(img, data)
         if problem:
             raise VolumeError(path, problem)
-        check_values_ok(path, data)
+        try:
+            check_values_ok(path, data)
+        except VolumeError:
+            # only then: whether the header's scaling made the NaN/Inf (no second pass on good volumes)
+            problem = _scaling_problem(img, data)
+            if problem:
+                raise VolumeError(path, problem) from None
+            raise
     return img
 
 

@@ -154,15 +154,18 @@ class CheckpointEncoder3D(Encoder3D):
         model: from :func:`load_encoder`; (B, C, *input_size) -> (B, D).
         input_size, mode, overlap, min_foreground, batch_size, volume_cfg, volume_size: as in
             :func:`embed_cohort` (``batch_size``: windows per pass in ``sliding`` mode).
+        name: what a warning about the input size names (default: the checkpoint's key).
     """
 
     def __init__(self, model: torch.nn.Module, input_size: Sequence[int], *, mode: str = "whole",
                  overlap: float = 0.5, min_foreground: float = 0.05, batch_size: int = 4,
-                 volume_cfg: VolumeConfig | None = None, volume_size: Sequence[int] | None = None) -> None:
+                 volume_cfg: VolumeConfig | None = None, volume_size: Sequence[int] | None = None,
+                 name: str | None = None) -> None:
         super().__init__()
         meta = getattr(model, "slice2vol_meta", {}) or {}
         key = meta.get("key", type(model).__name__)
-        self._volume_cfg, self.volume_size, size = _settings(model, key, mode, volume_cfg, volume_size, input_size)
+        self._volume_cfg, self.volume_size, size = _settings(model, name or key, mode, volume_cfg, volume_size,
+                                                             input_size)
         self.model = model.eval()
         self.mode, self.overlap, self.min_foreground = mode, float(overlap), float(min_foreground)
         self.batch_size = int(batch_size)
@@ -242,8 +245,13 @@ def embed_cohort(model: torch.nn.Module, cohort: Cohort, store_path: str | Path,
     from slice2vol.progress import track
 
     meta = getattr(model, "slice2vol_meta", {}) or {}
-    volume_cfg, volume_size, input_size = _settings(model, name, mode, volume_cfg, volume_size, input_size)
-    model = model.to(device).eval()
+    # the per-volume preparation (whole: fitted into the input; sliding: windows on the SSL grid) is the
+    # adapter's, so that `slice2vol embed --checkpoint` and this function embed a volume the same way
+    encoder = CheckpointEncoder3D(model.to(device), input_size, mode=mode, overlap=overlap,
+                                  min_foreground=min_foreground, batch_size=batch_size, volume_cfg=volume_cfg,
+                                  volume_size=volume_size, name=name)
+    volume_cfg, volume_size, input_size = encoder.volume_config(), encoder.volume_size, encoder.info.input_size
+    model = encoder.model
     report = ExportReport(name, Path(store_path), embed_dim=int(getattr(model, "embed_dim", 0)))
     rows: list[np.ndarray] = []
     pending: list[tuple[str, torch.Tensor]] = []
@@ -265,18 +273,13 @@ def embed_cohort(model: torch.nn.Module, cohort: Cohort, store_path: str | Path,
             report.failures.append(Failure.of(subject, err))
             log.warning("skipping %s", report.failures[-1].message)
             continue
-        if mode == "whole":
-            image = fit_to_grid(torch.from_numpy(np.ascontiguousarray(volume.data, dtype=np.float32)),
-                                volume.spacing, input_size)
-            pending.append((subject.subject_id, image))
+        if mode == "whole":  # batched across volumes here
+            pending.append((subject.subject_id, encoder.preprocess(volume)[0]))
             if len(pending) >= batch_size:
                 flush()
         else:
-            image, mask = prepare_volume(volume, volume_size)
-            x = embed_volume(model, image, mask, window=input_size, overlap=overlap,
-                             min_foreground=min_foreground, batch_size=batch_size, device=device)
             report.done.append(subject.subject_id)
-            rows.append(x.numpy())
+            rows.append(encoder.embed_volume(volume).numpy())
     flush()
     if not rows:
         raise ValueError(f"{cohort.source}: no subject could be embedded ({len(report.failures)} failures)")
