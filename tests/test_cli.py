@@ -67,8 +67,8 @@ def test_info_on_manifest_names_the_row_of_a_file_that_fails_to_read(tmp_path, c
 def test_subjects_know_their_manifest_line_and_glob_cohorts_have_none(tmp_path):
     from slice2vol.data.manifest import cohort_from_glob, load_manifest
 
-    for sid in ("sub-01", "sub-02"):
-        write_nifti(tmp_path / sid / "anat" / f"{sid}_T1w.nii.gz", blob_volume())
+    for seed, sid in enumerate(("sub-01", "sub-02")):  # two scans, not one under two IDs
+        write_nifti(tmp_path / sid / "anat" / f"{sid}_T1w.nii.gz", blob_volume(seed=seed))
     csv = tmp_path / "m.csv"
     csv.write_text("subject_id,t1\n,,\nsub-01,sub-01/anat/sub-01_T1w.nii.gz\nsub-02,sub-02/anat/sub-02_T1w.nii.gz\n")
     assert [s.row for s in load_manifest(csv).subjects] == [3, 4]  # line 2 is an empty row

@@ -5,7 +5,8 @@ ending in ``.nii``, ``.nii.gz``, ``.nii.bz2`` or ``.nii.zst``, relative to the m
 column holds paths when some cell is a NIfTI file name and at least half of its cells name files), an
 optional segmentation column (``seg``), optional other label maps (columns whose name contains ``mask``,
 ``lesion``, ``seg`` or ``parc``),
-and any label columns. Rows that cannot be used (duplicate IDs, missing files) are recorded in
+and any label columns. Rows that cannot be used (duplicate IDs, missing files, one scan under two IDs
+as a link or a byte-identical copy) are recorded in
 ``Cohort.failures`` and left out; the other subjects load normally. The delimiter is sniffed from
 the header line (comma, semicolon, tab or ``|``: spreadsheets in many locales write ``;``).
 """
@@ -13,6 +14,7 @@ the header line (comma, semicolon, tab or ``|``: spreadsheets in many locales wr
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -432,7 +434,8 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             except OSError:
                 key = image
             named_as.setdefault(key, image)
-            owners.setdefault(key, []).append(subject.subject_id)
+            if subject.subject_id not in owners.setdefault(key, []):  # one subject's modalities may share a file
+                owners[key].append(subject.subject_id)
     left_out: set[str] = set()
     for key, sids in owners.items():
         image = named_as[key]
@@ -441,8 +444,72 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             failures.append(Failure(sid, str(image), f"{image}: the same image file as subject(s) {others}; "
                                                      "all left out"))
             left_out.add(sid)
+    # a copy of a scan under another ID is the same leak as a hard link, one cp away
+    distinct = {key: named_as[key] for key, sids in owners.items() if not left_out.intersection(sids)}
+    for group in identical_files(list(distinct.values())):
+        keys = [k for k, image in distinct.items() if image in group]
+        if len({sid for k in keys for sid in owners[k]}) < 2:
+            continue  # one subject's modalities as copies of one file: a slip, not a leak
+        for key in keys:
+            (sid,) = owners[key]  # files shared by two subjects were left out above
+            if sid in left_out:
+                continue  # one line per subject
+            image = distinct[key]
+            copies = "; ".join(f"{distinct[k]} ({owners[k][0]!r})" for k in keys if owners[k] != [sid])
+            failures.append(Failure(sid, str(image), f"{image}: byte-identical to the image of another subject: "
+                                                     f"{copies}; all left out"))
+            left_out.add(sid)
     subjects = [s for s in subjects if s.subject_id not in left_out]
     return Cohort(subjects, types, failures, source)
+
+
+def identical_files(paths: Sequence[Path], *, samples: int = 8, block: int = 4096) -> list[list[Path]]:
+    """Groups of two or more files in ``paths`` with the same bytes (each path a distinct file).
+
+    Reads as little as it can, as duplicate-file finders do: only files of equal size are compared,
+    first by ``samples`` blocks of ``block`` bytes spread evenly over the file (which tells almost
+    every pair of different scans apart: compressed streams differ throughout, and raw volumes of one
+    grid differ in their voxels even where the headers agree), and only files that agree there are
+    hashed whole (sha256). A file that cannot be read is skipped: the read that follows names it.
+
+    Args:
+        paths: (N,) files, each named once (hard links resolved by the caller).
+        samples: blocks read per file before hashing it whole.
+        block: bytes per block.
+
+    Returns:
+        Groups of identical files, each sorted by path; the groups sorted by their first path.
+    """
+    def by(key, group: list[Path]) -> list[list[Path]]:
+        buckets: dict[Any, list[Path]] = {}
+        for path in group:
+            try:
+                buckets.setdefault(key(path), []).append(path)
+            except OSError:
+                continue
+        return [b for b in buckets.values() if len(b) > 1]
+
+    def sampled(path: Path) -> bytes:
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for i in range(samples):
+                fh.seek(max(0, size - block) * i // max(1, samples - 1))
+                digest.update(fh.read(block))
+        return digest.digest()
+
+    def whole(path: Path) -> bytes:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.digest()
+
+    groups = []
+    for same_size in by(lambda p: p.stat().st_size, list(paths)):
+        for same_samples in by(sampled, same_size):
+            groups += [sorted(g) for g in by(whole, same_samples)]
+    return sorted(groups, key=lambda g: str(g[0]))
 
 
 def _clean(value: Any, kind: LabelType) -> Any:

@@ -104,9 +104,9 @@ def test_unreadable_manifest_and_missing_id_column(tmp_path):
 
 
 def test_bids_glob_with_participants(tmp_path):
-    for sid in ("sub-01", "sub-02"):
+    for seed, sid in enumerate(("sub-01", "sub-02")):  # two scans, not one under two IDs
         for suffix in ("T1w", "FLAIR"):
-            write_nifti(tmp_path / sid / "anat" / f"{sid}_{suffix}.nii.gz", blob_volume())
+            write_nifti(tmp_path / sid / "anat" / f"{sid}_{suffix}.nii.gz", blob_volume(seed=seed))
     (tmp_path / "participants.tsv").write_text("participant_id\tage\tgroup\nsub-01\t30.5\tA\nsub-02\t41.2\tB\n")
     cohort = cohort_from_glob(tmp_path)
     assert cohort.ids == ["sub-01", "sub-02"]
@@ -439,3 +439,61 @@ def test_a_hard_link_is_the_same_image(tmp_path):
     assert cohort.ids == ["b"]
     assert {f.subject_id for f in cohort.failures} == {"a", "c"}
     assert "the same image file as subject(s) 'c'; all left out" in cohort.failures[0].message
+
+
+def test_a_byte_identical_copy_under_another_id(tmp_path):
+    """``cp a.nii.gz d.nii.gz`` is the same scan under two IDs, as a hard link is: both left out. Scans
+    of one grid (raw .nii files of equal size and header) and one subject's modalities that are copies
+    of one file are not a leak and stay."""
+    import shutil
+
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    shutil.copy(tmp_path / "img" / "a.nii.gz", tmp_path / "img" / "d.nii.gz")
+    write_nifti(tmp_path / "img" / "e.nii", blob_volume(seed=5))
+    write_nifti(tmp_path / "img" / "f.nii", blob_volume(seed=6))
+    shutil.copy(tmp_path / "img" / "b.nii.gz", tmp_path / "img" / "b_t2.nii.gz")
+    assert (tmp_path / "img" / "e.nii").stat().st_size == (tmp_path / "img" / "f.nii").stat().st_size
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,t2\n"
+                   "a,img/a.nii.gz,img/e.nii\nb,img/b.nii.gz,img/b_t2.nii.gz\nd,img/d.nii.gz,img/f.nii\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["b"]
+    messages = {f.subject_id: f.message for f in cohort.failures}
+    assert set(messages) == {"a", "d"}
+    a, d = tmp_path / "img" / "a.nii.gz", tmp_path / "img" / "d.nii.gz"
+    assert messages["a"] == f"{a}: byte-identical to the image of another subject: {d} ('d'); all left out"
+    assert messages["d"] == f"{d}: byte-identical to the image of another subject: {a} ('a'); all left out"
+    assert [f.path for f in cohort.failures] == [str(a), str(d)]
+
+
+def test_identical_files_against_whole_file_hashes(tmp_path):
+    """Groups equal to grouping every file by its whole sha256, on files built to fool the shortcuts:
+    equal sizes, equal sampled blocks with a difference between them, one byte changed at the end."""
+    import hashlib
+
+    import numpy as np
+
+    from slice2vol.data.manifest import identical_files
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, 100_000, dtype=np.uint8)
+    contents = {"base": base, "copy": base.copy(), "copy2": base.copy()}
+    middle = base.copy()
+    middle[20_000] ^= 1  # between two sampled blocks (8 blocks of 4 KiB over 100 kB)
+    contents |= {"middle": middle, "middle_copy": middle.copy()}
+    last = base.copy()
+    last[-1] ^= 1
+    contents |= {"last": last, "shorter": base[:-1], "other": rng.integers(0, 256, 100_000, dtype=np.uint8),
+                 "tiny": base[:10], "tiny_copy": base[:10].copy(), "empty": base[:0], "empty2": base[:0]}
+    paths = []
+    for name, data in contents.items():
+        (path := tmp_path / name).write_bytes(data.tobytes())
+        paths.append(path)
+    reference: dict[str, list] = {}
+    for path in paths:
+        reference.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(path)
+    expected = sorted((sorted(g) for g in reference.values() if len(g) > 1), key=lambda g: str(g[0]))
+    assert identical_files(paths) == expected
+    assert [[p.name for p in g] for g in expected] == [["base", "copy", "copy2"], ["empty", "empty2"],
+                                                       ["middle", "middle_copy"], ["tiny", "tiny_copy"]]
+    assert identical_files(paths + [tmp_path / "missing"]) == expected  # unreadable: left to the read

@@ -236,7 +236,7 @@ def test_no_set_left_says_which_optional_encoders_were_skipped(tmp_path, capsys)
 def test_a_cohort_whose_every_image_is_broken_says_so(tmp_path, capsys):
     manifest = blob_cohort(tmp_path / "data", n=4)
     for i in range(4):
-        (manifest.parent / f"s{i}.nii.gz").write_bytes(b"garbage")
+        (manifest.parent / f"s{i}.nii.gz").write_bytes(b"garbage %d" % i)  # four broken files, not copies
     argv = ["bench", "--config", str(REPO / "configs/experiments/ci.yaml"), "--out", str(tmp_path / "run"),
             "--no-progress", f"cohort.manifest={manifest}", *OVERRIDES, "encoders.0.aggregators=[mean]",
             "baselines={sets: [], chance: true}", "tasks=[knn]"]
