@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import numpy as np
+
 
 class LeakageError(ValueError):
     """A set fitted with labels on subjects it is then tested on."""
@@ -100,3 +102,73 @@ def describe(name: str, entry: Mapping) -> str:
         parts.append(f"pretrained on {pre['n_subjects']} subjects, {pre['n_in_test_folds']} of them in test folds, "
                      f"{'with' if pre.get('labels') else 'no'} labels ({pre.get('source')})")
     return f"{name}: " + "; ".join(parts) if parts else ""
+
+
+def same_scans(sets: Mapping, *, kinds: tuple[str, ...] = ("2d", "3d"), tol: float = 1e-3
+               ) -> tuple[list[list[str]], list[str]]:
+    """Subjects whose embeddings coincide in every image set: one scan under two IDs.
+
+    A byte-identical copy is caught when the manifest is read; a scan saved twice (``.nii`` and
+    ``.nii.gz``, or gzip with another time stamp in its header) is not, yet it gives the same voxels,
+    so every encoder maps it to the same vector up to float rounding (batch composition changes
+    the kernels, so not always bit for bit). Two rows count as one scan when their distance is below
+    ``tol`` x the set's median nearest-neighbour distance (distinct scans lie far above that; rounding
+    far below) in every set of ``kinds`` that holds both. A set whose median nearest-neighbour
+    distance is below 1e-6 x its median norm maps most subjects to one vector (a collapsed encoder):
+    it decides nothing and is named in the notes.
+
+    Args:
+        sets: name -> :class:`~slice2vol.eval.sets.EmbeddingSet` (``ids`` (N,), ``X`` (N, D), ``kind``).
+        kinds: set kinds made from the images (brought-in tables or baselines may repeat rows).
+        tol: the distance below which two rows are one scan, as a fraction of the median
+            nearest-neighbour distance.
+
+    Returns:
+        (groups of subject IDs, each sorted, the groups sorted; notes on the sets left out of the check).
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    close: dict[frozenset, int] = {}  # pair -> number of sets where it is one scan
+    both: dict[frozenset, int] = {}  # pair -> number of deciding sets holding both subjects
+    deciding: list[tuple[set[str], int]] = []
+    notes: list[str] = []
+    for name, es in sets.items():
+        if getattr(es, "kind", None) not in kinds or getattr(es, "X", None) is None or len(es.ids) < 3:
+            continue  # no X: a set fitted inside each fold (trainable aggregators) has no one matrix
+        X = np.asarray(es.X, dtype=np.float64)
+        finite = np.isfinite(X).all(axis=1)
+        ids = [s for s, ok in zip(es.ids, finite) if ok]
+        X = X[finite]
+        if len(ids) < 3:
+            continue
+        nn = NearestNeighbors(n_neighbors=2, algorithm="brute").fit(X)
+        dist, _ = nn.kneighbors(X)
+        scale = float(np.median(dist[:, 1]))
+        if scale <= 1e-6 * float(np.median(np.linalg.norm(X, axis=1))):
+            notes.append(f"set {name!r}: most subjects share one vector (median nearest-neighbour distance "
+                         f"{scale:.3g}); not used to find one scan under two IDs")
+            continue
+        deciding.append((set(ids), len(deciding)))
+        hits = nn.radius_neighbors(X, radius=tol * scale, return_distance=False)
+        for i, row in enumerate(hits):
+            for j in row:
+                if j > i:
+                    pair = frozenset((ids[i], ids[j]))
+                    close[pair] = close.get(pair, 0) + 1
+    for pair in close:
+        both[pair] = sum(1 for members, _ in deciding if pair <= members)
+    parent: dict[str, str] = {}
+
+    def root(s: str) -> str:
+        while parent.setdefault(s, s) != s:
+            s = parent[s]
+        return s
+
+    for pair, n in close.items():
+        if n == both[pair]:  # one scan in every set that holds both
+            a, b = sorted(pair)
+            parent[root(b)] = root(a)
+    groups: dict[str, list[str]] = {}
+    for s in parent:
+        groups.setdefault(root(s), []).append(s)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1), notes

@@ -35,7 +35,7 @@ from slice2vol.eval.cohort import labels_of, make_label_splits, resolve_cohort
 from slice2vol.eval.estimates import add_holm, primary_metric, summary
 from slice2vol.eval.experiment import (CohortSection, Encoder2DEntry, Encoder3DEntry, ExperimentConfig,  # noqa: F401
                                        IntegrationError, expand, load_experiment, repo_root_of)
-from slice2vol.eval.leakage import check_leakage, describe, tested_subjects
+from slice2vol.eval.leakage import check_leakage, describe, same_scans, tested_subjects
 from slice2vol.eval.resultcache import ResultCache, code_version
 from slice2vol.eval.sets import EmbeddingSet, build_2d_sets, weights_file_missing  # noqa: F401
 from slice2vol.eval.tasks import get_task
@@ -184,6 +184,33 @@ def evaluate_sets(sets: Mapping[str, EmbeddingSet], labels, label_types: Mapping
     return {"rows": rows, "paired": add_holm(paired), "frames": frames, "skipped": skipped, "reference": reference}
 
 
+def _leave_out_same_scans(sets: Mapping[str, EmbeddingSet], cohort, labels, failures: list[str]):
+    """(cohort, labels, groups) without the subjects that are one scan under two IDs (see
+    :func:`~slice2vol.eval.leakage.same_scans`): they would sit on both sides of a subject-level
+    split, so each gets a failure line naming its image and the other IDs, and none is evaluated."""
+    twins, notes = same_scans(sets)
+    for note in notes:
+        log.warning("%s", note)
+    if not twins:
+        return cohort, labels, []
+    by_id = {s.subject_id: s for s in cohort.subjects}
+
+    def image(sid: str) -> str:
+        subject = by_id.get(sid)
+        return str(next(iter(subject.images.values()))) if subject is not None and subject.images else sid
+
+    for group in twins:
+        for sid in group:
+            others = ", ".join(f"{o!r} ({image(o)})" for o in group if o != sid)
+            failures.append(f"{sid}: {image(sid)}: the same scan as subject(s) {others}: their embeddings coincide "
+                            "in every image set (saved twice under two IDs?); all left out of the benchmark")
+    gone = {s for g in twins for s in g}
+    log.warning("%d subject(s) left out as one scan under two IDs: %s", len(gone),
+                "; ".join(", ".join(g) for g in twins))
+    return (cohort.subset([s for s in cohort.ids if s not in gone]),
+            labels.drop(index=[s for s in labels.index if str(s) in gone]), twins)
+
+
 def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bool = True,
                    config_path: str | None = None, command_line: str | None = None) -> dict:
     """Runs every stage and writes the report.
@@ -222,6 +249,7 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
         why = "; ".join(f"{e['name']}: {e['reason']}" for e in skipped)
         raise ValueError("no embedding set: list encoders, encoders3d, finetune, features or baselines in the config"
                          + (f" (skipped: {why})" if why else ""))
+    cohort, labels, twins = _leave_out_same_scans(sets, cohort, labels, failures)
     names = list(sets)
     reference = cfg.reference if cfg.reference in sets else names[0]
     if cfg.reference and cfg.reference not in sets:
@@ -271,7 +299,7 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
                            shlex.quote(a) for a in sys.argv), "config_file": config_path, "manifest": str(manifest),
                        "manifest_sha256": _sha256(manifest), "versions": _versions(), "started": started,
                        "timings_s": timings, "splits": {label: str(fr.path) for label, fr in frames.items()}},
-        "cohort": {"n_subjects": len(cohort), "labels": dict(label_types),
+        "cohort": {"n_subjects": len(cohort), "labels": dict(label_types), "same_scans": twins,
                    "failures": [str(f) for f in cohort.failures] + failures},
         "reference": reference,
         "sets": set_entries,
