@@ -11,6 +11,11 @@
     headline AUC is the fold mean).
 ``python -m slice2vol.eval.checks cosine --store STORE --set mean``
     Median pairwise cosine of a volume-embedding set, raw and centred (why k-NN centres features).
+``python -m slice2vol.eval.checks same-scans --config CONFIG --out DIR [key=value ...]``
+    One subject of the config's cohort saved again as ``.nii`` under a second ID (other bytes, same
+    voxels), then ``bench`` (k-NN only): per volume set, the copy's distance and the closest pair of
+    distinct scans as fractions of the set's median nearest-neighbour distance (the bench calls two
+    subjects one scan below 1e-3), and the groups the bench left out.
 """
 
 from __future__ import annotations
@@ -126,6 +131,82 @@ def median_cosine(X: np.ndarray) -> tuple[float, float]:
     return med(X), med(X - X.mean(0))
 
 
+def scan_margins(ids: Sequence[str], X: np.ndarray, pair: tuple[str, str]) -> dict:
+    """Where a known copy and the distinct scans lie, relative to the median nearest-neighbour distance.
+
+    Args:
+        ids: (N,) subject IDs; X: (N, D) their vectors; pair: the two IDs of one scan.
+
+    Returns:
+        ``{n, median_nn, copy, closest_distinct, closest_ids}``: the copy's distance and the smallest
+        distance between two other subjects, both divided by the median nearest-neighbour distance.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    X = np.asarray(X, dtype=np.float64)
+    dist, nearest = NearestNeighbors(n_neighbors=2, algorithm="brute").fit(X).kneighbors(X)
+    median = float(np.median(dist[:, 1]))
+    a, b = list(ids).index(pair[0]), list(ids).index(pair[1])
+    others = [i for i in range(len(ids)) if i not in (a, b)]
+    sub = X[others]
+    d2, j2 = NearestNeighbors(n_neighbors=2, algorithm="brute").fit(sub).kneighbors(sub)
+    k = int(np.argmin(d2[:, 1]))
+    return {"n": len(ids), "median_nn": median, "copy": float(np.linalg.norm(X[a] - X[b])) / median,
+            "closest_distinct": float(d2[k, 1]) / median,
+            "closest_ids": sorted([str(ids[others[k]]), str(ids[others[int(j2[k, 1])]])])}
+
+
+def same_scan_check(config: str, out: Path, overrides: Sequence[str] = (), subject: int = 0) -> dict:
+    """Saves subject ``subject`` of the config's cohort again as ``.nii`` under the ID ``copy-of-<id>``
+    (a manifest of absolute paths in ``out``), runs ``bench`` with k-NN only into ``out / "run"``, and
+    measures every volume set of its stores with :func:`scan_margins`.
+
+    Returns:
+        ``{"pair", "same_scans" (the bench's groups), "sets": {store/set: margins}, "exit"}``.
+    """
+    import nibabel as nib
+    import pandas as pd
+
+    from slice2vol.cache import FeatureStore
+    from slice2vol.cli import main as cli_main
+    from slice2vol.eval.cohort import resolve_cohort
+    from slice2vol.eval.experiment import load_experiment
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, base = load_experiment(config, overrides)
+    cohort, _ = resolve_cohort(cfg, base, out / "source")
+    rows = []
+    for s in cohort.subjects:
+        row = {"subject_id": s.subject_id, **{m: str(p) for m, p in s.images.items()}}
+        if s.seg is not None:
+            row["seg"] = str(s.seg)
+        rows.append({**row, **{k: v for k, v in s.labels.items()}})
+    original = cohort.subjects[subject]
+    modality, image = next(iter(original.images.items()))
+    loaded = nib.load(image)
+    copy = out / f"copy-of-{original.subject_id}.nii"
+    nib.save(type(loaded)(np.asarray(loaded.dataobj), loaded.affine, loaded.header), copy)
+    twin = {**rows[subject], "subject_id": f"copy-of-{original.subject_id}", modality: str(copy)}
+    rows.insert(subject + 1, twin)  # right after the original: a max_subjects limit keeps both
+    manifest = out / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    run = out / "run"
+    code = cli_main(["bench", "--config", str(config), "--out", str(run), "--no-progress", *overrides,
+                     f"cohort.manifest={manifest}", "cohort.synthetic=null", "tasks=[knn]"]
+                    + ([f"cohort.max_subjects={cfg.cohort.max_subjects + 1}"] if cfg.cohort.max_subjects else []))
+    results = json.loads((run / "results.json").read_text())
+    pair = (original.subject_id, twin["subject_id"])
+    sets = {}
+    for path in sorted((run / "stores").glob("*.h5")):
+        store = FeatureStore(path, mode="r")
+        for name in store.volume_embedding_names():
+            ids, X, _ = store.volume_embeddings(name)
+            if set(pair) <= set(ids) and len(ids) >= 4:
+                sets[f"{path.stem}/{name}"] = scan_margins(ids, X, pair)
+    return {"pair": list(pair), "same_scans": results["cohort"].get("same_scans"), "sets": sets, "exit": code}
+
+
 def _summarise(rows: list[dict]) -> list[str]:
     lines = [f"{'seed':>4} {'task':<7} {'set':<22} {'pooled':>7} {'fold mean':>9}  95% CI (fold mean)"]
     lines += [f"{r['seed']:>4} {r['task']:<7} {r['encoder']:<22} {r['pooled']:7.3f} {r['fold_mean']:9.3f}  "
@@ -156,7 +237,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("cosine")
     p.add_argument("--store", required=True)
     p.add_argument("--set", default="mean")
+    p = sub.add_parser("same-scans")
+    p.add_argument("--config", required=True, help="a bench config (its encoders and cohort)")
+    p.add_argument("--out", required=True, help="folder for the manifest, the copy and the bench run")
+    p.add_argument("--subject", type=int, default=0, help="which subject of the cohort to save again")
+    p.add_argument("--json", help="also write the margins to this JSON file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config, as for bench")
     args = parser.parse_args(argv)
+    if args.check == "same-scans":
+        res = same_scan_check(args.config, Path(args.out), args.overrides, args.subject)
+        print(f"{res['pair'][1]} is {res['pair'][0]} saved again as .nii; bench left out: {res['same_scans']}")
+        print(f"{'set':<40} {'n':>4} {'median NN':>10} {'copy / median':>14} {'closest distinct / median':>26}")
+        for name, m in res["sets"].items():
+            print(f"{name:<40} {m['n']:>4} {m['median_nn']:>10.3g} {m['copy']:>14.2e} {m['closest_distinct']:>26.3f}"
+                  f"  ({', '.join(m['closest_ids'])})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
     if args.check == "cosine":
         from slice2vol.cache import FeatureStore
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -37,3 +39,29 @@ def test_cli_pooled_vs_fold_mean(capsys):
     assert checks.main(["pooled-vs-fold-mean", "--n", "20", "--seeds", "0", "--dim", "8"]) == 0
     out = capsys.readouterr().out
     assert "20 subjects, label sex (F: 10, M: 10)" in out and "linear" in out and "fold mean" in out
+
+
+def test_scan_margins_hand_case():
+    """Five points on a line at 0, 1, 3, 6, 10 plus a copy of the first at 0.001: nearest-neighbour
+    distances 0.001, 0.001, 0.999, 2, 3, 4 (median 1.4995); the copy 0.001 / 1.4995; among the others
+    (1, 3, 6, 10 and the copy's partner removed too) the closest pair is 1 and 3 (2 / 1.4995)."""
+    ids = ["a", "b", "c", "d", "e", "a2"]
+    X = np.array([[0.0], [1.0], [3.0], [6.0], [10.0], [0.001]])
+    m = checks.scan_margins(ids, X, ("a", "a2"))
+    assert m["n"] == 6 and m["median_nn"] == pytest.approx(1.4995)
+    assert m["copy"] == pytest.approx(0.001 / 1.4995)
+    assert m["closest_distinct"] == pytest.approx(2 / 1.4995) and m["closest_ids"] == ["b", "c"]
+
+
+@pytest.mark.slow  # ~25 s: tests/eval/test_same_scans.py covers the bench's side in CI
+def test_cli_same_scans_on_the_ci_config(tmp_path, capsys):
+    config = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "ci.yaml"
+    assert checks.main(["same-scans", "--config", str(config), "--out", str(tmp_path),
+                        "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "copy-of-synth-00-000 is synth-00-000 saved again as .nii; bench left out: " \
+           "[['copy-of-synth-00-000', 'synth-00-000']]" in out
+    import json
+
+    sets = json.loads((tmp_path / "m.json").read_text())["sets"]
+    assert len(sets) == 2 and all(m["copy"] < 1e-3 < m["closest_distinct"] for m in sets.values())
