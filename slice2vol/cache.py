@@ -856,6 +856,23 @@ class FeatureStore:
             raise StaleEmbeddings(f"{self.path}: volume embeddings {name!r} were aggregated from slice features that "
                                   "changed since (a subject cached again or removed): run slice2vol aggregate again")
 
+    def same_features(self) -> list[list[str]]:
+        """Groups of subjects whose stored features are equal, bit for bit, in every plane of the store:
+        one scan under several IDs (a copy with other bytes, e.g. ``.nii`` beside ``.nii.gz``, gives the
+        same voxels and so, on one machine, the same rows). Compared through the per-subject checksums,
+        so nothing is read but the index; a store without checksums (before format 2) gives none.
+
+        Returns:
+            Groups of two or more subject IDs, each sorted, the groups sorted.
+        """
+        planes = self.planes
+        by_rows: dict[tuple[str, ...], list[str]] = {}
+        for sid in self.subjects():
+            key = tuple(self._per_subject(sid, plane, "checksums")[1] for plane in planes)
+            if all(key):
+                by_rows.setdefault(key, []).append(sid)
+        return sorted(sorted(g) for g in by_rows.values() if len(g) > 1)
+
     def subject_inputs(self, subject: str, plane: str) -> dict[str, Any] | None:
         """What a subject's features in ``plane`` were made from (input fingerprint, oblique handling),
         or None when the store does not record it (stores written before format 2)."""

@@ -534,3 +534,25 @@ def test_cache_into_a_file_that_is_no_store_leaves_nothing_beside_it(tmp_path, c
     assert err == (f"slice2vol cache: error: {store}: cannot open as HDF5 (not an HDF5 file); the file is damaged "
                    "or not a feature store")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+
+
+def test_cache_warns_about_one_scan_cached_under_two_ids(tmp_path, monkeypatch, capsys):
+    """b.nii holds a.nii.gz's voxels (other bytes, so the manifest keeps both): the job caches all three,
+    then names a and b in one line; the store's same_features finds them from its checksums."""
+    import nibabel as nib
+
+    from slice2vol.cache import FeatureStore
+
+    monkeypatch.chdir(tmp_path)
+    write_nifti(tmp_path / "a.nii.gz", blob_volume(seed=0))
+    write_nifti(tmp_path / "c.nii.gz", blob_volume(seed=1))
+    a = nib.load(tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(a.dataobj), a.affine, a.header), tmp_path / "b.nii")
+    (tmp_path / "m.csv").write_text("subject_id,t1\na,a.nii.gz\nb,b.nii\nc,c.nii.gz\n")
+    assert main(["cache", "--manifest", "m.csv", "--encoder", "tv/resnet18", "--store", "s.h5", "--size", "32",
+                 "--stride", "4", "--no-progress"]) == 0
+    assert FeatureStore(tmp_path / "s.h5").same_features() == [["a", "b"]]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "identical features" in line]
+    assert lines == ["s.h5: subjects 'a' (a.nii.gz), 'b' (b.nii) have identical "
+                     "features in every plane: one scan under 2 IDs? In subject-level splits it would sit on both "
+                     "sides (bench leaves such subjects out); keep one ID"]

@@ -209,6 +209,7 @@ def _cache(args: argparse.Namespace) -> int:
     print(report.summary(), file=sys.stderr if report.failures else sys.stdout)
     if report.recomputed:
         _stale_sets(report.store)
+    _same_scans(report.store, cohort)
     if report.failures and args.allow_failures:
         print(f"{report.store}: {len(report.failures)} subject(s) failed; exit status 0 because of "
               "--allow-failures", file=sys.stderr)
@@ -254,6 +255,26 @@ def _stale_sets(store_path) -> None:
     if stale:
         print(f"{store_path}: volume embeddings {', '.join(map(repr, stale))} were aggregated from features "
               "recomputed now: run slice2vol aggregate again (until then they are refused)", file=sys.stderr)
+
+
+def _same_scans(store_path, cohort) -> None:
+    """Warns, one line per group, about subjects of this cohort whose features are identical in every
+    plane: one scan under several IDs, which the manifest's byte comparison misses when the files'
+    bytes differ. They stay in the store (the features are right); ``bench`` leaves them out."""
+    from slice2vol.cache import FeatureStore, StoreError
+
+    try:
+        groups = FeatureStore(store_path, mode="r").same_features()
+    except (StoreError, OSError, KeyError):
+        return
+    images = {s.subject_id: next(iter(s.images.values()), None) for s in cohort.subjects}
+    for group in groups:
+        if not any(sid in images for sid in group):
+            continue  # subjects of another manifest cached into the same store: not this job's news
+        named = ", ".join(f"{sid!r} ({images.get(sid) or 'cached earlier'})" for sid in group)
+        print(f"{store_path}: subjects {named} have identical features in every plane: one scan under "
+              f"{len(group)} IDs? In subject-level splits it would sit on both sides (bench leaves such subjects "
+              "out); keep one ID", file=sys.stderr)
 
 
 def _merge(args: argparse.Namespace) -> int:
