@@ -8,6 +8,7 @@ from safetensors, torch's zip reader or json, none naming the file or saying wha
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,113 @@ def read_torch_state(path: str | Path, map_location: Any = "cpu", hint: str = RE
     except Exception as err:  # noqa: BLE001 - zip reader, unpickler refusals, OS errors: one line
         raise CheckpointError(f"{path}: damaged, or not a checkpoint this package wrote ({_short(err)}); "
                               f"{hint}") from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _kind(path: Path) -> str:
+    """What a weights file is by its first bytes: ``safetensors``, ``torchscript``, ``zip`` (torch's
+    format since 1.6), ``pickle`` (torch's legacy format), ``empty`` or ``unknown``."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "zip"  # a damaged archive: torch's reader says how
+        # torch.jit.save writes code/ and constants.pkl beside data.pkl; torch.save only data.pkl + data/
+        return "torchscript" if any("/code/" in n or n.endswith("constants.pkl") for n in names) else "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if head[8:9] == b"{" and 2 <= n <= path.stat().st_size - 8:
+            return "safetensors"
+    return "unknown"
+
+
+def _nan_tensors(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
+    """Names of the floating tensors holding NaN in a checkpoint's (nested) containers."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and bool(torch.isnan(obj).any()) else []
+    if depth > 6:
+        return []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in _nan_tensors(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in _nan_tensors(v, f"{prefix}[{i}]", depth + 1)]
+    return []
+
+
+def read_weights(path: str | Path) -> Any:
+    """A published or user weights file, loaded without running any pickled code: safetensors (by its
+    content, whatever the suffix), else ``torch.load(weights_only=True)``. Every failure is one
+    :class:`ValueError` line naming the file and what it is instead (empty, TorchScript, a pickle of
+    Python objects, a damaged archive, no checkpoint at all), without the library's multi-line text.
+
+    A file whose tensors hold NaN (a run that diverged, a damaged conversion) is refused too: every
+    slice would fail at the end of its forward pass, one subject after another, with no file named.
+
+    Returns:
+        What the file holds (a dict of tensors, or torch's plain containers of tensors and numbers).
+    """
+    state = _read_weights(Path(path))
+    bad = _nan_tensors(state)
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensor(s) hold NaN values (first: {bad[0]}); a diverged or damaged "
+                         "checkpoint cannot give features")
+    return state
+
+
+def _read_weights(path: Path) -> Any:
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; give the checkpoint file itself")
+    try:
+        kind = _kind(path)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or _short(err)})") from None
+    if kind == "empty":
+        raise ValueError(f"{path}: empty file (0 bytes); not a checkpoint")
+    if kind == "torchscript":
+        raise ValueError(f"{path}: a TorchScript archive (compiled code, not a state dict); refused, since loading "
+                         "it runs its code: save the model's state_dict with torch.save or as safetensors")
+    if kind == "safetensors" or path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - safetensors' own errors: one line
+            raise ValueError(f"{path}: not a readable safetensors file ({_short(err)})") from None
+    if kind == "unknown":
+        with open(path, "rb") as fh:
+            start = fh.read(12)
+        raise ValueError(f"{path}: not a checkpoint (neither safetensors, a PyTorch zip archive nor a pickle; "
+                         f"it starts with {start!r})")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - zip reader, unpickler refusals, OS errors: one line
+        text = _ANSI.sub("", " ".join(str(err).split()))
+        objects = sorted(set(re.findall(r"(?:Unsupported global|GLOBAL|global) ?:? ?([A-Za-z_][\w.]*\.[A-Za-z_]\w*)",
+                                        text)))
+        if objects:
+            raise ValueError(f"{path}: holds Python objects other than tensors ({', '.join(objects[:3])}); refused, "
+                             "since loading them would run pickled code: save its state_dict with torch.save, or "
+                             "as safetensors") from None
+        refused = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+        if refused:
+            raise ValueError(f"{path}: a pickle that the safe loader refuses ({refused.group(1).strip()[:120]}): not "
+                             "written by torch.save, or holding more than tensors; save its state_dict with "
+                             "torch.save, or as safetensors") from None
+        what = "PyTorch zip archive" if kind == "zip" else "pickle checkpoint"
+        reason = text.split(". ")[0][:160] or type(err).__name__
+        raise ValueError(f"{path}: damaged {what}, truncated or cut ({reason})") from None
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str | Path,

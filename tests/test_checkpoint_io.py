@@ -59,3 +59,76 @@ def test_a_state_of_another_shape_is_a_run_of_another_configuration(tmp_path: Pa
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+class _Recipe:
+    """A class of this module: pickling it stores a reference to code."""
+
+
+def test_read_weights_says_what_a_file_is_instead_in_one_line(tmp_path: Path) -> None:
+    """Fuzz round 6: a text .safetensors gave a traceback; random bytes, a text .pth and a pickled class
+    gave torch's multi-line weights_only text cut mid-sentence or with terminal escape codes."""
+    import os
+
+    from slice2vol.checkpoint_io import read_weights
+
+    good = {"w": torch.arange(3.0)}
+    torch.save(good, tmp_path / "good.pth")
+    torch.save(good, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    save_file(good, str(tmp_path / "st.pth"))  # safetensors under another suffix: read by its content
+    for name in ("good.pth", "legacy.pth", "st.pth"):
+        assert torch.equal(read_weights(tmp_path / name)["w"], good["w"])
+    (tmp_path / "text.safetensors").write_text("hello\n")
+    (tmp_path / "text.pth").write_text("hello\n")
+    (tmp_path / "noise.pth").write_bytes(bytes([0x42]) + os.urandom(999))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save({"x": _Recipe()}, tmp_path / "evil.pth")
+    with open(tmp_path / "plain.pkl", "wb") as fh:
+        pickle.dump({"a": 1}, fh, protocol=4)
+    raw = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(raw[: len(raw) // 2])
+    torch.save({"w": torch.tensor([1.0, float("nan")]), "b": torch.ones(1)}, tmp_path / "nan.pth")
+    expected = {
+        "text.safetensors": "not a readable safetensors file (Error while deserializing header: header too small)",
+        "text.pth": "not a checkpoint (neither safetensors, a PyTorch zip archive nor a pickle; it starts with "
+                    "b'hello\\n')",
+        "noise.pth": "not a checkpoint (neither safetensors, a PyTorch zip archive nor a pickle; it starts with b'B",
+        "empty.pth": "empty file (0 bytes); not a checkpoint",
+        "evil.pth": "holds Python objects other than tensors (tests.test_checkpoint_io._Recipe); refused",
+        "plain.pkl": "a pickle that the safe loader refuses (Unsupported operand 149): not written by torch.save",
+        "cut.pth": "damaged PyTorch zip archive, truncated or cut (PytorchStreamReader failed reading zip archive",
+        "nan.pth": "1 tensor(s) hold NaN values (first: w); a diverged or damaged checkpoint cannot give features",
+    }
+    for name, words in expected.items():
+        with pytest.raises(ValueError) as err:
+            read_weights(tmp_path / name)
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path / name}: {words}"), message
+        assert "\n" not in message and "\x1b" not in message
+
+
+def test_a_torchscript_archive_is_refused_without_running_it(tmp_path: Path) -> None:
+    from slice2vol.checkpoint_io import read_weights
+
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "ts.pt"))
+    with pytest.raises(ValueError, match=r"ts.pt: a TorchScript archive \(compiled code, not a state dict\); refused"):
+        read_weights(tmp_path / "ts.pt")
+
+
+def test_nan_weights_stop_the_cache_job_before_any_subject(tmp_path: Path, monkeypatch, capsys) -> None:
+    import torchvision
+
+    from slice2vol.cli import main
+    from tests.conftest import blob_volume, write_nifti
+
+    monkeypatch.chdir(tmp_path)
+    state = {k: v * float("nan") if v.is_floating_point() else v
+             for k, v in torchvision.models.resnet18().state_dict().items()}
+    torch.save(state, tmp_path / "nan.pth")
+    write_nifti(tmp_path / "a.nii.gz", blob_volume())
+    (tmp_path / "m.csv").write_text("subject_id,t1\na,a.nii.gz\n")
+    assert main(["cache", "--manifest", "m.csv", "--encoder", "tv/resnet18", "--weights", "nan.pth", "--store",
+                 "s.h5", "--size", "32", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("slice2vol cache: error: nan.pth: ") and "tensor(s) hold NaN values" in err[-1]
+    assert not (tmp_path / "s.h5").exists()

@@ -713,16 +713,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Unwraps the usual containers (``state_dict``, ``model``, ``module.`` prefixes).
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from slice2vol.checkpoint_io import read_weights
 
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - surface one clear line
-            raise ValueError(f"{path}: cannot read checkpoint safely ({' '.join(str(err).split())[:160]})") from None
+    path = Path(path)
+    state = read_weights(path)  # one line naming the file for anything it cannot use
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

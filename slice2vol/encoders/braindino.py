@@ -94,12 +94,7 @@ def load_backbone(model: torch.nn.Module, path: str, key: str) -> None:
     """Loads a BrainDINO checkpoint into the timm DINOv3 model, strictly (see the module docstring)."""
     import timm.models.eva as eva
 
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        raw = load_file(str(path))
-    else:
-        raw = _read(path)
+    raw = _read(path)
     backbone = backbone_state(raw, str(path))
     converted = eva.checkpoint_filter_fn(backbone, model)
     # every backbone tensor must land somewhere: timm drops only the training-only buffers
@@ -113,10 +108,9 @@ def load_backbone(model: torch.nn.Module, path: str, key: str) -> None:
 
 def _read(path: str) -> dict[str, Any]:
     """torch.load(weights_only=True) without unwrapping, so ``teacher``/``model`` containers stay visible."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - one clear line
-        raise ValueError(f"{path}: cannot read checkpoint safely ({' '.join(str(err).split())[:160]})") from None
+    from slice2vol.checkpoint_io import read_weights
+
+    state = read_weights(path)  # safetensors or weights_only torch file; one line for anything else
     if not isinstance(state, dict):
         raise ValueError(f"{path}: checkpoint is not a dict of tensors")
     return state

@@ -356,21 +356,9 @@ def parse_weights3d(weights: str | Path | None) -> tuple[WeightsKind, str]:
 def read_checkpoint(path: str | Path) -> Any:
     """A checkpoint as published, without unwrapping: safetensors -> dict of tensors; other files ->
     ``torch.load(weights_only=True)`` (plain containers of tensors and numbers only, never pickle)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory; give the checkpoint file itself")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from slice2vol.checkpoint_io import read_weights
 
-        try:
-            return load_file(str(path))
-        except Exception as err:  # noqa: BLE001 - one clear line
-            raise ValueError(f"{path}: unreadable safetensors file ({' '.join(str(err).split())[:160]})") from None
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - one clear line
-        raise ValueError(f"{path}: cannot read checkpoint safely with weights_only=True "
-                         f"({' '.join(str(err).split())[:160]})") from None
+    return read_weights(path)
 
 
 def unwrap(checkpoint: Any, containers: Sequence[str], path: str | Path, key: str) -> dict[str, torch.Tensor]:
