@@ -188,7 +188,7 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
                                 "(pip install backports.zstd), or decompress it") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
-    problem = _header_problem(path, img)
+    problem = _header_problem(path, img) or _memory_problem(img)
     if problem:
         raise VolumeError(path, problem)
     try:
@@ -497,6 +497,53 @@ def integer_labels(path: str | Path, name: str, values: np.ndarray) -> np.ndarra
         extreme = rounded.max() if rounded.max() > info.max else rounded.min()
         raise VolumeError(path, f"{name} map holds labels outside the int32 range (e.g. {extreme:g})")
     return rounded.astype(np.int32)
+
+
+#: bytes of memory per voxel beyond the stored data: the float32 copy and about two working copies
+#: (reorienting, resampling, the normalised volume) that a read makes
+_WORK_BYTES_PER_VOXEL = 12
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the least of the kernel's MemAvailable, the cgroup's
+    limit less its use, and the address-space rlimit less the process's size; None where none is known."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        top = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if top != "max":
+            limits.append(int(top) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            pages = int(Path("/proc/self/statm").read_text().split()[0])
+            limits.append(soft - pages * os.sysconf("SC_PAGE_SIZE"))
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return max(0, min(limits)) if limits else None
+
+
+def _memory_problem(img: nib.Nifti1Image) -> str | None:
+    """A volume whose read would need more memory than is available, said from its header before any
+    voxel is decompressed: a small, highly compressible file can describe tens of GB (a 4.6 MiB
+    .nii.gz of 1700^3 zeros), which used to fill memory for half a minute or get the job killed."""
+    voxels = float(np.prod([float(n) for n in img.shape], dtype=np.float64))
+    need = voxels * (img.header.get_data_dtype().itemsize + _WORK_BYTES_PER_VOXEL)
+    have = available_memory()
+    if have is None or need <= have:
+        return None
+    return (f"too large to load: shape {_fmt_shape(img.shape)} needs about {_fmt_bytes(need)} of memory to read "
+            f"(the data, a float32 copy and the working copies), and {_fmt_bytes(have)} is available")
 
 
 def _fmt_bytes(n: float) -> str:

@@ -463,6 +463,13 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
     return Cohort(subjects, types, failures, source)
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def identical_files(paths: Sequence[Path], *, samples: int = 8, block: int = 4096) -> list[list[Path]]:
     """Groups of two or more files in ``paths`` with the same bytes (each path a distinct file).
 
@@ -470,7 +477,8 @@ def identical_files(paths: Sequence[Path], *, samples: int = 8, block: int = 409
     first by ``samples`` blocks of ``block`` bytes spread evenly over the file (which tells almost
     every pair of different scans apart: compressed streams differ throughout, and raw volumes of one
     grid differ in their voxels even where the headers agree), and only files that agree there are
-    hashed whole (sha256). A file that cannot be read is skipped: the read that follows names it.
+    hashed whole (sha256). A file that cannot be read, or is empty, is skipped: the read that follows
+    names it.
 
     Args:
         paths: (N,) files, each named once (hard links resolved by the caller).
@@ -506,7 +514,8 @@ def identical_files(paths: Sequence[Path], *, samples: int = 8, block: int = 409
         return digest.digest()
 
     groups = []
-    for same_size in by(lambda p: p.stat().st_size, list(paths)):
+    # empty files are all alike but are no scans: each fails its own read as an empty file
+    for same_size in by(lambda p: p.stat().st_size, [p for p in paths if _size(p) != 0]):
         for same_samples in by(sampled, same_size):
             groups += [sorted(g) for g in by(whole, same_samples)]
     return sorted(groups, key=lambda g: str(g[0]))

@@ -492,8 +492,24 @@ def test_identical_files_against_whole_file_hashes(tmp_path):
     reference: dict[str, list] = {}
     for path in paths:
         reference.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(path)
-    expected = sorted((sorted(g) for g in reference.values() if len(g) > 1), key=lambda g: str(g[0]))
+    expected = sorted((sorted(g) for g in reference.values() if len(g) > 1 and g[0].stat().st_size),
+                      key=lambda g: str(g[0]))  # empty files are no scans: their reads say so
     assert identical_files(paths) == expected
-    assert [[p.name for p in g] for g in expected] == [["base", "copy", "copy2"], ["empty", "empty2"],
-                                                       ["middle", "middle_copy"], ["tiny", "tiny_copy"]]
+    assert [[p.name for p in g] for g in expected] == [["base", "copy", "copy2"], ["middle", "middle_copy"],
+                                                       ["tiny", "tiny_copy"]]
     assert identical_files(paths + [tmp_path / "missing"]) == expected  # unreadable: left to the read
+
+
+def test_two_empty_image_files_are_not_called_copies(tmp_path):
+    """Fuzz round 6: two zero-byte images were left out as byte-identical copies of each other, hiding
+    what is wrong with them; they now stay for their reads to fail as empty files."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.nii.gz").write_bytes(b"")
+    (tmp_path / "img" / "b.nii.gz").write_bytes(b"")
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\na,img/a.nii.gz\nb,img/b.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"] and cohort.failures == []
+    volumes = list(cohort.iter_volumes())
+    assert volumes == [] and [f.subject_id for f in cohort.failures] == ["a", "b"]
+    assert all("empty file" in f.message for f in cohort.failures)
