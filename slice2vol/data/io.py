@@ -72,6 +72,10 @@ class VolumeConfig:
         max_obliquity_deg: obliquity below this is treated as axis-aligned (float rounding in
             headers); the volume is then only permuted/flipped.
         min_spacing, max_spacing: voxel sizes (mm) outside this range are refused as absurd.
+        min_fov_mm, max_fov_mm: the field of view (voxels x voxel size per axis) must reach
+            ``min_fov_mm`` along its longest axis and stay within ``max_fov_mm`` along every axis: a
+            head is 100-250 mm; 2 x 2 x 2 voxels of noise or a scan whose header says 0.05 mm voxels
+            (6 mm across) is no head, and would be embedded and retrieved like one.
         allow_oblique: deprecated (init only): ``True`` means ``oblique="snap"``, ``False``
             ``oblique="refuse"``.
     """
@@ -86,6 +90,8 @@ class VolumeConfig:
     max_obliquity_deg: float = 1.0
     min_spacing: float = 0.05
     max_spacing: float = 20.0
+    min_fov_mm: float = 10.0
+    max_fov_mm: float = 1000.0
     allow_oblique: dataclasses.InitVar[bool | None] = None
 
     def __post_init__(self, allow_oblique: bool | None) -> None:
@@ -221,6 +227,12 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
             # nibabel replaces a zero voxel size by 1 mm: with no qform/sform that size is all there is
             raise VolumeError(path, f"voxel size {_fmt_mm(raw)} mm in pixdim, and no qform or sform: the voxel "
                                     "spacing is unknown")
+        # the NIfTI standard's "method 1": voxel indices only. nibabel then guesses LAS from pixdim, so
+        # a scan stored in another order gets its planes mislabelled; said once per file, not refused
+        # (old converters wrote such files for correctly ordered data)
+        logging.getLogger(__name__).warning("%s: no qform or sform (both codes 0): the orientation is unknown and read as nibabel's "
+                    "default (LAS, from pixdim); axial/coronal/sagittal are wrong unless the voxels are stored "
+                    "in that order: set the sform (nibabel: img.set_sform(affine, code=1))", path)
     if check_values:
         try:
             with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # reported below, in one line
@@ -997,6 +1009,16 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
         raise VolumeError(
             first,
             f"absurd voxel spacing {_fmt_mm(spacing)} mm (allowed {cfg.min_spacing:g}-{cfg.max_spacing:g} mm)",
+        )
+    fov = np.asarray(channels[0].shape[:3], dtype=np.float64) * spacing
+    if fov.max() < cfg.min_fov_mm or fov.max() > cfg.max_fov_mm:
+        small = fov.max() < cfg.min_fov_mm
+        raise VolumeError(
+            first,
+            f"field of view {' x '.join(f'{v:.4g}' for v in fov)} mm (shape {_fmt_shape(channels[0].shape[:3])}, "
+            f"voxels {_fmt_mm(spacing)} mm) cannot hold a head: "
+            + (f"under {cfg.min_fov_mm:g} mm along every axis" if small else f"over {cfg.max_fov_mm:g} mm along an axis")
+            + "; a wrong voxel size in the header, or not a brain scan",
         )
     stacked = channels[0][None] if len(channels) == 1 else np.stack(channels)  # one channel: a view, no copy
     del channels, data  # several channels were copied into `stacked`

@@ -29,7 +29,8 @@ def noise_cohort(root: Path, n: int = N, dim: int = 16, seed: int = 0) -> tuple[
     rows, subjects = [], []
     for i in range(n):
         sid = f"sub-{i:02d}"
-        write_nifti(root / f"{sid}.nii.gz", rng.normal(size=(8, 8, 8)).astype(np.float32) + 10)
+        write_nifti(root / f"{sid}.nii.gz", rng.normal(size=(8, 8, 8)).astype(np.float32) + 10,
+                    np.diag([2.0, 2.0, 2.0, 1.0]))  # 16 mm across: 8 mm is no head (field-of-view check)
         rows.append({"subject_id": sid, "t1": f"{sid}.nii.gz", "sex": sex[i], "age": 20.0 + i})
         planes = {}
         for p, axis in (("axial", 2), ("coronal", 1)):
