@@ -67,11 +67,15 @@ def read_torch_state(path: str | Path, map_location: Any = "cpu", hint: str = RE
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def _kind(path: Path) -> str:
-    """What a weights file is by its first bytes: ``safetensors``, ``torchscript``, ``zip`` (torch's
-    format since 1.6), ``pickle`` (torch's legacy format), ``empty`` or ``unknown``."""
+def _kind(path: Path) -> tuple[str, bytes]:
+    """(what a weights file is by its first bytes: ``safetensors``, ``torchscript``, ``zip`` (torch's
+    format since 1.6), ``pickle`` (torch's legacy format), ``empty`` or ``unknown``; those bytes)."""
     with open(path, "rb") as fh:
         head = fh.read(16)
+    return _kind_of(path, head), head
+
+
+def _kind_of(path: Path, head: bytes) -> str:
     if not head:
         return "empty"
     if head[:4] == b"PK\x03\x04":
@@ -127,11 +131,10 @@ def read_weights(path: str | Path) -> Any:
 
 
 def _read_weights(path: Path) -> Any:
-    path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a directory; give the checkpoint file itself")
     try:
-        kind = _kind(path)
+        kind, head = _kind(path)
     except OSError as err:
         raise ValueError(f"{path}: cannot read ({err.strerror or _short(err)})") from None
     if kind == "empty":
@@ -147,10 +150,8 @@ def _read_weights(path: Path) -> Any:
         except Exception as err:  # noqa: BLE001 - safetensors' own errors: one line
             raise ValueError(f"{path}: not a readable safetensors file ({_short(err)})") from None
     if kind == "unknown":
-        with open(path, "rb") as fh:
-            start = fh.read(12)
         raise ValueError(f"{path}: not a checkpoint (neither safetensors, a PyTorch zip archive nor a pickle; "
-                         f"it starts with {start!r})")
+                         f"it starts with {head[:12]!r})")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip reader, unpickler refusals, OS errors: one line

@@ -207,9 +207,16 @@ def _cache(args: argparse.Namespace) -> int:
         commit_every=args.commit_every, compact=not args.no_compact, seed=args.seed,
     )
     print(report.summary(), file=sys.stderr if report.failures else sys.stdout)
-    if report.recomputed:
-        _stale_sets(report.store)
-    _same_scans(report.store, cohort)
+    from slice2vol.cache import FeatureStore, StoreError
+
+    try:
+        done = FeatureStore(report.store, mode="r")  # opened once for both after-job notes
+    except (StoreError, OSError):
+        done = None
+    if done is not None:
+        if report.recomputed:
+            _stale_sets(done, report.store)
+        _same_scans(done, report.store, cohort)
     if report.failures and args.allow_failures:
         print(f"{report.store}: {len(report.failures)} subject(s) failed; exit status 0 because of "
               "--allow-failures", file=sys.stderr)
@@ -235,12 +242,11 @@ def _refuse_non_store(path: Path) -> None:
         raise StoreCorrupt(f"{path}: cannot open as HDF5 (not an HDF5 file); the file is damaged or not a feature store")
 
 
-def _stale_sets(store_path) -> None:
+def _stale_sets(store, store_path) -> None:
     """Names the aggregated volume-embedding sets that the subjects recomputed now made stale."""
-    from slice2vol.cache import FeatureStore, StaleEmbeddings, StoreError
+    from slice2vol.cache import StaleEmbeddings, StoreError
 
     try:
-        store = FeatureStore(store_path, mode="r")
         names = store.volume_embedding_names()
     except (StoreError, OSError):
         return
@@ -257,14 +263,14 @@ def _stale_sets(store_path) -> None:
               "recomputed now: run slice2vol aggregate again (until then they are refused)", file=sys.stderr)
 
 
-def _same_scans(store_path, cohort) -> None:
+def _same_scans(store, store_path, cohort) -> None:
     """Warns, one line per group, about subjects of this cohort whose features are identical in every
     plane: one scan under several IDs, which the manifest's byte comparison misses when the files'
     bytes differ. They stay in the store (the features are right); ``bench`` leaves them out."""
-    from slice2vol.cache import FeatureStore, StoreError
+    from slice2vol.cache import StoreError
 
     try:
-        groups = FeatureStore(store_path, mode="r").same_features()
+        groups = store.same_features()
     except (StoreError, OSError, KeyError):
         return
     images = {s.subject_id: next(iter(s.images.values()), None) for s in cohort.subjects}

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from slice2vol.data.io import Volume, VolumeConfig, VolumeError, load_volume
+from slice2vol.data.io import Volume, VolumeConfig, VolumeError, file_sha256, load_volume
 
 log = logging.getLogger(__name__)
 LabelType = Literal["categorical", "continuous"]
@@ -506,18 +506,11 @@ def identical_files(paths: Sequence[Path], *, samples: int = 8, block: int = 409
                 digest.update(fh.read(block))
         return digest.digest()
 
-    def whole(path: Path) -> bytes:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.digest()
-
     groups = []
     # empty files are all alike but are no scans: each fails its own read as an empty file
-    for same_size in by(lambda p: p.stat().st_size, [p for p in paths if _size(p) != 0]):
+    for same_size in by(_size, [p for p in paths if _size(p)]):
         for same_samples in by(sampled, same_size):
-            groups += [sorted(g) for g in by(whole, same_samples)]
+            groups += [sorted(g) for g in by(file_sha256, same_samples)]
     return sorted(groups, key=lambda g: str(g[0]))
 
 

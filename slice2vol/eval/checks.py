@@ -143,17 +143,19 @@ def scan_margins(ids: Sequence[str], X: np.ndarray, pair: tuple[str, str]) -> di
     """
     from sklearn.neighbors import NearestNeighbors
 
+    def nearest(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dist, index = NearestNeighbors(n_neighbors=2, algorithm="brute").fit(Z).kneighbors(Z)
+        return dist[:, 1], index[:, 1]
+
     X = np.asarray(X, dtype=np.float64)
-    dist, nearest = NearestNeighbors(n_neighbors=2, algorithm="brute").fit(X).kneighbors(X)
-    median = float(np.median(dist[:, 1]))
+    median = float(np.median(nearest(X)[0]))
     a, b = list(ids).index(pair[0]), list(ids).index(pair[1])
     others = [i for i in range(len(ids)) if i not in (a, b)]
-    sub = X[others]
-    d2, j2 = NearestNeighbors(n_neighbors=2, algorithm="brute").fit(sub).kneighbors(sub)
-    k = int(np.argmin(d2[:, 1]))
+    dist, index = nearest(X[others])
+    k = int(np.argmin(dist))
     return {"n": len(ids), "median_nn": median, "copy": float(np.linalg.norm(X[a] - X[b])) / median,
-            "closest_distinct": float(d2[k, 1]) / median,
-            "closest_ids": sorted([str(ids[others[k]]), str(ids[others[int(j2[k, 1])]])])}
+            "closest_distinct": float(dist[k]) / median,
+            "closest_ids": sorted([str(ids[others[k]]), str(ids[others[int(index[k])]])])}
 
 
 def same_scan_check(config: str, out: Path, overrides: Sequence[str] = (), subject: int = 0) -> dict:

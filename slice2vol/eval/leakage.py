@@ -129,8 +129,7 @@ def same_scans(sets: Mapping, *, kinds: tuple[str, ...] = ("2d", "3d"), tol: flo
     from sklearn.neighbors import NearestNeighbors
 
     close: dict[frozenset, int] = {}  # pair -> number of sets where it is one scan
-    both: dict[frozenset, int] = {}  # pair -> number of deciding sets holding both subjects
-    deciding: list[tuple[set[str], int]] = []
+    deciding: list[set[str]] = []  # the subjects of each set that decides
     notes: list[str] = []
     for name, es in sets.items():
         if getattr(es, "kind", None) not in kinds or getattr(es, "X", None) is None or len(es.ids) < 3:
@@ -148,15 +147,13 @@ def same_scans(sets: Mapping, *, kinds: tuple[str, ...] = ("2d", "3d"), tol: flo
             notes.append(f"set {name!r}: most subjects share one vector (median nearest-neighbour distance "
                          f"{scale:.3g}); not used to find one scan under two IDs")
             continue
-        deciding.append((set(ids), len(deciding)))
+        deciding.append(set(ids))
         hits = nn.radius_neighbors(X, radius=tol * scale, return_distance=False)
         for i, row in enumerate(hits):
             for j in row:
                 if j > i:
                     pair = frozenset((ids[i], ids[j]))
                     close[pair] = close.get(pair, 0) + 1
-    for pair in close:
-        both[pair] = sum(1 for members, _ in deciding if pair <= members)
     parent: dict[str, str] = {}
 
     def root(s: str) -> str:
@@ -165,7 +162,7 @@ def same_scans(sets: Mapping, *, kinds: tuple[str, ...] = ("2d", "3d"), tol: flo
         return s
 
     for pair, n in close.items():
-        if n == both[pair]:  # one scan in every set that holds both
+        if n == sum(pair <= members for members in deciding):  # one scan in every set that holds both
             a, b = sorted(pair)
             parent[root(b)] = root(a)
     groups: dict[str, list[str]] = {}
