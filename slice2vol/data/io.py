@@ -179,6 +179,9 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
     if path.name.lower().endswith((".hdr", ".img", ".hdr.gz", ".img.gz")):
         raise VolumeError(path, "a NIfTI-1/Analyze .hdr/.img pair: convert it to one .nii.gz file first, e.g. "
                                 "nibabel.save(nibabel.load('x.hdr'), 'x.nii.gz')")
+    problem = _raw_header_problem(path)
+    if problem:
+        raise VolumeError(path, problem)
     try:
         # nibabel logs the header fields it repairs (to stderr, several lines); what matters is checked here
         with _quiet_nibabel():
@@ -355,6 +358,53 @@ def _header_problem(path: Path, img: nib.Nifti1Image) -> str | None:
 #: a compressed stream may go on past the image (padding, a second gzip member) by this much before
 #: the rest is left unread, and its checksum with it
 _TRAILING_LIMIT = 64 << 20
+
+
+def _raw_header_problem(path: Path) -> str | None:
+    """What is wrong with the dimension count or the data offset of a NIfTI header, read as stored.
+
+    nibabel takes a ``dim[0]`` outside 1-7 as the sign of the other byte order and reads every field
+    swapped (``dim[0] = 8`` came out as "vox offset 0 too low"), and an offset of 0, NaN or past the
+    end of the file ended in numpy's or Python's own words. The byte order here comes from
+    ``sizeof_hdr`` (348 or 540), which no valid header has in the other order. Plain and gzip files
+    are checked (gzip's first 64 KiB only); anything else, or a file that does not start like a
+    NIfTI header, is left to nibabel and :func:`_cut_header`.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(1 << 16)
+        gz = raw[:2] == b"\x1f\x8b"
+        head = zlib.decompressobj(wbits=31).decompress(raw, 552) if gz else raw[:552]
+    except (OSError, zlib.error):
+        return None
+    order = next((o for o in "<>" for n in (348, 540) if head[:4] == struct.pack(o + "i", n)), None)
+    if order is None:
+        return None
+    nifti2 = struct.unpack(order + "i", head[:4])[0] == 540
+    if len(head) < (540 if nifti2 else 348):
+        return None  # cut inside the header: _cut_header says so
+    if nifti2:
+        ndim = struct.unpack_from(order + "q", head, 16)[0]
+        offset: float = struct.unpack_from(order + "q", head, 168)[0]
+        single, magic, header_end = head[4:7] == b"n+2", "n+2", 544
+    else:
+        ndim = struct.unpack_from(order + "h", head, 40)[0]
+        offset = struct.unpack_from(order + "f", head, 108)[0]
+        single, magic, header_end = head[344:347] == b"n+1", "n+1", 352
+    if not 1 <= ndim <= 7:
+        return f"invalid NIfTI header: dim[0] = {ndim} (the number of dimensions must be 1-7)"
+    if not math.isfinite(offset):
+        return f"invalid NIfTI header: vox_offset is {offset} (the byte where the voxels start)"
+    if single and offset < header_end:
+        return (f"invalid NIfTI header: vox_offset {offset:g} is inside the header (the voxels of a single-file "
+                f"NIfTI ('{magic}') start at byte {header_end} or later)")
+    if not gz and offset >= size:
+        return f"truncated: the header puts the voxels at byte {offset:.0f} (vox_offset), past the end of the file ({size} bytes)"
+    if gz and offset > _GZIP_MAX_RATIO * size + (1 << 16):
+        return (f"corrupt header: it puts the voxels at byte {offset:.0f} (vox_offset), past anything a "
+                f"{_fmt_bytes(size)} gzip file can hold")
+    return None
 
 
 def _data_extent(img: nib.Nifti1Image) -> tuple[int, int]:

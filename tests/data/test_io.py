@@ -156,11 +156,11 @@ def _damaged_gz(tmp_path: Path, how: str) -> Path:
     return _bytes(tmp_path / f"gz_{how}.nii.gz", bytes(raw))
 
 
-def _nifti2_dims(tmp_path: Path, n: int) -> Path:
+def _nifti2_dims(tmp_path: Path, n: int, ndim: int = 3) -> Path:
     src = tmp_path / "n2_src.nii"
     nib.save(nib.Nifti2Image(blob_volume(), np.eye(4)), str(src))
     raw = bytearray(src.read_bytes())
-    raw[16:80] = struct.pack("<8q", 3, n, n, n, 1, 1, 1, 1)  # NIfTI-2 dim[0..7], int64
+    raw[16:80] = struct.pack("<8q", ndim, n, n, n, 1, 1, 1, 1)  # NIfTI-2 dim[0..7], int64
     return _bytes(tmp_path / "n2_dims.nii", bytes(raw))
 
 
@@ -281,8 +281,26 @@ BAD_CASES = {
     "huge_dims_nii": (lambda t: _patched(t, "huge", _dims(3, 2000, 2000, 2000), gz=False),
                       r"truncated: the header describes 32000000352 bytes \(shape \(2000, 2000, 2000\), float32, "
                       r"data from byte 352\), the file has 54112"),
+    # fuzz round 6 (F8): numpy's and Python's words ("read length must be non-negative or -1", "cannot
+    # convert float NaN to integer"), and an intact gzip stream called corrupt
     "vox_offset_beyond_the_file": (lambda t: _patched(t, "offset", _vox_offset(1e7), gz=False),
-                                   r"truncated: the header describes 10053760 bytes .* data from byte 10000000\)"),
+                                   r"truncated: the header puts the voxels at byte 10000000 \(vox_offset\), past the "
+                                   r"end of the file \(54112 bytes\)$"),
+    "vox_offset_beyond_any_gzip": (lambda t: _patched(t, "offset", _vox_offset(1e9)),
+                                   r"corrupt header: it puts the voxels at byte 1000000000 \(vox_offset\), past "
+                                   r"anything a [\d.]+ KiB gzip file can hold$"),
+    "vox_offset_zero": (lambda t: _patched(t, "offset0", _vox_offset(0.0), gz=False),
+                        r"invalid NIfTI header: vox_offset 0 is inside the header \(the voxels of a single-file "
+                        r"NIfTI \('n\+1'\) start at byte 352 or later\)$"),
+    "vox_offset_nan": (lambda t: _patched(t, "offsetnan", _vox_offset(float("nan")), gz=False),
+                       r"invalid NIfTI header: vox_offset is nan \(the byte where the voxels start\)$"),
+    # F9: nibabel takes dim[0] outside 1-7 for the other byte order and blamed vox_offset
+    "dim0_above_7": (lambda t: _patched(t, "dim0", _dims(8, 24, 28, 20)),
+                     r"invalid NIfTI header: dim\[0\] = 8 \(the number of dimensions must be 1-7\)$"),
+    "dim0_negative": (lambda t: _patched(t, "dim0", _dims(-1, 24, 28, 20), gz=False),
+                      r"invalid NIfTI header: dim\[0\] = -1 \(the number of dimensions must be 1-7\)$"),
+    "nifti2_dim0_above_7": (lambda t: _nifti2_dims(t, 4, ndim=9),
+                            r"invalid NIfTI header: dim\[0\] = 9 \(the number of dimensions must be 1-7\)$"),
     # 2**66 voxels: the int64 product wrapped to 0 and the size check let it through to a traceback
     "nifti2_dims_overflow": (lambda t: _nifti2_dims(t, 2**22), r"truncated: the header describes "
                              r"295147905179352826400 bytes \(shape \(4194304, 4194304, 4194304\), float32"),
