@@ -454,6 +454,26 @@ def _probe_shapes(encoder: Any, item: VolumeItem, device: torch.device, tokens: 
 
 
 # -- the job ------------------------------------------------------------------------------------------
+def _check_batch_memory(batch_size: int, slice_cfg: SliceConfig) -> None:
+    """Refuses, before any subject is read, a batch of slices larger than the memory left.
+
+    The batch is held at least twice on the host (packed slices and the encoder's input, pinned
+    staging on GPU), three channels each; the encoder's activations come on top, so this catches the
+    absurd (a 100000-pixel side failed every subject with the allocator's words), not the tight.
+    """
+    from slice2vol.data.io import _fmt_bytes, available_memory
+
+    side = slice_cfg.size
+    if side is None:
+        return
+    need = 2 * batch_size * 3 * max(1, slice_cfg.context) * side * side * 4
+    free = available_memory()
+    if free is not None and need > free:
+        raise ValueError(f"batch_size {batch_size} at size {side}: one batch of slices needs {_fmt_bytes(need)} "
+                         f"before the encoder's activations, and {_fmt_bytes(free)} is available; lower "
+                         "--batch-size or --size")
+
+
 def cache_cohort(
     cohort: Cohort,
     encoder_key: str | Any,
@@ -532,6 +552,7 @@ def cache_cohort(
         raise ValueError(f"batch_size must be >= 1 slice, got {batch_size}")
     volume_cfg = volume_cfg or VolumeConfig()
     slice_cfg = slice_cfg or SliceConfig()
+    _check_batch_memory(int(batch_size), slice_cfg)
     encoder_kwargs = dict(encoder_kwargs or {})
     shard_ = parse_shard(shard) if shard is not None else shard_from_env()
     store_path = Path(store_path)

@@ -729,6 +729,8 @@ def test_report_splits_the_job_time_into_encoder_waiting_and_store(manifest: Pat
     (["--min-foreground", "2"], "min_foreground must be a fraction of the plane between 0 and 1, got 2.0"),
     (["--min-foreground", "nan"], "min_foreground must be a fraction of the plane between 0 and 1, got nan"),
     (["--batch-size", "0"], "batch_size must be >= 1 slice, got 0"),  # was an IndexError traceback
+    # fuzz round 6 (F12): every subject failed with "DefaultCPUAllocator: can't allocate memory"
+    (["--size", "100000"], "size must be <= 4096 pixels, got 100000 (one 100000x100000 float32 slice is 37.3 GiB"),
 ])
 def test_cache_options_out_of_range_are_refused_in_one_line(manifest: Path, tmp_path: Path, capsys, option,
                                                             message) -> None:
@@ -737,6 +739,23 @@ def test_cache_options_out_of_range_are_refused_in_one_line(manifest: Path, tmp_
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert not store.exists()
+
+
+def test_a_batch_larger_than_the_memory_left_is_refused_before_any_read(manifest: Path, tmp_path: Path,
+                                                                         monkeypatch, capsys) -> None:
+    import slice2vol.data.io as io
+
+    monkeypatch.setattr(io, "available_memory", lambda: 100 << 20)  # 100 MiB left
+    store = tmp_path / "f.h5"
+    read = []
+    monkeypatch.setattr(io, "read_nifti", lambda *a, **k: read.append(a))
+    # 2 copies x 64 slices x 3 channels x 512 x 512 x 4 bytes = 384 MiB
+    assert main(["cache", "--manifest", str(manifest), "--store", str(store), *CLI_ARGS, "--size", "512",
+                 "--batch-size", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("batch_size 64 at size 512: one batch of slices needs 384.0 MiB before the encoder's "
+                        "activations, and 100.0 MiB is available; lower --batch-size or --size")
+    assert not read and not store.exists()
 
 
 def test_a_damaged_part_says_how_to_go_on(manifest: Path, tmp_path: Path) -> None:

@@ -22,6 +22,10 @@ PLANES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
 _IN_PLANE = {"sagittal": (2, 1), "coronal": (2, 0), "axial": (1, 0)}
 
 
+#: the largest slice side accepted: 4x SAM's 1024-pixel input, far above any brain scan's voxels
+MAX_SIZE = 4096
+
+
 @dataclass
 class SliceConfig:
     """Which slices to cut and how to shape them.
@@ -61,6 +65,11 @@ class SliceConfig:
             raise ValueError(f"min_foreground must be a fraction of the plane between 0 and 1, got {self.min_foreground}")
         if self.size is not None and self.size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {self.size}")
+        if self.size is not None and self.size > MAX_SIZE:
+            # a 100000-pixel side asked 210 GB per batch and failed every subject with the allocator's words
+            raise ValueError(f"size must be <= {MAX_SIZE} pixels, got {self.size} (one {self.size}x{self.size} "
+                             f"float32 slice is {self.size * self.size * 4 / 2**30:.3g} GiB; encoders take "
+                             "224-1024)")
 
 
 @dataclass
