@@ -70,19 +70,9 @@ def _params_named(cfg: AggregateConfig) -> Iterator[None]:
 
 
 def _read_ids(value: str) -> list[str] | str:
-    if value == "all":
-        return "all"
-    path = Path(value)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: --train-ids file not found (one subject ID per line, or 'all')")
-    lines = path.read_text().splitlines()
-    ids = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-    if not ids:
-        raise ValueError(f"{path}: no subject IDs in the --train-ids file (one per line)")
-    duplicated = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicated:
-        raise ValueError(f"{path}: duplicate subject IDs in the --train-ids file, e.g. {duplicated[:3]}")
-    return ids
+    from slice2vol.data.manifest import read_id_list
+
+    return "all" if value == "all" else read_id_list(value, "--train-ids")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     train_ids = _read_ids(args.train_ids) if args.train_ids else None
+    if isinstance(train_ids, list):
+        from slice2vol.data.manifest import check_ids_known
+
+        check_ids_known(args.train_ids, train_ids, open_store(args.store).subjects(), f"the store {args.store}")
     damaged: list[str] = []  # subjects whose cached rows fail their checksum: left out, listed, exit 1
     with _params_named(cfg):
         name = aggregate_store(args.store, cfg.method, planes=cfg.planes, name=cfg.name, train_ids=train_ids,

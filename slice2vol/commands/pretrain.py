@@ -41,16 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_ids(path: str) -> list[str]:
-    from pathlib import Path
+    from slice2vol.data.manifest import read_id_list
 
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as err:
-        raise FileNotFoundError(f"{path}: cannot read the subject list ({err.strerror})") from None
-    ids = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not ids:
-        raise ValueError(f"{path}: no subject ID in the file")
-    return ids
+    return read_id_list(path, "--subjects")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -272,6 +272,36 @@ def text_encoding(path: str | Path) -> str:
     return "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
 
 
+def read_id_list(path: str | Path, flag: str) -> list[str]:
+    """Subject IDs of a text file, one per line (``flag`` names the option, for the messages).
+
+    Blank lines and ``#`` comments are skipped, spaces and CR stripped, and a byte-order mark (UTF-8
+    or UTF-16, as spreadsheets and Windows editors write them) dropped: it used to stay glued to the
+    first ID, which then matched no subject. Every problem is one line starting with the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {flag} file not found (one subject ID per line)")
+    try:
+        lines = path.read_text(encoding=text_encoding(path)).splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the {flag} file ({getattr(err, 'strerror', None) or err})") from None
+    ids = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not ids:
+        raise ValueError(f"{path}: no subject IDs in the {flag} file (one per line)")
+    duplicated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
+    if duplicated:
+        raise ValueError(f"{path}: duplicate subject IDs in the {flag} file, e.g. {duplicated[:3]}")
+    return ids
+
+
+def check_ids_known(path: str | Path, ids: Sequence[str], known: Sequence[str], where: str) -> None:
+    """Refuses IDs of the list file ``path`` that are not among ``known`` (the store's, the cohort's)."""
+    unknown = sorted(set(ids) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} subject ID(s) not in {where}, e.g. {unknown[:3]}")
+
+
 def _check_layout(path: Path, sep: str, encoding: str) -> None:
     """Refuses header names that repeat (after stripping spaces) and rows with more filled cells than
     the header: pandas renames a repeated name (``age.1``) and drops the extra cells of a row, so

@@ -551,8 +551,8 @@ def _train_ids(cfg: FinetuneConfig, cohort) -> list[str]:
         return all_ids
     if spec == "all":
         return all_ids
-    wanted = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    unknown = sorted(set(wanted) - set(all_ids))
-    if unknown:
-        raise ValueError(f"{spec}: {len(unknown)} subject IDs not in the manifest, e.g. {unknown[:3]}")
+    from slice2vol.data.manifest import check_ids_known, read_id_list
+
+    wanted = read_id_list(spec, "data.train_ids")
+    check_ids_known(spec, wanted, all_ids, "the manifest")
     return wanted

@@ -107,6 +107,25 @@ def test_train_ids_file_problems_are_named(store, tmp_path, capsys):
     assert "gone.txt: --train-ids file not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_a_train_ids_file_with_a_byte_order_mark_and_crlf_is_read(store, tmp_path, capsys, encoding):
+    """Fuzz round 6 (F13): the mark stayed glued to the first ID ('\\ufeffIXI039...' not in the store)."""
+    ids = tmp_path / "train.txt"
+    ids.write_bytes("\r\n".join(store.subjects()[:12]).encode(encoding))
+    assert main(["aggregate", "--store", "features.h5", "--method", "mil", "--label", "group", "--train-ids",
+                 str(ids), "--no-plot", "--out", str(tmp_path / "att"), "params.epochs=1", "params.hidden=8"]) == 0
+    assert store.volume_embeddings("mil-group")[2]["n_train"] == 12
+
+
+def test_train_ids_missing_from_the_store_name_the_file(store, tmp_path, capsys):
+    ids = tmp_path / "train.txt"
+    ids.write_text("\n".join([*store.subjects()[:4], "nosuch"]))
+    assert main(["aggregate", "--store", "features.h5", "--method", "mil", "--label", "group", "--train-ids",
+                 str(ids), "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{ids}: 1 subject ID(s) not in the store features.h5, e.g. ['nosuch']") and "\n" not in err
+
+
 def test_an_empty_embedding_set_is_not_written(tmp_path):
     import numpy as np
 
