@@ -332,6 +332,23 @@ def test_export_never_overwrites_a_store(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "e.parquet").exists() and not list(tmp_path.glob(".*tmp"))
 
 
+def test_export_replaces_an_earlier_export_but_no_other_file(tmp_path, capsys):
+    """Fuzz round 6 (F14): ``--out cohort.csv`` replaced the manifest with embeddings, exit 0."""
+    store = _labelled_store(tmp_path / "s.h5")
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("subject_id,t1\na,a.nii.gz\n")
+    argv = ["export", "--store", str(store), "--embeddings", "mean", "--out", str(manifest)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{manifest}: already exists and is no earlier export (no cohort.csv.provenance.json beside "
+                        "it); choose another --out, or pass --overwrite to replace it")
+    assert manifest.read_text() == "subject_id,t1\na,a.nii.gz\n"
+    assert main([*argv, "--overwrite"]) == 0 and manifest.read_text().startswith("subject_id,e0")
+    out = tmp_path / "e.npz"
+    for _ in range(2):  # an earlier export (its sidecar beside it) is replaced without --overwrite
+        assert main(["export", "--store", str(store), "--embeddings", "mean", "--out", str(out)]) == 0
+
+
 def test_command_line_is_recorded_and_run_log_written(tmp_path, monkeypatch):
     from slice2vol.commands import _common
 

@@ -29,15 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", choices=FORMATS, default=None, help="format (default: from the --out suffix)")
     add_out(parser, help="file to write")
     parser.add_argument("--labels", action="store_true", help="add the store's label columns after subject_id")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out that is not an earlier export (never an HDF5 file)")
 
 
 class MissingDependency(ImportError):
     """An optional package a format needs is not installed (the message says what to install)."""
 
 
-def _refuse_to_clobber(out: Path, store_path: Path) -> None:
+def _refuse_to_clobber(out: Path, store_path: Path, overwrite: bool = False) -> None:
     """Refuses an ``out`` that is the store itself or another HDF5 file (a feature store, most likely):
-    an export is a copy of part of a store and must never replace one."""
+    an export is a copy of part of a store and must never replace one. Any other existing file is
+    replaced only when it is an earlier export (its ``.provenance.json`` sidecar beside it) or
+    ``overwrite`` is set: ``--out cohort.csv`` replaced the manifest itself with embeddings."""
     if out.exists() and out.resolve() == store_path.resolve():
         raise ValueError(f"{out}: --out is the store being exported; write the export to another file")
     if out.is_dir():
@@ -48,6 +52,13 @@ def _refuse_to_clobber(out: Path, store_path: Path) -> None:
         if h5py.is_hdf5(out):  # HDF5's own signature check (it also finds a signature after a user block)
             raise ValueError(f"{out}: is an HDF5 file (a feature store?); refusing to overwrite it with an "
                              "export: choose another --out or remove it first")
+        if not overwrite and not _sidecar(out).is_file():
+            raise ValueError(f"{out}: already exists and is no earlier export (no {_sidecar(out).name} beside it); "
+                             "choose another --out, or pass --overwrite to replace it")
+
+
+def _sidecar(out: Path) -> Path:
+    return out.with_name(out.name + ".provenance.json")
 
 
 def _label_columns(frame, taken: set[str], prefix: str = "", arrays: bool = False) -> dict:
@@ -90,7 +101,7 @@ def _format_of(out: Path, to: str | None) -> str:
 
 
 def export_embeddings(store_path: str | Path, name: str, out: str | Path, fmt: str | None = None, *,
-                      labels: bool = False) -> Path:
+                      labels: bool = False, overwrite: bool = False) -> Path:
     """Writes the set ``name`` of ``store_path`` to ``out`` and returns the path.
 
     Args:
@@ -99,11 +110,13 @@ def export_embeddings(store_path: str | Path, name: str, out: str | Path, fmt: s
         out: target file (its folder is created).
         fmt: ``csv``, ``parquet`` or ``npz`` (default: the suffix of ``out``).
         labels: add the store's label columns.
+        overwrite: replace an existing ``out`` that is not an earlier export (never an HDF5 file).
 
     Raises:
         FileNotFoundError: no such store. KeyError: no such set (the message lists the sets).
         MissingDependency: Parquet without pyarrow (the message says what to install).
-        ValueError: ``out`` is the store itself, a folder, or another HDF5 file.
+        ValueError: ``out`` is the store itself, a folder, another HDF5 file, or an existing file
+            that is not an earlier export (without ``overwrite``).
     """
     from slice2vol.cache import FeatureStore
 
@@ -111,7 +124,7 @@ def export_embeddings(store_path: str | Path, name: str, out: str | Path, fmt: s
     if not store_path.exists() and not store_path.with_name(store_path.name + ".parts").exists():
         raise FileNotFoundError(f"{store_path}: feature store not found")
     fmt = _format_of(out, fmt)
-    _refuse_to_clobber(out, store_path)
+    _refuse_to_clobber(out, store_path, overwrite)
     store = FeatureStore(store_path)
     ids, X, provenance = store.volume_embeddings(name)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +165,7 @@ def export_embeddings(store_path: str | Path, name: str, out: str | Path, fmt: s
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    out.with_name(out.name + ".provenance.json").write_text(json.dumps(meta, indent=1, default=str))
+    _sidecar(out).write_text(json.dumps(meta, indent=1, default=str))
     return out
 
 
@@ -168,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ValueError("--out FILE is required with --embeddings")
-    path = export_embeddings(args.store, args.embeddings, args.out, args.to, labels=args.labels)
+    path = export_embeddings(args.store, args.embeddings, args.out, args.to, labels=args.labels,
+                             overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
