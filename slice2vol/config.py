@@ -76,6 +76,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
+            if tp in (int, float) and isinstance(value, bool):  # `n_folds: true` was read as 1
+                raise ValueError
             return tp(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
@@ -91,6 +93,10 @@ def from_dict(cls: type[C], data: dict, where: str = "") -> C:
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}"
         )
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:  # was a TypeError traceback naming __init__ ("missing 1 required positional argument")
+        raise ConfigError(f"{where or cls.__name__}: missing key(s) {required}")
     kwargs = {k: _coerce(v, hints[k], f"{where or cls.__name__}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 

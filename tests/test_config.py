@@ -76,3 +76,29 @@ def test_an_override_that_brings_an_unknown_key_or_a_bad_value_is_named(tmp_path
     path.write_text("n: 1\nbogus: 2\n")  # the file's own mistake is still the file's
     with pytest.raises(ConfigError, match=r"^\S*c.yaml: unknown key\(s\) \['bogus'\]"):
         load_config(_Cfg, path, ["n=3"])
+
+
+@dataclass
+class _Required:
+    path: str
+    name: str = "x"
+
+
+def test_a_missing_required_key_and_a_boolean_number_are_named(tmp_path):
+    """A list entry without its required key was a TypeError traceback ("__init__() missing 1 required
+    positional argument"); ``n: true`` was taken as 1 (fuzz round 6)."""
+    from slice2vol.config import from_dict
+    from slice2vol.eval.experiment import load_experiment
+
+    with pytest.raises(ConfigError, match=r"^c.yaml.entries\[0\]: missing key\(s\) \['path'\]$"):
+        from_dict(_Required, {"name": "a"}, "c.yaml.entries[0]")
+    path = tmp_path / "c.yaml"
+    path.write_text("n: true\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.n: expected int, got True"):
+        load_config(_Cfg, path)
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=r"splits.n_folds: expected int, got True"):
+        load_experiment(repo / "configs/experiments/ci.yaml", ["splits.n_folds=true"])
+    # a features list entry without a name is named after its file, as a single block is
+    cfg, _ = load_experiment(repo / "configs/experiments/ci.yaml", ["features=[{path: data/dlmuse.csv}]"])
+    assert cfg.features[0].name == "dlmuse"

@@ -37,8 +37,10 @@ def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> Em
     """A brought-in feature table -> an :class:`EmbeddingSet` of the cohort subjects it covers.
 
     Raises:
-        ValueError: unreadable file, missing ID column, non-numeric or non-finite columns, no subject
-            of the cohort in the file (one line naming the file).
+        ValueError: unreadable file, missing ID column, non-numeric columns, a column with no finite
+            value for any cohort subject, no subject of the cohort in the file (one line naming the
+            file). Subjects with a missing value elsewhere are left out and listed in the provenance
+            (``left_out_missing_values``, ``missing_columns``).
     """
     if not path.exists():
         raise ValueError(f"{path}: features file not found (features entry {entry.name!r})")
@@ -93,8 +95,16 @@ def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> Em
         raise ValueError(f"{path}: none of its {len(ids)} IDs is a subject of the cohort (e.g. {ids[:3]})")
     X = X[keep]
     ids = [ids[i] for i in keep]
-    finite = np.isfinite(X).all(1)
+    ok = np.isfinite(X)
+    empty = [c for c, any_ok in zip(columns, ok.any(0)) if not any_ok]
+    if empty:
+        # it used to leave every subject out, and with them every other set's comparison
+        raise ValueError(f"{path}: column(s) {empty[:5]} hold no finite value for any of the {len(ids)} cohort "
+                         f"subject(s) in the file (features entry {entry.name!r}); drop them (exclude: [...])")
+    finite = ok.all(1)
     left_out = [s for s, f in zip(ids, finite) if not f]
+    missing_columns = {s: [c for c, good in zip(columns, row) if not good][:5]
+                       for s, row, f in zip(ids, ok, finite) if not f}
     if left_out:
         log.warning("%s: %d subject(s) with missing values are left out", path, len(left_out))
         X, ids = X[finite], [s for s, f in zip(ids, finite) if f]
@@ -107,7 +117,7 @@ def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> Em
         X = np.log1p(X)
     prov = {"source": str(path), "source_sha256": file_sha256(path), "columns": columns[:50],
             "n_columns": len(columns), "id_column": entry.id_column, "log": entry.log,
-            "left_out_missing_values": left_out}
+            "left_out_missing_values": left_out, "missing_columns": missing_columns}
     if entry.fitted_on is not None:
         prov.update({"fitted_on": list(entry.fitted_on), "fitted_labels": list(entry.fitted_labels)})
     return EmbeddingSet(entry.name, ids, X.astype(np.float32), prov, "features", entry)

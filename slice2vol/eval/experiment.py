@@ -266,9 +266,10 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
         params[key] = data.pop(key) or {}
     data["task_params"] = params
     if isinstance(data.get("features"), dict):  # a single `features: {path: ..., id_column: ...}` block
-        block = dict(data["features"])
-        block.setdefault("name", Path(str(block.get("path", "features"))).stem)
-        data["features"] = [block]
+        data["features"] = [data["features"]]
+    if isinstance(data.get("features"), list):  # an entry's name defaults to its file's stem, as for one block
+        data["features"] = [{**e, "name": e.get("name") or Path(str(e.get("path", "features"))).stem}
+                            if isinstance(e, dict) else e for e in data["features"]]
     # through the module attribute, so a caller (or a test spy) sees every config this job builds
     try:
         cfg = _config.from_dict(ExperimentConfig, data, str(path))

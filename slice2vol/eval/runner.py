@@ -102,6 +102,9 @@ def build_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, out: P
     from slice2vol.eval.finetuned import FoldFinetunedEncoder
     from slice2vol.eval.sets3d import build_3d_sets
 
+    # brought-in tables first: a bad one is refused in seconds, not after hours of caching
+    brought = {entry.name: read_features(entry, Path(expand(entry.path, base)), list(cohort.ids))
+               for entry in cfg.features}
     store_dir = Path(expand(cfg.store_dir, base)) if cfg.store_dir else out / "stores"
     store_dir.mkdir(parents=True, exist_ok=True)
     skipped: list[dict] = []
@@ -112,12 +115,15 @@ def build_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, out: P
     for entry in cfg.finetune:
         es = FoldFinetunedEncoder(entry, cfg, cohort, base, out, progress, cache)
         sets[es.name] = es
-    for entry in cfg.features:
-        sets[entry.name] = read_features(entry, Path(expand(entry.path, base)), list(cohort.ids))
-        missing = sets[entry.name].provenance.get("left_out_missing_values")
+    for name, es in brought.items():
+        sets[name] = es
+        missing = es.provenance.get("missing_columns") or {}
         if missing:  # these subjects then drop out of every set's comparison (labels use common subjects)
-            skipped.append({"name": f"{entry.name}: {len(missing)} subject(s) {missing[:5]}",
+            skipped.append({"name": f"{name}: {len(missing)} subject(s) {list(missing)[:5]}",
                             "reason": "missing or non-finite values in the features file", "substitute": None})
+            # failures, not a warning alone: the whole comparison shrank (exit 1, listed at the end)
+            failures += [f"{sid}: {es.provenance['source']}: no finite value in column(s) {cols} of features entry "
+                         f"{name!r}; left out of every set's comparison" for sid, cols in missing.items()]
     if cfg.baselines.sets:
         computed, missed = compute_baselines(list(cfg.baselines.sets), cohort, cfg.volume, cfg.baselines, cache,
                                              progress, timings, failures=failures)
