@@ -177,7 +177,9 @@ def compute_baselines(names: list[str], cohort, volume_cfg, cfg: BaselineConfig,
                 x = torch.from_numpy(np.ascontiguousarray(vol.data[:1], dtype=np.float32))[None]
                 feats["intensities"].append(F.adaptive_avg_pool3d(x, (g, g, g)).reshape(-1).numpy())
                 ids["intensities"].append(subject.subject_id)
-        hit = {n: {"ids": ids[n], "X": np.asarray(feats[n], dtype=np.float32).reshape(len(ids[n]), -1)}
+        # widths spelled out: with every subject failed, reshape(0, -1) was numpy's error for the whole run
+        width = {"head_volume": 1, "brain_volume": 1, "intensities": g ** 3}
+        hit = {n: {"ids": ids[n], "X": np.asarray(feats[n], dtype=np.float32).reshape(len(ids[n]), width[n])}
                for n in wanted}
         hit["failures"] = failed
         if cache:

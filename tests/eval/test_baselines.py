@@ -54,6 +54,23 @@ def test_brain_volume_without_segmentation_is_skipped_with_a_reason(cohort, tmp_
         compute_baselines(["skull_volume"], no_seg, VolumeConfig(), BaselineConfig(), None, progress=False)
 
 
+def test_baselines_of_a_cohort_whose_every_subject_fails_are_skipped_with_the_failures(cohort, tmp_path):
+    """Fuzz round 6: "cannot reshape array of size 0 into shape (0,newaxis)" ended the run."""
+    cohort, _ = cohort
+    broken = cohort.subset(cohort.ids[:2])
+    for s in broken.subjects:
+        bad = tmp_path / f"{s.subject_id}.nii.gz"
+        bad.write_bytes(b"not a volume")
+        s.images = {name: bad for name in s.images}
+    failures: list[str] = []
+    cfg = BaselineConfig(sets=["head_volume", "brain_volume", "intensities"], intensity_grid=2)
+    sets, skipped = compute_baselines(cfg.sets, broken, VolumeConfig(), cfg, None, progress=False,
+                                      failures=failures)
+    assert sets == {}
+    assert skipped == [{"name": n, "reason": "no subject could be loaded", "substitute": None} for n in cfg.sets]
+    assert len(failures) == 2 and all(f"{s}.nii.gz" in f for s, f in zip(broken.ids, failures))
+
+
 def test_chance_set_is_marked():
     es = chance_set(["a", "b"])
     assert es.kind == "chance" and es.ids == ["a", "b"]
