@@ -541,6 +541,21 @@ def test_out_of_range_counts_name_their_flag(argv, message, capsys, tmp_path, mo
     assert capsys.readouterr().err.strip().endswith(message)
 
 
+@pytest.mark.parametrize("command", [["cache", "--manifest", "m.csv", "--encoder", "tv/mobilenet_v2", "--store", "s.h5"],
+                                     ["embed", "--manifest", "m.csv", "--encoder", "3d/deepbet"],
+                                     ["finetune", "--manifest", "m.csv"]])
+def test_empty_weights_are_a_usage_error(command, capsys, tmp_path, monkeypatch):
+    """Fuzz round 6: ``--weights "$CKPT"`` with the variable unset built random weights, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--weights", ""])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "argument --weights: empty value (an unset shell variable?): give random, pretrained, hub[:tag], package or "
+        "a local file")
+    assert not list(tmp_path.iterdir())
+
+
 def test_cache_into_a_file_that_is_no_store_leaves_nothing_beside_it(tmp_path, capsys):
     """A CSV named .h5 is refused in one line before the job's log and lock are created beside it."""
     store = tmp_path / "s.h5"

@@ -65,6 +65,15 @@ def add_device(parser: argparse.ArgumentParser) -> None:
                         help="auto (CUDA when available), cpu, cuda or cuda:N")
 
 
+def weights_arg(text: str) -> str:
+    """argparse type of ``--weights``: an empty value (``--weights "$CKPT"`` with the variable unset)
+    is refused; it used to mean random weights."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty value (an unset shell variable?): give random, pretrained, "
+                                         "hub[:tag], package or a local file")
+    return text
+
+
 def add_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress output (default: a bar on a terminal, plain lines every 30 s otherwise)")

@@ -33,6 +33,7 @@ from slice2vol.commands._common import (
     add_run_log,
     progress_enabled,
     resolve_device,
+    weights_arg,
 )
 
 HELP = "cache slice features of a cohort in an HDF5 store (resumable, sharded); merge/verify/compact/info"
@@ -49,7 +50,7 @@ def _store_arguments(parser: argparse.ArgumentParser, what: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", help="encoder key, e.g. timm/resnet18 (see 'slice2vol encoders')")
-    parser.add_argument("--weights", default="random", help="random | hub[:tag] | local checkpoint")
+    parser.add_argument("--weights", type=weights_arg, default="random", help="random | hub[:tag] | local checkpoint")
     parser.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="encoder option (repeatable), e.g. img_size=112 or pooling=gem")
     add_manifest(parser)

@@ -38,6 +38,7 @@ from slice2vol.commands._common import (
     overrides_of,
     progress_enabled,
     resolve_device,
+    weights_arg,
 )
 
 HELP = "embed a cohort's volumes with a native-3D encoder (3d/deepbet, MONAI, MedicalNet, ...) into a store"
@@ -46,7 +47,7 @@ HELP = "embed a cohort's volumes with a native-3D encoder (3d/deepbet, MONAI, Me
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("Examples::", 1)[1].strip("\n") if __doc__ else None
     parser.add_argument("--encoder", metavar="KEY", help="3D encoder key, e.g. 3d/deepbet (see --list)")
-    parser.add_argument("--weights", help="random | hub[:tag] | package | local checkpoint (default: the config's, "
+    parser.add_argument("--weights", type=weights_arg, help="random | hub[:tag] | package | local checkpoint (default: the config's, "
                                           "else random)")
     parser.add_argument("--list", action="store_true", help="list the registered 3D encoders and exit")
     add_config(parser, help="YAML Encoder3DConfig (key, weights, kwargs, sliding_window, device)")

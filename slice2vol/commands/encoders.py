@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from slice2vol.commands._common import add_device, add_out, add_progress, progress_enabled, resolve_device
+from slice2vol.commands._common import add_device, add_out, add_progress, progress_enabled, resolve_device, weights_arg
 
 HELP = "list the 2D encoders (keys, embedding size, input size, parameters, dense levels)"
 DESCRIPTION = __doc__
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="glob on preset keys (e.g. 'timm/vit*'), or one exact open-registry key")
     parser.add_argument("--details", action="store_true",
                         help="build each encoder and show resolved preprocessing, token grid and feature levels")
-    parser.add_argument("--weights", default="random", metavar="WEIGHTS",
+    parser.add_argument("--weights", type=weights_arg, default="random", metavar="WEIGHTS",
                         help="weights for --details: random | pretrained | imagenet | package | hub[:tag] | FILE")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     add_out(parser, help="also write the rows to this file (.jsonl, or .csv)")

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_device(parser)
     _common.add_progress(parser)
     parser.add_argument("--encoder", help="2D encoder key, e.g. timm/vit_small_patch16_224")
-    parser.add_argument("--weights", help="base weights: random, hub[:tag] or a local file")
+    parser.add_argument("--weights", type=_common.weights_arg, help="base weights: random, hub[:tag] or a local file")
     parser.add_argument("--mode", choices=("frozen", "last_blocks", "lora"))
     parser.add_argument("--objective", choices=("simclr", "supervised"))
     parser.add_argument("--label", help="label column (supervised objective)")

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from slice2vol.commands._common import add_device, add_out, add_progress, add_store, resolve_device
+from slice2vol.commands._common import add_device, add_out, add_progress, add_store, resolve_device, weights_arg
 
 HELP = "find the subjects most similar to an indexed subject or to a new NIfTI scan"
 TABLE_SUFFIXES = (".json", ".csv")
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_out(parser, help="write the neighbours to this file: .json or .csv (the table), .html or .png (a gallery "
                          "of the query and its neighbours)")
     parser.add_argument("--gallery", help="also write a gallery (.html or .png)")
-    parser.add_argument("--weights", help="local copy of the indexed encoder's weights (sha256 is checked)")
+    parser.add_argument("--weights", type=weights_arg, help="local copy of the indexed encoder's weights (sha256 is checked)")
     add_device(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="slices per encoder call (new scans)")
     add_progress(parser)

@@ -689,11 +689,16 @@ def parse_weights(weights: str | Path | None, *, pretrained: bool = False
 
     Raises:
         FileNotFoundError: a path that does not exist (anything not a word above is a path).
-        ValueError: a pretrained word for a caller that has no pretrained weights to resolve.
+        ValueError: an empty string, or a pretrained word for a caller that has no pretrained weights
+            to resolve.
     """
-    if weights is None or str(weights) in ("", "random", "none"):
+    if weights is None or str(weights) in ("random", "none"):
         return "random", ""
     text = str(weights)
+    if not text.strip():
+        # `--weights "$CKPT"` with the variable unset gave a random network without a word
+        raise ValueError("weights is an empty string (an unset shell variable?): give 'random', 'pretrained', "
+                         "'hub[:tag]' or a local file")
     if text == "hub" or text.startswith("hub:"):
         return "hub", text[4:]
     if text in PRETRAINED_WORDS:

@@ -32,6 +32,10 @@ def test_parse_weights3d(text, expected):
 def test_parse_weights3d_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt: weights file not found"):
         parse_weights3d(tmp_path / "nope.pt")
+    # fuzz round 6: `--weights "$CKPT"` with the variable unset built a random network without a word
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match=r"^weights is an empty string \(an unset shell variable\?\)"):
+            parse_weights3d(empty)
 
 
 def test_sliding_window_parse():
