@@ -24,6 +24,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -946,7 +947,30 @@ def build_encoder(key: str, weights: str | Path | None = "random", **kwargs: Any
         encoder = ENCODERS.build(key, weights=weights, **kwargs)
     except TypeError as err:
         # an option the family does not take (encoders.0.kwargs.nosuch=1) or of the wrong type
-        if kwargs and ("unexpected keyword" in str(err) or "argument" in str(err)):
+        unknown = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+        if kwargs and unknown:
+            # the message named an internal function (apply_preprocess_overrides); name the options instead
+            known = _keyword_options(err.__traceback__)
+            raise ValueError(f"encoder {key!r} has no option {unknown.group(1)!r}"
+                             + (f"; it takes {', '.join(known)}" if known else "")) from None
+        if kwargs and "argument" in str(err):
             raise ValueError(f"encoder {key!r}: {err} (options given: {sorted(kwargs)})") from None
         raise
     return encoder.eval()
+
+
+def _keyword_options(tb: Any) -> list[str]:
+    """The options an encoder takes: the keyword-only parameters of the first function the build went
+    through that has any (the family's builder), then the preprocessing overrides every family takes."""
+    import inspect
+
+    names: list[str] = []
+    tb = tb.tb_next if tb is not None else None  # past build_encoder itself
+    while tb is not None and not names:
+        code = tb.tb_frame.f_code
+        names = [n for n in code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
+                 if not n.startswith("default_")]
+        tb = tb.tb_next
+    overrides = [p.name for p in inspect.signature(apply_preprocess_overrides).parameters.values()
+                 if p.kind is p.KEYWORD_ONLY]
+    return names + [n for n in overrides if n not in names]
