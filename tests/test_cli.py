@@ -556,6 +556,16 @@ def test_empty_weights_are_a_usage_error(command, capsys, tmp_path, monkeypatch)
     assert not list(tmp_path.iterdir())
 
 
+def test_a_bench_config_without_a_cohort_is_named(tmp_path, capsys):
+    """An empty config file gave 'cohort: set manifest or synthetic', naming no file (fuzz round 6)."""
+    config = tmp_path / "empty.yaml"
+    config.write_text("")
+    assert main(["bench", "--config", str(config), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{config}: no cohort: set cohort.manifest (a CSV, e.g. cohort.manifest=cohort.csv) or "
+                        "cohort.synthetic (e.g. cohort.synthetic={n_subjects: 24})") and "\n" not in err
+
+
 def test_cache_into_a_file_that_is_no_store_leaves_nothing_beside_it(tmp_path, capsys):
     """A CSV named .h5 is refused in one line before the job's log and lock are created beside it."""
     store = tmp_path / "s.h5"

@@ -22,8 +22,10 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def resolve_cohort(cfg: ExperimentConfig, base: Path, out: Path):
-    """Loads the manifest (or builds the synthetic cohort once) -> (Cohort, manifest path)."""
+def resolve_cohort(cfg: ExperimentConfig, base: Path, out: Path, source: str | Path | None = None):
+    """Loads the manifest (or builds the synthetic cohort once) -> (Cohort, manifest path).
+
+    ``source`` (the config file) starts the message of a config that names no cohort."""
     from slice2vol.data.manifest import load_manifest
 
     if cfg.cohort.manifest:
@@ -45,7 +47,9 @@ def resolve_cohort(cfg: ExperimentConfig, base: Path, out: Path):
             manifest = Path(make_cohort(target, **params))
             stamp.write_text(json.dumps(params))
     else:
-        raise ValueError("cohort: set manifest or synthetic")
+        # an empty config file was refused without naming the file
+        raise ValueError(f"{source or 'the experiment config'}: no cohort: set cohort.manifest (a CSV, "
+                         "e.g. cohort.manifest=cohort.csv) or cohort.synthetic (e.g. cohort.synthetic={n_subjects: 24})")
     cohort = load_manifest(manifest, label_types=dict(cfg.cohort.label_types) or None)
     if cfg.cohort.max_subjects:
         cohort = cohort.subset(cohort.ids[: cfg.cohort.max_subjects])

@@ -234,7 +234,7 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
     cache = ResultCache(out / "cache")
     timings: dict[str, float] = {}
     t0 = time.time()
-    cohort, manifest = resolve_cohort(cfg, base, out)
+    cohort, manifest = resolve_cohort(cfg, base, out, config_path)
     labels, label_types = labels_of(cohort, cfg)
     timings["cohort"] = round(time.time() - t0, 2)
     log.info("cohort: %d subjects from %s; labels %s", len(cohort), manifest, label_types)
