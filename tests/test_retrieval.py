@@ -548,3 +548,23 @@ def test_small_ivf_trains_without_faiss_stderr_and_a_chosen_nlist_is_warned_in_o
     assert len(lines) == 1 and re.fullmatch(r"IVF nlist=4 trained on \d\d vectors \(fewer than 39 per cell, FAISS's "
                                             r"minimum\): the cells are poorly placed; a smaller --nlist or --kind "
                                             r"flat fits this size", lines[0]), lines
+
+
+def test_gallery_png_with_a_very_long_id_is_drawn_without_warnings(tmp_path):
+    """Fuzz round 6: a 70,000-character subject ID leaked matplotlib's 'Tight layout not applied' (two
+    lines on stderr) and pushed the images off the figure; the PNG clips text, the HTML keeps it."""
+    import warnings
+
+    from slice2vol.retrieval.gallery import Tile, write_html, write_png
+
+    long_id = "x" * 70_000
+    tiles = [Tile(long_id, "age 40", np.full((20, 60), 128, np.uint8), is_query=True),
+             Tile("b", "age 50", np.zeros((20, 60), np.uint8))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        png = write_png(tiles, tmp_path / "g.png", f"query {long_id}")
+    import matplotlib.image as mpimg
+
+    image = mpimg.imread(png)
+    assert image.shape[0] < 400 and image.shape[1] < 800  # the figure is the tiles' size, not the text's
+    assert long_id in write_html(tiles, tmp_path / "g.html", "q").read_text()

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -181,6 +182,13 @@ small {{ color: #999; }}
     return out
 
 
+def _clip(text: str, width: int = 64) -> str:
+    """One line of at most ``width`` characters for the PNG's text column (the HTML keeps it whole):
+    a 70,000-character subject ID pushed the images off the figure."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
 def write_png(tiles: Sequence[Tile], out: Path, title: str, subtitle: str = "") -> Path:
     import matplotlib
 
@@ -196,10 +204,13 @@ def write_png(tiles: Sequence[Tile], out: Path, title: str, subtitle: str = "") 
         ax.set_xlim(-330, width)
         ax.set_axis_off()
         color = "#ffd27f" if tile.is_query else "white"
-        ax.text(-320, tile.strip.shape[0] / 2, f"{tile.title}\n{tile.caption}", color=color,
+        ax.text(-320, tile.strip.shape[0] / 2, f"{_clip(tile.title)}\n{_clip(tile.caption)}", color=color,
                 fontsize=8, va="center", ha="left", family="monospace")
-    fig.suptitle(f"{title}\n{subtitle}", color="white", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"{_clip(title, 120)}\n{_clip(subtitle, 120)}", color="white", fontsize=9)
+    with warnings.catch_warnings():
+        # cosmetic: a layout matplotlib cannot tighten is still a readable figure (it printed two lines)
+        warnings.filterwarnings("ignore", "Tight layout not applied", UserWarning)
+        fig.tight_layout()
     fig.savefig(out, dpi=100, facecolor="black")
     plt.close(fig)
     return out
