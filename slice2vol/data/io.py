@@ -319,6 +319,11 @@ def _float32_range_problem(img: nib.Nifti1Image, data: np.ndarray) -> str | None
 _GZIP_MAX_RATIO = 1100
 
 
+def _gzip_reach(on_disk: int) -> int:
+    """The most bytes a gzip file of ``on_disk`` bytes can decompress to (plus headers' slack)."""
+    return _GZIP_MAX_RATIO * on_disk + (1 << 16)
+
+
 def _header_problem(path: Path, img: nib.Nifti1Image) -> str | None:
     """What makes a NIfTI header unusable before any voxel is read, or None.
 
@@ -346,7 +351,7 @@ def _header_problem(path: Path, img: nib.Nifti1Image) -> str | None:
     # uncompressed: the file starts with its header's size; bzip2 and zstd files (nibabel reads them
     # too) can hold far more than 1100 bytes per byte, so they get no size check here
     plain = head in {struct.pack(order + "i", size) for order in "<>" for size in (348, 540)}
-    if gz and offset + need > _GZIP_MAX_RATIO * on_disk + (1 << 16):
+    if gz and offset + need > _gzip_reach(on_disk):
         return (f"corrupt header: it describes {_fmt_bytes(offset + need)} of data (shape {_fmt_shape(shape)}, "
                 f"{dtype}), more than a {_fmt_bytes(on_disk)} gzip file can hold")
     if plain and offset + need > on_disk:
@@ -401,7 +406,7 @@ def _raw_header_problem(path: Path) -> str | None:
                 f"NIfTI ('{magic}') start at byte {header_end} or later)")
     if not gz and offset >= size:
         return f"truncated: the header puts the voxels at byte {offset:.0f} (vox_offset), past the end of the file ({size} bytes)"
-    if gz and offset > _GZIP_MAX_RATIO * size + (1 << 16):
+    if gz and offset > _gzip_reach(size):
         return (f"corrupt header: it puts the voxels at byte {offset:.0f} (vox_offset), past anything a "
                 f"{_fmt_bytes(size)} gzip file can hold")
     return None

@@ -13,6 +13,7 @@ the header line (comma, semicolon, tab or ``|``: spreadsheets in many locales wr
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import logging
@@ -289,7 +290,7 @@ def read_id_list(path: str | Path, flag: str) -> list[str]:
     ids = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not ids:
         raise ValueError(f"{path}: no subject IDs in the {flag} file (one per line)")
-    duplicated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
+    duplicated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
     if duplicated:
         raise ValueError(f"{path}: duplicate subject IDs in the {flag} file, e.g. {duplicated[:3]}")
     return ids
