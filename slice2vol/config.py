@@ -17,6 +17,8 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from slice2vol.inputs import InputFileError, read_input_bytes
+
 C = TypeVar("C")
 
 
@@ -223,8 +225,8 @@ def resolve_config_path(value: str | Path) -> Path:
         ConfigError: nothing matches; the message lists where it looked.
     """
     path = Path(value).expanduser()
-    if path.is_file():
-        return path
+    if path.exists() and not path.is_dir():
+        return path  # a file, or a pipe (<(...)): load_config reads it once, or says why it cannot
     rel = Path(*[p for p in path.parts if p not in ("/",)])
     if rel.parts and rel.parts[0] == "configs":
         rel = Path(*rel.parts[1:]) if len(rel.parts) > 1 else Path()
@@ -240,6 +242,19 @@ def resolve_config_path(value: str | Path) -> Path:
     raise ConfigError(f"{value}: config file not found (looked in {Path.cwd()}{where})")
 
 
+def read_yaml(path: Path) -> Any:
+    """The YAML document of the config file (or pipe) ``path``, read once; every problem is a one-line
+    :class:`ConfigError` naming the file (a named pipe without a writer is refused, not waited on)."""
+    try:
+        return yaml.safe_load(read_input_bytes(path, "config").decode("utf-8-sig"))
+    except InputFileError as err:
+        raise ConfigError(str(err)) from None
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config ({one_line(err)})") from None
+
+
 def load_config(
     cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = (), section: str | None = None
 ) -> C:
@@ -251,10 +266,7 @@ def load_config(
     data: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config ({one_line(err)})") from None
+        loaded = read_yaml(path) or {}
         if section is not None:
             loaded = loaded.get(section, {}) or {}
         if not isinstance(loaded, dict):

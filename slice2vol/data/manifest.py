@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import csv
 import hashlib
+import io
 import logging
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from slice2vol.data.io import Volume, VolumeConfig, VolumeError, file_sha256, load_volume
+from slice2vol.inputs import InputFileError, read_input_bytes
 
 log = logging.getLogger(__name__)
 LabelType = Literal["categorical", "continuous"]
@@ -180,7 +182,8 @@ def load_manifest(
     """Reads a CSV manifest into a :class:`Cohort`.
 
     Args:
-        path: the CSV file; relative image paths are resolved against its folder.
+        path: the CSV file; relative image paths are resolved against its folder (for a pipe such as
+            ``<(grep ... m.csv)`` or ``/dev/stdin``, against the working directory).
         id_column: column holding unique subject IDs.
         image_columns: modality columns in channel order; default: every column of NIfTI paths
             that is not the segmentation or a mask/lesion map.
@@ -195,17 +198,20 @@ def load_manifest(
     if path.is_dir():
         raise ManifestError(f"{path}: is a directory, not a manifest CSV (for a BIDS folder use cohort_from_glob)")
     try:
-        encoding = text_encoding(path)
-        sep = sniff_delimiter(path, encoding)
-        _check_layout(path, sep, encoding)
+        # read once and parse from memory: a pipe (<(...), /dev/stdin) cannot be read a second time
+        text = decode_text(read_input_bytes(path, "manifest"))
+        sep = _sniff(text)
+        _check_layout(path, text, sep)
         # index_col=False: a row with a trailing delimiter must not turn the first column into the index
         # (pandas then shifts every column name by one)
-        table = pd.read_csv(path, dtype={id_column: str}, sep=sep, encoding=encoding, index_col=False)
+        table = pd.read_csv(io.StringIO(text), dtype={id_column: str}, sep=sep, index_col=False)
         # IDs such as NA, None or nan are IDs, not missing values (pandas' default reading of them)
-        ids = pd.read_csv(path, dtype=str, sep=sep, encoding=encoding, index_col=False,
+        ids = pd.read_csv(io.StringIO(text), dtype=str, sep=sep, index_col=False,
                           keep_default_na=False, usecols=lambda c: str(c).strip() == id_column)
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
+    except InputFileError as err:
+        raise ManifestError(str(err)) from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError, csv.Error) as err:
         raise ManifestError(f"{path}: cannot read manifest ({' '.join(str(err).split())[:120]})") from None
     table.columns = [str(c).strip() for c in table.columns]
@@ -222,7 +228,8 @@ def load_manifest(
     if table.empty:
         raise ManifestError(f"{path}: the manifest has a header ({', '.join(map(str, table.columns))}) "
                             "but no subject rows")
-    root = path.parent
+    # a pipe's folder (/dev/fd, /proc/self/fd) holds no images: its rows are read like the user's shell would
+    root = path.parent if path.is_file() else Path.cwd()
     path_columns = [c for c in table.columns if c != id_column and _is_path_column(table[c])]
     if seg_column not in table.columns:
         seg_column = None
@@ -269,8 +276,17 @@ def text_encoding(path: str | Path) -> str:
     """``utf-16`` for a file starting with a UTF-16 byte-order mark (spreadsheets' "Unicode Text"),
     else ``utf-8-sig`` (UTF-8 with or without its mark)."""
     with open(path, "rb") as fh:
-        start = fh.read(2)
-    return "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+        return _encoding_of(fh.read(2))
+
+
+def _encoding_of(start: bytes) -> str:
+    return "utf-16" if start[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
+def decode_text(raw: bytes) -> str:
+    """The text of a table or list file's bytes: UTF-16 with a byte-order mark, else UTF-8 (its mark,
+    if any, dropped). Raises UnicodeDecodeError."""
+    return raw.decode(_encoding_of(raw))
 
 
 def read_id_list(path: str | Path, flag: str) -> list[str]:
@@ -281,12 +297,16 @@ def read_id_list(path: str | Path, flag: str) -> list[str]:
     first ID, which then matched no subject. Every problem is one line starting with the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {flag} file not found (one subject ID per line)")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; the {flag} file holds one subject ID per line")
     try:
-        lines = path.read_text(encoding=text_encoding(path)).splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the {flag} file ({getattr(err, 'strerror', None) or err})") from None
+        lines = decode_text(read_input_bytes(path, flag)).splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {flag} file not found (one subject ID per line)") from None
+    except InputFileError as err:
+        raise ValueError(str(err)) from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: cannot read the {flag} file ({err})") from None
     ids = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not ids:
         raise ValueError(f"{path}: no subject IDs in the {flag} file (one per line)")
@@ -303,11 +323,12 @@ def check_ids_known(path: str | Path, ids: Sequence[str], known: Sequence[str], 
         raise ValueError(f"{path}: {len(unknown)} subject ID(s) not in {where}, e.g. {unknown[:3]}")
 
 
-def _check_layout(path: Path, sep: str, encoding: str) -> None:
+def _check_layout(path: Path, text: str, sep: str) -> None:
     """Refuses header names that repeat (after stripping spaces) and rows with more filled cells than
-    the header: pandas renames a repeated name (``age.1``) and drops the extra cells of a row, so
-    an unquoted delimiter inside a value would shift or lose cells without a word."""
-    with open(path, newline="", encoding=encoding) as fh:
+    the header (``text`` is the content of ``path``): pandas renames a repeated name (``age.1``) and
+    drops the extra cells of a row, so an unquoted delimiter inside a value would shift or lose cells
+    without a word."""
+    with io.StringIO(text, newline="") as fh:
         reader = csv.reader(fh, delimiter=sep)
         header = [h.strip() for h in next(reader, [])]
         if header and header[0].startswith("#"):
@@ -379,7 +400,12 @@ def _mostly_numbers(table: pd.DataFrame, column: str, id_column: str, path: Path
 def sniff_delimiter(path: str | Path, encoding: str | None = None) -> str:
     """The delimiter of a CSV file, from its header line: ``,`` ``;`` ``\\t`` or ``|`` (default ``,``)."""
     with open(path, newline="", encoding=encoding or text_encoding(path)) as fh:
-        head = fh.readline()
+        return _sniff(fh.readline())
+
+
+def _sniff(text: str) -> str:
+    """The delimiter of the header line of ``text`` (see :func:`sniff_delimiter`)."""
+    head = (text.splitlines() or [""])[0]
     if not head.strip():
         return ","
     try:

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-import yaml
-
 from slice2vol import config as _config
 from slice2vol.config import ConfigError, apply_overrides
 from slice2vol.data.io import VolumeConfig
@@ -253,10 +251,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
     from slice2vol.eval.tasks import TASKS
 
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config ({_config.one_line(err)})") from None
+    data = _config.read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     apply_overrides(data, overrides)
