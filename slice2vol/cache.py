@@ -139,6 +139,14 @@ def checked_store_path(path: str | Path) -> Path:
     out = Path(path)
     if not out.name or out.name == ".." or out.is_dir():
         raise StoreError(f"{path}: is a directory; a feature store is a file, e.g. {out / 'feats.h5'}")
+    try:
+        mode = out.stat().st_mode
+    except OSError:
+        return out  # absent (a writer creates it; a reader says "not found") or unreadable (the open says why)
+    if not stat.S_ISREG(mode):
+        # opening a named pipe blocks until some process writes to it: refuse before HDF5 tries
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise StoreError(f"{path}: {kind}, not a regular file; a feature store is an HDF5 file")
     return out
 
 
@@ -252,6 +260,19 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+#: bytes of writes after a failed one that a :class:`_GuardedFile` keeps to serve HDF5's reads of them
+_OVERLAY_MAX = 256 << 20
+
+
+def _stop_if_failed(f: h5py.File) -> None:
+    """Raises :class:`StoreWriteFailed` when a write under the :class:`_AtomicH5` of ``f`` has failed:
+    a long copy stops at its next block instead of pushing gigabytes into a file that is discarded.
+    (The context manager's exit reports the write's own error.)"""
+    guard = getattr(f, "_slice2vol_guard", None)
+    if guard is not None and guard.error is not None:
+        raise StoreWriteFailed(f"{f.filename}: a write failed", str(guard.error))
+
+
 def _atomic_h5(path: Path) -> "_AtomicH5":
     return _AtomicH5(path)
 
@@ -262,15 +283,21 @@ class _GuardedFile(io.RawIOBase):
     HDF5 does not survive a failed write: after ENOSPC its datasets can neither flush nor close, and
     at exit the library's own clean-up of them crashes the interpreter (SIGSEGV after the job's error
     message, so a scheduler sees a crash instead of exit status 2). This file keeps the first write
-    error and accepts (drops) every write after it, so HDF5 finishes and closes normally; the file is
-    then discarded and the error reported. Writing through it costs what the sec2 driver costs (a
-    576 MiB file in 1.25-1.6 s both ways).
+    error and accepts every write after it, so HDF5 finishes and closes normally; the file is then
+    discarded and the error reported. Writes after the error are kept in memory (up to
+    :data:`_OVERLAY_MAX` bytes) and served back to reads: HDF5 reads its own metadata back while it
+    works, and a dropped block read as zeros crashed it (SIGSEGV creating the next dataset when a
+    nearly full disk failed a compaction). Writers stop early when :attr:`error` is set (see
+    :func:`_stop_if_failed`), so the overlay holds little more than metadata. Writing through it
+    costs what the sec2 driver costs (a 576 MiB file in 1.25-1.6 s both ways).
     """
 
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.fh = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by close()
         self.error: OSError | None = None
+        self.overlay: list[tuple[int, bytes]] = []  # (offset, data) written after the error, oldest first
+        self.overlay_bytes = 0
 
     def readable(self) -> bool:
         return True
@@ -288,10 +315,25 @@ class _GuardedFile(io.RawIOBase):
         return self.fh.tell()
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
-        return self.fh.readinto(buffer)
+        start = self.fh.tell()
+        got = self.fh.readinto(buffer) or 0
+        if not self.overlay:
+            return got
+        view = memoryview(buffer).cast("B")
+        end = start + len(view)
+        for at, data in self.overlay:  # oldest first: a later write wins
+            lo, hi = max(at, start), min(at + len(data), end)
+            if lo < hi:
+                if lo - start > got:  # the block lies past the file's end: what is between reads as zeros
+                    view[got:lo - start] = bytes(lo - start - got)
+                view[lo - start:hi - start] = data[lo - at:hi - at]
+                got = max(got, hi - start)
+        self.fh.seek(start + got)
+        return got
 
     def write(self, data) -> int:  # type: ignore[override]
         size = memoryview(data).nbytes
+        start = self.fh.tell()
         if self.error is None:
             try:
                 written = self.fh.write(data)
@@ -300,8 +342,13 @@ class _GuardedFile(io.RawIOBase):
                     written += more or 0
                     if not more:
                         break
+                return size
             except OSError as err:
                 self.error = err
+        if self.overlay_bytes + size <= _OVERLAY_MAX:
+            self.overlay.append((start, bytes(memoryview(data).cast("B"))))
+            self.overlay_bytes += size
+        self.fh.seek(start + size)
         return size
 
     def truncate(self, size: int | None = None) -> int:
@@ -338,6 +385,7 @@ class _AtomicH5:
         try:
             self.guard = _GuardedFile(self.tmp)
             self.file = h5py.File(self.guard, "w", libver="latest")
+            self.file._slice2vol_guard = self.guard  # for _stop_if_failed
         except OSError as err:
             self._discard()
             raise _write_failure(self.path, self.guard.error if self.guard and self.guard.error else err) from None
@@ -1693,6 +1741,7 @@ def _merge_segments(segments: Sequence[_Segment], out: Path, *, selection: Selec
                     ds = src_groups[k][name]
                     for a, b, at in _runs(items):
                         for lo in range(a, b, _COPY_ROWS):
+                            _stop_if_failed(f)
                             hi = min(b, lo + _COPY_ROWS)
                             dst[at + lo - a:at + hi - a] = ds[lo:hi]
         records: dict[str, dict] = {}
