@@ -492,6 +492,18 @@ def test_a_store_that_is_a_folder_is_refused_before_anything_is_written(tmp_path
     assert "is a directory" in capsys.readouterr().err
 
 
+def test_a_store_that_is_a_named_pipe_is_refused_not_waited_on(tmp_path, capsys):
+    """Fuzz round 7 (G2): HDF5 opening a named pipe waited for a writer for ever."""
+    import os
+
+    fifo = tmp_path / "s.h5"
+    os.mkfifo(fifo)
+    for argv in (["info", str(fifo)], ["aggregate", "--store", str(fifo), "--method", "mean"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"{fifo}: a named pipe (FIFO), not a regular file; a feature store is an HDF5 file")
+
+
 def test_overrides_may_sit_between_options(monkeypatch, capsys):
     """`bench --config x a=1 --out y b=2` used to fail with the top-level usage and 'unrecognized
     arguments: b=2'."""
@@ -534,6 +546,11 @@ def test_operating_system_errors_name_the_path_in_words(tmp_path, capsys):
      "no plane given; choose one or more of sagittal, coronal, axial"),
     (["cache", "--manifest", "m.csv", "--encoder", "tv/mobilenet_v2", "--store", "s.h5", "--planes", "axial,axial"],
      "plane(s) axial given more than once"),
+    # a plane lost between two commas was dropped without a word (fuzz round 7)
+    (["cache", "--manifest", "m.csv", "--encoder", "tv/mobilenet_v2", "--store", "s.h5", "--planes", "axial,,coronal"],
+     "planes 'axial,,coronal': an empty plane name between commas; give e.g. 'axial,coronal'"),
+    (["aggregate", "--store", "s.h5", "--method", "mean", "--planes", "axial, ,coronal"],
+     "planes 'axial, ,coronal': an empty plane name between commas; give e.g. 'axial,coronal'"),
 ])
 def test_out_of_range_counts_name_their_flag(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths: nothing lands in the checkout, even on the code before

@@ -100,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key):
             setattr(cfg, key, getattr(args, key))
     if args.planes:
-        cfg.planes = [p for p in args.planes.split(",") if p]
+        from slice2vol.data.slicing import split_planes
+
+        cfg.planes = list(split_planes(args.planes))
 
     if args.cv is not None:
         if args.cv < 2:

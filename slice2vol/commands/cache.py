@@ -194,8 +194,7 @@ def _cache(args: argparse.Namespace) -> int:
     _refuse_non_store(target)  # before the log and the lock: '/dev/null' or a CSV named .h5 left both beside it
     add_run_log(target.parent, f"{target.name}.log")  # after the check: '--store .' wrote a file '.log'
 
-    planes = tuple(p.strip() for p in args.planes.split(",") if p.strip())
-    slice_cfg = SliceConfig(planes=planes, stride=args.stride, min_foreground=args.min_foreground,
+    slice_cfg = SliceConfig(planes=args.planes, stride=args.stride, min_foreground=args.min_foreground,
                             context=args.context, size=args.size)
     volume_cfg = VolumeConfig(spacing=(args.spacing,) * 3 if args.spacing is not None else None, oblique=args.oblique)
     cohort = load_manifest(args.manifest)

@@ -26,6 +26,23 @@ _IN_PLANE = {"sagittal": (2, 1), "coronal": (2, 0), "axial": (1, 0)}
 MAX_SIZE = 4096
 
 
+def split_planes(text: str) -> tuple[str, ...]:
+    """``"axial, coronal"`` -> ``("axial", "coronal")``; a trailing comma is allowed.
+
+    Raises:
+        ValueError: an empty name between two commas (``axial,,coronal``): a plane that was
+            meant to be there went missing, and the job would quietly cache fewer planes.
+    """
+    parts = [p.strip() for p in text.split(",")]
+    if not any(parts):
+        return ()  # SliceConfig says "no plane given"
+    if not parts[-1]:
+        parts.pop()
+    if "" in parts:
+        raise ValueError(f"planes {text!r}: an empty plane name between commas; give e.g. 'axial,coronal'")
+    return tuple(parts)
+
+
 @dataclass
 class SliceConfig:
     """Which slices to cut and how to shape them.
@@ -48,7 +65,7 @@ class SliceConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.planes, str):  # "axial" or "axial,coronal", not five one-letter planes
-            self.planes = tuple(p.strip() for p in self.planes.split(",") if p.strip())
+            self.planes = split_planes(self.planes)
         unknown = [p for p in self.planes if p not in PLANES]
         if unknown:
             raise ValueError(f"unknown plane(s) {unknown}; choose from {list(PLANES)}")
