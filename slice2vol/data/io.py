@@ -168,7 +168,8 @@ class Volume:
 def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Image:
     """Opens a NIfTI file and checks that it is one usable 3D volume.
 
-    Returns an image whose data is 3D (a 4D file holding one volume is squeezed). Raises
+    Returns an image whose data is 3D (a 4D file holding one volume is squeezed) and whose affine is
+    in mm (a header in meters or microns, ``xyzt_units``, is converted: :func:`_in_mm`). Raises
     :class:`VolumeError` for a missing, truncated or non-NIfTI file, 2D or multi-volume 4D data,
     broken spacing, and (with ``check_values``) NaN/Inf, empty or constant data.
     """
@@ -223,7 +224,8 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         flat = [axis for axis, n in zip("xyz", shape) if n < 2]
         raise VolumeError(path, f"a single slice, not a volume (shape {_fmt_shape(shape)}: one voxel along "
                                 f"{', '.join(flat)}); expected a 3D volume with at least 2 voxels per axis")
-    _check_affine(path, img.affine)
+    img = _in_mm(img)
+    _check_affine(path, img.affine, _unit_of(img))
     if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
         raw = _raw_pixdim(path, img)
         if raw is not None and np.any(raw == 0):
@@ -257,6 +259,47 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
                 raise VolumeError(path, problem) from None
             raise
     return img
+
+
+#: NIfTI ``xyzt_units`` spatial codes (its low 3 bits) other than mm (2): name and factor to mm. Unknown
+#: (0), the code many writers leave, and undefined codes are read as mm, as nibabel and most tools do
+_XYZ_UNITS = {1: ("meters", 1000.0), 3: ("microns", 1e-3)}
+
+
+def _in_mm(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """``img`` with its affine (voxel sizes and origin) in mm, when its header gives them in meters or
+    microns; ``img.extra["xyz_unit"]`` then holds ``(unit name, factor)`` for messages.
+
+    nibabel ignores ``xyzt_units``: a legal 2 mm scan stored in meters read as 0.002 mm voxels (and
+    was refused as absurd), one saying 2 µm voxels as 2 mm (and was embedded like a head). Every
+    reader of a file goes through :func:`read_nifti`, so converting here puts the spacing checks,
+    reorientation, reslicing and resampling on the physical grid.
+    """
+    code = int(img.header["xyzt_units"])
+    if code & 0x07 not in _XYZ_UNITS:
+        return img
+    name, factor = _XYZ_UNITS[code & 0x07]
+    affine = img.affine.copy()
+    affine[:3] *= factor
+    header = img.header.copy()
+    header["xyzt_units"] = (code & ~0x07) | 2  # mm, the time unit kept
+    return type(img)(img.dataobj, affine, header, extra={**img.extra, "xyz_unit": (name, factor)})
+
+
+def _unit_of(img: nib.Nifti1Image) -> tuple[str, float] | None:
+    """``(unit name, factor to mm)`` of a file :func:`_in_mm` converted, else None."""
+    return img.extra.get("xyz_unit")
+
+
+def _unit_note(spacing: Sequence[float], unit: tuple[str, float] | None) -> str:
+    """``"pixdim 2 in microns, xyzt_units"``: the header's own voxel size, for a spacing converted to
+    mm (empty for a file in mm), so that a message about it names what the file says."""
+    if unit is None:
+        return ""
+    name, factor = unit
+    stored = [f"{float(v) / factor:.4g}" for v in spacing]
+    shown = stored[0] if len(set(stored)) == 1 else f"({', '.join(stored)})"
+    return f"pixdim {shown} in {name}, xyzt_units"
 
 
 def file_problem(path: str | Path) -> str | None:
@@ -366,14 +409,19 @@ _TRAILING_LIMIT = 64 << 20
 
 
 def _raw_header_problem(path: Path) -> str | None:
-    """What is wrong with the dimension count or the data offset of a NIfTI header, read as stored.
+    """What is wrong with the magic, dimension count, data offset, scaling or extensions of a NIfTI
+    header, read as stored.
 
     nibabel takes a ``dim[0]`` outside 1-7 as the sign of the other byte order and reads every field
     swapped (``dim[0] = 8`` came out as "vox offset 0 too low"), and an offset of 0, NaN or past the
-    end of the file ended in numpy's or Python's own words. The byte order here comes from
-    ``sizeof_hdr`` (348 or 540), which no valid header has in the other order. Plain and gzip files
-    are checked (gzip's first 64 KiB only); anything else, or a file that does not start like a
-    NIfTI header, is left to nibabel and :func:`_cut_header`.
+    end of the file ended in numpy's or Python's own words. A missing or wrong magic ended in "cannot
+    work out file type", an extension of size 0 or below in "read length must be non-negative" (and
+    in a .nii.gz both were blamed on an intact gzip stream), a NIfTI-2 header under a NIfTI-1 size
+    was read with the NIfTI-1 layout, and an infinite ``scl_slope`` was silently dropped. The byte
+    order here comes from ``sizeof_hdr`` (348 or 540), which no valid header has in the other order.
+    Plain and gzip files are checked (gzip's first 64 KiB only, and its extensions as far as 64 MiB);
+    anything else, or a file that does not start like a NIfTI header, is left to nibabel and
+    :func:`_cut_header`.
     """
     try:
         size = path.stat().st_size
@@ -387,29 +435,120 @@ def _raw_header_problem(path: Path) -> str | None:
     if order is None:
         return None
     nifti2 = struct.unpack(order + "i", head[:4])[0] == 540
-    if len(head) < (540 if nifti2 else 348):
+    header_size = 540 if nifti2 else 348
+    if len(head) < header_size:
         return None  # cut inside the header: _cut_header says so
+    problem = _magic_problem(head, nifti2)
+    if problem:
+        return problem
     if nifti2:
         ndim = struct.unpack_from(order + "q", head, 16)[0]
         offset: float = struct.unpack_from(order + "q", head, 168)[0]
-        single, magic, header_end = head[4:7] == b"n+2", "n+2", 544
+        slope, inter = struct.unpack_from(order + "2d", head, 176)
+        magic, header_end = head[4:7].decode(), 544
     else:
         ndim = struct.unpack_from(order + "h", head, 40)[0]
         offset = struct.unpack_from(order + "f", head, 108)[0]
-        single, magic, header_end = head[344:347] == b"n+1", "n+1", 352
+        slope, inter = struct.unpack_from(order + "2f", head, 112)
+        magic, header_end = head[344:347].decode(), 352
     if not 1 <= ndim <= 7:
         return f"invalid NIfTI header: dim[0] = {ndim} (the number of dimensions must be 1-7)"
     if not math.isfinite(offset):
         return f"invalid NIfTI header: vox_offset is {offset} (the byte where the voxels start)"
-    if single and offset < header_end:
-        return (f"invalid NIfTI header: vox_offset {offset:g} is inside the header (the voxels of a single-file "
-                f"NIfTI ('{magic}') start at byte {header_end} or later)")
+    if offset < header_end:  # (a .hdr/.img pair was refused by its name: this is a single file)
+        if magic[1] == "+":
+            return (f"invalid NIfTI header: vox_offset {offset:g} is inside the header (the voxels of a single-file "
+                    f"NIfTI ('{magic}') start at byte {header_end} or later)")
+        return (f"invalid NIfTI header: vox_offset {offset:g} is inside the header, and its magic '{magic}' is a "
+                f".hdr/.img pair's (the voxels of a single-file NIfTI ('{magic[0]}+{magic[2]}') start at byte "
+                f"{header_end} or later)")
     if not gz and offset >= size:
         return f"truncated: the header puts the voxels at byte {offset:.0f} (vox_offset), past the end of the file ({size} bytes)"
     if gz and offset > _gzip_reach(size):
         return (f"corrupt header: it puts the voxels at byte {offset:.0f} (vox_offset), past anything a "
                 f"{_fmt_bytes(size)} gzip file can hold")
+    if math.isinf(slope):
+        # nibabel drops a non-finite slope as "no scaling"; the file's own scaling makes every voxel
+        # NaN or Inf, like a slope of 1e38 that overflows (_scaling_problem)
+        return (f"the header's scaling (scl_slope {slope:g}, scl_inter {inter:g}) makes every voxel NaN/Inf: "
+                "fix scl_slope/scl_inter")
+    if len(head) > header_size and head[header_size] != 0:  # the extension flag: extensions follow
+        return _extension_problem(path, gz, order, header_end, int(offset))
     return None
+
+
+#: NIfTI magic strings: the single-file and the pair magic of each version
+_MAGIC = {False: (b"n+1\0", b"ni1\0"), True: (b"n+2\0", b"ni2\0")}
+
+
+def _magic_problem(head: bytes, nifti2: bool) -> str | None:
+    """A header whose magic is missing or belongs to the other NIfTI version than its ``sizeof_hdr``.
+
+    NIfTI-1 keeps its magic at byte 344, NIfTI-2 at byte 4: a NIfTI-2 header with ``sizeof_hdr`` 348
+    has 'n+2' at byte 4 and was read with the NIfTI-1 layout ("dim[0] = 90").
+    """
+    at, other_at = (4, 344) if nifti2 else (344, 4)
+    if head[at:at + 4] in _MAGIC[nifti2]:
+        return None
+    size, version, other = (540, "NIfTI-2", "NIfTI-1") if nifti2 else (348, "NIfTI-1", "NIfTI-2")
+    found = next((m for m in (head[at:at + 4], head[other_at:other_at + 4]) if m in _MAGIC[not nifti2]), None)
+    if found:
+        return f"invalid NIfTI header: sizeof_hdr {size} ({version}) but magic '{found[:3].decode()}' ({other})"
+    wanted = " or ".join(f"'{m[:3].decode()}'" for m in _MAGIC[nifti2])
+    if nifti2:
+        return f"invalid NIfTI header: no NIfTI-2 magic ({wanted}) at byte 4, found {head[4:8]!r} (sizeof_hdr 540)"
+    if head[344:348] == bytes(4):
+        return (f"no NIfTI magic ({wanted}) in the header: an Analyze 7.5 file? convert it to NIfTI "
+                "(e.g. nibabel.save(nibabel.Nifti1Image(...)))")
+    return f"invalid NIfTI header: no NIfTI magic ({wanted}) at byte 344, found {head[344:348]!r}"
+
+
+#: header extensions are walked only as far as this (real ones are a few KiB; nibabel reads the rest)
+_EXTENSIONS_READ = 64 << 20
+
+
+def _extension_problem(path: Path, gz: bool, order: str, start: int, offset: int) -> str | None:
+    """A header extension whose size (``esize``, the first int32 of each) is not a positive multiple of
+    16, as the standard requires, or runs past ``vox_offset``, where nibabel stops reading them.
+
+    nibabel reads ``esize - 8`` bytes per extension: a size of 0 or below ended in "read length must
+    be non-negative" (blamed on the gzip stream of a .nii.gz), one past the voxels in "failed to read
+    extension content" or in voxels read as extensions, and other sizes it reads "hoping for the best"
+    with a warning on stderr.
+    """
+    stored = _stored_prefix(path, gz, min(offset, _EXTENSIONS_READ))
+    pos = start
+    while offset - pos >= 16:  # nibabel's condition: less than 16 bytes left is padding
+        if stored is None or pos + 8 > len(stored):
+            return None  # beyond what was read, or a cut stream: the stream checks say so
+        esize = struct.unpack_from(order + "i", stored, pos)[0]
+        if esize <= 0 or esize % 16:
+            return (f"invalid NIfTI header extension: esize {esize} at byte {pos} (must be a positive multiple "
+                    "of 16)")
+        if pos + esize > offset:
+            return (f"invalid NIfTI header extension: esize {esize} at byte {pos} runs past the voxels (vox_offset "
+                    f"{offset})")
+        pos += esize
+    return None
+
+
+def _stored_prefix(path: Path, gz: bool, n: int) -> bytes | None:
+    """The first ``n`` bytes of a plain file, or of a gzip file's decompressed stream (fewer when it
+    ends first); None when the stream cannot be decoded that far."""
+    try:
+        with open(path, "rb") as f:
+            if not gz:
+                return f.read(n)
+            stream, out, data = zlib.decompressobj(wbits=31), bytearray(), b""
+            while len(out) < n and not stream.eof:
+                data = data or f.read(1 << 16)
+                if not data:
+                    break
+                out += stream.decompress(data, n - len(out))
+                data = stream.unconsumed_tail
+            return bytes(out)
+    except (OSError, zlib.error):
+        return None
 
 
 def _data_extent(img: nib.Nifti1Image) -> tuple[int, int]:
@@ -613,6 +752,26 @@ def _memory_problem(img: nib.Nifti1Image) -> str | None:
             f"(the data, a float32 copy and the working copies), and {_fmt_bytes(have)} is available")
 
 
+def _resample_memory_problem(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float],
+                             n_maps: int) -> str | None:
+    """Why resampling a (C, X, Y, Z) array of ``shape`` to ``spacing`` mm would not fit in memory, or None.
+
+    The resampled grid grows with the cube of the spacing ratio: a 1 mm scan at 0.05 mm is 8,000 times
+    larger. Counted: the float32 input copy, the output, and the normalised copy of it (float32 each),
+    plus one float32 copy per label map (nearest-neighbour resampling goes through float32 too).
+    """
+    old = np.linalg.norm(affine[:3, :3], axis=0)
+    size = [max(1, int(round(n * o / float(t)))) for n, o, t in zip(shape[1:], old, spacing)]
+    voxels = float(np.prod(size, dtype=np.float64))
+    need = 4.0 * voxels * (3 * int(shape[0]) + 2 * n_maps)
+    have = available_memory()
+    if have is None or need <= have:
+        return None
+    target = _fmt_mm(np.asarray(spacing, dtype=float))
+    return (f"resampling to {target} mm would make shape {_fmt_shape(size)} needing about {_fmt_bytes(need)}, and "
+            f"{_fmt_bytes(have)} is available: choose a coarser spacing (the file's voxels are {_fmt_mm(old)} mm)")
+
+
 def _fmt_bytes(n: float) -> str:
     if n < 1024:
         return f"{n:.0f} bytes"
@@ -645,13 +804,15 @@ def check_values_ok(path: str | Path, data: np.ndarray) -> None:
                                 f"voxels differ from {float(typical):g}")
 
 
-def _check_affine(path: Path, affine: np.ndarray) -> None:
+def _check_affine(path: Path, affine: np.ndarray, unit: tuple[str, float] | None = None) -> None:
     if not np.isfinite(affine).all():
         raise VolumeError(path, "affine has NaN/Inf entries")
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if np.any(spacing <= 1e-6):
         what = "zero" if np.any(spacing == 0) else "near-zero (below 1e-6 mm)"
-        raise VolumeError(path, f"{what} voxel spacing {_fmt_mm(spacing)} mm (singular affine)")
+        note = _unit_note(spacing, unit)
+        raise VolumeError(path, f"{what} voxel spacing {_fmt_mm(spacing)} mm ({note + '; ' if note else ''}"
+                                "singular affine)")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9 * np.prod(spacing):
         # non-zero columns that are parallel: two voxel axes point the same way, no 3D grid
         raise VolumeError(path, f"singular affine: its voxel axes are not independent (columns "
@@ -779,9 +940,53 @@ def _cut_header(path: Path) -> str | None:
                 return f"truncated: the NIfTI header ends after {len(head)} of {size} bytes"
             if not kind and name.endswith((".gz", ".bz2", ".zst")):
                 return f"not compressed, but named {path.name}: rename it to end in .nii"
-            if kind:
-                return f"truncated or corrupt {kind} stream ({on_disk} bytes on disk; the NIfTI header in it is whole)"
+            if kind in ("gzip", "bzip2"):
+                # nibabel fails on many header problems too: the stream is blamed only once it is decoded
+                decoded, broken = _decode_whole(path, kind)
+                if broken:
+                    return (f"truncated or corrupt {kind} stream ({on_disk} bytes on disk; the NIfTI header in it is "
+                            f"whole; {broken})")
+                need = _described_bytes(head)
+                if need is not None and decoded < need:
+                    return f"truncated: the {kind} stream holds {decoded} of the {need} bytes the header describes"
     return None
+
+
+def _decode_whole(path: Path, kind: str) -> tuple[int, str | None]:
+    """(bytes a gzip or bzip2 file's first stream decodes to, why decoding it fails, or None), in
+    chunks: nothing is kept, and no call yields more than 16 MiB (a corrupt file may be a bomb)."""
+    stream = zlib.decompressobj(wbits=31) if kind == "gzip" else bz2.BZ2Decompressor()
+    limit, total = 1 << 24, 0
+    try:
+        with open(path, "rb") as f:
+            while not stream.eof:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    if kind == "gzip":
+                        total += len(stream.flush())
+                    return total, None if stream.eof else "the stream ends before its end marker"
+                total += len(stream.decompress(chunk, limit))
+                # (the rest of the chunk, or of what it decodes to, waits inside the decompressor)
+                while not stream.eof and (stream.unconsumed_tail if kind == "gzip" else not stream.needs_input):
+                    total += len(stream.decompress(stream.unconsumed_tail if kind == "gzip" else b"", limit))
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        return total, _short(err)
+    return total, None
+
+
+def _described_bytes(head: bytes) -> int | None:
+    """vox_offset + the voxel bytes a whole NIfTI-1/2 header at the start of ``head`` describes, or None
+    when its fields make no sense (other checks say so)."""
+    order = next((o for o in "<>" for n in (348, 540) if head[:4] == struct.pack(o + "i", n)), None)
+    if order is None:
+        return None
+    nifti2 = struct.unpack(order + "i", head[:4])[0] == 540
+    bitpix = struct.unpack_from(order + "h", head, 14 if nifti2 else 72)[0]
+    dims = struct.unpack_from(order + ("8q" if nifti2 else "8h"), head, 16 if nifti2 else 40)
+    offset = struct.unpack_from(order + ("q" if nifti2 else "f"), head, 168 if nifti2 else 108)[0]
+    if not 1 <= dims[0] <= 7 or not math.isfinite(offset) or bitpix <= 0:
+        return None
+    return int(offset) + math.prod(max(0, int(n)) for n in dims[1:dims[0] + 1]) * bitpix // 8
 
 
 def _short(err: BaseException) -> str:
@@ -1030,6 +1235,7 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
 
     opened = {name: read_nifti(path) for name, path in named.items()}
     ref = opened[next(iter(named))]
+    unit = _unit_of(ref)  # the first file's spacing unit when not mm, for the messages below
     for name, img in opened.items():
         if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
             raise VolumeError(named[name], f"modality {name!r} is not on the grid of {first} "
@@ -1060,10 +1266,12 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
     original_shape = ref.shape[:3]
     assert affine is not None
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    note = _unit_note(spacing, unit)
     if np.any(spacing < cfg.min_spacing) or np.any(spacing > cfg.max_spacing):
         raise VolumeError(
             first,
-            f"absurd voxel spacing {_fmt_mm(spacing)} mm (allowed {cfg.min_spacing:g}-{cfg.max_spacing:g} mm)",
+            f"absurd voxel spacing {_fmt_mm(spacing)} mm ({note + '; ' if note else ''}allowed "
+            f"{cfg.min_spacing:g}-{cfg.max_spacing:g} mm)",
         )
     fov = np.asarray(channels[0].shape[:3], dtype=np.float64) * spacing
     if fov.max() < cfg.min_fov_mm or fov.max() > cfg.max_fov_mm:
@@ -1071,7 +1279,7 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
         raise VolumeError(
             first,
             f"field of view {' x '.join(f'{v:.4g}' for v in fov)} mm (shape {_fmt_shape(channels[0].shape[:3])}, "
-            f"voxels {_fmt_mm(spacing)} mm) cannot hold a head: "
+            f"voxels {_fmt_mm(spacing)} mm{', ' + note if note else ''}) cannot hold a head: "
             + (f"under {cfg.min_fov_mm:g} mm along every axis" if small else f"over {cfg.max_fov_mm:g} mm along an axis")
             + "; a wrong voxel size in the header, or not a brain scan",
         )
@@ -1087,6 +1295,9 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
         label_maps[name] = integer_labels(path, name, lab)
 
     if cfg.spacing is not None:
+        problem = _resample_memory_problem(stacked.shape, affine, cfg.spacing, len(label_maps))
+        if problem:  # torch's allocator error named no file and said nothing of the spacing
+            raise VolumeError(first, problem)
         new_stacked, new_affine = resample(stacked, affine, cfg.spacing, order="linear")
         label_maps = {k: resample(v, affine, cfg.spacing, order="nearest")[0] for k, v in label_maps.items()}
         stacked, affine = new_stacked, new_affine

@@ -223,6 +223,51 @@ def _vox_offset(offset: float):
     return edit
 
 
+def _magic(magic: bytes, at: int = 344):
+    def edit(raw: bytearray) -> None:
+        raw[at:at + 4] = magic
+    return edit
+
+
+def _scl_slope(slope: float):
+    def edit(raw: bytearray) -> None:
+        raw[112:116] = struct.pack("<f", slope)
+    return edit
+
+
+def _extension(*esizes: int, gz: bool = True):
+    """A NIfTI-1 file with the extension flag set and 16 bytes (size, code, content) per extension,
+    whose size fields say ``esizes``, before the voxels (vox_offset moved past them)."""
+    def make(tmp_path: Path) -> Path:
+        raw = write_nifti(tmp_path / "ext_src.nii", blob_volume()).read_bytes()
+        ext = b"".join(struct.pack("<ii", esize, 6) + b"comment\0" for esize in esizes)
+        out = bytearray(raw[:348] + b"\x01\0\0\0" + ext + raw[352:])
+        out[108:112] = struct.pack("<f", 352 + len(ext))  # vox_offset
+        return _bytes(tmp_path / f"ext.nii{'.gz' if gz else ''}", gzip.compress(bytes(out)) if gz else bytes(out))
+    return make
+
+
+def _nifti2(edit):
+    """A NIfTI-2 file (little-endian, sizeof_hdr 540) whose header bytes ``edit`` changes."""
+    def make(tmp_path: Path) -> Path:
+        src = tmp_path / "n2_src.nii"
+        nib.save(nib.Nifti2Image(blob_volume(), np.eye(4)), str(src))
+        raw = bytearray(src.read_bytes())
+        edit(raw)
+        return _bytes(tmp_path / "n2.nii.gz", gzip.compress(bytes(raw)))
+    return make
+
+
+def _units(code: int, zooms: float = 2.0):
+    """A volume whose header says ``zooms``-sized voxels in the spatial unit ``code`` (xyzt_units)."""
+    def make(tmp_path: Path) -> Path:
+        img = nib.Nifti1Image(blob_volume(), np.diag([zooms, zooms, zooms, 1.0]))
+        img.header.set_xyzt_units(xyz=code)
+        nib.save(img, tmp_path / "units.nii.gz")
+        return tmp_path / "units.nii.gz"
+    return make
+
+
 def _structured(tmp_path: Path, name: str, data: np.ndarray) -> Path:
     out = tmp_path / f"{name}.nii.gz"
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(out))
@@ -360,6 +405,55 @@ BAD_CASES = {
                                 r"needs the package backports.zstd|unreadable"),
     "absurd_spacing": (lambda t: write_nifti(t / "huge.nii.gz", blob_volume(), np.diag([1.0, 1.0, 80.0, 1.0])),
                        r"absurd voxel spacing \(1, 1, 80\) mm \(allowed 0.05-20 mm\)"),
+    # fuzz round 7 (G6): xyzt_units was ignored, so a header saying 2 um voxels read as 2 mm (and 2 m as 2 mm)
+    "voxels_of_2_microns": (_units(3), r"absurd voxel spacing \(0.002, 0.002, 0.002\) mm \(pixdim 2 in microns, "
+                                      r"xyzt_units; allowed 0.05-20 mm\)$"),
+    "voxels_of_2_meters": (_units(1), r"absurd voxel spacing \(2000, 2000, 2000\) mm \(pixdim 2 in meters, "
+                                      r"xyzt_units; allowed 0.05-20 mm\)$"),
+    "field_of_view_in_microns": (_units(3, 60.0), r"field of view 1.44 x 1.68 x 1.2 mm \(shape \(24, 28, 20\), voxels "
+                                                  r"\(0.06, 0.06, 0.06\) mm, pixdim 60 in microns, xyzt_units\)"),
+    # G7: nibabel's "read length must be non-negative or -1" (.nii) or an intact gzip stream called corrupt (.nii.gz)
+    "extension_esize_0_gz": (_extension(0), r"invalid NIfTI header extension: esize 0 at byte 352 \(must be a "
+                                            r"positive multiple of 16\)$"),
+    "extension_esize_0_nii": (_extension(0, gz=False), r"invalid NIfTI header extension: esize 0 at byte 352 \(must "
+                                                       r"be a positive multiple of 16\)$"),
+    "extension_esize_negative": (_extension(-16), r"invalid NIfTI header extension: esize -16 at byte 352 \(must be "
+                                                  r"a positive multiple of 16\)$"),
+    # nibabel read it "hoping for the best", with a two-line warning on stderr per read
+    "extension_esize_13": (_extension(13), r"invalid NIfTI header extension: esize 13 at byte 352 \(must be a "
+                                           r"positive multiple of 16\)$"),
+    "extension_past_the_voxels": (_extension(1 << 30), r"invalid NIfTI header extension: esize 1073741824 at byte "
+                                                       r"352 runs past the voxels \(vox_offset 368\)$"),
+    "second_extension_esize_0": (_extension(16, 0), r"invalid NIfTI header extension: esize 0 at byte 368 \(must be "
+                                                    r"a positive multiple of 16\)$"),
+    "analyze_header_gz": (lambda t: _patched(t, "analyze", _magic(bytes(4))),
+                          r"no NIfTI magic \('n\+1' or 'ni1'\) in the header: an Analyze 7.5 file\? convert it to "
+                          r"NIfTI \(e.g. nibabel.save\(nibabel.Nifti1Image\(...\)\)\)$"),
+    "analyze_header_nii": (lambda t: _patched(t, "analyze", _magic(bytes(4)), gz=False),
+                           r"no NIfTI magic \('n\+1' or 'ni1'\) in the header: an Analyze 7.5 file\?"),
+    "garbage_magic": (lambda t: _patched(t, "garbage", _magic(b"abc\0")),
+                      r"invalid NIfTI header: no NIfTI magic \('n\+1' or 'ni1'\) at byte 344, found b'abc\\x00'$"),
+    "nifti1_header_magic_n2": (lambda t: _patched(t, "n2magic", _magic(b"n+2\0")),
+                               r"invalid NIfTI header: sizeof_hdr 348 \(NIfTI-1\) but magic 'n\+2' \(NIfTI-2\)$"),
+    # G14: a NIfTI-2 header under sizeof_hdr 348 was read with the NIfTI-1 layout ("dim[0] = 90")
+    "nifti2_header_sizeof_348": (_nifti2(lambda raw: raw.__setitem__(slice(0, 4), struct.pack("<i", 348))),
+                                 r"invalid NIfTI header: sizeof_hdr 348 \(NIfTI-1\) but magic 'n\+2' \(NIfTI-2\)$"),
+    "nifti2_header_magic_n1": (_nifti2(_magic(b"n+1\0", at=4)),
+                               r"invalid NIfTI header: sizeof_hdr 540 \(NIfTI-2\) but magic 'n\+1' \(NIfTI-1\)$"),
+    "nifti2_no_magic": (_nifti2(_magic(bytes(4), at=4)),
+                        r"invalid NIfTI header: no NIfTI-2 magic \('n\+2' or 'ni2'\) at byte 4"),
+    # a pair's magic in a single file: nibabel read the voxels from byte 0, the header among them
+    "pair_magic_voxels_in_the_header": (lambda t: _patched(t, "ni1", lambda raw: (_magic(b"ni1\0")(raw),
+                                                                                 _vox_offset(0.0)(raw))),
+                                        r"invalid NIfTI header: vox_offset 0 is inside the header, and its magic 'ni1' "
+                                        r"is a .hdr/.img pair's \(the voxels of a single-file NIfTI \('n\+1'\) start "
+                                        r"at byte 352 or later\)$"),
+    # G14: nibabel dropped an infinite scl_slope as "no scaling" (1e38 is refused: huge_scl_slope)
+    "scl_slope_inf": (lambda t: _patched(t, "slope_inf", _scl_slope(float("inf"))),
+                      r"the header's scaling \(scl_slope inf, scl_inter 0\) makes every voxel NaN/Inf: fix "
+                      r"scl_slope/scl_inter$"),
+    "scl_slope_minus_inf": (lambda t: _patched(t, "slope_ninf", _scl_slope(float("-inf")), gz=False),
+                            r"the header's scaling \(scl_slope -inf, scl_inter 0\) makes every voxel NaN/Inf"),
 }
 
 
@@ -911,3 +1005,96 @@ def test_no_qform_and_no_sform_warns_that_the_planes_are_guessed(tmp_path, caplo
     write_nifti(tmp_path / "w.nii.gz", blob_volume())
     load_volume(tmp_path / "w.nii.gz")
     assert not [r for r in caplog.records if "no qform or sform" in r.getMessage()]
+
+
+@pytest.mark.parametrize("cfg", [VolumeConfig(), VolumeConfig(spacing=(1.5, 1.5, 1.5)),
+                                 VolumeConfig(reslice_order=1)], ids=["as_stored", "resampled", "oblique_resliced"])
+def test_a_volume_stored_in_meters_or_microns_loads_like_the_mm_file(tmp_path, cfg):
+    """Fuzz round 7 (G6): nibabel ignores xyzt_units, so a legal 2 mm scan stored in meters read as
+    0.002 mm voxels (refused as absurd) and one in microns as 2000 mm. The affine is converted to mm
+    when read, so reorientation, reslicing and resampling see the physical grid."""
+    affine = _psr_affine(2.0)
+    affine[:3, 3] = (-30.0, 40.0, -25.0)
+    if cfg.reslice_order == 1:  # tilted by 0.3 rad: resliced onto a RAS grid
+        c, s = np.cos(0.3), np.sin(0.3)
+        affine = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]) @ affine
+    data = (blob_volume() * 100).astype(np.int16)
+    loaded = {}
+    for unit, factor in [("mm", 1.0), ("unknown", 1.0), ("meter", 1e-3), ("micron", 1e3)]:
+        scaled = affine.copy()
+        scaled[:3] *= factor
+        img = nib.Nifti1Image(data, scaled)
+        img.header.set_xyzt_units(xyz=unit, t="sec")
+        img.header.set_slope_inter(0.5, 3.0)  # the scaling stays with the converted image
+        nib.save(img, tmp_path / f"{unit}.nii.gz")
+        loaded[unit] = load_volume(tmp_path / f"{unit}.nii.gz", cfg)
+    ref = loaded["mm"]
+    assert ref.oblique_action == ("resliced" if cfg.reslice_order == 1 else "none")
+    for unit, vol in loaded.items():
+        # (resliced: the float32 sform in meters rounds the tilt differently, by ~1e-7 of a voxel)
+        np.testing.assert_allclose(vol.data, ref.data, rtol=0, atol=1e-6 if cfg.reslice_order == 1 else 0,
+                                   err_msg=unit)
+        np.testing.assert_allclose(vol.affine, ref.affine, atol=1e-4, err_msg=unit)
+        assert vol.spacing == pytest.approx(ref.spacing, abs=1e-6)
+    from slice2vol.data.io import read_nifti
+
+    header = read_nifti(tmp_path / "micron.nii.gz").header
+    assert header.get_xyzt_units() == ("mm", "sec")  # the time unit kept
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["nii_gz", "nii"])
+def test_legal_header_extensions_load_like_the_file_without_them(tmp_path, gz):
+    """The extension checks (G7) pass what the standard allows: sizes that are multiples of 16,
+    ending at vox_offset, as nibabel writes them."""
+    plain = load_volume(write_nifti(tmp_path / "plain.nii.gz", blob_volume())).data
+    two = _extension(16, 16, gz=gz)(tmp_path)
+    np.testing.assert_array_equal(load_volume(two).data, plain)
+    img = nib.Nifti1Image(blob_volume(), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"a comment of 30 bytes or more."))
+    nib.save(img, tmp_path / f"nib.nii{'.gz' if gz else ''}")
+    np.testing.assert_array_equal(load_volume(tmp_path / f"nib.nii{'.gz' if gz else ''}").data, plain)
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    ("none", r": not a NIfTI image \(Cannot work out file type"),
+    ("cut", r": truncated or corrupt gzip stream \(\d+ bytes on disk; the NIfTI header in it is whole; the stream "
+            r"ends before its end marker\)$"),
+    ("flip", r": truncated or corrupt gzip stream \(\d+ bytes on disk; the NIfTI header in it is whole; Error -3 "
+             r"while decompressing data: .*\)$"),
+    ("short", r": truncated: the gzip stream holds \d+ of the 54112 bytes the header describes$"),
+])
+def test_a_gzip_stream_is_blamed_only_when_it_fails_to_decode(tmp_path, monkeypatch, damage, pattern):
+    """G7: every header problem nibabel rejects in a whole .nii.gz was called a "truncated or corrupt
+    gzip stream". With the header checks that name such problems left out (a problem they do not
+    know), an intact stream is not blamed; a cut, damaged or short one is."""
+    import slice2vol.data.io as io
+
+    monkeypatch.setattr(io, "_raw_header_problem", lambda path: None)
+    raw = bytearray(write_nifti(tmp_path / "src.nii", blob_volume()).read_bytes())
+    raw[344:348] = bytes(4)  # no magic: nibabel cannot work out the file type
+    packed = gzip.compress(bytes(raw[:len(raw) // 2] if damage == "short" else raw))
+    if damage == "cut":
+        packed = packed[:len(packed) // 2]
+    elif damage == "flip":
+        packed = bytearray(packed)
+        packed[len(packed) // 2] ^= 0xFF
+    path = _bytes(tmp_path / "v.nii.gz", bytes(packed))
+    with pytest.raises(VolumeError, match=pattern) as err:
+        load_volume(path)
+    assert "\n" not in str(err.value) and (damage != "none" or "corrupt gzip stream" not in err.value.problem)
+
+
+def test_a_spacing_whose_grid_does_not_fit_in_memory_names_the_file_and_the_spacing(tmp_path, monkeypatch):
+    """Fuzz round 7: ``cache --spacing 0.05`` failed each subject with torch's allocator error (no
+    file, no word about the spacing). The resampled grid is sized before anything is allocated."""
+    import slice2vol.data.io as io
+
+    path = write_nifti(tmp_path / "s.nii.gz", blob_volume(shape=(40, 30, 20)), np.diag([2.0, 2.0, 2.0, 1.0]))
+    monkeypatch.setattr(io, "available_memory", lambda: 64 << 20)  # 64 MiB left
+    with pytest.raises(VolumeError) as err:
+        load_volume(path, VolumeConfig(spacing=(0.1, 0.1, 0.1)))
+    need = 4.0 * 800 * 600 * 400 * 3  # input copy, output, normalised output (float32, one channel)
+    assert str(err.value) == (f"{path}: resampling to (0.1, 0.1, 0.1) mm would make shape (800, 600, 400) needing "
+                              f"about {io._fmt_bytes(need)}, and 64.0 MiB is available: choose a coarser spacing "
+                              f"(the file's voxels are (2, 2, 2) mm)")
+    assert load_volume(path, VolumeConfig(spacing=(1.0, 1.0, 1.0))).data.shape == (1, 80, 60, 40)
