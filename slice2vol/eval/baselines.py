@@ -16,6 +16,7 @@ encoder at 0.78 has learnt little more than head size.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -33,64 +34,38 @@ BASELINES = ("head_volume", "brain_volume", "intensities")
 
 
 
-def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> EmbeddingSet:
+def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str], labels=None) -> EmbeddingSet:
     """A brought-in feature table -> an :class:`EmbeddingSet` of the cohort subjects it covers.
 
+    Args:
+        labels: the probed labels (DataFrame indexed by subject ID), if any: a feature column named
+            like one of them, or holding its values, is a copy of the answer and gets a warning.
+
     Raises:
-        ValueError: unreadable file, missing ID column, non-numeric columns, a column with no finite
-            value for any cohort subject, no subject of the cohort in the file (one line naming the
-            file). Subjects with a missing value elsewhere are left out and listed in the provenance
-            (``left_out_missing_values``, ``missing_columns``).
+        ValueError: unreadable file, missing ID column, repeated column names, non-numeric or complex
+            values, values beyond float32, a column with no finite value for any cohort subject, no
+            subject of the cohort in the file (one line naming the file). Subjects with a missing value
+            elsewhere, and cohort subjects without a row, are left out and listed in the provenance
+            (``left_out_missing_values``, ``missing_columns``, ``left_out_no_row``).
     """
     if not path.exists():
         raise ValueError(f"{path}: features file not found (features entry {entry.name!r})")
-    if path.suffix == ".npz":
-        import zipfile
+    from slice2vol.inputs import special_file_problem
 
-        ids, X = None, None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if "ids" in data and "X" in data:
-                    ids = [str(s) for s in data["ids"].tolist()]
-                    X = np.asarray(data["X"], dtype=np.float64)
-        except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
-            # a ValueError: e.g. IDs saved as an object array, which would need pickle (never used here)
-            hint = ("; save ids as text (np.asarray(ids, dtype=str)) and X as numbers"
-                    if isinstance(err, ValueError) else "")
-            raise ValueError(f"{path}: cannot read the features .npz ({' '.join(str(err).split())[:120]}){hint}"
-                             ) from None
-        if X is None:
-            raise ValueError(f"{path}: an .npz of features needs arrays 'ids' (N,) and 'X' (N, D)")
-        if X.ndim != 2:
-            raise ValueError(f"{path}: 'X' has shape {X.shape}; expected (subjects, features), e.g. X[:, None] "
-                             "for one feature")
+    special = special_file_problem(path)
+    if special:  # a named pipe would block the reader, and its hash (provenance) could not be taken
+        raise ValueError(f"{path}: {special}, not a regular file (features entry {entry.name!r})")
+    if path.suffix == ".npz":
+        ids, X = _read_npz(path)
         columns = [f"f{i}" for i in range(X.shape[1])]
     else:
-        import pandas as pd
-
-        try:
-            table = pd.read_csv(path, sep=None, engine="python")
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: cannot read the features CSV ({err})") from None
-        if entry.id_column not in table.columns:
-            raise ValueError(f"{path}: no ID column {entry.id_column!r} (columns: {list(table.columns)[:8]}...); "
-                             "set id_column")
-        ids = table[entry.id_column].astype(str).tolist()
-        columns = entry.columns or [c for c in table.columns if c != entry.id_column and c not in entry.exclude]
-        missing = [c for c in columns if c not in table.columns]
-        if missing:
-            raise ValueError(f"{path}: column(s) {missing} not found")
-        values = table[columns].apply(pd.to_numeric, errors="coerce")
-        bad = [c for c in columns if values[c].isna().any() and not table[c].isna().any()]
-        if bad:
-            raise ValueError(f"{path}: non-numeric values in column(s) {bad[:5]}")
-        X = values.to_numpy(dtype=np.float64)
-        columns = [str(c) for c in columns]
+        ids, X, columns = _read_csv(entry, path)
     if X.ndim != 2 or len(ids) != len(X):
         raise ValueError(f"{path}: expected one row of features per subject, got {X.shape} for {len(ids)} ids")
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: subject IDs repeat (one row per subject)")
-    keep = [i for i, s in enumerate(ids) if s in set(cohort_ids)]
+    in_cohort = set(cohort_ids)
+    keep = [i for i, s in enumerate(ids) if s in in_cohort]
     if not keep:
         raise ValueError(f"{path}: none of its {len(ids)} IDs is a subject of the cohort (e.g. {ids[:3]})")
     X = X[keep]
@@ -101,6 +76,8 @@ def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> Em
         # it used to leave every subject out, and with them every other set's comparison
         raise ValueError(f"{path}: column(s) {empty[:5]} hold no finite value for any of the {len(ids)} cohort "
                          f"subject(s) in the file (features entry {entry.name!r}); drop them (exclude: [...])")
+    if labels is not None:
+        _warn_label_copies(entry, path, columns, ids, X, labels)
     finite = ok.all(1)
     left_out = [s for s, f in zip(ids, finite) if not f]
     missing_columns = {s: [c for c, good in zip(columns, row) if not good][:5]
@@ -108,19 +85,158 @@ def read_features(entry: FeaturesEntry, path: Path, cohort_ids: list[str]) -> Em
     if left_out:
         log.warning("%s: %d subject(s) with missing values are left out", path, len(left_out))
         X, ids = X[finite], [s for s, f in zip(ids, finite) if f]
-    if len(X) > 1 and np.ptp(X, axis=0).max() == 0:
-        raise ValueError(f"{path}: every subject has the same features (features entry {entry.name!r}); there is "
-                         "nothing to compare")
+    # a table covering part of the cohort shrinks every set's comparison as much as missing values do
+    found = set(ids) | set(left_out)
+    no_row = [s for s in cohort_ids if s not in found]
+    if no_row:
+        log.warning("%s: %d cohort subject(s) have no row and are left out", path, len(no_row))
     if entry.log:
         if (X < 0).any():
             raise ValueError(f"{path}: log=true needs non-negative values")
         X = np.log1p(X)
+    huge = np.abs(X) > np.finfo(np.float32).max
+    if huge.any():
+        # the set is float32: they would become inf there, then NaN in every probe
+        wide = [c for c, h in zip(columns, huge.any(0)) if h]
+        raise ValueError(f"{path}: column(s) {wide[:5]} hold values beyond float32 (up to {np.abs(X).max():.0e}); "
+                         f"rescale them (features entry {entry.name!r})")
+    if len(X) > 1 and np.ptp(X, axis=0).max() == 0:
+        raise ValueError(f"{path}: every subject has the same features (features entry {entry.name!r}); there is "
+                         "nothing to compare")
     prov = {"source": str(path), "source_sha256": file_sha256(path), "columns": columns[:50],
             "n_columns": len(columns), "id_column": entry.id_column, "log": entry.log,
-            "left_out_missing_values": left_out, "missing_columns": missing_columns}
+            "left_out_missing_values": left_out, "missing_columns": missing_columns, "left_out_no_row": no_row}
     if entry.fitted_on is not None:
         prov.update({"fitted_on": list(entry.fitted_on), "fitted_labels": list(entry.fitted_labels)})
     return EmbeddingSet(entry.name, ids, X.astype(np.float32), prov, "features", entry)
+
+
+def _read_npz(path: Path) -> tuple[list[str], np.ndarray]:
+    """(IDs, X as float64) of an ``.npz`` of features; refuses what is not an ``ids`` + real ``X`` pair."""
+    import zipfile
+
+    ids, X = None, None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "ids" in data and "X" in data:
+                ids = [(s.decode() if isinstance(s, bytes) else str(s)).strip() for s in data["ids"].tolist()]
+                X = data["X"]
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        # a ValueError: e.g. IDs saved as an object array, which would need pickle (never used here)
+        hint = ("; save ids as text (np.asarray(ids, dtype=str)) and X as numbers"
+                if isinstance(err, ValueError) else "")
+        raise ValueError(f"{path}: cannot read the features .npz ({' '.join(str(err).split())[:120]}){hint}"
+                         ) from None
+    if X is None:
+        raise ValueError(f"{path}: an .npz of features needs arrays 'ids' (N,) and 'X' (N, D)")
+    if np.iscomplexobj(X):
+        # the cast to float would keep the real part only (with a ComplexWarning on stderr)
+        raise ValueError(f"{path}: 'X' holds complex numbers ({X.dtype}); save real features, e.g. the real and "
+                         "imaginary parts (or the magnitude) as columns")
+    try:
+        X = np.asarray(X, dtype=np.float64)
+    except ValueError as err:  # text in X
+        raise ValueError(f"{path}: cannot read the features .npz ({' '.join(str(err).split())[:120]}); save ids as "
+                         "text (np.asarray(ids, dtype=str)) and X as numbers") from None
+    if X.ndim != 2:
+        raise ValueError(f"{path}: 'X' has shape {X.shape}; expected (subjects, features), e.g. X[:, None] "
+                         "for one feature")
+    return ids, X
+
+
+def _read_csv(entry: FeaturesEntry, path: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """(IDs, X as float64, column names) of a CSV of features, read as manifests are read: the
+    delimiter sniffed, decimal commas of a ``;``-separated table, IDs and names without surrounding
+    spaces, repeated column names refused (pandas would rename the second ``f1`` to ``f1.1``)."""
+    import csv
+
+    import pandas as pd
+
+    from slice2vol.data.manifest import _read_decimal_commas, sniff_delimiter, text_encoding
+
+    try:
+        encoding = text_encoding(path)
+        sep = sniff_delimiter(path, encoding)
+        with open(path, newline="", encoding=encoding) as fh:
+            header = [h.strip() for h in next(csv.reader(fh, delimiter=sep), [])]
+        table = pd.read_csv(path, sep=sep, encoding=encoding, index_col=False, dtype={entry.id_column: str})
+    except (OSError, ValueError, UnicodeError, csv.Error) as err:
+        raise ValueError(f"{path}: cannot read the features CSV ({' '.join(str(err).split())[:120]})") from None
+    repeated = sorted({h for h in header if h and header.count(h) > 1})
+    if repeated:
+        raise ValueError(f"{path}: column name(s) {repeated} appear more than once in the header (spaces around "
+                         "names are ignored); rename them")
+    table.columns = [str(c).strip() for c in table.columns]
+    # rows with every cell empty (a spreadsheet's ";;;" padding) are no subjects
+    table = table[~table.map(lambda v: pd.isna(v) or (isinstance(v, str) and not v.strip())).all(axis=1)]
+    if entry.id_column not in table.columns:
+        raise ValueError(f"{path}: no ID column {entry.id_column!r} (columns: {list(table.columns)[:8]}...); "
+                         "set id_column")
+    if sep == ";":
+        _read_decimal_commas(table, skip=entry.id_column)
+    ids = ["" if pd.isna(v) else str(v).strip() for v in table[entry.id_column]]
+    columns = entry.columns or [c for c in table.columns if c != entry.id_column and c not in entry.exclude]
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: column(s) {missing} not found")
+    text = table[columns].apply(lambda col: col if pd.api.types.is_numeric_dtype(col)
+                                else col.map(lambda v: v.strip() if isinstance(v, str) else v))
+    values = text.apply(pd.to_numeric, errors="coerce")
+    # a text cell that is not a number, not an empty cell (a missing value: that subject is left out)
+    wrong = values.isna() & text.notna() & (text != "")
+    bad = [c for c in columns if wrong[c].any()]
+    if bad:
+        cells = list(dict.fromkeys(str(v) for c in bad[:5] for v in text[c][wrong[c]]))
+        hint = ""
+        if any(re.search(r"\d,\d", v) for v in cells):
+            hint = ("; decimal commas are read only in a column where every cell is a number like 1,5" if sep == ";"
+                    else "; decimal commas? write 1.5, or separate the cells with ';' as spreadsheets then do")
+        raise ValueError(f"{path}: non-numeric values in column(s) {bad[:5]} (e.g. {cells[:3]}){hint}")
+    return ids, values.to_numpy(dtype=np.float64), [str(c) for c in columns]
+
+
+def _warn_label_copies(entry: FeaturesEntry, path: Path, columns: list[str], ids: list[str], X: np.ndarray,
+                       labels) -> None:
+    """One warning line per feature column that is a probed label under another name: named like it
+    (``Age`` for ``age``), or holding its values (a categorical label recoded one-to-one, a continuous
+    one up to scale and offset). Such a column scores its set near-perfectly on that label (tables of
+    region volumes often carry the demographics)."""
+    rows = labels.reindex(ids)
+    for j, column in enumerate(columns):
+        for label in map(str, labels.columns):
+            name = column.lower()
+            if path.suffix != ".npz" and (name == label.lower() or label.lower() in re.split(r"[^a-z0-9]+", name)):
+                why = "is named like"
+            else:
+                y = rows[label]
+                both = np.isfinite(X[:, j]) & y.notna().to_numpy()
+                if both.sum() < 3 or not _same_information(X[both, j], y[both]):
+                    continue
+                why = "holds the values of"
+            drop = (f"remove it from columns of features entry {entry.name!r}" if entry.columns else
+                    f"leave column {j} out of X" if path.suffix == ".npz" else
+                    f"exclude it (features entry {entry.name!r}: exclude: [{column}])")
+            log.warning("%s: column %r %s the label %r being probed (a copy of the answer); %s", path, column, why,
+                        label, drop)
+
+
+def _same_information(x: np.ndarray, y) -> bool:
+    """Whether feature values ``x`` are the label values ``y`` (a Series) in other units or codes:
+    a one-to-one recoding of classes that repeat, or (numbers) a line with correlation 1."""
+    import pandas as pd
+
+    classes = y.astype(str)
+    k = classes.nunique()
+    if 1 < k < len(y) and len(set(zip(x.tolist(), classes.tolist()))) == k == len(set(x.tolist())):
+        return True
+    if not pd.api.types.is_numeric_dtype(y):
+        return False
+    yv = y.to_numpy(dtype=np.float64)
+    with np.errstate(all="ignore"):  # values beyond float32 (refused later) overflow here; they are no label
+        if np.ptp(x) == 0 or np.ptp(yv) == 0:
+            return False
+        r = np.corrcoef(x, yv)[0, 1]
+    return bool(abs(r) > 1 - 1e-9)
 
 
 def compute_baselines(names: list[str], cohort, volume_cfg, cfg: BaselineConfig, cache: ResultCache | None,

@@ -53,9 +53,10 @@ def _check_ks(ks: Sequence[int], temperature: float, prefix: str = "") -> tuple[
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Row-wise L2 normalisation of (N, D) -> float32 (N, D)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+    """Row-wise L2 normalisation of (N, D) -> float32 (N, D) (in float64: the squared norm of
+    float32 values beyond ~1e19 overflows, which zeroed those rows)."""
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)).astype(np.float32)
 
 
 def cosine_neighbours(train_x: np.ndarray, query_x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -103,7 +103,9 @@ def build_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, out: P
     from slice2vol.eval.sets3d import build_3d_sets
 
     # brought-in tables first: a bad one is refused in seconds, not after hours of caching
-    brought = {entry.name: read_features(entry, Path(expand(entry.path, base)), list(cohort.ids))
+    labels, label_types = labels_of(cohort, cfg)
+    brought = {entry.name: read_features(entry, Path(expand(entry.path, base)), list(cohort.ids),
+                                         labels[list(label_types)])
                for entry in cfg.features}
     store_dir = Path(expand(cfg.store_dir, base)) if cfg.store_dir else out / "stores"
     store_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +126,12 @@ def build_sets(cfg: ExperimentConfig, cohort, manifest: Path, base: Path, out: P
             # failures, not a warning alone: the whole comparison shrank (exit 1, listed at the end)
             failures += [f"{sid}: {es.provenance['source']}: no finite value in column(s) {cols} of features entry "
                          f"{name!r}; left out of every set's comparison" for sid, cols in missing.items()]
+        no_row = es.provenance.get("left_out_no_row") or []
+        if no_row:  # the same for subjects the table does not cover
+            skipped.append({"name": f"{name}: {len(no_row)} subject(s) {no_row[:5]}",
+                            "reason": "no row in the features file", "substitute": None})
+            failures += [f"{sid}: {es.provenance['source']}: no row for this subject in features entry {name!r}; "
+                         "left out of every set's comparison" for sid in no_row]
     if cfg.baselines.sets:
         computed, missed = compute_baselines(list(cfg.baselines.sets), cohort, cfg.volume, cfg.baselines, cache,
                                              progress, timings, failures=failures)

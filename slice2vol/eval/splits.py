@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -194,6 +195,9 @@ def make_splits(
             elif counts[counts > 0].min() < 2:
                 log.warning("a class has fewer than 2 subjects; splitting without stratification")
                 strata = None
+            else:  # sklearn says so with a raw UserWarning (silenced below)
+                log.warning("a class has %d subjects, fewer than the %d folds; some test folds lack it",
+                            counts[counts > 0].min(), cfg.n_folds)
     folds: list[Fold] = []
     for r in range(cfg.n_repeats):
         seed = cfg.seed + r
@@ -216,6 +220,9 @@ def make_splits(
             parts = StratifiedKFold(cfg.n_folds, shuffle=True, random_state=seed).split(np.zeros(n), strata)
         else:
             parts = KFold(cfg.n_folds, shuffle=True, random_state=seed).split(np.zeros(n))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+            parts = list(parts)
         for k, (tr, te) in enumerate(parts):
             folds.append(Fold(r, k, [ids[i] for i in tr], [ids[i] for i in te]))
     meta = {"n_folds": cfg.n_folds, "n_repeats": cfg.n_repeats, "seed": cfg.seed, "n_bins": cfg.n_bins,
