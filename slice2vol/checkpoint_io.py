@@ -27,9 +27,32 @@ def _short(err: BaseException) -> str:
     return (text.split(". ")[0] if len(text) > 160 else text)[:160] or type(err).__name__
 
 
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a regular file to read, or None; None too when it is missing (callers word
+    that themselves). A named pipe would block the reader for ever, a device never end."""
+    from slice2vol.data.io import file_problem
+
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_dir():
+        return "a directory, not a file"
+    return file_problem(path)
+
+
+def _check_file(path: Path, hint: str) -> None:
+    """:class:`CheckpointError` for a checkpoint file that is missing or not a regular file."""
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path}: missing from the checkpoint; {hint}")
+    problem = _file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; {hint}")
+
+
 def read_json(path: str | Path, hint: str = RESUME_HINT) -> Any:
-    """A JSON file of a checkpoint; :class:`CheckpointError` if it is missing or not valid JSON."""
+    """A JSON file of a checkpoint; :class:`CheckpointError` if it is missing, not a regular file or
+    not valid JSON."""
     path = Path(path)
+    _check_file(path, hint)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -43,8 +66,7 @@ def read_safetensors(path: str | Path, hint: str = RESUME_HINT) -> dict[str, tor
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the checkpoint; {hint}")
+    _check_file(path, hint)
     try:
         return load_file(str(path))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own and OS errors: one line
@@ -55,8 +77,7 @@ def read_torch_state(path: str | Path, map_location: Any = "cpu", hint: str = RE
     """A torch file saved by this package (tensors, numbers, plain containers), loaded with
     ``weights_only=True``: a pickle from elsewhere is refused, never executed."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the checkpoint; {hint}")
+    _check_file(path, hint)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip reader, unpickler refusals, OS errors: one line
@@ -110,6 +131,70 @@ def _nan_tensors(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
     return []
 
 
+def _weight_tensors(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the floating tensors with 2+ dimensions and 2+ values (convolution kernels,
+    linear and embedding matrices) in a checkpoint's (nested) containers."""
+    if isinstance(obj, torch.Tensor):
+        return [(prefix or "tensor", obj)] if obj.is_floating_point() and obj.ndim >= 2 and obj.numel() > 1 else []
+    if depth > 6:
+        return []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in _weight_tensors(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in _weight_tensors(v, f"{prefix}[{i}]", depth + 1)]
+    return []
+
+
+def _constant_problem(obj: Any) -> str | None:
+    """Why a checkpoint holds no trained weights, or None: every weight matrix and kernel is constant
+    (all zeros, an unfilled template, a failed conversion). Such a network gives every slice the
+    same features, which later reads as "one scan under several IDs" rather than as the file."""
+    weights = _weight_tensors(obj)
+    if not weights:
+        return None
+    values = []
+    for _, tensor in weights:
+        flat = tensor.detach().reshape(-1)
+        first = flat[0]
+        if not bool((flat == first).all()):  # NaN never equals itself: the NaN check words that
+            return None
+        values.append(float(first))
+    if len(set(values)) == 1:
+        return f"every weight tensor is constant (all {values[0]}): not trained weights"
+    return (f"every weight tensor is constant ({len(weights)} tensors, each of a single value, e.g. "
+            f"{weights[0][0]} all {values[0]}): not trained weights")
+
+
+def dtype_problem(module: torch.nn.Module, state: dict[str, Any]) -> str | None:
+    """Why ``state`` cannot be copied into ``module`` value for value, or None: tensors that are not
+    floating point (integers, booleans, complex) where the module's parameter or buffer is.
+
+    ``load_state_dict`` casts them silently: int32 copies of trained weights lose everything after
+    the decimal point (a random init becomes all zeros). Integer buffers of the module itself (e.g.
+    BatchNorm's ``num_batches_tracked``) are compared with their own dtype, so they pass.
+    """
+    own = module.state_dict()
+    bad = [(name, state[name].dtype, ref.dtype) for name, ref in own.items()  # in the model's order
+           if isinstance(state.get(name), torch.Tensor) and ref.is_floating_point()
+           and not state[name].is_floating_point()]
+    if not bad:
+        return None
+
+    def names(dtypes: set[torch.dtype]) -> str:
+        return "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+
+    return (f"{len(bad)} tensor(s) are {names({b[1] for b in bad})} where the model has "
+            f"{names({b[2] for b in bad})} (first: {bad[0][0]})")
+
+
+def check_dtypes(module: torch.nn.Module, state: dict[str, Any], where: str | Path) -> None:
+    """Raises :class:`CheckpointError` (a ``ValueError``) ``"{where}: {dtype_problem}"`` before
+    ``state`` is loaded into ``module``; returns silently when every tensor keeps its values."""
+    problem = dtype_problem(module, state)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
+
+
 def read_weights(path: str | Path) -> Any:
     """A published or user weights file, loaded without running any pickled code: safetensors (by its
     content, whatever the suffix), else ``torch.load(weights_only=True)``. Every failure is one
@@ -118,6 +203,8 @@ def read_weights(path: str | Path) -> Any:
 
     A file whose tensors hold NaN (a run that diverged, a damaged conversion) is refused too: every
     slice would fail at the end of its forward pass, one subject after another, with no file named.
+    So is one whose every weight matrix and kernel is constant (all zeros): it gives every slice the
+    same features. Tensors of the wrong dtype for the model are :func:`check_dtypes`'s business.
 
     Returns:
         What the file holds (a dict of tensors, or torch's plain containers of tensors and numbers).
@@ -127,12 +214,18 @@ def read_weights(path: str | Path) -> Any:
     if bad:
         raise ValueError(f"{path}: {len(bad)} tensor(s) hold NaN values (first: {bad[0]}); a diverged or damaged "
                          "checkpoint cannot give features")
+    problem = _constant_problem(state)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return state
 
 
 def _read_weights(path: Path) -> Any:
     if path.is_dir():
         raise ValueError(f"{path}: is a directory; give the checkpoint file itself")
+    problem = _file_problem(path)
+    if problem:  # opening a named pipe would wait for a writer for ever
+        raise ValueError(f"{path}: {problem}")
     try:
         kind, head = _kind(path)
     except OSError as err:
@@ -174,7 +267,12 @@ def _read_weights(path: Path) -> Any:
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str | Path,
                hint: str = RESUME_HINT, strict: bool = True) -> Any:
-    """``module.load_state_dict(state)``, a shape or key mismatch reported as a run of another config."""
+    """``module.load_state_dict(state)``, a shape or key mismatch reported as a run of another config,
+    tensors of a non-floating dtype where the module's are floating refused (:func:`check_dtypes`)
+    rather than cast."""
+    problem = dtype_problem(module, state)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}; {hint}")
     try:
         return module.load_state_dict(state, strict=strict)
     except RuntimeError as err:

@@ -568,3 +568,174 @@ def test_gallery_png_with_a_very_long_id_is_drawn_without_warnings(tmp_path):
     image = mpimg.imread(png)
     assert image.shape[0] < 400 and image.shape[1] < 800  # the figure is the tiles' size, not the text's
     assert long_id in write_html(tiles, tmp_path / "g.html", "q").read_text()
+
+
+# -- staleness: the store's embeddings changed since the build ------------------------------------------
+def _store_and_index(tmp_path, n=6, dim=5):
+    from slice2vol.cache import FeatureStore
+
+    ids = [f"IXI{i:03d}" for i in range(n)]
+    X = np.random.default_rng(1).normal(size=(n, dim)).astype(np.float32)
+    FeatureStore(tmp_path / "s.h5", mode="a").write_volume_embeddings("mean", ids, X, {})
+    Index.from_store(tmp_path / "s.h5", "mean").save(tmp_path / "idx")
+    return ids, X
+
+
+def _rewrite(path, ids, X):
+    from slice2vol.cache import FeatureStore
+
+    FeatureStore(path, mode="a").write_volume_embeddings("mean", ids, X, {})
+
+
+@pytest.mark.parametrize("change, found", [
+    ("none", None),
+    ("one_row", "(1 subject: IXI004)"),
+    ("three_rows_one_gone", "(3 subjects: IXI000, IXI001, IXI002; 1 no longer in the store: IXI005)"),
+    ("new_subject_added", None),  # subjects aggregated since are not in the index: nothing stale
+    ("one_ulp", "(1 subject: IXI003)"),  # the digests are of the bytes, not of a rounded value
+])
+def test_a_store_reaggregated_since_the_build_is_refused(tmp_path, caplog, change, found):
+    """Fuzz round 7 (G5): a subject cached again (its scan changed) and the set aggregated again passed every
+    provenance check; `search --store` ranked the store's new vector against the index's old one."""
+    ids, X = _store_and_index(tmp_path)
+    Y, new_ids = X.copy(), list(ids)
+    if change == "one_row":
+        Y[4] = -Y[4]
+    elif change == "three_rows_one_gone":
+        Y[:3] += 1
+        Y, new_ids = Y[:5], new_ids[:5]
+    elif change == "new_subject_added":
+        Y, new_ids = np.vstack([Y, np.ones((1, 5), np.float32)]), new_ids + ["IXI999"]
+    elif change == "one_ulp":
+        Y[3, 2] = np.nextafter(Y[3, 2], np.float32(np.inf))
+    _rewrite(tmp_path / "s.h5", new_ids, Y)
+    index = Index.load(tmp_path / "idx")
+    if found is None:
+        assert index.check_unchanged(tmp_path / "s.h5") is True
+        assert index.search_store(tmp_path / "s.h5", "IXI001", k=2)["subject_id"].iloc[0] == "IXI001"
+        assert "cannot be checked" not in caplog.text
+        return
+    with pytest.raises(ProvenanceError) as err:
+        index.search_store(tmp_path / "s.h5", "IXI001", k=2)
+    assert str(err.value) == (f"{tmp_path / 's.h5'}: embeddings 'mean' changed since {tmp_path / 'idx'} was built "
+                              f"{found}; rebuild the index (slice2vol index build --store {tmp_path / 's.h5'} "
+                              f"--embeddings mean --out {tmp_path / 'idx'})")
+
+
+def test_staleness_on_the_command_line_and_for_older_indexes(tmp_path, capsys, caplog, monkeypatch):
+    """`search --store` and `index info --store` refuse a changed set in one line (exit 2); an index from
+    before the digests warns once that it cannot tell, unless the whole set is as it was."""
+    from slice2vol.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    ids, X = _store_and_index(tmp_path)
+    assert main(["index", "info", "idx", "--store", "s.h5"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("s.h5: the indexed subjects' embeddings 'mean' are unchanged "
+                                                        "since the build")
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert len(meta["provenance"]["row_sha256"]) == 6 and all(len(d) == 16 for d in meta["provenance"]["row_sha256"])
+    assert main(["index", "info", "idx", "--json"]) == 0
+    assert "row_sha256" not in capsys.readouterr().out  # one digest a subject: left out like the ids
+    Y = X.copy()
+    Y[2] *= 2
+    _rewrite(tmp_path / "s.h5", ids, Y)
+    for argv in (["search", "--index", "idx", "--store", "s.h5", "--subject", "IXI000"],
+                 ["index", "info", "idx", "--store", "s.h5"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("error: s.h5: embeddings 'mean' changed since idx was built (1 subject: IXI002); "
+                            "rebuild the index (slice2vol index build --store s.h5 --embeddings mean --out idx)")
+        assert len(err.splitlines()) == 1
+    # an index written before the digests: unchanged as a whole is still recognised, a change is not
+    del meta["provenance"]["row_sha256"]
+    (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
+    _rewrite(tmp_path / "s.h5", ids, X)
+    assert Index.load("idx").check_unchanged("s.h5") is True and "cannot be checked" not in caplog.text
+    _rewrite(tmp_path / "s.h5", ids, Y)
+    assert main(["search", "--index", "idx", "--store", "s.h5", "--subject", "IXI000", "-k", "1"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "cannot be checked" in r.getMessage()]
+    assert warned == ["idx: built without per-subject digests of its vectors (an older slice2vol): whether s.h5's "
+                      "embeddings 'mean' changed since cannot be checked; rebuild the index to have it checked"]
+
+
+def test_another_store_reusing_subject_ids_is_not_called_stale(tmp_path):
+    """Another cohort's store of the same pipeline may reuse IDs (sub-01) for other scans: only the indexed
+    store, or a copy of it (an indexed vector found bit for bit), is compared."""
+    import shutil
+
+    ids, X = _store_and_index(tmp_path)
+    index = Index.load(tmp_path / "idx")
+    _rewrite(tmp_path / "other.h5", ids[:3] + ["new"], np.random.default_rng(9).normal(size=(4, 5)).astype(np.float32))
+    assert index.check_unchanged(tmp_path / "other.h5") is False
+    assert len(index.search_store(tmp_path / "other.h5", "new", k=2)) == 2
+    shutil.copy(tmp_path / "s.h5", tmp_path / "copy.h5")
+    Y = X.copy()
+    Y[0] += 1
+    _rewrite(tmp_path / "copy.h5", ids[:4], Y[:4])  # a copy, re-aggregated, missing two subjects
+    with pytest.raises(ProvenanceError, match=r"copy.h5: embeddings 'mean' changed since .* \(1 subject: IXI000\); "):
+        index.search_store(tmp_path / "copy.h5", "IXI001")
+
+
+def _unblock_later(fifo, after=5.0):
+    """A process that, after ``after`` s, keeps opening ``fifo`` for writing, so that a reader blocked on it
+    (the bug) gets a byte and end-of-file and the test fails instead of hanging. A process, not a thread:
+    a reader blocked in C code may hold the GIL. Kill it when done."""
+    import subprocess
+
+    return subprocess.Popen(["sh", "-c", f"sleep {after}; while :; do printf x > '{fifo}'; done"])
+
+
+@pytest.mark.parametrize("name", ["meta.json", "index.faiss", "labels.csv", "store", "weights"])
+def test_a_named_pipe_in_the_index_or_as_the_store_or_weights_is_refused_without_blocking(tmp_path, capsys, name):
+    """Fuzz round 7 (G2): `index info` / `search --index` with a FIFO for a file of the index folder, a FIFO
+    --store or --weights waited for a writer for ever."""
+    import os
+
+    from slice2vol.cli import main
+    from slice2vol.retrieval.embed import resolve_weights
+
+    _store_and_index(tmp_path)
+    fifo = tmp_path / ("idx/" + name if "." in name else name)
+    if fifo.exists():
+        fifo.unlink()
+    os.mkfifo(fifo)
+    writer = _unblock_later(fifo)
+    try:
+        if name == "weights":
+            with pytest.raises(ValueError) as err:
+                resolve_weights({"encoder": "tv/resnet18", "weights": "file", "weights_sha256": "ab"}, str(fifo))
+            message = str(err.value)
+        else:
+            argv = (["search", "--index", str(tmp_path / "idx"), "--store", str(fifo), "--subject", "IXI000"]
+                    if name == "store" else ["index", "info", str(tmp_path / "idx")])
+            assert main(argv) == 2
+            message = capsys.readouterr().err.strip()
+            assert len(message.splitlines()) == 1
+    finally:
+        writer.kill()
+        writer.wait()
+    assert message.endswith(f"{fifo}: a named pipe (FIFO), not a regular file")
+
+
+def test_a_query_far_outside_the_indexed_field_of_view_gets_a_note(cohort_store, tmp_path, caplog):
+    """Fuzz round 7 (G12): half a head (or a label map) was ranked like a whole scan without a word. The
+    index records the span of its cohort's kept slices per plane; a query far outside it gets one note."""
+    import nibabel as nib
+
+    root, _, index = cohort_store
+    extent = index.provenance["cohort_extent_mm"]
+    assert set(extent) == set(index.provenance["pipeline"]["store_planes"])
+    assert all(0 < lo <= hi for lo, hi in extent.values())
+    whole = np.asanyarray(nib.load(root / "s1.nii.gz").dataobj)
+    half = whole.copy()
+    half[: whole.shape[0] // 2] = 0  # the first half of the head missing
+    from tests.conftest import write_nifti
+
+    write_nifti(tmp_path / "half.nii.gz", half)
+    index.search_nifti(root / "s1.nii.gz", k=1)
+    assert "field of view" not in caplog.text
+    index.search_nifti(tmp_path / "half.nii.gz", k=1)
+    notes = [r.getMessage() for r in caplog.records if "field of view" in r.getMessage()]
+    assert len(notes) == 1 and re.fullmatch(
+        r"half.nii.gz: its slices with foreground span \d+ mm \w+ \(indexed scans: \d+-\d+ mm\)(, .*)?: a partial "
+        r"field of view or another kind of image\? Its neighbours may mean little", notes[0]), notes

@@ -5,6 +5,7 @@ Examples::
     slice2vol index build --store feats.h5 --embeddings mean --out runs/index --manifest cohort.csv
     slice2vol index build --store feats.h5 --embeddings mean --out runs/index-hnsw --kind hnsw
     slice2vol index info runs/index
+    slice2vol index info runs/index --store feats.h5     # still the store's current embeddings?
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     info = sub.add_parser("info", help="describe an index folder", formatter_class=HelpFormatter)
     info.add_argument("index", help="index folder")
     info.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    add_store(info, required=False, help="check that this store's embeddings of the indexed subjects are still the "
+                                         "indexed ones (exit 2 naming those that changed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,9 +107,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.index_command == "info":
         index = Index.load(args.index)
+        unchanged = index.check_unchanged(args.store, always=True) if args.store else False
         if args.json:
             meta = json.loads((index.path / "meta.json").read_text())
             meta.pop("ids", None)
+            (meta.get("provenance") or {}).pop("row_sha256", None)  # one digest a subject, like the ids
             print(json.dumps(meta, indent=1))
         else:
             print(index.describe())
@@ -117,5 +122,8 @@ def run(args: argparse.Namespace) -> int:
                       f"sha256 {str(pipe.get('weights_sha256'))[:16]}...; aggregator {agg.get('method')} "
                       f"{agg.get('params') or ''}; feature set {index.provenance['store'].get('feature_set')}")
             print(f"labels: {', '.join(index.labels.columns) or 'none'}")
+            if unchanged:
+                print(f"{args.store}: the indexed subjects' embeddings "
+                      f"{index.provenance.get('embeddings', {}).get('name')!r} are unchanged since the build")
         return 0
     raise ValueError("choose an action: slice2vol index build ... | slice2vol index info DIR")

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slice2vol.checkpoint_io import check_dtypes
 from slice2vol.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -711,6 +712,12 @@ def parse_weights(weights: str | Path | None, *, pretrained: bool = False
     if not path.exists():
         raise FileNotFoundError(f"{path}: weights file not found (use 'random', 'pretrained', 'hub[:tag]' "
                                 f"or a local file)")
+    if not path.is_dir():  # a folder is a Hugging Face layout; its files are checked as they are read
+        from slice2vol.data.io import file_problem
+
+        problem = file_problem(path)
+        if problem:  # hashing a named pipe would wait for a writer for ever
+            raise ValueError(f"{path}: {problem}; weights must be a regular file")
     return "file", str(path)
 
 
@@ -834,6 +841,7 @@ def assign_state_dict(model: nn.Module, state: dict[str, torch.Tensor], key: str
                     f"{tuple(tensor.shape)} but the model's #{i} {dst!r} has {tuple(target.shape)} "
                     f"(names differ, so tensors are mapped in order)")
             mapped[dst] = tensor
+        check_dtypes(model, mapped, source)  # load_state_dict would cast int weights silently
         model.load_state_dict(mapped, strict=True)
         return []
     unexpected = sorted(set(state) - set(own))
@@ -849,6 +857,7 @@ def assign_state_dict(model: nn.Module, state: dict[str, torch.Tensor], key: str
         name, got, want = bad[0]
         raise ValueError(f"{key}: {source}: {len(bad)} tensors with the wrong shape, first {name!r} {got} "
                          f"where the model has {want}")
+    check_dtypes(model, state, source)
     model.load_state_dict(state, strict=False)
     if left:
         log.warning("%s: %s has no %s; they keep their initial values", key, source, left[:3])

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from slice2vol.checkpoint_io import check_dtypes
 from slice2vol.data.io import Volume, VolumeConfig
 from slice2vol.encoders.base import WeightsUnavailable, parse_weights, sha256_file
 from slice2vol.encoders3d.preprocess import Recipe, select_channels
@@ -403,6 +404,7 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: str |
         name, got, want = bad[0]
         raise ValueError(f"{path}: {len(bad)} tensors of {key} have the wrong shape, first {name!r} {got} where the "
                          f"network has {want}" + (f" ({hint})" if hint else ""))
+    check_dtypes(model, dict(state), path)  # load_state_dict would cast int weights silently
     model.load_state_dict(dict(state), strict=True)
 
 

@@ -40,9 +40,15 @@ def resolve_weights(pipeline: Mapping[str, Any], weights: str | None) -> str:
         return kind
     expected = str(pipeline.get("weights_sha256") or "")
     path = Path(weights if weights is not None else str(pipeline.get("weights_path") or ""))
-    if not path.is_file() and not path.is_dir():
+    if not path.exists():
         raise ProvenanceError(f"weights file {path} (recorded for {key}) not found here; pass the same "
                               f"checkpoint with --weights PATH (sha256 {expected[:16]}...)")
+    if not path.is_dir():  # a folder of weight files (Hugging Face layout) is hashed file by file
+        from slice2vol.data.io import file_problem
+
+        problem = file_problem(path)
+        if problem:  # hashing a named pipe would wait for a writer for ever
+            raise ValueError(f"{path}: {problem}")
     sha = sha256_file(path)
     if expected and sha != expected:
         raise ProvenanceError(f"weights file {path} has sha256 {sha[:16]}..., but the indexed embeddings "
@@ -234,8 +240,21 @@ class VolumeEmbedder:
 
     def embed(self, images: str | Path | Sequence | dict) -> np.ndarray:
         """One scan -> its volume embedding (D',) float32."""
-        bag = self.slice_features(self.load_slices(images))
-        return np.asarray(self.aggregator.transform([bag])[0], dtype=np.float32)
+        return self.embed_with_extent(images)[0]
+
+    def embed_with_extent(self, images: str | Path | Sequence | dict) -> tuple[np.ndarray, dict[str, float]]:
+        """One scan -> (its volume embedding (D',) float32, plane -> mm spanned by its kept slices)."""
+        planes = self.load_slices(images)
+        bag = self.slice_features(planes)
+        extent = {plane: slice_extent_mm(positions) for plane, (_, _, positions) in planes.items()}
+        return np.asarray(self.aggregator.transform([bag])[0], dtype=np.float32), extent
+
+
+def slice_extent_mm(positions: Any) -> float:
+    """Distance in mm between the outermost kept slices of a plane ((S, 3) world positions): the
+    foreground's extent across that plane, 0 for fewer than two slices."""
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    return float(np.linalg.norm(pos.max(0) - pos.min(0))) if len(pos) > 1 else 0.0
 
 
 def _build_aggregator(record: Mapping[str, Any]) -> Any:

@@ -304,6 +304,18 @@ def array_sha256(x: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
 
 
+#: hex digits kept of each row's sha256: the digests are compared per subject ID, never searched for
+#: a collision, so 64 bits are plenty and keep meta.json small (17 bytes a subject)
+ROW_DIGEST_HEX = 16
+
+
+def row_digests(x: np.ndarray) -> list[str]:
+    """A short sha256 of each row's float32 bytes: what the index records of every subject's vector
+    as the store held it, so that a store re-aggregated since can be recognised subject by subject."""
+    rows = np.ascontiguousarray(x, dtype=np.float32)
+    return [hashlib.sha256(row.tobytes()).hexdigest()[:ROW_DIGEST_HEX] for row in rows]
+
+
 @dataclass
 class Index:
     """Volume embeddings of a cohort in a FAISS index, with subject IDs, labels and provenance.
@@ -369,6 +381,7 @@ class Index:
         ids = [str(i) for i in ids]
         if len(ids) != len(embeddings):
             raise ValueError(f"{len(ids)} IDs for {len(embeddings)} embeddings")
+        digest_of = dict(zip(ids, row_digests(embeddings)))  # of the vectors as given, before normalising
         where = ""  # errors name the store and set when the provenance says (Index.from_store)
         store_path = ((provenance or {}).get("store") or {}).get("path")
         set_name = ((provenance or {}).get("embeddings") or {}).get("name")
@@ -411,6 +424,7 @@ class Index:
             table.index.name = "subject_id"
         prov = dict(provenance or {})
         prov.setdefault("vectors_sha256", array_sha256(embeddings))
+        prov["row_sha256"] = [digest_of[i] for i in ids]  # index order, like meta.json's ids
         stats = {"n": len(ids), "dim": int(x.shape[1]), "metric": "cosine (inner product of unit vectors)",
                  **build_info, "tuning": tuning}
         log.info("built %s index of %d x %d in %.2f s (%s)", cfg.kind, len(ids), x.shape[1],
@@ -444,6 +458,9 @@ class Index:
         ids, x, _ = store.volume_embeddings(embeddings)
         labels = _store_labels(store)
         prov = store_provenance(store, embeddings)
+        extent = _cohort_extent(store, ids)
+        if extent:
+            prov["cohort_extent_mm"] = extent
         if manifest is not None:
             prov["images"] = _manifest_images(manifest)
             prov["manifest"] = str(Path(manifest).resolve())
@@ -496,6 +513,7 @@ class Index:
         if not meta_path.exists():
             raise FileNotFoundError(f"{directory}: not an index folder (no meta.json); "
                                     f"build one with 'slice2vol index build'")
+        _check_regular(meta_path)
         try:
             meta = json.loads(meta_path.read_text())
             if meta.get("format_version") != FORMAT_VERSION:
@@ -507,8 +525,9 @@ class Index:
             raise ValueError(f"{meta_path}: not a readable index description ({type(err).__name__}: "
                              f"{' '.join(str(err).split())[:100]}); rebuild the index") from None
         faiss_path = directory / "index.faiss"
-        if not faiss_path.is_file():
+        if not faiss_path.exists():
             raise FileNotFoundError(f"{faiss_path}: missing; rebuild the index with 'slice2vol index build'")
+        _check_regular(faiss_path)
         if meta.get("index_sha256") and file_sha256(faiss_path) != meta["index_sha256"]:
             raise ValueError(f"{faiss_path}: not the file this index was built with (sha256 differs from "
                              f"meta.json): replaced or damaged; rebuild the index")
@@ -526,6 +545,8 @@ class Index:
             index.make_direct_map()
         set_search_param(index, cfg.kind, (meta["stats"].get("tuning") or {}).get("value"))
         labels_path = directory / "labels.csv"
+        if labels_path.exists():
+            _check_regular(labels_path)
         if meta.get("labels_sha256") and labels_path.is_file() and file_sha256(labels_path) != meta["labels_sha256"]:
             # a cut or edited table would show neighbours with missing or wrong labels
             raise ValueError(f"{labels_path}: not the file this index was built with (sha256 differs from "
@@ -622,9 +643,28 @@ class Index:
 
         embedder = embedder or VolumeEmbedder.from_provenance(self.provenance, **embedder_kwargs)
         embedder.check_against(self.provenance)
-        vector = embedder.embed(path)
         name = Path(path).name if isinstance(path, (str, Path)) else "query"
+        if hasattr(embedder, "embed_with_extent"):
+            vector, extent = embedder.embed_with_extent(path)
+            note = self.extent_note(extent)
+            if note:
+                log.warning("%s: %s", name, note)
+        else:
+            vector = embedder.embed(path)
         return self.search(vector, k, query_ids=[name])
+
+    def extent_note(self, extent: dict[str, float]) -> str | None:
+        """A note when a query's kept slices span far less or more than the indexed scans' (plane -> mm),
+        or None: a half head, a cropped brain or a label map is embedded and ranked like a whole scan,
+        and its neighbours say little. The cohort's range is recorded at build (``cohort_extent_mm``)."""
+        cohort = self.provenance.get("cohort_extent_mm") or {}
+        far = [(plane, mm, cohort[plane]) for plane, mm in extent.items() if plane in cohort
+               and not EXTENT_RATIO[0] * cohort[plane][0] <= mm <= EXTENT_RATIO[1] * cohort[plane][1]]
+        if not far:
+            return None
+        spans = ", ".join(f"{mm:.0f} mm {plane} (indexed scans: {lo:.0f}-{hi:.0f} mm)" for plane, mm, (lo, hi) in far)
+        return (f"its slices with foreground span {spans}: a partial field of view or another kind of image? "
+                "Its neighbours may mean little")
 
     def search_store(self, store: Any, subject_id: str, k: int = 10, embeddings: str | None = None) -> pd.DataFrame:
         """Neighbours of a subject whose embedding lives in another store of the same provenance.
@@ -641,9 +681,91 @@ class Index:
                                   f"(the index was built from {name!r})")
         check_compatible(self.provenance, store_provenance(store, name))
         ids, x, _ = store.volume_embeddings(name)
+        self.check_unchanged(store, name, ids, x)
         if subject_id not in ids:
             raise KeyError(f"subject {subject_id!r} is not in {_store_name(store)}")
         return self.search(x[ids.index(subject_id)], k, query_ids=[subject_id])
+
+    def changed_subjects(self, ids: Sequence[str], x: np.ndarray) -> tuple[list[str], list[str]] | None:
+        """(indexed subjects whose vector in ``ids``/``x`` differs from the indexed one, indexed subjects
+        absent from ``ids``), in index order; None for an index built without per-subject digests."""
+        digests = self.provenance.get("row_sha256")
+        if not isinstance(digests, list) or len(digests) != len(self.ids):
+            # an older index: only the whole set's hash (in the store's row order) can say "unchanged"
+            return ([], []) if self.provenance.get("vectors_sha256") == array_sha256(x) else None
+        now = dict(zip((str(i) for i in ids), row_digests(x)))
+        changed = [sid for sid, d in zip(self.ids, digests) if sid in now and now[sid] != d]
+        return changed, [sid for sid in self.ids if sid not in now]
+
+    def check_unchanged(self, store: Any, embeddings: str | None = None, ids: Sequence[str] | None = None,
+                        x: np.ndarray | None = None, *, always: bool = False) -> bool:
+        """Refuses a store whose embeddings of indexed subjects changed since the index was built.
+
+        A subject cached again (its scan replaced) and the set aggregated again pass every provenance
+        check: same encoder, features and aggregator. Searching then ranks the store's new vector
+        against the index's old one (the subject finds its own stale entry at 0.9999). The index keeps
+        a short sha256 of every vector it indexed (:func:`row_digests`); they are compared here.
+
+        Only the store the index was built from is compared (the same file, or a copy of it: a store
+        holding an indexed subject's vector bit for bit), unless ``always``: another cohort's store
+        may reuse subject IDs (``sub-01``) for other scans. An index built before the digests were
+        recorded gets one warning that this cannot be checked.
+
+        Args:
+            store: the store (path or open :class:`slice2vol.cache.FeatureStore`).
+            embeddings: the set name (default: the indexed one).
+            ids, x: the set as already read from ``store`` (read here when not given).
+            always: compare whichever store this is (``slice2vol index info --store``).
+
+        Returns:
+            True when the indexed subjects' vectors were compared and are unchanged; False when nothing
+            was compared (another store, or an older index without digests).
+
+        Raises:
+            ProvenanceError: ``"<store>: embeddings 'mean' changed since <index> was built (1 subject:
+                IXI052-HH-1343); rebuild the index (slice2vol index build ...)"``.
+        """
+        store = _open_store(store)
+        name = embeddings or self.provenance.get("embeddings", {}).get("name")
+        if ids is None or x is None:
+            ids, x, _ = store.volume_embeddings(name)
+        where = self.path or "the index"
+        found = self.changed_subjects(ids, x)
+        same_file = _same_file(_store_name(store), ((self.provenance.get("store") or {}).get("path")))
+        if found is None:
+            if same_file or always:
+                log.warning("%s: built without per-subject digests of its vectors (an older slice2vol): whether "
+                            "%s's embeddings %r changed since cannot be checked; rebuild the index to have it "
+                            "checked", where, _store_name(store), name)
+            return False
+        changed, gone = found
+        if not (same_file or always):
+            # another file: a copy of the indexed store shows itself by an unchanged indexed vector;
+            # subjects it lacks are not news (a store of part of the cohort)
+            copy = len(changed) < len(self.ids) - len(gone)
+            if not copy:
+                return False
+            gone = []
+        if not (changed or gone):
+            return True
+        parts = []
+        if changed:
+            parts.append(f"{len(changed)} subject{'s' if len(changed) > 1 else ''}: {_some(changed)}")
+        if gone:
+            parts.append(f"{len(gone)} no longer in the store: {_some(gone)}")
+        raise ProvenanceError(f"{_store_name(store)}: embeddings {name!r} changed since {where} was built "
+                              f"({'; '.join(parts)}); rebuild the index ({self._rebuild_command(store, name)})")
+
+    def _rebuild_command(self, store: Any, embeddings: str) -> str:
+        import shlex
+
+        words = ["slice2vol", "index", "build", "--store", _store_name(store), "--embeddings", embeddings,
+                 "--out", str(self.path or "INDEX")]
+        if self.provenance.get("manifest"):
+            words += ["--manifest", str(self.provenance["manifest"])]
+        if self.config.kind != "flat":
+            words += ["--kind", self.config.kind]
+        return " ".join(shlex.quote(w) for w in words)
 
     def image_paths(self, subject_id: str) -> dict[str, str] | None:
         """Image file(s) of an indexed subject when known (for galleries), else None."""
@@ -682,12 +804,63 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+#: a query's extent outside (low * the cohort's smallest, high * its largest) gets a note
+EXTENT_RATIO = (0.75, 1.33)
+#: indexed subjects whose slice positions are read to record the cohort's extent (a seeded sample)
+EXTENT_SAMPLE = 200
+
+
+def _cohort_extent(store: Any, ids: Sequence[str]) -> dict[str, list[float]] | None:
+    """plane -> [smallest, largest] mm spanned by the kept slices of (a sample of) the indexed subjects,
+    from the store's slice positions; None when the store has none (embeddings from a 3D encoder)."""
+    from slice2vol.retrieval.embed import slice_extent_mm
+
+    rng = np.random.default_rng(0)
+    sample = [ids[i] for i in np.sort(rng.choice(len(ids), min(len(ids), EXTENT_SAMPLE), replace=False))]
+    extent: dict[str, list[float]] = {}
+    try:
+        for plane in getattr(store, "planes", None) or []:
+            cached = set(store.subjects(plane))
+            spans = [slice_extent_mm(store.slice_meta(sid, plane)["positions"]) for sid in sample if sid in cached]
+            if spans:
+                extent[plane] = [round(min(spans), 1), round(max(spans), 1)]
+    except (AttributeError, KeyError, OSError, TypeError, ValueError) as err:
+        log.debug("no cohort extent recorded: %s", err)
+        return None
+    return extent or None
+
+
+def _some(ids: Sequence[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f", ... ({len(ids) - n} more)" if len(ids) > n else "")
+
+
+def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return Path(a).samefile(b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_regular(path: Path) -> None:
+    """ValueError naming ``path`` when it is not a regular file: reading a named pipe (or hashing it)
+    would wait for a writer for ever, a device never end."""
+    from slice2vol.data.io import file_problem
+
+    problem = file_problem(path)
+    if problem:
+        raise ValueError(f"{path}: {'a directory, not a file' if path.is_dir() else problem}")
+
+
 def _open_store(store: Any) -> Any:
     if isinstance(store, (str, Path)):
         from slice2vol.cache import FeatureStore
 
         if not Path(store).exists():
             raise FileNotFoundError(f"{store}: feature store not found")
+        if not Path(store).is_dir():  # a store being written may be a folder of parts
+            _check_regular(Path(store))
         return FeatureStore(store, mode="r")
     return store
 

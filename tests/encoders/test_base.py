@@ -216,6 +216,35 @@ def test_assign_state_dict_by_name_by_order_and_errors(caplog):
     assert left == ["fc.bias", "fc.weight"] and "fc." in caplog.text
 
 
+def test_integer_copies_of_the_weights_are_refused_by_name_and_in_order():
+    """Fuzz round 7 (G4): load_state_dict casts int32 tensors into float parameters without a word
+    (trained weights truncated to whole numbers, a small init to all zeros)."""
+    src = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    ints = {k: v.to(torch.int32) for k, v in src.state_dict().items()}
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    before = [t.clone() for t in fresh.state_dict().values()]
+    with pytest.raises(ValueError, match=r"^ckpt.pt: 4 tensor\(s\) are int32 where the model has float32 \(first: 0.weight\)"):
+        assign_state_dict(fresh, ints, "k", source="ckpt.pt")
+    renamed = {f"other_{i}": v for i, v in enumerate(ints.values())}
+    with pytest.raises(ValueError, match=r"^ckpt.pt: 4 tensor\(s\) are int32"):
+        assign_state_dict(fresh, renamed, "k", source="ckpt.pt")
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.state_dict().values()))  # untouched
+
+
+def test_a_named_pipe_as_weights_is_refused_before_hashing(tmp_path):
+    import os
+
+    from slice2vol.encoders.base import parse_weights
+    from slice2vol.encoders3d.base import load_strict
+
+    os.mkfifo(tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=r"w.pt: a named pipe \(FIFO\), not a regular file; weights must be a regular file"):
+        parse_weights(str(tmp_path / "w.pt"))
+    net = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"^n.pt: 1 tensor\(s\) are int64 where the model has float32"):
+        load_strict(net, {"weight": torch.ones(2, 2, dtype=torch.int64), "bias": torch.zeros(2)}, "n.pt", "net")
+
+
 def test_sha256_file_and_directory(tmp_path):
     import hashlib
 
