@@ -9,12 +9,13 @@ skipped, so jobs can be added one file at a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from slice2vol import __version__
 from slice2vol.commands._common import HelpFormatter
@@ -85,6 +86,34 @@ def os_error_message(err: OSError) -> str:
     return f"{where}: {_OS_REASONS.get(err.errno, err.strerror or str(err))}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's cancel or time limit, ``kill``), raised like Ctrl-C so that the same
+    clean-up runs: workers stop, committed parts stay, no temporary file is left."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _catch_sigterm() -> Iterator[None]:
+    """Turns SIGTERM into :class:`Terminated` in the main thread while a command runs, unless a handler
+    is already set (an embedding program's own): the default action killed the job without a word
+    (exit 143), where Ctrl-C printed one line. The default is put back afterwards (``main`` called
+    from Python, e.g. a test runner, must not keep the handler)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status (0 ok, 1 some subjects failed, 2 usage error)."""
     parser = build_parser()
@@ -121,7 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from slice2vol.runtime import configure_runtime
 
         configure_runtime()  # allocator and threads for steady-state CPU work (docs/performance.md)
-        return int(args._run(args) or 0)
+        with _catch_sigterm():
+            return int(args._run(args) or 0)
+    except Terminated:
+        print("terminated (SIGTERM); what was committed is kept: rerun the command to resume", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what the default action gives
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
