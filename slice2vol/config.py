@@ -26,6 +26,27 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the dataclass."""
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading YAML 1.2 floats too: PyYAML follows YAML 1.1, whose floats need a
+    dot and a signed exponent, so ``lr: 1e-3`` or ``p=1e6`` came through as the strings '1e-3', '1e6'."""
+
+
+# only values with an exponent: the ones with a dot (1.5, .5, 1.) are YAML 1.1 floats already
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """The YAML document ``text`` as plain Python values (safe loading; ``1e-3`` is a float).
+
+    Every config file and ``KEY=VALUE`` override is read through it.
+    """
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -161,7 +182,7 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. splits.n_folds=5 or encoders.0.weights=hub)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({one_line(err)})") from None
         out.append((key.strip(), value))
@@ -246,7 +267,7 @@ def read_yaml(path: Path) -> Any:
     """The YAML document of the config file (or pipe) ``path``, read once; every problem is a one-line
     :class:`ConfigError` naming the file (a named pipe without a writer is refused, not waited on)."""
     try:
-        return yaml.safe_load(read_input_bytes(path, "config").decode("utf-8-sig"))
+        return load_yaml(read_input_bytes(path, "config").decode("utf-8-sig"))
     except InputFileError as err:
         raise ConfigError(str(err)) from None
     except FileNotFoundError:

@@ -102,3 +102,34 @@ def test_a_missing_required_key_and_a_boolean_number_are_named(tmp_path):
     # a features list entry without a name is named after its file, as a single block is
     cfg, _ = load_experiment(repo / "configs/experiments/ci.yaml", ["features=[{path: data/dlmuse.csv}]"])
     assert cfg.features[0].name == "dlmuse"
+
+
+@dataclass
+class _Params:
+    lr: float = 0.1
+    params: dict = field(default_factory=dict)
+    name: str = "x"
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1e6", 1e6), ("-2E-3", -2e-3), (".5e1", 5.0), ("1.0e5", 1e5), ("+3e+2", 300.0),
+    ("10", 10), ("1.5", 1.5),  # YAML 1.1 numbers stay as they were
+    ("1e", "1e"), ("e5", "e5"), ("1e6x", "1e6x"), ("'1e6'", "1e6"),  # not (only) a float: a string
+])
+def test_yaml_1_2_floats_are_floats_in_overrides(text, value):
+    """PyYAML (YAML 1.1) read ``1e6`` (no dot, unsigned exponent) as the string '1e6', so an override
+    ``params.p=1e6`` reached the aggregator as a string (fuzz round 8, H3)."""
+    cfg = load_config(_Params, None, [f"params.p={text}"])
+    assert cfg.params["p"] == value and type(cfg.params["p"]) is type(value)
+
+
+def test_yaml_1_2_floats_are_floats_in_config_files(tmp_path):
+    """``lr: 1e-3`` in a config file was the string '1e-3' (a ``dict`` or ``Any`` field kept it so)."""
+    from slice2vol.config import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nparams: {lr: 1e-3, grid: [1e2, 5E-1, abc]}\n")
+    assert read_yaml(path) == {"lr": 0.001, "params": {"lr": 0.001, "grid": [100.0, 0.5, "abc"]}}
+    cfg = load_config(_Params, path)
+    assert cfg.lr == 0.001 and cfg.params == {"lr": 0.001, "grid": [100.0, 0.5, "abc"]}
+    assert type(cfg.params["lr"]) is float

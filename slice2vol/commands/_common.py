@@ -79,8 +79,24 @@ def add_progress(parser: argparse.ArgumentParser) -> None:
                         help="no progress output (default: a bar on a terminal, plain lines every 30 s otherwise)")
 
 
-def add_seed(parser: argparse.ArgumentParser, default: int = 0) -> None:
-    parser.add_argument("--seed", type=int, default=default, help="random seed")
+#: the largest seed numpy's random states take (``np.random.RandomState``, scikit-learn's ``random_state``)
+MAX_SEED = 2**32 - 1
+
+
+def seed_type(text: str) -> int:
+    """argparse type of ``--seed``: a whole number from 0 to 2**32 - 1 (numpy's range); larger or negative
+    seeds failed deep inside a job ("Overflow when unpacking long long"), naming no flag."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**32 - 1, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**32 - 1, got {text}")
+    return value
+
+
+def add_seed(parser: argparse.ArgumentParser, default: int | None = 0) -> None:
+    parser.add_argument("--seed", type=seed_type, default=default, help="random seed (0 to 2**32 - 1)")
 
 
 def resolve_device(device: str | None) -> str:

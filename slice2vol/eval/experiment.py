@@ -24,7 +24,7 @@ from slice2vol.eval.anomaly import AnomalyConfig
 from slice2vol.eval.knn import KNNConfig
 from slice2vol.eval.linear import LinearConfig
 from slice2vol.eval.segmentation import SegConfig
-from slice2vol.eval.splits import SplitConfig
+from slice2vol.eval.splits import MAX_SEED, SplitConfig
 
 
 class IntegrationError(RuntimeError):
@@ -203,6 +203,10 @@ class ExperimentConfig:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be a whole number from 0 to 2**32 - 1, got {self.seed!r}")
+        if not self.tasks:  # ran every encoder, then ended "every task or label was skipped"
+            raise ValueError("tasks must name at least one task (e.g. tasks=[knn,linear]), got []")
 
 
 #: the embedding projections ``plots`` may name (slice2vol.eval.plots)

@@ -8,6 +8,8 @@ the final refit. The outer test fold cannot influence any choice.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -28,6 +30,25 @@ class LinearConfig:
     alphas: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 5, 8))
     inner_folds: int = 3
     max_iter: int = 2000
+
+    def __post_init__(self) -> None:
+        # each was found only inside fit(), after caching: an empty grid as an IndexError, C <= 0 as
+        # scikit-learn's text; inner_folds < 2 was silently run as 2, max_iter=0 fitted nothing
+        for name in ("Cs", "alphas"):
+            grid = getattr(self, name)
+            if not isinstance(grid, (list, tuple)) or not grid or not all(_is_positive(v) for v in grid):
+                shown = list(grid) if isinstance(grid, (list, tuple)) else grid
+                raise ValueError(f"linear.{name} must hold at least one value, each finite and > 0, got {shown!r}")
+        for name, low in (("inner_folds", 2), ("max_iter", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+                raise ValueError(f"linear.{name} must be a whole number >= {low}, got {value!r}")
+
+
+def _is_positive(value: object) -> bool:
+    """A finite real number > 0 (not a bool)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(float(value)) and float(value) > 0)
 
 
 class _Standardizer:

@@ -25,6 +25,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+#: the largest seed numpy's and scikit-learn's random states take
+MAX_SEED = 2**32 - 1
+
+
 class SplitError(ValueError):
     """A split request that would leak (repeated IDs) or cannot be made (too few subjects)."""
 
@@ -52,6 +56,12 @@ class SplitConfig:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
                 raise ValueError(f"splits.{name} must be a whole number >= {low}, got {value!r}")
+        # repeat r shuffles with seed + r, which numpy and scikit-learn take as a 32-bit unsigned number
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"splits.seed must be a whole number from 0 to 2**32 - 1, got {self.seed!r}")
+        if self.seed + self.n_repeats - 1 > MAX_SEED:
+            raise ValueError(f"splits.seed + splits.n_repeats - 1 must be <= 2**32 - 1 (repeat r shuffles with "
+                             f"seed + r), got seed={self.seed}, n_repeats={self.n_repeats}")
 
 
 @dataclass

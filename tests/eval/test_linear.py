@@ -148,3 +148,29 @@ def test_no_inner_split_to_tune_on_takes_the_middle_of_the_grid():
     x, _ = data(n=2)
     probe = LinearProbe("classification", LinearConfig(Cs=(100.0, 0.01, 1.0))).fit(x, np.array([0, 1]))
     assert probe.sweep_ == {} and probe.best_param_ == 1.0  # every inner training part is one subject
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"Cs": ()}, r"linear.Cs must hold at least one value, each finite and > 0, got \[\]"),
+    ({"alphas": ()}, r"linear.alphas must hold at least one value, each finite and > 0, got \[\]"),
+    ({"Cs": (0.0,)}, r"linear.Cs must .* got \[0.0\]"),
+    ({"Cs": (1.0, -1.0)}, r"linear.Cs must .* got \[1.0, -1.0\]"),
+    ({"Cs": (float("nan"),)}, r"linear.Cs must .* got \[nan\]"),
+    ({"Cs": (float("inf"),)}, r"linear.Cs must .* got \[inf\]"),
+    ({"alphas": (-5.0,)}, r"linear.alphas must .* got \[-5.0\]"),
+    ({"inner_folds": 1}, r"linear.inner_folds must be a whole number >= 2, got 1"),
+    ({"inner_folds": 0}, r"linear.inner_folds must be a whole number >= 2, got 0"),
+    ({"inner_folds": -3}, r"linear.inner_folds must be a whole number >= 2, got -3"),
+    ({"max_iter": 0}, r"linear.max_iter must be a whole number >= 1, got 0"),
+    ({"max_iter": True}, r"linear.max_iter must be a whole number >= 1, got True"),
+])
+def test_a_config_the_probe_cannot_honour_is_refused_when_built(kwargs, message):
+    """An empty grid was an IndexError in fit(), C <= 0 scikit-learn's text, after the whole caching stage;
+    inner_folds < 2 was silently run as 2 and max_iter=0 fitted nothing (fuzz round 8, H8/H9)."""
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        LinearConfig(**kwargs)
+
+
+def test_the_smallest_valid_linear_config_is_accepted():
+    cfg = LinearConfig(Cs=(1e-3,), alphas=(1,), inner_folds=2, max_iter=1)
+    assert cfg.Cs == (1e-3,) and cfg.inner_folds == 2

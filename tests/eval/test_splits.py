@@ -181,3 +181,24 @@ def test_a_group_column_that_is_missing_or_has_too_few_groups_is_named(tmp_path)
     with pytest.raises(ValueError, match=r"^splits.group='site': 5 group\(s\) \(site0, site1, site2, site3, site4\) "
                                          r"cannot fill splits.n_folds=6 folds without splitting a group"):
         make_label_splits(labels, {"age": "continuous"}, [set(ids)], cfg, tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seed": -1}, r"splits.seed must be a whole number from 0 to 2\*\*32 - 1, got -1"),
+    ({"seed": 2**32}, r"splits.seed must be a whole number from 0 to 2\*\*32 - 1, got 4294967296"),
+    ({"seed": True}, r"splits.seed must be a whole number from 0 to 2\*\*32 - 1, got True"),
+    # repeat r shuffles with seed + r
+    ({"seed": 2**32 - 1, "n_repeats": 2},
+     r"splits.seed \+ splits.n_repeats - 1 must be <= 2\*\*32 - 1 \(repeat r shuffles with seed \+ r\), "
+     r"got seed=4294967295, n_repeats=2"),
+])
+def test_a_seed_numpy_cannot_take_is_refused_naming_the_key(kwargs, message):
+    """``splits.seed=-1`` failed at the first split with numpy's "Seed must be between 0 and 2**32 - 1",
+    naming no key (fuzz round 8, H8)."""
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        SplitConfig(**kwargs)
+
+
+def test_the_largest_seed_makes_splits():
+    splits = make_splits(IDS[:10], None, cfg=SplitConfig(n_folds=2, seed=2**32 - 1))
+    assert len(splits.folds) == 2
