@@ -173,6 +173,10 @@ class Encoder(nn.Module):
             return x[:, start:start + want]
         raise ValueError(f"{self.info.key}: cannot map {c} input channels onto {want}")
 
+    def interpolations(self) -> tuple[str, ...]:
+        """The ``info.interpolation`` values :meth:`preprocess` knows (a family with its own resize adds to them)."""
+        return INTERPOLATIONS
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Raw slices (B, C, h, w) in [0, 1] -> network input (B, in_chans, H, W), batched on x's device.
 
@@ -500,7 +504,8 @@ def robust_zscore(x: torch.Tensor, percentiles: tuple[float, float] = (1.0, 99.0
 
 
 def gem_pool(feature_map: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
-    """Generalised-mean pooling of (B, D, h, w) -> (B, D)."""
+    """Generalised-mean pooling of (B, D, h, w) -> (B, D); ``p`` a finite number > 0 (:func:`check_gem_p`)."""
+    p = check_gem_p(p)
     return feature_map.clamp_min(eps).pow(p).mean((-2, -1)).pow(1.0 / p)
 
 
@@ -533,7 +538,7 @@ def resize_images(x: torch.Tensor, size: tuple[int, int], interpolation: str = "
     if interpolation == "torch-bilinear":  # pipelines that resize tensors, not PIL images (e.g. BrainDINO's)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     if interpolation not in ("bicubic", "bilinear"):
-        raise ValueError(f"interpolation must be bicubic, bilinear, torch-bilinear or nearest, got {interpolation!r}")
+        check_choice("interpolation", interpolation, INTERPOLATIONS)
     lo = x.amin((1, 2, 3), keepdim=True).clamp(max=0.0)
     hi = x.amax((1, 2, 3), keepdim=True).clamp(min=1.0)
 
@@ -864,37 +869,192 @@ def assign_state_dict(model: nn.Module, state: dict[str, torch.Tensor], key: str
     return left
 
 
+#: how :meth:`Encoder.adapt_channels` may map C input channels onto ``in_chans``
+CHANNEL_MODES = ("replicate", "stack", "mean")
+#: the resize kernels :func:`resize_images` knows
+INTERPOLATIONS = ("bicubic", "bilinear", "torch-bilinear", "nearest")
+RESIZE_MODES = ("squash", "shorter", "longest")
+INTENSITY_MODES = ("unit", "minmax", "zscore")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_stats(name: str, values: Any, in_chans: int | None = None) -> tuple[float, ...]:
+    """A ``mean`` or ``std`` option as a tuple of finite floats (``std`` > 0): one per input channel, or one
+    for every channel (kept as one value: ``preprocess`` broadcasts it).
+
+    Args:
+        name: ``mean`` or ``std``, for the message.
+        values: one number or a list of numbers.
+        in_chans: the channels the network takes; ``None`` (not known yet) skips the count check.
+
+    Raises:
+        ValueError: naming the option and the rule it breaks.
+    """
+    rule = "finite numbers > 0" if name == "std" else "finite numbers"
+    items = list(values) if isinstance(values, (list, tuple)) else [values]
+    if not items or not all(_is_real(v) and math.isfinite(v) for v in items) or (
+            name == "std" and not all(v > 0 for v in items)):
+        raise ValueError(f"{name} values must be {rule} (one per input channel), got {values!r}")
+    if in_chans is not None and len(items) not in (1, in_chans):  # one value broadcasts over the channels
+        raise ValueError(f"{name}: {len(items)} values for {in_chans} input channels (give {in_chans}, "
+                         f"or one for every channel)")
+    return tuple(float(v) for v in items)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``; else a ValueError naming the option and the choices."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_name(name: str, value: Any) -> str:
+    """``value`` if it is a non-empty string (the choices depend on the family: see :func:`check_preprocessing`)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a name such as 'bicubic', got {value!r}")
+    return value
+
+
+def check_gem_p(value: Any) -> float:
+    """The GeM exponent as a float: a finite number > 0 (0 divides by zero, < 0 inverts the mean)."""
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"gem_p must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def resolve_gem_p(pooling: str, gem_p: Any = None) -> float:
+    """The GeM exponent a CNN family pools with: ``gem_p`` (default 3) checked, and refused unless
+    ``pooling`` is ``gem`` (it would change nothing but the feature-set hash)."""
+    if gem_p is None:
+        return 3.0
+    if pooling != "gem":
+        raise ValueError(f"gem_p applies to pooling=gem only, pooling is {pooling!r}")
+    return check_gem_p(gem_p)
+
+
+def check_encoder_options(options: dict[str, Any]) -> None:
+    """Checks the values of the options every family shares, before any model is built.
+
+    ``build_encoder`` calls it for every family (registered, open registry, ``ssl2d``), so a new
+    family gets the checks too. Options a family does not take are refused by the family's builder;
+    what depends on the built encoder (``mean``/``std`` against its channels, the interpolations its
+    preprocessing knows) is checked once it is built (:func:`check_preprocessing`).
+
+    Raises:
+        ValueError: ``img_size`` outside 1-``MAX_SIZE`` pixels, ``gem_p`` not a finite number > 0,
+            ``mean``/``std`` not finite (``std`` <= 0), an unknown ``channel_mode``, an
+            ``interpolation`` that is not a name, ``crop_pct`` outside (0, 1].
+    """
+    if options.get("img_size") is not None:
+        to_2tuple(options["img_size"])
+    model_kwargs = options.get("model_kwargs")
+    if isinstance(model_kwargs, dict) and model_kwargs.get("img_size") is not None:
+        to_2tuple(model_kwargs["img_size"])  # timm builds the network at that size
+    if "gem_p" in options and options["gem_p"] is not None:
+        check_gem_p(options["gem_p"])
+    for name in ("mean", "std"):
+        if options.get(name) is not None:
+            check_stats(name, options[name])
+    if options.get("channel_mode") is not None:
+        check_choice("channel_mode", options["channel_mode"], CHANNEL_MODES)
+    if options.get("interpolation") is not None:
+        check_name("interpolation", options["interpolation"])
+    if options.get("crop_pct") is not None:
+        check_crop_pct(options["crop_pct"])
+
+
+def check_crop_pct(value: Any) -> float:
+    if not _is_real(value) or not 0 < value <= 1:  # NaN fails both comparisons
+        raise ValueError(f"crop_pct must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+@contextlib.contextmanager
+def _named(key: str):
+    """Prefixes a ValueError raised inside with the encoder key (``tv/resnet18: gem_p must be ...``)."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+
+
+def check_preprocessing(encoder: Encoder) -> None:
+    """Checks a built encoder's resolved preprocessing (``encoder.info``), whichever family built it.
+
+    Raises:
+        ValueError: an input size outside 1-``MAX_SIZE`` pixels, ``mean``/``std`` that are not one
+            finite value per input channel (``std`` > 0), a channel mode, resize or intensity mode
+            that is not known, an interpolation the encoder's preprocessing does not know
+            (:meth:`Encoder.interpolations`).
+    """
+    info = encoder.info
+    with _named(info.key):
+        to_2tuple(tuple(info.input_size))
+        check_stats("mean", info.mean, info.in_chans)
+        check_stats("std", info.std, info.in_chans)
+        check_choice("channel_mode", info.channel_mode, CHANNEL_MODES)
+        check_choice("interpolation", info.interpolation, encoder.interpolations())
+        check_choice("resize", info.resize, RESIZE_MODES)
+        check_choice("intensity", info.intensity, INTENSITY_MODES)
+
+
 def apply_preprocess_overrides(info: EncoderInfo, *, mean: tuple[float, ...] | None = None,
                                std: tuple[float, ...] | None = None, crop_pct: float | None = None,
                                interpolation: str | None = None, channel_mode: str | None = None) -> None:
-    """User overrides of the resolved preprocessing (e.g. a checkpoint trained with other stats)."""
-    if mean is not None:
-        info.mean = tuple(float(v) for v in mean)
-    if std is not None:
-        info.std = tuple(float(v) for v in std)
-    if crop_pct is not None:
-        if not 0 < crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        info.resize = "shorter"
-        info.resize_size = timm_resize_size(info.input_size, crop_pct)
-    if interpolation is not None:
-        info.interpolation = interpolation
-    if channel_mode is not None:
-        info.channel_mode = channel_mode  # type: ignore[assignment]
+    """User overrides of the resolved preprocessing (e.g. a checkpoint trained with other stats).
+
+    ``mean``/``std``: one finite number per input channel (or one for all; ``std`` > 0);
+    ``channel_mode``: one of :data:`CHANNEL_MODES`; ``interpolation``: a name (which names the
+    family's preprocessing knows is checked on the built encoder, :func:`check_preprocessing`);
+    ``crop_pct``: in (0, 1].
+
+    Raises:
+        ValueError: naming the option and the rule it breaks.
+    """
+    with _named(info.key):
+        if mean is not None:
+            info.mean = check_stats("mean", mean, info.in_chans)
+        if std is not None:
+            info.std = check_stats("std", std, info.in_chans)
+        if crop_pct is not None:
+            info.resize = "shorter"
+            info.resize_size = timm_resize_size(info.input_size, check_crop_pct(crop_pct))
+        if interpolation is not None:
+            info.interpolation = check_name("interpolation", interpolation)
+        if channel_mode is not None:
+            info.channel_mode = check_choice("channel_mode", channel_mode, CHANNEL_MODES)  # type: ignore[assignment]
 
 
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """An image size as (height, width) from one side or a pair of positive whole numbers."""
+    """An image size as (height, width) from one side or a pair of whole numbers of pixels, 1-``MAX_SIZE``.
+
+    Why the upper limit: the ``--size`` limit of the slices (:data:`slice2vol.data.slicing.MAX_SIZE`);
+    a 100000-px input asked the allocator for a terabyte in the first resize.
+    """
+    from slice2vol.data.slicing import MAX_SIZE
+
+    rule = f"img_size must be a whole number of pixels 1-{MAX_SIZE} or a (height, width) pair of them, got {size!r}"
     if isinstance(size, numbers.Integral) and not isinstance(size, bool):
         pair = (int(size), int(size))
     elif isinstance(size, (tuple, list)) and len(size) == 2 and all(
             isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size):
         pair = (int(size[0]), int(size[1]))
     else:  # a string (img_size=abc) used to unpack into letters: "too many values to unpack"
-        raise ValueError(f"img_size must be a whole number of pixels or a (height, width) pair, got {size!r}")
-    if min(pair) < 1:
-        raise ValueError(f"img_size must be positive, got {size!r}")
+        raise ValueError(rule)
+    if not 1 <= min(pair) <= max(pair) <= MAX_SIZE:
+        raise ValueError(rule)
     return pair
+
+
+def square_size(key: str, img_size: int | tuple[int, int] | list[int]) -> int:
+    """The side of a square input (families built for square images only: open_clip, SAM)."""
+    height, width = to_2tuple(img_size)
+    if height != width:
+        raise ValueError(f"{key}: img_size must be square, got {height}x{width}")
+    return height
 
 
 @dataclass
@@ -948,11 +1108,15 @@ def build_encoder(key: str, weights: str | Path | None = "random", **kwargs: Any
 
     if not isinstance(key, str) or not key:
         raise ValueError(f"an encoder key such as 'timm/resnet50' is needed, got {key!r}")
+    with _named(key):
+        check_encoder_options(kwargs)  # before anything is built or downloaded
     try:
         if key not in ENCODERS:  # open registry: any timm/<name>, openclip/<arch>:<tag>, hf/<repo>
             builder = slice2vol.encoders.open_builder(key)
             if builder is not None:
-                return builder(weights=weights, **kwargs).eval()
+                encoder = builder(weights=weights, **kwargs)
+                check_preprocessing(encoder)
+                return encoder.eval()
         encoder = ENCODERS.build(key, weights=weights, **kwargs)
     except TypeError as err:
         # an option the family does not take (encoders.0.kwargs.nosuch=1) or of the wrong type
@@ -965,6 +1129,7 @@ def build_encoder(key: str, weights: str | Path | None = "random", **kwargs: Any
         if kwargs and "argument" in str(err):
             raise ValueError(f"encoder {key!r}: {err} (options given: {sorted(kwargs)})") from None
         raise
+    check_preprocessing(encoder)
     return encoder.eval()
 
 

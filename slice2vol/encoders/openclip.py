@@ -64,6 +64,7 @@ from slice2vol.encoders.base import (
     parse_weights,
     require_hub,
     sha256_file,
+    square_size,
 )
 from slice2vol.encoders.weights import PretrainedSpec, resolve_pretrained
 
@@ -266,6 +267,8 @@ def build_openclip(name: str, weights: str | Path | None = "random", *, img_size
         model_cfg["embed_dim"] = embed_dim
     is_timm = "timm_model_name" in model_cfg["vision_cfg"]
     patch_cfg = 16 if is_timm else model_cfg["vision_cfg"]["patch_size"]
+    if img_size is not None:
+        img_size = square_size(key, img_size)  # a whole number 1-MAX_SIZE (a string or 1e5 crashed below)
     if img_size is not None and (img_size % patch_cfg or img_size < patch_cfg):
         raise ValueError(f"{key}: img_size must be a positive multiple of the patch size {patch_cfg}, got {img_size}")
     if img_size is not None and not is_timm:

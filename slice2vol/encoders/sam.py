@@ -61,6 +61,7 @@ from slice2vol.encoders.base import (
     parse_weights,
     require_hub,
     sha256_file,
+    square_size,
 )
 from slice2vol.encoders.weights import PretrainedSpec, resolve_pretrained
 
@@ -106,6 +107,12 @@ class SAMEncoder(Encoder):
         if x.shape[0] <= self.micro_batch:
             return self.image_encoder(x)
         return torch.cat([self.image_encoder(chunk) for chunk in x.split(self.micro_batch)])
+
+    def interpolations(self) -> tuple[str, ...]:
+        """MedSAM's own resize: skimage's ``cubic-spline`` or a torch kernel; SAM: the base ones."""
+        if self.info.intensity != "minmax":
+            return super().interpolations()
+        return ("cubic-spline", "bicubic", "bilinear", "nearest")
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """SAM: the base longest-side path. MedSAM: skimage's cubic-spline resize, clip to the input range, min-max."""
@@ -317,6 +324,7 @@ def build_sam(family: str, arch: str, weights: str | Path | None = "random", *, 
     key = f"{family}/{arch}"
     if pooling not in POOLINGS:
         raise ValueError(f"{key}: pooling must be one of {POOLINGS}, got {pooling!r}")
+    img_size = square_size(key, img_size)  # a whole number 1-MAX_SIZE (a string or 1e5 crashed below)
     if img_size % PATCH or img_size < PATCH:
         raise ValueError(f"{key}: img_size must be a positive multiple of {PATCH}, got {img_size}")
     kind, ref = parse_weights(weights, pretrained=True)

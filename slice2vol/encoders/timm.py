@@ -50,6 +50,7 @@ from slice2vol.encoders.base import (
     ordered_levels,
     parse_weights,
     pool_feature_map,
+    resolve_gem_p,
     sha256_file,
     timm_resize_size,
     to_2tuple,
@@ -216,7 +217,7 @@ def pretrained_spec(name: str) -> PretrainedSpec:
 
 
 def build_timm(name: str, weights: str | Path | None = "random", *, img_size: int | tuple[int, int] | None = None,
-               pooling: str | None = None, gem_p: float = 3.0, model_kwargs: dict[str, Any] | None = None,
+               pooling: str | None = None, gem_p: float | None = None, model_kwargs: dict[str, Any] | None = None,
                default_img_size: int | None = None, default_pooling: str | None = None,
                **overrides: Any) -> TimmEncoder:
     """Builds ``timm/<name>``.
@@ -226,6 +227,7 @@ def build_timm(name: str, weights: str | Path | None = "random", *, img_size: in
         weights: ``random``, ``hub[:tag]`` or a local state-dict file.
         img_size: input side (or (H, W)); see the module docstring for what each family allows.
         pooling: see the module docstring; default per family.
+        gem_p: the GeM exponent for ``pooling="gem"`` (default 3), a finite number > 0.
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth=2`` for tests,
             ``dynamic_img_size=True``).
         default_img_size: the registry entry's default when ``img_size`` is not given.
@@ -245,7 +247,7 @@ def build_timm(name: str, weights: str | Path | None = "random", *, img_size: in
     tag = ref if kind_w == "hub" and ref else key_tag
     model_name = f"{arch}.{tag}" if tag else arch
     kwargs = dict(model_kwargs or {})
-    size = img_size or default_img_size
+    size = default_img_size if img_size is None else img_size  # 0 is refused by to_2tuple, not the default
     if not timm.models.is_model(arch):
         raise KeyError(f"{key}: timm has no model {arch!r} (timm.list_models('*{arch.split('_')[0]}*') lists "
                        f"the close ones)")
@@ -279,6 +281,10 @@ def build_timm(name: str, weights: str | Path | None = "random", *, img_size: in
     pooling = pooling or default_pooling or _POOLINGS[kind][0]
     if pooling not in _POOLINGS[kind]:
         raise ValueError(f"{key}: pooling must be one of {_POOLINGS[kind]}, got {pooling!r}")
+    try:
+        gem_p = resolve_gem_p(pooling, gem_p)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
     data = resolve_data_config({}, model=model)
     if kind == "vit":
         patch = int(to_2tuple(model.patch_embed.patch_size)[0])

@@ -42,10 +42,13 @@ from slice2vol.encoders.base import (
     parse_weights,
     pool_feature_map,
     require_hub,
+    resolve_gem_p,
     sha256_file,
     to_2tuple,
 )
 from slice2vol.encoders.weights import PackagedFile, PretrainedSpec, resolve_pretrained, verify_digest
+
+POOLINGS = ("avg", "gem", "max")
 
 # arch -> (feature dim, output stride, params in millions); kept here so listing needs no build
 _ARCHS: dict[str, tuple[int, int, float]] = {
@@ -190,7 +193,7 @@ def pretrained_spec(arch: str) -> PretrainedSpec:
 
 
 def build_torchvision(arch: str, weights: str | Path | None = "random", *, img_size: int | tuple[int, int] | None = None,
-                      pooling: str = "avg", gem_p: float = 3.0, preprocess_tag: str | None = None,
+                      pooling: str = "avg", gem_p: float | None = None, preprocess_tag: str | None = None,
                       **overrides: Any) -> TorchvisionEncoder:
     """Builds ``tv/<arch>``.
 
@@ -199,6 +202,7 @@ def build_torchvision(arch: str, weights: str | Path | None = "random", *, img_s
         weights: ``random``, ``hub[:TAG]`` or a local state-dict file.
         img_size: network input size (default the weights' ``crop_size``, 224).
         pooling: ``avg``, ``gem`` or ``max``.
+        gem_p: the GeM exponent for ``pooling="gem"`` (default 3), a finite number > 0.
         preprocess_tag: whose ``transforms()`` to follow (default: the ``hub`` tag; for a file
             named like an official torchvision file, that file's preset; else ``DEFAULT``,
             which is V2 with resize 232 for mobilenet_v2 and resnet50).
@@ -207,6 +211,13 @@ def build_torchvision(arch: str, weights: str | Path | None = "random", *, img_s
     import torchvision
 
     key = f"tv/{arch}"
+    if pooling not in POOLINGS:  # before the build: pool_feature_map would fail on every batch
+        raise ValueError(f"{key}: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    try:
+        gem_p = resolve_gem_p(pooling, gem_p)
+        size = None if img_size is None else to_2tuple(img_size)  # 0 is refused, not the default
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
     kind, ref = parse_weights(weights, pretrained=True)
     origin: dict[str, str] = {}
     if kind == "pretrained":
@@ -236,7 +247,7 @@ def build_torchvision(arch: str, weights: str | Path | None = "random", *, img_s
     preset = spec.transforms()
     crop = int(preset.crop_size[0])
     resize = int(preset.resize_size[0])
-    size = to_2tuple(img_size or crop)
+    size = size or (crop, crop)
     dim, stride, _ = _ARCHS[arch]
     info = EncoderInfo(
         key=key, embed_dim=dim, input_size=size, mean=tuple(preset.mean) or IMAGENET_MEAN,
