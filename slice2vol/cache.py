@@ -545,6 +545,25 @@ class _Segment:
     def feature_set(self) -> str:
         return _str(self.file.attrs.get("feature_set", ""))
 
+    @property
+    def feature_rows(self) -> int:
+        """Rows of slice features this segment holds, from the datasets' shapes (no data read).
+
+        A segment without rows (a job's record, volume sets, labels, subjects of zero slices) stores
+        nothing whose values depend on its feature set's dtype. A plane group whose size cannot be
+        read counts as one row: unknown is treated as holding features.
+        """
+        rows = 0
+        for group in self.file.get("planes", {}).values():
+            try:
+                if "features" in group:
+                    rows += int(group["features"].shape[0])
+                elif len(group.get("ids", ())):
+                    return max(rows, 1)  # subjects without a features dataset: broken, not empty
+            except (OSError, KeyError, ValueError, TypeError, AttributeError):
+                return max(rows, 1)
+        return rows
+
     def index(self) -> dict[str, _PlaneIndex]:
         """plane -> :class:`_PlaneIndex` of the plane groups that are consistent (others in ``broken``)."""
         if self._index is None:
@@ -620,6 +639,8 @@ class _Segment:
         return [_vol_name(k) for k in self.file.get("volumes", {}).keys()]
 
     def volume_group(self, name: str) -> h5py.Group | None:
+        if set_name_problem(name):
+            return None  # HDF5 would resolve '.' to /volumes itself: no set can have such a name
         return self.file.get("volumes", {}).get(_vol_key(name))
 
 
@@ -738,10 +759,13 @@ class FeatureStore:
         return self._segments
 
     def _check_consistent(self, segments: Sequence[_Segment]) -> None:
+        # only segments with feature rows pin the feature set: a job that cached nothing leaves a
+        # segment with its provenance, which a later job may supersede (the dtype fallback,
+        # :meth:`check_identity`)
         sets = {}
         for seg in segments:
             fs = seg.feature_set
-            if fs:
+            if fs and seg.feature_rows:
                 sets.setdefault(fs, seg.path)
         if len(sets) > 1:
             (a, pa), (b, pb) = list(sets.items())[:2]
@@ -772,7 +796,13 @@ class FeatureStore:
 
     # -- metadata --------------------------------------------------------------------------------
     def _slice_segment(self) -> _Segment | None:
-        return next((s for s in self.segments if s.feature_set), None)
+        return _identity_segment(self.segments)
+
+    @property
+    def holds_features(self) -> bool:
+        """Whether any segment (main file or part) holds slice-feature rows; a store whose jobs cached
+        nothing has a feature set and a history, but no row depends on its dtype."""
+        return any(seg.feature_rows for seg in self.segments) if self.exists() else False
 
     @property
     def provenance(self) -> dict:
@@ -1244,6 +1274,7 @@ class FeatureStore:
         Raises:
             StoreLocked: a caching job (or another writer) is writing the store.
         """
+        check_set_name(name, self.path)
         if np.ndim(X) != 2 or np.shape(X)[0] == 0 or np.shape(X)[1] == 0:
             raise ValueError(f"{self.path}: volume embeddings {name!r} of shape {np.shape(X)}: expected "
                              "(subjects, dims) with at least one of each")
@@ -1402,7 +1433,16 @@ class FeatureStore:
         want = config_hash_of(provenance)
         if want == self.feature_set:
             return
-        diffs = diff_dicts(identity_of(self.provenance), identity_of(provenance))
+        stored, asked = identity_of(self.provenance), identity_of(provenance)
+        if not self.holds_features and _jsonable({**stored, "dtype": None}) == _jsonable({**asked, "dtype": None}):
+            return  # no row was stored in the old dtype: a store that cached nothing is new in this respect
+        diffs = diff_dicts(stored, asked)
+        fallback = self.provenance.get("dtype_fallback") or {}
+        others = [d for d in diffs if not d.startswith("dtype:")]
+        if others and asked.get("dtype") == fallback.get("requested"):
+            # the store's float32 is what the fallback chose for this very --dtype: not a change the user
+            # made, so listing it would only hide the keys that do differ
+            diffs = others
         raise StoreMismatch(
             f"{self.path} holds feature set {self.feature_set} "
             f"({self.provenance.get('encoder')}); these features would be feature set {want}, which "
@@ -1592,11 +1632,40 @@ def _as_float32(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
+def _identity_segment(segments: Sequence[_Segment]) -> _Segment | None:
+    """The segment whose provenance names the store's feature set: the first one holding feature rows
+    (all such segments share one feature set), else the newest with a feature set (the last job that
+    cached nothing: it may have superseded the dtype of an earlier one)."""
+    named = [s for s in segments if s.feature_set]
+    return next((s for s in named if s.feature_rows), named[-1] if named else None)
+
+
 def config_hash_of(provenance: Mapping[str, Any]) -> str:
     """The feature-set name: a hash of the identity part of a provenance dict."""
     from slice2vol.config import config_hash
 
     return config_hash(_jsonable(identity_of(provenance)))
+
+
+def set_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot name a volume-embedding set (the rule it breaks), or None."""
+    if not isinstance(name, str) or not name:
+        return "a set name must be a non-empty string"
+    if name in (".", ".."):
+        return "'.' and '..' are HDF5's names for a group itself and its parent"
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        return "control characters (newline, tab, ...) are not allowed: the set lists print one name per line"
+    return None
+
+
+def check_set_name(name: Any, store: str | Path | None = None) -> str:
+    """``name`` when it can name a volume-embedding set, else :class:`StoreError` (a ValueError; one
+    line naming the store if given, the name and the rule)."""
+    problem = set_name_problem(name)
+    if problem:
+        where = f"{store}: " if store else ""
+        raise StoreError(f"{where}volume-embedding set name {name!r}: {problem}; choose another --name")
+    return name
 
 
 def _vol_key(name: str) -> str:
@@ -1689,14 +1758,21 @@ def _select(lookup: Mapping[str, Mapping[str, tuple[int, int, int, int]]]) -> Se
 
 def _merge_segments(segments: Sequence[_Segment], out: Path, *, selection: Selection,
                     extra_history: Sequence[dict] = (), provenance: Mapping[str, Any] | None = None,
-                    volumes: bool = True) -> None:
+                    volumes: bool = True, promote: bool = False) -> None:
     """Streams the ``selection`` of rows of ``segments`` into one new segment at ``out`` (atomic).
 
-    Checksums and fingerprints are copied, never recomputed, so damage in a source stays detectable.
-    Labels and (with ``volumes``) volume-embedding sets: the newest segment wins.
+    Checksums and fingerprints are copied, never recomputed, so damage in a source stays detectable
+    (promoted rows excepted: see :func:`_promote_rows`). Labels and (with ``volumes``) volume-embedding
+    sets: the newest segment wins.
+
+    Args:
+        promote: float16 features (and tokens) of some segments beside float32 ones are written as
+            float32 (exact: every float16 value is a float32 value), for ``merge`` of shards of which
+            some took the float16 -> float32 fallback; without it such a mix is refused.
     """
     if provenance is None:
-        provenance = next((s.provenance for s in segments if s.feature_set), {})
+        seg = _identity_segment(segments)
+        provenance = seg.provenance if seg else {}
     history: list[dict] = []
     for seg in segments:
         history.extend(e for e in seg.history if e not in history)
@@ -1715,11 +1791,8 @@ def _merge_segments(segments: Sequence[_Segment], out: Path, *, selection: Selec
             used = sorted({e[0] for e in entries})
             src_groups = {k: segments[k].file["planes"][plane] for k in used}
             indexes = {k: segments[k].index()[plane] for k in used}
-            for name in _PER_SUBJECT:
-                if name == "token_checksums" and not any("tokens" in g for g in src_groups.values()):
-                    continue
-                _strings(group, name, [indexes[k].get(name, i) for k, _, _, _, i in entries])
             rows_from = {k: sum(b - a for kk, _, a, b, _ in entries if kk == k) for k in used}
+            rehashed: dict[str, dict[int, str]] = {}  # checksum dataset -> entry position -> new checksum
             for name in ("features", "indices", "positions", "tokens"):
                 having = [g for g in src_groups.values() if name in g]
                 if not having:
@@ -1729,7 +1802,12 @@ def _merge_segments(segments: Sequence[_Segment], out: Path, *, selection: Selec
                     raise StoreMismatch(f"{out}: some segments have {plane} {name}, others do not")
                 first = max(having, key=lambda g: g[name].shape[-1] if g[name].ndim > 1 else 0)
                 src = first[name]
-                dst = group.create_dataset(name, shape=(total, *src.shape[1:]), dtype=src.dtype)
+                dtypes = {np.dtype(g[name].dtype) for k, g in src_groups.items() if name in g and rows_from[k]}
+                dtype = np.dtype(src.dtype) if not dtypes else max(dtypes, key=lambda d: d.itemsize)
+                if len(dtypes) > 1 and not (promote and dtypes == {np.dtype(np.float16), np.dtype(np.float32)}):
+                    raise StoreMismatch(f"{out}: {plane} {name} are stored as {' and '.join(sorted(map(str, dtypes)))} "
+                                        "in different segments")
+                dst = group.create_dataset(name, shape=(total, *src.shape[1:]), dtype=dtype)
                 for attr, value in src.attrs.items():
                     dst.attrs[attr] = value
                 by_k: dict[int, list[tuple[int, int, int]]] = {}
@@ -1739,11 +1817,22 @@ def _merge_segments(segments: Sequence[_Segment], out: Path, *, selection: Selec
                     if name not in src_groups[k]:
                         continue  # zero rows from this segment (checked above)
                     ds = src_groups[k][name]
+                    if ds.dtype != dtype:
+                        checksums = "checksums" if name == "features" else "token_checksums"
+                        _promote_rows(segments[k], plane, name, entries, offsets_out, k, dst,
+                                      rehashed.setdefault(checksums, {}), indexes[k].get)
+                        continue
                     for a, b, at in _runs(items):
                         for lo in range(a, b, _COPY_ROWS):
                             _stop_if_failed(f)
                             hi = min(b, lo + _COPY_ROWS)
                             dst[at + lo - a:at + hi - a] = ds[lo:hi]
+            for name in _PER_SUBJECT:
+                if name == "token_checksums" and not any("tokens" in g for g in src_groups.values()):
+                    continue
+                new = rehashed.get(name, {})
+                _strings(group, name, [new.get(pos, indexes[k].get(name, i))
+                                       for pos, (k, _, _, _, i) in enumerate(entries)])
         records: dict[str, dict] = {}
         types: dict[str, str] = {}
         for seg in segments:
@@ -1758,6 +1847,26 @@ def _merge_segments(segments: Sequence[_Segment], out: Path, *, selection: Selec
                 newest[name] = seg  # newest wins
         for name, seg in newest.items():
             f.copy(seg.volume_group(name), f.require_group("volumes"), name=_vol_key(name))
+
+
+def _promote_rows(seg: _Segment, plane: str, name: str, entries: Sequence[tuple[int, str, int, int, int]],
+                  offsets_out: np.ndarray, k: int, dst: h5py.Dataset, rehashed: dict[int, str], stored) -> None:
+    """Writes segment ``k``'s float16 ``name`` rows of ``entries`` into the float32 ``dst``, subject by
+    subject. Checksums are over the stored bytes, so a promoted subject needs a new one: its float16
+    rows are checked against their own checksum first (damage is refused, not laundered into a valid
+    new checksum), then the float32 rows are hashed (``rehashed``: entry position -> checksum)."""
+    checksums = "checksums" if name == "features" else "token_checksums"
+    ds = seg.file["planes"][plane][name]
+    for pos, ((kk, sid, a, b, i), at) in enumerate(zip(entries, offsets_out[:-1])):
+        if kk != k:
+            continue
+        rows = ds[a:b]
+        if block_sha256(rows) != stored(checksums, i):
+            raise StoreCorrupt(f"{seg.path}: subject {sid!r} {plane} {name} fail their checksum (the file is "
+                               "damaged); not merged: run `slice2vol cache verify` on it and rerun its shard")
+        wide = _as_float32(rows)
+        dst[int(at):int(at) + len(wide)] = wide
+        rehashed[pos] = block_sha256(wide)
 
 
 # -- shards -----------------------------------------------------------------------------------------
@@ -1824,8 +1933,13 @@ def merge_stores(out: str | Path, inputs: Sequence[str | Path], *, allow_version
         require_complete: inputs named ``*.shard-i-of-n.h5`` must be all n shards, each finished
             (see :func:`shard_problems`).
 
+    Inputs that hold no feature row (a shard that cached nothing) take no part in the feature-set
+    checks. Inputs that stored float16 where others took the float16 -> float32 fallback, under
+    otherwise equal settings, are written as float32 (:func:`_promotable`).
+
     Returns:
-        counts: ``subjects`` per plane and ``duplicates`` left out (first input wins).
+        counts: ``subjects`` per plane, ``duplicates`` left out (first input wins), ``promoted``
+        (inputs whose float16 rows were written as float32).
 
     Raises:
         ShardsIncomplete: missing or unfinished shards (the message lists them).
@@ -1841,15 +1955,29 @@ def merge_stores(out: str | Path, inputs: Sequence[str | Path], *, allow_version
         if problems:
             raise ShardsIncomplete(f"{out}: not merging, the shards are incomplete: {'; '.join(problems)}")
     stores = [FeatureStore(p) for p in inputs]
-    ref = next((s for s in stores if s.feature_set), stores[0])
+    # only stores with feature rows take part in the feature-set comparison: a shard that cached
+    # nothing (more shards than subjects, or all of its subjects failed) kept the float16 its job
+    # started with, while the others may have taken the float32 fallback; its history still merges
+    holding = [s for s in stores if s.holds_features]
+    ref = (next((s for s in holding if s.provenance.get("dtype") == "float32"), holding[0]) if holding
+           else next((s for s in stores if s.feature_set), stores[0]))
     ref_prov = ref.provenance
+    promoted: list[str] = []
     for store in stores:
-        if store.feature_set and store.feature_set != ref.feature_set:
+        rows = store in holding
+        if rows and store.feature_set != ref.feature_set:
             diffs = diff_dicts(identity_of(ref_prov), identity_of(store.provenance))
-            raise StoreMismatch(
-                f"merge: {store.path} (feature set {store.feature_set}) and {ref.path} (feature set "
-                f"{ref.feature_set}) were made differently: {'; '.join(diffs[:6])}")
-        if store.feature_set and not allow_version_mismatch:
+            if _promotable(ref_prov, store.provenance):
+                promoted.append(str(store.path))
+            elif diffs == ["dtype: 'float32' -> 'float16'"]:
+                raise StoreMismatch(
+                    f"merge: {store.path} holds float16 features and {ref.path} float32 ones asked for with "
+                    f"--dtype float32: delete {store.path} and rerun its shard with --dtype float32")
+            else:
+                raise StoreMismatch(
+                    f"merge: {store.path} (feature set {store.feature_set}) and {ref.path} (feature set "
+                    f"{ref.feature_set}) were made differently: {'; '.join(diffs[:6])}")
+        if rows and not allow_version_mismatch:
             diffs = diff_dicts(ref_prov.get("versions", {}), store.provenance.get("versions", {}), "versions")
             if diffs:
                 raise StoreMismatch(f"merge: {store.path} and {ref.path} were made with different library "
@@ -1880,12 +2008,16 @@ def merge_stores(out: str | Path, inputs: Sequence[str | Path], *, allow_version
                 chosen.append((base + k, sid, a, b, i))
     event = {**run_context(), "event": "merge", "inputs": [str(p) for p in inputs]}
     event.pop("versions")
+    if promoted:
+        event["dtype_promoted"] = {"from": "float16", "to": "float32", "inputs": promoted}
+        log.warning("merge: the float16 features of %s written as float32 (exact), the dtype %s took as its "
+                    "float16 fallback", ", ".join(promoted), ref.path)
     sets, dropped = _merged_volume_sets(stores)
     out.parent.mkdir(parents=True, exist_ok=True)
     target = FeatureStore(out, mode="a")
     with target.writer_lock():
         _merge_segments(segments, out, selection=selection, extra_history=[event], provenance=ref_prov,
-                        volumes=False)
+                        volumes=False, promote=bool(promoted))
     for store in stores:
         store.close()
     target.refresh()
@@ -1897,11 +2029,22 @@ def merge_stores(out: str | Path, inputs: Sequence[str | Path], *, allow_version
                     name, why, out)
     merged = FeatureStore(out)
     counts = {"subjects": {p: len(merged.subjects(p)) for p in merged.planes}, "duplicates": duplicates,
-              "volume_sets": sorted(sets), "volume_sets_dropped": dropped}
+              "volume_sets": sorted(sets), "volume_sets_dropped": dropped, "promoted": promoted}
     merged.close()
     if any(duplicates.values()):
         log.warning("merge: %s subject(s) appeared in several inputs; kept the first copy", duplicates)
     return counts
+
+
+def _promotable(wide: Mapping[str, Any], narrow: Mapping[str, Any]) -> bool:
+    """Whether features of provenance ``narrow`` (float16) can join those of ``wide`` as float32: the
+    same identity but for the dtype, and ``wide`` stored float32 only as the fallback of a float16 job
+    (each shard decides the fallback on its own batches, so one shard of a real encoder may take it
+    and the others not). A float32 asked for with --dtype is a choice merge does not override."""
+    fallback = wide.get("dtype_fallback") or {}
+    return (wide.get("dtype") == "float32" and narrow.get("dtype") == "float16"
+            and fallback.get("requested") == "float16"
+            and _jsonable({**identity_of(wide), "dtype": None}) == _jsonable({**identity_of(narrow), "dtype": None}))
 
 
 def _merged_volume_sets(stores: Sequence["FeatureStore"]
@@ -1954,7 +2097,8 @@ def _check_merge_target(out: Path, ref: "FeatureStore", stores: Sequence["Featur
         return
     existing = FeatureStore(out)
     try:
-        if existing.feature_set and ref.feature_set and existing.feature_set != ref.feature_set:
+        if (existing.holds_features and existing.feature_set and ref.feature_set
+                and existing.feature_set != ref.feature_set):
             raise StoreMismatch(f"{out}: already a store of feature set {existing.feature_set} "
                                 f"({existing.provenance.get('encoder')}), the inputs are {ref.feature_set} "
                                 f"({ref.provenance.get('encoder')}); merge into another --store")

@@ -17,7 +17,7 @@ with the features); those are recomputed, with a log line saying why.
 
 float16 stores (the default) are range-checked per batch: features that float16 would flush to zero
 (|x| below ~6e-5, e.g. random-init networks) or overflow switch the whole feature set to float32 when
-nothing was stored yet (recorded in the provenance as ``dtype_fallback``), else fail those subjects
+no feature row is stored yet (recorded in the provenance as ``dtype_fallback``), else fail those subjects
 with a one-line reason; nothing is ever stored as silent zeros or inf.
 """
 
@@ -203,11 +203,24 @@ class VolumeSlicesDataset(torch.utils.data.Dataset):
                               seconds=time.perf_counter() - start)
 
 
+#: a stride that leaves fewer candidate slices than this in every plane without a slice is blamed
+#: for it, not the volume (``--stride 1000`` looks at slice 0 only: the edge of the field of view)
+FEW_SLICES = 3
+
+
 def no_slices_problem(volume: Any, planes: Sequence[str], cfg: SliceConfig) -> str:
-    """Why ``planes`` of ``volume`` kept no slice: the fullest candidate slice's foreground fraction."""
+    """Why ``planes`` of ``volume`` kept no slice: the fullest candidate slice's foreground fraction,
+    or the stride when it left only a few candidates (fewer than :data:`FEW_SLICES`) in each of them."""
     mask = torch.from_numpy(volume.mask)
-    fullest = max(float(plane_foreground(mask, p)[::cfg.stride].max(initial=0.0)) for p in planes)
+    foreground = {p: plane_foreground(mask, p) for p in planes}
+    fullest = max(float(fg[::cfg.stride].max(initial=0.0)) for fg in foreground.values())
     where = planes[0] if len(planes) == 1 else ", ".join(planes[:-1]) + " or " + planes[-1]
+    looked = {p: len(fg[::cfg.stride]) for p, fg in foreground.items()}
+    if max(looked.values()) < FEW_SLICES:
+        seen = ", ".join(f"{looked[p]} {p} slice(s) of {len(fg)}" for p, fg in foreground.items())
+        return (f"no {where} slice has {cfg.min_foreground:.0%} foreground or more, but stride {cfg.stride} "
+                f"looked at only {seen} (the fullest has {fullest:.1%}): the stride is too large for this "
+                "volume; use a smaller --stride")
     return (f"no {where} slice has {cfg.min_foreground:.0%} foreground or more (min_foreground; the fullest "
             f"of the slices looked at, stride {cfg.stride}, has {fullest:.1%}): a blank or corrupt volume, or a "
             f"small object in a large field of view (lower --min-foreground)")
@@ -602,7 +615,9 @@ def cache_cohort(
             log.info("%s: %d subject(s) already cached, %d to do (%d recomputed)", store_path,
                      len(report.skipped), len(jobs), len(report.recomputed))
         labels = {s.subject_id: s.labels for s in cohort.subjects}
-        precision = _Precision(provenance["dtype"], provenance, can_switch=not store.feature_set, report=report)
+        # the fallback needs a store without feature rows: one whose earlier jobs cached nothing has a
+        # feature set (their record) but no row stored in its dtype
+        precision = _Precision(provenance["dtype"], provenance, can_switch=not store.holds_features, report=report)
         # with compaction, the last subjects are written with the job's record and compacted in one go
         held = _run_jobs(jobs, encoder, store, provenance, labels, dict(cohort.label_types), report,
                          volume_cfg=volume_cfg, slice_cfg=slice_cfg, batch_size=batch_size,

@@ -725,3 +725,109 @@ class _NoSpace:
 
     def __getattr__(self, name):
         return getattr(self.fh, name)
+
+
+# -- stores without feature rows, dtype promotion in merge, set names (fuzz round 8) ------------------
+FALLBACK = {**PROV, "dtype": "float32",
+            "dtype_fallback": {"requested": "float16", "stored": "float32", "reason": "features underflow float16"}}
+
+
+def _shard(path: Path, ids: list[int], prov: dict, dtype: str, shard: tuple[int, int]) -> Path:
+    """A finished shard store of ``ids`` (none: a shard that cached nothing) stored as ``dtype``."""
+    store = FeatureStore(path, mode="a")
+    with store.writer_lock():
+        store.compact(history=[{"event": "cache", "shard": list(shard)}], provenance=prov,
+                      subjects=[fake_subject(i) for i in ids], dtype=dtype, label_types=TYPES)
+    return path
+
+
+def test_a_store_without_feature_rows_does_not_pin_the_dtype(tmp_path: Path) -> None:
+    """H1: a job that cached nothing leaves a float16 feature set and its history; the next job may
+    store float32 (the fallback, or --dtype float32), but not other settings."""
+    path = tmp_path / "p.h5"
+    _shard(path, [], PROV, "float16", (0, 1))
+    store = FeatureStore(path, mode="a")
+    assert store.feature_set == config_hash_of(PROV) and not store.holds_features
+    store.check_identity(FALLBACK)
+    with pytest.raises(StoreMismatch, match=r"slice_config.size: 32 -> 64"):
+        store.check_identity({**FALLBACK, "slice_config": {"size": 64, "stride": 1}})
+    with store.writer_lock():  # float32 rows in a part beside the float16 record: one store of FALLBACK
+        store.commit_subjects([fake_subject(0)], FALLBACK, dtype="float32", label_types=TYPES)
+    store.refresh()
+    assert store.holds_features and store.feature_set == config_hash_of(FALLBACK)
+    with store.writer_lock():
+        store.compact()
+    merged = FeatureStore(path)
+    assert merged.provenance["dtype"] == "float32" and merged.verify().ok and merged.subjects() == ["s0"]
+    assert merged.history == [{"event": "cache", "shard": [0, 1]}]  # the record of the empty job is kept
+    # now its rows are float32: float16 features of the same settings are refused again
+    with pytest.raises(StoreMismatch, match="dtype: 'float32' -> 'float16'"):
+        merged.check_identity(PROV)
+
+
+def test_a_changed_setting_on_a_fallback_store_names_only_that_setting(tmp_path: Path) -> None:
+    """H10: the store's float32 came from the fallback of the same --dtype float16: not a difference."""
+    _shard(tmp_path / "f.h5", [0], FALLBACK, "float32", (0, 1))
+    with pytest.raises(StoreMismatch) as caught:
+        FeatureStore(tmp_path / "f.h5").check_identity({**PROV, "slice_config": {"size": 64, "stride": 1}})
+    assert "slice_config.size: 32 -> 64" in str(caught.value) and "dtype" not in str(caught.value)
+
+
+def test_merge_leaves_empty_shards_out_and_promotes_float16_shards_to_a_fallback_float32(tmp_path: Path) -> None:
+    """H2: shard 0 took the float32 fallback, shard 1 stayed float16, shard 2 cached nothing."""
+    paths = [_shard(tmp_path / "f.shard-0-of-3.h5", [0, 1], FALLBACK, "float32", (0, 3)),
+             _shard(tmp_path / "f.shard-1-of-3.h5", [2, 3], PROV, "float16", (1, 3)),
+             _shard(tmp_path / "f.shard-2-of-3.h5", [], PROV, "float16", (2, 3))]
+    half = FeatureStore(paths[1])
+    stored16 = {(s, p): (half.slice_features(s, p), half.slice_tokens(s, p)[0]) for s in ("s2", "s3")
+                for p in ("axial", "coronal")}
+    counts = merge_stores(tmp_path / "f.h5", paths)
+    assert counts["promoted"] == [str(paths[1])]
+    merged = FeatureStore(tmp_path / "f.h5")
+    assert merged.feature_set == config_hash_of(FALLBACK) and merged.provenance["dtype"] == "float32"
+    assert merged.verify().ok and sorted(merged.subjects()) == ["s0", "s1", "s2", "s3"]
+    with h5py.File(tmp_path / "f.h5") as f:
+        assert f["planes/axial/features"].dtype == np.float32 and f["planes/axial/tokens"].dtype == np.float32
+    for (sid, plane), (feats, tokens) in stored16.items():  # exact: float16 values are float32 values
+        np.testing.assert_array_equal(merged.slice_features(sid, plane), feats)
+        np.testing.assert_array_equal(merged.slice_tokens(sid, plane)[0], tokens)
+    assert [e.get("shard") for e in merged.history[:3]] == [[0, 3], [1, 3], [2, 3]]
+    assert merged.history[-1]["dtype_promoted"] == {"from": "float16", "to": "float32", "inputs": [str(paths[1])]}
+
+
+def test_merge_refuses_damaged_float16_rows_and_a_float32_that_was_asked_for(tmp_path: Path) -> None:
+    from slice2vol.cache import StoreCorrupt
+
+    wide = _shard(tmp_path / "w.h5", [0], FALLBACK, "float32", (0, 2))
+    narrow = _shard(tmp_path / "n.h5", [1], PROV, "float16", (1, 2))
+    flip_bit(narrow, "planes/axial/features", byte=6, bit=1)
+    with pytest.raises(StoreCorrupt, match=r"n\.h5: subject 's1' axial features fail their checksum"):
+        merge_stores(tmp_path / "m.h5", [wide, narrow])  # never laundered into a valid float32 checksum
+    assert not (tmp_path / "m.h5").exists()
+    chosen = _shard(tmp_path / "c.h5", [0], {**PROV, "dtype": "float32"}, "float32", (0, 2))
+    good = _shard(tmp_path / "g.h5", [1], PROV, "float16", (1, 2))
+    with pytest.raises(StoreMismatch, match=r"g\.h5 holds float16 .*rerun its shard with --dtype float32$"):
+        merge_stores(tmp_path / "m.h5", [chosen, good])
+
+
+@pytest.mark.parametrize("name, rule", [
+    ("", "non-empty"),
+    (".", "HDF5's names for a group itself"),
+    ("..", "HDF5's names for a group itself"),
+    ("a\nb", "control characters"),
+    ("tab\there", "control characters"),
+])
+def test_set_names_hdf5_or_a_listing_cannot_hold_are_refused_in_one_line(tmp_path: Path, name: str,
+                                                                        rule: str) -> None:
+    """H6: '.' used to fail in HDF5 ("name already exists"), reported as a damaged store."""
+    write_store(tmp_path / "n.h5", ids=[0])
+    writer = FeatureStore(tmp_path / "n.h5", mode="a")
+    with pytest.raises(StoreError, match=rule) as caught:
+        writer.write_volume_embeddings(name, ["s0"], np.ones((1, 2)))
+    message = str(caught.value)
+    assert "\n" not in message and repr(name) in message and message.startswith(str(tmp_path / "n.h5"))
+    assert writer.volume_embedding_names() == [] and writer.verify().ok
+    with pytest.raises(KeyError, match="no volume embeddings"):
+        writer.volume_embeddings(name)
+    writer.write_volume_embeddings(".hidden", ["s0"], np.ones((1, 2)))  # a dot is fine elsewhere
+    assert FeatureStore(tmp_path / "n.h5").volume_embedding_names() == [".hidden"]

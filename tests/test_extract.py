@@ -866,3 +866,57 @@ def test_a_full_disk_leaves_the_store_as_it_was_when_writing_volume_embeddings(m
     assert line.startswith(f"slice2vol aggregate: error: {store}: could not be written: no space left on the device")
     assert file_sha256(store) == before and not list(tmp_path.glob("*.tmp"))
     assert main(["aggregate", "--store", str(store), "--method", "mean", "--no-progress"]) == 0
+
+
+# -- stores that hold no features, empty shards, a stride beyond the volume (fuzz round 8) -----------
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_store_whose_first_job_cached_nothing_is_new_for_the_dtype(manifest: Path, tmp_path: Path,
+                                                                      compact: bool, dtype: str) -> None:
+    """H1: a first job with every manifest path wrong left a float16 feature set and no row; the next
+    job needs the float32 fallback (or asks for --dtype float32). Without compaction the first job's
+    record is a history-only part."""
+    cohort = load_manifest(manifest).subset(["sub0", "sub1"])
+    typo = dataclasses.replace(cohort, subjects=[dataclasses.replace(s, images={"T1": tmp_path / f"typo_{s.subject_id}.nii.gz"})
+                                                 for s in cohort.subjects])
+    out = tmp_path / "p.h5"
+    first = cache_cohort(typo, ScaledTiny(1e-8), out, slice_cfg=SLICES, progress=False, compact=compact)
+    assert first.done == [] and len(first.failures) == 2
+    assert FeatureStore(out).feature_set == first.feature_set and not FeatureStore(out).holds_features
+    report = cache_cohort(cohort, ScaledTiny(1e-8), out, slice_cfg=SLICES, progress=False, dtype=dtype)
+    assert report.ok and sorted(report.done) == ["sub0", "sub1"]
+    store = FeatureStore(out)
+    assert store.provenance["dtype"] == "float32" and store.feature_set == report.feature_set
+    assert store.verify().ok and [e["done"] for e in store.history if e["event"] == "cache"] == [0, 2]
+    assert np.abs(store.slice_features("sub0", "axial")).min() > 0
+
+
+def test_shards_without_subjects_do_not_stop_the_merge_of_fallback_shards(manifest: Path, tmp_path: Path,
+                                                                         capsys) -> None:
+    """H2: 4 shards of 2 subjects; shards 0 and 1 take the float32 fallback, 2 and 3 cache nothing and
+    keep float16; a rerun of an empty shard with --dtype float32 is accepted too."""
+    cohort = load_manifest(manifest).subset(["sub0", "sub1"])
+    reports = [cache_cohort(cohort, ScaledTiny(1e-8), tmp_path / "f.h5", slice_cfg=SLICES, shard=f"{i}/4",
+                            progress=False) for i in range(4)]
+    assert [len(r.done) for r in reports] == [1, 1, 0, 0]
+    assert reports[0].feature_set == reports[1].feature_set != reports[2].feature_set == reports[3].feature_set
+    again = cache_cohort(cohort, ScaledTiny(1e-8), tmp_path / "f.h5", slice_cfg=SLICES, shard="3/4",
+                         progress=False, dtype="float32")
+    assert again.ok and again.done == []
+    assert main(["cache", "merge", "--store", str(tmp_path / "f.h5")]) == 0, capsys.readouterr().err
+    merged = FeatureStore(tmp_path / "f.h5")
+    assert sorted(merged.subjects()) == ["sub0", "sub1"] and merged.provenance["dtype"] == "float32"
+    assert merged.feature_set == reports[0].feature_set and merged.verify().ok
+    assert sorted(tuple(e["shard"]) for e in merged.history if e["event"] == "cache") == [
+        (0, 4), (1, 4), (2, 4), (3, 4)]  # the rerun of shard 3 had nothing new to record
+
+
+def test_a_stride_beyond_the_volume_is_named_instead_of_the_volume(manifest: Path, tmp_path: Path) -> None:
+    """H7: --stride 1000 looks at slice 0 of each plane only: the message names the stride."""
+    cohort = load_manifest(manifest).subset(["sub0"])
+    report = cache_cohort(cohort, KEY, tmp_path / "s.h5", slice_cfg=SliceConfig(size=32, stride=1000),
+                          progress=False)
+    (failure,) = report.failures
+    message = failure.message
+    assert "stride 1000 looked at only 1 axial slice(s) of " in message and "use a smaller --stride" in message
+    assert "blank or corrupt" not in message and "--min-foreground" not in message and "\n" not in message

@@ -33,6 +33,7 @@ from slice2vol.commands._common import (
     add_run_log,
     progress_enabled,
     resolve_device,
+    seed_type,
     weights_arg,
 )
 
@@ -90,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-failures", action="store_true",
                         help="exit 0 even when some subjects failed (they are listed and recorded in the "
                              "store; use it before a SLURM afterok merge step)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
+    parser.add_argument("--seed", type=seed_type, default=0, help="seed of random weights")
     add_progress(parser)
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
@@ -118,14 +119,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _encoder_kwargs(items: list[str]) -> dict:
-    import yaml
+    from slice2vol.config import load_yaml  # YAML 1.2 numbers: lr=1e-3 is a float, not a string
 
     out = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--encoder-arg {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = load_yaml(value)
     return out
 
 
@@ -304,7 +305,9 @@ def _merge(args: argparse.Namespace) -> int:
           + (f"; duplicates left out {counts['duplicates']}" if any(counts["duplicates"].values()) else "")
           + (f"; volume embeddings joined {counts['volume_sets']}" if counts["volume_sets"] else "")
           + (f"; not joined {sorted(counts['volume_sets_dropped'])} (see the warning)"
-             if counts["volume_sets_dropped"] else ""))
+             if counts["volume_sets_dropped"] else "")
+          + (f"; float16 features of {len(counts['promoted'])} store(s) written as float32 (the others' float16 "
+             "fallback)" if counts.get("promoted") else ""))
     if not args.manifest:
         return 0
     return _coverage(out, args.manifest)
