@@ -46,28 +46,48 @@ class CVResult:
 
 
 def subject_folds(y: np.ndarray, task: str, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """StratifiedKFold on the class, or on quantile bins of a continuous target."""
+    """StratifiedKFold on the class, or on equal-count quantile bins of a continuous target.
+
+    A continuous target gets ``min(folds, N // folds)`` bins, so each bin holds at least ``folds``
+    subjects (StratifiedKFold's need): any N >= 2 * folds can be split, as ``splits.n_bins`` is
+    reduced in the benchmark (:func:`slice2vol.eval.splits.make_splits`).
+    """
     from sklearn.model_selection import StratifiedKFold
 
     if task == "classification":
         strata = np.unique(y, return_inverse=True)[1]
     else:
+        n_bins = max(1, min(folds, len(y) // folds))
         ranks = np.argsort(np.argsort(y, kind="stable"), kind="stable")
-        strata = ranks * folds // len(y)  # equal-count bins, `folds` of them
+        strata = ranks * n_bins // len(y)  # bin sizes differ by at most 1, each >= folds
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return list(skf.split(np.zeros(len(y)), strata))
 
 
-def _probe(task: str, seed: int):
-    """Standardise + L2 logistic regression (C by inner 3-fold log-loss) or ridge (alpha by LOO)."""
+INNER_FOLDS = 3
+PROBE_CS = np.logspace(-4, 2, 7)
+
+
+def _probe(task: str, seed: int, y_train: np.ndarray | None = None):
+    """Standardise + L2 logistic regression (C by inner log-loss CV) or ridge (alpha by LOO).
+
+    The inner CV of a classifier has ``min(3, smallest class count of y_train)`` stratified folds,
+    so every inner validation part holds every class (as ``eval/linear.py`` shrinks its inner
+    folds); a training fold with a class of one subject cannot be tuned and gets the grid's middle C.
+    """
     from sklearn.linear_model import LogisticRegression, RidgeCV
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     if task == "classification":
-        inner = StratifiedKFold(3, shuffle=True, random_state=seed)
-        logreg = GridSearchCV(LogisticRegression(max_iter=5000), {"C": np.logspace(-4, 2, 7).tolist()},
+        n_inner = INNER_FOLDS
+        if y_train is not None:
+            n_inner = min(n_inner, int(np.unique(y_train, return_counts=True)[1].min()))
+        if n_inner < 2:
+            return make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_CS[len(PROBE_CS) // 2], max_iter=5000))
+        inner = StratifiedKFold(n_inner, shuffle=True, random_state=seed)
+        logreg = GridSearchCV(LogisticRegression(max_iter=5000), {"C": PROBE_CS.tolist()},
                               cv=inner, scoring="neg_log_loss")
         return make_pipeline(StandardScaler(), logreg)
     return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 15)))
@@ -149,7 +169,7 @@ def cross_validate_aggregator(
             if task == "classification" and not np.array_equal(agg.classes_, classes):
                 raise ValueError("a training fold misses a class; use fewer folds")
         else:
-            probe = _probe(task, seed).fit(agg.transform(train_bags), y[train])
+            probe = _probe(task, seed, y[train]).fit(agg.transform(train_bags), y[train])
             x_test = agg.transform(test_bags)
             pred = probe.predict_proba(x_test) if task == "classification" else probe.predict(x_test)
         result.folds.append(fold_metrics(task, y[test], pred, classes))

@@ -92,6 +92,38 @@ def load_bags(store: Any, subjects: Sequence[str] | None = None, planes: Sequenc
     return ids, bags
 
 
+def slice_features_vary(store: Any, ids: Sequence[str], planes: Sequence[str] | None = None) -> bool:
+    """Whether the cached slice features of ``ids`` (in ``planes``) differ between any two subjects.
+
+    Reads subject by subject and stops at the first difference (usually the second subject).
+    """
+    store = open_store(store)
+    planes = list(store.planes) if planes is None else list(planes)
+    first = None
+    for sid in ids:
+        feats = [np.asarray(store.slice_features(sid, plane)) for plane in planes]
+        if first is None:
+            first = feats
+        elif any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(first, feats)):
+            return True
+    return False
+
+
+def check_not_collapsed(method: str, params: dict, store: Any, ids: Sequence[str], planes: Sequence[str],
+                        X: np.ndarray) -> None:
+    """Refuses a set in which every subject has the same embedding although their slice features differ.
+
+    Raises:
+        ValueError: naming the aggregator and its parameters (the aggregator collapsed the subjects).
+    """
+    if len(X) < 2 or float(np.abs(X - X[0]).max()) != 0.0 or not slice_features_vary(store, ids, planes):
+        return
+    raise ValueError(
+        f"aggregator {method!r} with params {params} gave all {len(X)} subjects the same volume embedding "
+        f"(max |x| = {float(np.abs(X).max()):.3g}) although their cached slice features differ: it collapsed them, "
+        "so nothing was written; check its parameters against the scale of the features")
+
+
 def _source_sha256(store: Any, ids: Iterable[str], planes: Sequence[str]) -> str | None:
     digest = getattr(store, "slice_source_sha256", None)
     if digest is None:
@@ -199,6 +231,7 @@ def aggregate_embeddings(
     plot: bool = True,
     chunk: int = 64,
     damaged: list[str] | None = None,
+    train_ids_name: str | None = None,
     **params,
 ) -> tuple[str, list[str], np.ndarray, dict]:
     """Aggregates every subject of a feature store (read only; :func:`aggregate_store` also writes).
@@ -219,6 +252,7 @@ def aggregate_embeddings(
         damaged: given, subjects whose cached rows fail their checksum are left out of fitting and of
             the written set, each with its message appended here (``slice2vol cache verify`` lists
             them; recaching repairs them); otherwise the first one raises StoreCorrupt.
+        train_ids_name: where ``train_ids`` came from (e.g. the ids file), named in errors.
         **params: the aggregator's constructor parameters.
 
     Returns:
@@ -275,6 +309,8 @@ def aggregate_embeddings(
             keep = set(kept)
             y = None if y is None else y[[i for i, s in enumerate(fit_ids) if s in keep]]
             fit_ids = kept
+        if y is not None:
+            _check_training_classes(agg, label, y, train_ids_name)
         agg.fit(train_bags, y)
         del train_bags
         task = getattr(agg, "task_", None)
@@ -319,6 +355,7 @@ def aggregate_embeddings(
     if not np.isfinite(X).all():
         bad = [ids[i] for i in np.where(~np.isfinite(X).all(1))[0][:5]]
         raise ValueError(f"non-finite volume embeddings for e.g. {bad}; check the cached features")
+    check_not_collapsed(method, _json_safe(agg.get_params()), store, ids, use_planes, X)
 
     fitted_planes = list(getattr(agg, "planes_", None) or use_planes)
     provenance = {
@@ -354,6 +391,24 @@ def aggregate_embeddings(
             provenance["attention_plots"] = [str(p) for p in pngs]
         (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
     return name, ids, X, provenance
+
+
+def _check_training_classes(agg: Aggregator, label: str, y: np.ndarray, train_ids_name: str | None) -> None:
+    """Refuses a supervised classification fit whose training subjects hold fewer than 2 classes."""
+    from slice2vol.aggregate.trainer import resolve_task
+
+    where = f"the training subjects listed in {train_ids_name}" if train_ids_name else "the training subjects"
+    if len(y) == 0:
+        raise ValueError(f"label {label!r}: none of {where} has a value; nothing to fit on")
+    task = getattr(agg, "task", "auto")
+    if getattr(agg, "objective", "auto") == "contrastive" or task not in ("auto", "classification", "regression"):
+        return
+    if resolve_task(np.asarray(y), task) != "classification":
+        return
+    classes = np.unique(np.asarray(y).astype(str))
+    if len(classes) < 2:
+        raise ValueError(f"label {label!r} has one class only ({classes[0]}) among {where} ({len(y)} with a value): "
+                         "a supervised aggregator needs >= 2 classes to fit on; list subjects of every class")
 
 
 def _plot_attention(attention, coords, out_dir, labels, title, plane_names) -> list[Path]:

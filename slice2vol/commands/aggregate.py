@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"label {cfg.label!r}: class {str(classes[counts.argmin()])!r} has {counts.min()} "
                                  f"subject(s), fewer than the {args.cv} folds of --cv")
         elif len(ids) < 2 * args.cv:
-            raise ValueError(f"label {cfg.label!r}: {len(ids)} subjects with a value, too few for {args.cv} folds")
+            raise ValueError(f"label {cfg.label!r}: {len(ids)} subjects with a value, too few for {args.cv} folds "
+                             f"(needs >= {2 * args.cv})")
         params = dict(cfg.params)
         with _params_named(cfg):
             res = cross_validate_aggregator(bags, y, cfg.method, task=task, folds=args.cv, seed=args.seed,
@@ -145,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
                 "seed": args.seed, "n_subjects": len(ids), "store": str(args.store)}, indent=2))
         return 0
 
+    if cfg.name is not None:  # before the aggregation runs: a name the store cannot hold is refused at once
+        from slice2vol.cache import check_set_name
+
+        check_set_name(cfg.name, args.store)
     train_ids = _read_ids(args.train_ids) if args.train_ids else None
     if isinstance(train_ids, list):
         from slice2vol.data.manifest import check_ids_known
@@ -154,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
     with _params_named(cfg):
         name = aggregate_store(args.store, cfg.method, planes=cfg.planes, name=cfg.name, train_ids=train_ids,
                                label=cfg.label, out_dir=args.out, plot=not args.no_plot, damaged=damaged,
+                               train_ids_name=args.train_ids if isinstance(train_ids, list) else None,
                                **cfg.params)
     print(name)
     if damaged:

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -195,6 +195,11 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
                     ids, X, prov = store.volume_embeddings(set_name)
                     fresh = (prov.get("source_feature_set", prov.get("slice_feature_set")) == feature_set
                              and set(ids) == set(store.subjects()) and prov.get("params_requested") == params)
+                    if fresh and _collapsed(store, ids, X, prov):
+                        # written by a version whose GeM clamp flattened tiny features: aggregated again
+                        log.warning("%s: the stored %s set gives every subject the same embedding although the "
+                                    "slice features differ; aggregating again", entry.name, agg)
+                        fresh = False
                 except (StoreCorrupt, StaleEmbeddings) as err:  # derived data: aggregated again from the slices
                     log.warning("%s; aggregating again", err)
             computed = None
@@ -217,20 +222,43 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
                 failures += [m for m in damaged if m not in failures]
             ids, X, prov = computed or store.volume_embeddings(set_name)
             timings[f"aggregate:{name}"] = round(time.time() - t0, 2)
-            check_degenerate(name, X)
+            check_degenerate(name, X, store=store, ids=ids, provenance=prov)
             fitted, pretraining, fit_subjects = disclosure_from_provenance(prov)
             sets[name] = EmbeddingSet(name, list(ids), X, {**prov, **base_prov}, "2d", entry, fitted=fitted,
                                       pretraining=pretraining, fit_subjects=fit_subjects)
     return sets, failures
 
 
-def check_degenerate(name: str, X: np.ndarray) -> None:
-    """Refuses embeddings that are identical for every subject (nothing to evaluate)."""
-    if len(X) > 1 and float(np.abs(X - X[0]).max()) == 0.0:
+def _collapsed(store, ids, X: np.ndarray, prov: Mapping) -> bool:
+    """Every row of X is the same although the subjects' slice features differ."""
+    from slice2vol.aggregate.store import slice_features_vary
+
+    if len(X) < 2 or float(np.abs(X - X[0]).max()) != 0.0:
+        return False
+    return slice_features_vary(store, ids, prov.get("source_planes") or prov.get("planes"))
+
+
+def check_degenerate(name: str, X: np.ndarray, *, store=None, ids: Sequence[str] | None = None,
+                     provenance: Mapping | None = None) -> None:
+    """Refuses embeddings that are identical for every subject (nothing to evaluate).
+
+    Given the store the set was aggregated from (with the rows' subject ``ids`` and the set's
+    ``provenance``), the message says whether the slice features are constant too (the encoder's
+    doing) or differ (the aggregator collapsed them).
+    """
+    if len(X) < 2 or float(np.abs(X - X[0]).max()) != 0.0:
+        return
+    scale = float(np.abs(X).max())
+    if store is not None and ids is not None and _collapsed(store, ids, X, provenance or {}):
+        prov = provenance or {}
         raise ValueError(
-            f"{name}: every subject has the same embedding (max |x| = {float(np.abs(X).max()):.3g}); the encoder "
-            "output is constant or underflowed (e.g. random-init BatchNorm nets give ~1e-8 activations, which "
-            "float16 stores round to 0: set dtype: float32 for that encoder entry)")
+            f"{name}: every subject has the same embedding (max |x| = {scale:.3g}) although their cached slice "
+            f"features differ: the aggregator {prov.get('aggregator', name)!r} (params {prov.get('params', {})}) "
+            "collapsed them; check its parameters against the scale of the features")
+    raise ValueError(
+        f"{name}: every subject has the same embedding (max |x| = {scale:.3g}); the encoder "
+        "output is constant or underflowed (e.g. random-init BatchNorm nets give ~1e-8 activations, which "
+        "float16 stores round to 0: set dtype: float32 for that encoder entry)")
 
 
 def _annotate(path: Path, name: str, params: dict) -> None:

@@ -184,3 +184,84 @@ def test_a_set_of_another_method_is_replaced_with_a_warning_and_blank_names_are_
     assert store.volume_embeddings("mean")[2]["aggregator"] == "max"
     assert main(["aggregate", "--store", "features.h5", "--method", "max", "--name", "  ", "--no-plot"]) == 2
     assert "name of the embedding set must be non-empty" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_store(tmp_path, monkeypatch):
+    """6 subjects: 3 per class of 'group', a continuous 'score'."""
+    fake, _ = fake_store(6, tmp_path=tmp_path)
+    monkeypatch.setattr("slice2vol.aggregate.store.open_store", lambda path, mode="r": fake)
+    return fake
+
+
+# both gave scikit-learn's "n_splits=3 cannot be greater than the number of members in each class"
+@pytest.mark.parametrize("label, folds, task", [("score", 3, "regression"), ("group", 2, "classification"),
+                                                ("group", 3, "classification")])
+def test_cv_on_a_small_cohort_runs(small_store, capsys, label, folds, task):
+    assert main(["aggregate", "--store", "features.h5", "--method", "mean", "--label", label,
+                 "--cv", str(folds)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("fold ") == folds and f"({task}, 6 subjects, {folds}-fold" in out
+
+
+def test_too_many_regression_folds_say_what_is_needed(small_store, capsys):
+    assert main(["aggregate", "--store", "features.h5", "--method", "mean", "--label", "score", "--cv", "4"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "label 'score': 6 subjects with a value, too few for 4 folds (needs >= 8)")
+
+
+def test_a_one_class_training_list_names_the_file_and_the_label(store, tmp_path, capsys):
+    labels = store.labels()["group"]
+    ids = tmp_path / "train.txt"
+    ids.write_text("\n".join(labels.index[labels == "A"][:5]) + "\n")
+    assert main(["aggregate", "--store", "features.h5", "--method", "mil", "--label", "group", "--train-ids",
+                 str(ids), "--no-plot", "params.epochs=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"label 'group' has one class only (A) among the training subjects listed in {ids} "
+                        "(5 with a value): a supervised aggregator needs >= 2 classes to fit on; list subjects of "
+                        "every class") and "\n" not in err
+
+
+@pytest.mark.parametrize("params, message", [
+    # p=nan passed `p <= 0` and was blamed on the cached features ("non-finite volume embeddings")
+    (["params.p=.nan"], r"GeM exponent p must be > 0 and finite, got nan"),
+    # a floor above every feature: each subject got the same vector and rc was 0
+    (["params.eps=10.0"], r"aggregator 'gem' with params \{[^}]*'eps': 10.0[^}]*\} gave all 16 subjects the same "
+                          r"volume embedding \(max \|x\| = 10\) although their cached slice features differ"),
+])
+def test_gem_that_would_write_one_vector_for_every_subject_is_refused(store, capsys, params, message):
+    assert main(["aggregate", "--store", "features.h5", "--method", "gem", "--no-plot", *params]) == 2
+    assert re.search(message, capsys.readouterr().err) and not store.written
+
+
+def test_gem_on_tiny_features_writes_distinct_vectors(tmp_path, monkeypatch):
+    """Random-init MobileNetV2 features are ~1e-8: a fixed eps = 1e-6 made them all 1e-6."""
+    from slice2vol.aggregate import PlaneBag
+    from tests.aggregate.synthetic import FakeStore
+
+    rng = np.random.default_rng(0)
+    bags = [{"axial": PlaneBag((rng.random((5, 4)) * 1e-8).astype(np.float32))} for _ in range(6)]
+    fake = FakeStore([f"s{i}" for i in range(6)], bags)
+    monkeypatch.setattr("slice2vol.aggregate.store.open_store", lambda path, mode="r": fake)
+    for p in ("3.0", "100.0", "1000000.0"):
+        assert main(["aggregate", "--store", "features.h5", "--method", "gem", "--name", "g", f"params.p={p}"]) == 0
+        X = fake.written["g"][1]
+        assert len(np.unique(X, axis=0)) == 6 and 0 < X.min() and X.max() < 1e-8
+
+
+def test_bench_message_tells_an_aggregator_collapse_from_a_constant_encoder():
+    from slice2vol.aggregate import PlaneBag
+    from slice2vol.eval.sets import check_degenerate
+    from tests.aggregate.synthetic import FakeStore
+
+    X = np.full((3, 4), 1e-6, np.float32)
+    prov = {"aggregator": "gem", "params": {"p": 3.0, "eps": 1e-6}, "source_planes": ["axial"]}
+    varying = FakeStore(["a", "b", "c"], [{"axial": PlaneBag(np.full((2, 4), v, np.float32))} for v in (1, 2, 3)])
+    with pytest.raises(ValueError, match=r"rnd/gem: every subject has the same embedding \(max \|x\| = 1e-06\) "
+                                         r"although their cached slice features differ: the aggregator 'gem' "
+                                         r"\(params \{'p': 3.0, 'eps': 1e-06\}\) collapsed them"):
+        check_degenerate("rnd/gem", X, store=varying, ids=["a", "b", "c"], provenance=prov)
+    constant = FakeStore(["a", "b", "c"], [{"axial": PlaneBag(np.zeros((2, 4), np.float32))} for _ in range(3)])
+    with pytest.raises(ValueError, match="the encoder output is constant or underflowed"):
+        check_degenerate("rnd/gem", X, store=constant, ids=["a", "b", "c"], provenance=prov)
+    check_degenerate("rnd/gem", X[:1], store=varying, ids=["a"], provenance=prov)  # one subject: nothing to say

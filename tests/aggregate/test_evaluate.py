@@ -74,3 +74,27 @@ def test_cross_validation_errors():
         cross_validate_aggregator(bags, [0, 1, 0, 1], "mean", task="survival")
     with pytest.raises(ValueError, match="predictor='head'"):
         cross_validate_aggregator(bags, [0, 1, 0, 1], "mean", folds=2, predictor="head")
+
+
+# regression used K quantile bins of N/K subjects: StratifiedKFold refused any N < K^2
+@pytest.mark.parametrize("n, folds", [(6, 3), (8, 4), (12, 4), (20, 5), (10, 5), (48, 10), (25, 5)])
+def test_regression_folds_work_whenever_there_are_two_subjects_per_fold(n, folds):
+    age = np.random.default_rng(n).uniform(20, 80, n)
+    parts = subject_folds(age, "regression", folds, seed=0)
+    assert len(parts) == folds
+    assert sorted(np.concatenate([te for _, te in parts])) == list(range(n))
+    order = np.argsort(age)
+    for _, te in parts:  # still stratified: each fold holds a young and an old subject
+        assert len(te) in (n // folds, -(-n // folds))
+        ranks = np.searchsorted(age[order], age[te])
+        assert ranks.min() < n // 2 <= ranks.max()
+
+
+# the probe's inner 3-fold grid search needed 3 per class in every training fold
+@pytest.mark.parametrize("per_class, folds", [(2, 2), (3, 2), (3, 3), (4, 4), (5, 2)])
+def test_classification_cv_works_with_as_few_subjects_per_class_as_folds(per_class, folds):
+    rng = np.random.default_rng(per_class)
+    y = np.repeat(["A", "B"], per_class)
+    bags = [{"axial": rng.normal(0, 1, (4, 3)) + (label == "B") * 2.0} for label in y]
+    res = cross_validate_aggregator(bags, y, "mean", folds=folds, seed=0)
+    assert len(res.folds) == folds and np.isfinite(res.predictions).all() and res.predictor == "probe"
