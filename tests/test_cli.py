@@ -492,6 +492,26 @@ def test_a_store_that_is_a_folder_is_refused_before_anything_is_written(tmp_path
     assert "is a directory" in capsys.readouterr().err
 
 
+def test_a_seed_out_of_range_is_a_usage_error_naming_the_flag(capsys, tmp_path, monkeypatch):
+    """Fuzz round 8 (H8): ``cache --seed 99999999999999999999`` said "Overflow when unpacking long long"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["cache", "--manifest", "m.csv", "--encoder", "tv/mobilenet_v2", "--store", "s.h5", "--seed",
+              "99999999999999999999"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "argument --seed: must be from 0 to 2**32 - 1, got 99999999999999999999")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_set_name_the_store_cannot_hold_is_refused_before_aggregating(tmp_path, capsys):
+    """Fuzz round 8 (H6): ``--name .`` ran the aggregation, then called the store damaged."""
+    assert main(["aggregate", "--store", str(tmp_path / "s.h5"), "--method", "mean", "--name", "."]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"slice2vol aggregate: error: {tmp_path / 's.h5'}: volume-embedding set name '.': '.' and '..' are HDF5's "
+        "names for a group itself and its parent; choose another --name")
+
+
 def test_a_store_that_is_a_named_pipe_is_refused_not_waited_on(tmp_path, capsys):
     """Fuzz round 7 (G2): HDF5 opening a named pipe waited for a writer for ever."""
     import os
