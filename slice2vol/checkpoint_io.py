@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -118,31 +118,28 @@ def _kind_of(path: Path, head: bytes) -> str:
     return "unknown"
 
 
-def _nan_tensors(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
-    """Names of the floating tensors holding NaN in a checkpoint's (nested) containers."""
+def _named_tensors(obj: Any, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) of every tensor in a checkpoint's (nested) dicts, lists and tuples,
+    six levels deep at most (a checkpoint nests a state dict in one or two containers)."""
     if isinstance(obj, torch.Tensor):
-        return [prefix or "tensor"] if obj.is_floating_point() and bool(torch.isnan(obj).any()) else []
-    if depth > 6:
-        return []
-    if isinstance(obj, dict):
-        return [n for k, v in obj.items() for n in _nan_tensors(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)]
-    if isinstance(obj, (list, tuple)):
-        return [n for i, v in enumerate(obj) for n in _nan_tensors(v, f"{prefix}[{i}]", depth + 1)]
-    return []
+        yield prefix or "tensor", obj
+    elif depth <= 6 and isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _named_tensors(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)
+    elif depth <= 6 and isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _named_tensors(v, f"{prefix}[{i}]", depth + 1)
 
 
-def _weight_tensors(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, torch.Tensor]]:
+def _nan_tensors(obj: Any) -> list[str]:
+    """Names of the floating tensors holding NaN in a checkpoint's (nested) containers."""
+    return [name for name, t in _named_tensors(obj) if t.is_floating_point() and bool(torch.isnan(t).any())]
+
+
+def _weight_tensors(obj: Any) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of the floating tensors with 2+ dimensions and 2+ values (convolution kernels,
     linear and embedding matrices) in a checkpoint's (nested) containers."""
-    if isinstance(obj, torch.Tensor):
-        return [(prefix or "tensor", obj)] if obj.is_floating_point() and obj.ndim >= 2 and obj.numel() > 1 else []
-    if depth > 6:
-        return []
-    if isinstance(obj, dict):
-        return [n for k, v in obj.items() for n in _weight_tensors(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)]
-    if isinstance(obj, (list, tuple)):
-        return [n for i, v in enumerate(obj) for n in _weight_tensors(v, f"{prefix}[{i}]", depth + 1)]
-    return []
+    return [(name, t) for name, t in _named_tensors(obj) if t.is_floating_point() and t.ndim >= 2 and t.numel() > 1]
 
 
 def _constant_problem(obj: Any) -> str | None:

@@ -100,6 +100,14 @@ def test_workers_give_the_same_store(manifest: Path, tmp_path: Path, reader: str
     assert_same_store(FeatureStore(tmp_path / "w0.h5"), FeatureStore(tmp_path / "w2.h5"))
 
 
+def wait_for_parts(proc: subprocess.Popen, parts: Path, n: int, timeout: float = 90) -> None:
+    """Returns once the job ``proc`` has committed ``n`` parts into the folder ``parts``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(parts.glob("part-*.h5"))) < n:
+        assert proc.poll() is None, "the job ended before it could be stopped; raise TINY_ENCODER_DELAY"
+        time.sleep(0.02)
+
+
 def _job_command(manifest: Path, out: Path) -> list[str]:
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import tests._tiny_encoder; "
             "from slice2vol.cli import main; sys.exit(main(sys.argv[2:]))")
@@ -113,11 +121,8 @@ def test_sigkill_mid_run_then_resume(manifest: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(_job_command(manifest, out), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out.with_name(out.name + ".parts")
-    deadline = time.time() + 90
     try:
-        while time.time() < deadline and len(list(parts.glob("part-*.h5"))) < 2:
-            assert proc.poll() is None, "job ended before it could be killed; raise the delay"
-            time.sleep(0.02)
+        wait_for_parts(proc, parts, 2)
         time.sleep(0.05)  # land somewhere inside the next subject (encoding or writing)
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from slice2vol.cache import FeatureStore
 from tests._tiny_encoder import make_tiny_cohort
-from tests.test_extract import REPO, _job_command
+from tests.test_extract import REPO, _job_command, wait_for_parts
 
 
 @pytest.mark.parametrize("sig, code, line", [
@@ -26,12 +25,8 @@ def test_a_stopped_job_says_so_and_keeps_its_committed_subjects(tmp_path: Path, 
     env = {**os.environ, "TINY_ENCODER_DELAY": "0.12", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_job_command(manifest, out), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    parts = out.with_name(out.name + ".parts")
-    deadline = time.time() + 90
     try:
-        while time.time() < deadline and len(list(parts.glob("part-*.h5"))) < 2:
-            assert proc.poll() is None, "job ended before it could be stopped; raise the delay"
-            time.sleep(0.02)
+        wait_for_parts(proc, out.with_name(out.name + ".parts"), 2)
     finally:
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
