@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slice2vol.encoders.base import check_gem_p, gem_pool
 from slice2vol.registry import Registry
 
 #: Adaptation methods: ``ADAPTERS.get(method)(encoder_2d, **options) -> Adapted3DEncoder``.
@@ -86,7 +87,7 @@ class Adapted3DEncoder(nn.Module):
         self.embed_dim = info.embed_dim
         self.in_chans = in_chans
         self.pooling = pooling
-        self.gem_p = gem_p
+        self.gem_p = check_gem_p(gem_p)  # refused here, not on the first batch
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
 
@@ -114,7 +115,7 @@ class Adapted3DEncoder(nn.Module):
         if self.pooling == "none":
             return out
         if self.pooling == "gem":
-            return out.clamp_min(1e-6).pow(self.gem_p).mean((2, 3, 4)).pow(1.0 / self.gem_p)
+            return gem_pool(out, self.gem_p, dims=(2, 3, 4))
         if self.pooling == "max":
             return out.amax((2, 3, 4))
         return out.mean((2, 3, 4))

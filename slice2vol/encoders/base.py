@@ -503,10 +503,33 @@ def robust_zscore(x: torch.Tensor, percentiles: tuple[float, float] = (1.0, 99.0
     return out
 
 
-def gem_pool(feature_map: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
-    """Generalised-mean pooling of (B, D, h, w) -> (B, D); ``p`` a finite number > 0 (:func:`check_gem_p`)."""
+def gem_pool(feature_map: torch.Tensor, p: float = 3.0, eps: float = 1e-6,
+             dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
+    """Generalised-mean pooling (Radenović et al. 2018) over the spatial ``dims``.
+
+    (B, D, h, w) -> (B, D) with the default ``dims``; (B, D, x, y, z) -> (B, D) with ``(2, 3, 4)``.
+    ``p`` is a finite number > 0 (:func:`check_gem_p`).
+
+    The value is ``(mean clamp(x, floor)^p)^(1/p)`` per sample and channel, computed as
+    ``m * (mean (clamp(x, floor) / m)^p)^(1/p)`` with ``m`` the per-channel maximum: the same
+    number, but the largest term is 1, so a large ``p`` cannot underflow the mean to 0 (``p -> inf``
+    gives the max). The floor is ``eps`` for maps of normal scale and shrinks with a sample whose
+    largest |activation| is below 1 (random-init BatchNorm nets give ~1e-8), where a fixed ``eps``
+    would lift every value to ``eps`` and give every volume the same vector. Same recipe as
+    :func:`slice2vol.aggregate.pooling.pool_array`.
+    """
     p = check_gem_p(p)
-    return feature_map.clamp_min(eps).pow(p).mean((-2, -1)).pow(1.0 / p)
+    x = feature_map.float()
+    sample_dims = tuple(range(1, x.ndim))
+    scale = x.detach().abs().amax(sample_dims, keepdim=True) if x.numel() else x.new_zeros(())
+    clamped = torch.maximum(x, eps * scale.clamp_max(1.0))
+    peak = clamped.amax(dims, keepdim=True)
+    safe = torch.where(peak > 0, peak, torch.ones_like(peak))  # a channel that is 0 everywhere pools to 0
+    out = safe * (clamped / safe).pow(p).mean(dims, keepdim=True).pow(1.0 / p)
+    out = torch.where(peak > 0, out, torch.zeros_like(out))
+    for d in sorted((d % x.ndim for d in dims), reverse=True):
+        out = out.squeeze(d)
+    return out
 
 
 def pool_feature_map(feature_map: torch.Tensor, pooling: str, gem_p: float = 3.0) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from slice2vol.checkpoint_io import check_dtypes
 from slice2vol.data.io import Volume, VolumeConfig
-from slice2vol.encoders.base import WeightsUnavailable, parse_weights, sha256_file
+from slice2vol.encoders.base import WeightsUnavailable, gem_pool, parse_weights, sha256_file
 from slice2vol.encoders3d.preprocess import Recipe, select_channels
 from slice2vol.registry import Registry
 
@@ -312,7 +312,7 @@ def pool3d(feature_map: torch.Tensor, pooling: str = "avg", gem_p: float = 3.0) 
     if pooling == "max":
         return feature_map.amax(dims)
     if pooling == "gem":
-        return feature_map.float().clamp_min(1e-6).pow(gem_p).mean(dims).pow(1.0 / gem_p)
+        return gem_pool(feature_map, gem_p, dims=dims)
     raise ValueError(f"pooling must be avg, max or gem, got {pooling!r}")
 
 

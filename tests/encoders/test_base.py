@@ -160,6 +160,28 @@ def test_pooling_by_hand():
         pool_feature_map(fmap, "cls")
 
 
+def test_gem_pool_equals_the_aggregators_gem_and_keeps_tiny_and_large_p_maps_apart():
+    """The encoders' GeM is the aggregators' GeM (pool_array, float64) with positions as slices:
+    maps of ~1e-8 (random BatchNorm nets) stay distinct and p = 200 gives nearly the max, where the
+    plain formula lifted both tiny maps to eps and underflowed p = 200 to 0."""
+    from slice2vol.aggregate.pooling import pool_array
+
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 1e-8):
+        fmap = torch.from_numpy(rng.standard_normal((2, 5, 3, 4)) * scale).float()
+        for p in (1.0, 3.0, 200.0):
+            ours = gem_pool(fmap, p=p)
+            for b in range(2):
+                ref = pool_array(fmap[b].reshape(5, -1).T.double().numpy(), "gem", p=p)
+                np.testing.assert_allclose(ours[b].numpy(), ref, rtol=2e-5, atol=0)
+    tiny = torch.from_numpy(rng.random((2, 3, 4, 4)) * 1e-8).float()
+    pooled = gem_pool(tiny)
+    assert not torch.allclose(pooled[0], pooled[1], rtol=1e-3, atol=0)
+    assert torch.allclose(gem_pool(tiny, p=1e4), tiny.amax((-2, -1)), rtol=2e-3)
+    zeros = gem_pool(torch.zeros(1, 2, 3, 3))
+    assert torch.equal(zeros, torch.zeros(1, 2))
+
+
 # -- weights ------------------------------------------------------------------------------------
 def test_parse_weights(tmp_path):
     assert parse_weights(None) == ("random", "")

@@ -73,6 +73,9 @@ def test_pool3d_against_hand_computed_values():
     assert np.allclose(gem.numpy(), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="pooling must be"):
         pool3d(x, "median")
+    tiny = x * 1e-9  # random-init 3D nets give maps this small: samples must stay apart
+    assert np.allclose((pool3d(tiny, "gem") / 1e-9).flatten().numpy(), expected, rtol=1e-4)
+    assert np.allclose(pool3d(x, "gem", gem_p=500.0).flatten().numpy(), [7.0, 15.0], rtol=1e-2)
 
 
 def test_resolve_levels():
