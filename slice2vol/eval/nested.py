@@ -82,9 +82,32 @@ class FoldFittedSet(EmbeddingSet):
                 self.cache.put("fold-fitted", key, {"train": x_train, "test": x_test})
         if self.supervised and frame.label not in self.fitted["labels"]:
             self.fitted["labels"].append(frame.label)
+        self._note_collapse(frame, fold, x_train, x_test)
         self._dim = int(x_train.shape[1])
         self._memo[memo_key] = (x_train, x_test)
         return x_train, x_test
+
+
+    def inputs_vary(self, ids: list[str]) -> bool:
+        """Whether the inputs of these subjects differ (subclasses that can tell cheaply say so)."""
+        return True
+
+    def _note_collapse(self, frame, fold, x_train: np.ndarray, x_test: np.ndarray) -> None:
+        """Records a fold whose fitted model gave every subject the same embedding.
+
+        Such a fold still scores (at chance: the probe sees one point), which is the honest result of
+        the method on that fold; the disclosure and a warning say so, so that a chance-level row is
+        not read as "the features know nothing" when the fit collapsed.
+        """
+        x = np.concatenate([np.asarray(x_train), np.asarray(x_test)])
+        if len(x) < 2 or float(np.abs(x - x[0]).max()) != 0.0:
+            return
+        where = f"{frame.label if self.supervised else 'label-free'} repeat {fold.repeat} fold {fold.fold}"
+        if where in self.fitted.get("collapsed_folds", ()) or not self.inputs_vary(list(fold.train) + list(fold.test)):
+            return  # already noted, or the inputs are the same too (the encoder's doing, refused elsewhere)
+        self.fitted.setdefault("collapsed_folds", []).append(where)
+        log.warning("%s: the model fitted on %s gave all %d subjects the same embedding although their inputs "
+                    "differ (it collapsed); that fold scores at chance", self.name, where, len(x))
 
 
 class FoldFittedAggregator(FoldFittedSet):
@@ -122,6 +145,11 @@ class FoldFittedAggregator(FoldFittedSet):
             self._bags = dict(zip(all_ids, bags))
         return [self._bags[s] for s in ids]
 
+    def inputs_vary(self, ids: list[str]) -> bool:
+        bags = self._load(ids)
+        first = bags[0] if bags else None
+        return any(not _same_bag(first, b) for b in bags[1:])
+
     def fit_embed(self, train_ids, y_train, test_ids, kind, seed, label=None):
         from slice2vol.aggregate import build_aggregator
 
@@ -133,6 +161,13 @@ class FoldFittedAggregator(FoldFittedSet):
         train_bags, test_bags = self._load(train_ids), self._load(test_ids)
         agg.fit(train_bags, y_train)
         return agg.transform(train_bags).astype(np.float32), agg.transform(test_bags).astype(np.float32)
+
+
+def _same_bag(a: Any, b: Any) -> bool:
+    """Two bags (plane -> PlaneBag) hold the same slice features."""
+    return a.keys() == b.keys() and all(
+        a[k].features.shape == b[k].features.shape and bool(np.array_equal(a[k].features, b[k].features))
+        for k in a)
 
 
 def is_trainable(method: str, params: dict) -> bool:

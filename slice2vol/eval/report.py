@@ -502,6 +502,10 @@ def _describe_fitted(fitted: Mapping | None) -> str:
         text += f" on {', '.join(map(str, labels))}"
     if scope:
         text += f" ({scope})"
+    collapsed = fitted.get("collapsed_folds")
+    if collapsed:
+        text += (f"; COLLAPSED in {len(collapsed)} fold(s) ({', '.join(map(str, collapsed[:3]))}"
+                 f"{', ...' if len(collapsed) > 3 else ''}): every subject the same embedding, scored at chance")
     return text
 
 

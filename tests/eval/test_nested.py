@@ -171,3 +171,33 @@ def test_a_read_only_store_is_aggregated_for_the_run_only(tmp_path, capsys):
     expected = np.stack([np.concatenate([b[p].features for p in b]).mean(0) for b in bags])
     aggregate_store(mine, "mean", plot=False)
     np.testing.assert_allclose(FeatureStore(mine).volume_embeddings("mean")[1], expected, rtol=1e-5)
+
+
+def test_a_fold_whose_fitted_model_collapsed_is_disclosed(noise, caplog):
+    """A trainable aggregator that maps every subject of a fold to one vector scores at chance there;
+    the set's disclosure and the report name the fold, so the chance row is not read as "no signal"."""
+    from types import SimpleNamespace
+
+    from slice2vol.eval.nested import FoldFittedAggregator
+    from slice2vol.eval.report import _describe_fitted
+
+    _, store = noise
+    ids = FeatureStore(store, mode="r").subjects()[:6]
+
+    class Collapsing(FoldFittedAggregator):
+        def fit_embed(self, train_ids, y_train, test_ids, kind, seed, label=None):
+            return np.ones((len(train_ids), 4), np.float32), np.ones((len(test_ids), 4), np.float32)
+
+    es = Collapsing("noise/mil", store, "mil", {"hidden": 8, "attn_dim": 4}, ids=ids)
+    frame = SimpleNamespace(ids=ids, y=np.arange(6) % 2, label="sex", kind="categorical")
+    fold = SimpleNamespace(train=ids[:4], test=ids[4:], repeat=0, fold=1)
+    with caplog.at_level("WARNING"):
+        es.fold_features(frame, fold)
+    assert es.fitted["collapsed_folds"] == ["sex repeat 0 fold 1"]
+    assert "gave all 6 subjects the same embedding" in caplog.text
+    assert "COLLAPSED in 1 fold(s) (sex repeat 0 fold 1)" in _describe_fitted(es.fitted)
+    # a fold whose embeddings differ is not noted; the real aggregator's inputs do differ
+    assert es.inputs_vary(ids)
+    ok = FoldFittedAggregator("noise/mil", store, "mil", {"hidden": 8, "attn_dim": 4, "epochs": 2}, ids=ids)
+    ok.fold_features(frame, fold)
+    assert "collapsed_folds" not in ok.fitted
