@@ -222,20 +222,35 @@ def _summarise(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _at_least(low: int):
+    """argparse type: a whole number >= ``low`` (0 subjects or 0 epochs failed deep in a job)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from slice2vol.commands._common import seed_type
+
     parser = argparse.ArgumentParser(prog="python -m slice2vol.eval.checks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="check", required=True)
     for name in ("noise-mil", "pooled-vs-fold-mean"):
         p = sub.add_parser(name)
         p.add_argument("--manifest", help="take subject IDs and labels from this manifest (else 48 synthetic)")
         p.add_argument("--label", default="sex")
-        p.add_argument("--n", type=int, default=48, help="synthetic subjects (without --manifest)")
-        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        p.add_argument("--n", type=_at_least(10), default=48, help="synthetic subjects (without --manifest)")
+        p.add_argument("--seeds", type=seed_type, nargs="+", default=[0, 1, 2])
         p.add_argument("--json", help="also write the rows to this JSON file")
         if name == "noise-mil":
-            p.add_argument("--epochs", type=int, default=40)
+            p.add_argument("--epochs", type=_at_least(1), default=40)
         else:
-            p.add_argument("--dim", type=int, default=64)
+            p.add_argument("--dim", type=_at_least(1), default=64)
     p = sub.add_parser("cosine")
     p.add_argument("--store", required=True)
     p.add_argument("--set", default="mean")

@@ -65,3 +65,16 @@ def test_cli_same_scans_on_the_ci_config(tmp_path, capsys):
 
     sets = json.loads((tmp_path / "m.json").read_text())["sets"]
     assert len(sets) == 2 and all(m["copy"] < 1e-3 < m["closest_distinct"] for m in sets.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["noise-mil", "--seeds", "-1"], "argument --seeds: must be from 0 to 2**32 - 1, got -1"),
+    (["noise-mil", "--n", "0"], "argument --n: must be >= 10, got 0"),
+    (["noise-mil", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["pooled-vs-fold-mean", "--dim", "zero"], "argument --dim: expected a whole number >= 1, got 'zero'"),
+])
+def test_check_options_out_of_range_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        checks.main(argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
