@@ -217,12 +217,13 @@ def evaluate(X: Any, y: Any, *, ids: Sequence[str] | None = None, kind: str | No
     """
     import pandas as pd
 
-    from slice2vol.eval.knn import KNNProbe
+    from slice2vol.eval.knn import KNNProbe, _check_ks
     from slice2vol.eval.linear import LinearConfig, LinearProbe
-    from slice2vol.eval.metrics import (CLASSIFICATION_METRICS, REGRESSION_METRICS, bootstrap_ci, mean_sd,
-                                        metric_fn, paired_test)
+    from slice2vol.eval.metrics import (CLASSIFICATION_METRICS, REGRESSION_METRICS, bootstrap_ci, check_level,
+                                        mean_sd, metric_fn, paired_test)
     from slice2vol.eval.splits import SplitConfig, make_splits
 
+    check_level(level)  # before the cross-validation, not after it
     sets = _as_sets(X)
     n = next(iter(sets.values())).shape[0]
     if isinstance(probes, str):  # "knn" or "knn,linear", not three one-letter probes
@@ -254,6 +255,14 @@ def evaluate(X: Any, y: Any, *, ids: Sequence[str] | None = None, kind: str | No
     group_values = None if groups is None else [g for g, k in zip(groups, keep) if k]
     splits = make_splits(kept_ids, yk, kind, groups=group_values,
                          cfg=SplitConfig(n_folds=n_folds, n_repeats=n_repeats, seed=seed))
+    # as the bench does: a k above the smallest training fold is clipped to it in every fold (clipping
+    # per fold would mix k=37 and k=38 in one row) and the row is named by the k actually used
+    smallest = min(len(f.train) for f in splits.folds)
+    ks = _check_ks(ks, temperature, "evaluate: ")
+    used_ks = list(dict.fromkeys(min(k, smallest) for k in ks))
+    if any(int(k) > smallest for k in ks):
+        log.warning("evaluate: k above the smallest training fold (%d subjects) clipped to it: %s", smallest,
+                    ", ".join(f"k={int(k)} -> k={min(int(k), smallest)}" for k in ks if int(k) > smallest))
     order = {s: i for i, s in enumerate(kept_ids)}
     rows_of = np.array([order[s] for s in splits.subject_ids])
     position = {s: i for i, s in enumerate(splits.subject_ids)}
@@ -288,7 +297,7 @@ def evaluate(X: Any, y: Any, *, ids: Sequence[str] | None = None, kind: str | No
             tr = np.array([position[s] for s in fold.train])
             te = np.array([position[s] for s in fold.test])
             if "knn" in probes:
-                knn = KNNProbe(ks, temperature, task).fit(x[tr], yk[tr])
+                knn = KNNProbe(used_ks, temperature, task).fit(x[tr], yk[tr])
                 for (k, vote), pred in knn.predict(x[te]).items():
                     if kind == "categorical":
                         pred = full_proba(pred, knn.classes_)
@@ -306,7 +315,7 @@ def evaluate(X: Any, y: Any, *, ids: Sequence[str] | None = None, kind: str | No
         raise ValueError(f"evaluate: reference {reference!r} is not one of {names}")
     primary_variants = set()
     if "knn" in probes:
-        primary_variants.add(("knn", f"k={int(ks[0])} weighted"))
+        primary_variants.add(("knn", f"k={used_ks[0]} weighted"))
     if "linear" in probes:
         primary_variants.add(("linear", "logistic" if kind == "categorical" else "ridge"))
     records = []

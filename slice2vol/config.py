@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 import re
 import types
 import typing
@@ -122,6 +124,35 @@ def from_dict(cls: type[C], data: dict, where: str = "") -> C:
         raise ConfigError(f"{where or cls.__name__}: missing key(s) {required}")
     kwargs = {k: _coerce(v, hints[k], f"{where or cls.__name__}.{k}") for k, v in data.items()}
     return cls(**kwargs)
+
+
+def check_whole(where: str, value: Any, low: int, *, none_ok: bool = False) -> None:
+    """Refuses ``value`` unless it is a whole number >= ``low`` (or None with ``none_ok``).
+
+    Raises:
+        ValueError: ``<where> must be a whole number >= <low>, got <value>``.
+    """
+    if value is None and none_ok:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        extra = " or null" if none_ok else ""
+        raise ValueError(f"{where} must be a whole number >= {low}{extra}, got {value!r}")
+
+
+def check_real(where: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+               high_open: bool = False) -> None:
+    """Refuses ``value`` unless it is a finite real number in the interval (bounds closed unless *_open).
+
+    Raises:
+        ValueError: ``<where> must be a number in [low, high], got <value>``.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok:
+        v = float(value)
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{where} must be a finite number in {interval}, got {value!r}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -197,3 +197,19 @@ def test_evaluate_takes_one_probe_as_a_string():
     X, y = _signal()
     table = s2v.evaluate(X, y, probes="knn", ks=(5,), n_folds=4, n_repeats=1, n_bootstrap=50)
     assert set(table.probe) == {"knn"}
+
+
+def test_evaluate_clips_k_to_the_smallest_training_fold_and_names_the_k_used(caplog):
+    """12 subjects in 4 folds train on 9: k=50 is the 9-NN in every fold, named k=9 (as the bench
+    does), and equals asking for k=9; a bad level or k is refused before any fitting."""
+    X, y = _signal(n=12)
+    with caplog.at_level("WARNING"):
+        big = s2v.evaluate(X, y, probes=["knn"], ks=(50,), n_folds=4, n_bootstrap=20)
+    assert set(big.variant) == {"k=9 weighted", "k=9 majority"}
+    assert "k=50 -> k=9" in caplog.text
+    nine = s2v.evaluate(X, y, probes=["knn"], ks=(9,), n_folds=4, n_bootstrap=20)
+    pd.testing.assert_frame_equal(big, nine)
+    with pytest.raises(ValueError, match=r"confidence level must be a number strictly between 0 and 1.*got 2\.0"):
+        s2v.evaluate(X, y, level=2.0)
+    with pytest.raises(ValueError, match=r"evaluate: ks must be whole numbers >= 1, got \[0\]"):
+        s2v.evaluate(X, y, ks=(0,))

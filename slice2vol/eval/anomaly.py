@@ -70,6 +70,25 @@ class PatchScorerConfig:
     subject_score: str = "max"
     bank_size: int | None = None
 
+    def __post_init__(self) -> None:
+        # checked here: per_subject=0 ended the run in an IndexError inside the coreset selection,
+        # after every set's dense features were extracted
+        from slice2vol.config import check_real, check_whole
+
+        where = "anomaly.scorer"
+        if not isinstance(self.levels, (list, tuple)) or not self.levels:
+            raise ValueError(f"{where}.levels must be a non-empty list of levels, got {self.levels!r}")
+        for name, low in (("pool", 1), ("dilate", 0), ("per_subject", 1), ("presample", 1), ("proj_dim", 0),
+                          ("k", 1)):
+            check_whole(f"{where}.{name}", getattr(self, name), low)
+        check_whole(f"{where}.bank_size", self.bank_size, 1, none_ok=True)
+        check_real(f"{where}.position_weight", self.position_weight, 0.0)
+        if self.position_frame not in ("brain", "mm"):
+            raise ValueError(f"{where}.position_frame must be brain or mm, got {self.position_frame!r}")
+        how = str(self.subject_score)
+        if not (how == "max" or (how.startswith("top:") and how[4:].isdigit() and int(how[4:]) >= 1)):
+            raise ValueError(f"{where}.subject_score must be 'max' or 'top:N' with N >= 1, got {self.subject_score!r}")
+
 
 @dataclass
 class AnomalyConfig:
@@ -107,6 +126,20 @@ class AnomalyConfig:
     controls: dict = field(default_factory=lambda: {"intensity": {"patch": 3, "stride": 4, "coords": False}})
     max_subjects: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from slice2vol.config import check_real, check_whole
+
+        check_real("anomaly.fpr", self.fpr, 0.0, 1.0, low_open=True, high_open=True)
+        check_whole("anomaly.min_lesion_voxels", self.min_lesion_voxels, 1)
+        check_whole("anomaly.n_folds", self.n_folds, 2)
+        check_whole("anomaly.max_subjects", self.max_subjects, 0, none_ok=True)  # 0: all
+        if not isinstance(self.variants, dict) or not self.variants:
+            raise ValueError(f"anomaly.variants must name at least one variant (name: {{overrides}}), "
+                             f"got {self.variants!r}")
+        if self.lesions.contrast[1] <= 0:
+            raise ValueError(f"anomaly.lesions.contrast must reach above 0 (lesions that change no voxel cannot "
+                             f"be detected), got {list(self.lesions.contrast)}")
 
 
 # -- patch-level anomaly scoring (PatchCore-style) ----------------------------------------------

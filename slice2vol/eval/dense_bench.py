@@ -231,6 +231,28 @@ class SegProbeSettings:
     balance: str = "sqrt"
     hd95: str = "primary"
 
+    def __post_init__(self) -> None:
+        # each failed only after every set's dense features were extracted (a primary variant that is
+        # not a variant ended the run as "error: multilayer")
+        from slice2vol.config import check_real, check_whole
+
+        where = "segmentation.probe"
+        if not isinstance(self.variants, dict) or not self.variants:
+            raise ValueError(f"{where}.variants must name at least one variant (name: [levels]), got {self.variants!r}")
+        for name, levels in self.variants.items():
+            if not isinstance(levels, (list, tuple)) or not levels:
+                raise ValueError(f"{where}.variants.{name} must be a non-empty list of levels, got {levels!r}")
+        if self.primary_variant not in self.variants:
+            raise ValueError(f"{where}.primary_variant {self.primary_variant!r} is not one of the variants "
+                             f"{list(self.variants)}")
+        for name, low in (("train_stride", 1), ("per_class", 1), ("max_train_values", 1), ("max_iter", 1)):
+            check_whole(f"{where}.{name}", getattr(self, name), low)
+        check_real(f"{where}.l2", self.l2, 0.0)
+        if self.balance not in ("none", "sqrt", "inverse"):
+            raise ValueError(f"{where}.balance must be none, sqrt or inverse, got {self.balance!r}")
+        if self.hd95 not in ("primary", "all", "none"):
+            raise ValueError(f"{where}.hd95 must be primary, all or none, got {self.hd95!r}")
+
 
 def segmentation_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable[[Any], Any],
                     lut: np.ndarray, n_classes: int, folds: Sequence[tuple[np.ndarray, np.ndarray]],

@@ -166,6 +166,15 @@ def simulate_lesions(volume, rng: np.random.Generator, cfg: LesionConfig | None 
         soft = soft * brain[box]
         data[(slice(None),) + box] *= 1 + sign * magnitude * soft[None]
         lesion[box] |= soft > 0.5
+    # both ends were found late as numpy errors or NaN AUROCs: no lesion voxel gives nothing to detect
+    # ("cannot reshape array of size 0"), a lesion filling the brain leaves no healthy voxel to compare
+    shown = "x".join(f"{v:.3g}" for v in spacing)
+    if not lesion.any():
+        raise ValueError(f"{volume.subject_id}: the simulated lesions (radius_mm {list(cfg.radius_mm)}) cover no "
+                         f"voxel of this {shown} mm grid; use radii of at least about one voxel")
+    if not (brain & ~lesion).any():
+        raise ValueError(f"{volume.subject_id}: the simulated lesions (radius_mm {list(cfg.radius_mm)}) cover the "
+                         "whole brain, leaving no healthy voxel to compare with; use smaller radii")
     np.clip(data, 0, 1, out=data)
     return dataclasses.replace(volume, data=data, maps={**volume.maps, "sim_lesion": lesion.astype(np.uint8)}), lesion
 

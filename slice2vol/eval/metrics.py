@@ -203,6 +203,17 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return out.tolist()
 
 
+def check_level(level: float) -> float:
+    """A confidence level strictly between 0 and 1 (0.95), refused in words otherwise."""
+    try:
+        ok = 0.0 < float(level) < 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"confidence level must be a number strictly between 0 and 1 (e.g. 0.95), got {level!r}")
+    return float(level)
+
+
 def _percentile_interval(stats: np.ndarray, level: float) -> tuple[float, float]:
     """(low, high) percentile interval of the finite values of ``stats``; NaN when there are none."""
     stats = np.asarray(stats, dtype=np.float64)
@@ -228,6 +239,7 @@ def bootstrap_ci(y_true: Sequence, preds: np.ndarray, fn: Callable, *, n_boot: i
     Returns:
         (point estimate on all subjects, lower, upper).
     """
+    check_level(level)
     y = np.asarray(y_true)
     preds = np.asarray(preds)
     n = len(y)
@@ -264,12 +276,17 @@ def paired_test(y_true: Sequence, preds_a: np.ndarray, preds_b: np.ndarray, fn: 
     a, b = np.asarray(preds_a), np.asarray(preds_b)
     if a.shape != b.shape:
         raise ValueError(f"paired predictions differ in shape: {a.shape} vs {b.shape}")
+    check_level(level)
     n = len(y)
     full = np.arange(n)
     rng = np.random.default_rng(seed)
+    if n == 0:  # nothing both encoders scored: no test (a permutation count would read as p = 1/(P+1))
+        return {"delta": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
     if isinstance(fn, Metric):
         return _paired_weighted(fn, y, a, b, rng, n_boot, n_perm, level, fold_of)
     delta = _over_repeats(fn, y, a, full, fold_of) - _over_repeats(fn, y, b, full, fold_of)
+    if not np.isfinite(delta):
+        return {"delta": float(delta), "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
     boots = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
@@ -296,6 +313,8 @@ def _paired_weighted(fn: Metric, y, a, b, rng, n_boot, n_perm, level, fold_of) -
     n = len(y)
     ones = np.ones((1, n))
     delta = float(_over_repeats_weighted(fn, y, a, ones, fold_of)[0] - _over_repeats_weighted(fn, y, b, ones, fold_of)[0])
+    if not np.isfinite(delta):  # undefined metric on one side: no test, not the smallest p there is
+        return {"delta": delta, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
     idx = _draws(rng, n, n_boot)
     boots = []
     for i in range(0, n_boot, _CHUNK):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -60,6 +61,22 @@ class SegConfig:
     controls: dict = field(default_factory=lambda: {"intensity": {"patch": 5, "stride": 1, "coords": True}})
     max_subjects: int | None = None
     epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        from slice2vol.config import check_whole
+
+        if not isinstance(self.structures, dict) or not self.structures:
+            # an empty map ran every encoder and then reported "every task was skipped" with no reason
+            raise ValueError(f"segmentation.structures must name at least one structure (name: [labels]), "
+                             f"got {self.structures!r}")
+        for name, labels in self.structures.items():
+            if (not isinstance(labels, (list, tuple)) or not labels
+                    or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in labels)):
+                # a negative label indexed the look-up table from its end (-1 meant label 255)
+                raise ValueError(f"segmentation.structures.{name} must be a non-empty list of label values "
+                                 f"(whole numbers >= 0), got {labels!r}")
+        check_whole("segmentation.n_folds", self.n_folds, 2)
+        check_whole("segmentation.max_subjects", self.max_subjects, 0, none_ok=True)  # 0: all
 
 
 def read_composite_mapping(path: str | Path) -> dict[int, list[int]]:

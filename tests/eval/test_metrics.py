@@ -141,3 +141,18 @@ def test_numpy_auc_equals_sklearn_with_many_ties():
         s = np.round(rng.random(30), 1)  # heavy ties
         if y.any() and not y.all():
             assert _binary_auc(y, s) == pytest.approx(skm.roc_auc_score(y, s))
+
+
+def test_paired_test_without_data_or_with_an_undefined_metric_is_no_test():
+    """No subject both sets scored (or a metric that is NaN for one set) gives p = NaN, not
+    1/(P+1) -- the smallest p the permutation test can give -- which a report read as significant."""
+    from slice2vol.eval.metrics import paired_test
+
+    mean = lambda y, p: float(np.mean(p))  # noqa: E731
+    empty = paired_test(np.zeros(0), np.zeros((1, 0)), np.zeros((1, 0)), mean, n_boot=20, n_perm=20)
+    assert all(np.isnan(empty[k]) for k in ("delta", "ci_low", "ci_high", "p_value"))
+    a = np.array([[np.nan, 1.0, 2.0]])
+    undefined = paired_test(np.zeros(3), a, np.ones((1, 3)), mean, n_boot=20, n_perm=20)
+    assert np.isnan(undefined["p_value"]) and np.isnan(undefined["ci_low"])
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        paired_test(np.zeros(3), np.ones((1, 3)), np.ones((1, 3)), mean, level=95)

@@ -87,6 +87,12 @@ def run_segmentation(ctx) -> dict:
     sets = [s for s in sets if s.name in results]
     variants = list(sc.probe.variants)
     primary = sc.probe.primary_variant
+    absent = absent_structures(results, names, primary)
+    for j in absent:  # Dice is NaN for every subject: no row, no paired test (a p of 1/(P+1) read as significant)
+        out["skipped"].append({"name": f"{SEG_TASK}: {names[j]}", "substitute": None,
+                               "reason": f"labels {structures[names[j]]} occur in no subject's segmentation"})
+        log.warning("segmentation: structure %s skipped: its labels %s occur in no subject's segmentation",
+                    names[j], structures[names[j]])
     for pset in sets:
         res = results[pset.name]
         for v in (variants if pset.kind != "control" else [primary]):
@@ -94,6 +100,8 @@ def run_segmentation(ctx) -> dict:
                 continue
             label_v = _variant_label(v, res[v], sc.features, pset)
             for j, structure in enumerate(names):
+                if j in absent:
+                    continue
                 out["rows"].append(_row(SEG_TASK, structure, pset.name, label_v, "dice", res[v]["dice"][:, j],
                                         fold_of, len(folds), cfg.n_bootstrap, cfg.seed))
                 hd = res[v]["hd95"][:, j]
@@ -104,6 +112,8 @@ def run_segmentation(ctx) -> dict:
     by_name = {s.name: s for s in sets}
     for a, b in comparison_pairs(sets, reference):
         for j, structure in enumerate(names):
+            if j in absent:
+                continue
             va, vb = results[a][primary]["dice"][:, j], results[b][primary]["dice"][:, j]
             out["paired"].append(_paired(SEG_TASK, structure, primary, "dice", a, b, va, vb, cfg.n_bootstrap,
                                          cfg.n_permutations, cfg.seed))
@@ -121,6 +131,14 @@ def run_segmentation(ctx) -> dict:
     }
     out["figures"] = _seg_figures(ctx, out, results, sets, names, primary)
     return out
+
+
+def absent_structures(results: dict, names: Sequence[str], primary: str) -> list[int]:
+    """Indices of structures whose Dice is NaN for every subject of every set (absent from every truth)."""
+    per_set = [res[primary]["dice"] for res in results.values() if primary in res]
+    if not per_set:
+        return []
+    return [j for j in range(len(names)) if not any(np.isfinite(d[:, j]).any() for d in per_set)]
 
 
 def _variant_label(v: str, res: dict, feat: DenseFeatureConfig, pset: ProbeSet) -> str:
@@ -148,7 +166,8 @@ def _seg_figures(ctx, out: dict, results: dict, sets: Sequence[ProbeSet], names:
     kinds = {s.name: s.kind for s in sets}
     rows = [r for r in out["rows"] if r["metric"] == "dice" and (r["variant"].startswith(primary))]
     try:
-        png, svg = probe_plots.grouped_bars(rows, Path(ctx.out) / "figures" / "segmentation_dice", groups=names,
+        scored = [n for n in names if any(r["label"] == n for r in rows)]  # absent structures have no rows
+        png, svg = probe_plots.grouped_bars(rows, Path(ctx.out) / "figures" / "segmentation_dice", groups=scored,
                                             sets=[s.name for s in sets], kinds=kinds, ylim=(0, 1), ylabel="Dice",
                                             title=f"Dense linear probe ({primary}): Dice per structure, "
                                                   "95% subject bootstrap CI")
