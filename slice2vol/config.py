@@ -151,8 +151,11 @@ def check_real(where: str, value: Any, low: float, high: float = math.inf, *, lo
         v = float(value)
         ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
-        raise ValueError(f"{where} must be a finite number in {interval}, got {value!r}")
+        if high == math.inf:
+            interval = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{where} must be a finite number {interval}, got {value!r}")
 
 
 def to_dict(cfg: Any) -> dict:

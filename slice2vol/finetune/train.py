@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from slice2vol.checkpoint_io import CheckpointError, load_state, read_json, read_safetensors, read_torch_state
-from slice2vol.config import to_dict
+from slice2vol.config import check_real, check_whole, to_dict
 from slice2vol.finetune.data import AugmentConfig, SliceBank, augment, standardise
 from slice2vol.finetune.lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_parameters, merge_lora
 from slice2vol.ssl.losses import nt_xent
@@ -49,6 +49,13 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    def __post_init__(self) -> None:
+        check_whole("lora.rank", self.rank, 1)
+        check_real("lora.alpha", self.alpha, 0.0, low_open=True)
+        check_real("lora.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        if not isinstance(self.targets, (list, tuple)) or not self.targets:
+            raise ValueError(f"lora.targets must be a non-empty list of module-name patterns, got {self.targets!r}")
 
 
 @dataclass
@@ -70,6 +77,13 @@ class FinetuneData:
     slice_size: int = 224
     slices_per_subject: int = 8
     train_ids: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.planes, (list, tuple)) or not self.planes:
+            raise ValueError(f"data.planes must name at least one plane, got {self.planes!r}")
+        for name, low in (("stride", 1), ("context", 1), ("slice_size", 1), ("slices_per_subject", 1)):
+            check_whole(f"data.{name}", getattr(self, name), low)
+        check_real("data.min_foreground", self.min_foreground, 0.0, 1.0)
 
 
 @dataclass
@@ -100,6 +114,16 @@ class FinetuneTrain:
     amp: bool = True
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
 
+    def __post_init__(self) -> None:
+        # none of these was checked: steps=0 wrote an untrained encoder, lr=-1 trained uphill
+        for name, low in (("steps", 1), ("batch_size", 1), ("proj_dim", 1), ("proj_hidden", 1), ("log_every", 1),
+                          ("checkpoint_every", 0), ("seed", 0)):
+            check_whole(f"train.{name}", getattr(self, name), low)
+        check_real("train.lr", self.lr, 0.0, low_open=True)
+        check_real("train.head_lr", self.head_lr, 0.0, low_open=True)
+        check_real("train.weight_decay", self.weight_decay, 0.0)
+        check_real("train.temperature", self.temperature, 0.0, low_open=True)
+
 
 @dataclass
 class FinetuneConfig:
@@ -116,6 +140,19 @@ class FinetuneConfig:
     data: FinetuneData = field(default_factory=FinetuneData)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: FinetuneTrain = field(default_factory=FinetuneTrain)
+
+    def __post_init__(self) -> None:
+        if self.objective == "simclr":
+            # NT-Xent needs another sample as its negatives: a batch of one gave loss 0 and wrote an
+            # untrained encoder; a label was silently ignored by the label-free objective
+            if self.train.batch_size < 2:
+                raise ValueError(f"train.batch_size must be >= 2 for the simclr objective (its negatives are the "
+                                 f"other slices of the batch), got {self.train.batch_size}")
+            if self.label:
+                raise ValueError(f"label {self.label!r} is not used by the simclr objective (label free): drop "
+                                 "--label, or train on it with --objective supervised")
+        if self.mode == "last_blocks":
+            check_whole("last_blocks", self.last_blocks, 1)
 
 
 # -- what trains --------------------------------------------------------------------------------
