@@ -282,6 +282,25 @@ def test_export_errors_name_the_problem(tmp_path, capsys):
     assert "no volume embeddings 'max'" in err and "mean" in err
     assert main(["export", "--store", str(store), "--embeddings", "mean", "--out", str(tmp_path / "x.txt")]) == 2
     assert "pass --to csv|parquet|npz" in capsys.readouterr().err
+    # a suffix naming another format than --to (a zip named .parquet), and a folder given as --out
+    assert main(["export", "--store", str(store), "--embeddings", "mean", "--out", str(tmp_path / "x.parquet"),
+                 "--to", "npz"]) == 2
+    assert "x.parquet: the suffix says parquet but --to is npz" in capsys.readouterr().err
+    assert main(["export", "--store", str(store), "--embeddings", "mean", "--out", str(tmp_path / "d") + "/",
+                 "--to", "csv"]) == 2
+    assert "--out ends in a folder separator" in capsys.readouterr().err
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--min-foreground", "2", "argument --min-foreground: must be a fraction from 0 to 1, got 2"),
+    ("--min-foreground", "nan", "argument --min-foreground: must be a fraction from 0 to 1, got nan"),
+    ("--stride", "0", "argument --stride: must be >= 1, got 0"),
+])
+def test_info_options_out_of_range_are_usage_errors(small_nifti, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["info", str(small_nifti), flag, value])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def _labelled_store(path):

@@ -92,9 +92,11 @@ def _label_columns(frame, taken: set[str], prefix: str = "", arrays: bool = Fals
 
 
 def _format_of(out: Path, to: str | None) -> str:
-    if to:
-        return to
     suffix = out.suffix.lower().lstrip(".")
+    if to:
+        if suffix in FORMATS and suffix != to:  # '--out a.parquet --to npz' wrote a zip named .parquet
+            raise ValueError(f"{out}: the suffix says {suffix} but --to is {to}; name the file .{to} or drop --to")
+        return to
     if suffix in FORMATS:
         return suffix
     raise ValueError(f"{out}: cannot tell the format from the suffix; pass --to csv|parquet|npz")
@@ -120,6 +122,9 @@ def export_embeddings(store_path: str | Path, name: str, out: str | Path, fmt: s
     """
     from slice2vol.cache import FeatureStore
 
+    if str(out).endswith(("/", os.sep)):  # Path() drops the separator: 'x/dir/' wrote a file named 'x/dir'
+        raise ValueError(f"{out}: --out ends in a folder separator; give a file name such as "
+                         f"{Path(out) / 'embeddings.csv'}")
     store_path, out = Path(store_path), Path(out)
     if not store_path.exists() and not store_path.with_name(store_path.name + ".parts").exists():
         raise FileNotFoundError(f"{store_path}: feature store not found")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slice2vol.commands._common import add_manifest, add_progress, progress_enabled
+from slice2vol.commands._common import add_manifest, add_progress, fraction_type, positive_int, progress_enabled
 
 HELP = "shape, spacing, orientation, obliquity, intensities, foreground and slices per plane of a volume or cohort"
 DESCRIPTION = __doc__
@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oblique", choices=["reslice", "snap", "refuse"], default="reslice",
                         help="oblique volumes: reslice onto the nearest RAS grid, snap to the nearest axes, "
                              "or refuse (as 'slice2vol cache --oblique')")
-    parser.add_argument("--stride", type=int, default=1, help="slice stride for the slice counts")
-    parser.add_argument("--min-foreground", type=float, default=0.05,
+    parser.add_argument("--stride", type=positive_int, default=1, help="slice stride for the slice counts")
+    parser.add_argument("--min-foreground", type=fraction_type, default=0.05,
                         help="skip slices with less foreground than this fraction")
     add_progress(parser)
 
