@@ -221,10 +221,16 @@ def _row(task: str, label: str, encoder: str, variant: str, metric: str, values:
     idx = np.flatnonzero(ok)
     boots = [agg(v[idx[rng.integers(0, len(idx), len(idx))]]) for _ in range(n_boot)] if len(idx) else []
     b = np.asarray([x for x in boots if not np.isnan(x)])
-    lo, hi = (float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))) if len(b) else (math.nan, math.nan)
+    # HD95 is inf for a structure a subject's prediction missed: interpolating between two infs gives
+    # NaN (inf - inf), so with infs the interval takes the nearest order statistics outward instead
+    bounded = not np.isinf(b).any()
+    lo, hi = ((float(np.quantile(b, 0.025, method="linear" if bounded else "lower")),
+               float(np.quantile(b, 0.975, method="linear" if bounded else "higher"))) if len(b)
+              else (math.nan, math.nan))
     folds = [float(agg(v[(fold_of == f) & ok])) for f in np.unique(fold_of) if ((fold_of == f) & ok).any()]
-    fm = float(np.mean(folds)) if folds else math.nan
-    fsd = float(np.std(folds, ddof=1)) if len(folds) > 1 else 0.0
+    with np.errstate(invalid="ignore"):  # inf fold values: the mean is inf and the sd undefined (NaN)
+        fm = float(np.mean(folds)) if folds else math.nan
+        fsd = float(np.std(folds, ddof=1)) if len(folds) > 1 else 0.0
     return {"task": task, "label": label, "encoder": encoder, "variant": variant, "metric": metric,
             "estimate": est, "estimate_kind": "pooled", "ci_low": lo, "ci_high": hi, "pooled": est,
             "pooled_ci_low": lo, "pooled_ci_high": hi, "fold_mean": fm, "fold_sd": fsd, "n_subjects": int(ok.sum()),

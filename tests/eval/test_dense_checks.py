@@ -67,3 +67,22 @@ def test_lesions_that_cover_no_voxel_or_the_whole_brain_are_named(radius, messag
     cfg = LesionConfig(n_lesions=(1, 1), radius_mm=radius, contrast=(0.5, 0.5), erode=0)
     with pytest.raises(ValueError, match=message):
         simulate_lesions(_ball(), np.random.default_rng(0), cfg)
+
+
+def test_an_hd95_row_with_missed_structures_keeps_a_bounded_lower_end_and_no_nan_upper_end(recwarn):
+    """HD95 is inf where a prediction missed the structure; the interval used to interpolate inf - inf
+    (NaN) and print numpy warnings. The nearest order statistics outward give (finite, inf)."""
+    from slice2vol.eval.dense_tasks import _row
+
+    v = np.array([3.0, 4.0, np.inf, np.inf, 5.0, np.inf, 2.0, np.inf])
+    fold_of = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    row = _row("segmentation", "gm", "enc", "linear", "hd95_mm", v, fold_of, 2, 200, 0, stat="median")
+    assert row["estimate"] == np.inf and row["ci_high"] == np.inf
+    assert np.isfinite(row["ci_low"]) and 2.0 <= row["ci_low"] <= 5.0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    # finite values keep numpy's default (linear) percentile interval
+    finite = np.array([3.0, 4.0, 6.0, 7.0, 5.0, 1.0, 2.0, 8.0])
+    rng = np.random.default_rng(0)
+    boots = [finite[rng.integers(0, 8, 8)].mean() for _ in range(200)]
+    row = _row("segmentation", "gm", "enc", "linear", "dice", finite, fold_of, 2, 200, 0)
+    assert (row["ci_low"], row["ci_high"]) == (np.quantile(boots, 0.025), np.quantile(boots, 0.975))
