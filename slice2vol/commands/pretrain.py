@@ -73,11 +73,12 @@ def run(args: argparse.Namespace) -> int:
                       progress=_common.progress_enabled(args), subject_ids=subject_ids)
     if rank != 0:
         return 0
-    failures = []
-    if result.checkpoint is not None:
-        import json
+    if result.checkpoint is None:
+        raise ValueError(f"{args.out}: no checkpoint was written (train.steps={cfg.train.steps}, "
+                         f"{result.step} step(s) done)")
+    import json
 
-        failures = json.loads((result.checkpoint / "meta.json").read_text()).get("failures", [])
+    failures = json.loads((result.checkpoint / "meta.json").read_text()).get("failures", [])
     for failure in failures:
         print(f"failed: {failure}")
     cost = result.cost or {}

@@ -7,10 +7,43 @@ volumes become training crops or slices, and the optimisation. It is stored insi
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from slice2vol.data.io import VolumeConfig
+
+#: the planes a 2D run can draw slices from (the keys of :data:`slice2vol.data.slicing.PLANES`)
+PLANE_NAMES = ("sagittal", "coronal", "axial")
+
+
+def _whole(key: str, value: Any, low: int) -> None:
+    """Refuses ``value`` unless it is a whole number >= ``low`` (ValueError naming the config key)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{key} must be a whole number >= {low}, got {value!r}")
+
+
+def _real(key: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
+    """Refuses ``value`` unless it is a finite number in [low, high] (``(low, high]`` with ``low_open``)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high == math.inf else ']'}"
+        raise ValueError(f"{key} must be a finite number in {interval}, got {value!r}")
+
+
+def _size(key: str, value: Any, n: int) -> None:
+    """Refuses ``value`` unless it is ``n`` whole numbers >= 1 (a crop, slice or volume grid)."""
+    ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == n and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in value)
+    if not ok:
+        raise ValueError(f"{key} must be {n} whole numbers >= 1, got {_plain(value)}")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass
@@ -26,6 +59,14 @@ class BackboneConfig:
 
     name: str = "cnn"
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raises ValueError (naming the ``backbone.*`` key) on a value no run can use."""
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"backbone.name must be a backbone name, got {self.name!r}")
 
 
 @dataclass
@@ -70,6 +111,31 @@ class DataConfig:
     cache_dir: str | None = None
     crops_per_subject: int = 1
     num_workers: int = -1
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raises ValueError (naming the ``data.*`` key and its value) on a value no run can use.
+
+        A crop larger than ``volume_size`` is allowed (the crop is zero-padded).
+        """
+        if self.volume_size is not None:
+            _size("data.volume_size", self.volume_size, 3)
+        _size("data.crop_size", self.crop_size, 3)
+        _size("data.slice_size", self.slice_size, 2)
+        planes = _plain(self.planes)
+        if isinstance(planes, str) or not isinstance(planes, list) or not planes:
+            raise ValueError(f"data.planes must be a non-empty list of {list(PLANE_NAMES)}, got {planes!r}")
+        unknown = [p for p in planes if p not in PLANE_NAMES]
+        if unknown:
+            raise ValueError(f"data.planes: unknown plane(s) {unknown}; known: {list(PLANE_NAMES)}")
+        _real("data.min_foreground", self.min_foreground, 0.0, 1.0)
+        _whole("data.max_subjects", self.max_subjects, 0)  # 0: all
+        if self.cache_dtype not in ("float32", "float16"):
+            raise ValueError(f"data.cache_dtype must be float32 or float16, got {self.cache_dtype!r}")
+        _whole("data.crops_per_subject", self.crops_per_subject, 1)
+        _whole("data.num_workers", self.num_workers, -1)  # -1: chosen per device
 
 
 @dataclass
@@ -123,6 +189,32 @@ class TrainConfig:
     count_flops: bool = True
     sync_batchnorm: bool = True
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raises ValueError (naming the ``train.*`` key and its value) on a value no run can use.
+
+        ``steps: 0`` is allowed: it writes the random initialisation as a checkpoint (a baseline).
+        """
+        _whole("train.steps", self.steps, 0)
+        for key in ("batch_size", "accumulate", "checkpoint_every", "log_every", "budget_probe_steps"):
+            _whole(f"train.{key}", getattr(self, key), 1)
+        for key in ("warmup_steps", "keep_every"):  # keep_every 0: no step_<N> copies
+            _whole(f"train.{key}", getattr(self, key), 0)
+        _whole("train.seed", self.seed, 0)
+        _real("train.lr", self.lr, 0.0, low_open=True)
+        _real("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        for key in ("weight_decay", "grad_clip", "budget_flops", "budget_device_hours"):  # 0: off
+            _real(f"train.{key}", getattr(self, key), 0.0)
+        if self.budget_flops and self.budget_device_hours:
+            raise ValueError(f"set train.budget_flops ({self.budget_flops:g}) or train.budget_device_hours "
+                             f"({self.budget_device_hours:g}), not both")
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"train.amp_dtype must be bfloat16 or float16, got {self.amp_dtype!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
 
 @dataclass
 class SSLConfig:
@@ -142,6 +234,25 @@ class SSLConfig:
     method_params: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raises ValueError naming the first bad key and its value (run again before training, so a
+        config changed after construction is checked too; no volume is read before this)."""
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"method must be an SSL method name, got {self.method!r}")
+        if self.spatial_dims not in (2, 3) or isinstance(self.spatial_dims, bool):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        _whole("in_channels", self.in_channels, 1)
+        for part in (self.backbone, self.data, self.train):
+            part.check()
+        per_subject = self.data.crops_per_subject
+        if self.train.batch_size % per_subject:
+            # a rank's micro-batch is a contiguous run of sample numbers: groups must not straddle two
+            raise ValueError(f"train.batch_size={self.train.batch_size} is not a whole number of groups of "
+                             f"data.crops_per_subject={per_subject}")
 
     @property
     def input_size(self) -> tuple[int, ...]:

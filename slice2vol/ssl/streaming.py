@@ -293,6 +293,12 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __init__(self, start_step: int, end_step: int, batch_size: int, accumulate: int = 1, rank: int = 0,
                  world_size: int = 1) -> None:
+        for name, value, low in (("batch_size", batch_size, 1), ("accumulate", accumulate, 1),
+                                 ("world_size", world_size, 1), ("rank", rank, 0)):
+            if value < low:  # accumulate 0 yielded nothing: a training loop waited for ever
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if rank >= world_size:
+            raise ValueError(f"rank {rank} is not below world_size {world_size}")
         self.start_step, self.end_step = start_step, end_step
         self.batch_size, self.accumulate, self.rank, self.world_size = batch_size, accumulate, rank, world_size
 

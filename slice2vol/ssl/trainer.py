@@ -355,10 +355,62 @@ def _seed_step(seed: int, step: int, micro: int, rank: int) -> None:
     torch.manual_seed(mix_seed(seed, step, micro, rank))
 
 
-def _resume_state(last: Path, extra_meta: dict | None) -> dict | None:
+#: config keys a resumed run may change: more steps (the point of resuming), where it runs, how often it
+#: logs and checkpoints, how samples are loaded (samples are keyed by number, not by loader), whether
+#: FLOPs are counted; anything else would train a different run under the old one's weights and state
+RESUME_FREE_KEYS = ("train.steps", "train.device", "train.log_every", "train.checkpoint_every",
+                    "train.keep_every", "train.count_flops", "train.deterministic", "data.num_workers",
+                    "data.cache_dir")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):  # an empty one adds no key: {} and unset are the same
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_changes(saved: dict, cfg: SSLConfig, free: Sequence[str] = RESUME_FREE_KEYS) -> list[str]:
+    """``"key old -> new"`` for every config key (but ``free`` ones) that differs from a checkpoint's.
+
+    ``saved`` is the ``config`` of a checkpoint's meta.json; keys it lacks (written by an older
+    version) take their defaults, so a key added since is no change unless this run sets it.
+    """
+    try:
+        saved = to_dict(from_dict(SSLConfig, saved))
+    except ValueError:  # a config this version refuses: compare what it says as it is
+        pass
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+
+    def show(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    missing = object()
+    return [f"{key} {show(old.get(key, '(unset)'))} -> {show(new.get(key, '(unset)'))}"
+            for key in sorted(set(old) | set(new), key=lambda k: (k != "method", k))
+            if key not in free and old.get(key, missing) != new.get(key, missing)]
+
+
+def _resume_state(last: Path, extra_meta: dict | None, cfg: SSLConfig | None = None) -> dict | None:
     if not (last / "train_state.pt").exists():
         return None
     meta = read_json(last / "meta.json")
+    if cfg is not None:
+        saved = meta.get("config") if isinstance(meta, dict) else None
+        if not isinstance(saved, dict):
+            log.warning("%s: meta.json stores no config (an older format): resuming without checking that "
+                        "the config is the same", last)
+        else:
+            changes = config_changes(saved, cfg)
+            if changes:
+                shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
+                raise ValueError(f"{last}: saved by a run with another config ({shown}); "
+                                 "use another --out or --no-resume")
     want = (extra_meta or {}).get("subjects_sha256")
     have = meta.get("subjects_sha256")
     if want and have and want != have:
@@ -395,6 +447,7 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
     from slice2vol.ssl.distributed import (all_reduce_max, all_reduce_mean, barrier, broadcast_object,
                                            configure_threads, init_distributed, unwrap)
 
+    cfg.check()  # a config changed after construction too (one line naming the key, before any work)
     tc = cfg.train
     out_dir = Path(out_dir)
     device_hint = resolve_device(tc.device).type
@@ -412,7 +465,7 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
         torch.use_deterministic_algorithms(True)
 
     last = out_dir / "last"
-    state = _resume_state(last, extra_meta) if resume else None
+    state = _resume_state(last, extra_meta, cfg) if resume else None
     step, history, wall_before, cpu_before = 0, [], 0.0, 0.0
     total = int(tc.steps)
     cost: dict | None = None
@@ -630,10 +683,16 @@ def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, res
             unknown IDs are an error. Recorded in ``meta.json`` (``subject_ids``), and a resumed run
             refuses a different subject set.
     """
-    from slice2vol.ssl import build_method
+    from slice2vol.ssl import METHODS, build_method
     from slice2vol.ssl.data import VolumeBank, make_dataset
     from slice2vol.ssl.distributed import barrier, cleanup, init_distributed
 
+    # refuse a bad config, an unknown method or one without these dims before any volume is read
+    cfg.check()
+    METHODS.get(cfg.method)
+    dims = METHODS.meta(cfg.method).get("dims", (2, 3))
+    if cfg.spatial_dims not in dims:
+        raise ValueError(f"{cfg.method}: spatial_dims={cfg.spatial_dims} not supported (supports {list(dims)})")
     env = init_distributed(resolve_device(cfg.train.device).type)
     try:
         if bank is None:
@@ -664,11 +723,6 @@ def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, res
             bank = bank.subset(list(subject_ids))
         if bank.in_channels != cfg.in_channels:
             raise ValueError(f"config in_channels={cfg.in_channels} but the volumes have {bank.in_channels} channel(s)")
-        per_subject = cfg.data.crops_per_subject
-        if per_subject < 1 or cfg.train.batch_size % per_subject:
-            # a rank's micro-batch is a contiguous run of sample numbers: groups must not straddle two
-            raise ValueError(f"train.batch_size={cfg.train.batch_size} is not a whole number of groups of "
-                             f"data.crops_per_subject={per_subject}")
         seed_everything(cfg.train.seed)
         model = build_method(cfg)
         dataset = make_dataset(bank, cfg.spatial_dims, cfg.data)
