@@ -67,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="whole head in one pass, or mean of sliding training-size windows")
     ssl.add_argument("--input-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                      help="network input (whole; default: the training volume_size) or window (sliding)")
-    ssl.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
-    ssl.add_argument("--batch-size", type=int, default=4, help="windows per pass (sliding; whole: one volume a pass)")
+    ssl.add_argument("--overlap", type=float, help="sliding-window overlap, in [0, 1) (default 0.5)")
+    ssl.add_argument("--batch-size", type=int, help="windows per pass (sliding; whole: one volume a pass; default 4)")
     add_overrides(parser)
 
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from slice2vol.config import load_config
     from slice2vol.data.manifest import load_manifest
     from slice2vol.encoders3d import Encoder3DConfig, embed_cohort3d
-    from slice2vol.encoders3d.embed import check_store_writable
+    from slice2vol.encoders3d.embed import check_cohort, check_store_writable
 
     overrides = overrides_of(args)
     if args.encoder:
@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.config and not args.encoder:
         raise ValueError("give --encoder KEY (see slice2vol embed --list) or --config FILE")
     ssl_only = [flag for flag, given in (("--input-size", args.input_size is not None),
-                                         ("--mode", args.mode != "whole")) if given]
+                                         ("--mode", args.mode != "whole"), ("--overlap", args.overlap is not None),
+                                         ("--batch-size", args.batch_size is not None)) if given]
     if ssl_only:  # they were ignored without a word for registered encoders
         raise ValueError(f"{', '.join(ssl_only)} apply to --checkpoint runs only; a registered encoder takes "
                          "kwargs.input_size=[X,Y,Z] and --sliding-window")
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or cfg.key
     check_store_writable(args.store, name)  # before loading weights and embedding for minutes
     cohort = load_manifest(args.manifest)
+    check_cohort(cohort)  # before loading weights
     encoder = cfg.build()
     report = embed_cohort3d(encoder, cohort, args.store, name, progress=progress_enabled(args),
                             sliding_window=cfg.sliding_window, replace=args.replace,
@@ -135,12 +137,18 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     from slice2vol.data.manifest import load_manifest
     from slice2vol.encoders3d import embed_cohort3d
     from slice2vol.encoders3d.embed import check_store_writable
-    from slice2vol.ssl.export import CheckpointEncoder3D, load_encoder
+    from slice2vol.ssl.export import CheckpointEncoder3D, check_options, load_encoder
 
     if args.encoder or args.config or overrides_of(args):
         raise ValueError("--checkpoint embeds an SSL run; --encoder/--config/KEY=VALUE are for registered encoders")
     if args.sliding_window:
         raise ValueError("--sliding-window is for registered encoders; an SSL checkpoint takes --mode sliding")
+    overlap = 0.5 if args.overlap is None else args.overlap
+    batch_size = 4 if args.batch_size is None else args.batch_size
+    try:  # refused once, before the checkpoint or any volume is read (each used to fail every subject)
+        check_options(args.input_size or (1, 1, 1), overlap, batch_size)
+    except ValueError as err:  # the message starts with the option's name: input_size, overlap, batch_size
+        raise ValueError("--" + str(err).replace("_", "-", 1)) from None
     device = resolve_device(args.device)
     model = load_encoder(args.checkpoint, device)
     meta = model.slice2vol_meta
@@ -156,7 +164,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
         size = tuple(cfg["data"]["volume_size"] or cfg["data"]["crop_size"])
     name = args.name or f"ssl3d/{meta['method']}"
     check_store_writable(args.store, name)  # before reading a volume
-    encoder = CheckpointEncoder3D(model, size, mode=args.mode, overlap=args.overlap, batch_size=args.batch_size)
+    encoder = CheckpointEncoder3D(model, size, mode=args.mode, overlap=overlap, batch_size=batch_size)
     cohort = load_manifest(args.manifest)
     report = embed_cohort3d(encoder, cohort, args.store, name, progress=progress_enabled(args), replace=args.replace,
                             provenance={"command": "slice2vol embed --checkpoint", "manifest": str(args.manifest),

@@ -237,6 +237,12 @@ class DeepBetEncoder(Encoder3D):
         x = torch.nan_to_num(raw.float())
         small = F.interpolate(x[None, None], self.small_shape, mode="nearest-exact")[0, 0]
         low, high = small.quantile(0.005), small.quantile(0.995)
+        if not high > low:  # normalize() would divide 0 by 0: NaN embeddings
+            lo, hi = float(x.amin()), float(x.amax())
+            if lo == hi:
+                raise ValueError(f"{self.info.key}: constant volume (all voxels = {lo:g}): nothing to embed")
+            raise ValueError(f"{self.info.key}: the 0.5% and 99.5% intensity quantiles are equal ({float(low):g}; "
+                             f"intensities {lo:g} to {hi:g}): almost every voxel has one value, nothing to embed")
         maps: dict[str, list[torch.Tensor]] = {}
         bbox_stages = self.nets["bbox"].stages(normalize(small, low, high)[None, None])
         maps["bbox"] = bbox_stages
@@ -300,7 +306,8 @@ def build_deepbet(weights: str | Path | None = "random", *, networks: Sequence[s
         networks: ``bbox`` (whole head, 128^3) and/or ``brain`` (brain box, 256^3), in this order.
         levels: pooled stages, indices into :meth:`DeepBetEncoder.feature_info` (default all).
         pooling: ``avg``, ``max`` or ``gem``.
-        small_shape, shape, threshold, bbox_margin: deepbet's ``run_model`` settings.
+        small_shape, shape, threshold, bbox_margin: deepbet's ``run_model`` settings (``threshold`` in
+            [0, 1), ``bbox_margin`` >= 0; checked here, not per volume).
         channel: the T1 channel of multi-modality volumes.
         seed: random-init seed.
     """
@@ -311,6 +318,7 @@ def build_deepbet(weights: str | Path | None = "random", *, networks: Sequence[s
         # the deepest stage is 1/32 of the input and instance norm needs more than one voxel there
         if len(size) != 3 or any(int(s) % 32 or int(s) < 32 for s in size) or max(size) < 64:
             raise ValueError(f"3d/deepbet: {name} {tuple(size)} must be three multiples of 32, one at least 64")
+    _check_options(pooling, threshold, bbox_margin, channel)
     kind, detail = parse_weights3d(weights)
     nets = {name: seeded(seed + i, DeepBetNet) for i, name in enumerate(NETWORKS)}
     shown, digest = "random", ""
@@ -358,6 +366,26 @@ def build_deepbet(weights: str | Path | None = "random", *, networks: Sequence[s
     encoder = DeepBetEncoder({n: nets[n] for n in NETWORKS if n in networks or n == "bbox"}, info, networks,
                              small_shape, shape, threshold, bbox_margin, channel)
     return encoder
+
+
+def _check_options(pooling: str, threshold: float, bbox_margin: float, channel: int | None) -> None:
+    """Refuses, when the encoder is built, the options that would fail (or find no brain) on every volume."""
+    if pooling not in ("avg", "max", "gem"):
+        raise ValueError(f"3d/deepbet: pooling must be avg, max or gem, got {pooling!r}")
+    for name, value, ok, want in (
+            ("threshold", threshold, lambda v: 0 <= v < 1, "a brain probability in [0, 1)"),
+            # a negative margin shrinks the box, to nothing at -0.5
+            ("bbox_margin", bbox_margin, lambda v: 0 <= v < float("inf"), "a fraction >= 0 of the box per side")):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(value, bool) or not ok(number):
+            raise ValueError(f"3d/deepbet: {name} must be {want}, got {value!r}")
+    chosen = [channel] if isinstance(channel, (int, np.integer)) else channel
+    if channel is not None and (not isinstance(chosen, (list, tuple)) or len(chosen) != 1 or any(
+            isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 for c in chosen)):
+        raise ValueError(f"3d/deepbet: channel must be the T1's channel index (>= 0) or null, got {channel!r}")
 
 
 def _version() -> str:

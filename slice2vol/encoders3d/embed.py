@@ -20,8 +20,10 @@ every ``commit_every`` subjects and once more before the final write in a side f
 ``<store>.<set>.partial.npz`` (plain arrays and a JSON string, no pickle), so a killed job, or one
 whose final write failed, resumes where it stopped when run again with the same encoder and options;
 a row whose input changed since is embedded again. The file is removed once the set is written. The
-store is checked up front (not locked by another writer, its folder and files writable), so a job
-that cannot write fails before it embeds anything.
+store is checked up front (not locked by another writer, its folder and files writable; a missing
+folder is created when the first rows are kept), so a job that cannot write fails before it embeds
+anything. So does a cohort the manifest checks left empty (:func:`check_cohort`) and sliding windows
+for an encoder that does not support them.
 """
 
 from __future__ import annotations
@@ -198,6 +200,8 @@ def _load_partial(path: Path, identity: str) -> dict[str, _Row]:
 
 def _save_partial(path: Path, identity: str, rows: Mapping[str, _Row]) -> None:
     ids = list(rows)
+    # the store's folder is made by the final write; the rows kept before it need it already
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, ids=np.asarray(ids, dtype=str), X=np.stack([rows[i].x for i in ids]).astype(np.float32),
              inputs=np.asarray(json.dumps({i: rows[i].inputs for i in ids})), identity=np.asarray(identity))
@@ -245,6 +249,19 @@ def check_store_writable(store_path: str | Path, set_name: str | None = None) ->
     if holder:
         raise StoreLocked(f"{store.path}: another process is writing this store ({holder}; lock {store.lock_path}); "
                           "wait for it to finish, or write to another --store")
+
+
+def check_cohort(cohort: Cohort) -> None:
+    """Fails when the manifest checks left no subject to embed, naming the first problem.
+
+    Raises:
+        ValueError: ``cohort.subjects`` is empty (one line: the manifest, how many rows were left out, the first).
+    """
+    if cohort.subjects:
+        return
+    first = f" (first: {cohort.failures[0]})" if cohort.failures else ""
+    raise ValueError(f"{cohort.source or 'cohort'}: no subject left to embed: {len(cohort.failures)} left out by "
+                     f"the manifest checks{first}")
 
 
 def _stored_set(store_path: Path, name: str, prov: Mapping[str, Any], replace: bool,
@@ -323,7 +340,9 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
         :class:`Embed3DReport`.
 
     Raises:
-        ValueError: no subject could be embedded (the store is left unchanged).
+        ValueError: no subject could be embedded (the store is left unchanged), the manifest checks left
+            none (:func:`check_cohort`), or sliding windows for an encoder that does not support them
+            (both before anything is read).
         StoreMismatch: the store holds the set made with other settings (and not ``replace``).
         StoreLocked, StoreError: the store cannot be written (checked before embedding).
     """
@@ -331,6 +350,11 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
     from slice2vol.progress import track
 
     window = SlidingWindow.parse(sliding_window)
+    if window is not None and not encoder.supports_sliding_window:
+        # refused once here, not once per subject inside the loop
+        raise ValueError(f"{encoder.info.key}: sliding windows are not supported (its preprocessing needs the whole "
+                         "volume); embed whole volumes (no --sliding-window / sliding_window: null)")
+    check_cohort(cohort)
     store_path = Path(store_path)
     check_store_writable(store_path, set_name)
     volume_cfg = volume_config or encoder.volume_config()
@@ -392,9 +416,10 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
             # the network overflowed on this volume's raw intensities (e.g. values near 1e30): name the file
             source = subject.images[next(iter(subject.images))] if subject.images else ""
             lo, hi = float(np.nanmin(volume.data)), float(np.nanmax(volume.data))
+            why = (f"constant volume (all voxels = {lo:g}): nothing to embed" if lo == hi else
+                   f"intensities {lo:.3g} to {hi:.3g} as given to {encoder.info.key}: rescale the image")
             report.failures.append(Failure(subject.subject_id, str(source), (
-                f"{source}: the embedding is not finite (NaN/Inf); intensities {lo:.3g} to {hi:.3g} as given to "
-                f"{encoder.info.key}: rescale the image")))
+                f"{source}: the embedding is not finite (NaN/Inf); {why}")))
             log.warning("%s: %s", subject.subject_id, report.failures[-1].message)
             continue
         load_s += t1 - t0
@@ -406,8 +431,9 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
             _save_partial(side, identity, fresh)
             since_commit = 0
     if not rows:
+        failures = list(cohort.failures) + list(report.failures)  # the manifest's left-out rows count too
         raise ValueError(f"{cohort.source or 'cohort'}: no subject could be embedded with {encoder.info.key} "
-                         f"({len(report.failures)} failures; first: {report.failures[0] if report.failures else '-'}); "
+                         f"({len(failures)} failures; first: {failures[0] if failures else '-'}); "
                          f"{store_path} is left unchanged")
     failed = {f.subject_id for f in report.failures} | {f.subject_id for f in cohort.failures}
     for sid in stored:

@@ -26,7 +26,7 @@ import torch
 from slice2vol.config import to_dict
 from slice2vol.data.io import Volume, VolumeConfig
 from slice2vol.data.manifest import Cohort, Failure, load_subject
-from slice2vol.encoders3d.base import Encoder3D, Encoder3DInfo
+from slice2vol.encoders3d.base import Encoder3D, Encoder3DInfo, SlidingWindow
 from slice2vol.ssl.data import fit_to_grid, prepare_volume
 from slice2vol.ssl.trainer import check_checkpoint, list_checkpoints, load_checkpoint
 
@@ -66,6 +66,8 @@ class ExportReport:
 
 def windows(shape: Sequence[int], size: Sequence[int], overlap: float = 0.5) -> list[tuple[slice, ...]]:
     """Window boxes of ``size`` covering ``shape`` (last window flush with the end), stride ``size * (1 - overlap)``."""
+    if not 0 <= overlap < 1:  # negative leaves voxels uncovered; 1 gives a window per voxel
+        raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap!r}")
     axes = []
     for n, s in zip(shape, size):
         if s >= n:
@@ -112,6 +114,23 @@ def embed_volume(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor
         crops = torch.stack([image[(slice(None), *b)] for b in boxes[start:start + batch_size]]).float()
         feats.append(model(crops.to(device)).float().cpu())
     return torch.cat(feats).mean(0)
+
+
+def check_options(input_size: Sequence[int], overlap: float, batch_size: int) -> None:
+    """Refuses an input/window size below 1 voxel, an overlap outside [0, 1) or a batch size below 1, once,
+    before any volume is read (with :class:`SlidingWindow`'s checks, under this module's option names).
+
+    Raises:
+        ValueError: one line naming the option (``input_size``, ``overlap``, ``batch_size``).
+    """
+    try:
+        SlidingWindow(roi_size=tuple(input_size), overlap=overlap, sw_batch_size=batch_size)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        for theirs, ours in (("sliding_window.roi_size must be 3 window sizes", "input_size must be 3 sizes"),
+                             ("sliding_window.overlap", "overlap"), ("sliding_window.sw_batch_size", "batch_size")):
+            message = message.replace(theirs, ours)
+        raise ValueError(message) from None
 
 
 def _settings(model: torch.nn.Module, name: str, mode: str, volume_cfg: VolumeConfig | None,
@@ -162,6 +181,7 @@ class CheckpointEncoder3D(Encoder3D):
                  volume_cfg: VolumeConfig | None = None, volume_size: Sequence[int] | None = None,
                  name: str | None = None) -> None:
         super().__init__()
+        check_options(input_size, overlap, batch_size)
         meta = getattr(model, "slice2vol_meta", {}) or {}
         key = meta.get("key", type(model).__name__)
         self._volume_cfg, self.volume_size, size = _settings(model, name or key, mode, volume_cfg, volume_size,

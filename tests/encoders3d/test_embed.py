@@ -68,10 +68,11 @@ def test_a_broken_subject_is_recorded_and_the_others_written(head_manifest, tmp_
 
 
 def test_nothing_embeddable_raises_and_writes_nothing(head_manifest, tmp_path):
-    for i in range(4):
-        (head_manifest.parent / "nii" / f"s{i}.nii.gz").write_bytes(b"x")
+    for i in range(4):  # distinct bytes: identical files would be left out by the manifest checks already
+        (head_manifest.parent / "nii" / f"s{i}.nii.gz").write_bytes(b"x%d" % i)
     enc = build_encoder3d("3d/monai_resnet10", **KW)
-    with pytest.raises(ValueError, match="no subject could be embedded"):
+    with pytest.raises(ValueError, match=r"no subject could be embedded with 3d/monai_resnet10 \(4 failures; "
+                                         r"first: s0: "):
         embed_cohort3d(enc, load_manifest(head_manifest), tmp_path / "f.h5", "x", progress=False)
     assert not FeatureStore(tmp_path / "f.h5").exists()
 
