@@ -480,7 +480,12 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
         cost = meta.get("compute")
         if (out_dir / "metrics.json").exists():
             history = [r for r in read_json(out_dir / "metrics.json") if r["step"] <= step]
-        log.info("resuming %s from step %d of %d", out_dir, step, total)
+        if step > total:  # the checkpoint is not cut back: it stays the run of `step` steps it is
+            log.warning("%s: the checkpoint has trained %d steps, more than train.steps=%d; nothing to train, "
+                        "the %d-step checkpoint is kept (use another --out or --no-resume for a %d-step run)",
+                        out_dir, step, total, step, total)
+        else:
+            log.info("resuming %s from step %d of %d", out_dir, step, total)
 
     micro = tc.batch_size
     global_batch = micro * tc.accumulate * env.world_size

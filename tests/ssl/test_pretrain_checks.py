@@ -124,6 +124,12 @@ def test_resume_with_another_config_is_refused_and_more_steps_resume(pretrain_ar
     assert "stores no config" in caplog.text
     assert json.loads((last / "meta.json").read_text())["step"] == 4
 
+    # fewer steps than the checkpoint has: said, and the checkpoint stays the 4-step one
+    caplog.clear()
+    assert main(run + ["--steps", "2"]) == 0
+    assert "the checkpoint has trained 4 steps, more than train.steps=2" in caplog.text
+    assert json.loads((last / "meta.json").read_text())["step"] == 4
+
     # --no-resume starts again with the new config
     assert main(run + ["--method", "genesis", "--no-resume"]) == 0
     meta = json.loads((last / "meta.json").read_text())
