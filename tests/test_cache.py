@@ -831,3 +831,50 @@ def test_set_names_hdf5_or_a_listing_cannot_hold_are_refused_in_one_line(tmp_pat
         writer.volume_embeddings(name)
     writer.write_volume_embeddings(".hidden", ["s0"], np.ones((1, 2)))  # a dot is fine elsewhere
     assert FeatureStore(tmp_path / "n.h5").volume_embedding_names() == [".hidden"]
+
+
+@pytest.mark.parametrize("dataset, row, value", [
+    ("indices", 3, -1),           # s1's first slice index 0 -> -1: still increasing, only the checksum sees it
+    ("positions", 8, [2, 0, 9]),  # one slice centre of s2 moved
+])
+def test_damaged_slice_indices_or_positions_fail_the_bulk_read(tmp_path: Path, dataset, row, value) -> None:
+    from slice2vol.cache import StoreCorrupt
+
+    path = tmp_path / "meta.h5"
+    write_store(path, ids=range(4))  # axial rows: s0 0:3, s1 3:7, s2 7:12, s3 12:18
+    with h5py.File(path, "r+") as f:
+        f[f"planes/axial/{dataset}"][row] = value
+    victim = "s1" if row < 7 else "s2"
+    with FeatureStore(path) as store:
+        features, _ = store.load_packed(store.subjects(), "axial")  # the features are intact
+        assert features.shape == (18, 8)
+        with pytest.raises(StoreCorrupt, match=rf"meta\.h5: subject '{victim}' axial slice indices/positions fail "
+                                               "their checksum"):
+            store.load_packed(store.subjects(), "axial", meta=True)
+        with pytest.raises(StoreCorrupt, match=f"'{victim}'"):
+            store.slice_meta(victim, "axial")
+        assert store.verify().damaged_subjects == [victim]
+
+
+def test_verify_catches_slice_indices_out_of_order_even_with_a_matching_checksum(tmp_path: Path) -> None:
+    """Two slices of s2 swapped and its checksum rewritten to match (a shifted offset in a store
+    without checksums looks the same): the indices no longer increase, and verify names the subject."""
+    from slice2vol.cache import block_sha256
+
+    path = tmp_path / "order.h5"
+    write_store(path, ids=range(4))
+    with h5py.File(path, "r+") as f:
+        group = f["planes/axial"]
+        ids = [s.decode() if isinstance(s, bytes) else s for s in group["ids"][()]]
+        i = ids.index("s2")
+        a, b = group["offsets"][i], group["offsets"][i + 1]
+        indices = group["indices"][a:b]
+        assert indices.tolist() == [0, 2, 4, 6, 8]
+        indices[[1, 2]] = indices[[2, 1]]
+        group["indices"][a:b] = indices
+        group["meta_checksums"][i] = block_sha256(indices, group["positions"][a:b])
+    with FeatureStore(path) as store:
+        np.testing.assert_array_equal(store.slice_meta("s2", "axial")["indices"], [0, 4, 2, 6, 8])  # checksum ok
+        report = store.verify()
+    assert report.damaged_subjects == ["s2"]
+    assert report.damaged[0][:2] == ("s2", "axial") and "slice indices do not increase" in report.damaged[0][2]

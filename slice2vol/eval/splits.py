@@ -16,6 +16,7 @@ import json
 import logging
 import numbers
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -117,11 +118,16 @@ class SubjectSplits:
                 overlap = set(f.train) & set(f.test)
                 if overlap:
                     raise SplitError(f"repeat {r} fold {f.fold}: subject(s) in train and test: {sorted(overlap)[:3]}")
-                if set(f.train) | set(f.test) != universe:
-                    raise SplitError(f"repeat {r} fold {f.fold}: does not cover the subjects")
+                covered = set(f.train) | set(f.test)
+                if covered != universe:
+                    raise SplitError(f"repeat {r} fold {f.fold}: does not cover the subjects (missing: "
+                                     f"{sorted(universe - covered)[:3]}, unknown: {sorted(covered - universe)[:3]})")
                 seen += f.test
             if sorted(seen) != sorted(universe):
-                raise SplitError(f"repeat {r}: test folds do not partition the subjects")
+                untested = sorted(universe - set(seen))
+                twice = sorted(s for s, c in Counter(seen).items() if c > 1)
+                raise SplitError(f"repeat {r}: test folds do not partition the subjects (never tested: "
+                                 f"{untested[:3]}, tested more than once: {twice[:3]})")
 
     def to_dict(self) -> dict:
         return {"subject_ids": list(self.subject_ids), "meta": self.meta,

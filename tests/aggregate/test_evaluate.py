@@ -98,3 +98,49 @@ def test_classification_cv_works_with_as_few_subjects_per_class_as_folds(per_cla
     bags = [{"axial": rng.normal(0, 1, (4, 3)) + (label == "B") * 2.0} for label in y]
     res = cross_validate_aggregator(bags, y, "mean", folds=folds, seed=0)
     assert len(res.folds) == folds and np.isfinite(res.predictions).all() and res.predictor == "probe"
+
+
+def _probe_reference(x_train, y_train, x_test, seed):
+    """The documented probe by hand: standardise on the training fold, choose C on its 3 stratified inner
+    folds by the mean held-out log-loss (scikit-learn's ``log_loss``; first C of the grid on a tie), refit."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_train)
+    xs = scaler.transform(x_train)
+    inner = list(StratifiedKFold(3, shuffle=True, random_state=seed).split(xs, y_train))
+    grid = np.logspace(-4, 2, 7)
+    loss = [np.mean([metrics.log_loss(y_train[va], LogisticRegression(C=c, max_iter=5000).fit(xs[tr], y_train[tr])
+                                      .predict_proba(xs[va]), labels=[0, 1]) for tr, va in inner]) for c in grid]
+    best = grid[int(np.argmin(loss))]
+    return LogisticRegression(C=best, max_iter=5000).fit(xs, y_train).predict_proba(scaler.transform(x_test))[:, 1]
+
+
+def test_probe_chooses_c_by_inner_log_loss_like_scikit_learn_by_hand():
+    """Out-of-fold probabilities of a parameter-free aggregator equal a hand-written probe whose C minimises
+    the inner log-loss (accuracy, with its ties, picks other Cs here)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(3)
+    n = 36
+    y = np.arange(n) % 2
+    bags = [{"axial": rng.normal(0, 1, (5, 4)) + np.array([0.6 * label, 0, 0, 0])} for label in y]
+    pooled = np.stack([b["axial"].mean(0) for b in bags])
+    np.testing.assert_allclose(build_aggregator("mean").fit(bags).transform(bags), pooled, rtol=1e-6)
+    res = cross_validate_aggregator(bags, y, "mean", folds=3, seed=0)
+    assert res.predictor == "probe"
+    expected = np.full(n, np.nan)
+    outer = StratifiedKFold(3, shuffle=True, random_state=0).split(np.zeros(n), y)  # scikit-learn's, not subject_folds
+    for train, test in outer:
+        expected[test] = _probe_reference(pooled[train], y[train], pooled[test], seed=0)
+    np.testing.assert_allclose(res.predictions, expected, atol=1e-5)
+
+
+def test_summary_is_the_fold_mean_and_sample_sd():
+    from slice2vol.aggregate.evaluate import CVResult
+
+    res = CVResult("mean", {}, "classification", "probe", folds=[{"auc": 0.6}, {"auc": 0.8}, {"auc": 0.7}])
+    # deviations -0.1, 0.1, 0: sum of squares 0.02 over n - 1 = 2 -> sd 0.1 (not sqrt(0.02 / 3) = 0.0816)
+    assert res.summary()["auc"] == pytest.approx((0.7, 0.1))
+    assert CVResult("mean", {}, "classification", "probe", folds=[{"auc": 0.6}]).summary()["auc"] == (0.6, 0.0)

@@ -27,8 +27,12 @@ def data(n=60, d=20, seed=0):
 def test_refit_equals_sklearn_pipeline_with_chosen_c():
     x, y = data()
     probe = LinearProbe("classification", LinearConfig(Cs=(0.001, 0.1, 10.0))).fit(x[:40], y[:40])
-    assert probe.best_param_ in (0.001, 0.1, 10.0) and set(probe.sweep_) == {0.001, 0.1, 10.0}
-    ref = make_pipeline(StandardScaler(), LogisticRegression(C=probe.best_param_, max_iter=2000)).fit(x[:40], y[:40])
+    assert set(probe.sweep_) == {0.001, 0.1, 10.0}
+    # the C scikit-learn's own cross-validation picks (same inner folds, neg_log_loss), not the probe's
+    reference = _sklearn_sweep("classification", x[:40], y[:40], (0.001, 0.1, 10.0))
+    c_best = max(reference, key=reference.get)
+    assert probe.best_param_ == c_best
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=c_best, max_iter=2000)).fit(x[:40], y[:40])
     np.testing.assert_allclose(probe.predict_proba(x[40:]), ref.predict_proba(x[40:]), atol=1e-4)
     # standardisation statistics are the training fold's own
     np.testing.assert_allclose(probe.scaler_.mean_, x[:40].mean(0))
@@ -174,3 +178,68 @@ def test_a_config_the_probe_cannot_honour_is_refused_when_built(kwargs, message)
 def test_the_smallest_valid_linear_config_is_accepted():
     cfg = LinearConfig(Cs=(1e-3,), alphas=(1,), inner_folds=2, max_iter=1)
     assert cfg.Cs == (1e-3,) and cfg.inner_folds == 2
+
+
+# -- the penalty sweep against scikit-learn's own cross-validation --------------------------------
+def _sklearn_sweep(task, x, y, grid, seed=0, folds=3):
+    """Mean inner-validation score of every penalty by scikit-learn alone: the probe's documented inner
+    split (stratified / plain shuffled K-fold, ``random_state=seed``, 3 folds by default) and scorer
+    (mean log-likelihood = ``neg_log_loss``; negated MSE)."""
+    from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score
+
+    if task == "classification":
+        cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        make, scoring = (lambda c: LogisticRegression(C=c, max_iter=LinearConfig().max_iter)), "neg_log_loss"
+    else:
+        cv = KFold(folds, shuffle=True, random_state=seed)
+        make, scoring = (lambda a: Ridge(alpha=a)), "neg_mean_squared_error"
+    return {p: float(cross_val_score(make_pipeline(StandardScaler(), make(p)), x, y, cv=cv, scoring=scoring).mean())
+            for p in grid}
+
+
+def _ridge_data():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(80, 10))
+    return x, x @ rng.normal(size=10) + 0.1 * rng.normal(size=80)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_sweep_scores_and_choice_equal_scikit_learn_cross_validation(task):
+    """Every sweep score is the mean validation score of a StandardScaler + model pipeline on the inner
+    folds (scaler fitted on the inner-training rows only, scored on the validation rows, 3 folds by
+    default), and the chosen penalty is the sweep's best: the worst one was taken unnoticed before."""
+    if task == "classification":
+        x, y = data()
+        x, y = x[:40], y[:40]
+        cfg = LinearConfig(Cs=(0.001, 0.01, 0.1, 1.0, 10.0))
+        grid = cfg.Cs
+    else:
+        x, y = _ridge_data()
+        x, y = x[:60], y[:60]
+        cfg = LinearConfig()
+        grid = cfg.alphas
+    assert cfg.inner_folds == 3  # the default, not passed: the reference spells its own 3 folds
+    probe = LinearProbe(task, cfg).fit(x, y)
+    reference = _sklearn_sweep(task, x, y, grid)
+    assert set(probe.sweep_) == set(reference)
+    np.testing.assert_allclose([probe.sweep_[p] for p in grid], [reference[p] for p in grid], rtol=1e-7)
+    best = max(grid, key=lambda p: reference[p])
+    assert probe.best_param_ == best
+    # a clear winner: the choice is not decided by float noise
+    second = sorted(reference.values())[-2]
+    assert reference[best] - second > 1e-5
+
+
+@pytest.mark.parametrize("task, grid, expected", [
+    ("classification", (1.0, 0.01, 100.0), 0.01),     # a tie goes to the strongest penalty: smallest C
+    ("regression", (1.0, 100.0, 0.01), 100.0),        # ... largest alpha
+])
+def test_a_tie_in_the_sweep_goes_to_the_strongest_penalty(task, grid, expected):
+    """Constant features: every penalty fits the intercept alone, so all sweep scores are equal."""
+    rng = np.random.default_rng(0)
+    x = np.zeros((24, 3))
+    y = np.tile([0, 1], 12) if task == "classification" else rng.normal(size=24)
+    cfg = LinearConfig(Cs=grid) if task == "classification" else LinearConfig(alphas=grid)
+    probe = LinearProbe(task, cfg).fit(x, y)
+    assert len(probe.sweep_) == 3 and len(set(probe.sweep_.values())) == 1
+    assert probe.best_param_ == expected

@@ -156,3 +156,39 @@ def test_paired_test_without_data_or_with_an_undefined_metric_is_no_test():
     assert np.isnan(undefined["p_value"]) and np.isnan(undefined["ci_low"])
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         paired_test(np.zeros(3), np.ones((1, 3)), np.ones((1, 3)), mean, level=95)
+
+
+def test_bootstrap_interval_is_the_2_5_and_97_5_percentile_of_hand_drawn_resamples():
+    """Same seed, same draws (one ``rng.integers(0, n, n)`` per resample, in order), metric by numpy on
+    the drawn subjects, interval by np.quantile at 2.5 % and 97.5 %: a 90 % interval passed before."""
+    rng = np.random.default_rng(11)
+    y = rng.normal(size=50)
+    preds = (y + rng.normal(0, 0.5, 50) * rng.uniform(0.2, 3, 50))[None]  # heavy-tailed errors
+    point, lo, hi = bootstrap_ci(y, preds, metric_fn("mae", "continuous"), n_boot=400, seed=7)
+    draws = np.random.default_rng(7)
+    stats = []
+    for _ in range(400):
+        idx = draws.integers(0, 50, 50)
+        stats.append(np.mean(np.abs(preds[0][idx] - y[idx])))
+    assert point == pytest.approx(np.mean(np.abs(preds[0] - y)))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(stats, [0.025, 0.975])), rel=1e-9)
+    # and the level is honoured: 80 % -> 10 % and 90 %
+    _, lo80, hi80 = bootstrap_ci(y, preds, metric_fn("mae", "continuous"), n_boot=400, seed=7, level=0.8)
+    assert (lo80, hi80) == pytest.approx(tuple(np.quantile(stats, [0.1, 0.9])), rel=1e-9)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_permutation_p_value_counts_the_observed_split(batched):
+    """p = (1 + #permutations at least as extreme) / (1 + P): identical encoders give 1; a perfect
+    encoder against one that is always wrong on 40 subjects (only the all-or-nothing swaps, chance
+    2 / 2**40, are as extreme) gives exactly 1 / (1 + P), never 0."""
+    y = np.array([0, 1] * 20)
+    perfect = np.eye(2)[y][None]
+    wrong = np.eye(2)[1 - y][None]
+    fn = metric_fn("accuracy", "categorical", [0, 1])
+    if not batched:  # any callable: the one-call-per-draw loop
+        fn = lambda yy, p: float(np.mean(np.argmax(p, 1) == yy))  # noqa: E731
+    res = paired_test(y, perfect, wrong, fn, n_boot=20, n_perm=99, seed=0)
+    assert res["delta"] == 1.0 and res["p_value"] == pytest.approx(1 / 100)
+    same = paired_test(y, perfect, perfect.copy(), fn, n_boot=20, n_perm=99, seed=0)
+    assert same["p_value"] == 1.0

@@ -202,3 +202,68 @@ def test_a_seed_numpy_cannot_take_is_refused_naming_the_key(kwargs, message):
 def test_the_largest_seed_makes_splits():
     splits = make_splits(IDS[:10], None, cfg=SplitConfig(n_folds=2, seed=2**32 - 1))
     assert len(splits.folds) == 2
+
+
+def _tampered(tmp_path, edit):
+    """A saved split file edited by hand (``edit(data)``), loaded again."""
+    splits = make_splits(IDS[:12], np.array(["F", "M"] * 6), "categorical", cfg=SplitConfig(n_folds=3, n_repeats=2))
+    path = splits.save(tmp_path / "split.json")
+    data = json.loads(path.read_text())
+    edit(data["folds"])
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_subject_in_train_and_test_of_a_saved_fold_is_refused_by_name(tmp_path):
+    holder = {}
+
+    def leak(folds):
+        fold = folds[4]  # repeat 1, fold 1
+        holder["s"] = fold["test"][0]
+        fold["train"].append(holder["s"])
+
+    path = _tampered(tmp_path, leak)
+    with pytest.raises(SplitError, match=rf"repeat 1 fold 1: subject\(s\) in train and test: \['{holder['s']}'\]"):
+        SubjectSplits.load(path)
+
+
+def test_a_subject_no_saved_fold_tests_is_refused_by_name(tmp_path):
+    """Moved from the test to the training part of its fold: every fold still covers every subject
+    and none straddles, but the subject is never scored."""
+    holder = {}
+
+    def untest(folds):
+        fold = folds[1]  # repeat 0, fold 1
+        holder["s"] = fold["test"].pop(0)
+        fold["train"].append(holder["s"])
+
+    path = _tampered(tmp_path, untest)
+    with pytest.raises(SplitError, match=rf"repeat 0: test folds do not partition .*never tested: \['{holder['s']}'\]"):
+        SubjectSplits.load(path)
+
+
+def test_a_subject_missing_from_a_saved_fold_is_refused_by_name(tmp_path):
+    holder = {}
+
+    def drop(folds):
+        holder["s"] = folds[2]["train"].pop()
+
+    path = _tampered(tmp_path, drop)
+    missing = rf"repeat 0 fold 2: does not cover the subjects \(missing: \['{holder['s']}'\]"
+    with pytest.raises(SplitError, match=missing):
+        SubjectSplits.load(path)
+
+
+def test_continuous_targets_are_stratified_by_quantile_bins():
+    """12 subjects, values 0..11 in shuffled order, 3 bins: edges at the 1/3 and 2/3 quantiles (3.67, 7.33)
+    give bins {0..3}, {4..7}, {8..11}, four subjects each; with 4 folds every test fold holds exactly one
+    subject of each bin, in every repeat."""
+    from slice2vol.eval.splits import stratification_labels
+
+    values = np.random.default_rng(0).permutation(12).astype(float)
+    np.testing.assert_array_equal(stratification_labels(values, "continuous", 3), values.astype(int) // 4)
+    ids = [f"s{i:02d}" for i in range(12)]
+    splits = make_splits(ids, values, "continuous", cfg=SplitConfig(n_folds=4, n_repeats=3, n_bins=3))
+    bin_of = dict(zip(ids, values.astype(int) // 4))
+    for fold in splits.folds:
+        assert sorted(bin_of[s] for s in fold.test) == [0, 1, 2], (fold.repeat, fold.fold)
