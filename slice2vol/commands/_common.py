@@ -95,28 +95,6 @@ def seed_type(text: str) -> int:
     return value
 
 
-def fraction_type(text: str) -> float:
-    """argparse type of a fraction such as ``--min-foreground``: a number from 0 to 1."""
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be a fraction from 0 to 1, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count or stride: a whole number >= 1."""
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_seed(parser: argparse.ArgumentParser, default: int | None = 0) -> None:
     parser.add_argument("--seed", type=seed_type, default=default, help="random seed (0 to 2**32 - 1)")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slice2vol.commands._common import add_manifest, add_progress, fraction_type, positive_int, progress_enabled
+from slice2vol.commands._common import add_manifest, add_progress, progress_enabled
 
 HELP = "shape, spacing, orientation, obliquity, intensities, foreground and slices per plane of a volume or cohort"
 DESCRIPTION = __doc__
@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oblique", choices=["reslice", "snap", "refuse"], default="reslice",
                         help="oblique volumes: reslice onto the nearest RAS grid, snap to the nearest axes, "
                              "or refuse (as 'slice2vol cache --oblique')")
-    parser.add_argument("--stride", type=positive_int, default=1, help="slice stride for the slice counts")
-    parser.add_argument("--min-foreground", type=fraction_type, default=0.05,
+    parser.add_argument("--stride", type=int, default=1, help="slice stride for the slice counts")
+    parser.add_argument("--min-foreground", type=float, default=0.05,
                         help="skip slices with less foreground than this fraction")
     add_progress(parser)
 
@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"give a PATH ({args.path}) or --manifest ({args.manifest}), not both")
     if args.stride < 1:  # Python's own 'slice step cannot be zero' named no flag
         raise ValueError(f"--stride must be >= 1, got {args.stride}")
+    if not 0.0 <= args.min_foreground <= 1.0:  # a fraction (NaN fails this too); 2 reported 0 slices kept
+        raise ValueError(f"--min-foreground must be a fraction from 0 to 1, got {args.min_foreground}")
     target = args.manifest or args.path
     if not target:
         raise ValueError("give a NIfTI file, a feature store, or --manifest cohort.csv")
