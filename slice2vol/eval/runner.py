@@ -314,7 +314,8 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
                        "manifest_sha256": _sha256(manifest), "versions": _versions(), "started": started,
                        "timings_s": timings, "splits": {label: str(fr.path) for label, fr in frames.items()}},
         "cohort": {"n_subjects": len(cohort), "labels": dict(label_types), "same_scans": twins,
-                   "failures": [str(f) for f in cohort.failures] + failures},
+                   # the cache's report repeats the manifest's own failures: each subject once
+                   "failures": list(dict.fromkeys([str(f) for f in cohort.failures] + failures))},
         "reference": reference,
         "sets": set_entries,
         "skipped": skipped,
