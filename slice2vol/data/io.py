@@ -599,20 +599,31 @@ def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
     """
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        stream = zlib.decompressobj(wbits=31)  # gzip wrapper: zlib checks the CRC-32 and length
+        magic, member = b"\x1f\x8b", lambda: zlib.decompressobj(wbits=31)  # zlib checks CRC-32 and length
     elif raw[:3] == b"BZh":
-        stream = bz2.BZ2Decompressor()
+        magic, member = b"BZh", bz2.BZ2Decompressor
     else:
         return img
     need = _data_extent(img)[1]
-    try:
-        data = stream.decompress(raw, need + _TRAILING_LIMIT)
-    except zlib.error as err:
-        for code, meaning in (("incorrect data check", "the gzip checksum (CRC-32) does not match the data"),
-                              ("incorrect length check", "the gzip length field does not match the data")):
-            if code in str(err):
-                raise ValueError(meaning) from None
-        raise
+    limit = need + _TRAILING_LIMIT
+    # a stream may hold several members one after the other (bgzip, pigz, pbzip2, `cat a.gz b.gz`):
+    # gzip reads them as one file, so the voxels may continue in the next member
+    stream, rest, parts, size = member(), raw, [], 0
+    while size < limit:  # (a max_length of 0 would mean "no limit" to zlib)
+        try:
+            part = stream.decompress(rest, limit - size)
+        except zlib.error as err:
+            for code, meaning in (("incorrect data check", "the gzip checksum (CRC-32) does not match the data"),
+                                  ("incorrect length check", "the gzip length field does not match the data")):
+                if code in str(err):
+                    raise ValueError(meaning) from None
+            raise
+        parts.append(part)
+        size += len(part)
+        if not (stream.eof and stream.unused_data.startswith(magic)):
+            break
+        stream, rest = member(), stream.unused_data
+    data = b"".join(parts)
     if len(data) < need:
         raise EOFError(f"the stream holds {len(data)} of the {need} bytes the header describes")
     # all input used and the stream unfinished (not merely stopped at the limit): it was cut
@@ -622,6 +633,10 @@ def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
         cut = not stream.eof and not stream.unconsumed_tail
     if cut:
         raise EOFError("the compressed stream ends before its end marker")
+    if stream.eof and stream.unused_data.strip(b"\0"):  # gzip itself says "trailing garbage ignored"
+        logging.getLogger(__name__).warning(
+            "%s: %d bytes after the end of the compressed stream are not compressed data; ignored (the voxels "
+            "passed their checksum)", path, len(stream.unused_data))
     problem = _trailing_problem(img, len(data) - need, more=not stream.eof)
     if problem:
         raise VolumeError(path, problem)

@@ -1098,3 +1098,29 @@ def test_a_spacing_whose_grid_does_not_fit_in_memory_names_the_file_and_the_spac
                               f"about {io._fmt_bytes(need)}, and 64.0 MiB is available: choose a coarser spacing "
                               f"(the file's voxels are (2, 2, 2) mm)")
     assert load_volume(path, VolumeConfig(spacing=(1.0, 1.0, 1.0))).data.shape == (1, 80, 60, 40)
+
+
+@pytest.mark.parametrize("cut", [[100], [100, 5000], [2000, 2000]])  # members; [2000, 2000] adds an empty one
+@pytest.mark.parametrize("kind", ["gz", "bz2"])
+def test_a_multi_member_stream_reads_like_gzip_reads_it(tmp_path, kind, cut, caplog):
+    """bgzip, pigz, pbzip2 or `cat a.gz b.gz` write several members; gzip reads them as one file, and
+    the voxels continue in the next member. Only the first was decompressed: 'truncated' (fuzz round 10).
+    A cut last member is still truncated, and bytes after the end are ignored with a warning."""
+    import bz2
+
+    path = tmp_path / "x.nii"
+    write_nifti(path, blob_volume((20, 24, 16), seed=1))
+    raw = path.read_bytes()
+    pack = gzip.compress if kind == "gz" else bz2.compress
+    bounds = [0, *cut, len(raw)]
+    multi = b"".join(pack(raw[a:b]) for a, b in zip(bounds, bounds[1:]))
+    target = tmp_path / f"m.nii.{kind}"
+    target.write_bytes(multi)
+    np.testing.assert_array_equal(load_volume(target).data, load_volume(path).data)
+    target.write_bytes(multi[:-40])
+    with pytest.raises(VolumeError, match=r"m\.nii\.(gz|bz2): .*(truncated|ends before)"):
+        load_volume(target)
+    target.write_bytes(multi + b"garbage" * 10)
+    with caplog.at_level("WARNING", logger="slice2vol.data.io"):
+        np.testing.assert_array_equal(load_volume(target).data, load_volume(path).data)
+    assert "70 bytes after the end of the compressed stream are not compressed data; ignored" in caplog.text
