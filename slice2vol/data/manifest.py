@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,15 @@ def _is_path_column(series: pd.Series) -> bool:
     if values.empty or not values.map(lambda v: bool(_NIFTI.search(v))).any():
         return False
     return float(values.map(lambda v: bool(_NIFTI.search(v) or _PATH_LIKE.search(v))).mean()) >= 0.5
+
+
+def _absent(column: str, path: Path | None) -> str:
+    """``t1 (path)`` for a missing file; a dangling link names its target (``ls`` lists the link itself)."""
+    if path is None:
+        return f"{column} (empty)"
+    if path.is_symlink():
+        return f"{column} ({path}: a symbolic link to {os.readlink(path)}, which does not exist)"
+    return f"{column} ({path})"
 
 
 def load_manifest(
@@ -459,10 +469,10 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             failures.append(Failure(sid, source, f"{at}: not a NIfTI file name "
                                                  f"({_NIFTI_NAMES}): {', '.join(odd)}; left out"))
             continue
-        absent = [f"{c} ({p})" if p else f"{c} (empty)" for c, p in images.items() if p is None or not p.exists()]
+        absent = [_absent(c, p) for c, p in images.items() if p is None or not p.exists()]
         if seg is not None and not seg.exists():
-            absent.append(f"{seg_column} ({seg})")
-        absent += [f"{c} ({p})" for c, p in maps.items() if not p.exists()]
+            absent.append(_absent(seg_column, seg))
+        absent += [_absent(c, p) for c, p in maps.items() if not p.exists()]
         if absent:
             first = next((p for p in [*images.values(), seg] if p is not None), None)
             # the line starts with the missing file, or with the row when the first file is there (a

@@ -83,6 +83,20 @@ def test_missing_file_reported_and_others_load(tmp_path):
     assert "gone.nii.gz" in cohort.failures[0].message and "file not found" in cohort.failures[0].message
 
 
+def test_a_dangling_link_in_a_manifest_names_its_target(tmp_path):
+    """``ls`` lists a dangling link, so 'file not found' alone read as a lie (fuzz round 10); the
+    message says what `slice2vol info` says for the same file."""
+    _files(tmp_path, ["a.nii.gz"])
+    (tmp_path / "img" / "b.nii.gz").symlink_to(tmp_path / "elsewhere.nii.gz")
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\na,img/a.nii.gz\nb,img/b.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a"]
+    assert cohort.failures[0].message.endswith(
+        f"file not found: t1 ({tmp_path / 'img' / 'b.nii.gz'}: a symbolic link to {tmp_path / 'elsewhere.nii.gz'}, "
+        "which does not exist)")
+
+
 @pytest.mark.parametrize("values, expected", [
     (["M", "F", "M"], "categorical"),
     ([0, 1, 1, 0], "categorical"),
