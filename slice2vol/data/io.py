@@ -197,7 +197,9 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         raise VolumeError(path, "a .zst file needs the package backports.zstd to be read "
                                 "(pip install backports.zstd), or decompress it") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise VolumeError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
+        hint = (": convert it first, e.g. mri_convert x.mgz x.nii.gz, or nibabel.save(nibabel.Nifti1Image("
+                "img.get_fdata(), img.affine), 'x.nii.gz')" if isinstance(img, nib.MGHImage) else "")
+        raise VolumeError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__}){hint}")
     problem = _header_problem(path, img) or _memory_problem(img)
     if problem:
         raise VolumeError(path, problem)

@@ -1124,3 +1124,11 @@ def test_a_multi_member_stream_reads_like_gzip_reads_it(tmp_path, kind, cut, cap
     with caplog.at_level("WARNING", logger="slice2vol.data.io"):
         np.testing.assert_array_equal(load_volume(target).data, load_volume(path).data)
     assert "70 bytes after the end of the compressed stream are not compressed data; ignored" in caplog.text
+
+
+def test_a_freesurfer_mgz_is_refused_with_the_conversion(tmp_path):
+    path = tmp_path / "brain.mgz"
+    nib.save(nib.MGHImage(blob_volume((20, 24, 16), seed=2), np.diag([1.0, 1.0, 1.0, 1.0])), path)
+    with pytest.raises(VolumeError, match=r"brain\.mgz: not a NIfTI image \(nibabel read it as MGHImage\): convert "
+                                          r"it first, e\.g\. mri_convert"):
+        load_volume(path)
