@@ -651,3 +651,19 @@ def test_cache_warns_about_one_scan_cached_under_two_ids(tmp_path, monkeypatch, 
     assert lines == ["s.h5: subjects 'a' (a.nii.gz), 'b' (b.nii) have identical "
                      "features in every plane: one scan under 2 IDs? In subject-level splits it would sit on both "
                      "sides (bench leaves such subjects out); keep one ID"]
+
+
+def test_info_fails_a_scan_the_caching_job_would_fail(tmp_path, capsys):
+    """A scan with a speck of foreground kept 0 slices per plane; info said so in its table only and
+    exited 0, although `slice2vol cache` fails the same file (fuzz round 10)."""
+    from tests.conftest import write_nifti
+
+    data = np.zeros((40, 40, 40), np.float32)
+    data[18:21, 18:21, 18:21] = 500.0
+    write_nifti(tmp_path / "speck.nii.gz", data, np.diag([4.0, 4.0, 4.0, 1.0]))
+    assert main(["info", str(tmp_path / "speck.nii.gz")]) == 1
+    out = capsys.readouterr().out
+    assert "speck.nii.gz: no sagittal/coronal/axial slice has 5% foreground or more" in out
+    (tmp_path / "m.csv").write_text("subject_id,t1\ns1,speck.nii.gz\n")
+    assert main(["info", "--manifest", str(tmp_path / "m.csv"), "--no-progress"]) == 1
+    assert "row 2 (s1): " in capsys.readouterr().out

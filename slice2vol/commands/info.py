@@ -121,7 +121,12 @@ def run(args: argparse.Namespace) -> int:
             try:
                 volume = load_subject(subject, cfg)
                 first = next(iter(subject.images.values()))
-                _print(describe(volume, _raw_range(first), args.stride, args.min_foreground))
+                facts = describe(volume, _raw_range(first), args.stride, args.min_foreground)
+                _print(facts)
+                empty = _empty_planes(facts)
+                if empty:  # the caching job fails such a subject: so does its preview
+                    where = f"row {subject.row} ({subject.subject_id})" if subject.row else subject.subject_id
+                    failures.append(f"{where}: {first}: {_no_slices(empty, args.min_foreground)}")
             except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
                 # the manifest's row and ID first: the message names only the file that failed
                 where = f"row {subject.row} ({subject.subject_id})" if subject.row else subject.subject_id
@@ -133,5 +138,20 @@ def run(args: argparse.Namespace) -> int:
             return 1
         return 0
     volume = load_volume(path, cfg)  # a VolumeError becomes one line on stderr, exit 2 (slice2vol.cli)
-    _print(describe(volume, _raw_range(path), args.stride, args.min_foreground))
+    facts = describe(volume, _raw_range(path), args.stride, args.min_foreground)
+    _print(facts)
+    empty = _empty_planes(facts)
+    if empty:
+        print(f"{path}: {_no_slices(empty, args.min_foreground)}")
+        return 1
     return 0
+
+
+def _empty_planes(facts: dict) -> list[str]:
+    """Planes of :func:`describe`'s facts that keep no slice (``0/N``)."""
+    return [k[: -len("_slices")] for k, v in facts.items() if k.endswith("_slices") and str(v).startswith("0/")]
+
+
+def _no_slices(planes: list[str], min_foreground: float) -> str:
+    return (f"no {'/'.join(planes)} slice has {min_foreground:.0%} foreground or more; `slice2vol cache` with "
+            f"these planes would fail it (lower --min-foreground, or check the brain mask)")
