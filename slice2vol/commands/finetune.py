@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import os
+    import sys
     from pathlib import Path
 
     from slice2vol.config import load_config, resolve_config_path
@@ -69,6 +70,6 @@ def run(args: argparse.Namespace) -> int:
           f"{losses[-1]:.4f}, {record['n_slices']} slices of {len(record['trained_subjects'])} subjects, "
           f"{record['world_size']} process(es))")
     print(f"load with: {record['load_with']}")
-    for failure in record["failures"]:
-        print(f"failed: {failure}")
+    for failure in record["failures"]:  # the manifest's rows left out and the subjects that gave no slices
+        print(f"failed: {failure}", file=sys.stderr)
     return 1 if record["failures"] or cohort.failures else 0

@@ -29,7 +29,8 @@ class SliceBank:
         ids: subject IDs, in bank order.
         images: (S, C, H, W) float16 slices in [0, 1].
         subject_index: (S,) index into ``ids`` of each slice's subject.
-        failures: subjects that could not be loaded.
+        failures: subjects that could not be loaded or kept no slice (the manifest's own failures
+            are the cohort's, not repeated here).
     """
 
     ids: list[str]
@@ -61,13 +62,21 @@ class SliceBank:
             planes = slice_volume(volume, slice_cfg)
             images = torch.cat([p.images for p in planes.values()]).to(torch.float16)
             if len(images) == 0:
-                log.warning("%s: no slice kept (min_foreground=%s)", subject.subject_id, slice_cfg.min_foreground)
+                # the cache's wording: the file, and the fullest slice's foreground fraction
+                from slice2vol.extract import no_slices_problem
+
+                where = next(iter(subject.images.values()), "")
+                failures.append(Failure(subject.subject_id, str(where),
+                                        f"{where}: {no_slices_problem(volume, list(planes), slice_cfg)}"))
+                log.warning("skipping %s", failures[-1].message)
                 continue
             owners.append(torch.full((len(images),), len(ids), dtype=torch.long))
             ids.append(subject.subject_id)
             chunks.append(images)
         if not ids:
-            raise ValueError(f"{cohort.source}: no subject gave slices ({len(failures)} failures)")
+            every = list(getattr(cohort, "failures", [])) + failures  # the manifest's own rows left out too
+            first = f"; first: {every[0]}" if every else ""
+            raise ValueError(f"{cohort.source}: no subject gave slices ({len(every)} failures{first})")
         return cls(ids, torch.cat(chunks), torch.cat(owners), failures)
 
     def subset(self, ids: Sequence[str]) -> "SliceBank":

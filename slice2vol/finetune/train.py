@@ -554,7 +554,9 @@ def run_finetune(cfg: FinetuneConfig, cohort, out_dir: str | Path, *, volume_cfg
             "lora_layers": setup["lora_layers"], "losses": losses, "steps": len(losses),
             "world_size": env.world_size, "global_batch": cfg.train.batch_size * env.world_size,
             "seconds": round(time.time() - start, 1), "torch": torch.__version__,
-            "failures": [f for share in shares for f in share["failures"]],
+            # the manifest's rows left out (the same on every rank), then each rank's subjects that failed
+            "failures": [str(f) for f in getattr(cohort, "failures", [])]
+                        + [f for share in shares for f in share["failures"]],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         path = Path(out_dir) / "encoder.safetensors"
