@@ -251,6 +251,10 @@ def check_store_writable(store_path: str | Path, set_name: str | None = None) ->
                           "wait for it to finish, or write to another --store")
 
 
+MAX_PROVENANCE_FAILURES = 100
+"""At most this many failure lines go into a set's provenance (``n_failures`` counts them all)."""
+
+
 def check_cohort(cohort: Cohort) -> None:
     """Fails when the manifest checks left no subject to embed, naming the first problem.
 
@@ -456,7 +460,8 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
     else:  # nothing embedded in this run: the set's timing is still that of the run that embedded it
         report.seconds_per_volume = float(stored_prov.get("seconds_per_volume", 0.0) or 0.0)
         report.load_seconds_per_volume = float(stored_prov.get("load_seconds_per_volume", 0.0) or 0.0)
-    full = {**prov, "n_failures": len(report.failures), "failures": [str(f) for f in report.failures],
+    failure_lines = list(dict.fromkeys(str(f) for f in [*cohort.failures, *report.failures]))  # manifest's too
+    full = {**prov, "n_failures": len(failure_lines), "failures": failure_lines[:MAX_PROVENANCE_FAILURES],
             "seconds_per_volume": round(report.seconds_per_volume, 4),
             "load_seconds_per_volume": round(report.load_seconds_per_volume, 4),
             "device": str(encoder.device), "torch_threads": torch.get_num_threads(),

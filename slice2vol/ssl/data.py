@@ -66,6 +66,25 @@ def prepare_volume(volume: Volume, volume_size: Sequence[int] | None) -> tuple[t
     return image, mask
 
 
+def failure_lines(*groups) -> list[str]:
+    """The failures of ``groups`` (the manifest's left-out rows, then the load failures) as lines, each once."""
+    lines: list[str] = []
+    for group in groups:
+        for failure in group or []:
+            line = str(failure)
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
+def no_subject_loaded(cohort: Cohort, failures) -> str:
+    """The one-line error of a cohort none of whose subjects could be loaded: the manifest, how many rows
+    failed (the manifest's own left-out rows included) and the first failure."""
+    lines = failure_lines(getattr(cohort, "failures", []), failures)
+    return (f"{getattr(cohort, 'source', '') or 'cohort'}: no subject could be loaded "
+            f"({len(lines)} failures; first: {lines[0] if lines else '-'})")
+
+
 @dataclass
 class VolumeBank:
     """Prepared volumes in memory (small cohorts, tests; ``data.streaming: false``).
@@ -146,7 +165,7 @@ class VolumeBank:
             bank.images.append(image.to(getattr(torch, dtype)))
             bank.masks.append(mask)
         if not bank.ids:
-            raise ValueError(f"{cohort.source}: no volume could be loaded ({len(bank.failures)} failures)")
+            raise ValueError(no_subject_loaded(cohort, bank.failures))
         return bank
 
     @classmethod

@@ -689,7 +689,7 @@ def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, res
             refuses a different subject set.
     """
     from slice2vol.ssl import METHODS, build_method
-    from slice2vol.ssl.data import VolumeBank, make_dataset
+    from slice2vol.ssl.data import VolumeBank, failure_lines, make_dataset, no_subject_loaded
     from slice2vol.ssl.distributed import barrier, cleanup, init_distributed
 
     # refuse a bad config, an unknown method or one without these dims before any volume is read
@@ -719,8 +719,10 @@ def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, res
                 barrier(env)
                 failures = collect_failures(report.directory, env.world_size)
                 failed = {f.subject_id for f in failures}
-                bank = PreparedVolumes(report.directory, [s for s in cohort.ids if s not in failed],
-                                       failures=failures)
+                ids = [s for s in cohort.ids if s not in failed]
+                if not ids:  # name the manifest and the first problem, not the cache folder
+                    raise ValueError(no_subject_loaded(cohort, failures))
+                bank = PreparedVolumes(report.directory, ids, failures=failures)
             else:
                 bank = VolumeBank.from_cohort(cohort, cfg.data.volume, cfg.data.volume_size,
                                               dtype=cfg.data.cache_dtype, progress=progress and env.is_main)
@@ -733,7 +735,7 @@ def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, res
         dataset = make_dataset(bank, cfg.spatial_dims, cfg.data)
         extra = {"n_subjects": len(bank), "source": str(getattr(cohort, "source", "") or ""),
                  "subject_ids": list(bank.ids), "subjects_sha256": _subjects_sha256(bank.ids),
-                 "failures": [str(f) for f in getattr(bank, "failures", [])],
+                 "failures": failure_lines(getattr(cohort, "failures", []), getattr(bank, "failures", [])),
                  "streaming": type(bank).__name__ == "PreparedVolumes"}
         return train(model, dataset, cfg, out_dir, resume=resume, progress=progress, stop_after=stop_after,
                      extra_meta=extra, plot=plot)

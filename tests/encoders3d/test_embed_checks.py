@@ -235,3 +235,19 @@ def test_a_non_finite_embedding_of_a_constant_volume_says_so(head_manifest, tmp_
     assert [f.subject_id for f in report.failures] == ["s1"]
     assert report.failures[0].message.endswith("the embedding is not finite (NaN/Inf); constant volume (all voxels = "
                                                "3): nothing to embed")
+
+
+# -- failures in the set's provenance ---------------------------------------------------------------
+def test_the_provenance_of_an_embedded_set_lists_the_subjects_that_failed(head_manifest, tmp_path, monkeypatch):
+    """They went only to stderr: the manifest's left-out rows and the subjects that failed to embed."""
+    table = pd.read_csv(head_manifest)
+    table.loc[len(table)] = {"subject_id": "gone", "age": 50.0, "sex": "F", "t1": "nii/gone.nii.gz"}
+    table.to_csv(head_manifest, index=False)
+    fail_subject(monkeypatch, embed, "s2", OSError("disk gone"))
+    enc = build_encoder3d("3d/monai_resnet10", **KW)
+    report = embed_cohort3d(enc, load_manifest(head_manifest), tmp_path / "f.h5", "x", progress=False)
+    assert report.done == ["s0", "s1", "s3"]
+    ids, _, prov = FeatureStore(tmp_path / "f.h5").volume_embeddings("x")
+    assert list(ids) == ["s0", "s1", "s3"] and prov["n_failures"] == 2
+    assert [f.split(":")[0] for f in prov["failures"]] == ["gone", "s2"]
+    assert "gone.nii.gz" in prov["failures"][0] and "disk gone" in prov["failures"][1]
