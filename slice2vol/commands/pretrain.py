@@ -79,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     failures = json.loads((result.checkpoint / "meta.json").read_text()).get("failures", [])
+    shown = {f.message for f in cohort.failures} | {str(f) for f in cohort.failures}
     for failure in failures:
-        print(f"failed: {failure}")
+        if failure not in shown:  # meta.json lists the manifest's own rows too: printed once, above
+            print(f"failed: {failure}")
     cost = result.cost or {}
     flops = f", {cost['flops_per_step']:.3g} FLOPs/step" if cost.get("flops_per_step") else ""
     world = env_world_size()

@@ -37,7 +37,7 @@ def test_no_loadable_subject_names_the_manifest_and_the_first_failure(pretrain_a
     assert not (out / "last").exists()
 
 
-def test_rows_the_manifest_left_out_are_recorded_in_meta(pretrain_args, blob_manifest, tmp_path):
+def test_rows_the_manifest_left_out_are_recorded_in_meta(pretrain_args, blob_manifest, tmp_path, capsys):
     _with_bad_row(blob_manifest, tmp_path, keep_good=True)
     out = tmp_path / "run"
     assert main(pretrain_args + ["--out", str(out), "--steps", "1"]) == 1  # 1: a row failed
@@ -45,3 +45,5 @@ def test_rows_the_manifest_left_out_are_recorded_in_meta(pretrain_args, blob_man
     assert meta["n_subjects"] == 3 and "bad" not in meta["subject_ids"]
     assert [f for f in meta["failures"] if f.startswith("bad: ")] == meta["failures"]
     assert len(meta["failures"]) == 1 and "dangling.nii.gz" in meta["failures"][0]
+    out = capsys.readouterr().out.splitlines()
+    assert sum("dangling.nii.gz" in line for line in out) == 1  # listed once, not again as "failed:"
