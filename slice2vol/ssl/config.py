@@ -12,16 +12,11 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
+from slice2vol.config import check_whole
 from slice2vol.data.io import VolumeConfig
 
 #: the planes a 2D run can draw slices from (the keys of :data:`slice2vol.data.slicing.PLANES`)
 PLANE_NAMES = ("sagittal", "coronal", "axial")
-
-
-def _whole(key: str, value: Any, low: int) -> None:
-    """Refuses ``value`` unless it is a whole number >= ``low`` (ValueError naming the config key)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{key} must be a whole number >= {low}, got {value!r}")
 
 
 def _real(key: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
@@ -131,11 +126,11 @@ class DataConfig:
         if unknown:
             raise ValueError(f"data.planes: unknown plane(s) {unknown}; known: {list(PLANE_NAMES)}")
         _real("data.min_foreground", self.min_foreground, 0.0, 1.0)
-        _whole("data.max_subjects", self.max_subjects, 0)  # 0: all
+        check_whole("data.max_subjects", self.max_subjects, 0)  # 0: all
         if self.cache_dtype not in ("float32", "float16"):
             raise ValueError(f"data.cache_dtype must be float32 or float16, got {self.cache_dtype!r}")
-        _whole("data.crops_per_subject", self.crops_per_subject, 1)
-        _whole("data.num_workers", self.num_workers, -1)  # -1: chosen per device
+        check_whole("data.crops_per_subject", self.crops_per_subject, 1)
+        check_whole("data.num_workers", self.num_workers, -1)  # -1: chosen per device
 
 
 @dataclass
@@ -197,12 +192,12 @@ class TrainConfig:
 
         ``steps: 0`` is allowed: it writes the random initialisation as a checkpoint (a baseline).
         """
-        _whole("train.steps", self.steps, 0)
+        check_whole("train.steps", self.steps, 0)
         for key in ("batch_size", "accumulate", "checkpoint_every", "log_every", "budget_probe_steps"):
-            _whole(f"train.{key}", getattr(self, key), 1)
+            check_whole(f"train.{key}", getattr(self, key), 1)
         for key in ("warmup_steps", "keep_every"):  # keep_every 0: no step_<N> copies
-            _whole(f"train.{key}", getattr(self, key), 0)
-        _whole("train.seed", self.seed, 0)
+            check_whole(f"train.{key}", getattr(self, key), 0)
+        check_whole("train.seed", self.seed, 0)
         _real("train.lr", self.lr, 0.0, low_open=True)
         _real("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         for key in ("weight_decay", "grad_clip", "budget_flops", "budget_device_hours"):  # 0: off
@@ -245,7 +240,7 @@ class SSLConfig:
             raise ValueError(f"method must be an SSL method name, got {self.method!r}")
         if self.spatial_dims not in (2, 3) or isinstance(self.spatial_dims, bool):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
-        _whole("in_channels", self.in_channels, 1)
+        check_whole("in_channels", self.in_channels, 1)
         for part in (self.backbone, self.data, self.train):
             part.check()
         per_subject = self.data.crops_per_subject
