@@ -402,6 +402,32 @@ def test_cli_build_search_json_and_gallery(cohort_store, tmp_path, capsys):
     assert "'nope' is not in the index" in capsys.readouterr().err
 
 
+def test_gallery_warns_once_for_an_unreadable_indexed_scan(cohort_store, tmp_path, caplog):
+    """Fuzz round 10: the query's own truncated scan (also its first neighbour) was warned twice."""
+    import shutil
+
+    from slice2vol.cli import main
+
+    root, name, _ = cohort_store
+    manifest = pd.read_csv(root / "manifest.csv")
+    bad = tmp_path / "s2_truncated.nii.gz"
+    data = (root / "s2.nii.gz").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    for sid in manifest["subject_id"]:
+        if sid != "s2":
+            shutil.copy(root / f"{sid}.nii.gz", tmp_path / f"{sid}.nii.gz")
+    manifest["t1"] = [str(bad if s == "s2" else tmp_path / f"{s}.nii.gz") for s in manifest["subject_id"]]
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    assert main(["index", "build", "--store", str(root / "store.h5"), "--embeddings", name, "--no-progress",
+                 "--out", str(tmp_path / "idx"), "--manifest", str(tmp_path / "manifest.csv")]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(["search", "--index", str(tmp_path / "idx"), "--subject", "s2", "-k", "3",
+                     "--gallery", str(tmp_path / "g.html")]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gallery:")]
+    assert len(warned) == 1 and "s2_truncated.nii.gz" in warned[0], warned
+    assert len(re.findall(r'src="data:image/png', (tmp_path / "g.html").read_text())) == 4  # placeholder kept
+
+
 def test_cli_search_writes_table_files_and_refuses_unknown_suffix(cohort_store, tmp_path, capsys):
     from slice2vol.cli import main
 

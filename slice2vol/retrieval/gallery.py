@@ -236,14 +236,20 @@ def write_gallery(index: Any, results: pd.DataFrame, out: str | Path, *, query_n
     out.parent.mkdir(parents=True, exist_ok=True)
     volume_cfg = from_dict(VolumeConfig, (index.provenance.get("pipeline") or {}).get("volume_cfg") or {})
 
+    unreadable: set[str] = set()
+
     def load(images: Any, subject_id: str | None = None) -> Any:
         if images is None:
             return None
         if hasattr(images, "data") and hasattr(images, "mask"):
             return images
+        key = repr(images)
+        if key in unreadable:  # the query is often its own first neighbour: one warning per file
+            return None
         try:
             return load_volume(images, volume_cfg, subject_id=subject_id)
         except VolumeError as err:
+            unreadable.add(key)
             log.warning("gallery: %s", err)
             return None
 
