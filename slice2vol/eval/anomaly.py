@@ -425,7 +425,7 @@ class BinnedAUROC:
 
 
 def lesion_detection(scores: np.ndarray, lesion: np.ndarray, threshold: float) -> tuple[int, int]:
-    """Lesion-wise detection: (lesions whose highest voxel score reaches ``threshold``, lesions).
+    """Lesion-wise detection: (lesions whose highest voxel score exceeds ``threshold``, lesions).
 
     Lesions are the connected components of ``lesion``; the threshold is set on healthy scans
     (e.g. the 99th percentile of their brain voxel scores: 1% voxel false-positive rate).
@@ -441,7 +441,9 @@ def lesion_detection(scores: np.ndarray, lesion: np.ndarray, threshold: float) -
     box = tuple(slice(lo, hi + 1) for lo, hi in zip(where.min(0), where.max(0)))
     labels, n = lesion_components(lesion[box])
     peaks = np.asarray(maximum(scores[box], labels, index=np.arange(1, n + 1)))
-    return int((peaks >= threshold).sum()), n
+    # strictly above: at most ``fpr`` of healthy voxels exceed their quantile, while a tie may hold far more
+    # of them -- a constant score map (a collapsed encoder) must detect nothing, not every lesion
+    return int((peaks > threshold).sum()), n
 
 
 def paired_rank_fraction(healthy: np.ndarray, lesioned: np.ndarray, n_boot: int = 1000,

@@ -141,6 +141,9 @@ def test_detection_subject_score_and_paired_fraction():
     scores[7, 7, 7] = 0.5
     assert lesion_detection(scores, lesion, 1.0) == (1, 2)
     assert lesion_detection(scores, np.zeros_like(lesion), 1.0) == (0, 0)
+    # a peak equal to the threshold is not a detection: a constant map (collapsed encoder) detects nothing
+    assert lesion_detection(scores, lesion, 0.5) == (1, 2)
+    assert lesion_detection(np.full(lesion.shape, 0.3), lesion, 0.3) == (0, 2)
     brain = np.ones_like(lesion)
     assert subject_score(scores, brain, "max") == 5.0
     assert subject_score(scores, brain, "top:2") == pytest.approx(2.75)
