@@ -396,6 +396,20 @@ def config_changes(saved: dict, cfg: SSLConfig, free: Sequence[str] = RESUME_FRE
             if key not in free and old.get(key, missing) != new.get(key, missing)]
 
 
+def _set_difference(saved: Any, now: Any, shown: int = 3) -> str:
+    """``; now missing: a, b; now added: c`` -- which subjects differ (a subject that failed to load
+    this time is the usual cause), or '' when either list is unknown."""
+    if not isinstance(saved, list) or not isinstance(now, (list, tuple)):
+        return ""
+    parts = []
+    for what, ids in (("now missing", sorted(set(map(str, saved)) - set(map(str, now)))),
+                      ("now added", sorted(set(map(str, now)) - set(map(str, saved))))):
+        if ids:
+            parts.append(f"{what}: {', '.join(ids[:shown])}" + (f" and {len(ids) - shown} more" if len(ids) > shown
+                                                                   else ""))
+    return "; " + "; ".join(parts) if parts else ""
+
+
 def _resume_state(last: Path, extra_meta: dict | None, cfg: SSLConfig | None = None) -> dict | None:
     if not (last / "train_state.pt").exists():
         return None
@@ -414,7 +428,8 @@ def _resume_state(last: Path, extra_meta: dict | None, cfg: SSLConfig | None = N
     want = (extra_meta or {}).get("subjects_sha256")
     have = meta.get("subjects_sha256")
     if want and have and want != have:
-        raise ValueError(f"{last}: this run was trained on another subject set ({meta.get('n_subjects')} subjects); "
+        raise ValueError(f"{last}: this run was trained on another subject set ({meta.get('n_subjects')} subjects"
+                         f"{_set_difference(meta.get('subject_ids'), (extra_meta or {}).get('subject_ids'))}); "
                          "use --no-resume (resume=False) or another output folder")
     return read_torch_state(last / "train_state.pt")
 
