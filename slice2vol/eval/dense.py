@@ -189,16 +189,6 @@ class DenseSlices:
                                    labels=None if self.labels is None else self.labels[rows],
                                    mask=None if self.mask is None else self.mask[rows])
 
-    def replace_rows(self, rows: np.ndarray, other: "DenseSlices") -> "DenseSlices":
-        """A copy with the slices at positions ``rows`` taken from ``other`` (its maps rescaled to ours)."""
-        maps = []
-        for j, m in enumerate(self.maps):
-            new = m.copy()
-            theirs = other.maps[j].astype(np.float32) * (other.scales[j] / self.scales[j])[None, :, None, None]
-            new[rows] = _to_half(theirs)
-            maps.append(new)
-        return dataclasses.replace(self, maps=maps)
-
     # -- npz round trip (no pickle) -------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -7,26 +7,15 @@ volumes become training crops or slices, and the optimisation. It is stored insi
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-from slice2vol.config import check_whole
+from slice2vol.config import check_real as _real, check_whole
 from slice2vol.data.io import VolumeConfig
 
 #: the planes a 2D run can draw slices from (the keys of :data:`slice2vol.data.slicing.PLANES`)
 PLANE_NAMES = ("sagittal", "coronal", "axial")
-
-
-def _real(key: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
-    """Refuses ``value`` unless it is a finite number in [low, high] (``(low, high]`` with ``low_open``)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high == math.inf else ']'}"
-        raise ValueError(f"{key} must be a finite number in {interval}, got {value!r}")
 
 
 def _size(key: str, value: Any, n: int) -> None:

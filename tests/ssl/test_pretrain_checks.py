@@ -40,8 +40,8 @@ def _error(capsys) -> str:
     (["train.batch_size=0"], "train.batch_size must be a whole number >= 1, got 0"),
     (["train.keep_every=-1"], "train.keep_every must be a whole number >= 0, got -1"),
     (["--steps", "-3"], "train.steps must be a whole number >= 0, got -3"),  # was rc 0, "checkpoint: None"
-    (["train.lr=0"], "train.lr must be a finite number in (0, inf), got 0.0"),
-    (["train.lr=.nan"], "train.lr must be a finite number in (0, inf), got nan"),
+    (["train.lr=0"], "train.lr must be a finite number > 0, got 0.0"),
+    (["train.lr=.nan"], "train.lr must be a finite number > 0, got nan"),
     (["train.min_lr_ratio=2"], "train.min_lr_ratio must be a finite number in [0, 1], got 2.0"),
     (["train.budget_flops=1e12", "train.budget_device_hours=1"], "not both"),
     (["--dims", "2", "data.planes=[]"], "data.planes must be a non-empty list"),
