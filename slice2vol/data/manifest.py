@@ -177,6 +177,12 @@ def _absent(column: str, path: Path | None) -> str:
         return f"{column} (empty)"
     if path.is_symlink():
         return f"{column} ({path}: a symbolic link to {os.readlink(path)}, which does not exist)"
+    text = str(path)
+    if re.search(r"(^|/)(https?|s?ftp|s3|gs|file):/", text, re.IGNORECASE):
+        # Path() folds 'https://host' into 'https:/host' under the manifest's folder
+        return f"{column} ({path}: a URL, not a path: the manifest takes local paths (download the file, or drop file://))"
+    if "\\" in text:
+        return f"{column} ({path}: Windows '\\' separators; write the path with '/')"
     return f"{column} ({path})"
 
 

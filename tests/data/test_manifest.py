@@ -83,6 +83,22 @@ def test_missing_file_reported_and_others_load(tmp_path):
     assert "gone.nii.gz" in cohort.failures[0].message and "file not found" in cohort.failures[0].message
 
 
+def test_a_url_or_windows_path_in_a_manifest_says_so(tmp_path):
+    """Fuzz round 11: 'https://host/x.nii.gz' was folded to '<manifest folder>/https:/host/x.nii.gz' and
+    'sub\\a.nii.gz' reported missing beside an existing 'sub/a.nii.gz', both as plain 'file not found'."""
+    _files(tmp_path, ["a.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\na,img/a.nii.gz\nb,https://example.org/b.nii.gz\nc,img\\a.nii.gz\n"
+                   "d,file:///data/d.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a"]
+    messages = {f.subject_id: f.message for f in cohort.failures}
+    assert messages["b"].endswith("https:/example.org/b.nii.gz: a URL, not a path: the manifest takes local paths "
+                                  "(download the file, or drop file://))")
+    assert "a URL, not a path" in messages["d"]
+    assert messages["c"].endswith("img\\a.nii.gz: Windows '\\' separators; write the path with '/')")
+
+
 def test_a_dangling_link_in_a_manifest_names_its_target(tmp_path):
     """``ls`` lists a dangling link, so 'file not found' alone read as a lie (fuzz round 10); the
     message says what `slice2vol info` says for the same file."""
