@@ -76,6 +76,10 @@ class VolumeConfig:
             ``min_fov_mm`` along its longest axis and stay within ``max_fov_mm`` along every axis: a
             head is 100-250 mm; 2 x 2 x 2 voxels of noise or a scan whose header says 0.05 mm voxels
             (6 mm across) is no head, and would be embedded and retrieved like one.
+        min_extent_ratio: the field of view's shortest axis must reach this fraction of its longest
+            (0 turns the check off): a localizer/scout of 3 slices (230 x 230 x 30 mm, 0.13) or a
+            thin slab is no whole head, yet fills every plane like one; a whole-head scan is 0.5-1,
+            a high-resolution partial-coverage slab 0.2-0.4.
         allow_oblique: deprecated (init only): ``True`` means ``oblique="snap"``, ``False``
             ``oblique="refuse"``.
     """
@@ -92,6 +96,7 @@ class VolumeConfig:
     max_spacing: float = 20.0
     min_fov_mm: float = 10.0
     max_fov_mm: float = 1000.0
+    min_extent_ratio: float = 0.2
     allow_oblique: dataclasses.InitVar[bool | None] = None
 
     def __post_init__(self, allow_oblique: bool | None) -> None:
@@ -115,6 +120,8 @@ class VolumeConfig:
         for name in ("min_spacing", "max_spacing", "crop_margin"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not (isinstance(self.min_extent_ratio, (int, float)) and 0 <= self.min_extent_ratio <= 1):
+            raise ValueError(f"min_extent_ratio must be a number in [0, 1], got {self.min_extent_ratio!r}")
         lo, hi = self.clip_percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
@@ -226,20 +233,43 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         flat = [axis for axis, n in zip("xyz", shape) if n < 2]
         raise VolumeError(path, f"a single slice, not a volume (shape {_fmt_shape(shape)}: one voxel along "
                                 f"{', '.join(flat)}); expected a 3D volume with at least 2 voxels per axis")
+    # the file's own codes and qform: _in_mm rebuilds the image from its affine, which nibabel stores
+    # as an sform (code 2) and so hides a file without one
+    qcode, scode = int(img.header["qform_code"]), int(img.header["sform_code"])
+    with np.errstate(all="ignore"):
+        qform, sform = img.get_qform(), img.get_sform()
     img = _in_mm(img)
-    _check_affine(path, img.affine, _unit_of(img))
-    if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
+    try:
+        _check_affine(path, img.affine, _unit_of(img))
+    except VolumeError as err:
+        if scode > 0 and qcode > 0 and _affine_ok(path, _to_mm(qform, _unit_of(img)), _unit_of(img)):
+            raise VolumeError(path, f"the sform (code {scode}) is broken: {err.problem}; the qform is usable: "
+                                    "drop the sform (nibabel: img.set_sform(None, code=0))") from None
+        raise
+    if scode == 0:
         raw = _raw_pixdim(path, img)
         if raw is not None and np.any(raw == 0):
-            # nibabel replaces a zero voxel size by 1 mm: with no qform/sform that size is all there is
-            raise VolumeError(path, f"voxel size {_fmt_mm(raw)} mm in pixdim, and no qform or sform: the voxel "
-                                    "spacing is unknown")
+            # nibabel replaces a zero voxel size by 1 mm, and without an sform the affine is built from
+            # pixdim (the qform's scales, or all there is): a 2 mm scan would be read as 1 mm
+            raise VolumeError(path, f"voxel size {_fmt_mm(raw)} mm in pixdim, and "
+                                    + ("no sform (the qform's voxel sizes are pixdim)" if qcode else "no qform or sform")
+                                    + ": the voxel spacing is unknown")
+    if qcode == 0 and scode == 0:
         # the NIfTI standard's "method 1": voxel indices only. nibabel then guesses LAS from pixdim, so
         # a scan stored in another order gets its planes mislabelled; said once per file, not refused
         # (old converters wrote such files for correctly ordered data)
-        logging.getLogger(__name__).warning("%s: no qform or sform (both codes 0): the orientation is unknown and read as nibabel's "
-                    "default (LAS, from pixdim); axial/coronal/sagittal are wrong unless the voxels are stored "
-                    "in that order: set the sform (nibabel: img.set_sform(affine, code=1))", path)
+        _warn_once(path, "no-xform", "%s: no qform or sform (both codes 0): the orientation is unknown and read as "
+                   "nibabel's default (LAS, from pixdim); axial/coronal/sagittal are wrong unless the voxels are "
+                   "stored in that order: set the sform (nibabel: img.set_sform(affine, code=1))")
+    elif qcode > 0 and scode > 0:
+        with np.errstate(all="ignore"):
+            q_axes, s_axes = (nib.aff2axcodes(a) for a in (qform, sform))
+        if q_axes != s_axes:
+            # nibabel (and so this package) reads the sform; a tool that prefers the qform (ITK's older
+            # readers, some viewers) shows the other hemisphere or plane: worth a line, not a refusal
+            _warn_once(path, "q-s", f"%s: the qform ({''.join(q_axes)}) and sform ({''.join(s_axes)}) disagree "
+                       "on the orientation; read with the sform, as nibabel does: check the left-right and set "
+                       "both to the same affine")
     if check_values:
         try:
             with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # reported below, in one line
@@ -332,11 +362,18 @@ def _scaling_problem(img: nib.Nifti1Image, data: np.ndarray) -> str | None:
     # nibabel moves the scaling from the header into the array proxy when it loads a file
     slope, inter = (float(np.asarray(getattr(img.dataobj, name, default)).ravel()[0])
                     for name, default in (("slope", 1.0), ("inter", 0.0)))
-    if (slope == 1 and not inter) or np.isfinite(data).all():
+    if slope == 1 and not inter:
         return None
     stored = np.asanyarray(img.dataobj.get_unscaled()) if hasattr(img.dataobj, "get_unscaled") else None
     if stored is None or (stored.dtype.kind == "f" and not np.isfinite(stored).all()):
         return None  # NaN/Inf stored as such: check_values_ok says so
+    if np.isfinite(data).all():
+        if data.size and data.min() == data.max() and stored.min() != stored.max():
+            # e.g. scl_inter 3e38: float32 has no room left for the stored values' differences
+            return (f"the header's scaling (scl_slope {slope:g}, scl_inter {inter:g}) turns the stored values "
+                    f"({stored.min():g} to {stored.max():g}) into one constant ({float(data.flat[0]):g}) in float32: "
+                    "fix scl_slope/scl_inter")
+        return None
     bad = int((~np.isfinite(data)).sum())
     return (f"{bad} NaN/Inf voxels ({_percent(bad / data.size)} of the volume) made by the header's scaling "
             f"(scl_slope {slope:g}, scl_inter {inter:g}) of finite stored values: fix scl_slope/scl_inter")
@@ -666,7 +703,10 @@ def _quiet_nibabel() -> Iterator[None]:
             logger.disabled = True
         _quiet["depth"] += 1
     try:
-        yield
+        # numpy's error state is per thread: nibabel's affine arithmetic on an inf/NaN header field
+        # (a RuntimeWarning and its source line on stderr, naming no file) stays quiet here alone
+        with np.errstate(all="ignore"):
+            yield
     finally:
         with _quiet_lock:
             _quiet["depth"] -= 1
@@ -819,6 +859,37 @@ def check_values_ok(path: str | Path, data: np.ndarray) -> None:
     if differ < 1e-4 * data.size:
         raise VolumeError(path, f"almost {'empty' if typical == 0 else 'constant'} volume: {differ} of {data.size} "
                                 f"voxels differ from {float(typical):g}")
+
+
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(path: Path, kind: str, message: str) -> None:
+    """Logs ``message % path`` the first time this process meets ``kind`` for this file: one
+    command often reads a file twice (``info`` for the volume and its raw range), and a warning
+    repeated per read reads like a second problem."""
+    key = (str(Path(path).absolute()), kind)
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    logging.getLogger(__name__).warning(message, path)
+
+
+def _to_mm(affine: np.ndarray, unit: tuple[str, float] | None) -> np.ndarray:
+    """``affine`` of a file in ``unit`` (from :func:`_unit_of`; None: mm) with its rows in mm."""
+    out = np.array(affine, dtype=np.float64)
+    out[:3] *= 1.0 if unit is None else unit[1]
+    return out
+
+
+def _affine_ok(path: Path, affine: np.ndarray, unit: tuple[str, float] | None) -> bool:
+    try:
+        _check_affine(path, affine, unit)
+    except VolumeError:
+        return False
+    return True
 
 
 def _check_affine(path: Path, affine: np.ndarray, unit: tuple[str, float] | None = None) -> None:
@@ -1299,6 +1370,14 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
             f"voxels {_fmt_mm(spacing)} mm{', ' + note if note else ''}) cannot hold a head: "
             + (f"under {cfg.min_fov_mm:g} mm along every axis" if small else f"over {cfg.max_fov_mm:g} mm along an axis")
             + "; a wrong voxel size in the header, or not a brain scan",
+        )
+    if fov.min() < cfg.min_extent_ratio * fov.max():
+        raise VolumeError(
+            first,
+            f"field of view {' x '.join(f'{v:.4g}' for v in fov)} mm (shape {_fmt_shape(channels[0].shape[:3])}) is a "
+            f"slab, not a head: its shortest axis is {fov.min() / fov.max():.2g} of its longest (under "
+            f"{cfg.min_extent_ratio:g}); a localizer/scout or partial-coverage scan (VolumeConfig.min_extent_ratio "
+            "sets the limit, 0 turns it off)",
         )
     stacked = channels[0][None] if len(channels) == 1 else np.stack(channels)  # one channel: a view, no copy
     del channels, data  # several channels were copied into `stacked`

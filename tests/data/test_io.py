@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import re
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -210,6 +211,27 @@ def _datatype(code: int):
     return edit
 
 
+def _qform_only_pixdim(*spacing: float):
+    """qform_code 1 (identity quaternion), no sform, and these pixdim[1..3]."""
+    def edit(raw: bytearray) -> None:
+        raw[80:92] = np.array(spacing, "<f4").tobytes()
+        raw[252:256] = np.array([1, 0], "<i2").tobytes()  # qform_code, sform_code
+    return edit
+
+
+def _zero_sform(raw: bytearray) -> None:
+    """sform_code 1 with an all-zero sform beside a valid qform (code 1)."""
+    raw[252:256] = np.array([1, 1], "<i2").tobytes()
+    raw[280:328] = bytes(48)  # srow_x, srow_y, srow_z
+
+
+def _scaled(tmp_path: Path, slope: float, inter: float) -> Path:
+    img = nib.Nifti1Image((blob_volume() * 10).astype(np.int16), np.eye(4))
+    img.header.set_slope_inter(slope, inter)
+    nib.save(img, tmp_path / "scaled.nii.gz")
+    return tmp_path / "scaled.nii.gz"
+
+
 def _pixdim_only(*spacing: float):
     def edit(raw: bytearray) -> None:
         raw[80:92] = np.array(spacing, "<f4").tobytes()  # pixdim[1..3]
@@ -353,6 +375,26 @@ BAD_CASES = {
     "zero_pixdim_no_qform_sform": (lambda t: _patched(t, "pixdim0", _pixdim_only(0.0, 1.0, 1.0)),
                                    r"voxel size \(0, 1, 1\) mm in pixdim, and no qform or sform: the voxel "
                                    r"spacing is unknown"),
+    # fuzz round 11: with a qform and no sform the affine is built from pixdim too; nibabel's 1 mm stand-in
+    # for the zero was read as the scan's spacing
+    "zero_pixdim_qform_only": (lambda t: _patched(t, "pixdimq", _qform_only_pixdim(0.0, 2.0, 2.0), gz=False),
+                               r"voxel size \(0, 2, 2\) mm in pixdim, and no sform \(the qform's voxel sizes are "
+                               r"pixdim\): the voxel spacing is unknown$"),
+    # (nibabel's numpy arithmetic also left a RuntimeWarning and its source line on stderr)
+    "inf_pixdim_qform_only": (lambda t: _patched(t, "pixinfq", _qform_only_pixdim(np.inf, 2.0, 2.0), gz=False),
+                              r"affine has NaN/Inf entries$"),
+    "zero_sform_beside_a_valid_qform": (lambda t: _patched(t, "sform0", _zero_sform),
+                                        r"the sform \(code 1\) is broken: zero voxel spacing \(0, 0, 0\) mm "
+                                        r"\(singular affine\); the qform is usable: drop the sform"),
+    # was "constant volume (all voxels = 3e+38)": the scaling, not the data, made it constant
+    "scl_inter_beyond_float32_precision": (lambda t: _scaled(t, 1.0, 3e38),
+                                           r"the header's scaling \(scl_slope 1, scl_inter 3e\+38\) turns the stored "
+                                           r"values \(-?\d+ to \d+\) into one constant \(3e\+38\) in float32"),
+    # a 3-slice localizer (30 mm thick) filled every plane like a head and was cached as one
+    "localizer_slab": (lambda t: write_nifti(t / "scout.nii.gz", blob_volume((48, 48, 3)),
+                                             np.diag([4.8, 4.8, 10.0, 1.0])),
+                       r"field of view 230.4 x 230.4 x 30 mm \(shape \(48, 48, 3\)\) is a slab, not a head: its "
+                       r"shortest axis is 0.13 of its longest \(under 0.2\)"),
     # a header whose shape was cut (dim[3] 20 -> 10): half the scan loaded as if it were all of it
     "header_shape_cut_nii": (lambda t: _patched(t, "cut_shape", _dims(3, 24, 28, 10), gz=False),
                              r"the file holds 26880 bytes after the voxels its header describes \(shape \(24, 28, "
@@ -466,10 +508,13 @@ def _oblique(t: Path) -> Path:
 def test_bad_input_gives_one_line_error_naming_file(tmp_path, case):
     make, pattern = BAD_CASES[case]
     path = make(tmp_path)
-    with pytest.raises(VolumeError, match=pattern) as info:
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(VolumeError, match=pattern) as info:
+        warnings.simplefilter("always")
         load_volume(path)
     message = str(info.value)
     assert message.startswith(str(path)) and "\n" not in message
+    # numpy/nibabel warnings print their source line too and name no file: the one line says it all
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
@@ -789,6 +834,43 @@ def test_nibabel_repairs_leave_no_lines_on_stderr(tmp_path):
                                        "read as nibabel's default (LAS, from pixdim); axial/coronal/sagittal are wrong "
                                        "unless the voxels are stored in that order: set the sform (nibabel: "
                                        "img.set_sform(affine, code=1))"]
+
+
+def test_qform_and_sform_that_disagree_are_warned_once_per_file(tmp_path, caplog):
+    """Fuzz round 11: the sform (LAS) won over a qform saying RAS without a word: a tool that prefers the
+    qform shows the other hemisphere. And ``info`` reads a file twice: its warning came twice."""
+    img = nib.Nifti1Image(blob_volume(), np.eye(4))
+    img.set_qform(np.eye(4), code=1)
+    img.set_sform(np.diag([-1.0, 1.0, 1.0, 1.0]), code=1)
+    nib.save(img, tmp_path / "qs.nii.gz")
+    agree = nib.Nifti1Image(blob_volume(), np.eye(4))
+    agree.set_qform(np.eye(4), code=1)
+    agree.set_sform(np.eye(4), code=1)
+    nib.save(agree, tmp_path / "same.nii.gz")
+    with caplog.at_level("WARNING", logger="slice2vol.data.io"):
+        volume = load_volume(tmp_path / "qs.nii.gz")
+        load_volume(tmp_path / "qs.nii.gz")
+        load_volume(tmp_path / "same.nii.gz")
+    assert volume.original_orientation == ("L", "A", "S")  # read with the sform, as nibabel does
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'qs.nii.gz'}: the qform (RAS) and sform (LAS) disagree on the orientation; read with the "
+        "sform, as nibabel does: check the left-right and set both to the same affine"]
+
+
+def test_info_warns_once_for_a_file_without_orientation(tmp_path, capsys, caplog):
+    from slice2vol.cli import main
+
+    path = _patched(tmp_path, "noxform", _pixdim_only(2.0, 2.0, 2.0))
+    with caplog.at_level("WARNING", logger="slice2vol.data.io"):
+        assert main(["info", str(path), "--no-progress"]) == 0
+    assert len([r for r in caplog.records if "no qform or sform" in r.getMessage()]) == 1
+
+
+def test_a_localizer_is_loaded_when_the_slab_check_is_off(tmp_path):
+    path = write_nifti(tmp_path / "scout.nii.gz", blob_volume((48, 48, 3)), np.diag([4.8, 4.8, 10.0, 1.0]))
+    assert load_volume(path, VolumeConfig(min_extent_ratio=0)).data.shape[1:] == (48, 48, 3)
+    with pytest.raises(ValueError, match=r"min_extent_ratio must be a number in \[0, 1\], got 2"):
+        VolumeConfig(min_extent_ratio=2)
 
 
 def test_one_volume_stored_as_5d_is_a_volume(tmp_path):
