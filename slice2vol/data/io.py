@@ -1167,6 +1167,10 @@ def foreground_mask(data: np.ndarray, fraction: float = 0.5) -> np.ndarray:
     mask = np.zeros(data.shape[1:], dtype=bool)
     for channel in data:
         sample = channel[::2, ::2, ::2].ravel()
+        if sample.size and sample.min() == sample.max():
+            # every other voxel constant (content only on odd slices, e.g. one slice of a localizer):
+            # Otsu of a constant is below it, and the whole grid became foreground
+            sample = channel.ravel()
         mask |= channel > fraction * otsu_threshold(sample)
     return fill_holes(mask)
 

@@ -1010,6 +1010,17 @@ def test_foreground_of_intensities_near_the_float32_maximum():
     np.testing.assert_array_equal(mask, foreground_mask(head[None]))
 
 
+def test_foreground_of_content_on_odd_slices_only():
+    """Fuzz round 11: a scan whose only content is slice 1 (the strided Otsu sample missed it and was
+    constant) was 100% foreground."""
+    from slice2vol.data.io import foreground_mask
+
+    data = np.zeros((1, 20, 20, 3), np.float32)
+    data[0, 5:15, 5:15, 1] = 100.0
+    mask = foreground_mask(data)
+    assert mask.sum() == 100 and mask[5:15, 5:15, 1].all()
+
+
 def test_a_few_padding_bytes_after_the_voxels_are_accepted(tmp_path):
     """Less than one slice after the data (a writer's padding) is no sign of a wrong shape."""
     from slice2vol.data.io import read_nifti
