@@ -293,6 +293,36 @@ def cohort_store(tmp_path_factory):
     return root, name, Index.load(root / "index")
 
 
+def test_search_by_file_rebuilds_packaged_pretrained_weights(tmp_path):
+    """The README's pipeline: `cache --weights imagenet`, then `search --nifti` failed with "weights
+    file pretrained (recorded for tv/mobilenet_v2) not found here": the store records the word."""
+    from slice2vol.aggregate.store import aggregate_store
+    from slice2vol.data.manifest import load_manifest
+    from slice2vol.data.slicing import SliceConfig
+    from slice2vol.encoders.base import WeightsUnavailable, build_encoder
+    from slice2vol.extract import cache_cohort
+
+    try:
+        build_encoder("tv/mobilenet_v2", weights="imagenet", img_size=32)
+    except WeightsUnavailable as err:
+        pytest.skip(f"no packaged ImageNet MobileNetV2 here ({str(err)[:80]}...); make venv installs it")
+    manifest = _cohort(tmp_path, n=3)
+    report = cache_cohort(load_manifest(manifest), "tv/mobilenet_v2", tmp_path / "s.h5", weights="imagenet",
+                          encoder_kwargs={"img_size": 32}, slice_cfg=SliceConfig(size=32, stride=4), batch_size=16,
+                          progress=False)
+    assert report.ok, report.summary()
+    index = Index.from_store(tmp_path / "s.h5", aggregate_store(tmp_path / "s.h5", "mean", plot=False))
+    assert index.provenance["pipeline"]["weights_path"] == "pretrained"  # the word, not the file found
+    found = index.search_nifti(tmp_path / "s1.nii.gz", k=2)
+    assert found["subject_id"].iloc[0] == "s1" and found["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ProvenanceError, match="sha256"):  # another file is still refused
+        torch_file = tmp_path / "other.pth"
+        import torch
+
+        torch.save(build_encoder("tv/mobilenet_v2", img_size=32).state_dict(), torch_file)
+        index.search_nifti(tmp_path / "s1.nii.gz", k=2, weights=str(torch_file))
+
+
 def test_store_index_records_ids_labels_and_provenance(cohort_store):
     root, name, index = cohort_store
     assert sorted(index.ids) == [f"s{i}" for i in range(6)]

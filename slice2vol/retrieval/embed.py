@@ -29,7 +29,7 @@ def resolve_weights(pipeline: Mapping[str, Any], weights: str | None) -> str:
     Raises:
         ProvenanceError: the recorded file is missing here, or the given file is another checkpoint.
     """
-    from slice2vol.encoders.base import sha256_file
+    from slice2vol.encoders.base import PRETRAINED_WORDS, sha256_file
 
     kind = str(pipeline.get("weights") or "random")
     key = pipeline.get("encoder")
@@ -39,6 +39,12 @@ def resolve_weights(pipeline: Mapping[str, Any], weights: str | None) -> str:
                                   f"drop --weights {weights}")
         return kind
     expected = str(pipeline.get("weights_sha256") or "")
+    recorded = str(pipeline.get("weights_path") or "")
+    if weights in PRETRAINED_WORDS or (weights is None and recorded in PRETRAINED_WORDS):
+        # published weights found on this machine (`--weights imagenet` at caching time records the
+        # word, not where the file was): looked up again the same way, and the rebuilt parameters'
+        # sha256 (rebuild_encoder) proves they are the indexed ones
+        return str(weights or recorded)
     path = Path(weights if weights is not None else str(pipeline.get("weights_path") or ""))
     if not path.exists():
         raise ProvenanceError(f"weights file {path} (recorded for {key}) not found here; pass the same "
