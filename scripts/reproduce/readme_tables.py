@@ -93,12 +93,20 @@ def probe_tables(results: dict) -> str:
     paired gains over its random-init twin and the intensity control."""
     rows, paired = results.get("rows", []), results.get("paired", [])
     out = []
-    seg = [r for r in rows if r["task"] == "segmentation" and r["metric"] == "dice"]
-    if seg:
+    seg_all = [r for r in rows if r["task"] == "segmentation"]
+    if seg_all:
         primary = results.get("tasks", {}).get("segmentation", {}).get("primary_variant", "")
-        seg = [r for r in seg if str(r["variant"]).startswith(primary)] or seg
-        structures = list(dict.fromkeys(r["label"] for r in seg))
-        out += _grid(seg, "segmentation (Dice, mean over subjects [95% CI])", structures, structures)
+        for metric, corner in (("dice", "Dice, mean over subjects [95% CI]"),
+                               ("hd95_mm", "HD95 mm, median over subjects [95% CI]")):
+            chosen = [r for r in seg_all if r["metric"] == metric]
+            # a row's variant reads 'multilayer (strides 2/4/8/16 at 128 px)': grouped by the name before
+            # the set's own details; the primary variant first, then the others (DINOv2's `linear`)
+            base = {id(r): str(r["variant"]).split(" (")[0] for r in chosen}
+            variants = list(dict.fromkeys(base.values()))
+            for variant in sorted(variants, key=lambda v: v != primary):
+                part = [r for r in chosen if base[id(r)] == variant]
+                structures = list(dict.fromkeys(r["label"] for r in part))
+                out += _grid(part, f"segmentation {variant} ({corner})", structures, structures)
     ano = [r for r in rows if r["task"] == "anomaly"]
     if ano:
         primary = results.get("tasks", {}).get("anomaly", {}).get("primary_variant")
@@ -106,6 +114,7 @@ def probe_tables(results: dict) -> str:
         metric = {r["label"]: r["metric"] for r in ano}
         levels = list(metric)
         out += _grid(ano, f"anomaly ({primary or ''})", levels, [f"{lv} ({metric[lv]})" for lv in levels])
+        out += sweep_table(results.get("tasks", {}).get("anomaly", {}), primary)
     gains = [p for p in paired if p["task"] in ("segmentation", "anomaly") and p["metric"] in ("dice", "auroc")]
     if gains:
         out += ["| paired difference (same subjects) | measure | delta [95% CI] | p (Holm) |", "| --- | --- | --- | --- |"]
@@ -116,6 +125,26 @@ def probe_tables(results: dict) -> str:
                        f"{p['delta']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] | {p_txt} |")
         out.append("")
     return "\n".join(out)
+
+
+def sweep_table(anomaly: dict, primary: str | None) -> list[str]:
+    """Markdown lines of the anomaly difficulty sweep: one row per (set, contrast), one column per
+    radius, ``pixel AUROC / fraction detected`` (empty when the run had no sweep)."""
+    sweep, spec = anomaly.get("sweep") or {}, (anomaly.get("lesions") or {}).get("sweep") or {}
+    contrasts, radii = spec.get("contrasts") or [], spec.get("radii_mm") or []
+    if not sweep or not contrasts or not radii:
+        return []
+    lines = ["| sweep (pixel AUROC / detected) | " + " | ".join(f"radius {r:g} mm" for r in radii) + " |",
+             "| --- |" + " --- |" * len(radii)]
+    for name, per_variant in sweep.items():
+        per = per_variant.get(primary) if primary in per_variant else next(iter(per_variant.values()), {})
+        for c in contrasts:
+            cells = []
+            for r in radii:
+                cell = per.get(f"c{c:.2f}-r{r:g}mm", {})
+                cells.append(f"{cell.get('pixel_auroc', float('nan')):.2f} / {cell.get('detection_rate', float('nan')):.2f}")
+            lines.append(f"| {name}, \\|c\\| {c:g} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv=None) -> int:

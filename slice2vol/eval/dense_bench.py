@@ -472,7 +472,7 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
         for i, vox_l, lesion, sweep_peaks in pending:
             res["detected"][i], res["n_lesions"][i] = lesion_detection(vox_l, lesion, threshold)
             for name, peak in sweep_peaks.items():
-                res["sweep"][name]["detected"][i] = int(peak >= threshold)
+                res["sweep"][name]["detected"][i] = int(peak > threshold)  # as lesion_detection: above, not at
         del pending, healthy_vox
     scores, truth, owner = map(np.concatenate, (pooled_scores, pooled_truth, pooled_owner))
     res["pixel_pooled"] = _pooled_auroc(scores, truth, owner, n, n_bins, n_boot, seed)

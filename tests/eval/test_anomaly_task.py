@@ -55,6 +55,22 @@ def test_anomaly_task_levels_sweep_paired_and_cached_rerun(small, tmp_path, monk
     assert len(per["pixel_auroc"]) == len(cohort.subjects) == len(per["healthy"])
     assert len(res.figures) == 4 and all((ctx.out / f["png"]).exists() for f in res.figures)
     assert seg.rows and "lesions" in res.extras and "1-1 lesion(s)" in res.extras["lesions"]["description"]
+    # docs/probes.md's tables are printed from results.json by readme_tables.py --probes: Dice and HD95
+    # of every variant, the anomaly levels and the sweep
+    from tests.test_reproduce import _load
+
+    results = {"rows": seg.rows + res.rows, "paired": seg.paired + res.paired,
+               "tasks": {"segmentation": seg.extras, "anomaly": res.extras}}
+    printed = _load("readme_tables").probe_tables(results)
+    heads = [line for line in printed.splitlines() if line.startswith("| segmentation ")]
+    assert len(heads) == 3, heads  # Dice of multilayer and linear, HD95 of the primary (hd95: primary)
+    assert "| segmentation multilayer (HD95 mm, median over subjects [95% CI]) |" in printed
+    assert printed.index("segmentation multilayer (Dice") < printed.index("segmentation linear (Dice")
+    assert printed.count("| control:intensity | ") == 3  # its own row in the primary Dice and HD95, and anomaly
+    c = sweep["c0.80-r12mm"]
+    assert (f"| control:intensity, \\|c\\| 0.8 | {sweep['c0.80-r6mm']['pixel_auroc']:.2f} / "
+            f"{sweep['c0.80-r6mm']['detection_rate']:.2f} | {c['pixel_auroc']:.2f} / {c['detection_rate']:.2f} |"
+            in printed), printed
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("a cached rerun must not extract features")
