@@ -1,9 +1,10 @@
 """``slice2vol export``: one set of volume embeddings out of a feature store, as CSV, Parquet or npz.
 
 The file holds one row per subject: ``subject_id``, optionally the store's labels (``--labels``),
-then ``e0 .. e{D-1}``. The set's provenance (what made it: aggregator or 3D encoder, weights and their
-sha256, versions) travels with it: inside the npz (``provenance``, a JSON string) and the Parquet
-schema metadata (key ``slice2vol.provenance``), and always in a sidecar ``<out>.provenance.json``.
+then ``e0 .. e{D-1}`` (zero-padded to one width: ``e0000 .. e1279``). The set's provenance (what
+made it: aggregator or 3D encoder, weights and their sha256, versions) travels with it: inside the
+npz (``provenance``, a JSON string) and the Parquet schema metadata (key ``slice2vol.provenance``),
+and always in a sidecar ``<out>.provenance.json``.
 """
 
 from __future__ import annotations
