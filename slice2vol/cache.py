@@ -509,7 +509,12 @@ class _Segment:
             self._pid = os.getpid()
             if self._file.attrs.get("format") != FORMAT:
                 raise StoreError(f"{self.path}: not a slice2vol feature store (format attribute missing)")
-            version = int(self._file.attrs.get("format_version", 0))
+            raw_version = self._file.attrs.get("format_version", 0)
+            try:
+                version = int(raw_version)
+            except (TypeError, ValueError):
+                raise StoreCorrupt(f"{self.path}: attribute 'format_version' is {_str(raw_version)!r}, not a "
+                                   "whole number (edited by hand?)") from None
             if version > FORMAT_VERSION:
                 raise StoreError(f"{self.path}: store format {version} is newer than this slice2vol "
                                  f"({FORMAT_VERSION}); upgrade slice2vol")
@@ -999,8 +1004,13 @@ class FeatureStore:
     @property
     def embed_dim(self) -> int:
         for seg in self.segments:
-            for group in seg.file.get("planes", {}).values():
-                return int(group["features"].shape[1])
+            for plane, group in seg.file.get("planes", {}).items():
+                features = group["features"]
+                if len(features.shape) != 2 or features.dtype.kind != "f":
+                    raise StoreCorrupt(f"{seg.path}: planes/{plane}/features has shape {tuple(features.shape)} and "
+                                       f"dtype {features.dtype}, not (rows, dim) floats (edited by another "
+                                       "program?)")
+                return int(features.shape[1])
         raise ValueError(f"{self.path}: no slice features")
 
     def load_packed(self, subjects: Sequence[str], plane: str, *, meta: bool = False,

@@ -44,6 +44,13 @@ def open_store(store: Any, mode: str = "r"):
     return store
 
 
+def _first_damage(damaged: Sequence[str] | None, store: Any) -> str:
+    """The first damage message, without the store's path and the advice the caller gives once."""
+    if not damaged:
+        return "?"
+    return damaged[0].removeprefix(f"{getattr(store, 'path', '')}: ").split("; run `slice2vol cache verify")[0]
+
+
 def load_bags(store: Any, subjects: Sequence[str] | None = None, planes: Sequence[str] | None = None,
               *, tokens: bool = False, damaged: list[str] | None = None
               ) -> tuple[list[str], list[dict[str, PlaneBag]]]:
@@ -305,6 +312,10 @@ def aggregate_embeddings(
             if "task" in agg.get_params() and agg.task == "auto" and ltype in TASK_OF_LABEL_TYPE:
                 agg.set_params(task=TASK_OF_LABEL_TYPE[ltype])
         kept, train_bags = load_bags(store, fit_ids, use_planes, tokens=wants_tokens, damaged=damaged)
+        if fit_ids and not kept:
+            raise ValueError(f"{getattr(store, 'path', store_path)}: every training subject's cached features are "
+                             f"damaged (e.g. {_first_damage(damaged, store)}); nothing to fit (slice2vol cache verify "
+                             "lists them)")
         if len(kept) < len(fit_ids):
             keep = set(kept)
             y = None if y is None else y[[i for i, s in enumerate(fit_ids) if s in keep]]
@@ -329,6 +340,8 @@ def aggregate_embeddings(
         chunk_ids, bags = load_bags(store, ids[start:start + chunk], use_planes, tokens=wants_tokens,
                                     damaged=damaged)
         done += chunk_ids
+        if not chunk_ids:  # every subject of this chunk damaged: reported below
+            continue
         try:
             rows.append(agg.transform(bags))
         except BagError as err:
@@ -349,8 +362,9 @@ def aggregate_embeddings(
         damaged[:] = list(dict.fromkeys(damaged))  # a training subject is read twice: reported once
         ids = done
     if not ids:
-        raise ValueError(f"{getattr(store, 'path', store_path)}: every subject's cached features are damaged; "
-                         "nothing to aggregate (slice2vol cache verify lists them)")
+        raise ValueError(f"{getattr(store, 'path', store_path)}: every subject's cached features are damaged "
+                         f"(e.g. {_first_damage(damaged, store)}); nothing to aggregate (slice2vol cache verify "
+                         "lists them)")
     X = np.concatenate(rows).astype(np.float32)
     if not np.isfinite(X).all():
         bad = [ids[i] for i in np.where(~np.isfinite(X).all(1))[0][:5]]

@@ -159,6 +159,47 @@ def test_a_damaged_subject_is_left_out_and_the_rest_aggregated(tmp_path, capsys)
     assert "write damaged volume embeddings again" not in err
 
 
+@pytest.mark.parametrize("method", ["mean", "mil"])
+def test_every_subject_damaged_says_so_in_one_line(tmp_path, capsys, method):
+    """Fuzz round 12: 'no bags given' (no file, no cause) when every subject's rows were damaged."""
+    import h5py
+
+    from tests.test_cache import write_store
+
+    path = tmp_path / "s.h5"
+    write_store(path, ids=range(4))
+    with h5py.File(path, "a") as f:
+        f["planes/axial/features"][:, 0] += 1
+    extra = ["--label", "sex", "--train-ids", "all"] if method == "mil" else []
+    assert main(["aggregate", "--store", str(path), "--method", method, "--no-plot", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"slice2vol aggregate: error: {path}: every ") and "subject's cached features are " \
+        "damaged (e.g. subject 's0' axial features fail their checksum (the file is damaged)); nothing to " in err
+
+
+def test_a_store_edited_by_another_program_is_one_line(tmp_path, capsys):
+    """Fuzz round 12: a 1-D features dataset was an IndexError, a text format_version int()'s message."""
+    import h5py
+
+    from tests.test_cache import write_store
+
+    path = tmp_path / "s.h5"
+    write_store(path, ids=range(2))
+    with h5py.File(path, "a") as f:
+        n = f["planes/axial/features"].shape[0]
+        del f["planes/axial/features"]
+        f["planes/axial/features"] = np.zeros(n, np.float32)
+    assert main(["cache", "info", "--store", str(path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{path}: planes/axial/features has shape ({n},) and dtype "
+                                                    "float32, not (rows, dim) floats (edited by another program?)")
+    write_store(tmp_path / "v.h5", ids=range(2))
+    with h5py.File(tmp_path / "v.h5", "a") as f:
+        f.attrs["format_version"] = "two"
+    assert main(["cache", "info", "--store", str(tmp_path / "v.h5")]) == 2
+    assert capsys.readouterr().err.strip().endswith("v.h5: attribute 'format_version' is 'two', not a whole number "
+                                                    "(edited by hand?)")
+
+
 def test_an_embed_store_is_named_when_there_is_nothing_to_aggregate(tmp_path, capsys):
     from slice2vol.cache import FeatureStore
 
