@@ -1260,6 +1260,9 @@ class FeatureStore:
                 if expected and volume_sha256(ids, X) != expected:
                     raise StoreCorrupt(f"{seg.path}: volume embeddings {name!r} fail their checksum (the file is "
                                        "damaged); write them again (slice2vol aggregate / embed)")
+                if X.ndim != 2:
+                    raise StoreCorrupt(f"{seg.path}: volume embeddings {name!r} have shape {tuple(X.shape)}, not "
+                                       "(subjects, dims) (edited by another program?)")
                 if len(ids) != len(X):
                     raise StoreCorrupt(f"{seg.path}: volume embeddings {name!r}: {len(ids)} ids for {len(X)} rows")
                 if check_fresh:

@@ -198,6 +198,19 @@ def test_a_store_edited_by_another_program_is_one_line(tmp_path, capsys):
     assert main(["cache", "info", "--store", str(tmp_path / "v.h5")]) == 2
     assert capsys.readouterr().err.strip().endswith("v.h5: attribute 'format_version' is 'two', not a whole number "
                                                     "(edited by hand?)")
+    # a (N, D, 1) set of volume embeddings: pandas' "Per-column arrays must each be 1-dimensional"
+    from slice2vol.cache import FeatureStore
+
+    FeatureStore(tmp_path / "x.h5", mode="a").write_volume_embeddings("mean", ["a", "b"], np.ones((2, 3), np.float32))
+    with h5py.File(tmp_path / "x.h5", "a") as f:
+        group = f[next(k for k in ("volumes/mean", "volume_embeddings/mean") if k in f)]
+        del group["X"]
+        group["X"] = np.ones((2, 3, 1), np.float32)
+        group.attrs["checksum"] = ""
+    assert main(["export", "--store", str(tmp_path / "x.h5"), "--embeddings", "mean", "--out",
+                 str(tmp_path / "x.csv")]) == 2
+    assert capsys.readouterr().err.strip().endswith("x.h5: volume embeddings 'mean' have shape (2, 3, 1), not "
+                                                    "(subjects, dims) (edited by another program?)")
 
 
 def test_an_embed_store_is_named_when_there_is_nothing_to_aggregate(tmp_path, capsys):
