@@ -496,6 +496,11 @@ def test_out_of_range_index_parameters_are_refused(field, value):
     # a cut table showed neighbours with missing labels
     ("labels", r"labels.csv: not the file this index was built with \(sha256 differs from meta.json: cut or edited"),
     ("labels_unchecked", r"labels.csv: unreadable \(KeyError"),  # an index saved before labels had a sha256
+    # fuzz round 12: other JSON types in an edited meta.json were AttributeError tracebacks
+    ("meta_null", r"meta.json: not a readable index description \(TypeError: a JSON null, not an object\)"),
+    ("meta_provenance_list", r"meta.json: not a readable index description \(TypeError: provenance is a JSON array\)"),
+    ("meta_stats_string", r"meta.json: not a readable index description \(TypeError: stats is a JSON string\)"),
+    ("meta_kind", r"meta.json: not a readable index description \(TypeError: IndexConfig.kind: 'annoy' is not"),
 ])
 def test_a_damaged_index_folder_is_refused_naming_the_file(clustered, tmp_path, damage, message):
     """A swapped index.faiss (another encoder's vectors) used to be searched without a word; the others
@@ -511,6 +516,12 @@ def test_a_damaged_index_folder_is_refused_naming_the_file(clustered, tmp_path, 
         (target / "index.faiss").unlink()
     elif damage == "meta":
         (target / "meta.json").write_text("{bad")
+    elif damage.startswith("meta_"):
+        meta = json.loads((target / "meta.json").read_text())
+        meta = {"meta_null": None, "meta_provenance_list": {**meta, "provenance": []},
+                "meta_stats_string": {**meta, "stats": "x"},
+                "meta_kind": {**meta, "config": {**meta["config"], "kind": "annoy"}}}[damage]
+        (target / "meta.json").write_text(json.dumps(meta))
     elif damage == "labels":
         lines = (target / "labels.csv").read_text().splitlines(keepends=True)
         (target / "labels.csv").write_text("".join(lines[:5]))

@@ -516,11 +516,23 @@ class Index:
         _check_regular(meta_path)
         try:
             meta = json.loads(meta_path.read_text())
+            # an edited file may hold other JSON types: each is what `save` writes, or this is no index of ours
+            expected = {"config": dict, "ids": list, "stats": dict, "provenance": dict, "labels_sha256": str,
+                        "label_types": dict}
+            if not isinstance(meta, dict):
+                raise TypeError(f"a JSON {_json_kind(meta)}, not an object")
+            wrong = [f"{key} is a JSON {_json_kind(meta[key])}" for key, kind in expected.items()
+                     if key in meta and meta[key] is not None and not isinstance(meta[key], kind)]
+            if wrong:
+                raise TypeError(", ".join(wrong))
             if meta.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"{directory}: index format {meta.get('format_version')} is not "
                                  f"{FORMAT_VERSION}; rebuild it with this version of slice2vol")
-            cfg = from_dict(IndexConfig, meta["config"])
             meta["ids"], meta["stats"]  # noqa: B018 - present, or the folder is not one we wrote
+            try:
+                cfg = from_dict(IndexConfig, meta["config"])
+            except ValueError as err:  # e.g. kind 'annoy': the file's fault, so the file is named
+                raise TypeError(str(err)) from None
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{meta_path}: not a readable index description ({type(err).__name__}: "
                              f"{' '.join(str(err).split())[:100]}); rebuild the index") from None
@@ -882,3 +894,12 @@ def _manifest_images(manifest: str | Path) -> dict[str, dict[str, str]]:
 
     cohort = load_manifest(manifest)
     return {s.subject_id: {m: str(Path(p).resolve()) for m, p in s.images.items()} for s in cohort.subjects}
+
+
+def _json_kind(value: Any) -> str:
+    """JSON's own name of a parsed value's type (``null``, ``array``, ...), for messages about a file."""
+    for kind, name in ((type(None), "null"), (bool, "boolean"), (dict, "object"), (list, "array"), (str, "string"),
+                       ((int, float), "number")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
