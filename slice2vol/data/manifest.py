@@ -270,6 +270,19 @@ def load_manifest(
             log.warning("%s: column %r is read as a label although %d of its cells name NIfTI files; name it in "
                         "image_columns to read it as images", path, column, named)
     types = {c: infer_label_type(table[c]) for c in label_columns}
+    for column, kind in (label_types or {}).items():
+        # a typo ('ordinal') or continuous over text cells ended in float()'s message much later
+        if kind not in ("categorical", "continuous"):
+            raise ManifestError(f"{path}: label type {kind!r} of {column!r} is not 'categorical' or 'continuous'")
+        if column not in label_columns:
+            raise ManifestError(f"{path}: a label type is given for {column!r}, which is not a label column "
+                                f"({', '.join(map(repr, label_columns)) or 'none'})")
+        if kind == "continuous":
+            numbers = pd.to_numeric(table[column], errors="coerce")
+            bad = table[column][numbers.isna() & table[column].notna()]
+            if len(bad):
+                raise ManifestError(f"{path}: label {column!r} is given as continuous, but {len(bad)} cell(s) are not "
+                                    f"numbers (e.g. {str(bad.iloc[0])!r}); make it categorical or clean the column")
     types.update(label_types or {})
     return _build_cohort(table, root, str(path), id_column, list(image_columns), seg_column,
                          map_columns, types)

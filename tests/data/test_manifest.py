@@ -83,6 +83,23 @@ def test_missing_file_reported_and_others_load(tmp_path):
     assert "gone.nii.gz" in cohort.failures[0].message and "file not found" in cohort.failures[0].message
 
 
+@pytest.mark.parametrize("types, message", [
+    ({"sex": "ordinal"}, "label type 'ordinal' of 'sex' is not 'categorical' or 'continuous'"),
+    ({"sex": "continuous"}, "label 'sex' is given as continuous, but 2 cell(s) are not numbers (e.g. 'M'); make it "
+                            "categorical or clean the column"),
+    ({"height": "continuous"}, "a label type is given for 'height', which is not a label column ('sex', 'age')"),
+])
+def test_label_types_are_checked_against_the_manifest(tmp_path, types, message):
+    """Fuzz round 12: a typo'd type was accepted and ended in float()'s message inside the splits."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,sex,age\na,img/a.nii.gz,M,30\nb,img/b.nii.gz,F,40\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(csv, label_types=types)
+    assert str(err.value) == f"{csv}: {message}"
+    assert load_manifest(csv, label_types={"age": "categorical"}).label_types["age"] == "categorical"
+
+
 def test_a_url_or_windows_path_in_a_manifest_says_so(tmp_path):
     """Fuzz round 11: 'https://host/x.nii.gz' was folded to '<manifest folder>/https:/host/x.nii.gz' and
     'sub\\a.nii.gz' reported missing beside an existing 'sub/a.nii.gz', both as plain 'file not found'."""
