@@ -7,8 +7,10 @@ from safetensors, torch's zip reader or json, none naming the file or saying wha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -79,13 +81,23 @@ def read_torch_state(path: str | Path, map_location: Any = "cpu", hint: str = RE
     path = Path(path)
     _check_file(path, hint)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with _no_pickle_protocol_warning():
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip reader, unpickler refusals, OS errors: one line
         raise CheckpointError(f"{path}: damaged, or not a checkpoint this package wrote ({_short(err)}); "
                               f"{hint}") from None
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@contextlib.contextmanager
+def _no_pickle_protocol_warning() -> Iterator[None]:
+    """Hides torch's "Detected pickle protocol N in the checkpoint" UserWarning (two lines on stderr,
+    naming no file): the safe loader's refusal that follows is reported in one line by the caller."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*pickle protocol", category=UserWarning)
+        yield
 
 
 def _kind(path: Path) -> tuple[str, bytes]:
@@ -243,7 +255,8 @@ def _read_weights(path: Path) -> Any:
         raise ValueError(f"{path}: not a checkpoint (neither safetensors, a PyTorch zip archive nor a pickle; "
                          f"it starts with {head[:12]!r})")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with _no_pickle_protocol_warning():
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip reader, unpickler refusals, OS errors: one line
         text = _ANSI.sub("", " ".join(str(err).split()))
         objects = sorted(set(re.findall(r"(?:Unsupported global|GLOBAL|global) ?:? ?([A-Za-z_][\w.]*\.[A-Za-z_]\w*)",
