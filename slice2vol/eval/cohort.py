@@ -65,7 +65,8 @@ def labels_of(cohort, cfg: ExperimentConfig):
     wanted = cfg.cohort.labels or [c for c in types]
     missing = [c for c in wanted if c not in labels.columns]
     if missing:
-        raise ValueError(f"label(s) {missing} not in the manifest (columns: {list(labels.columns)})")
+        where = getattr(cohort, "source", "") or "the manifest"
+        raise ValueError(f"{where}: label(s) {missing} not in the manifest (columns: {list(labels.columns)})")
     return labels, {c: types[c] for c in wanted}
 
 

@@ -274,6 +274,10 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
         cfg = _config.from_dict(ExperimentConfig, data, str(path))
     except ConfigError as err:
         raise _config.blame_override(err, overrides) from None
+    except ValueError as err:  # a section's own range check ('splits.n_folds must be ...'): name the file
+        text = str(err)
+        blamed = next((item for item in overrides if text.startswith(item.split("=", 1)[0].strip() + " ")), None)
+        raise ConfigError(f"{path}: " + (f"override {blamed!r}: " if blamed else "") + text) from None
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"{path}: unknown task(s) {unknown}; known: {sorted(TASKS)}")
@@ -288,9 +292,15 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
              + [e.name for e in cfg.features] + list(cfg.baselines.sets) + (["chance"] if cfg.baselines.chance else []))
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: set and encoder names must be unique, got {names}")
+    from slice2vol.aggregate import AGGREGATORS
+
     for entry in cfg.encoders:
         if not entry.key and not entry.store:
             raise ConfigError(f"{path}: encoder {entry.name!r} needs a key (with weights) or a store")
+        odd = [a for a in entry.aggregators if a not in AGGREGATORS]
+        if odd:  # found only after its slice features were cached
+            raise ConfigError(f"{path}: encoder {entry.name!r}: unknown aggregator(s) {odd}; known: "
+                              f"{', '.join(sorted(AGGREGATORS))}")
     for entry in cfg.encoders3d:
         if entry.pretrain_on == "manifest" and not entry.pretrain_manifest:
             raise ConfigError(f"{path}: encoders3d {entry.name!r}: pretrain_on=manifest needs pretrain_manifest")

@@ -8,6 +8,7 @@ with one line naming the key and the rule.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,25 @@ GRID = "must hold at least one value, each finite and > 0"
 def test_a_value_no_run_can_honour_is_refused_at_load(override, message):
     with pytest.raises(ValueError) as info:
         load_experiment(CI, [override])
-    assert str(info.value) == message
+    # the file and the override that brought the value (fuzz round 12: neither was named)
+    assert str(info.value) == f"{CI}: override {override!r}: {message}"
+
+
+def test_a_bad_value_in_the_file_and_an_unknown_aggregator_name_the_file(tmp_path):
+    import yaml
+
+    data = yaml.safe_load(CI.read_text())
+    data["splits"] = {**(data.get("splits") or {}), "n_folds": 1}
+    (tmp_path / "folds.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError) as info:
+        load_experiment(tmp_path / "folds.yaml")
+    assert str(info.value) == f"{tmp_path / 'folds.yaml'}: splits.n_folds must be a whole number >= 2, got 1"
+    data = yaml.safe_load(CI.read_text())
+    data["encoders"][0]["aggregators"] = ["mean", "bogus"]
+    (tmp_path / "agg.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'agg.yaml'))}: encoder '[^']+': unknown "
+                                         r"aggregator\(s\) \['bogus'\]; known: fusion, gem, "):
+        load_experiment(tmp_path / "agg.yaml")
 
 
 def test_yaml_1_2_numbers_reach_the_experiment_as_numbers():
@@ -50,7 +69,7 @@ def test_bench_refuses_in_one_line_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["bench", "--config", str(CI), "--out", str(out), "--no-progress", "linear.Cs=[]"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"slice2vol bench: error: linear.Cs {GRID}, got []"
+    assert err == f"slice2vol bench: error: {CI}: override 'linear.Cs=[]': linear.Cs {GRID}, got []"
     assert not out.exists()
 
 
