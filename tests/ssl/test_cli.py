@@ -60,6 +60,10 @@ def test_pretrain_cli_convention_overrides_with_list_indices_and_subjects(blob_m
     assert main(["pretrain", "--manifest", str(blob_manifest), "--out", str(out), "--no-progress",
                  "train.learning_rate=1"]) == 2
     assert "unknown key(s) ['learning_rate']" in capsys.readouterr().err
+    # an ID the --subjects file names but the manifest lacks: the file is named (was the manifest)
+    subjects.write_text("s0\nnobody\n")
+    assert main([*argv[:-2], "--no-resume"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{subjects}: 1 subject ID(s) not in the manifest, e.g. ['nobody']")
 
 
 def _tiny_run(blob_manifest, tmp_path):
