@@ -210,10 +210,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     """
     from slice2vol.ssl import build_method
 
+    from slice2vol.checkpoint_io import CheckpointError
+
     path, meta = read_checkpoint_meta(path)
     hint = "give the folder of a complete SSL run (<run dir>/last)"
-    cfg = from_dict(SSLConfig, meta["config"])
-    model = build_method(cfg)
+    try:
+        cfg = from_dict(SSLConfig, meta["config"])
+        model = build_method(cfg)
+    except (ValueError, KeyError, TypeError) as err:  # an edited config: the file is named
+        text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)  # KeyError quotes itself
+        raise CheckpointError(f"{path / 'meta.json'}: its config cannot be rebuilt "
+                              f"({' '.join(text.split())[:200]}); {hint}") from None
     missing, unexpected = load_state(model, read_safetensors(path / "model.safetensors", hint), path, hint,
                                      strict=False)
     if missing or unexpected:

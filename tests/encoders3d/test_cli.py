@@ -165,6 +165,11 @@ def test_a_bad_levels_option_is_one_clear_line(key, levels, head_manifest, tmp_p
     ("{}", "meta.json: missing key(s) ['method', 'spatial_dims', 'config']"),
     ('{"method": "simclr", "spatial_dims": 3, "config": []}', "meta.json: config is [], expected a JSON object"),
     ('{"method": ', "meta.json: damaged"),
+    # fuzz round 12: an edited config's own error named no file
+    ('{"method": "bogus", "spatial_dims": 3, "config": {"method": "bogus"}}',
+     "meta.json: its config cannot be rebuilt (unknown ssl method 'bogus'. Known: autoencoder, "),
+    ('{"method": "simclr", "spatial_dims": 3, "config": {"method": "simclr", "data": {"volume_size": [-4, 8, 8]}}}',
+     "meta.json: its config cannot be rebuilt (data.volume_size must be 3 whole numbers >= 1, got [-4, 8, 8])"),
     (None, "run: no such checkpoint folder"),
 ])
 def test_a_bad_checkpoint_is_one_line_naming_the_file(meta, expected, head_manifest, tmp_path, capsys):
