@@ -30,7 +30,26 @@ class ConfigError(ValueError):
 
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading YAML 1.2 floats too: PyYAML follows YAML 1.1, whose floats need a
-    dot and a signed exponent, so ``lr: 1e-3`` or ``p=1e6`` came through as the strings '1e-3', '1e6'."""
+    dot and a signed exponent, so ``lr: 1e-3`` or ``p=1e6`` came through as the strings '1e-3', '1e6'.
+    A key given twice in one mapping is refused: PyYAML keeps the last silently, so a second
+    ``encoders:`` block replaced the first without a word (YAML 1.2 requires unique keys)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            # plain keys only: a merge key (<<) may repeat what it merges, and complex keys are PyYAML's
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (line {first.line + 1} and line "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 # only values with an exponent: the ones with a dot (1.5, .5, 1.) are YAML 1.1 floats already

@@ -44,6 +44,21 @@ def test_bad_overrides_say_what_is_wrong(override, message):
     assert message in str(err.value)
 
 
+def test_a_key_given_twice_is_refused_and_merge_keys_still_work(tmp_path):
+    """Fuzz round 12: PyYAML keeps the last of two equal keys, so a second `encoders:` block silently
+    replaced the first."""
+    from slice2vol.config import ConfigError, load_yaml, read_yaml
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("encoders: [{name: a}]\nseed: 1\nencoders: [{name: b}]\n")
+    with pytest.raises(ConfigError) as info:
+        read_yaml(twice)
+    assert str(info.value).startswith(f"{twice}: cannot read config (key 'encoders' appears twice in one mapping "
+                                      "(line 1 and line 3)")
+    assert load_yaml("base: &b {x: 1, y: 1}\nz:\n  <<: *b\n  y: 2\n")["z"] == {"x": 1, "y": 2}
+    assert load_yaml("a: {b: 1}\nc: {b: 2}\n") == {"a": {"b": 1}, "c": {"b": 2}}  # same key, other mappings
+
+
 def test_a_malformed_yaml_file_is_one_line(tmp_path):
     """YAML parse errors span several lines (with a caret); the rule is one line naming the file."""
     from slice2vol.config import ConfigError, load_config
