@@ -69,6 +69,17 @@ def test_lesions_that_cover_no_voxel_or_the_whole_brain_are_named(radius, messag
         simulate_lesions(_ball(), np.random.default_rng(0), cfg)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_lesion_one_voxel_across_is_its_strongest_voxel(seed):
+    """The demo's sweep (radius 4 mm on a ~4 mm grid): the blur left every voxel below half contrast,
+    so the draw raised 'cover no voxel' and the whole anomaly task of a set was skipped."""
+    cfg = LesionConfig(n_lesions=(1, 1), radius_mm=(4.0, 4.0), contrast=(0.5, 0.5), sign="hypo", erode=0)
+    volume = _ball(spacing=4.05)  # the 4 mm sphere holds its centre voxel, not the neighbours
+    sick, lesion = simulate_lesions(volume, np.random.default_rng(seed), cfg)
+    change = volume.data[0] - sick.data[0]
+    assert lesion.sum() >= 1 and change[lesion].min() == change.max() > 0  # the most changed voxel(s)
+
+
 def test_an_hd95_row_with_missed_structures_keeps_a_bounded_lower_end_and_no_nan_upper_end(recwarn):
     """HD95 is inf where a prediction missed the structure; the interval used to interpolate inf - inf
     (NaN) and print numpy warnings. The nearest order statistics outward give (finite, inf)."""
