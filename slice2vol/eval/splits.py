@@ -245,7 +245,27 @@ def make_splits(
             "group": cfg.group, "kind": kind, "stratified": strata is not None}
     splits = SubjectSplits(ids, folds, meta)
     splits.validate()
+    same = _repeated_partitions(splits)
+    if same:
+        # few subjects leave few ways to split them: such a repeat re-scores the same folds, so the
+        # fold-mean estimates and intervals count it as new evidence it is not
+        log.warning("repeat(s) %s split the subjects exactly like an earlier repeat (%s): with %d subjects the "
+                    "repeats add no new folds; fewer splits.n_repeats, or more subjects",
+                    ", ".join(map(str, same)), ", ".join(f"{r} = {q}" for r, q in same.items()), n)
     return splits
+
+
+def _repeated_partitions(splits: "SubjectSplits") -> dict[int, int]:
+    """repeat -> the earlier repeat whose test folds are the same sets of subjects (in any order)."""
+    seen: dict[frozenset, int] = {}
+    same: dict[int, int] = {}
+    for r in range(splits.n_repeats):
+        partition = frozenset(frozenset(f.test) for f in splits.repeat(r))
+        if partition in seen:
+            same[r] = seen[partition]
+        else:
+            seen[partition] = r
+    return same
 
 
 def split_definition(subject_ids: Sequence[str], y: Sequence | None, kind: str, groups: Sequence | None,

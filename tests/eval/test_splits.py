@@ -267,3 +267,19 @@ def test_continuous_targets_are_stratified_by_quantile_bins():
     bin_of = dict(zip(ids, values.astype(int) // 4))
     for fold in splits.folds:
         assert sorted(bin_of[s] for s in fold.test) == [0, 1, 2], (fold.repeat, fold.fold)
+
+
+def test_a_repeat_that_splits_like_an_earlier_one_is_warned(caplog):
+    """4 subjects of two classes in 2 stratified folds have 2 partitions: of 3 repeats, one must repeat
+    an earlier one (pigeonhole), and fold-mean intervals would count it as new evidence."""
+    from slice2vol.eval.splits import SplitConfig, _repeated_partitions, make_splits
+
+    with caplog.at_level("WARNING", logger="slice2vol.eval.splits"):
+        small = make_splits(["a", "b", "c", "d"], ["x", "x", "y", "y"], cfg=SplitConfig(n_folds=2, n_repeats=3))
+    same = _repeated_partitions(small)
+    assert same and all(q < r for r, q in same.items())
+    assert [r.getMessage() for r in caplog.records if "exactly like an earlier repeat" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slice2vol.eval.splits"):
+        big = make_splits([f"s{i}" for i in range(40)], ["x", "y"] * 20, cfg=SplitConfig(n_folds=5, n_repeats=3))
+    assert _repeated_partitions(big) == {} and not caplog.records
