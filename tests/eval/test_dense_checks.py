@@ -4,6 +4,8 @@ larger than the brain, a primary variant that is not a variant (fuzz round 9).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -97,3 +99,23 @@ def test_an_hd95_row_with_missed_structures_keeps_a_bounded_lower_end_and_no_nan
     boots = [finite[rng.integers(0, 8, 8)].mean() for _ in range(200)]
     row = _row("segmentation", "gm", "enc", "linear", "dice", finite, fold_of, 2, 200, 0)
     assert (row["ci_low"], row["ci_high"]) == (np.quantile(boots, 0.025), np.quantile(boots, 0.975))
+
+
+def test_every_lesion_setting_of_the_demo_draws_lesions_on_the_demo_grid(tmp_path):
+    """The demo's difficulty sweep (4 mm radius) on its own ~4 mm synthetic grid failed every draw,
+    which skipped the anomaly task of every set while `make demo` exited 0."""
+    from slice2vol.data.manifest import load_manifest
+    from slice2vol.data.synthetic import make_cohort
+    from slice2vol.eval.experiment import load_experiment
+    from slice2vol.eval.lesions import LesionSampler, sweep_settings
+
+    cfg, _ = load_experiment(Path(__file__).resolve().parents[2] / "configs" / "experiments" / "demo.yaml")
+    synthetic = dict(cfg.cohort.synthetic or {})
+    synthetic.update(n_subjects=1)
+    volume = next(load_manifest(make_cohort(tmp_path, progress=False, **synthetic)).iter_volumes())
+    sampler = LesionSampler(volume)
+    settings = [("main", cfg.anomaly.lesions)] + sweep_settings(cfg.anomaly.sweep)
+    for name, lcfg in settings:
+        for seed in range(3):
+            _, lesion = sampler.draw(np.random.default_rng([seed, 7]), lcfg)
+            assert lesion.any(), (name, seed)
