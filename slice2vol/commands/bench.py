@@ -61,4 +61,12 @@ def run(args: argparse.Namespace) -> int:
     if not result["rows"]:
         print("[bench] no result: every task or label was skipped (the report's 'Skipped' section says why)",
               file=sys.stderr)
-    return 1 if failed or not result["rows"] else 0
+    # a task asked for that gave no row at all: every set of it failed (the demo's anomaly task once did,
+    # with only warnings in the log and exit 0)
+    empty = [t for t in result["results"]["config"].get("tasks", []) if result["rows"]
+             and not any(r.get("task") == t for r in result["rows"])]
+    for task in empty:
+        why = next((e["reason"] for e in result["results"].get("skipped", []) if str(e.get("name", "")).startswith(
+            f"{task}:")), "see the report's 'Skipped' section")
+        print(f"[bench] task {task!r} gave no result: {why}", file=sys.stderr)
+    return 1 if failed or not result["rows"] or empty else 0
