@@ -348,7 +348,9 @@ class _Encoder:
             features = _to_pinned_host(features)
             tokens = None if tokens is None else _to_pinned_host(tokens)
             event = torch.cuda.Event()
-            event.record()
+            # this device's stream: Event.record() takes the *current* device's, GPU 0 unless set, where
+            # nothing of cuda:1's is queued, and wait() then read the pinned buffer mid-copy
+            event.record(torch.cuda.current_stream(self.device))
         else:
             event = None
         self.seconds += time.perf_counter() - start
@@ -581,6 +583,10 @@ def cache_cohort(
     dev = torch.device(checked_device(device))
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if dev.type == "cuda" and dev.index is not None:
+        # every implicit CUDA call (streams, events, a library's own allocations) then goes to this
+        # GPU, not to GPU 0 (a shard on cuda:1 also opened a context on GPU 0)
+        torch.cuda.set_device(dev)
     reader_ = resolve_reader(reader, dev)
     if isinstance(encoder_key, str):
         with torch.random.fork_rng(devices=[]):

@@ -28,7 +28,7 @@ import re
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -626,18 +626,28 @@ def pick_batch_size(encoder: Encoder, device: str | torch.device | None = None, 
     height, width = encoder.info.input_size
     in_chans = encoder.info.in_chans
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        peaks = []
-        for n in (1, 2):
+        def peak_of(n: int) -> int:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             with torch.inference_mode():
                 encoder.encode(torch.rand(n, in_chans, height, width, device=device))
             torch.cuda.synchronize(device)
-            peaks.append(torch.cuda.max_memory_allocated(device) - base)
-        per_slice = max(peaks[1] - peaks[0], 1)
-        fit = int((free * fraction - peaks[0]) // per_slice)
+            return torch.cuda.max_memory_allocated(device) - base
+
+        # an unmeasured first pass: it allocates what stays (cuBLAS/cuDNN workspaces, 8-32 MiB), which
+        # counted in the first probe only and made the per-slice difference <= 0 (-> max_batch always)
+        peak_of(1)
+        peaks = {}
+        for n in PROBE_BATCHES:
+            try:
+                peaks[n] = peak_of(n)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                break
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
+        fit = batch_that_fits(free * fraction, peaks)
     else:
         available = _available_ram()
         # fp32 activations of a forward pass: a generous 64 copies of the input image per slice
@@ -648,6 +658,36 @@ def pick_batch_size(encoder: Encoder, device: str | torch.device | None = None, 
     while batch * 2 <= min(fit, max_batch):
         batch *= 2
     return batch
+
+
+#: the batch sizes whose peak memory ``pick_batch_size`` measures on CUDA after a warm-up pass
+PROBE_BATCHES = (2, 8)
+
+
+def batch_that_fits(budget: float, peaks: Mapping[int, int]) -> int:
+    """The largest batch whose activation memory fits ``budget`` bytes, from measured peaks.
+
+    Args:
+        budget: bytes the batch may use.
+        peaks: batch size -> peak bytes above the model's own, for the probe sizes that ran.
+
+    Memory is modelled as ``fixed + n * per_slice``: ``per_slice`` is the slope between the two
+    largest probes; a slope that noise or the allocator's rounding makes small (under a tenth of the
+    largest probe's bytes per slice) is replaced by that conservative bytes-per-slice, which charges
+    the fixed part to every slice.
+    """
+    sizes = sorted(peaks)
+    if not sizes:
+        return 1  # even the smallest probe did not fit
+    b = sizes[-1]
+    per_slice = peaks[b] / b
+    if len(sizes) > 1:
+        a = sizes[-2]
+        slope = (peaks[b] - peaks[a]) / (b - a)
+        if slope >= 0.1 * per_slice:
+            per_slice = slope
+    fixed = max(peaks[b] - b * per_slice, 0.0)
+    return max(int((budget - fixed) // max(per_slice, 1.0)), 1)
 
 
 def _available_ram() -> int | None:

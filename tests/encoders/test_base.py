@@ -354,3 +354,15 @@ def test_compiled_forward_matches_eager():
         eager = enc.encode(x)
         enc.optimize(compile=True)
         assert torch.allclose(enc.encode(x), eager, atol=1e-5)
+
+
+def test_batch_that_fits_models_fixed_plus_per_slice_memory():
+    """The CUDA probe's arithmetic (GPU review: a first probe holding the cuBLAS workspace made the
+    per-slice difference <= 0, and every model got max_batch). Hand-computed cases."""
+    from slice2vol.encoders.base import batch_that_fits
+
+    assert batch_that_fits(10_050, {2: 250, 8: 850}) == 100  # fixed 50 + 100 per slice
+    # a slope that rounding made negative: the largest probe's bytes per slice, fixed part charged too
+    assert batch_that_fits(9_900, {2: 1_000, 8: 990}) == int(9_900 // (990 / 8))
+    assert batch_that_fits(1_000, {2: 400}) == 5  # one probe ran (the next did not fit): 200 per slice
+    assert batch_that_fits(1_000, {}) == 1 and batch_that_fits(10, {2: 250, 8: 850}) == 1
