@@ -70,7 +70,7 @@ for amp in fp32 bf16; do
   extra=(); [[ "$amp" == bf16 ]] && extra=(--amp bf16)
   "$PYTHON" scripts/bench_encoders.py --device "$DEVICE" --variants project --rounds "$ROUNDS" \
     --repeats "$REPEATS" --warmup 3 --batch-size auto --max-batch 512 --ceiling-size "$CEILING" \
-    --encoders $ENCODERS "${extra[@]}" \
+    --encoders $ENCODERS ${extra[@]+"${extra[@]}"} \
     --json "$OUT/encoders_$amp.json" 2>&1 | tee "$OUT/encoders_$amp.log"
 done
 

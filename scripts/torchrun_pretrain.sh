@@ -25,7 +25,13 @@
 set -euo pipefail
 COMMAND=${S2V_COMMAND:-pretrain}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-    NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+        # the GPUs this job may use (SLURM without device cgroups sets only this; empty: none), where
+        # nvidia-smi lists them all
+        NPROC_PER_NODE=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . || true)
+    else
+        NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+    fi
     [ "${NPROC_PER_NODE:-0}" -ge 1 ] || NPROC_PER_NODE=1
 fi
 # Divide the cores of a node between its processes (torchrun would set 1 thread each otherwise);

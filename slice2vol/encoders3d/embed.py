@@ -411,6 +411,13 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
         try:
             x = encoder.embed_volume(volume, window).numpy().astype(np.float32)
         except (ValueError, RuntimeError) as err:  # e.g. a volume too small for the network
+            if "CUDA error" in str(err):
+                # a device-side assert or illegal access leaves the CUDA context unusable: every later
+                # subject would fail the same way, so the job stops here, keeping its finished rows for
+                # the rerun
+                if fresh:
+                    _save_partial(side, identity, fresh)
+                raise
             message = " ".join(str(err).split())[:300]
             source = subject.images[next(iter(subject.images))] if subject.images else ""
             report.failures.append(Failure(subject.subject_id, str(source), f"{source}: {message}"))

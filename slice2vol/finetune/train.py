@@ -499,8 +499,10 @@ def run_finetune(cfg: FinetuneConfig, cohort, out_dir: str | Path, *, volume_cfg
     env = init_distributed(device.type)
     try:
         configure_threads(env)
-        if device.type == "cuda" and env.distributed and device.index is None:
-            device = torch.device("cuda", env.local_rank)
+        if device.type == "cuda" and env.distributed:
+            from slice2vol.ssl.trainer import _train_device
+
+            device = _train_device(cfg.train.device, env)  # the rank's GPU; another explicit index refused
         if subject_ids is not None:
             ids = list(subject_ids)
             unknown = sorted(set(ids) - {s.subject_id for s in cohort.subjects})

@@ -132,6 +132,9 @@ def time_step(model: torch.nn.Module, batch: torch.Tensor,
     probe = copy.deepcopy(model).train()
     timer = StepTimer(device or batch.device)
     rng = torch.get_rng_state()
+    # the GPU's too: MAE masks and genesis permutations are drawn there, and a budgeted run's first
+    # step would otherwise differ from the same run without the timing probe
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     times = []
     try:
         for _ in range(max(1, repeats) + 1):
@@ -141,6 +144,8 @@ def time_step(model: torch.nn.Module, batch: torch.Tensor,
             times.append(timer.end())
     finally:
         torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
     times = sorted(times[1:])
     return times[len(times) // 2]
 

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -323,7 +324,11 @@ def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> P
 def _train_device(name: str, env) -> torch.device:
     """The run's device; under DDP on CUDA the GPU of this process's local rank."""
     device = resolve_device(name)
-    if device.type == "cuda" and env.distributed and device.index is None:
+    if device.type == "cuda" and env.distributed:
+        if device.index is not None and device.index != env.local_rank:
+            # every rank would build its DDP replica on that one GPU: NCCL's "duplicate GPU" or a hang
+            raise ValueError(f"train.device={name} under torchrun: each process trains on the GPU of its "
+                             f"LOCAL_RANK ({env.local_rank} here); give cuda without an index")
         device = torch.device("cuda", env.local_rank)
     return device
 
@@ -484,7 +489,15 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
     model.to(device).train()
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if tc.deterministic:
-        torch.use_deterministic_algorithms(True)
+        if device.type == "cuda":
+            # cuBLAS refuses deterministic mode without a fixed workspace (a RuntimeError at the first
+            # matmul), and some backward passes (trilinear upsampling, adaptive pooling, grid_sample)
+            # have no deterministic CUDA kernel: those warn instead of stopping the run
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        else:
+            torch.use_deterministic_algorithms(True)
 
     last = out_dir / "last"
     state = _resume_state(last, extra_meta, cfg) if resume else None

@@ -313,3 +313,27 @@ def test_a_non_finite_embedding_fails_its_subject_naming_the_file(head_manifest,
     message = report.failures[0].message
     assert message.startswith(str(head_manifest.parent / "nii" / "s1.nii.gz") + ": the embedding is not finite")
     assert "as given to 3d/monai_resnet10: rescale the image" in message
+
+
+def test_a_sticky_cuda_error_stops_the_job_and_keeps_the_finished_rows(head_manifest, tmp_path, monkeypatch):
+    """GPU review: a device-side assert leaves the CUDA context unusable, and each later subject was
+    recorded as failing with the same error; the job stops instead, and a rerun resumes the rows done."""
+    cohort = load_manifest(head_manifest)
+    enc = build_encoder3d("3d/monai_resnet10", **KW)
+    original = type(enc).embed_volume
+    calls: list[str] = []
+
+    def broken_device(self, volume, sliding_window=None):
+        calls.append(volume.subject_id)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return original(self, volume, sliding_window)
+
+    store = tmp_path / "f.h5"
+    monkeypatch.setattr(type(enc), "embed_volume", broken_device)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        embed_cohort3d(enc, cohort, store, "set", progress=False, commit_every=8)
+    monkeypatch.setattr(type(enc), "embed_volume", original)
+    calls = _counting(monkeypatch, enc)
+    report = embed_cohort3d(enc, cohort, store, "set", progress=False)
+    assert report.resumed == 2 and calls == ["s2", "s3"] and not report.failures
