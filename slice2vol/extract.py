@@ -121,7 +121,7 @@ def feature_provenance(encoder: Any, encoder_key: str, encoder_kwargs: Mapping[s
         "weights_path": weights,
         "state_sha256": state_hash or state_sha256(encoder),
         "encoder_info": info,
-        "volume_config": to_dict(volume_cfg),
+        "volume_config": volume_identity(volume_cfg),
         "slice_config": slice_dict,
         "dtype": dtype,
         "tokens": bool(tokens),
@@ -129,6 +129,20 @@ def feature_provenance(encoder: Any, encoder_key: str, encoder_kwargs: Mapping[s
         "inference": inference_settings(encoder),
         **run_context(),
     }
+
+
+#: VolumeConfig fields added after stores existed that only refuse files (they never change the
+#: features of a file they let through): recorded only when changed from their default, so a store
+#: cached before the field existed keeps its feature set instead of being refused as another one
+_LATER_GATES = ("min_extent_ratio",)
+
+
+def volume_identity(volume_cfg: VolumeConfig) -> dict[str, Any]:
+    out = to_dict(volume_cfg)
+    for name in _LATER_GATES:
+        if out.get(name) == VolumeConfig.__dataclass_fields__[name].default:
+            out.pop(name)
+    return out
 
 
 def inference_settings(encoder: Any) -> dict[str, Any]:

@@ -236,6 +236,25 @@ def test_refuses_append_under_another_config(manifest: Path, tmp_path: Path, cap
     assert more.skipped == ["sub0", "sub1"] and more.done == []
 
 
+def test_a_store_cached_before_a_new_refusal_gate_keeps_its_feature_set(manifest: Path, tmp_path: Path) -> None:
+    """min_extent_ratio (a gate: it refuses files, never changes the features of the others) joined
+    VolumeConfig after stores existed: recorded at its default, it made every older store "another
+    feature set" (StoreMismatch: volume_config.min_extent_ratio: 0.2 -> (absent))."""
+    from slice2vol.data.io import VolumeConfig
+
+    out = tmp_path / "old.h5"
+    cohort = load_manifest(manifest)
+    cache_cohort(cohort.subset(["sub0", "sub1"]), KEY, out, slice_cfg=SLICES, progress=False)
+    # recorded only when changed: the provenance of a store written before the gate existed
+    assert "min_extent_ratio" not in FeatureStore(out).provenance["volume_config"]
+    more = cache_cohort(cohort.subset(["sub0", "sub1", "sub2"]), KEY, out, slice_cfg=SLICES, progress=False)
+    assert more.skipped == ["sub0", "sub1"] and more.done == ["sub2"]
+    changed = cache_cohort(cohort.subset(["sub3"]), KEY, tmp_path / "new.h5", slice_cfg=SLICES, progress=False,
+                           volume_cfg=VolumeConfig(min_extent_ratio=0.1))
+    assert changed.done == ["sub3"]
+    assert FeatureStore(tmp_path / "new.h5").provenance["volume_config"]["min_extent_ratio"] == 0.1
+
+
 def test_a_subject_without_slices_in_a_plane_fails_and_the_others_are_cached(manifest: Path, tmp_path: Path) -> None:
     """A subject with an empty plane used to be stored as complete: its empty bag then stopped every
     aggregation of the store (and the bench) for the whole cohort."""

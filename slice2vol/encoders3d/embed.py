@@ -145,7 +145,7 @@ def state_sha256(module: torch.nn.Module) -> str:
 def embedding_provenance(encoder: Encoder3D, window: SlidingWindow | None, volume_cfg: VolumeConfig,
                          state_hash: str | None = None) -> dict[str, Any]:
     """What identifies a 3D embedding set: encoder, weights (file and loaded parameters), options."""
-    from slice2vol.config import to_dict
+    from slice2vol.extract import volume_identity
 
     info = encoder.info
     return {
@@ -155,7 +155,7 @@ def embedding_provenance(encoder: Encoder3D, window: SlidingWindow | None, volum
         "mode": "sliding" if window is not None else "whole",
         "sliding_window": None if window is None else {**asdict(window), "roi_size": list(
             window.roi_size or info.input_size or [])},
-        "volume_config": to_dict(volume_cfg),
+        "volume_config": volume_identity(volume_cfg),  # as the slice cache records it
     }
 
 
