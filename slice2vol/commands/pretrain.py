@@ -70,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
         print(cohort.failure_report())
     subject_ids = _read_ids(args.subjects) if args.subjects else None
     if subject_ids is not None:
+        from slice2vol.data.manifest import check_ids_known
+
         # the file's fault, so the file is named (the trainer would blame the manifest)
         left_out = {f.subject_id for f in cohort.failures}
-        unknown = [s for s in dict.fromkeys(subject_ids) if s not in set(cohort.ids) and s not in left_out]
-        if unknown:
-            raise ValueError(f"{args.subjects}: {len(unknown)} subject ID(s) not in the manifest, e.g. {unknown[:3]}")
+        check_ids_known(args.subjects, subject_ids, [*cohort.ids, *left_out], "the manifest")
         # a listed subject whose files failed is reported above with the manifest's failures; the run
         # goes on with the others, as it does without --subjects
         subject_ids = [s for s in subject_ids if s not in left_out]

@@ -311,8 +311,7 @@ def _in_mm(img: nib.Nifti1Image) -> nib.Nifti1Image:
     if code & 0x07 not in _XYZ_UNITS:
         return img
     name, factor = _XYZ_UNITS[code & 0x07]
-    affine = img.affine.copy()
-    affine[:3] *= factor
+    affine = _to_mm(img.affine, (name, factor))
     header = img.header.copy()
     header["xyzt_units"] = (code & ~0x07) | 2  # mm, the time unit kept
     return type(img)(img.dataobj, affine, header, extra={**img.extra, "xyz_unit": (name, factor)})
