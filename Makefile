@@ -30,11 +30,16 @@ demo: venv
 screenshot:
 	$(PY) scripts/screenshot_report.py runs/demo/report.html --out runs/demo/report.png
 
+# Test workers: one per usable logical CPU, at most 4 (each holds torch and a few hundred MB);
+# TEST_JOBS=0 runs in this process, e.g. to use a debugger.
+TEST_JOBS ?= logical
+PYTEST_JOBS := -n $(TEST_JOBS) --maxprocesses=4
+
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_JOBS)
 
 test-all: venv
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q $(PYTEST_JOBS) -m ""
 
 # every data-dependent table of README.md and docs/ (needs the IXI cohort; see scripts/reproduce/README.md)
 figures: venv
