@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from typing import Any, Iterator, Sequence
 
 from slice2vol import __version__
@@ -137,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # third-party INFO chatter (faiss loader lines) is not ours to print
     for noisy in ("faiss", "faiss.loader", "urllib3", "filelock", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # torch's notice to library authors, raised inside MONAI's ViT/MAE/SwinUNETR position grids: the
+    # user of a pretrain or embed job can do nothing about it
+    warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
     from slice2vol import progress
 
     progress.set_mode("none" if getattr(args, "no_progress", False) else "auto")
