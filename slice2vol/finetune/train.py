@@ -500,9 +500,9 @@ def run_finetune(cfg: FinetuneConfig, cohort, out_dir: str | Path, *, volume_cfg
     try:
         configure_threads(env)
         if device.type == "cuda" and env.distributed:
-            from slice2vol.ssl.trainer import _train_device
+            from slice2vol.ssl.distributed import rank_device
 
-            device = _train_device(cfg.train.device, env)  # the rank's GPU; another explicit index refused
+            device = rank_device(cfg.train.device, env)  # the rank's GPU; another explicit index refused
         if subject_ids is not None:
             ids = list(subject_ids)
             unknown = sorted(set(ids) - {s.subject_id for s in cohort.subjects})

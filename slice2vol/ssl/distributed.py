@@ -195,6 +195,21 @@ def configure_threads(env: DistEnv) -> int:
     return threads
 
 
+def rank_device(name: str, env: DistEnv) -> torch.device:
+    """The training device for ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``); under torchrun on CUDA
+    the GPU of this process's local rank. An explicit other index is refused in one line."""
+    from slice2vol.runtime import checked_device
+
+    device = torch.device(checked_device(name))
+    if device.type == "cuda" and env.distributed:
+        if device.index is not None and device.index != env.local_rank:
+            # every rank would build its DDP replica on that one GPU: NCCL's "duplicate GPU" or a hang
+            raise ValueError(f"train.device={name} under torchrun: each process trains on the GPU of its "
+                             f"LOCAL_RANK ({env.local_rank} here); give cuda without an index")
+        device = torch.device("cuda", env.local_rank)
+    return device
+
+
 def default_num_workers(device_type: str, env: DistEnv) -> int:
     """DataLoader workers per process that leave the compute threads their cores.
 

@@ -321,18 +321,6 @@ def plot_loss_curve(history: list[dict], path: str | Path, title: str = "") -> P
     return Path(path)
 
 
-def _train_device(name: str, env) -> torch.device:
-    """The run's device; under DDP on CUDA the GPU of this process's local rank."""
-    device = resolve_device(name)
-    if device.type == "cuda" and env.distributed:
-        if device.index is not None and device.index != env.local_rank:
-            # every rank would build its DDP replica on that one GPU: NCCL's "duplicate GPU" or a hang
-            raise ValueError(f"train.device={name} under torchrun: each process trains on the GPU of its "
-                             f"LOCAL_RANK ({env.local_rank} here); give cuda without an index")
-        device = torch.device("cuda", env.local_rank)
-    return device
-
-
 def _batch_stream(dataset, cfg: SSLConfig, start: int, end: int, env, device: torch.device):
     """This rank's micro-batches for steps ``start .. end - 1``, in order.
 
@@ -472,7 +460,7 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
     from slice2vol.progress import bar as progress_bar
     from slice2vol.ssl.compute import StepTimer, count_step_flops, resolve_budget_steps
     from slice2vol.ssl.distributed import (all_reduce_max, all_reduce_mean, barrier, broadcast_object,
-                                           configure_threads, init_distributed, unwrap)
+                                           configure_threads, init_distributed, rank_device, unwrap)
 
     cfg.check()  # a config changed after construction too (one line naming the key, before any work)
     tc = cfg.train
@@ -480,7 +468,7 @@ def train(model, dataset, cfg: SSLConfig, out_dir: str | Path, *, resume: bool =
     device_hint = resolve_device(tc.device).type
     env = init_distributed(device_hint)
     configure_threads(env)
-    device = _train_device(tc.device, env)
+    device = rank_device(tc.device, env)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     barrier(env)

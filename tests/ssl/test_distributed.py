@@ -177,15 +177,16 @@ def test_each_rank_trains_on_its_own_gpu_and_another_explicit_index_is_refused(m
     (NCCL 'duplicate GPU' or a hang). Device resolution only: no GPU is touched."""
     import torch
 
-    from slice2vol.ssl import trainer
+    from slice2vol import runtime
+    from slice2vol.ssl import distributed
     from slice2vol.ssl.distributed import DistEnv
 
-    monkeypatch.setattr(trainer, "resolve_device", lambda name: torch.device(name))
+    monkeypatch.setattr(runtime, "checked_device", lambda name: name)
     rank1 = DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2)
-    assert trainer._train_device("cuda", rank1) == torch.device("cuda", 1)
-    assert trainer._train_device("cuda:1", rank1) == torch.device("cuda", 1)
-    assert trainer._train_device("cpu", rank1) == torch.device("cpu")
-    assert trainer._train_device("cuda:0", DistEnv()) == torch.device("cuda", 0)  # one process: as asked
+    assert distributed.rank_device("cuda", rank1) == torch.device("cuda", 1)
+    assert distributed.rank_device("cuda:1", rank1) == torch.device("cuda", 1)
+    assert distributed.rank_device("cpu", rank1) == torch.device("cpu")
+    assert distributed.rank_device("cuda:0", DistEnv()) == torch.device("cuda", 0)  # one process: as asked
     with pytest.raises(ValueError, match=r"^train.device=cuda:0 under torchrun: each process trains on the GPU "
                                          r"of its LOCAL_RANK \(1 here\); give cuda without an index$"):
-        trainer._train_device("cuda:0", rank1)
+        distributed.rank_device("cuda:0", rank1)
