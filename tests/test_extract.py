@@ -878,7 +878,6 @@ def test_a_full_disk_stops_the_job_in_one_line_and_keeps_what_was_committed(mani
     assert sorted(final.subjects()) == [f"sub{i}" for i in range(6)] and final.segment_paths() == [store]
 
 
-@pytest.mark.slow  # the full-disk path of the caching job stays in CI (the test above)
 def test_a_full_disk_leaves_the_store_as_it_was_when_writing_volume_embeddings(manifest: Path, tmp_path: Path) -> None:
     from slice2vol.data.io import file_sha256
 

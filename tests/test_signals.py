@@ -17,8 +17,7 @@ from tests.test_extract import REPO, _job_command, wait_for_parts
 
 @pytest.mark.parametrize("sig, code, line", [
     (signal.SIGTERM, 143, "terminated (SIGTERM); what was committed is kept: rerun the command to resume"),
-    # the same stop-and-keep path as SIGTERM, another exit code: out of CI for time (make test-all runs it)
-    pytest.param(signal.SIGINT, 130, "interrupted", marks=pytest.mark.slow),
+    (signal.SIGINT, 130, "interrupted"),
 ])
 def test_a_stopped_job_says_so_and_keeps_its_committed_subjects(tmp_path: Path, sig, code, line) -> None:
     manifest = make_tiny_cohort(tmp_path / "cohort", n=6)

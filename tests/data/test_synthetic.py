@@ -52,7 +52,6 @@ def test_atrophy_enlarges_ventricles(cohort):
     assert np.corrcoef(atrophy, ventricle_volume)[0, 1] > 0.8
 
 
-@pytest.mark.slow  # builds two more cohorts; the demo and the cohort fixture exercise the generator in CI
 def test_same_seed_same_cohort(tmp_path, cohort):
     again = load_manifest(make_cohort(tmp_path, n_subjects=2, seed=3, progress=False))
     for a, b in zip(cohort.subjects[:2], again.subjects):
