@@ -828,6 +828,57 @@ def _resample_memory_problem(shape: Sequence[int], affine: np.ndarray, spacing: 
             f"{_fmt_bytes(have)} is available: choose a coarser spacing (the file's voxels are {_fmt_mm(old)} mm)")
 
 
+def _extent_problem(affine: np.ndarray, shape: Sequence[int], cfg: VolumeConfig,
+                    unit: tuple[str, float] | None) -> str | None:
+    """Why a volume of ``shape`` voxels with ``affine`` cannot be a head (absurd voxel size, a field of
+    view too small or too large, a slab), or None; said in RAS axis order.
+
+    Checked on the file's own grid, before any reslicing: a thin oblique file (100 x 2 x 60 voxels of
+    2 x 0.06 x 19.5 mm tilted 44 deg, 43 KB) resliced onto 57 million voxels (2 GB) before its
+    1170 mm slab was refused, and its bounding box looked like a head.
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    axes = ornt[:, 0].astype(int)
+    spacing, dims = np.empty(3), np.empty(3, dtype=int)
+    spacing[axes] = np.linalg.norm(affine[:3, :3], axis=0)  # what _to_ras and nearest_ras_grid give
+    dims[axes] = [int(n) for n in shape[:3]]
+    note = _unit_note(spacing, unit)
+    if np.any(spacing < cfg.min_spacing) or np.any(spacing > cfg.max_spacing):
+        return (f"absurd voxel spacing {_fmt_mm(spacing)} mm ({note + '; ' if note else ''}allowed "
+                f"{cfg.min_spacing:g}-{cfg.max_spacing:g} mm)")
+    fov = dims.astype(np.float64) * spacing
+    if fov.max() < cfg.min_fov_mm or fov.max() > cfg.max_fov_mm:
+        small = fov.max() < cfg.min_fov_mm
+        return (f"field of view {' x '.join(f'{v:.4g}' for v in fov)} mm (shape {_fmt_shape(dims)}, "
+                f"voxels {_fmt_mm(spacing)} mm{', ' + note if note else ''}) cannot hold a head: "
+                + (f"under {cfg.min_fov_mm:g} mm along every axis" if small
+                   else f"over {cfg.max_fov_mm:g} mm along an axis")
+                + "; a wrong voxel size in the header, or not a brain scan")
+    if fov.min() < cfg.min_extent_ratio * fov.max():
+        return (f"field of view {' x '.join(f'{v:.4g}' for v in fov)} mm (shape {_fmt_shape(dims)}) is a "
+                f"slab, not a head: its shortest axis is {fov.min() / fov.max():.2g} of its longest (under "
+                f"{cfg.min_extent_ratio:g}); a localizer/scout or partial-coverage scan (VolumeConfig.min_extent_ratio "
+                "sets the limit, 0 turns it off)")
+    return None
+
+
+def _reslice_memory_problem(shape: Sequence[int], source: Sequence[int], channels: int) -> str | None:
+    """Why reslicing ``channels`` images onto a grid of ``shape`` would not fit in memory, or None.
+
+    The RAS bounding box of a tilted volume holds more voxels than the file (about 2x for a 30 deg
+    clinical stack), and far more for a thin, strongly anisotropic one. Counted per output voxel: the
+    float32 result and the working copies of :data:`_WORK_BYTES_PER_VOXEL`, per channel.
+    """
+    voxels = float(np.prod([float(n) for n in shape], dtype=np.float64))
+    need = voxels * channels * (4 + _WORK_BYTES_PER_VOXEL)
+    have = available_memory()
+    if have is None or need <= have:
+        return None
+    return (f"reslicing this oblique volume (shape {_fmt_shape(source)}) onto its RAS bounding box would make "
+            f"shape {_fmt_shape(shape)} needing about {_fmt_bytes(need)}, and {_fmt_bytes(have)} is available: "
+            "snap it instead (--oblique snap), or reslice it beforehand with another tool")
+
+
 def _fmt_bytes(n: float) -> str:
     if n < 1024:
         return f"{n:.0f} bytes"
@@ -1332,6 +1383,9 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
             raise VolumeError(named[name], f"modality {name!r} is not on the grid of {first} "
                                            f"({_grid_difference(img, ref)})")
     del img  # the loop's last image would otherwise live on (and its data) through normalisation
+    problem = _extent_problem(ref.affine, ref.shape[:3], cfg, unit)
+    if problem:
+        raise VolumeError(first, problem)
     tilt = _obliquity_deg(ref.affine)
     grid = None
     action = "none"
@@ -1341,6 +1395,9 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
                                      "(--oblique reslice, the default) or snap it (--oblique snap)")
         if cfg.oblique == "reslice":
             grid = nearest_ras_grid(ref.affine, ref.shape[:3])
+            problem = _reslice_memory_problem(grid[1], ref.shape[:3], len(opened))
+            if problem:
+                raise VolumeError(first, problem)
             action = "resliced"
         else:
             action = "snapped"
@@ -1356,32 +1413,6 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
     sources = [str(p) for p in named.values()]
     original_shape = ref.shape[:3]
     assert affine is not None
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    note = _unit_note(spacing, unit)
-    if np.any(spacing < cfg.min_spacing) or np.any(spacing > cfg.max_spacing):
-        raise VolumeError(
-            first,
-            f"absurd voxel spacing {_fmt_mm(spacing)} mm ({note + '; ' if note else ''}allowed "
-            f"{cfg.min_spacing:g}-{cfg.max_spacing:g} mm)",
-        )
-    fov = np.asarray(channels[0].shape[:3], dtype=np.float64) * spacing
-    if fov.max() < cfg.min_fov_mm or fov.max() > cfg.max_fov_mm:
-        small = fov.max() < cfg.min_fov_mm
-        raise VolumeError(
-            first,
-            f"field of view {' x '.join(f'{v:.4g}' for v in fov)} mm (shape {_fmt_shape(channels[0].shape[:3])}, "
-            f"voxels {_fmt_mm(spacing)} mm{', ' + note if note else ''}) cannot hold a head: "
-            + (f"under {cfg.min_fov_mm:g} mm along every axis" if small else f"over {cfg.max_fov_mm:g} mm along an axis")
-            + "; a wrong voxel size in the header, or not a brain scan",
-        )
-    if fov.min() < cfg.min_extent_ratio * fov.max():
-        raise VolumeError(
-            first,
-            f"field of view {' x '.join(f'{v:.4g}' for v in fov)} mm (shape {_fmt_shape(channels[0].shape[:3])}) is a "
-            f"slab, not a head: its shortest axis is {fov.min() / fov.max():.2g} of its longest (under "
-            f"{cfg.min_extent_ratio:g}); a localizer/scout or partial-coverage scan (VolumeConfig.min_extent_ratio "
-            "sets the limit, 0 turns it off)",
-        )
     stacked = channels[0][None] if len(channels) == 1 else np.stack(channels)  # one channel: a view, no copy
     del channels, data  # several channels were copied into `stacked`
 

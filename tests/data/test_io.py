@@ -552,6 +552,46 @@ def test_oblique_policies(tmp_path):
         VolumeConfig(oblique="rotate")
 
 
+def test_a_thin_oblique_file_is_refused_on_its_own_grid_before_reslicing(tmp_path, monkeypatch):
+    """Fuzz round 13: 100 x 2 x 60 voxels of 2 x 0.06 x 19.5 mm tilted 44 deg (a 43 KB file) was
+    resliced onto its 100 x 13321 x 43 bounding box (2 GB, 8 s) before anything was checked, and that
+    box passed the field-of-view checks. The extent is checked on the file's grid, before reslicing."""
+    import slice2vol.data.io as io
+
+    t = np.radians(44)
+    rot = np.eye(4)
+    rot[1:3, 1:3] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    data = np.random.default_rng(0).random((100, 2, 60)).astype(np.float32) * 100
+    data[30:70, :, 10:50] += 500
+    path = write_nifti(tmp_path / "thin.nii.gz", data, rot @ np.diag([2.0, 0.06, 19.5, 1.0]))
+    monkeypatch.setattr(io, "reslice", lambda *a, **k: pytest.fail("resliced before the checks"))
+    with pytest.raises(VolumeError) as err:
+        load_volume(path)
+    assert str(err.value) == (f"{path}: field of view 200 x 0.12 x 1170 mm (shape (100, 2, 60), voxels "
+                              "(2, 0.06, 19.5) mm) cannot hold a head: over 1000 mm along an axis; a wrong voxel "
+                              "size in the header, or not a brain scan")
+
+
+def test_a_reslice_grid_that_does_not_fit_in_memory_is_refused_with_the_snap_alternative(tmp_path, monkeypatch):
+    """The RAS bounding box of a tilted volume is sized before reslicing: a grid that cannot fit is
+    one line naming the file and the other policy, not the kernel's OOM killer ending the batch job."""
+    import slice2vol.data.io as io
+
+    path = _oblique(tmp_path)
+    target, shape = io.nearest_ras_grid(nib.load(path).affine, (24, 28, 20))
+    need = float(np.prod(shape)) * (4 + io._WORK_BYTES_PER_VOXEL)
+    monkeypatch.setattr(io, "available_memory", lambda: int(need) - 1)
+    with pytest.raises(VolumeError) as err:
+        load_volume(path)
+    assert str(err.value) == (f"{path}: reslicing this oblique volume (shape (24, 28, 20)) onto its RAS bounding box "
+                              f"would make shape {tuple(shape)} needing about {io._fmt_bytes(need)}, and "
+                              f"{io._fmt_bytes(int(need) - 1)} is available: snap it instead (--oblique snap), or "
+                              "reslice it beforehand with another tool")
+    assert load_volume(path, VolumeConfig(oblique="snap")).oblique_action == "snapped"  # no reslice grid
+    monkeypatch.setattr(io, "available_memory", lambda: int(need))
+    assert load_volume(path).oblique_action == "resliced"
+
+
 def _phantom(world: np.ndarray) -> np.ndarray:
     """A smooth analytic 'head' in world mm: a sum of Gaussian blobs (values of (..., 3) points)."""
     centres = np.array([[0, 0, 0], [12, -8, 6], [-10, 10, -4], [4, 14, -10]], float)
