@@ -730,6 +730,27 @@ class _Grid(NamedTuple):
     affine: np.ndarray
 
 
+def _ras_grid(img: "nib.Nifti1Image | _Grid") -> _Grid:
+    """The grid of ``img`` once its axes are permuted/flipped to closest RAS (what :func:`_to_ras` does
+    to its voxels), so two files of one grid stored in different voxel orders compare equal."""
+    shape = tuple(int(n) for n in img.shape[:3])
+    ornt = nib.orientations.io_orientation(img.affine)
+    transform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(ORIENTATION))
+    ras_shape = [0, 0, 0]
+    for axis, (target, _) in enumerate(ornt):
+        ras_shape[int(target)] = shape[axis]
+    return _Grid(tuple(ras_shape), img.affine @ nib.orientations.inv_ornt_aff(transform, shape))
+
+
+def _same_grid(img: "nib.Nifti1Image | _Grid", ref: "nib.Nifti1Image | _Grid") -> bool:
+    """Whether two images sample the same voxel centres, whatever order each file stores them in: a T2
+    saved in RAS order (fslreorient2std) beside a PSR T1 of the same grid was refused (fuzz round 13)."""
+    if img.shape[:3] == ref.shape[:3] and np.allclose(img.affine, ref.affine, atol=1e-3):
+        return True
+    a, b = _ras_grid(img), _ras_grid(ref)
+    return a.shape == b.shape and bool(np.allclose(a.affine, b.affine, atol=1e-3))
+
+
 def _grid_difference(img: "nib.Nifti1Image | _Grid", ref: "nib.Nifti1Image | _Grid") -> str:
     if img.shape[:3] != ref.shape[:3]:
         return f"shape {_fmt_shape(img.shape[:3])} vs {_fmt_shape(ref.shape[:3])}"
@@ -1379,7 +1400,7 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
     ref = opened[next(iter(named))]
     unit = _unit_of(ref)  # the first file's spacing unit when not mm, for the messages below
     for name, img in opened.items():
-        if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
+        if not _same_grid(img, ref):
             raise VolumeError(named[name], f"modality {name!r} is not on the grid of {first} "
                                            f"({_grid_difference(img, ref)})")
     del img  # the loop's last image would otherwise live on (and its data) through normalisation
@@ -1419,7 +1440,7 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
     label_maps: dict[str, np.ndarray] = {}
     for name, path in (({"seg": seg} if seg is not None else {}) | dict(maps or {})).items():
         img = read_nifti(path, check_values=False)
-        if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=1e-3):
+        if not _same_grid(img, ref):
             raise VolumeError(path, f"{name} map is not on the image grid ({_grid_difference(img, ref)})")
         lab, _, _ = _on_grid(img, grid, order=0)
         label_maps[name] = integer_labels(path, name, lab)

@@ -946,6 +946,40 @@ def test_a_modality_on_a_shifted_grid_says_how_it_differs(tmp_path):
         load_volume({"t1": t1, "t2": t2})
 
 
+@pytest.mark.parametrize("oblique", [False, True])
+def test_modalities_and_maps_of_one_grid_stored_in_other_voxel_orders_load_together(tmp_path, oblique):
+    """Fuzz round 13: a T2 saved in RAS order (fslreorient2std) beside the T1 it was acquired with in
+    PSR order was refused as 'not on the grid'. The same voxel centres in another order are one grid,
+    and every channel and map lands on the same RAS voxels as the single-file loads give them."""
+    psr = np.array([[0, 0, -2, 0], [-2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1]], float)  # voxel axes P, S, R
+    if oblique:
+        psr = nib.affines.from_matvec(np.array([[1, 0, 0], [0, np.cos(0.4), -np.sin(0.4)],
+                                                [0, np.sin(0.4), np.cos(0.4)]]), [0, 0, 0]) @ psr
+    t1_data = blob_volume((20, 24, 28))
+    t1 = write_nifti(tmp_path / "t1.nii.gz", t1_data, psr)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(blob_volume((20, 24, 28), seed=1), psr))
+    t2 = tmp_path / "t2.nii.gz"
+    nib.save(canonical, str(t2))
+    seg = tmp_path / "seg.nii.gz"
+    nib.save(nib.as_closest_canonical(nib.Nifti1Image((t1_data > 50).astype(np.int16), psr)), str(seg))
+    assert canonical.shape != t1_data.shape  # the files really store another order
+    both = load_volume({"t1": t1, "t2": t2}, seg=seg, cfg=VolumeConfig(crop_foreground=False))
+    alone = [load_volume(p, cfg=VolumeConfig(crop_foreground=False, normalize="none")) for p in (t1, t2)]
+    raw = load_volume({"t1": t1, "t2": t2}, seg=seg, cfg=VolumeConfig(crop_foreground=False, normalize="none"))
+    # reslicing (the oblique case) walks the voxels in the file's order: equal to float32 rounding
+    np.testing.assert_allclose(raw.data[0], alone[0].data[0], atol=1e-4)
+    np.testing.assert_allclose(raw.data[1], alone[1].data[0], atol=1e-4)
+    assert both.seg.shape == both.data.shape[1:] and both.seg.sum() > 0
+    same_order = write_nifti(tmp_path / "seg_psr.nii.gz", (t1_data > 50).astype(np.int16), psr)  # T1's order
+    reference = load_volume(t1, seg=same_order, cfg=VolumeConfig(crop_foreground=False))
+    np.testing.assert_array_equal(both.seg, reference.seg)
+    shifted = tmp_path / "t2_shifted.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(canonical.dataobj), canonical.affine @ nib.affines.from_matvec(
+        np.eye(3), [1, 0, 0])), str(shifted))
+    with pytest.raises(VolumeError, match=r"modality 't2' is not on the grid of"):
+        load_volume({"t1": t1, "t2": shifted})
+
+
 def test_out_of_memory_after_reading_names_the_file(tmp_path, monkeypatch):
     """Memory can run out after the first read too (reorienting, stacking, resampling)."""
     import slice2vol.data.io as io
