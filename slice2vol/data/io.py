@@ -47,7 +47,17 @@ class VolumeError(ValueError):
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        super().__init__(f"{printable_path(path)}: {problem}")
+
+
+def printable_path(path: str | Path) -> str:
+    """``path`` for a one-line message: as it is, unless it holds control characters (a newline, tab
+    or CR is legal in a Linux file name), which are escaped as Python writes them (``bad\\nname``) so
+    that the message stays one line and a CR does not overwrite it on a terminal."""
+    text = str(path)
+    if not any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127 else c for c in text)
 
 
 @dataclass
@@ -222,7 +232,8 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
             raise VolumeError(path, problem)
     shape = img.shape
     if len(shape) > 3 and all(n == 1 for n in shape[3:]):  # one volume stored as 4D (x, y, z, 1), or 5D
-        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[(...,) + (0,) * (len(shape) - 3)], img.affine, img.header)
+        # the file's own class: a NIfTI-2 header under Nifti1Image printed two header repairs that named no file
+        img = type(img)(np.asanyarray(img.dataobj)[(...,) + (0,) * (len(shape) - 3)], img.affine, img.header)
         shape = img.shape
     if len(shape) == 4:
         raise VolumeError(path, f"4D data with {shape[3]} volumes (shape {_fmt_shape(shape)}); "
@@ -505,6 +516,13 @@ def _raw_header_problem(path: Path) -> str | None:
     if gz and offset > _gzip_reach(size):
         return (f"corrupt header: it puts the voxels at byte {offset:.0f} (vox_offset), past anything a "
                 f"{_fmt_bytes(size)} gzip file can hold")
+    codes = struct.unpack_from(order + ("2i" if nifti2 else "2h"), head, 344 if nifti2 else 252)
+    for name, code in zip(("qform", "sform"), codes):
+        if code not in _XFORM_CODES:
+            # nibabel resets the code to 0 and ignores that matrix: with an sform of code 99 the
+            # orientation was guessed from pixdim and the planes mislabelled, with a false warning
+            return (f"invalid NIfTI header: {name}_code {code} is not a NIfTI transform code (0-5), so the {name} would "
+                    f"be ignored: set a valid code (nibabel: img.set_{name}(img.get_{name}(), code=1))")
     if math.isinf(slope):
         # nibabel drops a non-finite slope as "no scaling"; the file's own scaling makes every voxel
         # NaN or Inf, like a slope of 1e38 that overflows (_scaling_problem)
@@ -514,6 +532,9 @@ def _raw_header_problem(path: Path) -> str | None:
         return _extension_problem(path, gz, order, header_end, int(offset))
     return None
 
+
+#: NIfTI qform/sform codes: unknown, scanner, aligned, Talairach, MNI-152, another template
+_XFORM_CODES = frozenset(range(6))
 
 #: NIfTI magic strings: the single-file and the pair magic of each version
 _MAGIC = {False: (b"n+1\0", b"ni1\0"), True: (b"n+2\0", b"ni2\0")}
@@ -672,9 +693,8 @@ def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
     if cut:
         raise EOFError("the compressed stream ends before its end marker")
     if stream.eof and stream.unused_data.strip(b"\0"):  # gzip itself says "trailing garbage ignored"
-        logging.getLogger(__name__).warning(
-            "%s: %d bytes after the end of the compressed stream are not compressed data; ignored (the voxels "
-            "passed their checksum)", path, len(stream.unused_data))
+        _warn_once(path, "trailing", f"%s: {len(stream.unused_data)} bytes after the end of the compressed stream "
+                   "are not compressed data; ignored (the voxels passed their checksum)")
     problem = _trailing_problem(img, len(data) - need, more=not stream.eof)
     if problem:
         raise VolumeError(path, problem)

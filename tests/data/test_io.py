@@ -1290,7 +1290,55 @@ def test_a_multi_member_stream_reads_like_gzip_reads_it(tmp_path, kind, cut, cap
     target.write_bytes(multi + b"garbage" * 10)
     with caplog.at_level("WARNING", logger="slice2vol.data.io"):
         np.testing.assert_array_equal(load_volume(target).data, load_volume(path).data)
-    assert "70 bytes after the end of the compressed stream are not compressed data; ignored" in caplog.text
+        load_volume(target)  # `info` reads a file twice: the warning is said once (fuzz round 13)
+    assert caplog.text.count("70 bytes after the end of the compressed stream are not compressed data; ignored") == 1
+
+
+@pytest.mark.parametrize("field, offset, nifti2", [("sform", 254, False), ("qform", 252, False),
+                                                   ("sform", 348, True)])
+@pytest.mark.parametrize("code", [99, -1])
+def test_a_transform_code_outside_the_standard_is_refused(tmp_path, field, offset, nifti2, code):
+    """Fuzz round 13: nibabel resets an sform_code of 99 to 0 and ignores that sform: the PSR scan was
+    read as LAS from pixdim (planes mislabelled) with a warning that there was no sform at all."""
+    src = tmp_path / "src.nii"
+    image = (nib.Nifti2Image if nifti2 else nib.Nifti1Image)(blob_volume(), np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.set_qform(image.affine, code=1)
+    nib.save(image, str(src))
+    raw = bytearray(src.read_bytes())
+    struct.pack_into("<i" if nifti2 else "<h", raw, offset, code)
+    path = tmp_path / "odd_code.nii.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(VolumeError) as err:
+        load_volume(path)
+    assert str(err.value) == (f"{path}: invalid NIfTI header: {field}_code {code} is not a NIfTI transform code "
+                              f"(0-5), so the {field} would be ignored: set a valid code (nibabel: "
+                              f"img.set_{field}(img.get_{field}(), code=1))")
+    struct.pack_into("<i" if nifti2 else "<h", raw, offset, 5)  # NIFTI_XFORM_TEMPLATE_OTHER is valid
+    path.write_bytes(gzip.compress(bytes(raw)))
+    assert load_volume(path).shape == (24, 28, 20)
+
+
+def test_a_nifti2_file_holding_one_volume_as_4d_loads_without_header_repair_lines(tmp_path, capfd, caplog):
+    """Fuzz round 13: the squeeze rebuilt a NIfTI-2 image as NIfTI-1 with its NIfTI-2 header: two
+    nibabel repair lines ('sizeof_hdr should be 348') that named no file, on every read."""
+    path = tmp_path / "one4d.nii.gz"
+    nib.save(nib.Nifti2Image(blob_volume()[..., None], np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
+    with caplog.at_level("DEBUG"):
+        volume = load_volume(path)
+    assert volume.shape == (24, 28, 20)
+    assert "sizeof_hdr" not in caplog.text and "sizeof_hdr" not in "".join(capfd.readouterr())
+
+
+def test_a_file_name_with_control_characters_stays_one_line_in_messages(tmp_path):
+    """A newline, tab or CR is legal in a Linux file name: the message showed it raw (two lines, or a
+    line a CR overwrote on the terminal). It is escaped as Python writes it."""
+    path = tmp_path / "bad\nfi\tle\r.nii.gz"
+    path.write_bytes(gzip.compress(b"\x00" * 100))
+    with pytest.raises(VolumeError) as err:
+        load_volume(path)
+    message = str(err.value)
+    assert message.startswith(str(tmp_path / "bad\\nfi\\tle\\r.nii.gz") + ": ")
+    assert not any(c in message for c in "\n\r\t") and err.value.path == str(path)
 
 
 def test_a_freesurfer_mgz_is_refused_with_the_conversion(tmp_path):
