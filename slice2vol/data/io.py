@@ -504,6 +504,9 @@ def _raw_header_problem(path: Path) -> str | None:
         return f"invalid NIfTI header: dim[0] = {ndim} (the number of dimensions must be 1-7)"
     if not math.isfinite(offset):
         return f"invalid NIfTI header: vox_offset is {offset} (the byte where the voxels start)"
+    if offset != int(offset):
+        # nibabel rounds it down: voxels written at byte 353 under vox_offset 352.5 loaded as noise
+        return f"invalid NIfTI header: vox_offset {offset:g} is not a whole byte (the byte where the voxels start)"
     if offset < header_end:  # (a .hdr/.img pair was refused by its name: this is a single file)
         if magic[1] == "+":
             return (f"invalid NIfTI header: vox_offset {offset:g} is inside the header (the voxels of a single-file "

@@ -359,6 +359,9 @@ BAD_CASES = {
     "vox_offset_zero": (lambda t: _patched(t, "offset0", _vox_offset(0.0), gz=False),
                         r"invalid NIfTI header: vox_offset 0 is inside the header \(the voxels of a single-file "
                         r"NIfTI \('n\+1'\) start at byte 352 or later\)$"),
+    "vox_offset_fraction": (lambda t: _patched(t, "offsethalf", _vox_offset(352.5), gz=False),
+                            r"invalid NIfTI header: vox_offset 352.5 is not a whole byte \(the byte where the voxels "
+                            r"start\)$"),
     "vox_offset_nan": (lambda t: _patched(t, "offsetnan", _vox_offset(float("nan")), gz=False),
                        r"invalid NIfTI header: vox_offset is nan \(the byte where the voxels start\)$"),
     # F9: nibabel takes dim[0] outside 1-7 for the other byte order and blamed vox_offset
