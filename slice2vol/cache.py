@@ -6,7 +6,8 @@ ends by compacting them into ``STORE.h5``, and volume embeddings and labels are 
 ``STORE.h5`` directly, so a finished store is one file that plain h5py reads (``docs/cache.md``
 gives the recipe). Every segment has the same layout::
 
-    /                       attrs: format, format_version, feature_set, provenance (JSON), history (JSON)
+    /                       attrs: format, format_version, feature_set, provenance (JSON), history (JSON),
+                            invalidated (JSON {subject: [planes]}, optional: older copies made void)
     /planes/<plane>/ids            (n,) str      subjects of this plane, in row order
     /planes/<plane>/offsets        (n + 1,) int64 rows of subject i are offsets[i]:offsets[i + 1]
     /planes/<plane>/features       (N, D) float16 (or float32), one contiguous dataset for all subjects
@@ -25,8 +26,10 @@ Segments are written once, completely, to a temporary name, flushed, fsync'ed an
 (``os.replace`` is atomic on POSIX), so a SIGKILL at any moment leaves only whole segments and
 garbage ``*.tmp`` files. Readers see the union of the main file and the committed parts; the
 *newest* segment holding a (subject, plane) wins (a recomputed subject shadows its damaged or stale
-copy), and likewise for volume-embedding sets and labels. Compaction merges everything into a fresh
-main file, renamed over the old one, then deletes the parts.
+copy), and likewise for volume-embedding sets and labels. A segment's ``invalidated`` makes the older
+copies it names void (a subject whose input changed and whose recompute failed: its rows describe
+the old input); a newer copy counts again. Compaction merges everything into a fresh main file,
+renamed over the old one, then deletes the parts.
 
 Every read checks the rows it returns against their checksum (:class:`StoreCorrupt` names the file,
 subject and plane); :meth:`FeatureStore.verify` checks a whole store (``slice2vol cache verify``).
@@ -135,10 +138,17 @@ def _write_failure(path: Path, err: BaseException) -> StoreWriteFailed:
 
 def checked_store_path(path: str | Path) -> Path:
     """``path`` as a Path, or :class:`StoreError` when it is a folder ('.', '..', an existing
-    directory): a store, its parts folder, lock and log are named after a file name."""
+    directory): a store, its parts folder, lock and log are named after a file name.
+
+    A symbolic link is resolved to its target (also one that does not exist yet): the store is the
+    target file. Its new versions replace the target, not the link, and its lock, parts folder and
+    temporary files are the target's, so a job given the link and one given the target see each
+    other's lock instead of writing the same file at once.
+    """
     out = Path(path)
     if not out.name or out.name == ".." or out.is_dir():
         raise StoreError(f"{path}: is a directory; a feature store is a file, e.g. {out / 'feats.h5'}")
+    out = _link_target(out, path)
     try:
         mode = out.stat().st_mode
     except OSError:
@@ -148,6 +158,19 @@ def checked_store_path(path: str | Path) -> Path:
         kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
         raise StoreError(f"{path}: {kind}, not a regular file; a feature store is an HDF5 file")
     return out
+
+
+def _link_target(path: Path, given: str | Path | None = None) -> Path:
+    """The file a symbolic link ``path`` points to (through every link of a chain); ``path`` itself
+    when it is no link. Only a link as the last component is resolved: a linked folder names the same
+    folder, so the store's sibling files are the same files anyway."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # realpath stops where a chain loops
+        raise StoreError(f"{given if given is not None else path}: a symbolic link that loops back on itself "
+                         f"(through {target}); point it at a store file, or give the store file itself")
+    return target
 
 
 # -- provenance helpers --------------------------------------------------------------------------
@@ -377,7 +400,10 @@ class _AtomicH5:
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+        # os.replace over a symbolic link would replace the link with a file of its own and leave the
+        # target as it was: the new version goes to the target, beside it (stores resolve their path
+        # when opened; this catches a caller that did not)
+        self.path = _link_target(Path(path))
         self.tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
         self.guard: _GuardedFile | None = None
 
@@ -551,6 +577,15 @@ class _Segment:
         return _str(self.file.attrs.get("feature_set", ""))
 
     @property
+    def invalidated(self) -> dict[str, list[str]]:
+        """subject -> planes whose copies in *older* segments are void (``{}`` for most segments)."""
+        value = self._attr_json("invalidated", "{}")
+        if not all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in value.values()):
+            raise StoreCorrupt(f"{self.path}: attribute 'invalidated' is not a JSON object subject -> [planes] "
+                               "(edited by hand?)")
+        return value
+
+    @property
     def feature_rows(self) -> int:
         """Rows of slice features this segment holds, from the datasets' shapes (no data read).
 
@@ -706,7 +741,8 @@ class FeatureStore:
     checksums (:class:`StoreCorrupt` on a mismatch).
 
     Args:
-        path: ``STORE.h5``; committed parts in ``STORE.h5.parts/`` are read too.
+        path: ``STORE.h5``; committed parts in ``STORE.h5.parts/`` are read too. A symbolic link
+            stands for its target (``path`` is then the target, ``given`` the link).
         mode: ``r`` to read; ``a`` also allows ``write_volume_embeddings`` and ``write_labels``.
 
     Example:
@@ -718,6 +754,7 @@ class FeatureStore:
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         self.path = checked_store_path(path)
+        self.given = Path(path)  # as the user named it, for messages
         self.mode = mode
         self._segments: list[_Segment] | None = None
         self._pid: int | None = None
@@ -746,7 +783,7 @@ class FeatureStore:
             for attempt in range(6):
                 paths = self.segment_paths()
                 if not paths and self.mode == "r":
-                    raise FileNotFoundError(f"{self.path}: feature store not found")
+                    raise FileNotFoundError(f"{self.shown}: feature store not found")
                 segments = [_Segment(p) for p in paths]
                 try:
                     self._check_consistent(segments)  # opens every segment now
@@ -799,6 +836,11 @@ class FeatureStore:
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, mode={self.mode!r})"
 
+    @property
+    def shown(self) -> str:
+        """The store as messages name it: its path, or ``LINK (a link to TARGET)``."""
+        return str(self.path) if self.given == self.path else f"{self.given} (a link to {self.path})"
+
     # -- metadata --------------------------------------------------------------------------------
     def _slice_segment(self) -> _Segment | None:
         return _identity_segment(self.segments)
@@ -840,6 +882,15 @@ class FeatureStore:
         if self._lookup is None or self._pid != os.getpid():
             lookup: dict[str, dict[str, tuple[int, int, int, int]]] = {}
             for k, seg in enumerate(self.segments):
+                # void first what this segment says no longer describes its input, then add its own
+                # rows: a subject recomputed later is in a newer segment still, and counts again
+                for sid, planes in seg.invalidated.items():
+                    for plane in planes:
+                        table = lookup.get(plane)
+                        if table is not None:
+                            table.pop(sid, None)
+                            if not table:
+                                del lookup[plane]
                 for plane, index in seg.index().items():
                     table = lookup.setdefault(plane, {})
                     offsets = index.offsets
@@ -1417,7 +1468,7 @@ class FeatureStore:
             except BlockingIOError:
                 fh.seek(0)
                 holder = fh.read().strip() or "another process"
-                raise StoreLocked(f"{self.path}: another process is writing this store ({holder}; lock "
+                raise StoreLocked(f"{self.shown}: another process is writing this store ({holder}; lock "
                                   f"{lock_path}); wait for it to finish, or give each job its own --store "
                                   "or --shard") from None
             except OSError as err:  # e.g. ENOLCK on a filesystem without flock support
@@ -1477,8 +1528,10 @@ class FeatureStore:
                      subjects: Sequence[SubjectFeatures] = (), dtype: str = "float16",
                      label_types: Mapping[str, str] | None = None,
                      volumes: Mapping[str, tuple[list[str], np.ndarray, dict]] | None = None,
-                     labels: tuple[dict, dict] | None = None, history: Sequence[dict] = ()) -> Path:
-        """Writes one part segment atomically and returns its path."""
+                     labels: tuple[dict, dict] | None = None, history: Sequence[dict] = (),
+                     invalidated: Mapping[str, Sequence[str]] | None = None) -> Path:
+        """Writes one part segment atomically and returns its path (``invalidated``: subject -> planes
+        whose older copies become void, in the same commit as what else the part holds)."""
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         path = self.parts_dir / f"part-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:6]}.h5"
@@ -1487,6 +1540,8 @@ class FeatureStore:
                       dict(label_types or {}))
         with _atomic_h5(path) as f:
             _init_segment(f, provenance or {}, history)
+            if invalidated:
+                f.attrs["invalidated"] = _dumps({sid: list(planes) for sid, planes in invalidated.items()})
             if subjects:
                 _write_planes(f, subjects, dtype)
             if labels is not None and (labels[0] or labels[1]):
@@ -1509,7 +1564,8 @@ class FeatureStore:
 
     def compact(self, history: Sequence[dict] = (), provenance: Mapping[str, Any] | None = None, *,
                 drop_broken: bool = False, subjects: Sequence[SubjectFeatures] = (), dtype: str = "float16",
-                label_types: Mapping[str, str] | None = None) -> None:
+                label_types: Mapping[str, str] | None = None,
+                invalidated: Mapping[str, Sequence[str]] | None = None) -> None:
         """Merges the main file and all parts into a fresh main file, then deletes the parts.
 
         Crash-safe: the new file is complete and fsync'ed before it replaces the old one; parts are
@@ -1525,11 +1581,13 @@ class FeatureStore:
                 their subjects); without it such a store is refused with :class:`StoreCorrupt`.
             subjects, dtype, label_types: completed subjects not committed yet (a caching job's last
                 ones), written in the same part as ``history`` (as :meth:`commit_subjects`).
+            invalidated: subject -> planes whose stored copies are void (input changed, recompute
+                failed), in the same part as ``history``: compaction then leaves them out.
         """
         self._require_writable()
-        if history or subjects:  # a job's record and last subjects travel in one part, like any other write
+        if history or subjects or invalidated:  # a job's record and last writes travel in one part
             self._commit_part(provenance=provenance or self.provenance, subjects=subjects, dtype=dtype,
-                              label_types=label_types, history=history)
+                              label_types=label_types, history=history, invalidated=invalidated)
         if not any(p != self.path for p in self.segment_paths()):
             return
         self._compact_all(drop_broken=drop_broken)
@@ -1961,6 +2019,7 @@ def merge_stores(out: str | Path, inputs: Sequence[str | Path], *, allow_version
     out = Path(out)
     if not inputs:
         raise StoreError(f"{out}: merge needs input stores (none given, and no {out.stem}.shard-*-of-* files found)")
+    out = checked_store_path(out)  # a link: the merged store replaces its target
     if any(Path(p).resolve() == out.resolve() for p in inputs):
         raise StoreError(f"{out}: merge output is also an input")
     if require_complete:

@@ -13,7 +13,9 @@ previous batch is still running. Completed subjects are committed to the store i
 files every ``commit_every`` subjects (see :mod:`slice2vol.cache`), and the store is compacted at the
 end. A restarted job skips every (subject, plane) already committed, unless its stored rows fail their
 checksum or its input files changed since (size, mtime, then sha256: the *input fingerprint* stored
-with the features); those are recomputed, with a log line saying why.
+with the features); those are recomputed, with a log line saying why. When the recompute of a changed
+input fails, the old rows are made void in the part that records the failure: they describe the old
+input, so no reader may take them for the new one.
 
 float16 stores (the default) are range-checked per batch: features that float16 would flush to zero
 (|x| below ~6e-5, e.g. random-init networks) or overflow switch the whole feature set to float32 when
@@ -264,6 +266,8 @@ class CacheReport:
         feature_set: the store's feature-set hash.
         shard: (i, n) or None.
         recomputed: subject -> why it was recomputed although stored (damaged rows, changed input).
+        withdrawn: subject -> planes removed from the store: their input changed since they were
+            cached and this run could not cache it again (the subject is among ``failures``).
         oblique: subject -> obliquity in degrees, for oblique volumes this run resliced or snapped.
         notes: warnings worth a line in the summary (e.g. the float16 -> float32 fallback).
     """
@@ -280,6 +284,7 @@ class CacheReport:
     feature_set: str = ""
     shard: tuple[int, int] | None = None
     recomputed: dict[str, str] = field(default_factory=dict)
+    withdrawn: dict[str, list[str]] = field(default_factory=dict)
     oblique: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -295,9 +300,14 @@ class CacheReport:
                  f"in {self.seconds:.1f} s ({rate:.1f} slices/s, encoder busy "
                  f"{100 * self.encode_seconds / max(self.seconds, 1e-9):.0f}%, waiting for volumes "
                  f"{self.wait_seconds:.1f} s, writing the store {self.store_seconds:.1f} s)"]
-        if self.recomputed:
-            lines.append(f"{len(self.recomputed)} stored subject(s) recomputed:")
-            lines += [f"  {sid}: {why}" for sid, why in self.recomputed.items()]
+        recomputed = {sid: why for sid, why in self.recomputed.items() if sid not in self.withdrawn}
+        if recomputed:
+            lines.append(f"{len(recomputed)} stored subject(s) recomputed:")
+            lines += [f"  {sid}: {why}" for sid, why in recomputed.items()]
+        if self.withdrawn:
+            lines.append(f"{len(self.withdrawn)} stored subject(s) removed from the store: their input changed and "
+                         "caching it again failed (a rerun caches them once their input reads):")
+            lines += [f"  {sid}: {self.recomputed.get(sid, 'input changed')}" for sid in self.withdrawn]
         if self.oblique:
             lines.append(f"{len(self.oblique)} oblique volume(s) handled: "
                          + ", ".join(f"{sid} ({deg:.1f} deg)" for sid, deg in self.oblique.items()))
@@ -563,7 +573,9 @@ def cache_cohort(
     Resuming: a (subject, plane) already in the store is skipped unless its rows fail their checksum
     or the subject's input files changed since they were cached (the stored fingerprint: size and
     mtime, then sha256 when those differ); such subjects are recomputed and listed in
-    ``report.recomputed`` with the reason, and the new copy replaces the old one.
+    ``report.recomputed`` with the reason, and the new copy replaces the old one. A subject whose input
+    changed and whose recompute fails loses its old copy (``report.withdrawn``): it describes the old
+    input. A later run caches it like a new subject.
 
     Returns:
         A :class:`CacheReport`; ``report.ok`` is False when some subject failed.
@@ -588,9 +600,10 @@ def cache_cohort(
     if shard_ and shard_[1] > 1:
         store_path = shard_path(store_path, *shard_)
     subjects = shard_subjects(cohort.subjects, *shard_) if shard_ else list(cohort.subjects)
-    holder = FeatureStore(store_path, mode="a").locked_by()
+    probe = FeatureStore(store_path, mode="a")  # a link stands for its target: so do its lock and parts
+    holder = probe.locked_by()
     if holder:  # fail before building the encoder; the lock itself is taken below
-        raise StoreLocked(f"{store_path}: another process is writing this store ({holder}; lock {store_path}.lock); "
+        raise StoreLocked(f"{probe.shown}: another process is writing this store ({holder}; lock {probe.lock_path}); "
                           "wait for it to finish, or give each job its own --store or --shard")
     report = CacheReport(store_path, shard=shard_, failures=list(cohort.failures))
 
@@ -630,7 +643,7 @@ def cache_cohort(
         _adopt_dtype_fallback(store, provenance, dtype)
         report.feature_set = config_hash_of(provenance)
         store.check_identity(provenance)
-        jobs = _resume_jobs(store, subjects, slice_cfg.planes, report)
+        jobs, stale = _resume_jobs(store, subjects, slice_cfg.planes, report)
         if report.skipped or report.recomputed:
             log.info("%s: %d subject(s) already cached, %d to do (%d recomputed)", store_path,
                      len(report.skipped), len(jobs), len(report.recomputed))
@@ -645,12 +658,21 @@ def cache_cohort(
                          progress=progress, precision=precision, commit_every=commit_every,
                          commit_seconds=commit_seconds, hold_last=compact)
         report.done.extend(s.subject_id for s in held)
+        # rows made from an input that changed describe the old scan: when caching the new one failed
+        # they go, in the part that records the failure, so aggregate, export and bench cannot take
+        # them for it (a subject failed here was not committed: the job's subjects are done or failed)
+        done = set(report.done)
+        report.withdrawn = {sid: planes for sid, planes in stale.items() if sid not in done}
+        for sid in report.withdrawn:
+            log.warning("%s: its input changed and could not be cached again: its old features are removed from "
+                        "%s", sid, store_path)
         report.seconds = time.perf_counter() - t0
         report.feature_set = config_hash_of(provenance)
         finished_before = any(e.get("event") == "cache" and e.get("shard") == (list(shard_) if shard_ else None)
                               for e in store.history)
         began = time.perf_counter()
-        if not report.done and store.exists() and finished_before:  # nothing new: leave the main file alone
+        if not report.done and not report.withdrawn and store.exists() and finished_before:
+            # nothing new: leave the main file alone
             if compact:  # (only finish a killed run's parts)
                 store.compact(drop_broken=True)
             store.close()
@@ -660,14 +682,15 @@ def cache_cohort(
         event.update(event="cache", shard=list(shard_) if shard_ else None, done=len(report.done),
                      skipped=len(report.skipped), slices=report.slices, seconds=round(report.seconds, 1),
                      failures=[{"subject_id": f.subject_id, "message": f.message} for f in report.failures],
-                     recomputed=dict(report.recomputed), oblique=dict(report.oblique))
+                     recomputed=dict(report.recomputed), withdrawn=dict(report.withdrawn),
+                     oblique=dict(report.oblique))
         if provenance.get("dtype_fallback"):
             event["dtype_fallback"] = provenance["dtype_fallback"]
         if compact:
             store.compact(history=[event], provenance=provenance, drop_broken=True, subjects=held,
-                          dtype=precision.dtype, label_types=dict(cohort.label_types))
+                          dtype=precision.dtype, label_types=dict(cohort.label_types), invalidated=report.withdrawn)
         else:
-            store._commit_part(provenance=provenance, history=[event])
+            store._commit_part(provenance=provenance, history=[event], invalidated=report.withdrawn)
     store.close()
     report.store_seconds += time.perf_counter() - began
     report.seconds = time.perf_counter() - t0
@@ -685,15 +708,17 @@ def _adopt_dtype_fallback(store: FeatureStore, provenance: dict, dtype: str) -> 
             provenance.update(candidate)
 
 
-def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Sequence[str],
-                 report: CacheReport) -> list[tuple[Subject, tuple[str, ...]]]:
-    """(subject, planes to compute) for every subject not validly cached; fills skipped/recomputed.
+def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Sequence[str], report: CacheReport
+                 ) -> tuple[list[tuple[Subject, tuple[str, ...]]], dict[str, list[str]]]:
+    """(subject, planes to compute) for every subject not validly cached, and subject -> stored planes
+    whose input changed since; fills skipped/recomputed.
 
     A stored (subject, plane) is valid when its rows match their checksums and the subject's input
     files match the stored fingerprint. Checking the checksums reads the subjects' rows once.
     """
+    stale: dict[str, list[str]] = {}
     if not store.exists():
-        return [(s, tuple(planes)) for s in subjects]
+        return [(s, tuple(planes)) for s in subjects], stale
     for broken in store.broken:
         log.warning("%s; its subjects are recomputed", broken)
     ids = [s.subject_id for s in subjects]
@@ -720,6 +745,7 @@ def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Seque
                     changed = fingerprint_changes(stored["files"], subject.images)
                 if changed:
                     todo.append(plane)
+                    stale.setdefault(sid, []).append(plane)
         if changed:
             reasons.insert(0, f"input changed since it was cached ({'; '.join(changed)})")
         if reasons:
@@ -729,7 +755,7 @@ def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Seque
             jobs.append((subject, tuple(todo)))
         else:
             report.skipped.append(sid)
-    return jobs
+    return jobs, stale
 
 
 READERS = ("auto", "thread", "process")

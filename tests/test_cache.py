@@ -878,3 +878,50 @@ def test_verify_catches_slice_indices_out_of_order_even_with_a_matching_checksum
         report = store.verify()
     assert report.damaged_subjects == ["s2"]
     assert report.damaged[0][:2] == ("s2", "axial") and "slice indices do not increase" in report.damaged[0][2]
+
+
+# -- a store given through a symbolic link -----------------------------------------------------------
+def test_a_store_given_through_a_symbolic_link_is_its_target(tmp_path: Path) -> None:
+    """Writes through a link replace the target (the link stays a link); the lock, parts folder and
+    temporary files are the target's, so a writer on the link sees a lock held on the target."""
+    from slice2vol.cache import StoreLocked
+
+    target = tmp_path / "big" / "x.h5"
+    write_store(target, ids=[0, 1])
+    link = tmp_path / "link.h5"
+    link.symlink_to(Path("big") / "x.h5")  # relative, as ln -s writes it
+
+    store = FeatureStore(link, mode="a")
+    assert store.path == target and store.lock_path == target.with_name("x.h5.lock")
+    assert store.parts_dir == target.with_name("x.h5.parts")
+    with store.writer_lock():
+        store.commit_subjects([fake_subject(2)], PROV, label_types=TYPES)
+        assert list(target.parent.glob("x.h5.parts/part-*.h5"))
+        store.compact()
+    assert link.is_symlink() and os.readlink(link) == os.path.join("big", "x.h5")
+    assert sorted(FeatureStore(target).subjects()) == ["s0", "s1", "s2"]
+    write_store(tmp_path / "more" / "m.h5", ids=[0, 1, 2, 3])
+    merge_stores(link, [tmp_path / "more" / "m.h5"], require_complete=False)
+    store.refresh()
+    store.write_volume_embeddings("mean", ["s0", "s1", "s2", "s3"], np.ones((4, 2)))
+    assert link.is_symlink() and os.readlink(link) == os.path.join("big", "x.h5")
+    assert sorted(FeatureStore(target).subjects()) == ["s0", "s1", "s2", "s3"]
+    assert FeatureStore(target).volume_embedding_names() == ["mean"]
+    # no lock, part, log or temporary file of its own beside the link
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "link.h5", "more"]
+
+    with FeatureStore(target, mode="a").writer_lock():
+        with pytest.raises(StoreLocked) as info:
+            with FeatureStore(link, mode="a").writer_lock():
+                pass
+    message = str(info.value)
+    assert message.startswith(f"{link} (a link to {target}): another process is writing this store (pid ")
+    assert f"lock {target}.lock" in message and "\n" not in message
+
+
+def test_a_symbolic_link_that_loops_is_refused_in_one_line(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.h5"
+    loop.symlink_to(loop.name)
+    with pytest.raises(StoreError, match=r"loop\.h5: a symbolic link that loops back on itself") as info:
+        FeatureStore(loop, mode="a")
+    assert "\n" not in str(info.value)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tests._tiny_encoder  # noqa: F401  - registers test/tiny_cnn
-from slice2vol.cache import FeatureStore, StoreMismatch
+from slice2vol.cache import FeatureStore, StaleEmbeddings, StoreMismatch
 from slice2vol.cli import main
 from slice2vol.data.manifest import load_manifest, load_subject
 from slice2vol.data.slicing import SliceConfig, slice_volume
@@ -944,3 +944,83 @@ def test_a_stride_beyond_the_volume_is_named_instead_of_the_volume(manifest: Pat
     message = failure.message
     assert "stride 1000 looked at only 1 axial slice(s) of " in message and "use a smaller --stride" in message
     assert "blank or corrupt" not in message and "--min-foreground" not in message and "\n" not in message
+
+
+# -- a store given through a symbolic link ----------------------------------------------------------
+def test_cache_and_aggregate_through_a_symbolic_link_update_its_target(manifest: Path, tmp_path: Path,
+                                                                      capsys) -> None:
+    """`ln -s big/x.h5 l.h5`: caching and aggregating on l.h5 update big/x.h5 in place and leave the link
+    a link; a lock held on the target stops a job given the link (one line naming the target's lock)."""
+    target = tmp_path / "big" / "x.h5"
+    assert cache_cohort(load_manifest(manifest).subset(["sub0", "sub1", "sub2"]), KEY, target, slice_cfg=SLICES,
+                        progress=False).ok
+    link, other = tmp_path / "l.h5", tmp_path / "l2.h5"
+    link.symlink_to(Path("big") / "x.h5")
+    other.symlink_to(target)
+    assert main(["cache", "--manifest", str(manifest), "--store", str(link), *CLI_ARGS]) == 0
+    assert link.is_symlink() and sorted(FeatureStore(target).subjects()) == [f"sub{i}" for i in range(6)]
+    assert main(["aggregate", "--store", str(other), "--method", "mean", "--no-plot"]) == 0
+    assert other.is_symlink() and sorted(FeatureStore(target).volume_embeddings("mean")[0]) == [
+        f"sub{i}" for i in range(6)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("l")) == ["l.h5", "l2.h5"]
+
+    with FeatureStore(target, mode="a").writer_lock():
+        capsys.readouterr()
+        assert main(["cache", "--manifest", str(manifest), "--store", str(link), *CLI_ARGS]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "another process is writing this store (pid" in err
+        assert f"{target}.lock" in err
+        assert main(["aggregate", "--store", str(other), "--method", "mean", "--no-plot"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"lock {target}.lock" in err
+    assert link.is_symlink() and other.is_symlink()
+
+
+# -- a changed input whose recompute fails -----------------------------------------------------------
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_changed_input_that_fails_to_cache_again_leaves_no_stale_features(tmp_path: Path, capsys,
+                                                                             compact: bool) -> None:
+    """sub2's file is replaced by a truncated one: its rerun fails (exit 1) and its old rows, made from
+    the old file, go in the part that records the failure; aggregate, export and verify see sub0 and
+    sub1 only. The others keep their bytes; restoring the file caches sub2 again."""
+    manifest = make_tiny_cohort(tmp_path / "cohort", n=3)
+    out = tmp_path / "c.h5"
+    job = ["cache", "--manifest", str(manifest), "--store", str(out), *CLI_ARGS, *([] if compact else ["--no-compact"])]
+    assert main(job) == 0
+    assert main(["aggregate", "--store", str(out), "--method", "mean", "--no-plot"]) == 0
+    before = {sid: FeatureStore(out).slice_features(sid, "axial") for sid in ("sub0", "sub1", "sub2")}
+    image = manifest.parent / "sub2.nii.gz"
+    good = image.read_bytes()
+    image.write_bytes(good[:len(good) // 2])
+    capsys.readouterr()
+
+    assert main(job) == 1
+    err = capsys.readouterr().err
+    assert "1 stored subject(s) removed from the store: their input changed and caching it again failed" in err
+    assert "sub2: input changed since it was cached" in err and "stored subject(s) recomputed" not in err
+    assert "volume embeddings 'mean' were aggregated from features that this run recomputed or removed" in err
+    store = FeatureStore(out)
+    with pytest.raises(StaleEmbeddings):  # the set aggregated with sub2's old vector is refused
+        store.volume_embeddings("mean")
+    assert sorted(store.subjects()) == ["sub0", "sub1"] and not any(store.has("sub2", p) for p in store.planes)
+    assert store.parts_dir.exists() != compact
+    event = store.history[-1]
+    assert [f["subject_id"] for f in event["failures"]] == ["sub2"]
+    assert event["withdrawn"] == {"sub2": ["axial", "coronal", "sagittal"]}
+    for sid in ("sub0", "sub1"):
+        np.testing.assert_array_equal(store.slice_features(sid, "axial"), before[sid])
+    assert main(["cache", "info", "--store", str(out)]) == 0
+    assert "complete subjects: 2;" in capsys.readouterr().out
+    assert main(["aggregate", "--store", str(out), "--method", "mean", "--no-plot"]) == 0
+    assert "sub2" not in capsys.readouterr().err
+    assert FeatureStore(out).volume_embeddings("mean")[0] == ["sub0", "sub1"]
+    assert main(["export", "--store", str(out), "--embeddings", "mean", "--out", str(tmp_path / "x.csv")]) == 0
+    assert "sub2" not in (tmp_path / "x.csv").read_text()
+    assert main(["cache", "verify", "--store", str(out)]) == 0
+
+    image.write_bytes(good)  # the input reads again: sub2 is cached like a new subject
+    capsys.readouterr()
+    assert main(job) == 0
+    again = FeatureStore(out)
+    assert sorted(again.subjects()) == ["sub0", "sub1", "sub2"]
+    assert_fp16_close(again.slice_features("sub2", "axial"), before["sub2"])

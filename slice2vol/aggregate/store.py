@@ -35,11 +35,11 @@ TASK_OF_LABEL_TYPE = {"categorical": "classification", "continuous": "regression
 def open_store(store: Any, mode: str = "r"):
     """A FeatureStore for a path; objects with the store API are passed through (tests, callers)."""
     if isinstance(store, (str, Path)):
-        from slice2vol.cache import FeatureStore
+        from slice2vol.cache import FeatureStore, checked_store_path
 
-        path = Path(store)
-        if not path.exists() and not path.with_name(path.name + ".parts").exists():
-            raise FileNotFoundError(f"{path}: feature store not found")  # not "holds no completed subject"
+        target = checked_store_path(store)  # a symbolic link: its target's parts count
+        if not target.exists() and not target.with_name(target.name + ".parts").exists():
+            raise FileNotFoundError(f"{store}: feature store not found")  # not "holds no completed subject"
         return FeatureStore(store, mode=mode)
     return store
 

@@ -260,8 +260,9 @@ def _stale_sets(store, store_path) -> None:
         except (StoreError, OSError, KeyError):
             continue
     if stale:
-        print(f"{store_path}: volume embeddings {', '.join(map(repr, stale))} were aggregated from features "
-              "recomputed now: run slice2vol aggregate again (until then they are refused)", file=sys.stderr)
+        print(f"{store_path}: volume embeddings {', '.join(map(repr, stale))} were aggregated from features that "
+              "this run recomputed or removed: run slice2vol aggregate again (until then they are refused)",
+              file=sys.stderr)
 
 
 def _same_scans(store, store_path, cohort) -> None:
