@@ -217,7 +217,7 @@ def load_manifest(
         # read once and parse from memory: a pipe (<(...), /dev/stdin) cannot be read a second time
         text = decode_text(read_input_bytes(path, "manifest"))
         sep = _sniff(text)
-        _check_layout(path, text, sep)
+        lines = _check_layout(path, text, sep)
         # index_col=False: a row with a trailing delimiter must not turn the first column into the index
         # (pandas then shifts every column name by one)
         table = pd.read_csv(io.StringIO(text), dtype={id_column: str}, sep=sep, index_col=False)
@@ -230,6 +230,9 @@ def load_manifest(
         raise ManifestError(str(err)) from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError, csv.Error) as err:
         raise ManifestError(f"{path}: cannot read manifest ({' '.join(str(err).split())[:120]})") from None
+    # pandas skips blank lines (before the header too) and a quoted cell may span lines: the index
+    # + 2 is a file line only without either
+    line_of = dict(zip(table.index, lines)) if len(lines) == len(table) else None
     table.columns = [str(c).strip() for c in table.columns]
     if id_column not in table.columns:
         raise ManifestError(f"{path}: no {id_column!r} column (columns: {list(table.columns)})")
@@ -285,7 +288,7 @@ def load_manifest(
                                     f"numbers (e.g. {str(bad.iloc[0])!r}); make it categorical or clean the column")
     types.update(label_types or {})
     return _build_cohort(table, root, str(path), id_column, list(image_columns), seg_column,
-                         map_columns, types)
+                         map_columns, types, lines=line_of)
 
 
 def _read_decimal_commas(table: pd.DataFrame, skip: str) -> None:
@@ -352,14 +355,26 @@ def check_ids_known(path: str | Path, ids: Sequence[str], known: Sequence[str], 
         raise ValueError(f"{path}: {len(unknown)} subject ID(s) not in {where}, e.g. {unknown[:3]}")
 
 
-def _check_layout(path: Path, text: str, sep: str) -> None:
+def _check_layout(path: Path, text: str, sep: str) -> list[int]:
     """Refuses header names that repeat (after stripping spaces) and rows with more filled cells than
     the header (``text`` is the content of ``path``): pandas renames a repeated name (``age.1``) and
     drops the extra cells of a row, so an unquoted delimiter inside a value would shift or lose cells
-    without a word."""
+    without a word.
+
+    Returns:
+        The file line (1-based) where each data row starts, in the order pandas reads them: blank
+        lines, which pandas skips before the header as after it, are no rows.
+    """
+    def records(reader) -> Iterator[tuple[int, list[str]]]:
+        end = 0
+        for row in reader:
+            start, end = end + 1, reader.line_num  # a quoted cell may span lines
+            if len(row) > 1 or any(c.strip() for c in row):
+                yield start, row
+
     with io.StringIO(text, newline="") as fh:
-        reader = csv.reader(fh, delimiter=sep)
-        header = [h.strip() for h in next(reader, [])]
+        rows = records(csv.reader(fh, delimiter=sep))
+        header = [h.strip() for h in next(rows, (0, []))[1]]
         if header and header[0].startswith("#"):
             raise ManifestError(f"{path}: the first line is a comment ({sep.join(header)[:40]!r}); the column names "
                                 "must be the first line")
@@ -367,12 +382,18 @@ def _check_layout(path: Path, text: str, sep: str) -> None:
         if repeated:
             raise ManifestError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more than once "
                                 "in the header (spaces around names are ignored); rename them")
-        long_rows = [reader.line_num for row in reader if any(c.strip() for c in row[len(header):])]
+        starts = []
+        long_rows = []
+        for start, row in rows:
+            starts.append(start)
+            if any(c.strip() for c in row[len(header):]):
+                long_rows.append(start)
     if long_rows:
         lines = ", ".join(map(str, long_rows[:5])) + (" ..." if len(long_rows) > 5 else "")
         raise ManifestError(f"{path}: line(s) {lines} have more cells than the header's {len(header)} (a "
                             f"{'tab' if sep == chr(9) else repr(sep)} inside a value that is not quoted?); quote such "
                             "values or remove the extra cells")
+    return starts
 
 
 #: cells read as missing whatever their case (pandas' defaults are case-sensitive: ``NAN``, ``Null``
@@ -429,12 +450,13 @@ def _mostly_numbers(table: pd.DataFrame, column: str, id_column: str, path: Path
 def sniff_delimiter(path: str | Path, encoding: str | None = None) -> str:
     """The delimiter of a CSV file, from its header line: ``,`` ``;`` ``\\t`` or ``|`` (default ``,``)."""
     with open(path, newline="", encoding=encoding or text_encoding(path)) as fh:
-        return _sniff(fh.readline())
+        return _sniff(next((line for line in fh if line.strip()), ""))
 
 
 def _sniff(text: str) -> str:
-    """The delimiter of the header line of ``text`` (see :func:`sniff_delimiter`)."""
-    head = (text.splitlines() or [""])[0]
+    """The delimiter of the header line of ``text``, its first line that is not blank (pandas skips
+    blank lines before the header; see :func:`sniff_delimiter`)."""
+    head = next((line for line in text.splitlines() if line.strip()), "")
     if not head.strip():
         return ","
     try:
@@ -445,9 +467,11 @@ def _sniff(text: str) -> str:
 
 def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
                   image_columns: list[str], seg_column: str | None, map_columns: list[str],
-                  types: dict[str, LabelType], *, numbered: bool = True) -> Cohort:
+                  types: dict[str, LabelType], *, numbered: bool = True,
+                  lines: dict[Any, int] | None = None) -> Cohort:
     """Subjects from a table of one row per subject (``numbered``: the rows are a file's lines after
-    its header, so messages and :attr:`Subject.row` can give the line)."""
+    its header, so messages and :attr:`Subject.row` can give the line; ``lines``: the table's index ->
+    the file line its row starts on, where blank lines or cells spanning lines make it not index + 2)."""
     failures: list[Failure] = []
     # not astype(str): with pandas' string dtype an empty cell stays NaN (a float) instead of "nan"
     ids = table[id_column].map(lambda v: "" if pd.isna(v) else str(v).strip())
@@ -456,29 +480,49 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         count = int((ids == dup).sum())
         failures.append(Failure(dup, source, f"{source}: duplicate subject_id {dup!r} ({count} rows); all left out"))
 
+    def under_root(cell: str) -> Path:
+        p = Path(cell).expanduser()
+        return p if p.is_absolute() else root / p
+
     def resolve(value: Any) -> Path | None:
         if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
             return None
-        p = Path(str(value).strip()).expanduser()
-        return p if p.is_absolute() else root / p
+        cell = str(value)
+        p = under_root(cell.strip())
+        if cell != cell.strip() and not p.exists() and not _control_characters(cell):
+            # a file whose name starts or ends with a space: the cell as written names it
+            as_written = under_root(cell)
+            if as_written.exists():
+                return as_written
+        return p
 
     subjects: list[Subject] = []
     infinite: list[str] = []  # label cells holding inf, read as missing
     for sid, (_, row) in zip(ids, table.iterrows()):
         if sid in duplicated:
             continue
+        line = (lines or {}).get(_, _ + 2)
         if sid == "":
-            failures.append(Failure("?", source, f"{source}: row {_ + 2} has no subject_id; left out"))
+            failures.append(Failure("?", source, f"{source}: row {line} has no subject_id; left out"))
             continue
-        control = [c for c in sid if ord(c) < 32 or ord(c) == 127]
+        control = _control_characters(sid)
         if control:
             # a NUL cannot be stored in HDF5 names, a newline breaks every one-line message
-            shown = sid.encode("unicode_escape").decode("ascii")
-            failures.append(Failure(shown, source, f"{source}: row {_ + 2}: subject_id '{shown}' holds a control "
-                                                   f"character ({control[0].encode('unicode_escape').decode()}); "
-                                                   "left out"))
+            shown = _escaped(sid)
+            failures.append(Failure(shown, source, f"{source}: row {line}: subject_id '{shown}' holds a control "
+                                                   f"character ({_escaped(control[0])}); left out"))
             continue
-        at = f"{source}: row {_ + 2} ({sid})" if numbered else f"{source}: {sid}"
+        at = f"{source}: row {line} ({sid})" if numbered else f"{source}: {sid}"
+        # a path with a newline or CR breaks (or overwrites) the one-line messages that name the file
+        # later; a real file name with a tab is legal but vanishingly rare, and is refused the same way
+        cells = {c: str(row[c]).strip() for c in [*image_columns, *([seg_column] if seg_column else []), *map_columns]
+                 if isinstance(row[c], str)}
+        bad_cell = next(((c, v) for c, v in cells.items() if _control_characters(v)), None)
+        if bad_cell:
+            column, cell = bad_cell
+            failures.append(Failure(sid, source, f"{at}: {column} '{_escaped(cell)}' holds a control character "
+                                                 f"({_escaped(_control_characters(cell)[0])}); left out"))
+            continue
         images = {c: resolve(row[c]) for c in image_columns}
         seg = resolve(row[seg_column]) if seg_column else None
         maps = {c: p for c in map_columns if (p := resolve(row[c])) is not None}
@@ -505,7 +549,7 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
                 # one unusable value costs that label only: the scan and its other labels still count
                 infinite.append(f"{at}: {c} = {row[c]!r}")
                 labels[c] = None
-        subjects.append(Subject(sid, images, seg, maps, labels, row=_ + 2 if numbered else None))  # type: ignore[arg-type]
+        subjects.append(Subject(sid, images, seg, maps, labels, row=line if numbered else None))
     if infinite:
         log.warning("%d label cell(s) are not finite numbers (%s%s); read as missing", len(infinite),
                     "; ".join(infinite[:3]), "; ..." if len(infinite) > 3 else "")
@@ -547,6 +591,16 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             left_out.add(sid)
     subjects = [s for s in subjects if s.subject_id not in left_out]
     return Cohort(subjects, types, failures, source)
+
+
+def _control_characters(text: str) -> list[str]:
+    """The characters of ``text`` in \\x00-\\x1f or \\x7f, in order."""
+    return [c for c in text if ord(c) < 32 or ord(c) == 127]
+
+
+def _escaped(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\n``, ``\\x00``), for one-line messages."""
+    return text.encode("unicode_escape").decode("ascii")
 
 
 def _size(path: Path) -> int | None:

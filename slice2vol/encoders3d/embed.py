@@ -404,8 +404,8 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
             inputs = fingerprint(subject.images)
             volume = load_subject(subject, volume_cfg, with_seg=False)
         except Exception as err:  # noqa: BLE001 - whatever one subject's files raise fails that subject only
+            # no log line here: the caller lists every failure once, as slice2vol cache does
             report.failures.append(Failure.of(subject, err))
-            log.warning("skipping %s", report.failures[-1].message)
             continue
         t1 = time.perf_counter()
         try:
@@ -421,7 +421,6 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
             message = " ".join(str(err).split())[:300]
             source = subject.images[next(iter(subject.images))] if subject.images else ""
             report.failures.append(Failure(subject.subject_id, str(source), f"{source}: {message}"))
-            log.warning("%s: embedding failed: %s", subject.subject_id, message)
             continue
         if not np.isfinite(x).all():
             # the network overflowed on this volume's raw intensities (e.g. values near 1e30): name the file
@@ -431,7 +430,6 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
                    f"intensities {lo:.3g} to {hi:.3g} as given to {encoder.info.key}: rescale the image")
             report.failures.append(Failure(subject.subject_id, str(source), (
                 f"{source}: the embedding is not finite (NaN/Inf); {why}")))
-            log.warning("%s: %s", subject.subject_id, report.failures[-1].message)
             continue
         load_s += t1 - t0
         embed_s += time.perf_counter() - t1

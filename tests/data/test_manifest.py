@@ -560,3 +560,47 @@ def test_two_empty_image_files_are_not_called_copies(tmp_path):
     volumes = list(cohort.iter_volumes())
     assert volumes == [] and [f.subject_id for f in cohort.failures] == ["a", "b"]
     assert all("empty file" in f.message for f in cohort.failures)
+
+
+@pytest.mark.parametrize("cell, shown, char", [
+    ('"img/bad\nname.nii.gz"', "img/bad\\nname.nii.gz", "\\n"),
+    ('"img/bad\rname.nii.gz"', "img/bad\\rname.nii.gz", "\\r"),
+    ("img/bad\tname.nii.gz", "img/bad\\tname.nii.gz", "\\t"),
+])
+def test_a_path_with_a_control_character_fails_its_row(cell, shown, char, tmp_path):
+    """A newline in a path cell (a real file of that name loaded) made every later message about the
+    file two lines, a CR overwrote the terminal line: the row fails as one with such an ID does."""
+    _files(tmp_path, ["a.nii.gz", "bad\nname.nii.gz", "bad\rname.nii.gz", "bad\tname.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(f"subject_id,t1\na,img/a.nii.gz\nb,{cell}\n".encode())
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a"] and [f.subject_id for f in cohort.failures] == ["b"]
+    assert cohort.failures[0].message == (f"{csv}: row 3 (b): t1 '{shown}' holds a control character ({char}); "
+                                          "left out")
+
+
+def test_blank_lines_before_the_header_are_skipped_and_rows_keep_their_file_lines(tmp_path):
+    """Leading blank lines were read as a header of no columns: "line(s) 3, 4 have more cells than the
+    header's 0". pandas skips blank lines anywhere; messages still name the file's own lines."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text('\n\nsubject_id;t1;age\na;img/a.nii.gz;30\n\n"b";"img/b\n.nii.gz";31\n;img/c.nii.gz;32\n')
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a"] and [s.row for s in cohort.subjects] == [4]
+    assert [s.labels["age"] for s in cohort.subjects] == [30]
+    assert [f.message for f in cohort.failures] == [
+        f"{csv}: row 6 (b): t1 'img/b\\n.nii.gz' holds a control character (\\n); left out",
+        f"{csv}: row 8 has no subject_id; left out"]
+    csv.write_text("\n \nsubject_id,t1,age\na,img/a.nii.gz,30,x\n")  # the layout check names the real line too
+    with pytest.raises(ManifestError, match=rf"^{csv}: line\(s\) 4 have more cells than the header's 3 "):
+        load_manifest(csv)
+
+
+@pytest.mark.parametrize("cell", [" lead.nii.gz", '" lead.nii.gz"'])
+def test_a_file_name_starting_with_a_space_is_found(cell, tmp_path):
+    """The cell was stripped before the lookup: "lead.nii.gz: file not found" for a file that is there."""
+    path = write_nifti(tmp_path / " lead.nii.gz", blob_volume(seed=0))
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"subject_id,t1\nx,{cell}\n")
+    cohort = load_manifest(csv)
+    assert cohort.failures == [] and cohort.subjects[0].images["t1"] == path
