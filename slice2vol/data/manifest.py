@@ -141,14 +141,18 @@ def load_subject(subject: Subject, cfg: VolumeConfig | None = None, *, with_seg:
 
 
 def infer_label_type(values: pd.Series, max_classes: int = 10) -> LabelType:
-    """Non-numeric, boolean, or integer with few distinct values -> categorical; else continuous."""
+    """Non-numeric, boolean, or integers with at most ``max_classes`` distinct values that repeat (no
+    more distinct values than half the cells) -> categorical; else continuous."""
     values = values.dropna()
     if values.empty:
         return "categorical"
     if values.dtype == bool or not pd.api.types.is_numeric_dtype(values):
         return "categorical"
     as_float = values.astype(float)
-    if np.all(np.equal(np.mod(as_float, 1), 0)) and as_float.nunique() <= max_classes:
+    # codes (sex 1/2, a site number) repeat; whole-year ages of a small cohort hardly do and were
+    # benchmarked as 10 classes of one subject each
+    n_values = as_float.nunique()
+    if np.all(np.equal(np.mod(as_float, 1), 0)) and n_values <= max_classes and n_values <= len(as_float) / 2:
         return "categorical"
     return "continuous"
 
@@ -242,8 +246,9 @@ def load_manifest(
     blank = table.apply(lambda row: all(pd.isna(v) or str(v).strip() == "" for v in row), axis=1)
     if blank.any():
         table = table[~blank]
-    if sep == ";":
-        _read_decimal_commas(table, skip=id_column)
+    # ';' files from spreadsheets in decimal-comma locales, and quoted "23,35" in ',' or tab files:
+    # read as text, such a column became a label of one class per subject
+    _read_decimal_commas(table, skip=id_column)
     if table.empty:
         raise ManifestError(f"{path}: the manifest has a header ({', '.join(map(str, table.columns))}) "
                             "but no subject rows")

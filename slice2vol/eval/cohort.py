@@ -96,6 +96,33 @@ def _isnan(v) -> bool:
     return isinstance(v, float) and np.isnan(v)
 
 
+def _without_rare_classes(label: str, ids: list[str], y: np.ndarray, n_folds: int) -> tuple[list[str], str]:
+    """``ids`` without the subjects of classes smaller than ``n_folds``, and those classes as text
+    (``'U' (1), '?' (1)``; empty when none). A class of one subject ('U' among M/F, free text, a date)
+    cannot be in every test fold: it turned binary sex into a 3-class AUC, and a free-text column
+    into a 16-class label scored at AUC 0.5 [0.5, 0.5]."""
+    values, counts = np.unique(y, return_counts=True)
+    rare = {str(v): int(c) for v, c in zip(values, counts) if c < n_folds}
+    if not rare:
+        return ids, ""
+    shown = ", ".join(f"{v!r} ({c})" for v, c in list(rare.items())[:5]) + (" ..." if len(rare) > 5 else "")
+    log.warning("label %s: class(es) %s have fewer than splits.n_folds = %d subjects; those subjects are left out "
+                "of this label", label, shown, n_folds)
+    return [i for i, v in zip(ids, y) if v not in rare], shown
+
+
+def _warn_case_variants(label: str, classes: np.ndarray) -> None:
+    """Warns about classes that differ only in case or spaces (``M`` and ``m``): almost always one class
+    typed two ways, which the probes would score as two."""
+    seen: dict[str, list[str]] = {}
+    for c in classes:
+        seen.setdefault(str(c).strip().casefold(), []).append(str(c))
+    twins = [v for v in seen.values() if len(v) > 1]
+    if twins:
+        log.warning("label %s: classes %s differ only in case or spaces and are scored as different classes; "
+                    "clean the manifest column", label, "; ".join(" / ".join(map(repr, v)) for v in twins))
+
+
 def make_label_splits(labels, label_types: Mapping[str, str], subject_sets: list[set[str]],
                       cfg: ExperimentConfig, split_dir: Path, skipped: list[dict] | None = None
                       ) -> dict[str, LabelSplits]:
@@ -116,20 +143,54 @@ def make_label_splits(labels, label_types: Mapping[str, str], subject_sets: list
         if skipped is not None:
             skipped.append({"name": f"label {label}", "reason": reason, "substitute": None})
 
+    n_folds = cfg.splits.n_folds
     for label, kind in label_types.items():
+        if label == cfg.splits.group:
+            # grouped folds never test a group seen in training: the label cannot be predicted by design
+            skip(label, "it is the splits.group column: every test fold holds groups that no training fold has")
+            continue
         column = labels[label]
         common = [s for s in everywhere if column.get(s) is not None and not _isnan(column.get(s))]
         # where the subjects went: a set covering part of the cohort restricts every label to its subjects
         where = (f"{len(common)} subjects have a value and an embedding in every set ({n_labelled[label]} have "
                  f"a value, {len(everywhere)} are in every set)")
-        if len(common) < 2 * cfg.splits.n_folds:
-            skip(label, f"{where}: fewer than 2 x splits.n_folds = {2 * cfg.splits.n_folds}")
+        if cfg.splits.group:
+            group = labels[cfg.splits.group]
+            ungrouped = [s for s in common if group.get(s) is None or _isnan(group.get(s))
+                         or str(group.get(s)).strip() == ""]
+            if ungrouped:
+                # astype(str) made every empty cell the one group "nan": unrelated subjects kept together
+                log.warning("label %s: %d subject(s) have no %s value (e.g. %s) and are left out of it (grouped folds)",
+                            label, len(ungrouped), cfg.splits.group, ", ".join(ungrouped[:3]))
+                common = [s for s in common if s not in set(ungrouped)]
+                where += f", {len(ungrouped)} without a {cfg.splits.group} value left out"
+        if len(common) < 2 * n_folds:
+            skip(label, f"{where}: fewer than 2 x splits.n_folds = {2 * n_folds}")
             continue
         y = column.reindex(common).to_numpy()
         y = y.astype(np.float64) if kind == "continuous" else y.astype(str)
-        if kind == "categorical" and len(np.unique(y)) < 2:
-            skip(label, f"one class ({y[0]!s}) among the {where}")
+        if kind == "continuous" and np.ptp(y) == 0:
+            # every error would be 0 for every encoder and for chance: an MAE of 0 [0, 0] says nothing
+            skip(label, f"constant ({y[0]:g} for all {where})")
             continue
+        if kind == "categorical":
+            common, rare = _without_rare_classes(label, common, y, n_folds)
+            if rare:
+                where = f"{len(common)} subjects in classes of at least splits.n_folds = {n_folds} subjects"
+                if skipped is not None:
+                    skipped.append({"name": f"label {label}: class(es) {rare}", "substitute": None,
+                                    "reason": f"fewer than splits.n_folds = {n_folds} subjects each; those subjects "
+                                              "are left out of this label (a class no test fold can hold is no class "
+                                              "the probes can be scored on: a stray code, a typo, free text)"})
+                y = column.reindex(common).to_numpy().astype(str)
+            classes = np.unique(y)
+            if len(classes) < 2:
+                skip(label, f"one class ({classes[0] if len(classes) else 'none'!s}) among the {where}")
+                continue
+            if len(common) < 2 * n_folds:
+                skip(label, f"{where}: fewer than 2 x splits.n_folds = {2 * n_folds}")
+                continue
+            _warn_case_variants(label, classes)
         groups = None
         if cfg.splits.group:
             groups = labels[cfg.splits.group].reindex(common).astype(str).to_numpy()

@@ -136,9 +136,28 @@ def test_a_dangling_link_in_a_manifest_names_its_target(tmp_path):
     ([23.4, 50.1, 70.0], "continuous"),
     (list(range(30)), "continuous"),
     ([True, False], "categorical"),
+    # fuzz round 14: whole-year ages of a small cohort (10 distinct of 10) were 10 classes of one subject
+    ([23, 51, 26, 38, 44, 61, 70, 29, 33, 57], "continuous"),
+    ([1, 2, 2, 1, 1, 2, 2, 1, 2, 1], "categorical"),  # sex coded 1/2
+    ([1, 2, 3, 1, 2, 3], "categorical"),  # a site number: 3 values of 6 repeat
+    ([20, 20, 30, 45, 60, 70], "continuous"),  # 5 of 6 distinct: no code repeats like that
 ])
 def test_label_type_inference(values, expected):
     assert infer_label_type(pd.Series(values)) == expected
+
+
+@pytest.mark.parametrize("sep", [",", "\t"])
+def test_quoted_decimal_commas_in_a_comma_or_tab_file_are_numbers(tmp_path, sep):
+    """Fuzz round 14: `"23,35"` in a ',' file was text, and age became one class per subject; ';' files
+    were read this way already."""
+    for i in range(3):
+        write_nifti(tmp_path / f"s{i}.nii.gz", blob_volume(seed=i))
+    rows = [f's{i}{sep}s{i}.nii.gz{sep}"{20 + i},5"' for i in range(3)]
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"subject_id{sep}t1{sep}age\n" + "\n".join(rows) + "\n")
+    cohort = load_manifest(csv)
+    assert cohort.label_types["age"] == "continuous"
+    assert [s.labels["age"] for s in cohort.subjects] == [20.5, 21.5, 22.5]
 
 
 def test_unreadable_manifest_and_missing_id_column(tmp_path):
