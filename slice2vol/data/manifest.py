@@ -257,6 +257,13 @@ def load_manifest(
     path_columns = [c for c in table.columns if c != id_column and _is_path_column(table[c])]
     if seg_column not in table.columns:
         seg_column = None
+    elif seg_column not in path_columns:
+        cells = table[seg_column].dropna().astype(str).str.strip()
+        cells = cells[cells != ""]
+        if len(cells) and not cells.map(lambda v: bool(_NIFTI.search(v) or _PATH_LIKE.search(v))).any():
+            # a label that happens to be called 'seg' failed every row, one line each
+            raise ManifestError(f"{path}: column {seg_column!r} is read as segmentation files by its name, but none of "
+                                f"its cells names a file (e.g. {cells.iloc[0]!r}); rename the column to use it as a label")
     # label maps, not image channels: a column named aseg, seg_path or brain_mask must not become a channel
     map_columns = [c for c in path_columns if c != seg_column and re.search("mask|lesion|seg|parc", c, re.I)]
     if image_columns is None:

@@ -160,6 +160,20 @@ def test_quoted_decimal_commas_in_a_comma_or_tab_file_are_numbers(tmp_path, sep)
     assert [s.labels["age"] for s in cohort.subjects] == [20.5, 21.5, 22.5]
 
 
+def test_a_label_column_named_seg_is_refused_in_one_line(tmp_path):
+    """Fuzz round 14: a 'seg' column of M/F failed every row with its own line ('not a NIfTI file name')."""
+    for i in range(3):
+        write_nifti(tmp_path / f"s{i}.nii.gz", blob_volume(seed=i))
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,seg\n" + "".join(f"s{i},s{i}.nii.gz,{'MF'[i % 2]}\n" for i in range(3)))
+    with pytest.raises(ManifestError) as err:
+        load_manifest(csv)
+    assert str(err.value) == (f"{csv}: column 'seg' is read as segmentation files by its name, but none of its cells "
+                              "names a file (e.g. 'M'); rename the column to use it as a label")
+    csv.write_text("subject_id,t1,seg\n" + "".join(f"s{i},s{i}.nii.gz,\n" for i in range(3)))
+    assert load_manifest(csv).subjects[0].seg is None  # an empty seg column is no segmentation, not an error
+
+
 def test_unreadable_manifest_and_missing_id_column(tmp_path):
     with pytest.raises(ManifestError, match="manifest not found"):
         load_manifest(tmp_path / "nope.csv")
