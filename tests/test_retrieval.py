@@ -806,3 +806,46 @@ def test_a_query_far_outside_the_indexed_field_of_view_gets_a_note(cohort_store,
     assert len(notes) == 1 and re.fullmatch(
         r"half.nii.gz: its slices with foreground span \d+ mm \w+ \(indexed scans: \d+-\d+ mm\)(, .*)?: a partial "
         r"field of view or another kind of image\? Its neighbours may mean little", notes[0]), notes
+
+
+def test_exclude_self_with_a_nifti_query_drops_the_subjects_of_that_file(cohort_store, tmp_path, capsys):
+    """Fuzz: ``search --nifti s2.nii.gz --exclude-self`` did nothing (rank 1 was s2 at 1.0000): the flag
+    compared subject IDs with the file name. It now drops the indexed subjects of that very file, and an
+    index that records no image files refuses the flag in one line instead of ignoring it."""
+    from slice2vol.cli import main
+
+    root, name, _ = cohort_store
+    query = ["--nifti", str(root / "s2.nii.gz"), "-k", "3", "--exclude-self", "--json", "--no-progress"]
+    assert main(["search", "--index", str(root / "index")] + query) == 0  # recorded s2.nii.gz (built with a manifest)
+    found = json.loads(capsys.readouterr().out)["neighbours"]
+    assert "s2" not in [n["subject_id"] for n in found] and [n["rank"] for n in found] == [1, 2, 3]
+    assert max(n["similarity"] for n in found) < 0.999
+    Index.from_store(root / "store.h5", name).save(tmp_path / "bare")  # built without --manifest
+    assert main(["search", "--index", str(tmp_path / "bare")] + query) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--exclude-self with --nifti needs the indexed subjects' image files" in err and "\n" not in err
+
+
+def test_a_manifest_given_at_build_gives_the_labels_not_the_store(cohort_store, tmp_path, capsys, caplog):
+    """Fuzz: labels.csv and search showed the labels the store recorded when it was cached, although the
+    manifest given to ``index build`` now says otherwise; subjects it lacks are named in one warning."""
+    from slice2vol.cli import main
+
+    root, name, _ = cohort_store
+    table = pd.read_csv(root / "manifest.csv")
+    table["t1"] = [str(root / t) for t in table["t1"]]
+    table.loc[table["subject_id"] == "s3", ["age", "sex"]] = [99, "F"]  # corrected since the caching
+    table[table["subject_id"] != "s5"].to_csv(tmp_path / "m.csv", index=False)
+    build = ["index", "build", "--store", str(root / "store.h5"), "--embeddings", name, "--no-progress"]
+    with caplog.at_level("WARNING"):
+        assert main(build + ["--out", str(tmp_path / "idx"), "--manifest", str(tmp_path / "m.csv")]) == 0
+    labels = pd.read_csv(tmp_path / "idx" / "labels.csv", dtype={"subject_id": str}).set_index("subject_id")
+    assert labels.loc["s3", "age"] == 99 and labels.loc["s3", "sex"] == "F" and pd.isna(labels.loc["s5", "age"])
+    warned = [r.getMessage() for r in caplog.records if "indexed subjects" in r.getMessage()]
+    assert len(warned) == 1 and "the others (s5) have no labels" in warned[0], warned
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "idx"), "--subject", "s3", "-k", "1", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["neighbours"][0]
+    assert first["subject_id"] == "s3" and first["age"] == 99 and first["sex"] == "F"
+    assert main(build + ["--out", str(tmp_path / "plain")]) == 0  # no manifest: the store's labels, as before
+    assert Index.load(tmp_path / "plain").labels.loc["s3", "age"] == 41

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_store(build, help="HDF5 feature store (slice2vol cache, slice2vol aggregate)")
     build.add_argument("--embeddings", required=True, help="volume-embedding set name (slice2vol aggregate)")
     add_out(build, required=True, help="index folder to write (its log file goes there too)")
-    add_manifest(build, help="cohort manifest, to show neighbours' images in galleries")
+    add_manifest(build, help="cohort manifest: neighbours' images in galleries, and its labels in place of those "
+                             "the store recorded when it was cached")
     build.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
                        help="flat = exact cosine; ivf/hnsw = approximate, tuned to --target-recall")
     build.add_argument("--nlist", type=int, help="IVF cells (default 4*sqrt(N), at most N/39)")

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--nifti", nargs="+", help="a new scan (one file per modality, manifest order)")
     add_store(parser, required=False, help="look --subject up in this store (same provenance as the index)")
     parser.add_argument("-k", type=int, default=10, help="number of neighbours")
-    parser.add_argument("--exclude-self", action="store_true", help="leave the query subject out")
+    parser.add_argument("--exclude-self", action="store_true",
+                        help="leave the query subject out; with --nifti, the indexed subjects whose image is that "
+                             "same file (an index built with --manifest records them)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_out(parser, help="write the neighbours to this file: .json or .csv (the table), .html or .png (a gallery "
                          "of the query and its neighbours)")
@@ -58,10 +60,13 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     query_images = None
     query_labels = None
+    same: list[str] = []
     if args.nifti:
         images = args.nifti[0] if len(args.nifti) == 1 else args.nifti
-        table = index.search_nifti(images, args.k, weights=args.weights, device=resolve_device(args.device),
-                                   batch_size=args.batch_size)
+        # a scan is no indexed subject: "self" is the subjects indexed from that very file
+        same = same_file_subjects(index, args.nifti) if args.exclude_self else []
+        table = index.search_nifti(images, args.k + len(same), weights=args.weights,
+                                   device=resolve_device(args.device), batch_size=args.batch_size)
         query_images = images
         query_name = table["query"].iloc[0] if len(table) else str(images)
     elif args.store:
@@ -74,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         if args.subject in index.labels.index:
             query_labels = index.labels.loc[args.subject].to_dict()
     if args.exclude_self:
-        table = table[table["subject_id"] != query_name].head(args.k).copy()
+        drop = set(same) if args.nifti else {query_name}
+        table = table[~table["subject_id"].isin(drop)].head(args.k).copy()
         table["rank"] = range(1, len(table) + 1)
     elapsed = time.perf_counter() - start
     payload = {"query": query_name, "index": str(index.path), "k": args.k, "seconds": round(elapsed, 4),
@@ -101,3 +107,20 @@ def run(args: argparse.Namespace) -> int:
                                  query_labels=query_labels)
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def same_file_subjects(index, files) -> list[str]:
+    """Indexed subjects one of whose recorded images is one of ``files`` (the same resolved path).
+
+    Raises:
+        ValueError: the index records no image files (built without ``--manifest``): which indexed
+            subject is this scan cannot be told, and a flag that did nothing would go unnoticed.
+    """
+    recorded = index.provenance.get("images") or {}
+    if not recorded:
+        raise ValueError(f"{index.path}: --exclude-self with --nifti needs the indexed subjects' image files, and "
+                         "this index records none (built without --manifest): use --subject ID --exclude-self, or "
+                         "rebuild the index with --manifest")
+    query = {str(Path(f).resolve()) for f in files}
+    return [sid for sid, images in recorded.items()
+            if sid in index and any(str(p) in query for p in (images or {}).values())]

@@ -243,6 +243,11 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
     timings: dict[str, float] = {}
     t0 = time.time()
     cohort, manifest = resolve_cohort(cfg, base, out, config_path)
+    if not len(cohort):
+        # else the stages run on nobody and the first to notice blames itself (a store never written)
+        raise ValueError(f"{manifest}: no subject of the manifest is left to benchmark ("
+                         + ("every row failed; the failures are listed above)" if cohort.failures
+                            else "it lists no subject)"))
     labels, label_types = labels_of(cohort, cfg)
     timings["cohort"] = round(time.time() - t0, 2)
     log.info("cohort: %d subjects from %s; labels %s", len(cohort), manifest, label_types)

@@ -108,17 +108,60 @@ def store_path(store_dir: Path, entry: Encoder2DEntry, weights: str, cfg: Experi
     return store_dir / f"{safe_name(entry.name)}-{ident}.h5"
 
 
+def changed_inputs(store, path: Path, cohort) -> dict[str, str]:
+    """Subject -> failure line, for the cohort subjects whose input files differ from those ``store``
+    cached (the stored input fingerprint: size and mtime, then sha256 only where those differ).
+
+    A bench ``store:`` entry is never recached, so a manifest row pointing at another scan would
+    otherwise be scored with the old scan's features. Rows without a recorded fingerprint (stores
+    written before format 2) cannot be checked and pass, as before.
+    """
+    from slice2vol.data.io import fingerprint_changes
+
+    have = set(store.subjects())
+    planes = store.planes
+    changed: dict[str, str] = {}
+    for subject in cohort.subjects:
+        sid = subject.subject_id
+        if sid not in have:
+            continue
+        # the inputs are the subject's, not a plane's: the first plane that records them is enough
+        stored = next((rec for plane in planes if (rec := store.subject_inputs(sid, plane)) and rec.get("files")),
+                      None)
+        if stored is None:
+            continue
+        files = stored["files"]
+        if set(files) != set(subject.images) and len(files) == len(subject.images):
+            # the bench manifest may name the image columns differently ('t1' -> 'image'): the files,
+            # in manifest order, are what the features were made from
+            files = dict(zip(subject.images, files.values()))
+        what = fingerprint_changes(files, subject.images)
+        if what:
+            changed[sid] = f"{sid}: input changed since {path} cached it ({'; '.join(what)}): cache it again"
+    return changed
+
+
 def cached_store(entry: Encoder2DEntry, cfg: ExperimentConfig, cohort, base: Path, store_dir: Path,
-                 progress: bool) -> tuple[Path, list[str]]:
-    """The slice-feature store of a 2D entry: its own ``store``, or one cached now (missing subjects only)."""
+                 progress: bool) -> tuple[Path, list[str], set[str]]:
+    """The slice-feature store of a 2D entry: its own ``store``, or one cached now (missing subjects only).
+
+    Returns:
+        (store path, failure lines, subjects to leave out of its sets: those of a ``store`` entry whose
+        input files changed since it was cached).
+    """
     from slice2vol.cache import FeatureStore
 
     if entry.store:
         path = Path(expand(entry.store, base))
-        if not FeatureStore(path, mode="r").exists():
+        store = FeatureStore(path, mode="r")
+        if not store.exists():
             raise FileNotFoundError(f"{path}: slice-feature store of encoder {entry.name!r} not found")
-        have = set(FeatureStore(path, mode="r").subjects())
-        return path, [f"{s}: not in the store {path}" for s in cohort.ids if s not in have]
+        have = set(store.subjects())
+        changed = changed_inputs(store, path, cohort)
+        for line in changed.values():
+            log.warning("%s", line)
+        missing = [f"{s}: not in the store {path}" for s in cohort.ids if s not in have]
+        return path, missing + list(changed.values()), set(changed)
     try:
         from slice2vol.extract import cache_cohort
     except ImportError as err:
@@ -135,7 +178,7 @@ def cached_store(entry: Encoder2DEntry, cfg: ExperimentConfig, cohort, base: Pat
                               device=cfg.device, save_tokens=entry.save_tokens, progress=progress, seed=cfg.seed,
                               dtype=entry.dtype)
         failures += [str(f) for f in getattr(report, "failures", [])]
-    return path, failures
+    return path, failures, set()
 
 
 def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, progress: bool,
@@ -160,11 +203,12 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
     cohort_ids = set(cohort.ids)
     for entry in cfg.encoders:
         t0 = time.time()
-        path, missing = cached_store(entry, cfg, cohort, base, store_dir, progress)
+        path, missing, stale = cached_store(entry, cfg, cohort, base, store_dir, progress)
         failures += missing
         timings[f"cache:{entry.name}"] = round(time.time() - t0, 2)
         store = FeatureStore(path, mode="r")
-        if not store.subjects():  # every subject failed: say why, not that the store is empty
+        # every subject failed: say why, not that the store is empty (or was never written)
+        if not store.exists() or not store.subjects():
             raise ValueError(f"encoder {entry.name!r}: no subject of the cohort could be cached ({len(missing)} "
                              f"failed; first: {missing[0] if missing else '-'})")
         feature_set = store.feature_set
@@ -183,7 +227,7 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
             params = dict(entry.aggregator_params.get(agg, {})) if isinstance(entry.aggregator_params, dict) else {}
             name = f"{entry.name}/{agg}"
             if is_trainable(agg, params) and "train_ids" not in params:
-                ids = [s for s in store.subjects() if s in cohort_ids]
+                ids = [s for s in store.subjects() if s in cohort_ids and s not in stale]
                 sets[name] = FoldFittedAggregator(name, path, agg, {k: v for k, v in params.items() if k != "label"},
                                                   ids=ids, entry=entry, cache=cache, provenance=base_prov)
                 continue
@@ -221,6 +265,9 @@ def build_2d_sets(cfg: ExperimentConfig, cohort, base: Path, store_dir: Path, pr
                     computed = (ids, X, {**prov, "params_requested": params})
                 failures += [m for m in damaged if m not in failures]
             ids, X, prov = computed or store.volume_embeddings(set_name)
+            if stale:  # rows of an old scan: the subject is a failure, not scored with them
+                keep = [i for i, s in enumerate(ids) if s not in stale]
+                ids, X = [ids[i] for i in keep], X[keep]
             timings[f"aggregate:{name}"] = round(time.time() - t0, 2)
             check_degenerate(name, X, store=store, ids=ids, provenance=prov)
             fitted, pretraining, fit_subjects = disclosure_from_provenance(prov)

@@ -446,7 +446,9 @@ class Index:
             store: a path to the HDF5 store or an open :class:`slice2vol.cache.FeatureStore`.
             embeddings: name of the volume-embedding set (``FeatureStore.volume_embedding_names()``).
             config: index options.
-            manifest: optional cohort manifest; its image paths are remembered for galleries.
+            manifest: optional cohort manifest; its image paths are remembered for galleries, and its
+                labels replace the store's (those of the first caching: the manifest is what the user
+                states now).
         """
         from slice2vol.retrieval.provenance import store_provenance
 
@@ -457,19 +459,27 @@ class Index:
                            f"available: {', '.join(names) or 'none (run slice2vol aggregate first)'}")
         ids, x, _ = store.volume_embeddings(embeddings)
         labels = _store_labels(store)
+        label_types = dict(getattr(store, "label_types", {}) or {})
         prov = store_provenance(store, embeddings)
         extent = _cohort_extent(store, ids)
         if extent:
             prov["cohort_extent_mm"] = extent
         if manifest is not None:
-            prov["images"] = _manifest_images(manifest)
+            from slice2vol.data.manifest import load_manifest
+
+            cohort = load_manifest(manifest)
+            prov["images"] = _manifest_images(cohort)
             prov["manifest"] = str(Path(manifest).resolve())
-            covered = sum(1 for i in ids if i in prov["images"])
-            if covered < len(ids):  # another cohort's manifest shows no images in galleries
-                log.warning("%s: holds the images of %d of the %d indexed subjects; galleries show no image for "
-                            "the others", manifest, covered, len(ids))
-        return cls.build(x, ids, labels=labels, label_types=dict(getattr(store, "label_types", {}) or {}),
-                         provenance=prov, config=config)
+            # the store's labels are those of its first caching; a corrected manifest must win (one that
+            # names no label column only gives images and leaves the store's labels)
+            if cohort.label_types:
+                labels, label_types = cohort.labels(), dict(cohort.label_types)
+            absent = [str(i) for i in ids if str(i) not in prov["images"]]
+            if absent:  # another cohort's manifest, or rows it left out: one line naming them
+                log.warning("%s: holds the images of %d of the %d indexed subjects; the others (%s) have no %simage "
+                            "in search results and galleries", manifest, len(ids) - len(absent), len(ids),
+                            _some(absent), "labels and no " if cohort.label_types else "")
+        return cls.build(x, ids, labels=labels, label_types=label_types, provenance=prov, config=config)
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -889,10 +899,8 @@ def _store_labels(store: Any) -> pd.DataFrame | None:
     return labels if isinstance(labels, pd.DataFrame) else None
 
 
-def _manifest_images(manifest: str | Path) -> dict[str, dict[str, str]]:
-    from slice2vol.data.manifest import load_manifest
-
-    cohort = load_manifest(manifest)
+def _manifest_images(cohort: Any) -> dict[str, dict[str, str]]:
+    """subject -> modality -> resolved image path, of a loaded manifest's usable rows."""
     return {s.subject_id: {m: str(Path(p).resolve()) for m, p in s.images.items()} for s in cohort.subjects}
 
 

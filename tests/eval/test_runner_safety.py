@@ -148,3 +148,23 @@ def test_bench_on_a_results_folder_full_of_crafted_pickles_runs_nothing(tmp_path
     # the recomputed results replaced the crafted files with plain JSON
     for path in cached:
         assert json.loads(path.read_text())["schema"] == "slice2vol.cache/1"
+
+
+def test_a_manifest_whose_every_row_failed_is_named_not_a_store(tmp_path, capsys):
+    """Fuzz: with every image path missing, bench listed the row failures and then blamed its own store
+    ("runs/x/stores/rnd-4a40.h5: feature store not found"), which was never written for want of subjects."""
+    from pathlib import Path
+
+    import tests._tiny_encoder  # noqa: F401  - registers test/tiny_cnn
+    from slice2vol.cli import main
+
+    repo = Path(__file__).resolve().parents[2]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject_id,t1,grp\n" + "".join(f"s{i},gone{i}.nii.gz,{i % 2}\n" for i in range(6)))
+    out = tmp_path / "run"
+    assert main(["bench", "--config", str(repo / "configs/experiments/ci.yaml"), "--out", str(out), "--no-progress",
+                 f"cohort.manifest={manifest}", "cohort.labels=[grp]", "tasks=[knn]",
+                 "encoders=[{name: rnd, key: test/tiny_cnn, weights: random, aggregators: [mean]}]"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"slice2vol bench: error: {manifest}: no subject of the manifest is left to benchmark (every row "
+                    "failed; the failures are listed above)")
