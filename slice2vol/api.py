@@ -224,6 +224,10 @@ def evaluate(X: Any, y: Any, *, ids: Sequence[str] | None = None, kind: str | No
     from slice2vol.eval.splits import SplitConfig, make_splits
 
     check_level(level)  # before the cross-validation, not after it
+    for key, value in (("n_bootstrap", n_bootstrap), ("n_permutations", n_permutations)):
+        # 0 permutations gave p = 1.0 (read as "not significant", not "not tested")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"evaluate: {key} must be a whole number >= 1, got {value!r}")
     sets = _as_sets(X)
     n = next(iter(sets.values())).shape[0]
     if isinstance(probes, str):  # "knn" or "knn,linear", not three one-letter probes
@@ -303,7 +307,8 @@ def evaluate(X: Any, y: Any, *, ids: Sequence[str] | None = None, kind: str | No
                         pred = full_proba(pred, knn.classes_)
                     record(("knn", f"k={k} {vote}"), fold.repeat, te, pred)
             if "linear" in probes:
-                lin = LinearProbe(task, linear_cfg, seed=seed + fold.repeat).fit(x[tr], yk[tr])
+                inner = None if group_values is None else np.asarray(group_values, dtype=str)[tr]
+                lin = LinearProbe(task, linear_cfg, seed=seed + fold.repeat).fit(x[tr], yk[tr], groups=inner)
                 if kind == "categorical":
                     record(("linear", "logistic"), fold.repeat, te, full_proba(lin.predict_proba(x[te]), lin.classes_))
                 else:

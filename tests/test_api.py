@@ -133,6 +133,11 @@ def test_evaluate_is_subject_level_and_checks_input():
         s2v.evaluate(bad, y)
     with pytest.raises(ValueError, match="one class"):
         s2v.evaluate(X, ["a"] * 20)
+    # 0 permutations gave every p-value 1.0 ("not significant" where nothing was tested)
+    with pytest.raises(ValueError, match=r"^evaluate: n_permutations must be a whole number >= 1, got 0$"):
+        s2v.evaluate(X, y, n_permutations=0)
+    with pytest.raises(ValueError, match=r"^evaluate: n_bootstrap must be a whole number >= 1, got 0$"):
+        s2v.evaluate(X, y, n_bootstrap=0)
     # missing targets are dropped, not predicted
     series = pd.Series(list(y[:18]) + [None, None], index=[f"sub{i}" for i in range(20)])
     table = s2v.evaluate(X, series, n_folds=3, n_bootstrap=20)
@@ -213,3 +218,24 @@ def test_evaluate_clips_k_to_the_smallest_training_fold_and_names_the_k_used(cap
         s2v.evaluate(X, y, level=2.0)
     with pytest.raises(ValueError, match=r"evaluate: ks must be whole numbers >= 1, got \[0\]"):
         s2v.evaluate(X, y, ks=(0,))
+
+
+def test_evaluate_gives_the_linear_probe_the_groups_of_its_training_rows(monkeypatch):
+    """With groups, the penalty is chosen on inner folds that keep groups whole (fuzz round 14)."""
+    from slice2vol.eval import linear
+
+    X, y = _signal(n=24)
+    groups = [f"g{i // 2}" for i in range(24)]
+    seen = []
+    real_fit = linear.LinearProbe.fit
+
+    def spy(self, x, target, groups=None):
+        seen.append((np.asarray(x), groups))
+        return real_fit(self, x, target, groups=groups)
+
+    monkeypatch.setattr(linear.LinearProbe, "fit", spy)
+    s2v.evaluate(X, y, groups=groups, probes="linear", n_folds=3, n_bootstrap=20)
+    row_group = {tuple(np.round(X[i], 6)): groups[i] for i in range(24)}
+    assert seen
+    for x, given in seen:  # each training row's own group, in row order
+        assert list(given) == [row_group[tuple(np.round(row, 6))] for row in x]

@@ -12,7 +12,8 @@ from typing import Mapping
 import numpy as np
 
 from slice2vol.eval.experiment import ExperimentConfig, IntegrationError, expand
-from slice2vol.eval.splits import SubjectSplits, definition_hash, load_or_make_splits, split_definition
+from slice2vol.eval.splits import (DegenerateGroupsError, SubjectSplits, definition_hash, load_or_make_splits,
+                                   split_definition)
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,11 @@ def make_label_splits(labels, label_types: Mapping[str, str], subject_sets: list
         # the file name carries the definition: another group/bins/label/values never reuses old folds
         definition = split_definition(common, y, kind, groups, cfg.splits, label)
         path = split_dir / f"{safe_name(label)}-{definition_hash(definition)}.json"
-        splits = load_or_make_splits(path, common, y, kind, groups=groups, cfg=cfg.splits, label=label)
+        try:
+            splits = load_or_make_splits(path, common, y, kind, groups=groups, cfg=cfg.splits, label=label)
+        except DegenerateGroupsError as err:  # a group so large that a training part holds one subject
+            skip(label, str(err))
+            continue
         ids = splits.subject_ids
         y = column.reindex(ids).to_numpy()
         y = y.astype(np.float64) if kind == "continuous" else y.astype(str)

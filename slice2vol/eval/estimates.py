@@ -100,10 +100,13 @@ def paired_row(*, task: str, label: str, variant: str, metric: str, encoder: str
                preds: np.ndarray, ref_preds: np.ndarray, classes, kind: str, fold_of: np.ndarray | None,
                n_boot: int, n_perm: int, seed: int, headline: str = "auto") -> dict:
     """Paired bootstrap interval and permutation p-value of metric(encoder) - metric(reference),
-    on the headline estimator of ``metric``; ``p_holm`` is filled in by :func:`add_holm`."""
+    on the headline estimator of ``metric``; ``p_holm`` is filled in by :func:`add_holm`.
+    ``n_perm < 1`` (no permutation drawn) gives p = NaN: not tested."""
     est_kind = headline_kind(metric, headline)
     test = paired_test(y, preds, ref_preds, metric_fn(metric, kind, classes), n_boot=n_boot, n_perm=n_perm, seed=seed,
                        fold_of=fold_of if est_kind == "fold_mean" else None)
+    if n_perm < 1:  # (0 + 1) / (0 + 1) = 1 read as "not significant" where nothing was tested
+        test["p_value"] = math.nan
     return {"task": task, "label": label, "variant": variant, "metric": metric, "encoder": encoder,
             "reference": reference, "estimate_kind": est_kind, **test, "p_holm": math.nan, "n_subjects": len(y)}
 

@@ -38,7 +38,7 @@ class CohortSection:
     synthetic: build the synthetic cohort with these ``make_cohort`` keywords instead (into ``<out>/cohort``).
     labels: label columns to evaluate (default: every label column).
     label_types: overrides of the inferred ``categorical``/``continuous`` types.
-    max_subjects: use only the first N subjects.
+    max_subjects: use only the first N subjects (N >= 1; None: all).
     """
 
     manifest: str | None = None
@@ -46,6 +46,12 @@ class CohortSection:
     labels: list[str] | None = None
     label_types: dict = field(default_factory=dict)
     max_subjects: int | None = None
+
+    def __post_init__(self) -> None:
+        # -3 was taken as "all but the last 3" (a negative slice) and 0 as "all", both silently
+        value = self.max_subjects
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"cohort.max_subjects must be a whole number >= 1 or null (all subjects), got {value!r}")
 
 
 @dataclass
@@ -199,7 +205,9 @@ class ExperimentConfig:
     task_params: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, low in (("n_bootstrap", 0), ("n_permutations", 0), ("primary_k", 1)):
+        # n_bootstrap=0 gave NaN intervals and n_permutations=0 p = 1 everywhere ("not significant" where
+        # nothing was tested), both with exit 0
+        for name, low in (("n_bootstrap", 1), ("n_permutations", 1), ("primary_k", 1)):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")

@@ -1,9 +1,11 @@
 """Linear probes: L2 logistic regression and ridge, regularisation chosen inside the training fold.
 
-``fit(x_train, y_train)`` is all a probe ever sees of a fold: the sweep over a log-spaced grid of C
-(or ridge alpha) is scored by an inner stratified K-fold on those rows, standardisation statistics
-are fitted on the inner-training rows of each inner fold and again on the whole training fold for
-the final refit. The outer test fold cannot influence any choice.
+``fit(x_train, y_train, groups)`` is all a probe ever sees of a fold: the sweep over a log-spaced grid
+of C (or ridge alpha) is scored by an inner stratified K-fold on those rows (grouped when ``groups`` is
+given, so that a site, family or subject's other scans never sit on both sides of an inner split),
+standardisation statistics are fitted on the inner-training rows of each inner fold and again on the
+whole training fold for the final refit. The outer test fold cannot influence any choice. A training
+fold too small for any inner split gets the middle of the grid.
 """
 
 from __future__ import annotations
@@ -64,9 +66,20 @@ class _Standardizer:
         return (x - self.mean_) / self.scale_
 
 
-def _inner_splits(y: np.ndarray, n_folds: int, classification: bool, seed: int):
-    from sklearn.model_selection import KFold, StratifiedKFold
+def _inner_splits(y: np.ndarray, n_folds: int, classification: bool, seed: int, groups: np.ndarray | None = None):
+    """(train, validation) row positions of the inner folds of one training fold; [] when none can be made.
 
+    With ``groups`` a group is kept on one side of every inner split (StratifiedGroupKFold / GroupKFold):
+    choosing the penalty on inner folds that split a subject's scans or a site is optimistic.
+    """
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    from slice2vol.eval.splits import shuffled_group_codes
+
+    if groups is not None:
+        n_folds = min(n_folds, len(np.unique(groups)))
+        if n_folds < 2:  # one group: every inner split would split it
+            return []
     if classification:
         counts = np.unique(y, return_counts=True)[1]
         n_folds = max(2, min(n_folds, int(counts.min())))
@@ -76,9 +89,17 @@ def _inner_splits(y: np.ndarray, n_folds: int, classification: bool, seed: int):
             # a class with one subject in this training fold sits in one inner part only; fit() drops the
             # parts it cannot fit and _score() covers a class unseen in training: sklearn's note is noise
             warnings.filterwarnings("ignore", "The least populated class", UserWarning)
-            return list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+            if groups is None:
+                return list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+            parts = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+            # with few groups a part can come out empty: nothing to score on it
+            return [(tr, va) for tr, va in parts if len(tr) and len(va)]
+    if len(y) < 2:  # a training fold of one subject: nothing to validate on
+        return []
     n_folds = max(2, min(n_folds, len(y) // 2))
-    return list(KFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y))))
+    if groups is None:
+        return list(KFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y))))
+    return list(GroupKFold(n_folds).split(np.zeros(len(y)), groups=shuffled_group_codes(groups, seed)))
 
 
 class LinearProbe:
@@ -113,15 +134,21 @@ class LinearProbe:
             return float(np.mean(np.log(np.clip(p, 1e-12, 1))))  # mean log-likelihood
         return float(-np.mean((model.predict(x) - y) ** 2))
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> "LinearProbe":
+    def fit(self, x: np.ndarray, y: np.ndarray, groups: Sequence | None = None) -> "LinearProbe":
         """Sweeps the penalty on inner folds of (x, y), then refits on all of it.
 
         Args:
             x: (N, D) training features of one outer fold.
             y: (N,) training targets.
+            groups: (N,) group of each training row (``splits.group``: site, family, subject of
+                longitudinal rows); inner folds then never split a group. None: ungrouped inner folds.
         """
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y)
+        if groups is not None:
+            groups = np.asarray([str(v) for v in groups])
+            if len(groups) != len(y):
+                raise ValueError(f"LinearProbe.fit: {len(groups)} groups for {len(y)} training rows")
         if self.task == "regression":
             y = y.astype(np.float64)
         classification = self.task == "classification"
@@ -131,7 +158,7 @@ class LinearProbe:
         # a training fold of one class (a class with a single subject sits in the test fold): no logistic
         # regression can be fitted; the probe predicts that class, as a model of the class prior would
         one_class = classification and len(np.unique(y)) < 2
-        inner = [] if one_class else _inner_splits(y, self.cfg.inner_folds, classification, self.seed)
+        inner = [] if one_class else _inner_splits(y, self.cfg.inner_folds, classification, self.seed, groups)
         if classification:
             # with few subjects an inner-training part can hold one class only: it cannot be fitted
             inner = [(tr, va) for tr, va in inner if len(np.unique(y[tr])) > 1]
@@ -145,7 +172,7 @@ class LinearProbe:
                     model = self._model(param).fit(scaler.transform(x[tr]), y[tr])
                     scores.append(self._score(model, scaler.transform(x[va]), y[va]))
                 self.sweep_[float(param)] = float(np.mean(scores))
-            # no inner split could be fitted (too few subjects per class to tune): the grid's middle value
+            # no inner split could be fitted (too few subjects, classes or groups to tune): the grid's middle value
             self.best_param_ = (max(ordered, key=lambda p: self.sweep_[float(p)]) if self.sweep_
                                 else ordered[len(ordered) // 2])
             self.scaler_ = _Standardizer().fit(x)

@@ -34,6 +34,11 @@ class SplitError(ValueError):
     """A split request that would leak (repeated IDs) or cannot be made (too few subjects)."""
 
 
+class DegenerateGroupsError(SplitError):
+    """Grouped folds of a label that no probe can be fitted or scored on (a group holding nearly
+    every subject): the label is skipped, where a leaking or tampered split stops the run."""
+
+
 @dataclass
 class SplitConfig:
     """How subject-level folds are drawn.
@@ -178,6 +183,7 @@ def make_splits(
     *,
     groups: Sequence | None = None,
     cfg: SplitConfig | None = None,
+    label: str | None = None,
 ) -> SubjectSplits:
     """Draws repeated (stratified, grouped) K-fold splits over unique subject IDs.
 
@@ -187,9 +193,14 @@ def make_splits(
         kind: ``categorical`` or ``continuous`` (binned into ``cfg.n_bins`` quantiles).
         groups: (N,) group value per subject; equal values never straddle folds.
         cfg: folds, repeats, seed.
+        label: the label being split (named in errors only).
 
     Returns:
         validated :class:`SubjectSplits`.
+
+    Raises:
+        SplitError: grouped folds with a training part of fewer than 2 subjects or an empty test part
+            (one group holding nearly every subject); the caller may skip the label.
     """
     from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
@@ -227,11 +238,7 @@ def make_splits(
                 splitter = StratifiedGroupKFold(cfg.n_folds, shuffle=True, random_state=seed)
                 parts = splitter.split(np.zeros(n), strata, g)
             else:
-                # GroupKFold has no shuffle in old sklearn: shuffle group order ourselves
-                rng = np.random.default_rng(seed)
-                uniq = rng.permutation(np.unique(g))
-                remap = {v: i for i, v in enumerate(uniq)}
-                parts = GroupKFold(cfg.n_folds).split(np.zeros(n), groups=[remap[v] for v in g])
+                parts = GroupKFold(cfg.n_folds).split(np.zeros(n), groups=shuffled_group_codes(g, seed))
         elif strata is not None:
             parts = StratifiedKFold(cfg.n_folds, shuffle=True, random_state=seed).split(np.zeros(n), strata)
         else:
@@ -241,6 +248,8 @@ def make_splits(
             parts = list(parts)
         for k, (tr, te) in enumerate(parts):
             folds.append(Fold(r, k, [ids[i] for i in tr], [ids[i] for i in te]))
+    if groups is not None:
+        _check_grouped_folds(folds, groups, cfg, label)
     meta = {"n_folds": cfg.n_folds, "n_repeats": cfg.n_repeats, "seed": cfg.seed, "n_bins": cfg.n_bins,
             "group": cfg.group, "kind": kind, "stratified": strata is not None}
     splits = SubjectSplits(ids, folds, meta)
@@ -253,6 +262,40 @@ def make_splits(
                     "repeats add no new folds; fewer splits.n_repeats, or more subjects",
                     ", ".join(map(str, same)), ", ".join(f"{r} = {q}" for r, q in same.items()), n)
     return splits
+
+
+def shuffled_group_codes(groups: Sequence, seed: int) -> list[int]:
+    """(N,) group values -> (N,) integer codes in a seeded random order of the groups.
+
+    GroupKFold has no shuffle in old sklearn and places equal-sized groups in code order: shuffling the
+    codes is what makes its folds depend on the seed.
+    """
+    g = np.asarray([str(v) for v in groups])
+    uniq = np.random.default_rng(seed).permutation(np.unique(g))
+    remap = {v: i for i, v in enumerate(uniq)}
+    return [remap[v] for v in g]
+
+
+def _check_grouped_folds(folds: Sequence[Fold], groups: Sequence, cfg: SplitConfig, label: str | None) -> None:
+    """Refuses grouped folds that no probe can be fitted or scored on.
+
+    One group holding nearly every subject (a site with 15 of 16 subjects) leaves the fold that tests
+    it a training part of one subject: the probes' inner splits then failed with scikit-learn's
+    "n_splits=2 greater than the number of samples", naming neither label nor group.
+    """
+    for fold in folds:
+        if len(fold.train) >= 2 and fold.test:
+            continue
+        values, counts = np.unique([str(v) for v in groups], return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        sizes = ", ".join(f"{values[i]}: {counts[i]}" for i in order[:8]) + (", ..." if len(order) > 8 else "")
+        where = f" (label {label!r})" if label is not None else ""
+        problem = (f"a training part of {len(fold.train)} subject(s)" if len(fold.train) < 2
+                   else "an empty test part")
+        raise DegenerateGroupsError(
+            f"splits.group={cfg.group!r}{where}: repeat {fold.repeat} fold {fold.fold} has {problem} (subjects per "
+            f"group: {sizes}); every fold needs >= 2 training subjects and >= 1 test subject: use more, smaller "
+            "groups or no group")
 
 
 def _repeated_partitions(splits: "SubjectSplits") -> dict[int, int]:
@@ -309,6 +352,9 @@ def load_or_make_splits(path: str | Path, subject_ids: Sequence[str], y: Sequenc
     reused (it is replaced, with a warning). Every encoder of a comparison goes through the same
     file, so their scores are paired. Callers that keep old splits name the file after
     :func:`definition_hash`, so a changed definition gets a new file.
+
+    Raises:
+        SplitError: as :func:`make_splits` (e.g. grouped folds with a training part of one subject).
     """
     path = Path(path)
     cfg = cfg or SplitConfig()
@@ -316,11 +362,13 @@ def load_or_make_splits(path: str | Path, subject_ids: Sequence[str], y: Sequenc
     if path.exists():
         saved = SubjectSplits.load(path)
         if saved.meta.get("definition") == definition:
+            if groups is not None:  # a file saved before grouped folds were checked
+                _check_grouped_folds(saved.folds, groups, cfg, label)
             return saved
         changed = sorted(k for k in definition if (saved.meta.get("definition") or {}).get(k) != definition[k])
         log.warning("%s: saved splits were made with another definition (%s differ); drawing new ones", path,
                     ", ".join(changed))
-    splits = make_splits(subject_ids, y, kind, groups=groups, cfg=cfg)
+    splits = make_splits(subject_ids, y, kind, groups=groups, cfg=cfg, label=label)
     splits.meta["definition"] = definition
     splits.save(path)
     return splits

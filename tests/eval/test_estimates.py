@@ -93,3 +93,13 @@ def test_holm_adjusts_within_a_table_and_not_across_tables():
                      _paired("sex", 0.03, "a", variant="w"), _paired("sex", 0.04, "a", metric="mae"),
                      _paired("sex", 0.045, "a", task="knn")])
     assert [r["p_holm"] for r in rows] == pytest.approx([0.03, 0.5, 0.04, 0.03, 0.04, 0.045])
+
+
+def test_a_paired_row_without_permutations_is_not_tested_not_p_1():
+    """n_perm=0 gave p = 1 (0 extreme of 0, plus one), read as "not significant"; it is NaN: no test."""
+    y, proba, fold_of, _ = offset_folds()
+    row = paired_row(task="linear", label="lab", variant="v", metric="roc_auc", encoder="enc", reference="ref", y=y,
+                     preds=proba, ref_preds=proba[::-1], classes=CLASSES, kind="categorical", fold_of=fold_of,
+                     n_boot=50, n_perm=0, seed=0)
+    assert np.isnan(row["p_value"]) and np.isfinite(row["delta"])
+    assert np.isnan(add_holm([row])[0]["p_holm"])

@@ -34,6 +34,12 @@ GRID = "must hold at least one value, each finite and > 0"
     ("splits.seed=-1", "splits.seed must be a whole number from 0 to 2**32 - 1, got -1"),
     ("seed=4294967296", "seed must be a whole number from 0 to 2**32 - 1, got 4294967296"),
     ("tasks=[]", "tasks must name at least one task (e.g. tasks=[knn,linear]), got []"),
+    # fuzzer: every p and p_holm 1.0 ("not significant" where nothing was tested), NaN intervals with exit 0,
+    # n - 3 subjects (pandas head(-3)) and all subjects, silently
+    ("n_permutations=0", "n_permutations must be a whole number >= 1, got 0"),
+    ("n_bootstrap=0", "n_bootstrap must be a whole number >= 1, got 0"),
+    ("cohort.max_subjects=-3", "cohort.max_subjects must be a whole number >= 1 or null (all subjects), got -3"),
+    ("cohort.max_subjects=0", "cohort.max_subjects must be a whole number >= 1 or null (all subjects), got 0"),
 ])
 def test_a_value_no_run_can_honour_is_refused_at_load(override, message):
     with pytest.raises(ValueError) as info:
@@ -57,6 +63,14 @@ def test_a_bad_value_in_the_file_and_an_unknown_aggregator_name_the_file(tmp_pat
     with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'agg.yaml'))}: encoder '[^']+': unknown "
                                          r"aggregator\(s\) \['bogus'\]; known: fusion, gem, "):
         load_experiment(tmp_path / "agg.yaml")
+
+
+@pytest.mark.parametrize("override, expected", [("cohort.max_subjects=null", None), ("cohort.max_subjects=1", 1),
+                                                ("n_permutations=1", 1), ("n_bootstrap=1", 1)])
+def test_the_smallest_valid_counts_are_accepted(override, expected):
+    cfg, _ = load_experiment(CI, [override])
+    key = override.split("=")[0]
+    assert (cfg.cohort.max_subjects if key.startswith("cohort.") else getattr(cfg, key)) == expected
 
 
 def test_yaml_1_2_numbers_reach_the_experiment_as_numbers():

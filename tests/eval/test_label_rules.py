@@ -81,3 +81,14 @@ def test_classes_typed_two_ways_are_warned(tmp_path, caplog):
         frames, _ = _run(_frame(sex=["M", "F", "m", "f"] * 4), {"sex": "categorical"}, tmp_path)
     assert len(frames["sex"].classes) == 4  # scored as written, but said
     assert "label sex: classes 'F' / 'f'; 'M' / 'm' differ only in case or spaces" in caplog.text
+
+
+def test_a_group_holding_nearly_every_subject_skips_the_label(tmp_path):
+    """site A for 15 subjects and B for 1: the fold testing A trains on one subject. The run stopped
+    with scikit-learn's words; the label is now skipped with the group sizes (a tampered split file
+    still stops the run: tests/eval/test_splits.py)."""
+    frames, skipped = _run(_frame(site=["A"] * 15 + ["B"], age=np.linspace(20, 80, 16)),
+                           {"age": "continuous"}, tmp_path, group="site")
+    assert frames == {}
+    assert skipped["label age"].startswith("splits.group='site' (label 'age'): repeat 0 fold ")
+    assert "(subjects per group: A: 15, B: 1)" in skipped["label age"]

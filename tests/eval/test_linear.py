@@ -56,9 +56,9 @@ def test_c_sweep_uses_only_training_rows(monkeypatch, tmp_path):
     seen: list[tuple[set, set]] = []
 
     class Spy(LinearProbe):
-        def fit(self, xs, ys):
+        def fit(self, xs, ys, groups=None):
             seen.append(set(np.asarray(xs)[:, -1].astype(int)))
-            return super().fit(xs, ys)
+            return super().fit(xs, ys, groups=groups)
 
     monkeypatch.setattr(linear_task, "LinearProbe", Spy)
     ids = [f"s{i}" for i in range(40)]
@@ -87,9 +87,9 @@ def test_held_out_rows_cannot_change_the_fold(tmp_path):
     fitted = []
 
     class Spy(LinearProbe):
-        def fit(self, xs, ys):
+        def fit(self, xs, ys, groups=None):
             fitted.append(self)
-            return super().fit(xs, ys)
+            return super().fit(xs, ys, groups=groups)
 
     linear_task.LinearProbe, original = Spy, linear_task.LinearProbe
     try:
@@ -243,3 +243,90 @@ def test_a_tie_in_the_sweep_goes_to_the_strongest_penalty(task, grid, expected):
     probe = LinearProbe(task, cfg).fit(x, y)
     assert len(probe.sweep_) == 3 and len(set(probe.sweep_.values())) == 1
     assert probe.best_param_ == expected
+
+
+# -- tiny training folds and grouped inner folds (fuzz: 16 IXI subjects, splits.group=site) ----------
+@pytest.mark.parametrize("task, y", [
+    ("regression", np.array([42.0])),               # sklearn: "n_splits=2 greater than ... n_samples=1"
+    ("classification", np.array(["F"])),
+    ("regression", np.array([40.0, 60.0, 50.0])),   # with groups: one group, no inner split keeps it whole
+])
+def test_a_training_fold_too_small_to_tune_takes_the_middle_of_the_grid(task, y):
+    """A grouped outer fold can train on one subject; the probe must still fit, untuned, not crash."""
+    x = np.random.default_rng(0).normal(size=(len(y), 4))
+    cfg = LinearConfig(Cs=(100.0, 0.01, 1.0), alphas=(100.0, 0.01, 1.0))
+    groups = ["site0"] * len(y) if len(y) > 1 else None
+    probe = LinearProbe(task, cfg).fit(x, y, groups=groups)
+    assert probe.sweep_ == {} and probe.best_param_ == 1.0
+    assert probe.predict(x).shape == (len(y),)
+
+
+def _grouped_data(task, n_groups=12, per_group=3, seed=0):
+    """Longitudinal-like rows: 3 scans per subject, nearly identical, so a split inside a subject leaks."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_groups, 8)) * 3
+    x = np.repeat(centres, per_group, 0) + 0.01 * rng.normal(size=(n_groups * per_group, 8))
+    groups = np.repeat([f"sub{i:02d}" for i in range(n_groups)], per_group)
+    if task == "classification":
+        y = np.repeat(np.arange(n_groups) % 2, per_group)  # label unrelated to the features
+    else:
+        y = np.repeat(rng.normal(size=n_groups), per_group)
+    return x, y, groups
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_inner_folds_keep_each_group_whole(monkeypatch, task):
+    """With groups, every inner split of the penalty sweep keeps a group on one side (it split them)."""
+    from slice2vol.eval import linear as linear_module
+
+    x, y, groups = _grouped_data(task)
+    seen = []
+    original = linear_module._inner_splits
+
+    def spy(*args, **kwargs):
+        parts = original(*args, **kwargs)
+        seen.extend(parts)
+        return parts
+
+    monkeypatch.setattr(linear_module, "_inner_splits", spy)
+    probe = LinearProbe(task, LinearConfig(Cs=(0.01, 1.0), alphas=(0.01, 1.0))).fit(x, y, groups=groups)
+    assert len(seen) == 3 and len(probe.sweep_) == 2
+    for tr, va in seen:
+        assert len(va) and not set(groups[tr]) & set(groups[va])
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_grouped_inner_folds_equal_scikit_learn_group_cross_validation(task):
+    """The sweep with groups is scikit-learn's StratifiedGroupKFold / GroupKFold cross-validation."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, cross_val_score
+
+    from slice2vol.eval.splits import shuffled_group_codes
+
+    x, y, groups = _grouped_data(task)
+    grid = (0.01, 0.1, 1.0)  # no C so large that log-loss clipping (1e-12 here, float eps in sklearn) differs
+    cfg = LinearConfig(Cs=grid, alphas=grid)
+    probe = LinearProbe(task, cfg, seed=4).fit(x, y, groups=groups)
+    if task == "classification":
+        cv = list(StratifiedGroupKFold(3, shuffle=True, random_state=4).split(x, y, groups))
+        make, scoring = (lambda c: LogisticRegression(C=c, max_iter=cfg.max_iter)), "neg_log_loss"
+    else:
+        cv = list(GroupKFold(3).split(x, y, shuffled_group_codes(groups, 4)))
+        make, scoring = (lambda a: Ridge(alpha=a)), "neg_mean_squared_error"
+    reference = {p: float(cross_val_score(make_pipeline(StandardScaler(), make(p)), x, y, cv=cv,
+                                          scoring=scoring).mean()) for p in grid}
+    np.testing.assert_allclose([probe.sweep_[p] for p in grid], [reference[p] for p in grid], rtol=1e-7)
+
+
+def test_ungrouped_inner_folds_ignore_the_groups_argument_default():
+    """groups=None is the ungrouped probe, bit for bit (the scikit-learn references above hold)."""
+    x, y = data()
+    a = LinearProbe("classification", LinearConfig(Cs=(0.01, 1.0))).fit(x[:40], y[:40])
+    b = LinearProbe("classification", LinearConfig(Cs=(0.01, 1.0))).fit(x[:40], y[:40], groups=None)
+    assert a.sweep_ == b.sweep_
+    np.testing.assert_array_equal(a.predict_proba(x[40:]), b.predict_proba(x[40:]))
+
+
+def test_groups_of_another_length_are_refused():
+    x, y = data(n=10)
+    with pytest.raises(ValueError, match=r"^LinearProbe.fit: 9 groups for 10 training rows$"):
+        LinearProbe("classification").fit(x, y, groups=["a"] * 9)

@@ -136,7 +136,7 @@ def test_shipped_configs_load(name):
 
 @pytest.mark.parametrize("override, message", [
     ("knn.ks=[0]", r"knn.ks must be whole numbers >= 1, got \[0\]"),  # was an AssertionError traceback
-    ("n_bootstrap=-5", r"n_bootstrap must be a whole number >= 0, got -5"),  # was 'need at least one array'
+    ("n_bootstrap=-5", r"n_bootstrap must be a whole number >= 1, got -5"),  # was 'need at least one array'
     ("splits.n_folds=1", r"splits.n_folds must be a whole number >= 2, got 1"),  # was scikit-learn's words
     ("primary_k=0", r"primary_k must be a whole number >= 1, got 0"),
 ])

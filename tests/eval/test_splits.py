@@ -12,7 +12,7 @@ from slice2vol.eval.experiment import ExperimentConfig
 from slice2vol.eval.sets import EmbeddingSet
 from slice2vol.eval.tasks import get_task
 from slice2vol.eval.tasks.base import TaskContext
-from slice2vol.eval.splits import SplitConfig, SplitError, SubjectSplits, load_or_make_splits, make_splits
+from slice2vol.eval.splits import Fold, SplitConfig, SplitError, SubjectSplits, load_or_make_splits, make_splits
 
 IDS = [f"sub-{i:02d}" for i in range(30)]
 
@@ -283,3 +283,43 @@ def test_a_repeat_that_splits_like_an_earlier_one_is_warned(caplog):
     with caplog.at_level("WARNING", logger="slice2vol.eval.splits"):
         big = make_splits([f"s{i}" for i in range(40)], ["x", "y"] * 20, cfg=SplitConfig(n_folds=5, n_repeats=3))
     assert _repeated_partitions(big) == {} and not caplog.records
+
+
+@pytest.mark.parametrize("y, kind", [
+    (np.array(["F", "M"] * 8), "categorical"),
+    (np.linspace(20, 80, 16), "continuous"),
+    (None, "categorical"),
+])
+def test_a_group_holding_nearly_every_subject_is_refused_naming_label_and_groups(y, kind):
+    """16 subjects, site A with 1 and site B with 15, 2 folds: the fold testing B trained on one subject and
+    the linear probe died with scikit-learn's "n_splits=2 greater than ... n_samples=1" (fuzzer)."""
+    ids = IDS[:16]
+    groups = ["A"] + ["B"] * 15
+    cfg = SplitConfig(n_folds=2, group="site")
+    with pytest.raises(SplitError, match=r"^splits.group='site' \(label 'age'\): repeat 0 fold \d has a training "
+                                         r"part of 1 subject\(s\) \(subjects per group: B: 15, A: 1\); every fold "
+                                         r"needs >= 2 training subjects and >= 1 test subject"):
+        make_splits(ids, y, kind, groups=groups, cfg=cfg, label="age")
+
+
+def test_a_saved_grouped_split_with_a_one_subject_training_part_is_refused_too(tmp_path):
+    """A split file written before grouped folds were checked is not reused as it is."""
+    from sklearn.model_selection import GroupKFold
+
+    from slice2vol.eval.splits import split_definition
+
+    ids, groups = IDS[:16], ["A"] + ["B"] * 15
+    cfg = SplitConfig(n_folds=2, group="site")
+    folds = [Fold(0, k, [ids[i] for i in tr], [ids[i] for i in te])
+             for k, (tr, te) in enumerate(GroupKFold(2).split(np.zeros(16), groups=groups))]
+    saved = SubjectSplits(list(ids), folds, {"definition": split_definition(ids, None, "categorical", groups, cfg)})
+    saved.save(tmp_path / "s.json")
+    with pytest.raises(SplitError, match=r"^splits.group='site': repeat 0 fold \d has a training part of 1 subject"):
+        load_or_make_splits(tmp_path / "s.json", ids, None, "categorical", groups=groups, cfg=cfg)
+
+
+def test_balanced_groups_pass_the_check_unchanged():
+    """The check refuses only degenerate folds: the shuffled GroupKFold folds are those drawn before it."""
+    groups = [f"site{i % 4}" for i in range(16)]
+    splits = make_splits(IDS[:16], None, groups=groups, cfg=SplitConfig(n_folds=2, n_repeats=2, group="site"))
+    assert all(len(f.train) == 8 and len(f.test) == 8 for f in splits.folds)

@@ -77,3 +77,33 @@ def test_an_unchanged_manifest_passes_and_the_same_content_elsewhere_is_no_chang
     table.to_csv(copy / "renamed.csv", index=False)
     assert main(bench_argv(copy / "renamed.csv", store, tmp_path / "run2")) == 0
     assert "input changed" not in capsys.readouterr().err
+
+
+def test_grouped_folds_choose_the_linear_penalty_on_folds_that_keep_groups_whole(cached, tmp_path, monkeypatch):
+    """Fuzz round 14: the outer folds kept each site whole, but the linear probe's inner folds (its
+    penalty choice) did not. The bench now gives the probe each training row's group."""
+    from slice2vol.eval.tasks import linear as linear_task
+
+    manifest, store = cached
+    table = pd.read_csv(manifest)
+    table["site"] = [f"site{i // 2}" for i in range(len(table))]  # each site: one subject of grp 0, one of grp 1
+    for column in ("t1", "seg"):
+        table[column] = [str(manifest.parent / t) for t in table[column]]
+    table.to_csv(tmp_path / "sites.csv", index=False)
+    seen = []
+
+    class Spy(linear_task.LinearProbe):
+        def fit(self, x, y, groups=None):
+            seen.append((np.asarray(y).astype(str), groups))
+            return super().fit(x, y, groups=groups)
+
+    monkeypatch.setattr(linear_task, "LinearProbe", Spy)
+    argv = [a if not a.startswith("tasks=") else "tasks=[linear]" for a in bench_argv(tmp_path / "sites.csv", store,
+                                                                                       tmp_path / "run")]
+    argv = [a if not a.startswith("splits=") else "splits={n_folds: 3, n_repeats: 1, seed: 0, n_bins: 2, group: site}"
+            for a in argv]
+    assert main(argv) == 0
+    assert seen and all(groups is not None and len(groups) == len(y) for y, groups in seen)
+    for y, groups in seen:  # rows and groups line up: every site in a training part holds both classes
+        for site in set(groups):
+            assert sorted(y[groups == site]) == ["0", "1"]

@@ -11,14 +11,25 @@ class LinearTask(ProbeTask):
     name = "linear"
 
     def options(self, ctx: TaskContext) -> dict:
-        return {"linear": to_dict(ctx.cfg.linear)}
+        options = {"linear": to_dict(ctx.cfg.linear)}
+        if ctx.cfg.splits.group:  # inner folds keep groups whole since fuzz round 14: not the old cached numbers
+            options["inner_cv"] = "grouped"
+        return options
 
     def primary_variant(self, ctx: TaskContext, kind: str) -> str:
         return "logistic" if kind == "categorical" else "ridge"
 
     def fit_predict(self, ctx, x_train, y_train, x_test, frame, fold):
         task = "classification" if frame.kind == "categorical" else "regression"
-        probe = LinearProbe(task, ctx.cfg.linear, seed=ctx.cfg.seed + fold.repeat).fit(x_train, y_train)
+        groups = None
+        if ctx.cfg.splits.group:
+            # the penalty is chosen on inner folds that keep each group (site, family, a subject's
+            # visits) whole, like the outer folds: split groups made the selection optimistic
+            tr, _ = frame.splits.positions(frame.ids, fold)
+            ids = [frame.ids[i] for i in tr]  # the rows of x_train and y_train
+            groups = ctx.labels[ctx.cfg.splits.group].reindex(ids).astype(str).to_numpy()
+        probe = LinearProbe(task, ctx.cfg.linear, seed=ctx.cfg.seed + fold.repeat).fit(x_train, y_train,
+                                                                                        groups=groups)
         if task == "classification":
             pred = align_proba(probe.predict_proba(x_test), probe.classes_, frame.classes)
         else:
