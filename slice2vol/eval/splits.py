@@ -219,12 +219,17 @@ def make_splits(
             # targets, fall back to plain K-fold for categorical ones
             if kind == "continuous":
                 strata = stratification_labels(y, kind, max(1, n // (2 * cfg.n_folds)))
-            elif counts[counts > 0].min() < 2:
-                log.warning("a class has fewer than 2 subjects; splitting without stratification")
-                strata = None
-            else:  # sklearn says so with a raw UserWarning (silenced below)
-                log.warning("a class has %d subjects, fewer than the %d folds; some test folds lack it",
-                            counts[counts > 0].min(), cfg.n_folds)
+            else:
+                values, sizes = np.unique(np.asarray(y).astype(str), return_counts=True)
+                small = ", ".join(f"{v!s} ({c})" for v, c in zip(values, sizes) if c < cfg.n_folds)
+                where = f"label {label!r}: " if label is not None else ""
+                if counts[counts > 0].min() < 2:
+                    log.warning("%sclass(es) %s have fewer than 2 subjects; splitting without stratification",
+                                where, small)
+                    strata = None
+                else:  # sklearn says so with a raw UserWarning (silenced below)
+                    log.warning("%sclass(es) %s have fewer subjects than the %d folds; some test folds lack them",
+                                where, small, cfg.n_folds)
     folds: list[Fold] = []
     for r in range(cfg.n_repeats):
         seed = cfg.seed + r
