@@ -643,7 +643,7 @@ def cache_cohort(
         _adopt_dtype_fallback(store, provenance, dtype)
         report.feature_set = config_hash_of(provenance)
         store.check_identity(provenance)
-        jobs, stale = _resume_jobs(store, subjects, slice_cfg.planes, report)
+        jobs, stale, orphaned = _resume_jobs(store, subjects, slice_cfg.planes, report)
         if report.skipped or report.recomputed:
             log.info("%s: %d subject(s) already cached, %d to do (%d recomputed)", store_path,
                      len(report.skipped), len(jobs), len(report.recomputed))
@@ -666,12 +666,18 @@ def cache_cohort(
         for sid in report.withdrawn:
             log.warning("%s: its input changed and could not be cached again: its old features are removed from "
                         "%s", sid, store_path)
+        for sid, planes in orphaned.items():
+            log.warning("%s: its input changed: its stored %s features, which this job (--planes) does not compute, "
+                        "are removed from %s; cache those planes again", sid, ", ".join(planes), store_path)
+        invalidated = {sid: list(planes) for sid, planes in report.withdrawn.items()}
+        for sid, planes in orphaned.items():
+            invalidated.setdefault(sid, []).extend(p for p in planes if p not in invalidated[sid])
         report.seconds = time.perf_counter() - t0
         report.feature_set = config_hash_of(provenance)
         finished_before = any(e.get("event") == "cache" and e.get("shard") == (list(shard_) if shard_ else None)
                               for e in store.history)
         began = time.perf_counter()
-        if not report.done and not report.withdrawn and store.exists() and finished_before:
+        if not report.done and not invalidated and store.exists() and finished_before:
             # nothing new: leave the main file alone
             if compact:  # (only finish a killed run's parts)
                 store.compact(drop_broken=True)
@@ -682,15 +688,15 @@ def cache_cohort(
         event.update(event="cache", shard=list(shard_) if shard_ else None, done=len(report.done),
                      skipped=len(report.skipped), slices=report.slices, seconds=round(report.seconds, 1),
                      failures=[{"subject_id": f.subject_id, "message": f.message} for f in report.failures],
-                     recomputed=dict(report.recomputed), withdrawn=dict(report.withdrawn),
+                     recomputed=dict(report.recomputed), withdrawn=dict(report.withdrawn), voided_planes=dict(orphaned),
                      oblique=dict(report.oblique))
         if provenance.get("dtype_fallback"):
             event["dtype_fallback"] = provenance["dtype_fallback"]
         if compact:
             store.compact(history=[event], provenance=provenance, drop_broken=True, subjects=held,
-                          dtype=precision.dtype, label_types=dict(cohort.label_types), invalidated=report.withdrawn)
+                          dtype=precision.dtype, label_types=dict(cohort.label_types), invalidated=invalidated)
         else:
-            store._commit_part(provenance=provenance, history=[event], invalidated=report.withdrawn)
+            store._commit_part(provenance=provenance, history=[event], invalidated=invalidated)
     store.close()
     report.store_seconds += time.perf_counter() - began
     report.seconds = time.perf_counter() - t0
@@ -709,16 +715,18 @@ def _adopt_dtype_fallback(store: FeatureStore, provenance: dict, dtype: str) -> 
 
 
 def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Sequence[str], report: CacheReport
-                 ) -> tuple[list[tuple[Subject, tuple[str, ...]]], dict[str, list[str]]]:
-    """(subject, planes to compute) for every subject not validly cached, and subject -> stored planes
-    whose input changed since; fills skipped/recomputed.
+                 ) -> tuple[list[tuple[Subject, tuple[str, ...]]], dict[str, list[str]], dict[str, list[str]]]:
+    """(subject, planes to compute) for every subject not validly cached; subject -> stored planes of
+    this job whose input changed since; subject -> stored planes *outside* this job (``--planes``)
+    whose input changed (void whatever happens). Fills skipped/recomputed.
 
     A stored (subject, plane) is valid when its rows match their checksums and the subject's input
     files match the stored fingerprint. Checking the checksums reads the subjects' rows once.
     """
     stale: dict[str, list[str]] = {}
+    orphaned: dict[str, list[str]] = {}
     if not store.exists():
-        return [(s, tuple(planes)) for s in subjects], stale
+        return [(s, tuple(planes)) for s in subjects], stale, orphaned
     for broken in store.broken:
         log.warning("%s; its subjects are recomputed", broken)
     ids = [s.subject_id for s in subjects]
@@ -746,6 +754,16 @@ def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Seque
                 if changed:
                     todo.append(plane)
                     stale.setdefault(sid, []).append(plane)
+        # planes this job does not compute (--planes) but the store holds: made from the same input
+        others = [p for p in store.planes if p not in planes and store.has(sid, p)]
+        if others and changed is None:
+            stored = store.subject_inputs(sid, others[0])
+            if stored and stored.get("files"):
+                changed = fingerprint_changes(stored["files"], subject.images)
+        if changed and others:
+            # they describe the old scan beside this job's new planes (a fusion would mix both): void,
+            # whatever this job's outcome; a job over those planes caches them again
+            orphaned[sid] = others
         if changed:
             reasons.insert(0, f"input changed since it was cached ({'; '.join(changed)})")
         if reasons:
@@ -755,7 +773,7 @@ def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Seque
             jobs.append((subject, tuple(todo)))
         else:
             report.skipped.append(sid)
-    return jobs, stale
+    return jobs, stale, orphaned
 
 
 READERS = ("auto", "thread", "process")

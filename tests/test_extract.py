@@ -498,6 +498,29 @@ def test_changed_input_is_recomputed(manifest: Path, tmp_path: Path, caplog) -> 
     assert "recomputed" in store.history[-1] and "sub1" in store.history[-1]["recomputed"]
 
 
+def test_a_changed_input_voids_the_stored_planes_a_planes_job_does_not_compute(manifest: Path, tmp_path: Path,
+                                                                                caplog) -> None:
+    """`cache --planes axial` after sub1's scan was replaced recomputed axial only: the stored coronal and
+    sagittal rows of the old scan stayed beside it (a 3-plane fusion mixed two scans)."""
+    out = tmp_path / "planes.h5"
+    cohort = load_manifest(manifest).subset(["sub0", "sub1"])
+    assert cache_cohort(cohort, KEY, out, slice_cfg=SLICES, progress=False).ok
+    before = FeatureStore(out).slice_features("sub0", "coronal")
+    write_nifti(manifest.parent / "sub1.nii.gz", blob_volume((24, 28, 20), seed=98))
+    axial_only = SliceConfig(size=32, stride=2, planes=("axial",))
+    caplog.clear()
+    report = cache_cohort(cohort, KEY, out, slice_cfg=axial_only, progress=False)
+    assert report.ok and report.done == ["sub1"]
+    assert any("sub1: its input changed: its stored coronal, sagittal features, which this job (--planes) does not "
+               "compute, are removed from" in r.message for r in caplog.records)
+    store = FeatureStore(out)
+    assert store.has("sub1", "axial") and not store.has("sub1", "coronal") and not store.has("sub1", "sagittal")
+    np.testing.assert_array_equal(store.slice_features("sub0", "coronal"), before)  # the others untouched
+    assert store.history[-1]["voided_planes"] == {"sub1": ["coronal", "sagittal"]}
+    again = cache_cohort(cohort, KEY, out, slice_cfg=SLICES, progress=False)  # all planes: they come back
+    assert again.ok and FeatureStore(out).has("sub1", "coronal") and again.recomputed == {}
+
+
 # -- lock conflicts (issue 14 point 6) ------------------------------------------------------------
 def test_second_writer_and_aggregate_during_a_job_get_one_line_exit_2(manifest: Path, tmp_path: Path,
                                                                       capsys) -> None:
