@@ -86,6 +86,8 @@ class Embed3DReport:
         unchanged: subjects already in the set whose input files did not change (not embedded again).
         kept: subjects not embedded in this run whose stored rows were kept -> why (``failed in this
             run``, ``not in this run's manifest``); written after the cohort's subjects.
+        removed: subjects whose stored row this run dropped -> why: their input changed since, and
+            embedding the new input failed (the row described the old scan).
         replaced: rows of the set stored before that this run dropped (``replace=True``).
         seconds_per_volume: mean embedding time per volume (preprocess + network), loading excluded.
         load_seconds_per_volume: mean loading time per volume.
@@ -99,6 +101,7 @@ class Embed3DReport:
     resumed: int = 0
     unchanged: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
+    removed: dict[str, str] = field(default_factory=dict)
     replaced: int = 0
     seconds_per_volume: float = 0.0
     load_seconds_per_volume: float = 0.0
@@ -128,6 +131,8 @@ class Embed3DReport:
         for reason, subjects in by_reason.items():
             shown = ", ".join(subjects[:10]) + (f" and {len(subjects) - 10} more" if len(subjects) > 10 else "")
             lines.append(f"  kept from before ({reason}): {shown}")
+        for subject, reason in self.removed.items():
+            lines.append(f"  removed ({reason}): {subject}")
         if self.replaced:
             lines.append(f"  replaced: the set's {self.replaced} earlier rows were dropped (--replace)")
         if failures:
@@ -320,8 +325,8 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
     updated, never shrunk: subjects whose input files match the fingerprint stored with their row
     are not embedded again (``report.unchanged``), and the rows of subjects that fail in this run or
     are not in ``cohort`` are kept (``report.kept``, after the cohort's subjects). A row whose input
-    changed since is embedded again; should that fail, the old row is kept and ``report.kept`` says
-    so. Sets written before fingerprints were stored have none: their subjects are embedded again.
+    changed since is embedded again; should that fail, the old row is dropped (``report.removed``):
+    it describes the old scan. Sets written before fingerprints were stored have none: their subjects are embedded again.
 
     Args:
         encoder: from :func:`build_encoder3d` (on the device it should run on).
@@ -451,7 +456,9 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
         if sid not in failed:
             report.kept[sid] = "not in this run's manifest"
         elif stale.get(sid, "").startswith("input changed"):
-            report.kept[sid] = "failed in this run; the row is of its input before it changed"
+            # its row describes a scan that is no longer there: a bench or search would take it for the
+            # new one (the slice-feature cache voids such rows too)
+            report.removed[sid] = "failed in this run; its row was of its input before it changed"
         else:
             report.kept[sid] = "failed in this run"
     report.done = [s.subject_id for s in cohort.subjects if s.subject_id in rows]
@@ -471,7 +478,7 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
             "load_seconds_per_volume": round(report.load_seconds_per_volume, 4),
             "device": str(encoder.device), "torch_threads": torch.get_num_threads(),
             "n_embedded": n_new, "n_resumed": report.resumed, "n_unchanged": len(report.unchanged),
-            "kept": dict(report.kept),
+            "kept": dict(report.kept), "removed": dict(report.removed),
             "inputs": {i: table[i].inputs for i in ids if table[i].inputs}, **dict(provenance or {})}
     if fresh:  # kept until the set is written: if that fails (locked, disk full), a rerun resumes from here
         try:
