@@ -58,6 +58,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"[bench] {len(failed)} subject(s) failed or were left out (listed in the report):", file=sys.stderr)
         for line in failed:
             print(f"  {line}", file=sys.stderr)
+    # a subject a dense task could not read (its seg map off-grid, truncated, ...) is left out of that
+    # task only; the other tasks scored it, so it is no cohort failure, but the run is not complete
+    failed_ids = {str(line).split(":")[0] for line in failed}  # already listed above
+    left_out = [e for e in result["results"].get("skipped", []) if ": subject " in str(e.get("name", ""))
+                and str(e["name"]).split(": subject ", 1)[1] not in failed_ids]
+    if left_out:
+        print(f"[bench] {len(left_out)} subject(s) left out of a task (listed in the report):", file=sys.stderr)
+        for entry in left_out:
+            print(f"  {entry['name']}: {entry.get('reason', '')}", file=sys.stderr)
     if not result["rows"]:
         print("[bench] no result: every task or label was skipped (the report's 'Skipped' section says why)",
               file=sys.stderr)
@@ -69,4 +78,4 @@ def run(args: argparse.Namespace) -> int:
         why = next((e["reason"] for e in result["results"].get("skipped", []) if str(e.get("name", "")).startswith(
             f"{task}:")), "see the report's 'Skipped' section")
         print(f"[bench] task {task!r} gave no result: {why}", file=sys.stderr)
-    return 1 if failed or not result["rows"] or empty else 0
+    return 1 if failed or left_out or not result["rows"] or empty else 0

@@ -139,7 +139,7 @@ class DenseSlices:
         slice_size: side of the padded square slice (label resolution).
         content_box: the volume slice inside the padded square (from :class:`PlaneSlices`).
         grid_shape: in-plane (rows, cols) of the volume.
-        labels: optional (S, slice_size, slice_size) int16 segmentation slices (raw label values).
+        labels: optional (S, slice_size, slice_size) int32 segmentation slices (raw label values).
         mask: optional (S, slice_size, slice_size) bool brain-mask slices (the segmentation's
             non-zero voxels, else the head mask), for the anomaly probe.
         spacing: (X, Y, Z) voxel size of the volume in mm.
@@ -331,7 +331,8 @@ def extract_dense(encoder: Any, volume: Any, plane: str, slice_size: int, levels
     labels = mask = None
     if ps.labels is not None:
         seg_slices = ps.labels[keep_t].numpy()
-        labels = seg_slices.astype(np.int16) if keep_labels else None
+        # int32 as the volume keeps them: int16 wrapped labels above 32767 (70051 became 4515, background)
+        labels = seg_slices.astype(np.int32) if keep_labels else None
         mask = seg_slices > 0
     if mask is None or not mask.any():  # no segmentation: the head mask, sliced the same way
         head = dataclasses.replace(volume, seg=np.asarray(volume.mask, dtype=np.int64))

@@ -450,7 +450,10 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
             hit = np.flatnonzero(lesion.sum(axis=other) >= min_lesion_voxels)
             for vox, truth in ((vox_h, False), (vox_l, True)):
                 masked = np.where(brain, vox, -np.inf)
-                peaks = np.moveaxis(masked, axis, 0)[hit].reshape(len(hit), -1).max(1)
+                # (len(hit), -1) cannot be reshaped when no slice qualifies (a small lesion on a coarse or
+                # thick-slice grid): that subject then adds no slice-level rows, and the task goes on
+                plane_size = int(np.prod([masked.shape[a] for a in other]))
+                peaks = np.moveaxis(masked, axis, 0)[hit].reshape(len(hit), plane_size).max(1, initial=-np.inf)
                 slice_scores.append(peaks)
                 slice_truth.append(np.full(len(hit), truth))
                 slice_owner.append(np.full(len(hit), i))

@@ -142,6 +142,7 @@ def _loadable(subjects: Sequence[Any], load: Callable[[Any], Any], task: str,
     the folds are made, so the sets are still compared on the same subjects, instead of every set
     being skipped for it. ``load`` remembers what it loaded, so the sets do not read the files again.
     """
+    from slice2vol.data.io import VolumeError
     from slice2vol.data.manifest import Failure
 
     kept, skipped = [], []
@@ -149,7 +150,12 @@ def _loadable(subjects: Sequence[Any], load: Callable[[Any], Any], task: str,
         if limit is not None and len(kept) >= limit:
             break
         try:
-            load(subject)
+            volume = load(subject)
+            seg = getattr(volume, "seg", None)
+            if seg is not None and not np.any(seg):
+                # all background: the probe would learn every voxel of it as background, and the
+                # anomaly task would take the whole head (skull too) for its brain, without a word
+                raise VolumeError(getattr(subject, "seg", None) or "its seg map", "the seg map labels no voxel (all 0)")
         except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
             reason = Failure.of(subject, err).message  # "<file>: <problem>"; the entry's name gives the subject
             log.warning("%s: subject %s left out: %s", task, subject.subject_id, reason)

@@ -249,6 +249,10 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
                          + ("every row failed; the failures are listed above)" if cohort.failures
                             else "it lists no subject)"))
     labels, label_types = labels_of(cohort, cfg)
+    if "segmentation" in cfg.tasks:
+        from slice2vol.eval.tasks.segmentation import structures_of
+
+        structures_of(cfg.segmentation, base)  # overlapping structures: refused before any caching
     timings["cohort"] = round(time.time() - t0, 2)
     log.info("cohort: %d subjects from %s; labels %s", len(cohort), manifest, label_types)
     absent = [e for e in cfg.encoders if e.optional and weights_file_missing(e, base)]

@@ -105,10 +105,12 @@ def label_lut(structures: Mapping[str, Sequence[int]], max_label: int | None = N
     """
     top = max([max(v) for v in structures.values() if len(v)] + [max_label or 0]) + 1
     lut = np.zeros(top, dtype=np.int64)
+    names = list(structures)
     for k, (name, labels) in enumerate(structures.items(), start=1):
         for lab in labels:
             if lut[lab] not in (0, k):
-                raise ValueError(f"label {lab} is in two structures ({name!r} and another)")
+                raise ValueError(f"segmentation.structures: label {lab} is in two structures "
+                                 f"({names[lut[lab] - 1]!r} and {name!r}); a voxel can be in one class only")
             lut[lab] = k
     return lut
 

@@ -202,3 +202,16 @@ def test_channels_last_encoder_gives_the_same_maps():
     for a, b in zip(maps[False], maps[True]):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_segmentation_labels_above_int16_keep_their_values():
+    """Fuzz round 15: DLMUSE-style label values above 32767 wrapped in int16 (70051 became 4515, i.e.
+    background), and every Dice of such a structure was 0 without a word."""
+    import dataclasses
+
+    vol = _structured_volume()
+    big = dataclasses.replace(vol, seg=np.where(vol.seg > 0, vol.seg + 70000, 0).astype(np.int32))
+    ds = extract_dense(MapEncoder(), big, "axial", 40, [0])
+    plain = extract_dense(MapEncoder(), vol, "axial", 40, [0])
+    assert set(np.unique(ds.labels)) == {0, 70001, 70002}
+    np.testing.assert_array_equal(ds.labels, np.where(plain.labels > 0, plain.labels + 70000, 0))

@@ -85,3 +85,16 @@ def test_anomaly_scorer_finds_strong_lesions_and_nothing_without_lesions(cohort,
     np.testing.assert_array_equal(none["lesioned"], none["healthy"])
     assert (none["n_rescored_slices"] == 0).all()
     assert 0.3 < np.nanmean(none["pixel_auroc"]) < 0.7, none["pixel_auroc"]
+
+
+def test_a_lesion_that_reaches_no_slice_floor_adds_no_slice_rows_and_the_task_goes_on(cohort, tmp_path):
+    """Fuzz round 15: a small lesion on a coarse or thick-slice grid leaves no slice with
+    min_lesion_voxels lesion voxels; reshaping the empty selection ended the whole anomaly task with
+    numpy's 'cannot reshape array of size 0' for every set."""
+    files = _control_files(tmp_path, {"patch": 3, "stride": 2, "coords": False})
+    assert files.ensure(cohort.subjects, _load) == []
+    scorer = PatchScorerConfig(levels=[0], per_subject=50, pool=1, position_weight=0.3)
+    lesions = LesionConfig(n_lesions=(1, 1), radius_mm=(10.0, 10.0), contrast=(0.8, 0.8), sign="hypo")
+    res = anomaly_cv(files, cohort.subjects, _load, FOLDS, scorer, lesions, None, min_lesion_voxels=10**6, n_boot=20)
+    assert len(res["slice"]["scores"]) == len(res["slice"]["truth"]) == 0
+    assert np.isfinite(res["pixel_auroc"]).all() and np.isfinite(res["lesioned"]).all()

@@ -204,6 +204,58 @@ def test_bench_goes_on_without_subjects_whose_files_are_broken(tmp_path, capsys)
             "anomaly: subject s06"} <= left_out
 
 
+def test_a_subject_left_out_of_a_dense_task_only_makes_the_run_exit_1(tmp_path, capsys):
+    """Fuzz round 15: a seg map off the image grid left its subject out of the segmentation task (one
+    warning, a 'Skipped' entry) while the run exited 0, as if nothing had been left out."""
+    manifest = blob_cohort(tmp_path / "data")
+    import nibabel as nib
+
+    seg = tmp_path / "data" / "s5_seg.nii.gz"
+    image = nib.load(str(seg))
+    shifted = image.affine.copy()
+    shifted[0, 3] += 4.0  # 4 mm off the image's grid
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), shifted), str(seg))
+    out = tmp_path / "run"
+    argv = ["bench", "--config", "experiments/ci", "--out", str(out), "--no-progress", f"cohort.manifest={manifest}",
+            *OVERRIDES, "encoders.0.aggregators=[mean]", "baselines={sets: [], chance: false}",
+            "tasks=[knn,segmentation]", "segmentation.epochs=2", "splits.n_folds=2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "[bench] 1 subject(s) left out of a task (listed in the report):" in err
+    assert "  segmentation: subject s05: " in err and "seg map is not on the image grid" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["cohort"]["failures"] == [] and "s05" not in results["tasks"]["segmentation"]["subjects"]
+
+
+def test_an_all_background_seg_map_leaves_its_subject_out_of_the_dense_tasks(tmp_path, capsys):
+    """Fuzz round 15: an all-zero seg map was taken as truth (every voxel background) without a word."""
+    import nibabel as nib
+
+    manifest = blob_cohort(tmp_path / "data")
+    seg = tmp_path / "data" / "s4_seg.nii.gz"
+    image = nib.load(str(seg))
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine), str(seg))
+    out = tmp_path / "run"
+    argv = ["bench", "--config", "experiments/ci", "--out", str(out), "--no-progress", f"cohort.manifest={manifest}",
+            *OVERRIDES, "encoders.0.aggregators=[mean]", "baselines={sets: [], chance: false}",
+            "tasks=[knn,segmentation]", "segmentation.epochs=2", "splits.n_folds=2"]
+    assert main(argv) == 1
+    assert f"  segmentation: subject s04: {seg}: the seg map labels no voxel (all 0)" in capsys.readouterr().err
+
+
+def test_overlapping_structures_are_refused_before_any_caching(tmp_path, capsys):
+    """Fuzz round 15: the refusal came after the encoders had cached every subject, and named one structure."""
+    manifest = blob_cohort(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["bench", "--config", "experiments/ci", "--out", str(out), "--no-progress", f"cohort.manifest={manifest}",
+            *OVERRIDES, "segmentation.structures={outer: [1, 2], core: [2]}", "tasks=[segmentation]"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "slice2vol bench: error: segmentation.structures: label 2 is in two structures ('outer' and 'core'); a voxel "
+        "can be in one class only")
+    assert not (out / "stores").exists()
+
+
 def test_bench_with_more_folds_than_subjects_allow_says_so_and_exits_1(tmp_path, capsys):
     manifest = blob_cohort(tmp_path / "data")
     out = tmp_path / "run"

@@ -28,10 +28,20 @@ from slice2vol.eval.tasks.base import Task, TaskContext, TaskResult
 log = logging.getLogger(__name__)
 
 
-def run_segmentation(ctx) -> dict:
-    """The segmentation task: every set, subject-level CV, Dice and HD95 per structure."""
+def structures_of(sc, base) -> tuple[dict[str, list[int]], np.ndarray]:
+    """(structure -> raw labels, the label look-up table) of a ``segmentation`` config section, the
+    composite labels expanded through ``mapping_csv``. Raises ValueError for overlapping structures;
+    the runner calls it before any caching (a config error found after an hour of caching costs that hour)."""
     from slice2vol.eval.segmentation import label_lut, muse_structures
 
+    structures = {k: [int(v) for v in vs] for k, vs in sc.structures.items()}
+    if sc.mapping_csv:
+        structures = muse_structures(structures, _resolve_weights(sc.mapping_csv, base))
+    return structures, label_lut(structures, max_label=255)
+
+
+def run_segmentation(ctx) -> dict:
+    """The segmentation task: every set, subject-level CV, Dice and HD95 per structure."""
     cfg, sc = ctx.cfg, ctx.cfg.segmentation
     out: dict[str, Any] = {"rows": [], "paired": [], "figures": [], "extras": {}, "skipped": []}
     load = _loader(ctx)
@@ -41,10 +51,7 @@ def run_segmentation(ctx) -> dict:
         out["skipped"].append({"name": SEG_TASK, "reason": f"{len(subjects)} subjects with a segmentation (< 4)",
                                "substitute": None})
         return out
-    structures = {k: [int(v) for v in vs] for k, vs in sc.structures.items()}
-    if sc.mapping_csv:
-        structures = muse_structures(structures, _resolve_weights(sc.mapping_csv, ctx.base))
-    lut = label_lut(structures, max_label=255)
+    structures, lut = structures_of(sc, ctx.base)
     names = list(structures)
     ids = [s.subject_id for s in subjects]
     folds, splits = _folds(ctx, SEG_TASK, ids, sc.n_folds)
