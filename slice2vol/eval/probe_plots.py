@@ -66,7 +66,8 @@ def grouped_bars(rows: Sequence[Mapping], path: str | Path, *, groups: Sequence[
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if ax.get_legend_handles_labels()[0]:  # no bar (every set skipped): matplotlib's 2-line warning otherwise
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
 

@@ -43,3 +43,15 @@ def test_score_panels_grow_with_the_number_of_sets(tmp_path):
     big = mpimg.imread(plots.score_panels(many, tmp_path / "b.png", title="t", reference="ref0"))
     # one row per set: 15 sets make a taller figure than 3, at the same width (two panels)
     assert big.shape[0] > 2 * small.shape[0] and big.shape[1] == small.shape[1]
+
+
+def test_grouped_bars_without_any_bar_draw_without_a_legend_warning(tmp_path):
+    """Fuzz round 15: every set skipped left matplotlib's 'No artists with labels' warning on stderr."""
+    import warnings
+
+    from slice2vol.eval.probe_plots import grouped_bars
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = grouped_bars([], tmp_path / "bars.png", groups=["core"], sets=[], kinds={}, title="t", ylabel="Dice")
+    assert (tmp_path / "bars.png").exists() and path is not None
