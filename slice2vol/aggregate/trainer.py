@@ -80,13 +80,20 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> to
 
 
 class Standardizer:
-    """Per-dimension mean/std of training rows; constant dimensions keep std 1."""
+    """Per-dimension mean/std of training rows.
+
+    A dimension is near-constant when its std is at most 1e-6 of the largest one; it is scaled by that
+    largest std (all constant: by 1), the linear probe's rule (:mod:`slice2vol.eval.linear`). The floor
+    is relative: an absolute 1e-6 took every dimension of random-init features (std ~1e-8) for
+    constant, so trainable aggregators gave every subject the same vector.
+    """
 
     def __init__(self, rows: np.ndarray) -> None:
         rows = rows.astype(np.float64)
         self.mean = rows.mean(0).astype(np.float32)
         std = rows.std(0)
-        self.std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+        top = float(std.max()) if std.size else 0.0
+        self.std = np.where(std > 1e-6 * top, std, top if top > 0 else 1.0).astype(np.float32)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return (x - self.mean) / self.std

@@ -150,7 +150,7 @@ def export_embeddings(store_path: str | Path, name: str, out: str | Path, fmt: s
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         if fmt == "csv":
-            table.to_csv(tmp, index=False, float_format="%.8g")
+            table.to_csv(tmp, index=False, float_format="%.9g")  # 9 significant digits round-trip every float32
         elif fmt == "parquet":
             try:
                 import pyarrow as pa

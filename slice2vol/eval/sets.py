@@ -293,7 +293,9 @@ def check_degenerate(name: str, X: np.ndarray, *, store=None, ids: Sequence[str]
     ``provenance``), the message says whether the slice features are constant too (the encoder's
     doing) or differ (the aggregator collapsed them).
     """
-    if len(X) < 2 or float(np.abs(X - X[0]).max()) != 0.0:
+    from slice2vol.aggregate.store import collapsed
+
+    if len(X) < 2 or not collapsed(X):
         return
     scale = float(np.abs(X).max())
     if store is not None and ids is not None and _collapsed(store, ids, X, provenance or {}):

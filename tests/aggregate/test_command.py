@@ -303,6 +303,18 @@ def test_gem_on_tiny_features_writes_distinct_vectors(tmp_path, monkeypatch):
         assert len(np.unique(X, axis=0)) == 6 and 0 < X.min() and X.max() < 1e-8
 
 
+def test_vectors_equal_to_float32_precision_count_as_collapsed():
+    """Fuzz round 16: mil's 10 vectors differed by 5e-7 of their size, and the exact comparison let the
+    set be written (every neighbour at similarity 1.0000)."""
+    from slice2vol.aggregate.store import collapsed
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=8) * 1e-8
+    assert collapsed(base + rng.normal(size=(10, 8)) * 1e-7 * 1e-8)
+    assert not collapsed(base + rng.normal(size=(10, 8)) * 1e-3 * 1e-8)
+    assert collapsed(np.zeros((3, 4))) and not collapsed(np.eye(3))
+
+
 def test_bench_message_tells_an_aggregator_collapse_from_a_constant_encoder():
     from slice2vol.aggregate import PlaneBag
     from slice2vol.eval.sets import check_degenerate

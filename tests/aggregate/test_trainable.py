@@ -181,3 +181,23 @@ def test_plane_attention_attends_to_the_plane_that_carries_the_label(signal_plan
     assert fusion.planes_ == ["axial", "coronal", "sagittal"] and weights.sum() == pytest.approx(1.0, abs=1e-5)
     k = fusion.planes_.index(signal_plane)
     assert weights[k] > 0.6 and weights[k] - np.delete(weights, k).max() > 0.4, weights
+
+
+@pytest.mark.parametrize("name, params", [("mil", dict(hidden=8, attn_dim=8)), ("head3d", dict(channels=4, depth=1)),
+                                          ("fusion", dict(base="mil", mode="attention",
+                                                          base_params=dict(hidden=8, attn_dim=8)))])
+def test_trainable_aggregators_see_features_of_random_init_scale(name, params):
+    """Fuzz round 16: random-init MobileNetV2 features (~1e-8) fell under the standardiser's absolute
+    1e-6 floor, so every dimension was 'constant' and mil gave every subject the same vector (spread
+    5e-7 of its size). Standardising is scale-free now: the features times 1e-8 train the same model."""
+    import dataclasses
+
+    bags, y, _ = witness_bags(16, dim=6, seed=3)
+    tiny = [{p: dataclasses.replace(b, features=(b.features * 1e-8).astype(np.float32)) for p, b in bag.items()}
+            for bag in bags]
+    fast = dict(FAST, epochs=3)
+    X = build_aggregator(name, **params, **fast).fit(bags, y).transform(bags)
+    X_tiny = build_aggregator(name, **params, **fast).fit(tiny, y).transform(tiny)
+    spread = np.abs(X_tiny - X_tiny.mean(0)).max() / max(np.abs(X_tiny).max(), 1e-30)
+    assert spread > 1e-2, spread  # distinct subjects, not one vector
+    np.testing.assert_allclose(X_tiny, X, rtol=1e-3, atol=1e-3 * np.abs(X).max())
