@@ -677,7 +677,11 @@ def cache_cohort(
         finished_before = any(e.get("event") == "cache" and e.get("shard") == (list(shard_) if shard_ else None)
                               for e in store.history)
         began = time.perf_counter()
-        if not report.done and not invalidated and store.exists() and finished_before:
+        relabel = _changed_labels(store, labels, report.skipped)
+        if relabel:
+            log.info("%s: labels of %d already cached subject(s) updated from the manifest (e.g. %s)", store_path,
+                     len(relabel), next(iter(relabel)))
+        if not report.done and not invalidated and not relabel and store.exists() and finished_before:
             # nothing new: leave the main file alone
             if compact:  # (only finish a killed run's parts)
                 store.compact(drop_broken=True)
@@ -692,6 +696,11 @@ def cache_cohort(
                      oblique=dict(report.oblique))
         if provenance.get("dtype_fallback"):
             event["dtype_fallback"] = provenance["dtype_fallback"]
+        if relabel:
+            event["relabelled"] = sorted(relabel)
+            # the manifest says what the labels are now: a skipped subject kept those of its first
+            # caching, and a later aggregate --label or index took them (fuzz round 16)
+            store._commit_part(provenance=provenance, labels=(relabel, dict(cohort.label_types)))
         if compact:
             store.compact(history=[event], provenance=provenance, drop_broken=True, subjects=held,
                           dtype=precision.dtype, label_types=dict(cohort.label_types), invalidated=invalidated)
@@ -712,6 +721,19 @@ def _adopt_dtype_fallback(store: FeatureStore, provenance: dict, dtype: str) -> 
         candidate = {**provenance, "dtype": "float32", "dtype_fallback": stored["dtype_fallback"]}
         if config_hash_of(candidate) == store.feature_set:
             provenance.update(candidate)
+
+
+def _changed_labels(store: FeatureStore, labels: Mapping[str, Mapping[str, Any]], subjects: Sequence[str]
+                    ) -> dict[str, Mapping[str, Any]]:
+    """subject -> its manifest labels, for the ``subjects`` whose stored labels differ (a value or a
+    column changed in the manifest since they were cached); compared as stored JSON (NaN equals NaN)."""
+    if not subjects or not store.exists():
+        return {}
+    from slice2vol.cache import _dumps  # the store's own encoding (numpy scalars as numbers)
+
+    stored, _ = store._labels_merged()
+    return {sid: labels[sid] for sid in subjects
+            if sid in labels and _dumps(dict(labels[sid])) != _dumps(stored.get(sid))}
 
 
 def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Sequence[str], report: CacheReport

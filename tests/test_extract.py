@@ -521,6 +521,33 @@ def test_a_changed_input_voids_the_stored_planes_a_planes_job_does_not_compute(m
     assert again.ok and FeatureStore(out).has("sub1", "coronal") and again.recomputed == {}
 
 
+def test_a_rerun_takes_changed_and_new_manifest_labels_for_subjects_already_cached(manifest: Path, tmp_path: Path
+                                                                                 ) -> None:
+    """Fuzz round 16: '0 cached, N already present' kept the labels of the first caching (age 23.35
+    after the manifest said 99, no new column), and aggregate --label / index took those."""
+    import pandas as pd
+
+    out = tmp_path / "labels.h5"
+    assert cache_cohort(load_manifest(manifest), KEY, out, slice_cfg=SLICES, progress=False).ok
+    before = FeatureStore(out)
+    history = len(before.history)
+    again = cache_cohort(load_manifest(manifest), KEY, out, slice_cfg=SLICES, progress=False)
+    assert again.done == [] and len(FeatureStore(out).history) == history  # unchanged labels: nothing written
+    table = pd.read_csv(manifest)
+    label = next(c for c in table.columns if c not in ("subject_id", "t1", "seg") and
+                 pd.api.types.is_numeric_dtype(table[c]))
+    table.loc[0, label] = 99.5
+    table["site"] = ["A", "B"] * (len(table) // 2) + ["A"] * (len(table) % 2)
+    changed = manifest.parent / "changed.csv"  # the same images
+    table.to_csv(changed, index=False)
+    report = cache_cohort(load_manifest(changed), KEY, out, slice_cfg=SLICES, progress=False)
+    assert report.done == [] and report.ok
+    labels = FeatureStore(out).labels()
+    assert labels.loc[table.loc[0, "subject_id"], label] == 99.5
+    assert list(labels["site"]) == list(table.set_index("subject_id").loc[labels.index, "site"])
+    assert FeatureStore(out).history[-1]["relabelled"] == sorted(table["subject_id"])
+
+
 # -- lock conflicts (issue 14 point 6) ------------------------------------------------------------
 def test_second_writer_and_aggregate_during_a_job_get_one_line_exit_2(manifest: Path, tmp_path: Path,
                                                                       capsys) -> None:
