@@ -589,6 +589,14 @@ def test_index_build_checks_its_inputs_before_making_the_folder(tmp_path, capsys
     other.write_text("subject_id,t1\nz,z.nii.gz\n")
     assert main(base + ["--out", str(tmp_path / "i3"), "--manifest", str(other)]) == 0
     assert "holds the images of 0 of the 2 indexed subjects" in caplog.text
+    # refused while building (fuzz round 16: the folder and its log were left, looking like an index)
+    assert main(base + ["--out", str(tmp_path / "i4"), "--kind", "hnsw", "--hnsw-m", "1"]) == 2
+    assert not (tmp_path / "i4").exists()
+    FeatureStore(tmp_path / "s.h5", mode="a").write_volume_embeddings("zero", ["a", "b"], np.zeros((2, 3)), {})
+    zero = [a if a != "mean" else "zero" for a in base]
+    assert main(zero + ["--out", str(tmp_path / "i5")]) == 2 and not (tmp_path / "i5").exists()
+    assert main(zero + ["--out", str(tmp_path / "i3")]) == 2  # a folder it did not make stays, index intact
+    assert (tmp_path / "i3" / "index.faiss").exists()
 
 
 def test_options_of_another_index_kind_are_refused(tmp_path, capsys):

@@ -88,17 +88,23 @@ def run(args: argparse.Namespace) -> int:
             from slice2vol.runtime import configure_runtime
 
             configure_runtime(threads=args.threads)  # faiss is loaded: its OpenMP pool is resized
+        created = not Path(args.out).exists()
         log_path = add_run_log(args.out, "index.log")
-        cfg = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
-                          ef_construction=args.ef_construction, ef_search=args.ef_search,
-                          target_recall=args.target_recall, recall_k=args.recall_k,
-                          recall_queries=args.recall_queries, seed=args.seed)
-        index = Index.from_store(args.store, args.embeddings, config=cfg, manifest=args.manifest)
-        from slice2vol.runtime import runtime_record
+        try:
+            cfg = IndexConfig(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
+                              ef_construction=args.ef_construction, ef_search=args.ef_search,
+                              target_recall=args.target_recall, recall_k=args.recall_k,
+                              recall_queries=args.recall_queries, seed=args.seed)
+            index = Index.from_store(args.store, args.embeddings, config=cfg, manifest=args.manifest)
+            from slice2vol.runtime import runtime_record
 
-        index.stats.update(command_line=getattr(args, "command_line", None) or command_line(),
-                           runtime=runtime_record())
-        out = index.save(args.out)
+            index.stats.update(command_line=getattr(args, "command_line", None) or command_line(),
+                               runtime=runtime_record())
+            out = index.save(args.out)
+        except BaseException:
+            if created:  # a refused build leaves no folder that looks like an index (it held only its log)
+                _drop_run_folder(Path(args.out), log_path)
+            raise
         tuning = index.stats["tuning"]
         print(f"{index.describe()}\nbuilt in {index.stats['build_s']:.2f} s with {faiss.omp_get_max_threads()} "
               f"thread(s); wrote {out} (log {log_path.name})")
@@ -128,3 +134,16 @@ def run(args: argparse.Namespace) -> int:
                       f"{index.provenance.get('embeddings', {}).get('name')!r} are unchanged since the build")
         return 0
     raise ValueError("choose an action: slice2vol index build ... | slice2vol index info DIR")
+
+
+def _drop_run_folder(folder: Path, log_path: Path) -> None:
+    """Removes ``folder``, which this command created, and the log handler writing into it."""
+    import logging
+    import shutil
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == log_path:
+            root.removeHandler(handler)
+            handler.close()
+    shutil.rmtree(folder, ignore_errors=True)
