@@ -2064,19 +2064,22 @@ def merge_stores(out: str | Path, inputs: Sequence[str | Path], *, allow_version
     # each store resolves its own copies (newest wins), then across stores the first input wins
     segments: list[_Segment] = []
     selection: Selection = {}
-    seen: dict[str, set[str]] = {}
+    seen: dict[str, dict[str, FeatureStore]] = {}
     duplicates: dict[str, int] = {}
+    duplicated: list[str] = []
     for store in stores:
         base = len(segments)
         segments.extend(store.segments)
         for plane, table in store._build_lookup().items():
             chosen = selection.setdefault(plane, [])
-            have = seen.setdefault(plane, set())
+            have = seen.setdefault(plane, {})
             for sid, (k, a, b, i) in table.items():
                 if sid in have:
+                    _check_same_input(sid, plane, have[sid], store)
                     duplicates[plane] = duplicates.get(plane, 0) + 1
+                    duplicated += [sid] if sid not in duplicated else []
                     continue
-                have.add(sid)
+                have[sid] = store
                 chosen.append((base + k, sid, a, b, i))
     event = {**run_context(), "event": "merge", "inputs": [str(p) for p in inputs]}
     event.pop("versions")
@@ -2104,8 +2107,26 @@ def merge_stores(out: str | Path, inputs: Sequence[str | Path], *, allow_version
               "volume_sets": sorted(sets), "volume_sets_dropped": dropped, "promoted": promoted}
     merged.close()
     if any(duplicates.values()):
-        log.warning("merge: %s subject(s) appeared in several inputs; kept the first copy", duplicates)
+        log.warning("merge: %d subject(s) appeared in several inputs, made from the same files (e.g. %s; per plane "
+                    "%s); kept the copy of the first input", len(duplicated), ", ".join(duplicated[:3]), duplicates)
     return counts
+
+
+def _check_same_input(sid: str, plane: str, first: "FeatureStore", other: "FeatureStore") -> None:
+    """Refuses a subject that two merge inputs made from different files: which copy is the subject's
+    cannot be told, and keeping the first input's made the merged store depend on the argument order.
+
+    Raises:
+        StoreMismatch: naming the subject, both stores and the modality whose file differs.
+    """
+    a, b = first.subject_inputs(sid, plane) or {}, other.subject_inputs(sid, plane) or {}
+    files_a, files_b = a.get("files") or {}, b.get("files") or {}
+    for name in sorted(set(files_a) & set(files_b)):
+        sha_a, sha_b = (files_a[name] or {}).get("sha256"), (files_b[name] or {}).get("sha256")
+        if sha_a and sha_b and sha_a != sha_b:
+            raise StoreMismatch(f"merge: subject {sid!r} is in {first.path} and {other.path} made from different "
+                                f"{name} files (sha256 {sha_a[:12]}... vs {sha_b[:12]}...): two scans under one ID; "
+                                "cache it again in one of them, or leave one input out")
 
 
 def _promotable(wide: Mapping[str, Any], narrow: Mapping[str, Any]) -> bool:

@@ -168,6 +168,28 @@ def test_shards_and_merge_equal_single_run(manifest: Path, tmp_path: Path) -> No
     assert merged.history[-1]["event"] == "merge"
 
 
+def test_merge_refuses_one_id_made_from_two_scans_and_names_overlapping_copies(manifest: Path, tmp_path: Path,
+                                                                                 capsys, caplog) -> None:
+    """Fuzz round 16: two inputs holding sub0 made from different files merged silently ('kept the first
+    copy', no subject named), so the merged store depended on the order of the arguments."""
+    from slice2vol.cache import merge_stores
+
+    cohort = load_manifest(manifest)
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    assert cache_cohort(cohort.subset(["sub0", "sub1"]), KEY, a, slice_cfg=SLICES, progress=False).ok
+    assert cache_cohort(cohort.subset(["sub0", "sub2"]), KEY, b, slice_cfg=SLICES, progress=False).ok
+    with caplog.at_level("WARNING"):
+        merge_stores(tmp_path / "same.h5", [a, b])  # the same file under sub0 in both: one copy, said
+    assert "1 subject(s) appeared in several inputs, made from the same files (e.g. sub0;" in caplog.text
+    write_nifti(manifest.parent / "sub0.nii.gz", blob_volume((24, 28, 20), seed=77))  # another scan for sub0
+    c = tmp_path / "c.h5"
+    assert cache_cohort(cohort.subset(["sub0", "sub3"]), KEY, c, slice_cfg=SLICES, progress=False).ok
+    assert main(["cache", "merge", "--store", str(tmp_path / "ac.h5"), str(a), str(c)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"subject 'sub0' is in {a} and {c} made from different t1 files" in err
+    assert not (tmp_path / "ac.h5").exists()
+
+
 def test_merge_refuses_other_provenance(manifest: Path, tmp_path: Path, capsys) -> None:
     base = ["cache", "--manifest", str(manifest), *CLI_ARGS, "--shard", "0/2"]
     assert main([*base, "--store", str(tmp_path / "a.h5")]) == 0
