@@ -403,6 +403,9 @@ def aggregate_embeddings(
 
     provenance["slice2vol"] = __version__
     if attention:
+        # the plots of an earlier run of this set would sit beside this run's weights as if made from them
+        for old in out_dir.glob("attention*.png") if out_dir.is_dir() else ():
+            old.unlink()
         att_path = save_attention(out_dir / "attention.npz", ids, attention, att_bags, fitted_planes)
         provenance["attention_file"] = str(att_path)
         if plot:

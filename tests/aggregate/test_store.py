@@ -94,6 +94,10 @@ def test_attention_is_saved_plotted_and_reloaded(tmp_path):
     assert sorted(p.name for p in att_dir.glob("*.png")) == [
         "attention_axial.png", "attention_coronal.png", "attention_sagittal.png"]
     assert json.loads((att_dir / "provenance.json").read_text())["aggregator"] == "mil"
+    # the set made again without plots: the old plots go (fuzz round 16: they stayed beside new weights)
+    assert aggregate_store(store, "mil", train_ids="all", plot=False, **{**FAST, "hidden": 8}) == "mil-ssl"
+    assert list(att_dir.glob("*.png")) == [] and (att_dir / "attention.npz").exists()
+    aggregate_store(store, "mil", train_ids="all", **FAST)  # the plots back with the set they show
     att = load_attention(att_dir / "attention.npz")
     assert list(att) == store.subjects()
     sid = store.subjects()[3]
