@@ -1972,6 +1972,16 @@ def shard_problems(inputs: Sequence[str | Path]) -> list[str]:
         problems.append(f"shards of different counts {counts}: "
                         f"{', '.join(p.name for p, _ in shards)}")
     n = counts[-1]
+    claims: dict[tuple[int, int], list[Path]] = {}
+    for path, shard in shards:
+        files = claims.setdefault(shard, [])
+        if all(path.resolve() != other.resolve() for other in files):  # one file given twice is one shard
+            files.append(path)
+    for (i, nn), files in claims.items():
+        if len(files) > 1:
+            # two runs' stores of one shard (copied from two places): which one is the shard cannot be told
+            problems.append(f"shard {i}/{nn} given as {len(files)} different files ({', '.join(map(str, files[:3]))}); "
+                            "give one per shard")
     have = {i for _, (i, nn) in shards if nn == n}
     missing = sorted(set(range(n)) - have)
     if missing:

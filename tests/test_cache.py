@@ -440,6 +440,14 @@ def test_merge_refuses_missing_and_unfinished_shards(tmp_path: Path) -> None:
     assert not (tmp_path / "f.h5").exists()
     counts = merge_stores(tmp_path / "f.h5", paths, require_complete=False)
     assert counts["subjects"]["axial"] == 3
+    # two different files both named shard 0 of 3 (two runs copied from two places; fuzz round 16)
+    (tmp_path / "copy").mkdir()
+    twin = tmp_path / "copy" / "f.shard-0-of-3.h5"
+    twin.write_bytes(paths[0].read_bytes())
+    complete = [paths[0], shard(1, 3), paths[2]]
+    assert shard_problems(complete) == [] and shard_problems(complete + [paths[0]]) == []  # one file twice
+    assert shard_problems(complete + [twin]) == [f"shard 0/3 given as 2 different files ({paths[0]}, {twin}); "
+                                                 "give one per shard"]
 
 
 def test_merge_joins_the_volume_embeddings_of_shards_made_the_same_way(tmp_path: Path, caplog) -> None:
