@@ -217,6 +217,7 @@ def evaluate(X: Any, y: Any, *, ids: Sequence[str] | None = None, kind: str | No
     """
     import pandas as pd
 
+    from slice2vol.config import check_whole
     from slice2vol.eval.knn import KNNProbe, _check_ks
     from slice2vol.eval.linear import LinearConfig, LinearProbe
     from slice2vol.eval.metrics import (CLASSIFICATION_METRICS, REGRESSION_METRICS, bootstrap_ci, check_level,
@@ -224,10 +225,9 @@ def evaluate(X: Any, y: Any, *, ids: Sequence[str] | None = None, kind: str | No
     from slice2vol.eval.splits import SplitConfig, make_splits
 
     check_level(level)  # before the cross-validation, not after it
-    for key, value in (("n_bootstrap", n_bootstrap), ("n_permutations", n_permutations)):
-        # 0 permutations gave p = 1.0 (read as "not significant", not "not tested")
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"evaluate: {key} must be a whole number >= 1, got {value!r}")
+    # 0 permutations gave p = 1.0 (read as "not significant", not "not tested")
+    check_whole("evaluate: n_bootstrap", n_bootstrap, 1)
+    check_whole("evaluate: n_permutations", n_permutations, 1)
     sets = _as_sets(X)
     n = next(iter(sets.values())).shape[0]
     if isinstance(probes, str):  # "knn" or "knn,linear", not three one-letter probes

@@ -756,6 +756,7 @@ def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Seque
     damaged = {(sid, plane): why for sid, plane, why in
                store.verify(ids, cached).damaged} if cached else {}
     jobs: list[tuple[Subject, tuple[str, ...]]] = []
+    outside = [p for p in store.planes if p not in planes]
     for subject in subjects:
         sid = subject.subject_id
         todo: list[str] = []
@@ -777,7 +778,7 @@ def _resume_jobs(store: FeatureStore, subjects: Sequence[Subject], planes: Seque
                     todo.append(plane)
                     stale.setdefault(sid, []).append(plane)
         # planes this job does not compute (--planes) but the store holds: made from the same input
-        others = [p for p in store.planes if p not in planes and store.has(sid, p)]
+        others = [p for p in outside if store.has(sid, p)]
         if others and changed is None:
             stored = store.subject_inputs(sid, others[0])
             if stored and stored.get("files"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from slice2vol import config as _config
-from slice2vol.config import ConfigError, apply_overrides
+from slice2vol.config import ConfigError, apply_overrides, check_whole
 from slice2vol.data.io import VolumeConfig
 from slice2vol.data.slicing import SliceConfig
 from slice2vol.eval.anomaly import AnomalyConfig
@@ -207,10 +207,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         # n_bootstrap=0 gave NaN intervals and n_permutations=0 p = 1 everywhere ("not significant" where
         # nothing was tested), both with exit 0
-        for name, low in (("n_bootstrap", 1), ("n_permutations", 1), ("primary_k", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+        for name in ("n_bootstrap", "n_permutations", "primary_k"):
+            check_whole(name, getattr(self, name), 1)
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be a whole number from 0 to 2**32 - 1, got {self.seed!r}")
         if not self.tasks:  # ran every encoder, then ended "every task or label was skipped"

@@ -120,13 +120,16 @@ def test_a_partial_file_of_other_options_is_not_reused(head_manifest, tmp_path):
 
 
 # -- running again on a store that holds the set ---------------------------------------------------
-def _counting(monkeypatch, enc) -> list[str]:
-    """Records the subject of every ``embed_volume`` call of ``enc``'s class (and still embeds)."""
+def _counting(monkeypatch, enc, fail_at: int | None = None, error: BaseException | None = None) -> list[str]:
+    """Records the subject of every ``embed_volume`` call of ``enc``'s class (and still embeds); call
+    number ``fail_at`` (1-based) raises ``error`` instead (a kill, a device error)."""
     calls: list[str] = []
     original = type(enc).embed_volume
 
     def counted(self, volume, sliding_window=None):
         calls.append(volume.subject_id)
+        if len(calls) == fail_at:
+            raise error
         return original(self, volume, sliding_window)
 
     monkeypatch.setattr(type(enc), "embed_volume", counted)
@@ -218,16 +221,9 @@ def test_a_resume_embeds_again_a_subject_whose_input_changed_after_the_kill(head
     cohort = load_manifest(head_manifest)
     enc = build_encoder3d("3d/monai_resnet10", **KW)
     original = type(enc).embed_volume
-    calls: list[str] = []
-
-    def dying(self, volume, sliding_window=None):
-        calls.append(volume.subject_id)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # killed while embedding the third subject: s0 and s1 are in the partial
-        return original(self, volume, sliding_window)
-
+    # killed while embedding the third subject: s0 and s1 are in the partial
+    _counting(monkeypatch, enc, fail_at=3, error=KeyboardInterrupt())
     store = tmp_path / "f.h5"
-    monkeypatch.setattr(type(enc), "embed_volume", dying)
     with pytest.raises(KeyboardInterrupt):
         embed_cohort3d(enc, cohort, store, "set", progress=False, commit_every=1)
     monkeypatch.setattr(type(enc), "embed_volume", original)
@@ -325,16 +321,8 @@ def test_a_sticky_cuda_error_stops_the_job_and_keeps_the_finished_rows(head_mani
     cohort = load_manifest(head_manifest)
     enc = build_encoder3d("3d/monai_resnet10", **KW)
     original = type(enc).embed_volume
-    calls: list[str] = []
-
-    def broken_device(self, volume, sliding_window=None):
-        calls.append(volume.subject_id)
-        if len(calls) == 3:
-            raise RuntimeError("CUDA error: device-side assert triggered")
-        return original(self, volume, sliding_window)
-
+    _counting(monkeypatch, enc, fail_at=3, error=RuntimeError("CUDA error: device-side assert triggered"))
     store = tmp_path / "f.h5"
-    monkeypatch.setattr(type(enc), "embed_volume", broken_device)
     with pytest.raises(RuntimeError, match="CUDA error"):
         embed_cohort3d(enc, cohort, store, "set", progress=False, commit_every=8)
     monkeypatch.setattr(type(enc), "embed_volume", original)

@@ -25,9 +25,8 @@ class LinearTask(ProbeTask):
         if ctx.cfg.splits.group:
             # the penalty is chosen on inner folds that keep each group (site, family, a subject's
             # visits) whole, like the outer folds: split groups made the selection optimistic
-            tr, _ = frame.splits.positions(frame.ids, fold)
-            ids = [frame.ids[i] for i in tr]  # the rows of x_train and y_train
-            groups = ctx.labels[ctx.cfg.splits.group].reindex(ids).astype(str).to_numpy()
+            # x_train's rows are fold.train's subjects, in that order (SubjectSplits.positions)
+            groups = ctx.labels[ctx.cfg.splits.group].reindex(fold.train).astype(str).to_numpy()
         probe = LinearProbe(task, ctx.cfg.linear, seed=ctx.cfg.seed + fold.repeat).fit(x_train, y_train,
                                                                                         groups=groups)
         if task == "classification":
