@@ -443,7 +443,9 @@ def _plot_attention(attention, coords, out_dir, labels, title, plane_names) -> l
 
 
 def _default_out_dir(store: Any, store_path: Any, name: str) -> Path:
-    path = store_path if isinstance(store_path, (str, Path)) else getattr(store, "path", None)
+    # the open store's path first: a store given through a symbolic link is its target, and its
+    # attention folder sits beside the target like its parts folder and lock
+    path = getattr(store, "path", None) or (store_path if isinstance(store_path, (str, Path)) else None)
     if path is None:
         return Path("aggregate") / name
     path = Path(path)

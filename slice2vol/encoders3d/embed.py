@@ -355,7 +355,7 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
         StoreMismatch: the store holds the set made with other settings (and not ``replace``).
         StoreLocked, StoreError: the store cannot be written (checked before embedding).
     """
-    from slice2vol.cache import FeatureStore
+    from slice2vol.cache import FeatureStore, checked_store_path
     from slice2vol.progress import track
 
     window = SlidingWindow.parse(sliding_window)
@@ -364,7 +364,9 @@ def embed_cohort3d(encoder: Encoder3D, cohort: Cohort, store_path: str | Path, s
         raise ValueError(f"{encoder.info.key}: sliding windows are not supported (its preprocessing needs the whole "
                          "volume); embed whole volumes (no --sliding-window / sliding_window: null)")
     check_cohort(cohort)
-    store_path = Path(store_path)
+    # a store given through a symbolic link is its target: the partial file sits beside the target,
+    # where a job given the target itself finds it
+    store_path = checked_store_path(store_path)
     check_store_writable(store_path, set_name)
     volume_cfg = volume_config or encoder.volume_config()
     encoder = encoder.eval()

@@ -47,6 +47,17 @@ def test_mean_and_mil_on_a_real_store(store_path, tmp_path):
     assert (tmp_path / "store_aggregate" / "mil-group" / "attention_axial.png").exists()
 
 
+def test_a_store_given_through_a_symbolic_link_keeps_its_attention_beside_the_target(store_path, tmp_path):
+    """The attention folder went beside the link, where a job given the target never found it."""
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "alias.h5"
+    link.symlink_to(store_path)
+    assert aggregate_store(link, "mil", label="group", train_ids="all", hidden=8, epochs=1) == "mil-group"
+    assert (tmp_path / "store_aggregate" / "mil-group" / "attention.npz").is_file()
+    assert not (tmp_path / "links" / "alias_aggregate").exists()
+    assert link.is_symlink() and "mil-group" in FeatureStore(store_path).volume_embedding_names()
+
+
 def test_cli_on_a_real_store(store_path, capsys):
     assert main(["aggregate", "--store", str(store_path), "--method", "gem", "--planes", "axial"]) == 0
     assert capsys.readouterr().out.strip() == "gem-axial"

@@ -59,6 +59,31 @@ def test_a_killed_run_into_a_new_folder_keeps_its_rows_and_the_rerun_writes_the_
     assert list(ids) == report.done and X.shape == (4, 512) and not partial_path(store, "set").exists()
 
 
+def test_a_killed_run_through_a_symbolic_link_keeps_its_rows_beside_the_target(head_manifest, tmp_path, monkeypatch):
+    """The partial file went beside the link: a rerun given the target itself started again."""
+    cohort = load_manifest(head_manifest)
+    enc = build_encoder3d("3d/monai_resnet10", **KW)
+    (tmp_path / "links").mkdir()
+    store, link = tmp_path / "s.h5", tmp_path / "links" / "alias.h5"
+    link.symlink_to(store)
+    real = type(enc).embed_volume
+    calls = []
+
+    def dying(self, volume, sliding_window=None):
+        calls.append(volume.subject_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, volume, sliding_window)
+
+    monkeypatch.setattr(type(enc), "embed_volume", dying)
+    with pytest.raises(KeyboardInterrupt):
+        embed_cohort3d(enc, cohort, link, "set", progress=False, commit_every=1)
+    assert partial_path(store, "set").is_file() and not partial_path(link, "set").exists()
+    monkeypatch.setattr(type(enc), "embed_volume", real)
+    report = embed_cohort3d(enc, cohort, store, "set", progress=False, commit_every=1)
+    assert report.resumed == 2 and link.is_symlink()
+
+
 def test_embed_into_a_new_folder_writes_the_store_without_a_warning(head_manifest, tmp_path, capsys, caplog):
     store = tmp_path / "new" / "x" / "s.h5"
     assert main(["embed", "--manifest", str(head_manifest), "--store", str(store), *RESNET10]) == 0
