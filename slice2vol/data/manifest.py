@@ -27,7 +27,7 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from slice2vol.data.io import Volume, VolumeConfig, VolumeError, file_sha256, load_volume
+from slice2vol.data.io import Volume, VolumeConfig, VolumeError, file_sha256, load_volume, printable_path
 from slice2vol.inputs import InputFileError, read_input_bytes
 
 log = logging.getLogger(__name__)
@@ -520,9 +520,9 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         control = _control_characters(sid)
         if control:
             # a NUL cannot be stored in HDF5 names, a newline breaks every one-line message
-            shown = _escaped(sid)
+            shown = printable_path(sid)
             failures.append(Failure(shown, source, f"{source}: row {line}: subject_id '{shown}' holds a control "
-                                                   f"character ({_escaped(control[0])}); left out"))
+                                                   f"character ({printable_path(control[0])}); left out"))
             continue
         at = f"{source}: row {line} ({sid})" if numbered else f"{source}: {sid}"
         # a path with a newline or CR breaks (or overwrites) the one-line messages that name the file
@@ -532,8 +532,8 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         bad_cell = next(((c, v) for c, v in cells.items() if _control_characters(v)), None)
         if bad_cell:
             column, cell = bad_cell
-            failures.append(Failure(sid, source, f"{at}: {column} '{_escaped(cell)}' holds a control character "
-                                                 f"({_escaped(_control_characters(cell)[0])}); left out"))
+            failures.append(Failure(sid, source, f"{at}: {column} '{printable_path(cell)}' holds a control character "
+                                                 f"({printable_path(_control_characters(cell)[0])}); left out"))
             continue
         images = {c: resolve(row[c]) for c in image_columns}
         seg = resolve(row[seg_column]) if seg_column else None
@@ -608,11 +608,6 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
 def _control_characters(text: str) -> list[str]:
     """The characters of ``text`` in \\x00-\\x1f or \\x7f, in order."""
     return [c for c in text if ord(c) < 32 or ord(c) == 127]
-
-
-def _escaped(text: str) -> str:
-    """``text`` with control characters written as escapes (``\\n``, ``\\x00``), for one-line messages."""
-    return text.encode("unicode_escape").decode("ascii")
 
 
 def _size(path: Path) -> int | None:
