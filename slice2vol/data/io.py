@@ -226,10 +226,6 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         raise
     except (OSError, EOFError, zlib.error, ValueError) as err:
         raise VolumeError(path, _qform_problem(err) or f"truncated or corrupt data ({_short(err)})") from None
-    if not path.name.lower().endswith((".gz", ".bz2", ".zst")):
-        problem = _trailing_problem(img, path.stat().st_size - _data_extent(img)[1])
-        if problem:
-            raise VolumeError(path, problem)
     shape = img.shape
     if len(shape) > 3 and all(n == 1 for n in shape[3:]):  # one volume stored as 4D (x, y, z, 1), or 5D
         # the file's own class: a NIfTI-2 header under Nifti1Image printed two header repairs that named no file
@@ -654,20 +650,33 @@ def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
     of the stream, are never checked: a byte flipped in the middle or a cut trailer loaded as garbage
     intensities without a word. Decompressing to the end in one zlib/bz2 call verifies them, and the
     image is then read from those bytes (no second pass; the same nibabel header and array proxy).
-    Other files are returned as they are.
+    An uncompressed file (told by its first bytes, whatever its name) is not read here: its trailing
+    bytes are checked from its size. Other files (.zst) are returned as they are.
 
     Raises:
         zlib.error, OSError, EOFError, ValueError: a corrupt or truncated stream.
     """
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        magic, member = b"\x1f\x8b", lambda: zlib.decompressobj(wbits=31)  # zlib checks CRC-32 and length
-    elif raw[:3] == b"BZh":
-        magic, member = b"BZh", bz2.BZ2Decompressor
-    else:
-        return img
     need = _data_extent(img)[1]
     limit = need + _TRAILING_LIMIT
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        if head[:2] == b"\x1f\x8b":
+            magic, member = b"\x1f\x8b", lambda: zlib.decompressobj(wbits=31)  # zlib checks CRC-32 and length
+        elif head[:3] == b"BZh":
+            magic, member = b"BZh", bz2.BZ2Decompressor
+        elif head == b"\x28\xb5\x2f\xfd":  # zstd: nibabel reads it; no stream check here
+            return img
+        else:  # plain: reading it whole would cost its size in memory (GBs of junk after a small image)
+            problem = _trailing_problem(img, path.stat().st_size - need)
+            if problem:
+                raise VolumeError(path, problem)
+            return img
+        # gzip and bzip2 grow incompressible data by under 1 %, so an eighth more than the voxels and
+        # the tolerated rest need is all the input that can matter; junk past it is not read into memory
+        on_disk = os.fstat(fh.fileno()).st_size
+        fh.seek(0)
+        raw = fh.read(min(on_disk, limit + (limit >> 3) + (1 << 20)))  # (read(n) allocates n bytes up front)
+        unread = on_disk - len(raw)
     # a stream may hold several members one after the other (bgzip, pigz, pbzip2, `cat a.gz b.gz`):
     # gzip reads them as one file, so the voxels may continue in the next member
     stream, rest, parts, size = member(), raw, [], 0
@@ -695,8 +704,8 @@ def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
         cut = not stream.eof and not stream.unconsumed_tail
     if cut:
         raise EOFError("the compressed stream ends before its end marker")
-    if stream.eof and stream.unused_data.strip(b"\0"):  # gzip itself says "trailing garbage ignored"
-        _warn_once(path, "trailing", f"%s: {len(stream.unused_data)} bytes after the end of the compressed stream "
+    if stream.eof and (unread or stream.unused_data.strip(b"\0")):  # gzip itself says "trailing garbage ignored"
+        _warn_once(path, "trailing", f"%s: {len(stream.unused_data) + unread} bytes after the end of the compressed stream "
                    "are not compressed data; ignored (the voxels passed their checksum)")
     problem = _trailing_problem(img, len(data) - need, more=not stream.eof)
     if problem:

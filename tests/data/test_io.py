@@ -1016,6 +1016,33 @@ def test_the_foreground_sample_is_picked_slab_by_slab_without_changing_it(shape,
     np.testing.assert_array_equal(io._foreground_sample(channel, size), nonzero[::max(1, nonzero.size // size)])
 
 
+def test_gigabytes_after_a_small_uncompressed_image_are_refused_without_being_read(tmp_path, caplog):
+    """A 30 KB .nii followed by 4 GiB (sparse: no disk used) was read whole into memory before its
+    trailing bytes were refused (48 s and 6.7 GB for 6 GiB); gzip junk past what can matter is not read."""
+    import tracemalloc
+
+    path = write_nifti(tmp_path / "x.nii", blob_volume((20, 24, 16)))
+    with open(path, "r+b") as fh:
+        fh.truncate(4 << 30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(VolumeError, match=r"x\.nii: the file holds at least|x\.nii: the file holds \d+ bytes after"):
+            load_volume(path)
+        peak = tracemalloc.get_traced_memory()[1]
+        gz = write_nifti(tmp_path / "y.nii.gz", blob_volume((20, 24, 16)))
+        size = gz.stat().st_size
+        with open(gz, "r+b") as fh:
+            fh.truncate(1 << 30)
+        tracemalloc.reset_peak()
+        with caplog.at_level("WARNING", logger="slice2vol.data.io"):
+            assert load_volume(gz).data.shape == (1, 20, 24, 16)
+        peak = max(peak, tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 << 20, peak
+    assert f"{(1 << 30) - size} bytes after the end of the compressed stream" in caplog.text
+
+
 def test_loading_keeps_few_copies_of_a_volume(tmp_path):
     """Peak memory of load_volume (numpy's allocations, traced) on a flipped 128^3 int16 head: under
     4.5x its float32 data (6.1x before the decompressed file, the reoriented copy and a float64
