@@ -807,11 +807,18 @@ def integer_labels(path: str | Path, name: str, values: np.ndarray) -> np.ndarra
         example = values.flat[int(np.argmax(off))]
         raise VolumeError(path, f"{name} map holds non-integer values (e.g. {example:g}); expected integer labels "
                                 "(a probability map or an interpolated segmentation?)")
-    info = np.iinfo(np.int32)
-    if rounded.size and (rounded.min() < info.min or rounded.max() > info.max):
-        extreme = rounded.max() if rounded.max() > info.max else rounded.min()
-        raise VolumeError(path, f"{name} map holds labels outside the int32 range (e.g. {extreme:g})")
+    # maps are read as float32, where integers stop being exact at 2^24: 16777217 already reads as
+    # 16777216 (two labels merged) and 2^31 - 1 as 2^31 (beyond int32), so the bound is 2^24
+    peak = float(np.abs(rounded, dtype=np.float64).max(initial=0.0))
+    if peak >= _EXACT_LABEL_LIMIT:
+        extreme = rounded.flat[int(np.argmax(np.abs(rounded)))]
+        raise VolumeError(path, f"{name} map holds labels of magnitude 2^24 = 16777216 or more (e.g. {extreme:.0f}), "
+                                "which float32 reading cannot keep apart; renumber the labels")
     return rounded.astype(np.int32)
+
+
+#: labels must stay below this magnitude: the largest range of integers float32 holds exactly
+_EXACT_LABEL_LIMIT = float(1 << 24)
 
 
 #: bytes of memory per voxel beyond the stored data: the float32 copy and about two working copies

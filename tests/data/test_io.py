@@ -925,7 +925,11 @@ def test_one_volume_stored_as_5d_is_a_volume(tmp_path):
 @pytest.mark.parametrize("values, pattern", [
     ({(1, 1, 1): np.nan}, r"seg map has 1 NaN/Inf voxels; expected integer labels"),
     ({(1, 1, 1): 0.25}, r"seg map holds non-integer values \(e.g. 0.25\); expected integer labels"),
-    ({(1, 1, 1): 3e9}, r"seg map holds labels outside the int32 range \(e.g. 3e\+09\)"),
+    ({(1, 1, 1): 3e9}, r"seg map holds labels of magnitude 2\^24 = 16777216 or more \(e.g. 3000000000\)"),
+    # fuzz round 17: float32 reading wrapped 2^31 - 1 to -2^31 and merged 2^24 + 1 into 2^24, silently
+    ({(1, 1, 1): 2147483647}, r"seg map holds labels of magnitude 2\^24 = 16777216 or more \(e.g. 2147483648\)"),
+    ({(1, 1, 1): 16777216, (2, 2, 2): 16777217}, r"labels of magnitude 2\^24 = 16777216 or more"),
+    ({(1, 1, 1): -16777217}, r"labels of magnitude 2\^24 = 16777216 or more \(e.g. -16777216\)"),
 ])
 def test_a_segmentation_that_is_not_integer_labels_is_refused(tmp_path, values, pattern):
     """These used to become -2147483648 (NaN, > int32) or be rounded into a neighbouring class."""
