@@ -86,6 +86,10 @@ class VolumeConfig:
             ``min_fov_mm`` along its longest axis and stay within ``max_fov_mm`` along every axis: a
             head is 100-250 mm; 2 x 2 x 2 voxels of noise or a scan whose header says 0.05 mm voxels
             (6 mm across) is no head, and would be embedded and retrieved like one.
+        min_voxels: a file with fewer voxels than this along an axis is refused (0 or 1 turns the
+            check off): a 2 x 2 x 2 block of 20 mm voxels spans 40 mm, a cube, and passed every
+            other check to be upsampled and embedded like a head; a whole head has >= 8 slices along
+            every axis at any spacing a scanner writes (the slab check refuses thin stacks first).
         min_extent_ratio: the field of view's shortest axis must reach this fraction of its longest
             (0 turns the check off): a localizer/scout of 3 slices (230 x 230 x 30 mm, 0.13) or a
             thin slab is no whole head, yet fills every plane like one; a whole-head scan is 0.5-1,
@@ -107,6 +111,7 @@ class VolumeConfig:
     min_fov_mm: float = 10.0
     max_fov_mm: float = 1000.0
     min_extent_ratio: float = 0.2
+    min_voxels: int = 8
     allow_oblique: dataclasses.InitVar[bool | None] = None
 
     def __post_init__(self, allow_oblique: bool | None) -> None:
@@ -130,6 +135,8 @@ class VolumeConfig:
         for name in ("min_spacing", "max_spacing", "crop_margin"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if isinstance(self.min_voxels, bool) or not isinstance(self.min_voxels, int) or self.min_voxels < 0:
+            raise ValueError(f"min_voxels must be a whole number >= 0, got {self.min_voxels!r}")
         if not (isinstance(self.min_extent_ratio, (int, float)) and 0 <= self.min_extent_ratio <= 1):
             raise ValueError(f"min_extent_ratio must be a number in [0, 1], got {self.min_extent_ratio!r}")
         lo, hi = self.clip_percentiles
@@ -243,13 +250,14 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
     # the file's own codes and qform: _in_mm rebuilds the image from its affine, which nibabel stores
     # as an sform (code 2) and so hides a file without one
     qcode, scode = int(img.header["qform_code"]), int(img.header["sform_code"])
+    qform, q_broken = _usable_qform(img) if qcode > 0 else (None, None)
     with np.errstate(all="ignore"):
-        qform, sform = img.get_qform(), img.get_sform()
+        sform = img.get_sform()
     img = _in_mm(img)
     try:
         _check_affine(path, img.affine, _unit_of(img))
     except VolumeError as err:
-        if scode > 0 and qcode > 0 and _affine_ok(path, _to_mm(qform, _unit_of(img)), _unit_of(img)):
+        if scode > 0 and qform is not None and _affine_ok(path, _to_mm(qform, _unit_of(img)), _unit_of(img)):
             raise VolumeError(path, f"the sform (code {scode}) is broken: {err.problem}; the qform is usable: "
                                     "drop the sform (nibabel: img.set_sform(None, code=0))") from None
         raise
@@ -268,6 +276,11 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
         _warn_once(path, "no-xform", "%s: no qform or sform (both codes 0): the orientation is unknown and read as "
                    "nibabel's default (LAS, from pixdim); axial/coronal/sagittal are wrong unless the voxels are "
                    "stored in that order: set the sform (nibabel: img.set_sform(affine, code=1))")
+    elif qcode > 0 and scode > 0 and q_broken:
+        # nibabel reads the sform and ignores the qform, so the file loads; a tool that prefers the
+        # qform would fail on it or show garbage
+        _warn_once(path, "q-broken", f"%s: the qform (code {qcode}) is broken ({q_broken}); read with the sform, "
+                   "as nibabel does: fix the qform or set qform_code 0")
     elif qcode > 0 and scode > 0:
         with np.errstate(all="ignore"):
             q_axes, s_axes = (nib.aff2axcodes(a) for a in (qform, sform))
@@ -617,6 +630,20 @@ def _data_extent(img: nib.Nifti1Image) -> tuple[int, int]:
     return offset, offset + math.prod(int(n) for n in img.shape) * img.header.get_data_dtype().itemsize
 
 
+def _usable_qform(img: nib.Nifti1Image) -> tuple[np.ndarray | None, str | None]:
+    """(the qform, None), or (None, why it is no affine): its quaternion may have a norm above 1
+    (nibabel raises) or NaN/Inf fields, or pixdim may be NaN/Inf. Only asked when qform_code > 0: a
+    qform whose code is 0 is to be ignored (NIfTI standard), and writers leave junk in its fields."""
+    try:
+        with np.errstate(all="ignore"):
+            qform = img.get_qform()
+    except ValueError as err:
+        return None, (_qform_problem(err) or _short(err)).split(";")[0]
+    if not np.isfinite(qform).all():
+        return None, "NaN/Inf in its quaternion, offset or pixdim"
+    return qform, None
+
+
 def _qform_problem(err: BaseException) -> str | None:
     """nibabel's words for a qform quaternion it cannot turn into a rotation, as the file's problem."""
     text = str(err)
@@ -897,6 +924,12 @@ def _extent_problem(affine: np.ndarray, shape: Sequence[int], cfg: VolumeConfig,
     2 x 0.06 x 19.5 mm tilted 44 deg, 43 KB) resliced onto 57 million voxels (2 GB) before its
     1170 mm slab was refused, and its bounding box looked like a head.
     """
+    origin = np.asarray(affine[:3, 3], dtype=np.float64)
+    if np.abs(origin).max() > _MAX_ORIGIN_MM:
+        # a corrupt offset: float64 loses the voxel grid at such coordinates (an oblique file with its
+        # origin at 1e30 mm was resliced onto 1 x 1 x 1 voxels and cached)
+        return (f"absurd origin ({', '.join(f'{v:.4g}' for v in origin)}) mm in the affine (over "
+                f"{_MAX_ORIGIN_MM / 1000:g} m from the scanner's centre); a corrupt sform/qform offset")
     ornt = nib.orientations.io_orientation(affine)
     axes = ornt[:, 0].astype(int)
     spacing, dims = np.empty(3), np.empty(3, dtype=int)
@@ -919,7 +952,15 @@ def _extent_problem(affine: np.ndarray, shape: Sequence[int], cfg: VolumeConfig,
                 f"slab, not a head: its shortest axis is {fov.min() / fov.max():.2g} of its longest (under "
                 f"{cfg.min_extent_ratio:g}); a localizer/scout or partial-coverage scan (VolumeConfig.min_extent_ratio "
                 "sets the limit, 0 turns it off)")
+    if dims.min() < cfg.min_voxels:
+        return (f"shape {_fmt_shape(dims)} (voxels {_fmt_mm(spacing)} mm) has {int(dims.min())} voxel(s) along an axis, "
+                f"under {cfg.min_voxels}: too few to be a head scan, whatever the voxel size says "
+                "(VolumeConfig.min_voxels sets the limit, 0 turns it off)")
     return None
+
+
+#: an affine origin farther than this (mm) from the scanner's centre is a corrupt header (100 m)
+_MAX_ORIGIN_MM = 1e5
 
 
 def _reslice_memory_problem(shape: Sequence[int], source: Sequence[int], channels: int) -> str | None:
@@ -1005,13 +1046,19 @@ def _affine_ok(path: Path, affine: np.ndarray, unit: tuple[str, float] | None) -
 def _check_affine(path: Path, affine: np.ndarray, unit: tuple[str, float] | None = None) -> None:
     if not np.isfinite(affine).all():
         raise VolumeError(path, "affine has NaN/Inf entries")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    with np.errstate(over="ignore"):
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        det = np.linalg.det(affine[:3, :3])
+    if not (np.isfinite(spacing).all() and np.isfinite(det)):
+        # finite entries whose squares overflow (NIfTI-2 stores float64): io_orientation then gave NaN axes
+        raise VolumeError(path, f"absurd voxel spacing {_fmt_mm(spacing)} mm: the affine's entries overflow "
+                                f"(columns {_fmt_axes(affine[:3, :3])}); the header's orientation is broken")
     if np.any(spacing <= 1e-6):
         what = "zero" if np.any(spacing == 0) else "near-zero (below 1e-6 mm)"
         note = _unit_note(spacing, unit)
         raise VolumeError(path, f"{what} voxel spacing {_fmt_mm(spacing)} mm ({note + '; ' if note else ''}"
                                 "singular affine)")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-9 * np.prod(spacing):
+    if abs(det) < 1e-9 * np.prod(spacing):
         # non-zero columns that are parallel: two voxel axes point the same way, no 3D grid
         raise VolumeError(path, f"singular affine: its voxel axes are not independent (columns "
                                 f"{_fmt_axes(affine[:3, :3])}); the header's orientation is broken")

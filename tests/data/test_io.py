@@ -186,6 +186,11 @@ def _patched(tmp_path: Path, name: str, edit, *, gz: bool = True, data: np.ndarr
     return out
 
 
+def _rotation_x(degrees: float) -> np.ndarray:
+    t = np.radians(degrees)
+    return np.array([[1.0, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+
+
 def _dims(*dims: int):
     def edit(raw: bytearray) -> None:
         raw[40:56] = np.array([*dims, *[1] * (8 - len(dims))], "<i2").tobytes()  # dim[0..7]
@@ -398,6 +403,15 @@ BAD_CASES = {
                                              np.diag([4.8, 4.8, 10.0, 1.0])),
                        r"field of view 230.4 x 230.4 x 30 mm \(shape \(48, 48, 3\)\) is a slab, not a head: its "
                        r"shortest axis is 0.13 of its longest \(under 0.2\)"),
+    # fuzz round 17: 2 x 2 x 2 voxels of 20 mm span a 40 mm cube, and were upsampled and cached like a head
+    "eight_voxels_of_20_mm": (lambda t: write_nifti(t / "cube.nii.gz", np.arange(8, dtype=np.float32).reshape(2, 2, 2),
+                                                    np.diag([20.0, 20.0, 20.0, 1.0])),
+                              r"shape \(2, 2, 2\) \(voxels \(20, 20, 20\) mm\) has 2 voxel\(s\) along an axis, under 8"),
+    # an oblique file whose origin is 1e30 mm was resliced onto 1 x 1 x 1 voxels (float64 lost the grid)
+    "absurd_origin": (lambda t: write_nifti(t / "far.nii.gz", blob_volume(),
+                                            nib.affines.from_matvec(2.0 * _rotation_x(17.0), [1e30, 0.0, 0.0])),
+                      r"absurd origin \(1e\+30, 0, 0\) mm in the affine \(over 100 m from the scanner's centre\); a "
+                      r"corrupt sform/qform offset$"),
     # a header whose shape was cut (dim[3] 20 -> 10): half the scan loaded as if it were all of it
     "header_shape_cut_nii": (lambda t: _patched(t, "cut_shape", _dims(3, 24, 28, 10), gz=False),
                              r"the file holds 26880 bytes after the voxels its header describes \(shape \(24, 28, "
@@ -911,9 +925,17 @@ def test_info_warns_once_for_a_file_without_orientation(tmp_path, capsys, caplog
 
 def test_a_localizer_is_loaded_when_the_slab_check_is_off(tmp_path):
     path = write_nifti(tmp_path / "scout.nii.gz", blob_volume((48, 48, 3)), np.diag([4.8, 4.8, 10.0, 1.0]))
-    assert load_volume(path, VolumeConfig(min_extent_ratio=0)).data.shape[1:] == (48, 48, 3)
+    # its 3 slices are also under min_voxels, whose message says how to turn that check off too
+    with pytest.raises(VolumeError, match=r"scout.nii.gz: shape \(48, 48, 3\) \(voxels \(4.8, 4.8, 10\) mm\) has 3 "
+                                          r"voxel\(s\) along an axis, under 8: too few to be a head scan, whatever the "
+                                          r"voxel size says \(VolumeConfig.min_voxels sets the limit, 0 turns it off\)$"):
+        load_volume(path, VolumeConfig(min_extent_ratio=0))
+    assert load_volume(path, VolumeConfig(min_extent_ratio=0, min_voxels=0)).data.shape[1:] == (48, 48, 3)
     with pytest.raises(ValueError, match=r"min_extent_ratio must be a number in \[0, 1\], got 2"):
         VolumeConfig(min_extent_ratio=2)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"min_voxels must be a whole number >= 0, got "):
+            VolumeConfig(min_voxels=bad)
 
 
 def test_one_volume_stored_as_5d_is_a_volume(tmp_path):
@@ -1018,6 +1040,48 @@ def test_the_foreground_sample_is_picked_slab_by_slab_without_changing_it(shape,
     np.testing.assert_array_equal(io._foreground_sample(flat, size), flat.ravel()[::max(1, flat.size // size)])
     monkeypatch.setattr(io, "_ONE_PASS_VALUES", 1 << 24)
     np.testing.assert_array_equal(io._foreground_sample(channel, size), nonzero[::max(1, nonzero.size // size)])
+
+
+@pytest.mark.parametrize("qcode, offset, fmt, value, warned", [
+    (1, 256, "<3f", (0.9, 0.9, 0.9), r"the qform \(code 1\) is broken \(invalid qform: its quaternion .* has a norm "
+                                     r"above 1, so it is no rotation \(nibabel: w2 should be positive"),
+    (1, 256, "<3f", (np.nan, 0.0, 0.0), r"the qform \(code 1\) is broken \(NaN/Inf in its quaternion, offset or pixdim\)"),
+    (1, 80, "<f", (np.nan,), r"the qform \(code 1\) is broken \(NaN/Inf"),  # pixdim[1]: the qform's scale
+    (0, 256, "<f", (1e30,), None),  # code 0: the qform is to be ignored, and junk in it is no concern
+    (0, 256, "<f", (np.inf,), None),
+])
+def test_a_broken_qform_beside_a_valid_sform_is_read_with_the_sform(qcode, offset, fmt, value, warned, tmp_path,
+                                                                    caplog):
+    """nibabel reads these files with the sform; slice2vol raised a bare 'w2 should be positive' or
+    'SVD did not converge', naming no file (fuzz round 17), also for a qform whose code is 0."""
+    def edit(raw: bytearray) -> None:
+        raw[252:254] = struct.pack("<h", qcode)  # sform_code stays 2, as nibabel wrote it
+        raw[offset:offset + struct.calcsize(fmt)] = struct.pack(fmt, *value)
+
+    path = _patched(tmp_path, "q", edit)
+    reference = load_volume(write_nifti(tmp_path / "ref.nii.gz", blob_volume()))
+    with caplog.at_level("WARNING", logger="slice2vol.data.io"):
+        volume = load_volume(path)
+    np.testing.assert_array_equal(volume.data, reference.data)
+    np.testing.assert_array_equal(volume.affine, reference.affine)
+    if warned:
+        assert re.search(str(path).replace(".", r"\.") + ": " + warned, caplog.text), caplog.text
+        assert "read with the sform, as nibabel does: fix the qform or set qform_code 0" in caplog.text
+    else:
+        assert "qform" not in caplog.text
+
+
+def test_a_nifti2_affine_whose_entries_overflow_is_one_line(tmp_path):
+    """Finite float64 entries whose squares overflow: io_orientation gave NaN axes, and an IndexError
+    traceback came out of the extent check (fuzz round 17)."""
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[1, 0] = 1e289
+    path = tmp_path / "n2.nii.gz"
+    nib.save(nib.Nifti2Image(blob_volume(), affine), str(path))
+    with pytest.raises(VolumeError, match=r"n2\.nii\.gz: absurd voxel spacing \(inf, 4, 4\) mm: the affine's entries "
+                                          r"overflow \(columns \(4, 1e\+289, 0\), \(0, 4, 0\), \(0, 0, 4\)\); the "
+                                          r"header's orientation is broken$"):
+        load_volume(path)
 
 
 def test_gigabytes_after_a_small_uncompressed_image_are_refused_without_being_read(tmp_path, caplog):
