@@ -659,8 +659,8 @@ def test_info_fails_a_scan_the_caching_job_would_fail(tmp_path, capsys):
     exited 0, although `slice2vol cache` fails the same file (fuzz round 10)."""
     from tests.conftest import write_nifti
 
-    data = np.zeros((40, 40, 40), np.float32)
-    data[18:21, 18:21, 18:21] = 500.0
+    # specks over 2.5% of the grid: a volume, but no slice with 5% foreground
+    data = np.where(np.random.default_rng(0).random((40, 40, 40)) < 0.025, 500.0, 0.0).astype(np.float32)
     write_nifti(tmp_path / "speck.nii.gz", data, np.diag([4.0, 4.0, 4.0, 1.0]))
     assert main(["info", str(tmp_path / "speck.nii.gz")]) == 1
     out = capsys.readouterr().out

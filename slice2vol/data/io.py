@@ -90,6 +90,9 @@ class VolumeConfig:
             check off): a 2 x 2 x 2 block of 20 mm voxels spans 40 mm, a cube, and passed every
             other check to be upsampled and embedded like a head; a whole head has >= 8 slices along
             every axis at any spacing a scanner writes (the slab check refuses thin stacks first).
+        min_foreground_fraction: a volume whose foreground mask covers less of its grid than this is
+            refused (0 turns the check off): a head covers 10-60% of its grid; a few specks in a blank
+            volume are no head.
         min_extent_ratio: the field of view's shortest axis must reach this fraction of its longest
             (0 turns the check off): a localizer/scout of 3 slices (230 x 230 x 30 mm, 0.13) or a
             thin slab is no whole head, yet fills every plane like one; a whole-head scan is 0.5-1,
@@ -112,6 +115,7 @@ class VolumeConfig:
     max_fov_mm: float = 1000.0
     min_extent_ratio: float = 0.2
     min_voxels: int = 8
+    min_foreground_fraction: float = 0.01
     allow_oblique: dataclasses.InitVar[bool | None] = None
 
     def __post_init__(self, allow_oblique: bool | None) -> None:
@@ -137,6 +141,9 @@ class VolumeConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if isinstance(self.min_voxels, bool) or not isinstance(self.min_voxels, int) or self.min_voxels < 0:
             raise ValueError(f"min_voxels must be a whole number >= 0, got {self.min_voxels!r}")
+        if not (isinstance(self.min_foreground_fraction, (int, float)) and not isinstance(self.min_foreground_fraction, bool)
+                and 0 <= self.min_foreground_fraction <= 1):
+            raise ValueError(f"min_foreground_fraction must be a number in [0, 1], got {self.min_foreground_fraction!r}")
         if not (isinstance(self.min_extent_ratio, (int, float)) and 0 <= self.min_extent_ratio <= 1):
             raise ValueError(f"min_extent_ratio must be a number in [0, 1], got {self.min_extent_ratio!r}")
         lo, hi = self.clip_percentiles
@@ -1004,12 +1011,19 @@ def check_values_ok(path: str | Path, data: np.ndarray) -> None:
         raise VolumeError(path, f"constant volume (all voxels = {lo:g})")
     # a blank volume with a stray voxel passes the checks above, then reads as 100% foreground (Otsu
     # splits the one odd value off) or embeds as zeros: fewer than 1 in 10,000 voxels differing from
-    # the typical value is no image (a head is ~40% of its grid)
+    # the typical value is no image (a head is ~40% of its grid; load_volume's foreground check
+    # refuses the few specks above this)
     typical = np.median(data[::4, ::4, ::4]) if data.ndim == 3 else np.median(data)
     differ = int(np.count_nonzero(data != typical))
     if differ < 1e-4 * data.size:
         raise VolumeError(path, f"almost {'empty' if typical == 0 else 'constant'} volume: {differ} of {data.size} "
                                 f"voxels differ from {float(typical):g}")
+    if hi <= 0:
+        # a magnitude image is never all <= 0: min-max normalisation would make the air the brightest
+        # tissue, Otsu then took the air for the head (mask 90% of the grid), and a photographic
+        # negative was embedded like a scan
+        raise VolumeError(path, f"every voxel is <= 0 (range {lo:g} to {hi + 0.0:g}): an inverted image (a negative "
+                                "scl_slope?) or not an intensity image")
 
 
 _warned: set[tuple[str, str]] = set()
@@ -1544,6 +1558,14 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
     if cfg.normalize == "minmax":
         del stacked  # the raw intensities are not needed again (zscore reads them once more)
     mask = foreground_mask(scaled)
+    share = float(np.count_nonzero(mask)) / mask.size if mask.size else 0.0
+    if share < cfg.min_foreground_fraction:
+        # a head covers 10-60% of its grid: specks in a blank volume passed every check and were
+        # embedded by `embed` (the slice check of `cache` refused them, with other words)
+        raise VolumeError(first, f"the foreground covers {_percent(share)} of the grid ({int(np.count_nonzero(mask))} "
+                                 f"of {mask.size} voxels), under {_percent(cfg.min_foreground_fraction)}: no head in it "
+                                 "(a blank volume with specks, or the wrong file; VolumeConfig.min_foreground_fraction "
+                                 "sets the limit, 0 turns it off)")
     if cfg.normalize == "zscore":
         scaled = normalize_intensity(stacked, mask, cfg)
 

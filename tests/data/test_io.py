@@ -825,8 +825,39 @@ def test_minmax_of_an_image_without_spread_keeps_its_contrast(tmp_path):
     np.testing.assert_array_equal(vol.data[0], binary.astype(np.float32))
     spot = np.zeros((12, 12, 12), np.float32)
     spot[5, 6, 7] = 3.0
-    vol = load_volume(write_nifti(tmp_path / "spot.nii.gz", spot))
+    vol = load_volume(write_nifti(tmp_path / "spot.nii.gz", spot), VolumeConfig(min_foreground_fraction=0))
     assert vol.data[0, 5, 6, 7] == 1.0 and vol.data.sum() == 1.0
+
+
+def test_specks_in_a_blank_volume_are_no_head(tmp_path):
+    """8 of 69,120 voxels: `cache` refused it (no slice with 5% foreground), `embed` embedded it (fuzz
+    round 17); the foreground share of the grid is now checked when any command loads a volume."""
+    data = np.zeros((40, 48, 36), np.float32)
+    data[10:12, 20:22, 15:17] = 1.0
+    path = write_nifti(tmp_path / "few.nii.gz", data)
+    with pytest.raises(VolumeError, match=r"few\.nii\.gz: the foreground covers 0\.012% of the grid \(8 of 69120 voxels\), "
+                                          r"under 1%: no head in it \(a blank volume with specks, or the wrong file; "
+                                          r"VolumeConfig.min_foreground_fraction sets the limit, 0 turns it off\)$"):
+        load_volume(path)
+    assert load_volume(path, VolumeConfig(min_foreground_fraction=0)).mask.sum() == 8
+    assert load_volume(path, VolumeConfig(min_foreground_fraction=1e-4)).mask.sum() == 8
+    for bad in (-0.1, 2, True, "1%"):
+        with pytest.raises(ValueError, match=r"min_foreground_fraction must be a number in \[0, 1\], got "):
+            VolumeConfig(min_foreground_fraction=bad)
+
+
+def test_an_image_with_every_voxel_at_most_zero_is_refused(tmp_path):
+    """A negative scl_slope turned an IXI T1 into its negative: min-max put the air brightest, Otsu took
+    it for the head (90% of the grid), and it was embedded like a scan (fuzz round 17)."""
+    img = nib.Nifti1Image((blob_volume() * 10).astype(np.int16), np.eye(4))
+    img.header.set_slope_inter(-2.0, 0.0)
+    nib.save(img, tmp_path / "inverted.nii.gz")
+    with pytest.raises(VolumeError, match=r"inverted\.nii\.gz: every voxel is <= 0 \(range -\d+ to 0\): an inverted image "
+                                          r"\(a negative scl_slope\?\) or not an intensity image$"):
+        load_volume(tmp_path / "inverted.nii.gz")
+    # negative values with a positive top (a CT-like or z-scored image) are read as before
+    shifted = load_volume(write_nifti(tmp_path / "shifted.nii.gz", blob_volume() - 50.0))
+    assert shifted.data.min() == 0.0 and shifted.data.max() == 1.0
 
 
 def test_out_of_memory_while_reading_names_the_file_and_the_size(tmp_path, monkeypatch):
