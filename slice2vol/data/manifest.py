@@ -18,16 +18,17 @@ import csv
 import hashlib
 import io
 import logging
-import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 
-from slice2vol.data.io import Volume, VolumeConfig, VolumeError, file_sha256, load_volume, printable_path
+from slice2vol.data.io import (Volume, VolumeConfig, VolumeError, file_problem, file_sha256, load_volume,
+                               printable_path)
 from slice2vol.inputs import InputFileError, read_input_bytes
 
 log = logging.getLogger(__name__)
@@ -175,12 +176,25 @@ def _is_path_column(series: pd.Series) -> bool:
     return float(values.map(lambda v: bool(_NIFTI.search(v) or _PATH_LIKE.search(v))).mean()) >= 0.5
 
 
+def _exists(path: Path) -> bool:
+    """Whether ``path`` names a file or folder; False for any error (``Path.exists`` raises for a name
+    over the system's length limit, or a folder it may not search, which ended the whole manifest in a
+    traceback): :func:`_absent` then says what is wrong."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _absent(column: str, path: Path | None) -> str:
-    """``t1 (path)`` for a missing file; a dangling link names its target (``ls`` lists the link itself)."""
+    """``t1 (path)`` for a missing file; a dangling link names its target (``ls`` lists the link itself),
+    a link loop or a name the system refuses says so, in the words the file given alone gets."""
     if path is None:
         return f"{column} (empty)"
-    if path.is_symlink():
-        return f"{column} ({path}: a symbolic link to {os.readlink(path)}, which does not exist)"
+    # io's wording: a loop was called "a link to X, which does not exist" for an X that is there
+    problem = file_problem(path)
+    if problem is not None and problem != "file not found":
+        return f"{column} ({path}: {problem})"
     text = str(path)
     if re.search(r"(^|/)(https?|s?ftp|s3|gs|file):/", text, re.IGNORECASE):
         # Path() folds 'https://host' into 'https:/host' under the manifest's folder
@@ -221,7 +235,7 @@ def load_manifest(
         # read once and parse from memory: a pipe (<(...), /dev/stdin) cannot be read a second time
         text = decode_text(read_input_bytes(path, "manifest"))
         sep = _sniff(text)
-        lines = _check_layout(path, text, sep)
+        lines, unnamed = _check_layout(path, text, sep)
         # index_col=False: a row with a trailing delimiter must not turn the first column into the index
         # (pandas then shifts every column name by one)
         table = pd.read_csv(io.StringIO(text), dtype={id_column: str}, sep=sep, index_col=False)
@@ -237,6 +251,13 @@ def load_manifest(
     # pandas skips blank lines (before the header too) and a quoted cell may span lines: the index
     # + 2 is a file line only without either
     line_of = dict(zip(table.index, lines)) if len(lines) == len(table) else None
+    # a header cell left empty (most often a trailing delimiter: 'subject_id,t1,age,') over an empty
+    # column: pandas calls it 'Unnamed: 3', which became a label (a column with values was refused above)
+    empty = [i for i in unnamed if i < table.shape[1] and re.fullmatch(rf"Unnamed: {i}|\s*", str(table.columns[i]))]
+    if empty:
+        log.info("%s: column(s) %s have no name in the header and no values; ignored", path,
+                 ", ".join(str(i + 1) for i in empty))
+        table = table.iloc[:, [i for i in range(table.shape[1]) if i not in empty]]
     table.columns = [str(c).strip() for c in table.columns]
     if id_column not in table.columns:
         raise ManifestError(f"{path}: no {id_column!r} column (columns: {list(table.columns)})")
@@ -338,7 +359,8 @@ def read_id_list(path: str | Path, flag: str) -> list[str]:
 
     Blank lines and ``#`` comments are skipped, spaces and CR stripped, and a byte-order mark (UTF-8
     or UTF-16, as spreadsheets and Windows editors write them) dropped: it used to stay glued to the
-    first ID, which then matched no subject. Every problem is one line starting with the file.
+    first ID, which then matched no subject. IDs are returned in NFC, as :func:`load_manifest` stores
+    them. Every problem is one line starting with the file.
     """
     path = Path(path)
     if path.is_dir():
@@ -351,7 +373,8 @@ def read_id_list(path: str | Path, flag: str) -> list[str]:
         raise ValueError(str(err)) from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: cannot read the {flag} file ({err})") from None
-    ids = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    # NFC, as a manifest's IDs are stored (_build_cohort): a list typed on macOS names the same subjects
+    ids = [unicodedata.normalize("NFC", ln.strip()) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not ids:
         raise ValueError(f"{path}: no subject IDs in the {flag} file (one per line)")
     duplicated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
@@ -367,15 +390,17 @@ def check_ids_known(path: str | Path, ids: Sequence[str], known: Sequence[str], 
         raise ValueError(f"{path}: {len(unknown)} subject ID(s) not in {where}, e.g. {unknown[:3]}")
 
 
-def _check_layout(path: Path, text: str, sep: str) -> list[int]:
-    """Refuses header names that repeat (after stripping spaces) and rows with more filled cells than
-    the header (``text`` is the content of ``path``): pandas renames a repeated name (``age.1``) and
-    drops the extra cells of a row, so an unquoted delimiter inside a value would shift or lose cells
-    without a word.
+def _check_layout(path: Path, text: str, sep: str) -> tuple[list[int], list[int]]:
+    """Refuses header names that repeat (after stripping spaces), rows with more filled cells than
+    the header, and columns without a name that hold values (``text`` is the content of ``path``):
+    pandas renames a repeated name (``age.1``) and drops the extra cells of a row, so an unquoted
+    delimiter inside a value would shift or lose cells without a word; and it names a column without
+    a name ``Unnamed: 3``, which became a label.
 
     Returns:
-        The file line (1-based) where each data row starts, in the order pandas reads them: blank
-        lines, which pandas skips before the header as after it, are no rows.
+        The file line (1-based) where each data row starts, in the order pandas reads them (blank
+        lines, which pandas skips before the header as after it, are no rows); and the positions
+        (0-based) of the header's empty names, whose columns are empty (a trailing delimiter).
     """
     def records(reader) -> Iterator[tuple[int, list[str]]]:
         end = 0
@@ -396,16 +421,26 @@ def _check_layout(path: Path, text: str, sep: str) -> list[int]:
                                 "in the header (spaces around names are ignored); rename them")
         starts = []
         long_rows = []
+        unnamed = [i for i, h in enumerate(header) if not h]
+        filled: dict[int, tuple[int, str]] = {}  # unnamed column -> its first value and the line
         for start, row in rows:
             starts.append(start)
             if any(c.strip() for c in row[len(header):]):
                 long_rows.append(start)
+            for i in unnamed:
+                if i not in filled and i < len(row) and row[i].strip():
+                    filled[i] = (start, row[i].strip())
     if long_rows:
         lines = ", ".join(map(str, long_rows[:5])) + (" ..." if len(long_rows) > 5 else "")
         raise ManifestError(f"{path}: line(s) {lines} have more cells than the header's {len(header)} (a "
                             f"{'tab' if sep == chr(9) else repr(sep)} inside a value that is not quoted?); quote such "
                             "values or remove the extra cells")
-    return starts
+    if filled:
+        column, (line, cell) = min(filled.items())
+        shown = cell if len(cell) <= 40 else cell[:40] + "..."
+        raise ManifestError(f"{path}: column {column + 1} has no name in the header but holds values (row {line}: "
+                            f"{shown!r}); name it in the header line")
+    return starts, unnamed
 
 
 #: cells read as missing whatever their case (pandas' defaults are case-sensitive: ``NAN``, ``Null``
@@ -486,11 +521,35 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
     the file line its row starts on, where blank lines or cells spanning lines make it not index + 2)."""
     failures: list[Failure] = []
     # not astype(str): with pandas' string dtype an empty cell stays NaN (a float) instead of "nan"
-    ids = table[id_column].map(lambda v: "" if pd.isna(v) else str(v).strip())
-    duplicated = set(ids[ids.duplicated() & (ids != "")])
-    for dup in sorted(duplicated):
-        count = int((ids == dup).sum())
-        failures.append(Failure(dup, source, f"{source}: duplicate subject_id {dup!r} ({count} rows); all left out"))
+    written = table[id_column].map(lambda v: "" if pd.isna(v) else str(v).strip())
+    # IDs are stored in NFC, the form most tools write: an accent typed on macOS (NFD: e + U+0301) must
+    # name the same subject, in a store and in ID lists (read_id_list), as one typed elsewhere. Only
+    # NFC: it changes no character, where NFKC (used to compare, below) would store 'x²' as 'x2'
+    ids = written.map(lambda v: unicodedata.normalize("NFC", v))
+    keys = written.map(_id_key)
+    line_of = {i: (lines or {}).get(i, i + 2) for i in table.index}
+
+    def rows_of(mask: pd.Series) -> str:
+        found = [line_of[i] for i in mask.index[mask]]
+        return f" (row{'s' if len(found) > 1 else ''} {', '.join(map(str, found))})" if numbered else ""
+
+    duplicated = set(keys[keys.duplicated() & (keys != "")])
+    for key in sorted(duplicated, key=lambda k: ids[keys == k].iloc[0]):
+        group = written[keys == key]
+        first = ids[keys == key].iloc[0]
+        if group.nunique() == 1:
+            failures.append(Failure(first, source, f"{source}: duplicate subject_id {first!r} ({len(group)} rows); "
+                                                   "all left out"))
+            continue
+        # 's1' and 's1' + a zero-width space, or josé with its accent composed and decomposed, print
+        # alike: two rows of one subject would sit on both sides of a split. Escaped, the IDs show
+        # where they differ
+        spellings = [f"'{_escaped(v)}'{rows_of(written == v)}" for v in dict.fromkeys(group)]
+        failures.append(Failure(first, source, (
+            f"{source}: duplicate subject_id: {', '.join(spellings[:-1])} and {spellings[-1]} look the same but are "
+            "written with different characters (accents composed or not, zero-width or fullwidth characters); "
+            "all left out")))
+    _warn_case_only(source, ids[~keys.isin(duplicated) & (keys != "")], rows_of)
 
     def under_root(cell: str) -> Path:
         p = Path(cell).expanduser()
@@ -501,20 +560,26 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             return None
         cell = str(value)
         p = under_root(cell.strip())
-        if cell != cell.strip() and not p.exists() and not _control_characters(cell):
-            # a file whose name starts or ends with a space: the cell as written names it
-            as_written = under_root(cell)
-            if as_written.exists():
-                return as_written
+        if _exists(p):
+            return p
+        # a file whose name starts or ends with a space: the cell as written names it
+        tried = [cell] if cell != cell.strip() and not _control_characters(cell) else []
+        # a name written in NFD (macOS: e + U+0301) for a file stored in NFC, or the reverse: the two
+        # print alike, and "file not found" showed the very name that is there
+        tried += [unicodedata.normalize(form, c) for c in [cell.strip(), *tried] for form in ("NFC", "NFD")]
+        for text in dict.fromkeys(t for t in tried if t != cell.strip()):
+            if _exists(other := under_root(text)):
+                log.debug("%s: %r names %s (another Unicode form or spaces)", source, cell, other)
+                return other
         return p
 
     subjects: list[Subject] = []
     infinite: list[str] = []  # label cells holding inf, read as missing
-    for sid, (_, row) in zip(ids, table.iterrows()):
-        if sid in duplicated:
+    for sid, key, (_, row) in zip(ids, keys, table.iterrows()):
+        if key in duplicated:
             continue
-        line = (lines or {}).get(_, _ + 2)
-        if sid == "":
+        line = line_of[_]
+        if key == "":  # empty, or only zero-width characters
             failures.append(Failure("?", source, f"{source}: row {line} has no subject_id; left out"))
             continue
         control = _control_characters(sid)
@@ -544,15 +609,15 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             failures.append(Failure(sid, source, f"{at}: not a NIfTI file name "
                                                  f"({_NIFTI_NAMES}): {', '.join(odd)}; left out"))
             continue
-        absent = [_absent(c, p) for c, p in images.items() if p is None or not p.exists()]
-        if seg is not None and not seg.exists():
+        absent = [_absent(c, p) for c, p in images.items() if p is None or not _exists(p)]
+        if seg is not None and not _exists(seg):
             absent.append(_absent(seg_column, seg))
-        absent += [_absent(c, p) for c, p in maps.items() if not p.exists()]
+        absent += [_absent(c, p) for c, p in maps.items() if not _exists(p)]
         if absent:
             first = next((p for p in [*images.values(), seg] if p is not None), None)
             # the line starts with the missing file, or with the row when the first file is there (a
             # missing second modality): "b_t1.nii.gz: file not found: t2" read as if b_t1 were missing
-            where = first if first is not None and not first.exists() else None
+            where = first if first is not None and not _exists(first) else None
             failures.append(Failure(sid, str(where or source), f"{where or at}: file not found: {', '.join(absent)}"))
             continue
         labels = {c: _clean(row[c], types[c]) for c in types}
@@ -603,6 +668,37 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             left_out.add(sid)
     subjects = [s for s in subjects if s.subject_id not in left_out]
     return Cohort(subjects, types, failures, source)
+
+
+#: characters that print as nothing: zero-width space, non-joiner and joiner, word joiner, and the
+#: byte-order mark (read inside a text as a zero-width no-break space)
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+
+
+def _id_key(sid: str) -> str:
+    """What a subject ID looks like to a reader, for the duplicate check: NFKC (fullwidth 'ｓ1' is 's1',
+    an accent composed or not one letter) without zero-width characters."""
+    return unicodedata.normalize("NFKC", sid.translate(_ZERO_WIDTH)).strip()
+
+
+def _escaped(text: str) -> str:
+    """``text`` with every character outside printable ASCII as its code point (``jos\\u00e9``), so that
+    two IDs that print alike show where they differ."""
+    return "".join(c if " " <= c <= "~" else f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+                   for c in text)
+
+
+def _warn_case_only(source: str, ids: pd.Series, rows_of: Callable[[pd.Series], str]) -> None:
+    """One warning for subject IDs that differ only in case (``S1``, ``s1``): both stay, as IDs are
+    case-sensitive (file names on Linux, store keys), but two such rows are most often one subject
+    typed twice, which would sit on both sides of a split."""
+    folded = ids.map(lambda v: _id_key(v).casefold())
+    groups = [[f"'{_escaped(v)}'{rows_of(ids == v)}" for v in dict.fromkeys(ids[folded == f])]
+              for f in dict.fromkeys(folded) if ids[folded == f].nunique() > 1]
+    if groups:
+        shown = "; ".join(f"{', '.join(g[:-1])} and {g[-1]}" for g in groups[:3]) + ("; ..." if len(groups) > 3 else "")
+        log.warning("%s: subject_ids that differ only in case: %s; kept as different subjects (IDs are "
+                    "case-sensitive), but such rows are most often one subject typed twice", source, shown)
 
 
 def _control_characters(text: str) -> list[str]:
@@ -693,7 +789,8 @@ def cohort_from_glob(
     for f in files:
         rel = f.relative_to(root)
         m = re.search(id_regex, str(rel))
-        sid = m.group(1) if m else f.name.split(".nii")[0]
+        # NFC, as _build_cohort stores IDs: a folder made on macOS (NFD) must still meet participants.tsv
+        sid = unicodedata.normalize("NFC", m.group(1) if m else f.name.split(".nii")[0])
         mm = re.search(modality_regex, f.name)
         modality = mm.group(1) if mm else "image"
         row = rows.setdefault(sid, {"subject_id": sid})
@@ -714,6 +811,8 @@ def cohort_from_glob(
                                 ) from None
         key = "participant_id" if "participant_id" in info.columns else info.columns[0]
         info = info.rename(columns={key: "subject_id"})
+        info["subject_id"] = info["subject_id"].map(lambda v: unicodedata.normalize("NFC", v) if isinstance(v, str)
+                                                    else v)
         table = table.merge(info, on="subject_id", how="left")
         labels = {c: infer_label_type(info[c]) for c in info.columns if c != "subject_id"}
     image_cols = [c for c in table.columns if c != "subject_id" and c not in labels]

@@ -638,3 +638,130 @@ def test_a_file_name_starting_with_a_space_is_found(cell, tmp_path):
     csv.write_text(f"subject_id,t1\nx,{cell}\n")
     cohort = load_manifest(csv)
     assert cohort.failures == [] and cohort.subjects[0].images["t1"] == path
+
+
+def test_a_symbolic_link_loop_or_an_overlong_name_in_a_manifest_says_so(tmp_path):
+    """Fuzz round 17b: a loop was called "a symbolic link to loopB.nii.gz, which does not exist" for a
+    loopB that is there (it links back); a name over the system's limit ended the manifest in an
+    OSError traceback. Both fail their row in the words a file given alone gets (io.file_problem)."""
+    _files(tmp_path, ["a.nii.gz"])
+    (tmp_path / "img" / "loopA.nii.gz").symlink_to("loopB.nii.gz")
+    (tmp_path / "img" / "loopB.nii.gz").symlink_to("loopA.nii.gz")
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"subject_id,t1\na,img/a.nii.gz\nb,img/loopA.nii.gz\nc,img/{'x' * 300}.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a"]
+    messages = {f.subject_id: f.message for f in cohort.failures}
+    loop = tmp_path / "img" / "loopA.nii.gz"
+    assert messages["b"] == (f"{loop}: file not found: t1 ({loop}: a symbolic link loop (the link points back at "
+                             "itself))")
+    assert messages["c"].endswith(".nii.gz: unreadable (File name too long))")
+
+
+LOOKALIKES = [("jos\u00e9", "jose\u0301", "'jos\\u00e9' (row 2) and 'jose\\u0301' (row 4)"),  # NFC, NFD
+              ("s1", "s1\u200b", "'s1' (row 2) and 's1\\u200b' (row 4)"),  # zero-width space
+              ("s1", "s\u200d1", "'s1' (row 2) and 's\\u200d1' (row 4)"),  # zero-width joiner
+              ("s1", "s\ufeff1", "'s1' (row 2) and 's\\ufeff1' (row 4)"),  # a byte-order mark inside
+              ("s1", "\uff531", "'s1' (row 2) and '\\uff531' (row 4)")]  # fullwidth s
+
+
+@pytest.mark.parametrize("first, second, shown", LOOKALIKES)
+def test_subject_ids_that_only_look_alike_are_duplicates(tmp_path, first, second, shown):
+    """Fuzz round 17b: such IDs were two subjects, who would sit on both sides of a split and print
+    alike in every table; now refused as duplicates are, with the spellings escaped to show how they
+    differ."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"subject_id,t1\n{first},img/a.nii.gz\nb,img/b.nii.gz\n{second},img/c.nii.gz\n",
+                   encoding="utf-8")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["b"]
+    assert [f.message for f in cohort.failures] == [
+        f"{csv}: duplicate subject_id: {shown} look the same but are written with different characters (accents "
+        "composed or not, zero-width or fullwidth characters); all left out"]
+
+
+def test_subject_ids_are_stored_in_nfc(tmp_path):
+    """An ID typed on macOS (NFD) names the same subject, in a store and in an ID list, as one typed
+    elsewhere (NFC); an ID of zero-width characters only is no ID."""
+    import unicodedata
+
+    from slice2vol.data.manifest import read_id_list
+
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\njose\u0301,img/a.nii.gz\nb,img/b.nii.gz\n\u200b,img/c.nii.gz\n", encoding="utf-8")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["jos\u00e9", "b"]
+    assert [f.message for f in cohort.failures] == [f"{csv}: row 4 has no subject_id; left out"]
+    ids = tmp_path / "ids.txt"
+    ids.write_text(unicodedata.normalize("NFD", "jos\u00e9\nM\u00fcller\n"), encoding="utf-8")
+    assert read_id_list(ids, "--subjects") == ["jos\u00e9", "M\u00fcller"]
+
+
+def test_subject_ids_that_differ_only_in_case_are_kept_with_a_warning(tmp_path, caplog):
+    """IDs are case-sensitive (file names on Linux), so S1 and s1 stay two subjects, but such rows are
+    most often one subject typed twice: one warning names the manifest and the IDs."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1\nS1,img/a.nii.gz\nb,img/b.nii.gz\ns1,img/c.nii.gz\n")
+    with caplog.at_level("WARNING"):
+        cohort = load_manifest(csv)
+    assert cohort.ids == ["S1", "b", "s1"] and not cohort.failures
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{csv}: subject_ids that differ only in case: 'S1' (row 2) and 's1' (row 4); kept as "
+                        "different subjects (IDs are case-sensitive), but such rows are most often one subject "
+                        "typed twice"]
+
+
+@pytest.mark.parametrize("header, rows", [
+    ("subject_id,t1,age,", ["a,img/a.nii.gz,30.5,", "b,img/b.nii.gz,40.5"]),  # a trailing delimiter
+    ("subject_id,t1, ,age", ["a,img/a.nii.gz,,30.5", "b,img/b.nii.gz, ,40.5"]),  # an empty name
+])
+def test_a_header_cell_without_a_name_over_an_empty_column_is_no_label(tmp_path, header, rows):
+    """Fuzz round 17b: pandas named the column 'Unnamed: 3', which became a categorical label."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("\n".join([header, *rows]) + "\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"] and cohort.label_types == {"age": "continuous"} and not cohort.failures
+    assert [s.labels for s in cohort.subjects] == [{"age": 30.5}, {"age": 40.5}]
+
+
+def test_a_column_without_a_name_that_holds_values_is_refused_in_one_line(tmp_path):
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,t1,,age\na,img/a.nii.gz,,30.5\nb,img/b.nii.gz,x,40.5\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(csv)
+    assert str(err.value) == f"{csv}: column 3 has no name in the header but holds values (row 3: 'x'); name it in " \
+                             "the header line"
+
+
+@pytest.mark.parametrize("stored, written", [("NFC", "NFD"), ("NFD", "NFC")])
+def test_a_path_in_another_unicode_form_than_its_file_is_found(tmp_path, stored, written):
+    """Fuzz round 17b: a path typed on macOS (NFD) for a file stored in NFC, or the reverse, was
+    "file not found" with a message showing a name that is there."""
+    import unicodedata
+
+    name = "caf\u00e9 M\u00fcller.nii.gz"
+    path = write_nifti(tmp_path / "img" / unicodedata.normalize(stored, name), blob_volume(seed=0))
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"subject_id,t1\na,img/{unicodedata.normalize(written, name)}\nb,img/gone\u00e9.nii.gz\n",
+                   encoding="utf-8")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a"] and cohort.subjects[0].images["t1"] == path
+    assert [f.subject_id for f in cohort.failures] == ["b"]
+    assert "file not found" in cohort.failures[0].message  # no form of it exists: as before
+
+
+@pytest.mark.parametrize("file_form, table_form", [("NFD", "NFC"), ("NFC", "NFD")])
+def test_a_glob_cohort_meets_its_participants_table_across_unicode_forms(tmp_path, file_form, table_form):
+    """IDs are stored in NFC: a file named on macOS (NFD) still gets the labels of participants.tsv (NFC)."""
+    import unicodedata
+
+    write_nifti(tmp_path / unicodedata.normalize(file_form, "jos\u00e9_T1w.nii.gz"), blob_volume(seed=0))
+    table = unicodedata.normalize(table_form, "participant_id\tage\njos\u00e9\t30.5\n")
+    (tmp_path / "participants.tsv").write_text(table, encoding="utf-8")
+    cohort = cohort_from_glob(tmp_path, "*.nii.gz", id_regex=r"^([^_]+)_")
+    assert cohort.ids == ["jos\u00e9"] and cohort.subjects[0].labels == {"age": 30.5}
