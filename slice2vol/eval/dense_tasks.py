@@ -134,7 +134,7 @@ _VOLUME_MEMO_BYTES = 2 << 30
 
 
 def _loadable(subjects: Sequence[Any], load: Callable[[Any], Any], task: str,
-              limit: int | None = None) -> tuple[list[Any], list[dict]]:
+              limit: int | None = None, labels: Sequence[int] | None = None) -> tuple[list[Any], list[dict]]:
     """The first ``limit`` (all: None) of ``subjects`` whose volume loads, and a skipped entry for each
     one that does not.
 
@@ -156,6 +156,15 @@ def _loadable(subjects: Sequence[Any], load: Callable[[Any], Any], task: str,
                 # all background: the probe would learn every voxel of it as background, and the
                 # anomaly task would take the whole head (skull too) for its brain, without a word
                 raise VolumeError(getattr(subject, "seg", None) or "its seg map", "the seg map labels no voxel (all 0)")
+            if seg is not None and labels is not None and not np.isin(seg, labels).any():
+                # a map from another atlas or label table: the probe trained on its whole head as
+                # background, without a word
+                held = np.unique(seg[seg != 0])
+                shown = ", ".join(str(int(v)) for v in held[:5]) + (", ..." if len(held) > 5 else "")
+                raise VolumeError(getattr(subject, "seg", None) or "its seg map",
+                                  f"the seg map holds none of the labels of segmentation.structures "
+                                  f"({', '.join(map(str, labels[:8]))}{', ...' if len(labels) > 8 else ''}); it holds "
+                                  f"{shown} (another atlas or label table?)")
         except Exception as err:  # noqa: BLE001 - one subject's files fail that subject only
             reason = Failure.of(subject, err).message  # "<file>: <problem>"; the entry's name gives the subject
             log.warning("%s: subject %s left out: %s", task, subject.subject_id, reason)

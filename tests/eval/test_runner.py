@@ -235,20 +235,31 @@ def test_a_subject_left_out_of_a_dense_task_only_makes_the_run_exit_1(tmp_path, 
     assert results["cohort"]["failures"] == [] and "s05" not in results["tasks"]["segmentation"]["subjects"]
 
 
-def test_an_all_background_seg_map_leaves_its_subject_out_of_the_dense_tasks(tmp_path, capsys):
-    """Fuzz round 15: an all-zero seg map was taken as truth (every voxel background) without a word."""
+@pytest.mark.parametrize("relabel, expected", [
+    # fuzz round 15: an all-zero seg map was taken as truth (every voxel background) without a word
+    (lambda labels: np.zeros_like(labels), "the seg map labels no voxel (all 0)"),
+    # fuzz round 17: a map of another label table (the structures are labels 1 and 2) trained the
+    # probe on its whole head as background
+    (lambda labels: np.where(labels > 0, labels + 6, 0), "the seg map holds none of the labels of "
+                                                         "segmentation.structures (1, 2); it holds 7, 8 (another atlas "
+                                                         "or label table?)"),
+])
+def test_a_seg_map_without_the_structures_leaves_its_subject_out_of_the_dense_tasks(relabel, expected, tmp_path,
+                                                                                    capsys):
     import nibabel as nib
 
     manifest = blob_cohort(tmp_path / "data")
     seg = tmp_path / "data" / "s4_seg.nii.gz"
     image = nib.load(str(seg))
-    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine), str(seg))
+    labels = np.asanyarray(image.dataobj).astype(np.int16)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    nib.save(nib.Nifti1Image(relabel(labels).astype(np.int16), image.affine), str(seg))
     out = tmp_path / "run"
     argv = ["bench", "--config", "experiments/ci", "--out", str(out), "--no-progress", f"cohort.manifest={manifest}",
             *OVERRIDES, "encoders.0.aggregators=[mean]", "baselines={sets: [], chance: false}",
             "tasks=[knn,segmentation]", "segmentation.epochs=2", "splits.n_folds=2"]
     assert main(argv) == 1
-    assert f"  segmentation: subject s04: {seg}: the seg map labels no voxel (all 0)" in capsys.readouterr().err
+    assert f"  segmentation: subject s04: {seg}: {expected}" in capsys.readouterr().err
 
 
 def test_overlapping_structures_are_refused_before_any_caching(tmp_path, capsys):

@@ -46,12 +46,13 @@ def run_segmentation(ctx) -> dict:
     out: dict[str, Any] = {"rows": [], "paired": [], "figures": [], "extras": {}, "skipped": []}
     load = _loader(ctx)
     with_seg = [s for s in ctx.cohort.subjects if getattr(s, "seg", None) is not None]
-    subjects, out["skipped"] = _loadable(with_seg, load, SEG_TASK, sc.max_subjects or None)
+    structures, lut = structures_of(sc, ctx.base)
+    wanted = sorted({v for vs in structures.values() for v in vs})
+    subjects, out["skipped"] = _loadable(with_seg, load, SEG_TASK, sc.max_subjects or None, labels=wanted)
     if len(subjects) < 4:
         out["skipped"].append({"name": SEG_TASK, "reason": f"{len(subjects)} subjects with a segmentation (< 4)",
                                "substitute": None})
         return out
-    structures, lut = structures_of(sc, ctx.base)
     names = list(structures)
     ids = [s.subject_id for s in subjects]
     folds, splits = _folds(ctx, SEG_TASK, ids, sc.n_folds)
