@@ -298,6 +298,13 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
              + [e.name for e in cfg.features] + list(cfg.baselines.sets) + (["chance"] if cfg.baselines.chance else []))
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: set and encoder names must be unique, got {names}")
+    planned = ([f"{e.name}/{agg}" for e in cfg.encoders for agg in e.aggregators] + [e.name for e in cfg.encoders3d]
+               + [f"{e.name}/{e.aggregator}" for e in cfg.finetune] + [e.name for e in cfg.features]
+               + list(cfg.baselines.sets) + (["chance"] if cfg.baselines.chance else []))
+    if cfg.reference is not None and cfg.reference not in planned:
+        # a typo used to compare every set with the first one instead, with a warning in the log, exit 0
+        raise ConfigError(f"{path}: reference {cfg.reference!r} is not one of the sets this experiment makes "
+                          f"({', '.join(planned) or 'none'})")
     from slice2vol.aggregate import AGGREGATORS
 
     for entry in cfg.encoders:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,13 @@ def test_config_errors_are_clear(tmp_path):
                  "tasks=[knn,clustering]"]) == 2
     with pytest.raises(ValueError, match="unknown task"):
         load_experiment(REPO / "configs/experiments/ci.yaml", ["tasks=[clustering]"])
+    # fuzz round 17: a misspelt reference compared every set with the first one instead (a log warning, exit 0)
+    cfg, _ = load_experiment(REPO / "configs/experiments/ci.yaml")
+    made = [f"{e.name}/{agg}" for e in cfg.encoders for agg in e.aggregators]
+    assert load_experiment(REPO / "configs/experiments/ci.yaml", [f"reference={made[-1]}"])[0].reference == made[-1]
+    with pytest.raises(ValueError, match=rf"ci\.yaml: reference 'nosuch' is not one of the sets this experiment makes "
+                                         rf"\({re.escape(made[0])}, "):
+        load_experiment(REPO / "configs/experiments/ci.yaml", ["reference=nosuch"])
 
 
 def test_expand_env_and_relative(monkeypatch, tmp_path):
