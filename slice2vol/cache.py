@@ -1590,7 +1590,15 @@ class FeatureStore:
                               label_types=label_types, history=history, invalidated=invalidated)
         if not any(p != self.path for p in self.segment_paths()):
             return
-        self._compact_all(drop_broken=drop_broken)
+        try:
+            self._compact_all(drop_broken=drop_broken)
+        except StoreWriteFailed as err:
+            # everything is committed by now: "the store is as it was before this write" hid that only
+            # the folding is left to do, and the user cached every subject again
+            raise StoreWriteFailed(
+                f"{self.path}: every commit is safe in {self.parts_dir}, but folding the parts into the main file "
+                f"failed: {err.why or err}; free space, then run `slice2vol cache compact --store {self.path}` (the "
+                "store reads as it is meanwhile)", err.why) from None
 
     def _compact_all(self, drop_broken: bool = False) -> None:
         parts = [p for p in self.segment_paths() if p != self.path]
