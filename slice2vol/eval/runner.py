@@ -248,6 +248,12 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
         raise ValueError(f"{manifest}: no subject of the manifest is left to benchmark ("
                          + ("every row failed; the failures are listed above)" if cohort.failures
                             else "it lists no subject)"))
+    need = 2 * cfg.splits.n_folds
+    if {"knn", "linear"} & set(cfg.tasks) and len(cohort) < need:
+        # every label would be skipped after all the caching ("fewer than 2 x splits.n_folds"), exit 1
+        raise ValueError(f"{manifest}: {len(cohort)} subject(s) to benchmark, but splits.n_folds={cfg.splits.n_folds} "
+                         f"needs at least {need} (2 x n_folds) for the k-NN and linear probes; lower splits.n_folds or "
+                         "add subjects")
     labels, label_types = labels_of(cohort, cfg)
     if "segmentation" in cfg.tasks:
         from slice2vol.eval.tasks.segmentation import structures_of

@@ -283,18 +283,35 @@ def test_overlapping_structures_are_refused_before_any_caching(tmp_path, capsys)
     assert not (out / "stores").exists()
 
 
-def test_bench_with_more_folds_than_subjects_allow_says_so_and_exits_1(tmp_path, capsys):
+def test_bench_with_more_folds_than_the_cohort_allows_is_refused_before_caching(tmp_path, capsys):
+    """Fuzz round 17: every label was skipped after all the caching, exit 1."""
     manifest = blob_cohort(tmp_path / "data")
     out = tmp_path / "run"
     argv = ["bench", "--config", str(REPO / "configs/experiments/ci.yaml"), "--out", str(out), "--no-progress",
             f"cohort.manifest={manifest}", *OVERRIDES, "encoders.0.aggregators=[mean]", "baselines={sets: []}",
             "tasks=[knn]", "splits.n_folds=7"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"slice2vol bench: error: {manifest}: 12 subject(s) to benchmark, but splits.n_folds=7 needs at least 14 "
+        "(2 x n_folds) for the k-NN and linear probes; lower splits.n_folds or add subjects")
+    assert not (out / "stores").exists()
+
+
+def test_bench_with_more_folds_than_a_labels_subjects_allow_says_so_and_exits_1(tmp_path, capsys):
+    manifest = blob_cohort(tmp_path / "data")
+    table = pd.read_csv(manifest)
+    table.loc[:1, ["grp", "score"]] = np.nan  # 10 of the 12 subjects have values
+    table.to_csv(manifest, index=False)
+    out = tmp_path / "run"
+    argv = ["bench", "--config", str(REPO / "configs/experiments/ci.yaml"), "--out", str(out), "--no-progress",
+            f"cohort.manifest={manifest}", *OVERRIDES, "encoders.0.aggregators=[mean]", "baselines={sets: []}",
+            "tasks=[knn]", "splits.n_folds=6"]
     assert main(argv) == 1
     assert "no result: every task or label was skipped" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     skipped = {s["name"]: s["reason"] for s in results["skipped"]}
-    assert skipped["label grp"] == ("12 subjects have a value and an embedding in every set (12 have a value, 12 are "
-                                    "in every set): fewer than 2 x splits.n_folds = 14")
+    assert skipped["label grp"] == ("10 subjects have a value and an embedding in every set (10 have a value, 12 are "
+                                    "in every set): fewer than 2 x splits.n_folds = 12")
     assert "label grp: skipped" in (out / "report.md").read_text()
 
 
@@ -326,7 +343,7 @@ def test_a_cohort_whose_every_image_is_broken_says_so(tmp_path, capsys):
         (manifest.parent / f"s{i}.nii.gz").write_bytes(b"garbage %d" % i)  # four broken files, not copies
     argv = ["bench", "--config", str(REPO / "configs/experiments/ci.yaml"), "--out", str(tmp_path / "run"),
             "--no-progress", f"cohort.manifest={manifest}", *OVERRIDES, "encoders.0.aggregators=[mean]",
-            "baselines={sets: [], chance: true}", "tasks=[knn]"]
+            "baselines={sets: [], chance: true}", "tasks=[knn]", "splits.n_folds=2"]
     assert main(argv) == 2  # was: 'run/stores/tiny-....h5: the store holds no cached slice features'
     err = capsys.readouterr().err.strip()
     assert "encoder 'tiny': no subject of the cohort could be cached (4 failed; first: s00: " in err
