@@ -27,6 +27,15 @@ def test_info_on_file(small_nifti, capsys):
     assert "(24, 28, 20)" in out
 
 
+def test_info_on_a_file_with_a_newline_in_its_name_keeps_one_row_per_fact(tmp_path, capsys):
+    """The subject row printed the newline as is and broke the table (fuzz round 17)."""
+    path = write_nifti(tmp_path / "new\nline.nii.gz", blob_volume())
+    assert main(["info", str(path)]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].split(":", 1) == ["subject", " new\\nline"]
+    assert all(": " in row for row in rows)
+
+
 def test_info_shows_tiny_intensities_as_they_are(tmp_path, capsys):
     """Values around 1e-28 were shown as "(-0, 0)", which reads as an empty volume."""
     path = write_nifti(tmp_path / "tiny.nii.gz", (blob_volume() * 1e-28).astype(np.float32))

@@ -86,13 +86,16 @@ def _print(row: dict) -> None:
 
 
 def _plain(value) -> str:
+    from slice2vol.data.io import printable_path
+
     if isinstance(value, tuple):
-        return "(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + ")"
-    return str(value)
+        # + 0.0: -0 (an inverted range's top) prints as 0
+        return "(" + ", ".join(f"{v + 0.0:g}" if isinstance(v, float) else str(v) for v in value) + ")"
+    return printable_path(value)  # a subject named after a file with a newline in its name: one table row
 
 
 def run(args: argparse.Namespace) -> int:
-    from slice2vol.data.io import VolumeConfig, load_volume
+    from slice2vol.data.io import VolumeConfig, load_volume, printable_path
     from slice2vol.data.manifest import Failure
     from slice2vol.data.manifest import load_manifest, load_subject
     from slice2vol.progress import track
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     _print(facts)
     empty = _empty_planes(facts)
     if empty:
-        print(f"{path}: {_no_slices(empty, args.min_foreground)}")
+        print(f"{printable_path(path)}: {_no_slices(empty, args.min_foreground)}")
         return 1
     return 0
 
