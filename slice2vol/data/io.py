@@ -735,9 +735,11 @@ def _whole_stream(path: Path, img: nib.Nifti1Image) -> nib.Nifti1Image:
             raise
         parts.append(part)
         size += len(part)
-        if not (stream.eof and stream.unused_data.startswith(magic)):
+        # zero padding between members (tape-style blocking) is skipped, as gzip itself does
+        following = stream.unused_data.lstrip(b"\0") if stream.eof else b""
+        if not following.startswith(magic):
             break
-        stream, rest = member(), stream.unused_data
+        stream, rest = member(), following
     data = b"".join(parts)
     if len(data) < need:
         raise EOFError(f"the stream holds {len(data)} of the {need} bytes the header describes")
