@@ -1210,6 +1210,13 @@ def _cut_header(path: Path) -> str | None:
         return f"corrupt {kind} stream ({on_disk} bytes on disk)" if kind else None
     if kind and len(head) < 4:  # a bzip2 block decodes only whole: a cut one gives nothing at all
         return f"truncated or corrupt {kind} stream ({on_disk} bytes on disk; nothing of it decodes)"
+    inner = next((v[0] for magic, v in _COMPRESSION.items() if head.startswith(magic)), None)
+    if kind and inner:
+        return f"compressed twice ({inner} data inside the {kind} stream): decompress it once (e.g. gunzip)"
+    if head[:4] == b"\0\0\0\1" and len(head) >= 30 and struct.unpack(">h", head[28:30])[0] in (0, 1):
+        # MGH: big-endian version 1, then width, height, depth, frames, type, dof, goodRASflag (int16)
+        return ("a FreeSurfer MGH/MGZ image, not a NIfTI: convert it first (mri_convert x.mgz x.nii.gz, or "
+                "nibabel.save(nibabel.load('x.mgz'), 'x.nii.gz'))")
     for size in (348, 540):
         if head[:4] in (struct.pack("<i", size), struct.pack(">i", size)):
             if len(head) < size:

@@ -403,6 +403,13 @@ BAD_CASES = {
                                              np.diag([4.8, 4.8, 10.0, 1.0])),
                        r"field of view 230.4 x 230.4 x 30 mm \(shape \(48, 48, 3\)\) is a slab, not a head: its "
                        r"shortest axis is 0.13 of its longest \(under 0.2\)"),
+    # fuzz round 17: nibabel's "Cannot work out file type" for a .nii.gz compressed twice, or an MGZ renamed
+    "gzip_inside_gzip": (lambda t: _bytes(t / "twice.nii.gz", gzip.compress(
+                             write_nifti(t / "once.nii.gz", blob_volume()).read_bytes())),
+                         r"twice\.nii\.gz: compressed twice \(gzip data inside the gzip stream\): decompress it once"),
+    "mgz_named_nii_gz": (lambda t: _bytes(t / "fs.nii.gz", gzip.compress(
+                             nib.MGHImage(blob_volume(), np.eye(4)).to_bytes())),
+                         r"fs\.nii\.gz: a FreeSurfer MGH/MGZ image, not a NIfTI: convert it first \(mri_convert"),
     # fuzz round 17: 2 x 2 x 2 voxels of 20 mm span a 40 mm cube, and were upsampled and cached like a head
     "eight_voxels_of_20_mm": (lambda t: write_nifti(t / "cube.nii.gz", np.arange(8, dtype=np.float32).reshape(2, 2, 2),
                                                     np.diag([20.0, 20.0, 20.0, 1.0])),
