@@ -11,14 +11,15 @@ from tests.conftest import blob_volume, write_nifti
 
 def _manifest(tmp_path, bad: str | None, n_good: int = 2) -> str:
     """``n_good`` blob subjects, plus subject ``bad`` ("missing": a t1 that does not exist; "speck": a
-    volume that is zero but for a 3x3x3 speck, so no slice has enough foreground)."""
+    volume that is zero but for specks over 2.5% of the grid: enough foreground for a volume, but no
+    slice reaches the 5% a slice needs)."""
     rows = ["subject_id,t1"]
     for i in range(n_good):
         write_nifti(tmp_path / f"s{i}.nii.gz", blob_volume((24, 28, 20), seed=i))
         rows.append(f"s{i},s{i}.nii.gz")
     if bad == "speck":
-        vol = np.zeros((24, 28, 20), np.float32)
-        vol[10:13, 12:15, 8:11] = 100.0
+        rng = np.random.default_rng(0)
+        vol = np.where(rng.random((24, 28, 20)) < 0.025, 100.0, 0.0).astype(np.float32)
         write_nifti(tmp_path / "bad.nii.gz", vol)
     if bad:
         rows.append("bad,bad.nii.gz")
