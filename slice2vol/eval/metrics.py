@@ -79,17 +79,23 @@ def classification_metrics(y_true: Sequence, proba: np.ndarray, classes: Sequenc
 
 
 def regression_metrics(y_true: Sequence, y_pred: Sequence) -> dict[str, float]:
-    """MAE, RMSE, Pearson r and R^2 of (N,) predictions."""
+    """MAE, RMSE, Pearson r and R^2 of (N,) predictions; r is NaN for a target or prediction
+    constant up to rounding, R^2 for such a target."""
     y_true = np.asarray(y_true, dtype=np.float64)
     y_pred = np.asarray(y_pred, dtype=np.float64)
     err = y_pred - y_true
+    from slice2vol.eval.weighted import near_constant
+
     ss_tot = float(np.sum((y_true - y_true.mean()) ** 2))
-    if y_true.std() > 0 and y_pred.std() > 0:
-        r = float(np.corrcoef(y_true, y_pred)[0, 1])
+    # a prediction constant up to rounding has no correlation to report (np.corrcoef would give a
+    # random +-1 from the last bits); the same test as the bootstrap's weighted form
+    y_const = len(y_true) == 0 or bool(near_constant(y_true))
+    if not y_const and not near_constant(y_pred):
+        r = float(np.clip(np.corrcoef(y_true, y_pred)[0, 1], -1.0, 1.0))
     else:
         r = math.nan
     return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2))),
-            "pearson_r": r, "r2": float(1 - np.sum(err ** 2) / ss_tot) if ss_tot > 0 else math.nan}
+            "pearson_r": r, "r2": math.nan if y_const else float(1 - np.sum(err ** 2) / ss_tot)}
 
 
 class Metric:

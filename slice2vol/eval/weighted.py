@@ -104,9 +104,31 @@ def _multiclass_auc(y, proba, w, classes, onehot) -> np.ndarray:
     return out
 
 
+# a spread under this fraction of the values' magnitude is rounding noise, not variation: a ridge that
+# predicts the mean for everyone differs per subject only in the last bits, and Pearson r of that is a
+# random +-1 (float64 sums over ~10^3 features keep ~1e-13 relative error; real spreads are >> 1e-9)
+CONSTANT_RTOL = 1e-9
+
+
+def near_constant(v: np.ndarray, drawn: np.ndarray | None = None) -> np.ndarray:
+    """Whether each row of ``v`` is constant up to rounding, over its ``drawn`` entries.
+
+    Args:
+        v: (B, N) values (or (N,), giving a 0-d result).
+        drawn: (B, N) bool, the entries that count (all when None).
+    Returns:
+        (B,) bool: max - min <= CONSTANT_RTOL * max |v| over the drawn entries.
+    """
+    v = np.asarray(v, np.float64)
+    drawn = np.ones(v.shape, bool) if drawn is None else np.broadcast_to(drawn, v.shape)
+    spread = np.where(drawn, v, -np.inf).max(-1) - np.where(drawn, v, np.inf).min(-1)
+    scale = np.where(drawn, np.abs(v), 0.0).max(-1)
+    return spread <= CONSTANT_RTOL * scale
+
+
 def regression(name: str, y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Weighted MAE, RMSE, Pearson r or R^2 (NaN where the scalar metric is NaN: no subject, a
-    constant target or prediction for r, a constant target for R^2)."""
+    target or prediction constant up to rounding (:func:`near_constant`) for r, such a target for R^2)."""
     y = np.asarray(y, np.float64)[None]
     pred = np.asarray(pred, np.float64)
     if pred.ndim == 1:
@@ -123,13 +145,13 @@ def regression(name: str, y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> np.
             my = (w * y).sum(1, keepdims=True) / total[:, None]
             ss_tot = (w * (y - my) ** 2).sum(1)
             drawn = w > 0
-            # constant = exactly one distinct drawn value (a weighted variance would be rounding noise)
-            y_const = np.where(drawn, y, np.inf).min(1) == np.where(drawn, y, -np.inf).max(1)
+            # constant up to rounding (a weighted variance would itself be rounding noise)
+            y_const = near_constant(np.broadcast_to(y, w.shape), drawn)
             if name == "r2":
                 out = np.where(y_const, np.nan, 1 - (w * err ** 2).sum(1) / ss_tot)
             elif name == "pearson_r":
                 mp = (w * pred).sum(1, keepdims=True) / total[:, None]
-                p_const = np.where(drawn, pred, np.inf).min(1) == np.where(drawn, pred, -np.inf).max(1)
+                p_const = near_constant(np.broadcast_to(pred, w.shape), drawn)
                 cov = (w * (y - my) * (pred - mp)).sum(1)
                 out = cov / np.sqrt(ss_tot * (w * (pred - mp) ** 2).sum(1))
                 out = np.where(y_const | p_const, np.nan, np.clip(out, -1.0, 1.0))

@@ -47,6 +47,23 @@ def test_regression_metrics_match_sklearn():
     assert ours["pearson_r"] == pytest.approx(pearsonr(y, p)[0])
 
 
+def test_pearson_r_of_a_prediction_constant_up_to_rounding_is_nan_in_both_forms():
+    from slice2vol.eval.weighted import regression
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(50, 10, 30)
+    # the mean for everyone, differing only in the last bits (what a collapsed ridge returns)
+    flat = np.full(30, 47.3) * (1 + rng.integers(-2, 3, 30) * np.finfo(float).eps)
+    assert np.ptp(flat) > 0 and abs(np.corrcoef(y, flat)[0, 1]) > 0.05  # numpy reports noise as signal
+    assert np.isnan(regression_metrics(y, flat)["pearson_r"])
+    assert np.isnan(regression("pearson_r", y, flat, np.ones((1, 30)))[0])
+    assert np.isnan(regression_metrics(np.full(30, 7.0), y)["r2"])
+    # a small but real spread is kept, and agrees with scipy
+    small = 47.3 + 1e-6 * (y - 50)
+    assert regression_metrics(y, small)["pearson_r"] == pytest.approx(pearsonr(y, small)[0])
+    assert regression("pearson_r", y, small, np.ones((1, 30)))[0] == pytest.approx(pearsonr(y, small)[0])
+
+
 def test_mean_sd():
     assert mean_sd([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert mean_sd([4.0, float("nan")]) == (4.0, 0.0)
