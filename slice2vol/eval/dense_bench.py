@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -478,7 +479,8 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
                 res["sweep"][name]["detected"][i] = int(peak > threshold)  # as lesion_detection: above, not at
         del pending, healthy_vox
     scores, truth, owner = map(np.concatenate, (pooled_scores, pooled_truth, pooled_owner))
-    res["pixel_pooled"] = _pooled_auroc(scores, truth, owner, n, n_bins, n_boot, seed)
+    res["pixel_pooled"] = _pooled_auroc(scores, truth, owner, n, n_bins, n_boot, seed,
+                                        tests=[np.asarray(test) for _, test in folds])
     res["slice"] = {"scores": np.concatenate(slice_scores), "truth": np.concatenate(slice_truth),
                     "owner": np.concatenate(slice_owner)}
     res["example"] = ex
@@ -487,12 +489,18 @@ def anomaly_cv(files: DenseFeatureFiles, subjects: Sequence[Any], load: Callable
 
 
 def _pooled_auroc(scores: np.ndarray, truth: np.ndarray, owner: np.ndarray, n: int, n_bins: int, n_boot: int,
-                  seed: int) -> dict:
-    """Exact pooled voxel AUROC and a subject-bootstrap interval from per-subject histograms."""
+                  seed: int, tests: Sequence[np.ndarray] = ()) -> dict:
+    """Exact pooled voxel AUROC, a subject-bootstrap interval from per-subject histograms, and the
+    pooled AUROC of each test fold (``tests``: subject positions per fold) for the fold mean/sd."""
     from slice2vol.eval.anomaly import BinnedAUROC
     from slice2vol.eval.metrics import _binary_auc
 
-    point = _binary_auc(truth.astype(bool), scores)
+    truth = truth.astype(bool)
+    point = _binary_auc(truth, scores)
+    fold_values = []
+    for test in tests:
+        sel = np.isin(owner, test)
+        fold_values.append(float(_binary_auc(truth[sel], scores[sel])) if sel.any() else math.nan)
     binned = BinnedAUROC.from_samples(scores, n_bins)
     pos = np.zeros((n, len(binned.edges)))
     neg = np.zeros((n, len(binned.edges)))
@@ -509,7 +517,7 @@ def _pooled_auroc(scores: np.ndarray, truth: np.ndarray, owner: np.ndarray, n: i
     b = np.asarray([v for v in boots if np.isfinite(v)])
     lo, hi = (float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))) if len(b) else (np.nan, np.nan)
     return {"estimate": float(point), "binned": BinnedAUROC.auroc(pos.sum(0), neg.sum(0)), "ci_low": lo,
-            "ci_high": hi}
+            "ci_high": hi, "fold_values": fold_values}
 
 
 def _lesion_example(volume, sick, lesion: np.ndarray, scores: np.ndarray, axis: int) -> dict:

@@ -293,19 +293,6 @@ def _reference(ctx, sets: Sequence[ProbeSet]) -> str | None:
     return head if head in names else (names[0] if names else None)
 
 
-def _holm(paired: list[dict]) -> None:
-    """Holm-adjusted p within each (task, label, variant, metric) table, in place."""
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(paired):
-        groups.setdefault((p["task"], p["label"], p["variant"], p["metric"]), []).append(i)
-    for members in groups.values():
-        order = sorted(members, key=lambda i: paired[i]["p_value"])
-        running = 0.0
-        for rank, i in enumerate(order):
-            running = max(running, min(1.0, (len(order) - rank) * paired[i]["p_value"]))
-            paired[i]["p_holm"] = running
-
-
 # -- segmentation ------------------------------------------------------------------------------
 
 

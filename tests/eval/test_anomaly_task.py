@@ -4,6 +4,7 @@ paired tests between sets, figures, feature files shared with the segmentation t
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.eval.test_segmentation_task import context, small  # noqa: F401  (fixture)
 
@@ -53,6 +54,11 @@ def test_anomaly_task_levels_sweep_paired_and_cached_rerun(small, tmp_path, monk
     assert sweep["c0.00-r12mm"]["detection_rate"] <= 0.25
     per = res.extras["per_subject"]["control:intensity|patchcore"]
     assert len(per["pixel_auroc"]) == len(cohort.subjects) == len(per["healthy"])
+    # lesion-wise sensitivity: all lesions detected over all lesions, not a mean of per-subject rates
+    (det,) = [r for r in res.rows if r["encoder"] == "control:intensity" and r["variant"] == "patchcore"
+              and r["metric"] == "detection_rate"]
+    assert det["estimate"] == sum(per["detected"]) / sum(per["n_lesions"])
+    assert det["n_events"] == sum(per["n_lesions"])
     assert len(res.figures) == 4 and all((ctx.out / f["png"]).exists() for f in res.figures)
     assert seg.rows and "lesions" in res.extras and "1-1 lesion(s)" in res.extras["lesions"]["description"]
     # docs/probes.md's tables are printed from results.json by readme_tables.py --probes: Dice and HD95
@@ -79,3 +85,27 @@ def test_anomaly_task_levels_sweep_paired_and_cached_rerun(small, tmp_path, monk
     again = get_task("anomaly").run(context(tmp_path, cohort, weights, tasks=("segmentation", "anomaly"),
                                             anomaly=ANOMALY))
     assert [r["estimate"] for r in again.rows] == [r["estimate"] for r in res.rows]
+
+
+def test_pooled_rates_and_pooled_fold_values_against_hand_and_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    from slice2vol.eval.dense_bench import _pooled_auroc
+    from slice2vol.eval.tasks.anomaly import _ratio_row
+
+    # 4 of 6 lesions found; the mean of per-subject rates would say (1 + 0 + 0.75) / 3 = 0.58
+    row = _ratio_row("anomaly", "region", "enc", "v", "detection_rate", [1, 0, 3, 0], [1, 1, 4, 0],
+                     np.array([0, 0, 1, 1]), 2, 200, 0)
+    assert row["estimate"] == 4 / 6 and row["n_subjects"] == 3 and row["n_events"] == 6
+    assert row["fold_mean"] == (1 / 2 + 3 / 4) / 2 and row["fold_sd"] == np.std([0.5, 0.75], ddof=1)
+    assert 0 <= row["ci_low"] <= row["estimate"] <= row["ci_high"] <= 1
+    # the pooled-voxel AUROC of each test fold, not a per-subject fold mean
+    rng = np.random.default_rng(0)
+    owner = np.repeat(np.arange(4), 50)
+    truth = rng.random(200) < 0.2
+    scores = rng.normal(size=200) + truth * (1 + owner)
+    pooled = _pooled_auroc(scores, truth, owner, 4, 32, 50, 0, tests=[np.array([0, 2]), np.array([1, 3])])
+    assert pooled["estimate"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
+    for test, got in zip(([0, 2], [1, 3]), pooled["fold_values"]):
+        sel = np.isin(owner, test)
+        assert got == pytest.approx(roc_auc_score(truth[sel], scores[sel]), abs=1e-12)

@@ -21,8 +21,9 @@ import numpy as np
 from slice2vol.config import to_dict
 from slice2vol.eval.dense_bench import ProbeSet, anomaly_cv, content_hash
 from slice2vol.eval.dense_tasks import (ANOMALY_TASK, _anomaly_features, _code, _figure, _files, _folds, _gains,
-                                        _holm, _loadable, _loader, _paired, _reference, _row, _scorer, comparison_pairs,
+                                        _loadable, _loader, _paired, _reference, _row, _scorer, comparison_pairs,
                                         extraction_levels, probe_sets)
+from slice2vol.eval.estimates import add_holm
 from slice2vol.eval.metrics import mean_sd
 from slice2vol.eval.tasks.base import Task, TaskContext, TaskResult
 
@@ -96,10 +97,10 @@ def run_anomaly(ctx) -> dict:
                             fold_of, len(folds), 0, seed),
                      "estimate": pooled["estimate"], "pooled": pooled["estimate"], "ci_low": pooled["ci_low"],
                      "ci_high": pooled["ci_high"], "pooled_ci_low": pooled["ci_low"],
-                     "pooled_ci_high": pooled["ci_high"]})
-        rate = np.where(res["n_lesions"] > 0, res["detected"] / np.maximum(res["n_lesions"], 1), np.nan)
-        rows.append(_row(ANOMALY_TASK, f"region-level (lesions detected at {ac.fpr:.0%} voxel FPR)", name, variant,
-                         "detection_rate", rate, fold_of, len(folds), n_boot, seed))
+                     "pooled_ci_high": pooled["ci_high"], **_fold_stats(pooled.get("fold_values", []))})
+        rows.append(_ratio_row(ANOMALY_TASK, f"region-level (lesions detected at {ac.fpr:.0%} voxel FPR)", name,
+                               variant, "detection_rate", res["detected"], res["n_lesions"], fold_of, len(folds),
+                               n_boot, seed))
         sl = res["slice"]
         rows.append(_cluster_auc_row(ANOMALY_TASK, "slice-level", name, variant, sl["truth"], sl["scores"], sl["owner"],
                                      len(ids), fold_of, len(folds), n_boot, seed))
@@ -121,7 +122,7 @@ def run_anomaly(ctx) -> dict:
             out["paired"].append(_paired(ANOMALY_TASK, "pixel-level", primary, "auroc", a, b,
                                          results[(a, primary)]["pixel_auroc"], results[(b, primary)]["pixel_auroc"],
                                          n_boot, n_perm, seed))
-    _holm(out["paired"])
+    add_holm(out["paired"])  # Holm within each table (task, label, variant, metric)
     by_name = {s.name: s for s in sets}
     out["extras"] = {
         "subjects": ids, "variants": variants, "primary_variant": primary,
@@ -163,6 +164,36 @@ def _cluster_auc_row(task, label, name, variant, truth, scores, owner, n, fold_o
             "pooled_ci_high": hi, "fold_mean": float(np.mean(folds)) if folds else math.nan,
             "fold_sd": float(np.std(folds, ddof=1)) if len(folds) > 1 else 0.0,
             "n_subjects": int(len(np.unique(owner))), "n_folds": n_folds, "n_repeats": 1}
+
+
+def _fold_stats(values: Sequence[float]) -> dict:
+    """``fold_mean``/``fold_sd`` of one pooled value per test fold (NaN folds left out)."""
+    v = [float(x) for x in values if np.isfinite(x)]
+    return {"fold_mean": float(np.mean(v)) if v else math.nan,
+            "fold_sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+
+
+def _ratio_row(task, label, name, variant, metric, hits, totals, fold_of, n_folds, n_boot, seed) -> dict:
+    """A pooled rate sum(hits) / sum(totals) over subjects (lesion-wise sensitivity: 19 of 24 lesions,
+    not the mean of per-subject rates, which would weigh a one-lesion subject like a five-lesion one),
+    with a subject-cluster bootstrap interval (a subject's lesions are resampled together)."""
+    hits, totals = np.asarray(hits, np.float64), np.asarray(totals, np.float64)
+    fold_of = np.asarray(fold_of)
+    has = totals > 0
+    point = float(hits[has].sum() / totals[has].sum()) if has.any() else math.nan
+    idx = np.flatnonzero(has)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot if len(idx) else 0):
+        draw = idx[rng.integers(0, len(idx), len(idx))]
+        boots.append(hits[draw].sum() / totals[draw].sum())
+    lo, hi = (float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))) if boots else (math.nan, math.nan)
+    folds = [hits[has & (fold_of == f)].sum() / totals[has & (fold_of == f)].sum()
+             for f in np.unique(fold_of) if (has & (fold_of == f)).any()]
+    return {"task": task, "label": label, "encoder": name, "variant": variant, "metric": metric, "estimate": point,
+            "estimate_kind": "pooled", "ci_low": lo, "ci_high": hi, "pooled": point, "pooled_ci_low": lo,
+            "pooled_ci_high": hi, **_fold_stats(folds), "n_subjects": int(has.sum()), "n_folds": int(n_folds),
+            "n_repeats": 1, "n_events": int(totals[has].sum())}
 
 
 def _subject_auc_row(name, variant, healthy, lesioned, fold_of, n_folds, n_boot, seed) -> dict:

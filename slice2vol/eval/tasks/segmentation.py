@@ -20,9 +20,10 @@ import numpy as np
 
 from slice2vol.config import to_dict
 from slice2vol.eval.dense_bench import DenseFeatureConfig, ProbeSet, content_hash, segmentation_cv
-from slice2vol.eval.dense_tasks import (SEG_TASK, _code, _figure, _files, _folds, _gains, _holm, _later_task_needs,
+from slice2vol.eval.dense_tasks import (SEG_TASK, _code, _figure, _files, _folds, _gains, _later_task_needs,
                                         _loadable, _loader, _paired, _reference, _resolve_weights, _row,
                                         comparison_pairs, extraction_levels, probe_sets)
+from slice2vol.eval.estimates import add_holm
 from slice2vol.eval.tasks.base import Task, TaskContext, TaskResult
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def run_segmentation(ctx) -> dict:
             va, vb = results[a][primary]["dice"][:, j], results[b][primary]["dice"][:, j]
             out["paired"].append(_paired(SEG_TASK, structure, primary, "dice", a, b, va, vb, cfg.n_bootstrap,
                                          cfg.n_permutations, cfg.seed))
-    _holm(out["paired"])
+    add_holm(out["paired"])  # Holm within each table (task, label, variant, metric)
     out["extras"] = {
         "structures": structures, "subjects": ids, "primary_variant": primary,
         "sets": {s.name: {"kind": s.kind, "key": s.key, "weights": s.weights_id if s.kind != "control" else None,
