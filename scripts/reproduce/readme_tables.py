@@ -23,6 +23,9 @@ from pathlib import Path
 def _fmt(value, metric: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
+    if value in ("inf", "-inf") or (isinstance(value, float) and math.isinf(value)):
+        # results.json writes infinity (the HD95 of a missed structure) as a string
+        return "∞" if value == "inf" or (isinstance(value, float) and value > 0) else "−∞"
     return f"{value:.2f}" if metric in ("mae", "rmse") else f"{value:.3f}"
 
 
@@ -81,7 +84,7 @@ def _grid(rows: list[dict], corner: str, columns: list[str], headers: list[str])
     """Markdown lines: one row per set (``encoder``), one column per ``label``, estimate [95% CI]."""
     lines = [f"| {corner} | " + " | ".join(headers) + " |", "| --- |" + " --- |" * len(columns)]
     for name in dict.fromkeys(r["encoder"] for r in rows):
-        cells = [next((f"{r['estimate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for r in rows
+        cells = [next((f"{_fmt(r['estimate'], '')} [{_fmt(r['ci_low'], '')}, {_fmt(r['ci_high'], '')}]" for r in rows
                        if r["encoder"] == name and r["label"] == col), "—") for col in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]

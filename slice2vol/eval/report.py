@@ -287,7 +287,9 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        if not math.isfinite(v):
+        if math.isinf(v):  # an HD95 whose structure the prediction missed: not the same as absent
+            return "∞" if v > 0 else "−∞"
+        if math.isnan(v):
             return "–"
         return f"{v:.{digits}f}"
     return str(v)
@@ -300,9 +302,12 @@ def _fmt_p(p: Any) -> str:
 
 
 def _fmt_ci(lo: Any, hi: Any, digits: int = 3) -> str:
-    if not (_is_num(lo) and _is_num(hi)):
+    def known(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+    if not (known(lo) and known(hi)):
         return "–"
-    return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+    return f"[{_fmt(float(lo), digits)}, {_fmt(float(hi), digits)}]"
 
 
 def _fmt_delta(v: Any, digits: int = 3) -> str:
@@ -608,7 +613,7 @@ pre{background:#f6f6f6;padding:0.8em;font-size:12px;overflow-x:auto}
 
 _LEGEND = ("Each estimate comes with its 95% CI (how each is computed: see the notes above). Δ = metric(encoder) "
            "− metric(reference) on the same subjects and splits, with its paired 95% CI; p: paired test, "
-           "Holm-adjusted over the comparisons of the run. ↑ higher is better, ↓ lower is better. Green: the CI of "
+           "Holm-adjusted within each table (one task, label, variant and metric). ↑ higher is better, ↓ lower is better. Green: the CI of "
            "Δ lies wholly on the better side of 0; red: wholly on the worse side.")
 
 
@@ -774,12 +779,16 @@ def write_report(out_dir: str | Path, results: Mapping | None = None, **legacy: 
 
 
 def _finite_json(obj: Any) -> Any:
-    """A JSON-able copy of ``obj``: numpy scalars/arrays as Python values, non-finite floats as None."""
+    """A JSON-able copy of ``obj``: numpy scalars/arrays as Python values, NaN as None (not measured)
+    and +-inf as the strings "inf"/"-inf" (JSON has no infinity; an HD95 of a missed structure is
+    infinite, which must not read like a value that is absent)."""
     if isinstance(obj, Mapping):
         return {str(k): _finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_finite_json(v) for v in obj]
     if isinstance(obj, float):
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
         return obj if math.isfinite(obj) else None
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from html.parser import HTMLParser
 
@@ -193,6 +194,22 @@ def test_nan_is_written_as_null(tmp_path, results):
     res["rows"][0]["fold_sd"] = float("nan")
     data = json.loads(write_report(tmp_path, res)["results.json"].read_text())
     assert data["rows"][0]["fold_sd"] is None
+
+
+def test_infinite_is_written_as_infinite_not_as_absent(tmp_path, results):
+    res = results[0]
+    # an HD95 row whose structure most predictions missed: the median and its upper bound are infinite
+    res["rows"].append(_row("segmentation", "ventricles", "random-mnv2/mean", "multilayer", "hd95_mm",
+                            math.inf, 40.0, math.inf))
+    res["rows"].append(_row("segmentation", "gm", "random-mnv2/mean", "multilayer", "hd95_mm",
+                            math.nan, math.nan, math.nan))
+    paths = write_report(tmp_path, res)
+    data = json.loads(paths["results.json"].read_text())
+    inf_row, nan_row = data["rows"][-2], data["rows"][-1]
+    assert (inf_row["estimate"], inf_row["ci_low"], inf_row["ci_high"]) == ("inf", 40.0, "inf")
+    assert nan_row["estimate"] is None
+    md = paths["report.md"].read_text()
+    assert "[40.000, ∞]" in md and "| ∞ |" in md
 
 
 def _legacy_rows():
