@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
+
 from slice2vol.config import to_dict
 from slice2vol.eval.cohort import labels_of, make_label_splits, resolve_cohort
 from slice2vol.eval.estimates import add_holm, primary_metric, summary
@@ -152,7 +154,22 @@ def _legacy_report(write_report, out: Path, results: dict) -> dict:
                         extra=extra)
 
 
-def _notes(cfg: ExperimentConfig, n: int, manifest, label_types, reference, skipped, set_entries) -> list[str]:
+def _chance_note(frames: Mapping) -> str:
+    """What the ``chance`` row is, and the majority-class accuracy it is not (a stratified guess on a
+    70/30 label scores accuracy 0.58; always answering the larger class scores 0.70)."""
+    shares = []
+    for label, fr in frames.items():
+        if fr.kind == "categorical" and len(fr.y):
+            values, counts = np.unique(np.asarray(fr.y), return_counts=True)
+            shares.append(f"{label} {counts.max() / counts.sum():.3f} ('{values[counts.argmax()]}')")
+    return ("Chance row: a stratified dummy (classes drawn with the training fold's frequencies) and the training "
+            "mean (continuous labels). Always answering the majority class would score accuracy "
+            + (", ".join(shares) if shares else "–") + " (balanced accuracy and ROC AUC 0.5): read an encoder's "
+            "accuracy against that, or use balanced accuracy.")
+
+
+def _notes(cfg: ExperimentConfig, n: int, manifest, label_types, reference, skipped, set_entries,
+           frames: Mapping | None = None) -> list[str]:
     notes = [
         f"Cohort: {n} subjects ({manifest}). Labels: " + ", ".join(f"{k} ({v})" for k, v in label_types.items()) + ".",
         f"Protocol: subject-level {cfg.splits.n_folds}-fold cross-validation x {cfg.splits.n_repeats} repeat(s) "
@@ -167,6 +184,8 @@ def _notes(cfg: ExperimentConfig, n: int, manifest, label_types, reference, skip
         "Holm-adjusted over the comparisons of one table.",
         f"Reference set for paired tests: {reference}.",
     ]
+    if cfg.baselines.chance and frames:
+        notes.append(_chance_note(frames))
     notes += [line for name, entry in set_entries.items() if (line := describe(name, entry))]
     notes += [f"Skipped: {s['name']}: {s['reason']}" + (f" (substitute: {s['substitute']})" if s.get("substitute")
                                                        else "") for s in skipped]
@@ -323,7 +342,7 @@ def run_experiment(cfg: ExperimentConfig, *, base: Path, out: Path, progress: bo
     timings["total"] = round(time.time() - t_start, 2)
     results = {
         "schema": SCHEMA, "title": f"slice2vol benchmark: {cfg.name}", "config": to_dict(cfg),
-        "notes": _notes(cfg, len(cohort), manifest, label_types, reference, skipped, set_entries),
+        "notes": _notes(cfg, len(cohort), manifest, label_types, reference, skipped, set_entries, frames),
         "provenance": {"git_commit": _git_commit(base), "command_line": command_line or " ".join(
                            shlex.quote(a) for a in sys.argv), "config_file": config_path, "manifest": str(manifest),
                        "manifest_sha256": _sha256(manifest), "versions": _versions(), "started": started,

@@ -348,3 +348,14 @@ def test_a_cohort_whose_every_image_is_broken_says_so(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "encoder 'tiny': no subject of the cohort could be cached (4 failed; first: s00: " in err
     assert "s0.nii.gz: not a NIfTI image" in err
+
+
+def test_the_chance_note_gives_the_majority_class_accuracy_per_categorical_label():
+    from types import SimpleNamespace
+
+    from slice2vol.eval.runner import _chance_note
+
+    frames = {"sex": SimpleNamespace(kind="categorical", y=np.array(["F"] * 7 + ["M"] * 3)),
+              "age": SimpleNamespace(kind="continuous", y=np.arange(10.0))}
+    note = _chance_note(frames)
+    assert "sex 0.700 ('F')" in note and "age" not in note.split("accuracy")[1]
