@@ -255,6 +255,17 @@ def blame_override(err: ConfigError, overrides: Sequence[str]) -> ConfigError:
     return err
 
 
+def config_error(err: ValueError, where: str, overrides: Sequence[str]) -> ConfigError:
+    """The error of building a config from ``where`` (a file, or the class name): a type or key error
+    (:class:`ConfigError`, already located) names the override that caused it; a section's own range
+    check (``train.steps must be a whole number >= 1, got 0``) also names the file, which it cannot know."""
+    if isinstance(err, ConfigError):
+        return blame_override(err, overrides)
+    text = str(err)
+    blamed = next((item for item in overrides if text.startswith(item.split("=", 1)[0].strip() + " ")), None)
+    return ConfigError(f"{where}: " + (f"override {blamed!r}: " if blamed else "") + text)
+
+
 def one_line(err: BaseException) -> str:
     """An error's text on one line (YAML parse errors span several, with a caret under the spot)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip() and line.strip() != "^"]
@@ -350,5 +361,5 @@ def load_config(
     where = str(path) if path is not None else cls.__name__
     try:
         return from_dict(cls, data, where)
-    except ConfigError as err:
-        raise blame_override(err, overrides) from None
+    except ValueError as err:
+        raise config_error(err, where, overrides) from None

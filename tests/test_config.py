@@ -148,3 +148,16 @@ def test_yaml_1_2_floats_are_floats_in_config_files(tmp_path):
     cfg = load_config(_Params, path)
     assert cfg.lr == 0.001 and cfg.params == {"lr": 0.001, "grid": [100.0, 0.5, "abc"]}
     assert type(cfg.params["lr"]) is float
+
+
+def test_a_range_check_of_a_config_file_names_the_file_and_the_override(tmp_path):
+    """``train.steps: -1`` in a file said only "train.steps must be ..." (which file?)."""
+    from slice2vol.ssl import SSLConfig
+
+    path = tmp_path / "ssl.yaml"
+    path.write_text("method: simclr\ntrain: {steps: -1}\n")
+    with pytest.raises(ConfigError, match=r"^\S*ssl.yaml: train.steps must be a whole number >= 0, got -1$"):
+        load_config(SSLConfig, path)
+    path.write_text("method: simclr\n")
+    with pytest.raises(ConfigError, match=r"^\S*ssl.yaml: override 'train.steps=-3': train.steps must be"):
+        load_config(SSLConfig, path, ["train.steps=-3"])

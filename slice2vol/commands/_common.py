@@ -33,6 +33,14 @@ from typing import Sequence
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults in ``--help`` and keeps the line breaks of descriptions and epilogs."""
 
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # a help text that states its default itself, a flag (False) and an unset option (None) get no
+        # second "(default: ...)": "(default: a bar ...) (default: False)" read as two defaults
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
 
 def add_config(parser: argparse.ArgumentParser, *, required: bool = False, default: str | None = None,
                help: str = "YAML config of this job") -> None:
@@ -60,9 +68,16 @@ def add_out(parser: argparse.ArgumentParser, *, required: bool = False, default:
     parser.add_argument("--out", required=required, default=default, metavar="PATH", help=help)
 
 
-def add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", metavar="DEV",
-                        help="auto (CUDA when available), cpu, cuda or cuda:N")
+def add_device(parser: argparse.ArgumentParser, *, config_key: str | None = None) -> None:
+    """``--device``; with ``config_key`` it is unset by default, so the config file's own device (that
+    key) stands unless the flag is given (a default of ``auto`` used to override it silently)."""
+    if config_key:
+        parser.add_argument("--device", default=None, metavar="DEV",
+                            help=f"auto (CUDA when available), cpu, cuda or cuda:N (default: the config's "
+                                 f"{config_key}, auto)")
+    else:
+        parser.add_argument("--device", default="auto", metavar="DEV",
+                            help="auto (CUDA when available), cpu, cuda or cuda:N")
 
 
 def weights_arg(text: str) -> str:

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_config(parser, help="YAML FinetuneConfig: a file, or a packaged config by name (finetune/cpu_smoke)")
     _common.add_manifest(parser, required=True)
     _common.add_out(parser, required=True, help="output folder (encoder.safetensors, finetune.json)")
-    _common.add_device(parser)
+    _common.add_device(parser, config_key="train.device")
     _common.add_progress(parser)
     parser.add_argument("--encoder", help="2D encoder key, e.g. timm/vit_small_patch16_224")
     parser.add_argument("--weights", type=_common.weights_arg, help="base weights: random, hub[:tag] or a local file")
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         flags.append(f"train.steps={args.steps}")
     if args.train_ids:
         flags.append(f"data.train_ids={args.train_ids}")
-    flags.append(f"train.device={args.device}")
+    if args.device is not None:  # else the config file's train.device stands
+        flags.append(f"train.device={args.device}")
     config = resolve_config_path(args.config) if args.config else None  # a file, or a packaged config by name
     cfg = load_config(FinetuneConfig, config, flags + _common.overrides_of(args))
     rank = int(os.environ.get("RANK", "0") or 0)

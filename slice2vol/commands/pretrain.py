@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_config(parser, help="YAML SSLConfig: a file, or a packaged config by name (ssl/simclr_cpu)")
     _common.add_manifest(parser, required=True)
     _common.add_out(parser, required=True, help="run directory (checkpoints in OUT/last, metrics, loss curve)")
-    _common.add_device(parser)
+    _common.add_device(parser, config_key="train.device")
     _common.add_progress(parser)
     parser.add_argument("--method", help="SSL method (default: the config's)")
     parser.add_argument("--dims", type=int, choices=(2, 3), help="3 = crops of volumes, 2 = slices (default: config)")
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         flags.append(f"spatial_dims={args.dims}")
     if args.steps is not None:
         flags.append(f"train.steps={args.steps}")
-    flags.append(f"train.device={args.device}")
+    if args.device is not None:  # else the config file's train.device stands
+        flags.append(f"train.device={args.device}")
     config = resolve_config_path(args.config) if args.config else None  # a file, or a packaged config by name
     cfg = load_config(SSLConfig, config, flags + _common.overrides_of(args))
     rank = _rank()

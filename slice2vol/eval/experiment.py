@@ -278,12 +278,8 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
     # through the module attribute, so a caller (or a test spy) sees every config this job builds
     try:
         cfg = _config.from_dict(ExperimentConfig, data, str(path))
-    except ConfigError as err:
-        raise _config.blame_override(err, overrides) from None
-    except ValueError as err:  # a section's own range check ('splits.n_folds must be ...'): name the file
-        text = str(err)
-        blamed = next((item for item in overrides if text.startswith(item.split("=", 1)[0].strip() + " ")), None)
-        raise ConfigError(f"{path}: " + (f"override {blamed!r}: " if blamed else "") + text) from None
+    except ValueError as err:  # a section's own range check ('splits.n_folds must be ...') names no file
+        raise _config.config_error(err, str(path), overrides) from None
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"{path}: unknown task(s) {unknown}; known: {sorted(TASKS)}")
