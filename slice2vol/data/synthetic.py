@@ -57,6 +57,24 @@ class SynthConfig:
     lesion_radius_mm: tuple[float, float] = (4.0, 14.0)
     max_ventricle_growth_mm: float = 6.0
 
+    def __post_init__(self) -> None:
+        # refused here in words: n_subjects 0 or spacing 0 used to end in a numpy traceback mid-build
+        from slice2vol.config import check_real, check_whole
+
+        check_whole("n_subjects", self.n_subjects, 1)
+        check_whole("seed", self.seed, 0)
+        # the template's own grid is 2 mm; under 0.5 mm one subject is > 50 M voxels of interpolation
+        check_real("spacing", self.spacing, 0.5, 16.0)
+        for key in ("deformation_mm", "noise", "bias", "max_ventricle_growth_mm"):
+            check_real(key, getattr(self, key), 0.0)
+        radii = list(self.lesion_radius_mm) if isinstance(self.lesion_radius_mm, (list, tuple)) else None
+        if radii is None or len(radii) != 2:
+            raise ValueError(f"lesion_radius_mm must be [low, high] in mm, got {self.lesion_radius_mm!r}")
+        for r in radii:
+            check_real("lesion_radius_mm", r, 0.0, low_open=True)
+        if radii[0] > radii[1]:
+            raise ValueError(f"lesion_radius_mm must be [low, high] with low <= high, got {radii}")
+
 
 @dataclass
 class _Template:
@@ -243,11 +261,15 @@ def make_cohort(out_dir: str | Path, n_subjects: int | None = None, seed: int | 
     unknown = sorted(set(knobs) - fields)
     if unknown:
         raise ValueError(f"synthetic cohort: unknown setting(s) {unknown}; known: {sorted(fields)}")
-    if "lesion_radius_mm" in knobs:
-        knobs["lesion_radius_mm"] = tuple(float(v) for v in knobs["lesion_radius_mm"])
+    if isinstance(knobs.get("lesion_radius_mm"), (list, tuple)):
+        knobs["lesion_radius_mm"] = tuple(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          else v for v in knobs["lesion_radius_mm"])
     overrides = {k: v for k, v in {"n_subjects": n_subjects, "seed": seed, "spacing": spacing, **knobs}.items()
                  if v is not None}
-    cfg = dataclasses.replace(cfg, **overrides)
+    try:  # checked before the template is read or a file is written
+        cfg = dataclasses.replace(cfg, **overrides)
+    except ValueError as err:
+        raise ValueError(f"synthetic cohort: {err}") from None
     out = Path(out_dir)
     for sub in ("images", "seg", "lesions"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,10 @@ class ConvEncoder(Backbone):
         super().__init__()
         if readout not in ("last", "stages"):
             raise ValueError(f"readout must be 'last' or 'stages', got {readout!r}")
+        from slice2vol.config import check_whole
+
+        for key, value in (("width", width), ("num_stages", num_stages), ("max_width", max_width)):
+            check_whole(f"backbone.params.{key}", value, 1)
         conv = _conv(spatial_dims)
         layers: list[nn.Module] = []
         ch_in = in_channels
@@ -258,6 +262,9 @@ def build_backbone(name: str, spatial_dims: int, in_channels: int, img_size: Seq
                                img_size=tuple(img_size), **params)
     except TypeError as err:
         raise ValueError(f"backbone {name!r}: bad parameters {sorted(params)} ({err})") from None
+    except RuntimeError as err:  # torch's own refusal (a negative or zero size deep inside a builder)
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"backbone {name!r}: parameters {params} build no network ({text})") from None
 
 
 class ConvDecoder(nn.Module):

@@ -18,12 +18,17 @@ from slice2vol.data.io import VolumeConfig
 PLANE_NAMES = ("sagittal", "coronal", "axial")
 
 
+# a grid side no brain MRI reaches (0.1 mm over 20 cm); 10^6 voxels a side used to end in a
+# MemoryError traceback after the cohort had been read
+MAX_SIDE = 2048
+
+
 def _size(key: str, value: Any, n: int) -> None:
-    """Refuses ``value`` unless it is ``n`` whole numbers >= 1 (a crop, slice or volume grid)."""
+    """Refuses ``value`` unless it is ``n`` whole numbers in [1, MAX_SIDE] (a crop, slice or volume grid)."""
     ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == n and all(
-        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in value)
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in value)
     if not ok:
-        raise ValueError(f"{key} must be {n} whole numbers >= 1, got {_plain(value)}")
+        raise ValueError(f"{key} must be {n} whole numbers in [1, {MAX_SIDE}], got {_plain(value)}")
 
 
 def _plain(value: Any) -> Any:

@@ -77,3 +77,17 @@ def test_generator_knobs_from_an_experiment_config(tmp_path):
     manifest = make_cohort(tmp_path, n_subjects=2, seed=3, progress=False, lesion_radius_mm=[9, 12], noise=0.01)
     readme = (manifest.parent / "README.md").read_text()
     assert "'lesion_radius_mm': (9.0, 12.0)" in readme and "'noise': 0.01" in readme
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"n_subjects": 0}, "n_subjects must be a whole number >= 1, got 0"),
+    ({"spacing": 0.0}, "spacing must be a finite number in [0.5, 16], got 0.0"),
+    ({"noise": -0.1}, "noise must be a finite number >= 0, got -0.1"),
+    ({"lesion_radius_mm": [12, 4]}, "lesion_radius_mm must be [low, high] with low <= high, got [12.0, 4.0]"),
+])
+def test_a_generator_setting_no_cohort_can_use_is_refused_in_words_before_any_file(tmp_path, knobs, message):
+    """n_subjects 0 or spacing 0 ended in a numpy traceback halfway through the build."""
+    with pytest.raises(ValueError) as info:
+        make_cohort(tmp_path / "c", progress=False, **{"n_subjects": 2, **knobs})
+    assert str(info.value) == f"synthetic cohort: {message}"
+    assert not (tmp_path / "c").exists()

@@ -172,7 +172,7 @@ def test_a_bad_levels_option_is_one_clear_line(key, levels, head_manifest, tmp_p
     ('{"method": "bogus", "spatial_dims": 3, "config": {"method": "bogus"}}',
      "meta.json: its config cannot be rebuilt (unknown ssl method 'bogus'. Known: autoencoder, "),
     ('{"method": "simclr", "spatial_dims": 3, "config": {"method": "simclr", "data": {"volume_size": [-4, 8, 8]}}}',
-     "meta.json: its config cannot be rebuilt (data.volume_size must be 3 whole numbers >= 1, got [-4, 8, 8])"),
+     "meta.json: its config cannot be rebuilt (data.volume_size must be 3 whole numbers in [1, 2048], got [-4, 8, 8])"),
     (None, "run: no such checkpoint folder"),
 ])
 def test_a_bad_checkpoint_is_one_line_naming_the_file(meta, expected, head_manifest, tmp_path, capsys):

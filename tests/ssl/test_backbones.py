@@ -60,3 +60,15 @@ def test_stage_readout_concatenates_the_global_average_of_every_stage():
     torch.testing.assert_close(net(x)[:, -16:], net.feature_map(x).mean((2, 3, 4)))
     with pytest.raises(ValueError, match="readout"):
         build_backbone("cnn", 3, 1, (16, 16, 16), readout="max")
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("cnn", {"width": -8}, "backbone.params.width must be a whole number >= 1, got -8"),
+    ("cnn", {"num_stages": 0}, "backbone.params.num_stages must be a whole number >= 1, got 0"),
+    # torch's own refusal deep inside a MONAI builder comes back as one line naming the backbone
+    ("vit", {"hidden_size": -48, "num_heads": 1}, "backbone 'vit': "),
+])
+def test_a_backbone_size_no_network_can_have_is_one_line(name, params, message):
+    with pytest.raises(ValueError) as info:
+        build_backbone(name, 3, 1, (16, 16, 16), **params)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)

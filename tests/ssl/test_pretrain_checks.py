@@ -46,10 +46,11 @@ def _error(capsys) -> str:
     (["train.budget_flops=1e12", "train.budget_device_hours=1"], "not both"),
     (["--dims", "2", "data.planes=[]"], "data.planes must be a non-empty list"),
     (["--dims", "2", "data.planes=[axial,top]"], "data.planes: unknown plane(s) ['top']"),
-    (["data.crop_size=[0,16,16]"], "data.crop_size must be 3 whole numbers >= 1, got [0, 16, 16]"),
-    (["data.crop_size=[16,16]"], "data.crop_size must be 3 whole numbers >= 1, got [16, 16]"),
-    (["data.volume_size=[24,-1,24]"], "data.volume_size must be 3 whole numbers >= 1"),
-    (["data.slice_size=[32,0]"], "data.slice_size must be 2 whole numbers >= 1, got [32, 0]"),
+    (["data.crop_size=[0,16,16]"], "data.crop_size must be 3 whole numbers in [1, 2048], got [0, 16, 16]"),
+    (["data.crop_size=[16,16]"], "data.crop_size must be 3 whole numbers in [1, 2048], got [16, 16]"),
+    (["data.volume_size=[1000000,64,64]"], "data.volume_size must be 3 whole numbers in [1, 2048]"),
+    (["data.volume_size=[24,-1,24]"], "data.volume_size must be 3 whole numbers in [1, 2048]"),
+    (["data.slice_size=[32,0]"], "data.slice_size must be 2 whole numbers in [1, 2048], got [32, 0]"),
     (["data.max_subjects=-2"], "data.max_subjects must be a whole number >= 0, got -2"),  # dropped 2
     (["data.min_foreground=1.5"], "data.min_foreground must be a finite number in [0, 1], got 1.5"),
     (["data.crops_per_subject=0"], "data.crops_per_subject must be a whole number >= 1, got 0"),
@@ -145,3 +146,22 @@ def test_no_checkpoint_written_is_an_error(pretrain_args, tmp_path, capsys, monk
     monkeypatch.setattr(trainer, "pretrain", pretrain)
     assert main(pretrain_args + ["--out", str(tmp_path / "run")]) == 2
     assert "no checkpoint was written (train.steps=2, 0 step(s) done)" in _error(capsys)
+
+
+@pytest.mark.parametrize("flag, expected", [([], "cpu"), (["--device", "auto"], "auto")])
+def test_the_config_files_device_stands_unless_device_is_given(pretrain_args, tmp_path, monkeypatch, flag,
+                                                                expected):
+    """``--device`` used to default to ``auto`` and always override the YAML's ``train.device``."""
+    from slice2vol.ssl import trainer
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "train": {**TINY.get("train", {}), "device": "cpu"}}))
+    seen = []
+
+    def pretrain(cfg, out_dir, **kwargs):
+        seen.append(cfg.train.device)
+        return trainer.TrainResult(out_dir=tmp_path / "run", step=0, final_loss=float("nan"), checkpoint=None)
+
+    monkeypatch.setattr(trainer, "pretrain", pretrain)
+    main(pretrain_args + ["--out", str(tmp_path / "run"), *flag])
+    assert seen == [expected]
