@@ -331,13 +331,17 @@ def read_yaml(path: Path) -> Any:
     """The YAML document of the config file (or pipe) ``path``, read once; every problem is a one-line
     :class:`ConfigError` naming the file (a named pipe without a writer is refused, not waited on)."""
     try:
-        return load_yaml(read_input_bytes(path, "config").decode("utf-8-sig"))
+        doc = load_yaml(read_input_bytes(path, "config").decode("utf-8-sig"))
     except InputFileError as err:
         raise ConfigError(str(err)) from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read config ({one_line(err)})") from None
+    if doc is None:  # a truncated or wrong file ran silently on every default; `{}` still says "defaults"
+        raise ConfigError(f"{path}: the config file is empty (no YAML document, only blanks or comments); "
+                          "write `{}` to mean every default")
+    return doc
 
 
 def load_config(
