@@ -434,8 +434,12 @@ def runtime_record() -> dict[str, Any]:
     return dict(_state.get("record", {}))
 
 
-def checked_device(device: str | None) -> str:
+def checked_device(device: str | None, source: str = "--device") -> str:
     """``auto``/``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else checked.
+
+    Args:
+        source: where the name came from, for the message: the flag, or a config key
+            (``train.device``) when the config file chose it.
 
     Raises:
         ValueError: not a device name, or a CUDA device this machine does not have (one line; torch's
@@ -445,14 +449,17 @@ def checked_device(device: str | None) -> str:
 
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    fix = f"use {source} cpu or auto" if source.startswith("-") else f"set {source} to cpu or auto"
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        names = "auto, cpu, cuda or cuda:N"
+        raise ValueError(f"{source} {device!r} is not a device: "
+                         + (f"use {names}" if source.startswith("-") else f"set {source} to {names}")) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}, "
-                             f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+            raise ValueError(f"{source} {device}: no CUDA device is available here (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda or 'none'}); {fix}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"{source} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

@@ -425,3 +425,9 @@ def test_device_names_are_checked_in_one_line(monkeypatch):
     assert checked_device("cuda:0") == "cuda:0" and checked_device("auto") == "cuda"
     with pytest.raises(ValueError, match=r"--device cuda:3: this machine has 1 CUDA device\(s\)"):
         checked_device("cuda:3")
+    # a config file's device is blamed on its key, not on a flag the user never gave
+    with pytest.raises(ValueError, match=r"^train.device 'gpu0' is not a device: set train.device to auto, cpu"):
+        checked_device("gpu0", "train.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device cuda: no CUDA device .*; set device to cpu or auto$"):
+        checked_device("cuda", "device")

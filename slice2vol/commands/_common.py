@@ -114,12 +114,12 @@ def add_seed(parser: argparse.ArgumentParser, default: int | None = 0) -> None:
     parser.add_argument("--seed", type=seed_type, default=default, help="random seed (0 to 2**32 - 1)")
 
 
-def resolve_device(device: str | None) -> str:
+def resolve_device(device: str | None, source: str = "--device") -> str:
     """``auto``/``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else checked
-    (:func:`slice2vol.runtime.checked_device`)."""
+    (:func:`slice2vol.runtime.checked_device`; ``source`` names the flag or config key in its message)."""
     from slice2vol.runtime import checked_device
 
-    return checked_device(device)
+    return checked_device(device, source)
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         raise ValueError(str(err)) from None
     device = getattr(args, "device", None) or "auto"
-    cfg.device = resolve_device(cfg.device if device == "auto" else device)
+    # the config's own device stands under --device auto; a bad one is blamed on the key, not the flag
+    cfg.device = resolve_device(cfg.device, "device") if device == "auto" else resolve_device(device)
     if getattr(args, "seed", None) is not None:
         cfg.seed = args.seed
     out = Path(args.out) if getattr(args, "out", None) else Path("runs") / cfg.name

@@ -200,7 +200,7 @@ def rank_device(name: str, env: DistEnv) -> torch.device:
     the GPU of this process's local rank. An explicit other index is refused in one line."""
     from slice2vol.runtime import checked_device
 
-    device = torch.device(checked_device(name))
+    device = torch.device(checked_device(name, "train.device"))
     if device.type == "cuda" and env.distributed:
         if device.index is not None and device.index != env.local_rank:
             # every rank would build its DDP replica on that one GPU: NCCL's "duplicate GPU" or a hang

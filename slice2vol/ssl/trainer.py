@@ -75,10 +75,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; other names checked (one line for a missing GPU)."""
+    """``auto`` -> CUDA when available, else CPU; other names checked (one line for a missing GPU,
+    naming ``train.device``: the config file's value, or ``--device``'s, which sets it)."""
     from slice2vol.runtime import checked_device
 
-    return torch.device(checked_device(name))
+    return torch.device(checked_device(name, "train.device"))
 
 
 def cosine_with_warmup(train: TrainConfig):

@@ -181,7 +181,7 @@ def test_each_rank_trains_on_its_own_gpu_and_another_explicit_index_is_refused(m
     from slice2vol.ssl import distributed
     from slice2vol.ssl.distributed import DistEnv
 
-    monkeypatch.setattr(runtime, "checked_device", lambda name: name)
+    monkeypatch.setattr(runtime, "checked_device", lambda name, source="--device": name)
     rank1 = DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2)
     assert distributed.rank_device("cuda", rank1) == torch.device("cuda", 1)
     assert distributed.rank_device("cuda:1", rank1) == torch.device("cuda", 1)
