@@ -319,13 +319,32 @@ class _StepModule(nn.Module):
         return closure()
 
 
-def _state_key(cfg: FinetuneConfig) -> str:
-    from slice2vol.config import config_hash
-
+def _state_config(cfg: FinetuneConfig) -> dict:
+    """The config a resumed run must share (every key but train.steps and train.device)."""
     c = to_dict(cfg)
     c["train"].pop("steps", None)  # more steps may continue a run
     c["train"].pop("device", None)
-    return config_hash(c)
+    return c
+
+
+def _state_key(cfg: FinetuneConfig) -> str:
+    from slice2vol.config import config_hash
+
+    return config_hash(_state_config(cfg))
+
+
+def _changed_keys(saved: dict | None, cfg: FinetuneConfig, shown: int = 4) -> str:
+    """`` (mode lora -> full, train.lr 0.001 -> 0.01)``: what differs from the saved run's config
+    (empty for a state written before configs were kept in it)."""
+    if not isinstance(saved, dict):
+        return ""
+    from slice2vol.ssl.trainer import _flatten
+
+    old, new = _flatten(saved), _flatten(_state_config(cfg))
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k, "(unset)") != new.get(k, "(unset)")]
+    parts = [f"{k} {json.dumps(old.get(k, '(unset)'))} -> {json.dumps(new.get(k, '(unset)'))}" for k in keys[:shown]]
+    more = f", {len(keys) - shown} more" if len(keys) > shown else ""
+    return f" ({', '.join(parts)}{more})" if parts else ""
 
 
 def train_steps(encoder, objective: Objective, bank: SliceBank, cfg: FinetuneConfig, train_modules: list[nn.Module],
@@ -365,7 +384,8 @@ def train_steps(encoder, objective: Objective, bank: SliceBank, cfg: FinetuneCon
     if state_dir is not None and resume and (state_dir / "state.json").exists():
         saved = read_json(state_dir / "state.json")
         if saved.get("config_key") != key:
-            raise ValueError(f"{state_dir}: saved by a run with another config; use another --out or --no-resume")
+            raise ValueError(f"{state_dir}: saved by a run with another config{_changed_keys(saved.get('config'), cfg)}; "
+                             "use another --out or --no-resume")
         load_state(net, read_safetensors(state_dir / "encoder.safetensors"), state_dir)
         load_state(objective, read_safetensors(state_dir / "objective.safetensors"), state_dir)
         optimiser_state = read_torch_state(state_dir / "optimiser.pt", map_location=device)
@@ -399,7 +419,8 @@ def train_steps(encoder, objective: Objective, bank: SliceBank, cfg: FinetuneCon
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in objective.state_dict().items()},
                       str(tmp / "objective.safetensors"))
             torch.save(optimiser.state_dict(), tmp / "optimiser.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "config_key": key}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "config_key": key,
+                                                           "config": _state_config(cfg)}))
             import shutil
 
             shutil.rmtree(state_dir, ignore_errors=True)
