@@ -47,6 +47,7 @@ figures: venv
 	$(PY) scripts/reproduce/readme_tables.py runs/ixi --labels sex age --probes | tee runs/ixi/readme_tables.md
 	$(PY) scripts/reproduce/adaptation.py --out runs/reproduce/adaptation
 	$(PY) scripts/eval_encoders3d.py --out runs/reproduce/encoders3d
+	$(PY) scripts/reproduce/label_maps.py
 	$(PY) scripts/bench_slicing.py
 	$(PY) scripts/bench_retrieval.py --sizes 300000 --dims 384
 

@@ -856,6 +856,32 @@ def test_specks_in_a_blank_volume_are_no_head(tmp_path):
             VolumeConfig(min_foreground_fraction=bad)
 
 
+def test_a_segmentation_in_an_image_column_is_refused_and_a_quantised_image_is_not(tmp_path):
+    """A DLMUSE map given as the T1 passed every check and was embedded as a head (fuzz round 17)."""
+    from tests.conftest import blob_volume
+
+    head = blob_volume((40, 48, 36), seed=1)
+    # labels in nested shells and halves: piecewise constant, as a segmentation is
+    labels = np.where(head > 0, 1 + np.digitize(head, np.linspace(5, 110, 6)) + 6 * (np.arange(40) > 19)[:, None, None],
+                      0).astype(np.int16)
+    # ragged boundaries: 15% of head voxels take another label, so about 3/4 of neighbours agree, as in a
+    # real 2 mm DLMUSE map (77%): a threshold set near 1 would miss it
+    rng = np.random.default_rng(0)
+    flip = (labels != 0) & (rng.random(labels.shape) < 0.15)
+    labels[flip] = rng.choice(np.unique(labels[labels != 0]), size=int(flip.sum()))
+    path = write_nifti(tmp_path / "seg_as_t1.nii.gz", labels)
+    found = np.unique(labels[labels != 0])
+    assert len(found) >= 8
+    first = ", ".join(str(v) for v in found[:4])
+    with pytest.raises(VolumeError, match=rf"seg_as_t1\.nii\.gz: looks like a label map, not an image: {len(found)} "
+                                          rf"distinct integer values \({first}, \.\.\.\) in patches, \d+% of neighbouring"):
+        load_volume(path)
+    assert load_volume(path, VolumeConfig(refuse_label_maps=False)).data.shape[1:] == (40, 48, 36)
+    # the same head as an image quantised to 60 integer levels (an 8-bit or rescaled T1) loads
+    quantised = np.round(head / head.max() * 60).astype(np.int16)
+    assert load_volume(write_nifti(tmp_path / "q.nii.gz", quantised)).data.shape[1:] == (40, 48, 36)
+
+
 def test_an_image_with_every_voxel_at_most_zero_is_refused(tmp_path):
     """A negative scl_slope turned an IXI T1 into its negative: min-max put the air brightest, Otsu took
     it for the head (90% of the grid), and it was embedded like a scan (fuzz round 17)."""
