@@ -8,7 +8,7 @@ import torch
 
 from slice2vol.ssl import METHODS
 from slice2vol.ssl.backbones import Backbone, ConvDecoder, probe_grid
-from slice2vol.ssl.base import SSLMethod, backbone_from_config
+from slice2vol.ssl.base import SSLMethod, backbone_from_config, check_values
 from slice2vol.ssl.losses import reconstruction_loss
 
 
@@ -25,6 +25,8 @@ class AutoEncoder(SSLMethod):
 
     def __init__(self, backbone: Backbone, spatial_dims: int, in_channels: int, input_size: Sequence[int],
                  loss: str = "mse", noise_std: float = 0.0, decoder_min_width: int = 16) -> None:
+        check_values("autoencoder", whole={"decoder_min_width": (decoder_min_width, 1)},
+                     real={"noise_std": (noise_std, 0.0, 1e3)}, choice={"loss": (loss, ("mse", "l1"))})
         super().__init__(backbone, spatial_dims, in_channels, input_size)
         grid, features = probe_grid(backbone, in_channels, self.input_size)
         self.decoder = ConvDecoder(spatial_dims, features, in_channels, grid, self.input_size, decoder_min_width)

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from slice2vol.config import check_real, check_whole
 from slice2vol.ssl.backbones import Backbone, build_backbone
 
 
@@ -51,6 +52,34 @@ def backbone_from_config(cfg, img_size: Sequence[int] | None = None) -> Backbone
     """Builds ``cfg.backbone`` (an :class:`~slice2vol.ssl.config.SSLConfig`) for its dims and input size."""
     return build_backbone(cfg.backbone.name, cfg.spatial_dims, cfg.in_channels,
                           img_size or cfg.input_size, **cfg.backbone.params)
+
+
+def check_values(method: str, *, whole: dict[str, tuple[object, int]] | None = None,
+                 real: dict[str, tuple[object, float, float]] | None = None, open_low: Sequence[str] = (),
+                 open_high: Sequence[str] = (), choice: dict[str, tuple[object, Sequence[str]]] | None = None) -> None:
+    """Refuses method parameters out of range when the method is built, before any volume is read (a
+    negative SimCLR temperature or a mask ratio of 1 used to train, or fail, only after data loading).
+
+    Args:
+        method: the method's key, named in the message (``simclr: method_params.temperature must ...``).
+        whole: name -> (value, lowest allowed whole number).
+        real: name -> (value, low, high); bounds closed unless the name is in ``open_low``/``open_high``.
+        choice: name -> (value, allowed strings).
+
+    Raises:
+        ValueError: ``<method>: method_params.<name> must be ..., got <value>``.
+    """
+    try:
+        for name, (value, low) in (whole or {}).items():
+            check_whole(f"method_params.{name}", value, low)
+        for name, (value, low, high) in (real or {}).items():
+            check_real(f"method_params.{name}", value, low, high, low_open=name in open_low,
+                       high_open=name in open_high)
+        for name, (value, allowed) in (choice or {}).items():
+            if value not in allowed:
+                raise ValueError(f"method_params.{name} must be one of {list(allowed)}, got {value!r}")
+    except ValueError as err:
+        raise ValueError(f"{method}: {err}") from None
 
 
 def check_params(method: str, params: dict, allowed: Sequence[str]) -> None:

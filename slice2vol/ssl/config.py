@@ -192,6 +192,11 @@ class TrainConfig:
         for key in ("warmup_steps", "keep_every"):  # keep_every 0: no step_<N> copies
             check_whole(f"train.{key}", getattr(self, key), 0)
         check_whole("train.seed", self.seed, 0)
+        # numpy seeds take 32 bits (the seed was silently taken modulo 2^32); a step count past 2^31 is
+        # no run that ends, and overflowed int32 step counters of schedulers and logs
+        for key, high in (("seed", 2 ** 32 - 1), ("steps", 2 ** 31 - 1)):
+            if getattr(self, key) > high:
+                raise ValueError(f"train.{key} must be at most {high}, got {getattr(self, key)!r}")
         _real("train.lr", self.lr, 0.0, low_open=True)
         _real("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         for key in ("weight_decay", "grad_clip", "budget_flops", "budget_device_hours"):  # 0: off

@@ -15,7 +15,7 @@ import torch
 
 from slice2vol.ssl import METHODS
 from slice2vol.ssl.backbones import Backbone, ConvDecoder, probe_grid
-from slice2vol.ssl.base import SSLMethod, backbone_from_config
+from slice2vol.ssl.base import SSLMethod, backbone_from_config, check_values
 from slice2vol.ssl.losses import reconstruction_loss
 
 
@@ -124,6 +124,10 @@ class Genesis(SSLMethod):
                  nonlinear_prob: float = 0.9, shuffle_prob: float = 0.5, paint_prob: float = 0.9,
                  inpaint_rate: float = 0.2, shuffle_blocks: int = 50, loss: str = "mse",
                  decoder_min_width: int = 16) -> None:
+        check_values("genesis", whole={"shuffle_blocks": (shuffle_blocks, 0), "decoder_min_width": (decoder_min_width, 1)},
+                     real={"nonlinear_prob": (nonlinear_prob, 0.0, 1.0), "shuffle_prob": (shuffle_prob, 0.0, 1.0),
+                           "paint_prob": (paint_prob, 0.0, 1.0), "inpaint_rate": (inpaint_rate, 0.0, 1.0)},
+                     choice={"loss": (loss, ("mse", "l1"))})
         super().__init__(backbone, spatial_dims, in_channels, input_size)
         grid, features = probe_grid(backbone, in_channels, self.input_size)
         self.decoder = ConvDecoder(spatial_dims, features, in_channels, grid, self.input_size, decoder_min_width)

@@ -17,7 +17,7 @@ import torch
 
 from slice2vol.ssl import METHODS
 from slice2vol.ssl.backbones import Backbone
-from slice2vol.ssl.base import SSLMethod, backbone_from_config, mlp
+from slice2vol.ssl.base import SSLMethod, backbone_from_config, check_values, mlp
 from slice2vol.ssl.losses import accuracy, classification_loss
 
 
@@ -56,6 +56,10 @@ class Jigsaw(SSLMethod):
     def __init__(self, backbone: Backbone, spatial_dims: int, in_channels: int, input_size: Sequence[int],
                  grid: int = 2, num_permutations: int = 24, jitter: float = 0.125, hidden: int = 512,
                  perm_seed: int = 0) -> None:
+        # a jitter of 1 leaves tiles of no size; one permutation is no classification task
+        check_values("jigsaw", whole={"grid": (grid, 2), "num_permutations": (num_permutations, 2), "hidden": (hidden, 1),
+                                      "perm_seed": (perm_seed, 0)},
+                     real={"jitter": (jitter, 0.0, 1.0)}, open_high=("jitter",))
         super().__init__(backbone, spatial_dims, in_channels, input_size)
         self.grid, self.jitter = grid, jitter
         self.cell = tuple(s // grid for s in self.input_size)
@@ -100,6 +104,9 @@ _DEFAULTS = {2: {"grid": 3, "num_permutations": 64}, 3: {"grid": 2, "num_permuta
 @METHODS.register("jigsaw", dims=(2, 3), kind="pretext")
 def build(cfg) -> Jigsaw:
     params = {**_DEFAULTS[cfg.spatial_dims], **cfg.method_params}
+    # the backbone is sized for the tile: grid and jitter are checked before it is built
+    check_values("jigsaw", whole={"grid": (params["grid"], 2)}, real={"jitter": (params.get("jitter", 0.125), 0.0, 1.0)},
+                 open_high=("jitter",))
     tile = tile_size(cfg.input_size, params["grid"], params.get("jitter", 0.125))
     return Jigsaw(backbone_from_config(cfg, img_size=tile), cfg.spatial_dims, cfg.in_channels, cfg.input_size,
                   **params)

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from slice2vol.ssl import METHODS
 from slice2vol.ssl.backbones import Backbone
-from slice2vol.ssl.base import SSLMethod
+from slice2vol.ssl.base import SSLMethod, check_values
 from slice2vol.ssl.losses import masked_reconstruction_loss, patchify
 
 
@@ -58,6 +58,13 @@ class MAE(SSLMethod):
                  decoder_num_heads: int = 6, mask_ratio: float = 0.75, norm_pix: bool = True) -> None:
         from monai.networks.nets import MaskedAutoEncoderViT
 
+        sizes = {"patch_size": patch_size, "hidden_size": hidden_size, "mlp_dim": mlp_dim, "num_layers": num_layers,
+                 "num_heads": num_heads, "decoder_hidden_size": decoder_hidden_size,
+                 "decoder_mlp_dim": decoder_mlp_dim, "decoder_num_layers": decoder_num_layers,
+                 "decoder_num_heads": decoder_num_heads}
+        # a mask ratio of 0 leaves no target, 1 leaves the encoder nothing to see
+        check_values("mae", whole={k: (v, 1) for k, v in sizes.items()}, real={"mask_ratio": (mask_ratio, 0.0, 1.0)},
+                     open_low=("mask_ratio",), open_high=("mask_ratio",))
         input_size = tuple(input_size)
         if any(s % patch_size for s in input_size):
             raise ValueError(f"MAE: input size {input_size} must be divisible by patch_size {patch_size}")

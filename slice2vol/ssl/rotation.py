@@ -12,7 +12,7 @@ import torch
 
 from slice2vol.ssl import METHODS
 from slice2vol.ssl.backbones import Backbone
-from slice2vol.ssl.base import SSLMethod, backbone_from_config, mlp
+from slice2vol.ssl.base import SSLMethod, backbone_from_config, check_values, mlp
 from slice2vol.ssl.losses import accuracy, classification_loss
 
 
@@ -42,6 +42,7 @@ class Rotation(SSLMethod):
 
     def __init__(self, backbone: Backbone, spatial_dims: int, in_channels: int, input_size: Sequence[int],
                  hidden: int = 256) -> None:
+        check_values("rotation", whole={"hidden": (hidden, 1)})
         super().__init__(backbone, spatial_dims, in_channels, input_size)
         if len(set(self.input_size)) != 1:
             raise ValueError(f"rotation needs square/cubic inputs, got {self.input_size}")

@@ -10,7 +10,7 @@ import torch.nn as nn
 from slice2vol.ssl import METHODS
 from slice2vol.ssl.augment import MRIAugment
 from slice2vol.ssl.backbones import Backbone
-from slice2vol.ssl.base import SSLMethod, backbone_from_config
+from slice2vol.ssl.base import SSLMethod, backbone_from_config, check_values
 from slice2vol.ssl.distributed import gather_with_grad
 from slice2vol.ssl.losses import nt_xent
 
@@ -33,6 +33,9 @@ class SimCLR(SSLMethod):
     def __init__(self, backbone: Backbone, spatial_dims: int, in_channels: int, input_size: Sequence[int],
                  temperature: float = 0.1, proj_hidden: int = 512, proj_dim: int = 128,
                  augment: dict[str, Any] | None = None, positives: str = "views") -> None:
+        # NT-Xent divides cosine similarities (in [-1, 1]) by the temperature: 0 or less has no meaning
+        check_values("simclr", whole={"proj_hidden": (proj_hidden, 1), "proj_dim": (proj_dim, 1)},
+                     real={"temperature": (temperature, 0.0, 100.0)}, open_low=("temperature",))
         super().__init__(backbone, spatial_dims, in_channels, input_size)
         if positives not in ("views", "subject"):
             raise ValueError(f"simclr: positives must be 'views' or 'subject', got {positives!r}")

@@ -722,6 +722,10 @@ def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, res
     dims = METHODS.meta(cfg.method).get("dims", (2, 3))
     if cfg.spatial_dims not in dims:
         raise ValueError(f"{cfg.method}: spatial_dims={cfg.spatial_dims} not supported (supports {list(dims)})")
+    # the model is built (and its method_params checked) before any volume is read: a negative
+    # temperature or an unknown parameter used to surface after minutes of volume preparation
+    seed_everything(cfg.train.seed)
+    model = build_method(cfg)
     env = init_distributed(resolve_device(cfg.train.device).type)
     try:
         if bank is None:
@@ -754,8 +758,6 @@ def pretrain(cfg: SSLConfig, out_dir: str | Path, *, cohort=None, bank=None, res
             bank = bank.subset(list(subject_ids))
         if bank.in_channels != cfg.in_channels:
             raise ValueError(f"config in_channels={cfg.in_channels} but the volumes have {bank.in_channels} channel(s)")
-        seed_everything(cfg.train.seed)
-        model = build_method(cfg)
         dataset = make_dataset(bank, cfg.spatial_dims, cfg.data)
         extra = {"n_subjects": len(bank), "source": str(getattr(cohort, "source", "") or ""),
                  "subject_ids": list(bank.ids), "subjects_sha256": _subjects_sha256(bank.ids),

@@ -58,6 +58,12 @@ def _error(capsys) -> str:
     (["spatial_dims=4"], "spatial_dims must be 2 or 3, got 4"),
     (["in_channels=0"], "in_channels must be a whole number >= 1, got 0"),
     (["--method", "byol"], "unknown ssl method 'byol'"),
+    (["train.seed=4294967296"], "train.seed must be at most 4294967295, got 4294967296"),  # was taken mod 2^32
+    (["--steps", "10000000000"], "train.steps must be at most 2147483647"),
+    # method parameters: used to be checked (or not at all) only once the volumes were prepared
+    (["method_params.noise_std=-1"], "autoencoder: method_params.noise_std must be a finite number in [0, 1000]"),
+    (["method_params.loss=huber"], "autoencoder: method_params.loss must be one of ['mse', 'l1'], got 'huber'"),
+    (["method_params.dropout=0.1"], "unexpected keyword argument 'dropout'"),
 ])
 def test_bad_config_is_a_one_line_error_before_any_volume_is_read(pretrain_args, tmp_path, capsys, args,
                                                                   message):
@@ -165,3 +171,35 @@ def test_the_config_files_device_stands_unless_device_is_given(pretrain_args, tm
     monkeypatch.setattr(trainer, "pretrain", pretrain)
     main(pretrain_args + ["--out", str(tmp_path / "run"), *flag])
     assert seen == [expected]
+
+
+@pytest.mark.parametrize("method, dims, params, message", [
+    ("simclr", 3, {"temperature": -0.1}, "simclr: method_params.temperature must be a finite number in (0, 100], got -0.1"),
+    ("simclr", 3, {"temperature": 0}, "simclr: method_params.temperature must be a finite number in (0, 100]"),
+    ("simclr", 3, {"proj_dim": 0}, "simclr: method_params.proj_dim must be a whole number >= 1, got 0"),
+    ("mae", 3, {"mask_ratio": 1.0}, "mae: method_params.mask_ratio must be a finite number in (0, 1), got 1.0"),
+    ("mae", 3, {"decoder_num_heads": 0}, "mae: method_params.decoder_num_heads must be a whole number >= 1, got 0"),
+    ("genesis", 3, {"paint_prob": 1.5}, "genesis: method_params.paint_prob must be a finite number in [0, 1], got 1.5"),
+    ("genesis", 3, {"loss": "ssim"}, "genesis: method_params.loss must be one of ['mse', 'l1'], got 'ssim'"),
+    ("jigsaw", 3, {"jitter": 1.0}, "jigsaw: method_params.jitter must be a finite number in [0, 1), got 1.0"),
+    ("jigsaw", 2, {"grid": 1}, "jigsaw: method_params.grid must be a whole number >= 2, got 1"),
+    ("jigsaw", 3, {"num_permutations": 1}, "jigsaw: method_params.num_permutations must be a whole number >= 2"),
+    ("rotation", 3, {"hidden": 0}, "rotation: method_params.hidden must be a whole number >= 1, got 0"),
+])
+def test_method_params_out_of_range_are_refused_when_the_method_is_built(method, dims, params, message):
+    from tests.ssl.conftest import tiny_config
+
+    from slice2vol.ssl import build_method
+
+    cfg = tiny_config(method, dims)
+    cfg.method_params = {**cfg.method_params, **params}
+    with pytest.raises(ValueError) as err:
+        build_method(cfg)
+    assert message in str(err.value)
+
+
+def test_a_bad_method_parameter_stops_pretrain_before_any_volume_is_prepared(pretrain_args, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(pretrain_args + ["--out", str(out), "--method", "simclr", "method_params={temperature: -1}"]) == 2
+    assert "simclr: method_params.temperature must be a finite number in (0, 100], got -1" in _error(capsys)
+    assert not (out / "volumes").exists()
