@@ -685,3 +685,44 @@ def test_info_fails_a_scan_the_caching_job_would_fail(tmp_path, capsys):
     (tmp_path / "m.csv").write_text("subject_id,t1\ns1,speck.nii.gz\n")
     assert main(["info", "--manifest", str(tmp_path / "m.csv"), "--no-progress"]) == 1
     assert "row 2 (s1): " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, expected", [([], ("cuda:7", "device")), (["--device", "auto"], ("auto", "--device"))])
+def test_bench_uses_the_configs_device_unless_device_is_given_even_as_auto(tmp_path, monkeypatch, flag, expected):
+    """An explicit ``--device auto`` used to be taken for "not given": the config's device stood."""
+    from slice2vol.commands import _common
+    from slice2vol.eval import runner
+
+    config = tmp_path / "exp.yaml"
+    config.write_text("name: x\ndevice: cuda:7\n")
+    seen = []
+
+    def resolve(device, source="--device"):
+        seen.append((device, source))
+        raise SystemExit(0)  # stop before any data is read
+
+    monkeypatch.setattr(_common, "resolve_device", resolve)
+    monkeypatch.setattr(runner, "run_experiment", lambda *a, **k: pytest.fail("ran past the device"))
+    with pytest.raises(SystemExit):
+        main(["bench", "--config", str(config), "--out", str(tmp_path / "run"), *flag])
+    assert seen == [expected]
+
+
+@pytest.mark.parametrize("flag, expected", [([], "cuda:7"), (["--device", "auto"], "auto"), (["--device", "cpu"], "cpu")])
+def test_embed_uses_the_configs_device_unless_device_is_given_even_as_auto(tmp_path, monkeypatch, flag, expected):
+    from slice2vol import config as config_module
+
+    config = tmp_path / "enc.yaml"
+    config.write_text("key: 3d/medicalnet_resnet10\ndevice: cuda:7\n")
+    seen = []
+    real = config_module.load_config
+
+    def load_config(cls, path, overrides):
+        seen.append(real(cls, path, overrides).device)
+        raise SystemExit(0)  # stop before the cohort and the weights are read
+
+    monkeypatch.setattr(config_module, "load_config", load_config)
+    with pytest.raises(SystemExit):
+        main(["embed", "--config", str(config), "--manifest", str(tmp_path / "m.csv"), "--store",
+              str(tmp_path / "f.h5"), *flag])
+    assert seen == [expected]

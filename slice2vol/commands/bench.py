@@ -21,7 +21,7 @@ Examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_config(parser, required=True, help="experiment YAML, e.g. configs/experiments/demo.yaml")
     _common.add_out(parser, help="output folder (default runs/<name>)")
-    _common.add_device(parser)
+    _common.add_device(parser, config_key="device")
     _common.add_seed(parser, default=None)
     _common.add_progress(parser)
     _common.add_overrides(parser)
@@ -37,9 +37,10 @@ def run(args: argparse.Namespace) -> int:
         cfg, base = load_experiment(config, overrides_of(args))
     except ConfigError as err:
         raise ValueError(str(err)) from None
-    device = getattr(args, "device", None) or "auto"
-    # the config's own device stands under --device auto; a bad one is blamed on the key, not the flag
-    cfg.device = resolve_device(cfg.device, "device") if device == "auto" else resolve_device(device)
+    # the config's own device stands unless --device is given (an explicit --device auto overrides a
+    # config's cpu); a bad one is blamed on the key, not on a flag that was not given
+    device = getattr(args, "device", None)
+    cfg.device = resolve_device(cfg.device, "device") if device is None else resolve_device(device)
     if getattr(args, "seed", None) is not None:
         cfg.seed = args.seed
     out = Path(args.out) if getattr(args, "out", None) else Path("runs") / cfg.name

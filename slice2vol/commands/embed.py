@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(needed when it was made with another encoder, weights or options)")
     parser.add_argument("--sliding-window", action="store_true",
                         help="tile the volume with MONAI sliding_window_inference (options: sliding_window.*=...)")
-    add_device(parser)
+    add_device(parser, config_key="device")
     add_progress(parser)
     ssl = parser.add_argument_group("trained SSL checkpoints (slice2vol pretrain)")
     ssl.add_argument("--checkpoint", help="SSL checkpoint directory (RUN/last) instead of a registered encoder")
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.insert(0, f"weights={args.weights}")
     if args.sliding_window:
         overrides.insert(0, "sliding_window={}")
-    if args.device != "auto":
+    if args.device is not None:  # given, even as auto: it overrides the config's device
         overrides.append(f"device={args.device}")
     if not args.config and not args.encoder:
         raise ValueError("give --encoder KEY (see slice2vol embed --list) or --config FILE")
