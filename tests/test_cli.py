@@ -726,3 +726,20 @@ def test_embed_uses_the_configs_device_unless_device_is_given_even_as_auto(tmp_p
         main(["embed", "--config", str(config), "--manifest", str(tmp_path / "m.csv"), "--store",
               str(tmp_path / "f.h5"), *flag])
     assert seen == [expected]
+
+
+def test_the_cache_jobs_log_file_ends_with_its_summary_and_failures(tmp_path, monkeypatch, capsys):
+    """The log beside the store held the per-subject warnings but not the job's summary: a batch job's
+    log did not say how many subjects were cached or failed."""
+    monkeypatch.chdir(tmp_path)
+    write_nifti(tmp_path / "a.nii.gz", blob_volume(seed=0))
+    (tmp_path / "b.nii.gz").write_bytes((tmp_path / "a.nii.gz").read_bytes()[:200])  # truncated
+    (tmp_path / "m.csv").write_text("subject_id,t1\na,a.nii.gz\nb,b.nii.gz\n")
+    assert main(["cache", "--manifest", "m.csv", "--encoder", "tv/resnet18", "--store", "s.h5", "--size", "32",
+                 "--stride", "4", "--no-progress"]) == 1
+    console = capsys.readouterr().err
+    log = (tmp_path / "s.h5.log").read_text()
+    assert "s.h5: feature set " in log and "1 subject(s) cached, 0 already present, 1 failed" in log
+    failed = [line for line in console.splitlines() if line.startswith("  b: ")]
+    assert len(failed) == 1 and failed[0] in log.splitlines()
+    assert console.count("1 subject(s) cached") == 1  # the summary is not printed twice

@@ -160,6 +160,18 @@ def add_run_log(out_dir: str | Path, name: str = "slice2vol.log") -> Path:
     return path
 
 
+def log_to_run_files(text: str, name: str = "slice2vol") -> None:
+    """Writes ``text`` (its lines as one INFO record) to the run-log files of :func:`add_run_log` only.
+
+    For what a job already printed on the console (the summary of a caching job): the log file beside
+    the store used to end without it, so a batch job's log said nothing of how many subjects failed.
+    """
+    record = logging.LogRecord(name, logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command line as typed (for provenance), shell-quoted."""
     import shlex

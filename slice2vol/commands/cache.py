@@ -31,6 +31,7 @@ from slice2vol.commands._common import (
     add_manifest,
     add_progress,
     add_run_log,
+    log_to_run_files,
     progress_enabled,
     resolve_device,
     seed_type,
@@ -208,6 +209,7 @@ def _cache(args: argparse.Namespace) -> int:
         commit_every=args.commit_every, compact=not args.no_compact, seed=args.seed,
     )
     print(report.summary(), file=sys.stderr if report.failures else sys.stdout)
+    log_to_run_files(report.summary(), "slice2vol.cache")
     from slice2vol.cache import FeatureStore, StoreError
 
     try:
