@@ -1193,10 +1193,11 @@ def _cut_header(path: Path) -> str | None:
     """
     try:
         on_disk = path.stat().st_size
-        if on_disk == 0:
-            return "empty file (0 bytes)"
         with open(path, "rb") as f:
             raw = f.read(1 << 16)
+        if on_disk == 0:  # a /proc or /sys file reports 0 bytes and yet reads
+            return "empty file (0 bytes)" if not raw else ("reports a size of 0 bytes yet reads as text or data "
+                                                           "(a /proc or /sys file?): not a NIfTI image")
     except OSError as err:  # (no permission to read it): the caller's message stands
         logging.getLogger(__name__).debug("%s: %s", path, err)
         return None

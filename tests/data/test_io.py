@@ -1516,3 +1516,23 @@ def test_a_freesurfer_mgz_is_refused_with_the_conversion(tmp_path):
     with pytest.raises(VolumeError, match=r"brain\.mgz: not a NIfTI image \(nibabel read it as MGHImage\): convert "
                                           r"it first, e\.g\. mri_convert"):
         load_volume(path)
+
+
+
+def test_a_file_that_reports_0_bytes_but_reads_is_not_called_empty(tmp_path):
+    """A /proc or /sys file reports a size of 0 and was called an "empty file (0 bytes)" though it reads."""
+    import os
+
+    from slice2vol.data.io import _cut_header
+
+    class ReportsNoSize(type(tmp_path)):  # what procfs does: st_size 0, content on read
+        def stat(self, *args, **kwargs):
+            real = os.stat(self)
+            return os.stat_result((real.st_mode, real.st_ino, real.st_dev, real.st_nlink, real.st_uid, real.st_gid,
+                                   0, real.st_atime, real.st_mtime, real.st_ctime))
+
+    (tmp_path / "status").write_text("Name:\tcat\nState:\tR (running)\n")
+    (tmp_path / "empty.nii").write_bytes(b"")
+    assert _cut_header(ReportsNoSize(tmp_path / "status")) == (
+        "reports a size of 0 bytes yet reads as text or data (a /proc or /sys file?): not a NIfTI image")
+    assert _cut_header(ReportsNoSize(tmp_path / "empty.nii")) == "empty file (0 bytes)"
