@@ -323,3 +323,30 @@ def test_balanced_groups_pass_the_check_unchanged():
     groups = [f"site{i % 4}" for i in range(16)]
     splits = make_splits(IDS[:16], None, groups=groups, cfg=SplitConfig(n_folds=2, n_repeats=2, group="site"))
     assert all(len(f.train) == 8 and len(f.test) == 8 for f in splits.folds)
+
+
+def test_a_subject_two_saved_test_folds_hold_is_refused_by_name(tmp_path):
+    """Also put in a second fold's test part (and out of its training part): every fold still covers
+    every subject and none straddles, but the subject is scored twice in the repeat."""
+    holder = {}
+
+    def twice(folds):
+        s = holder["s"] = folds[0]["test"][0]  # repeat 0, fold 0
+        folds[1]["train"].remove(s)
+        folds[1]["test"].append(s)
+
+    path = _tampered(tmp_path, twice)
+    with pytest.raises(SplitError, match=rf"repeat 0: test folds do not partition .*never tested: \[\], "
+                                         rf"tested more than once: \['{holder['s']}'\]"):
+        SubjectSplits.load(path)
+
+
+def test_continuous_targets_with_rare_bins_are_stratified_by_coarser_bins():
+    """24 subjects, 3 folds, 10 bins of 2-3 subjects (fewer than the folds): the bins are merged to
+    24 // (2 * 3) = 4 quartiles of 6, and every test fold holds 2 subjects of each quartile."""
+    values = np.random.default_rng(1).permutation(24).astype(float)
+    ids = [f"s{i:02d}" for i in range(24)]
+    splits = make_splits(ids, values, "continuous", cfg=SplitConfig(n_folds=3, n_repeats=3, n_bins=10))
+    quartile = dict(zip(ids, values.astype(int) // 6))
+    for fold in splits.folds:
+        assert sorted(quartile[s] for s in fold.test) == [0, 0, 1, 1, 2, 2, 3, 3], (fold.repeat, fold.fold)
