@@ -179,7 +179,9 @@ for _ in range(2):  # the call reaches aggregate_store (which refuses the missin
     except TypeError:
         raise
     except Exception as err:
-        assert "store" in str(err), err
+        assert "missing.h5" in str(err), err
+    else:
+        raise AssertionError("aggregate of a missing store returned instead of refusing it")
 """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)

@@ -167,6 +167,19 @@ def test_recall_at_k_hand_computed():
     exact = np.array([[3, 2, 9], [7, 8, 9]])
     assert recall_at_k(approx, exact, 3) == pytest.approx((2 / 3 + 0) / 2)
     assert recall_at_k(approx[:, :1], exact[:, :1], 1) == 0.0
+    # rows of more than k ids: only each row's first k count (3 is the approximate 3rd, the exact 1st)
+    assert recall_at_k(approx, exact, 2) == pytest.approx((1 / 2 + 0) / 2)
+    assert recall_at_k(np.array([[9, 1, 2]]), exact[:1], 1) == 0.0  # 9 is 3rd in the exact row
+
+
+@pytest.mark.parametrize("n, queries, held", [(1000, 200, 200), (400, 200, 100), (3, 200, 0)])
+def test_the_tuning_holdout_is_the_smaller_of_recall_queries_and_a_quarter(n, queries, held):
+    from slice2vol.retrieval.index import holdout_split
+
+    got = holdout_split(n, IndexConfig(kind="hnsw", recall_queries=queries))
+    assert len(got) == held and len(set(got.tolist())) == held and np.all(np.diff(got) > 0)
+    assert got.size == 0 or (got.min() >= 0 and got.max() < n)
+    assert holdout_split(n, IndexConfig(kind="flat", recall_queries=queries)).size == 0  # flat is not tuned
 
 
 def test_isotropic_noise_is_harder_than_clustered():

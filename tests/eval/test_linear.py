@@ -330,3 +330,21 @@ def test_groups_of_another_length_are_refused():
     x, y = data(n=10)
     with pytest.raises(ValueError, match=r"^LinearProbe.fit: 9 groups for 10 training rows$"):
         LinearProbe("classification").fit(x, y, groups=["a"] * 9)
+
+
+def test_a_near_constant_column_is_scaled_by_the_largest_sd_not_blown_up():
+    """A column whose sd is under 1e-6 of the largest is treated as constant: divided by the largest sd
+    (so it stays as small, relative to the others, as it was), neither by its own sd (rounding noise
+    blown up to unit variance) nor by 1 (its size would then depend on the features' units)."""
+    from slice2vol.eval.linear import _Standardizer
+
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.normal(scale=1000.0, size=50), 5.0 + rng.normal(scale=1e-4, size=50), rng.normal(size=50)]
+    z = _Standardizer().fit(x).transform(x)
+    sd = x.std(0)
+    np.testing.assert_allclose(z[:, 0], (x[:, 0] - x[:, 0].mean()) / sd[0])
+    np.testing.assert_allclose(z[:, 2], (x[:, 2] - x[:, 2].mean()) / sd[2])
+    np.testing.assert_allclose(z[:, 1], (x[:, 1] - x[:, 1].mean()) / sd[0])
+    # features that are all tiny (a random-init network's, sd ~1e-8) are standardised as usual
+    tiny = x * 1e-11
+    np.testing.assert_allclose(_Standardizer().fit(tiny).transform(tiny)[:, [0, 2]], z[:, [0, 2]], rtol=1e-6)
