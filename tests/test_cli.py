@@ -178,8 +178,8 @@ OVERRIDE_CASES = {
 def test_same_override_syntax_for_every_config_job(command, tmp_path, monkeypatch):
     """bench, pretrain, aggregate and finetune take the same positional Hydra-style KEY=VALUE overrides,
     list indices included, and they reach the job's typed config."""
-    if not _takes_positional_overrides(command):
-        pytest.xfail(f"slice2vol {command} is not converted to positional KEY=VALUE overrides yet")
+    # every config job takes them now: one that stops would fail here, not pass as an expected failure
+    assert _takes_positional_overrides(command), f"slice2vol {command} lost its positional KEY=VALUE overrides"
     config, extra, overrides, check = OVERRIDE_CASES[command]
     config_path = REPO / config
     seen = _spy_on_config(monkeypatch, config_path)
@@ -190,8 +190,8 @@ def test_same_override_syntax_for_every_config_job(command, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("command", sorted(OVERRIDE_CASES))
 def test_bad_list_index_is_one_line_exit_2(command, tmp_path, capsys):
-    if not _takes_positional_overrides(command):
-        pytest.xfail(f"slice2vol {command} is not converted to positional KEY=VALUE overrides yet")
+    # every config job takes them now: one that stops would fail here, not pass as an expected failure
+    assert _takes_positional_overrides(command), f"slice2vol {command} lost its positional KEY=VALUE overrides"
     config, extra, overrides, _ = OVERRIDE_CASES[command]
     bad = {"bench": "encoders.7.weights=hub", "pretrain": "data.crop_size.9=16",
            "aggregate": "planes=[axial]", "finetune": "data.planes.9=axial"}[command]
