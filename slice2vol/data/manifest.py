@@ -420,13 +420,17 @@ def _check_layout(path: Path, text: str, sep: str) -> tuple[list[int], list[int]
             raise ManifestError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more than once "
                                 "in the header (spaces around names are ignored); rename them")
         starts = []
-        long_rows = []
+        long_rows, short_rows = [], []
         unnamed = [i for i, h in enumerate(header) if not h]
+        # cells a row must reach: up to the last named column (a trailing delimiter names nothing)
+        needed = max((i + 1 for i, h in enumerate(header) if h), default=0)
         filled: dict[int, tuple[int, str]] = {}  # unnamed column -> its first value and the line
         for start, row in rows:
             starts.append(start)
             if any(c.strip() for c in row[len(header):]):
                 long_rows.append(start)
+            elif len(row) < needed and any(c.strip() for c in row):
+                short_rows.append(start)
             for i in unnamed:
                 if i not in filled and i < len(row) and row[i].strip():
                     filled[i] = (start, row[i].strip())
@@ -435,6 +439,13 @@ def _check_layout(path: Path, text: str, sep: str) -> tuple[list[int], list[int]
         raise ManifestError(f"{path}: line(s) {lines} have more cells than the header's {len(header)} (a "
                             f"{'tab' if sep == chr(9) else repr(sep)} inside a value that is not quoted?); quote such "
                             "values or remove the extra cells")
+    if short_rows:
+        # a missing cell shifts the next values left: a path read as an age turned the age column into
+        # an image column and failed every other subject
+        lines = ", ".join(map(str, short_rows[:5])) + (" ..." if len(short_rows) > 5 else "")
+        raise ManifestError(f"{path}: line(s) {lines} have fewer cells than the header's {needed} (a value left "
+                            f"out shifts the next ones into the wrong columns); write an empty cell for a missing "
+                            f"value ({sep * 2 if sep != chr(9) else 'two tabs'})")
     if filled:
         column, (line, cell) = min(filled.items())
         shown = cell if len(cell) <= 40 else cell[:40] + "..."

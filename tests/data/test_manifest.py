@@ -407,6 +407,22 @@ def test_a_column_name_given_twice_is_refused_in_one_line(tmp_path, header):
         load_manifest(csv)
 
 
+def test_a_row_with_fewer_cells_than_the_header_is_refused(tmp_path):
+    """A value left out shifted the next ones left: the image path landed in 'age', which then counted
+    as an image column and failed the complete rows (fuzz round 22). Empty cells, a trailing empty
+    column, and blank lines stay fine."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text("subject_id,age,t1\na,30.5,img/a.nii.gz\nb,img/b.nii.gz\nc,40.5,img/c.nii.gz\n")
+    with pytest.raises(ManifestError, match=rf"^{csv}: line\(s\) 3 have fewer cells than the header's 3 \(a value "
+                                            r"left out shifts the next ones into the wrong columns\); write an empty "
+                                            r"cell for a missing value \(,,\)$"):
+        load_manifest(csv)
+    csv.write_text("subject_id,t1,age,\na,img/a.nii.gz,,\n\nb,img/b.nii.gz,40.5\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"] and not cohort.failures
+
+
 def test_a_row_with_more_cells_than_the_header_is_refused(tmp_path):
     """pandas dropped the extra cells (with a two-line ParserWarning naming neither file nor row): an
     unquoted comma inside a value shifted or lost cells silently. A trailing empty cell stays fine."""
