@@ -136,7 +136,8 @@ def feature_provenance(encoder: Any, encoder_key: str, encoder_kwargs: Mapping[s
 #: VolumeConfig fields added after stores existed that only refuse files (they never change the
 #: features of a file they let through): recorded only when changed from their default, so a store
 #: cached before the field existed keeps its feature set instead of being refused as another one
-_LATER_GATES = ("min_extent_ratio", "min_voxels", "min_foreground_fraction", "refuse_label_maps")
+_LATER_GATES = ("min_extent_ratio", "min_voxels", "min_foreground_fraction", "max_foreground_fraction",
+                "refuse_label_maps")
 
 
 def volume_identity(volume_cfg: VolumeConfig) -> dict[str, Any]:

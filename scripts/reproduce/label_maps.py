@@ -1,9 +1,10 @@
-"""docs/data.md, the label-map row: how many IXI images and segmentations the label-map check refuses.
+"""docs/data.md, the label-map and foreground rows: how many IXI images, segmentations and masks are refused.
 
 Every T1 of the cohort is read by :func:`slice2vol.data.io.load_volume` three times (as stored, quantised
 to 256 levels, quantised to 60 levels: an 8-bit export or a coarse DICOM conversion must not look like
-a segmentation) and every DLMUSE segmentation once, put in the image column. Prints how many of each
-were refused as a label map, and the message of the first refused segmentation.
+a segmentation), and every DLMUSE segmentation and the binary brain mask made from it (seg > 0) once,
+put in the image column. Prints how many of each were refused as a label map or mask, how many T1s
+were refused for any reason, the largest foreground share of a T1, and the first messages.
 
 Usage (~1 min on 2 CPU cores):
     python scripts/reproduce/label_maps.py
@@ -38,13 +39,26 @@ def _quantised(src: Path, levels: int, out: Path) -> Path:
     return out
 
 
+def _mask(src: Path, out: Path) -> Path:
+    """Writes the binary mask ``src > 0`` of a segmentation to ``out``."""
+    img = nib.load(str(src))
+    nib.save(nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine), str(out))
+    return out
+
+
+def _read(path: Path, cfg: VolumeConfig) -> tuple[str | None, float]:
+    """(the refusal message or None, the foreground share of the grid when read)."""
+    try:
+        volume = load_volume(path, cfg)
+    except VolumeError as err:
+        return str(err), float("nan")
+    return None, float(volume.mask.mean())
+
+
 def _refused(path: Path, cfg: VolumeConfig) -> str | None:
     """The label-map message for ``path`` (None when read, or refused for another reason)."""
-    try:
-        load_volume(path, cfg)
-    except VolumeError as err:
-        return str(err) if "label map" in str(err) else None
-    return None
+    message = _read(path, cfg)[0]
+    return message if message and "label map" in message else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,23 +74,35 @@ def main(argv: list[str] | None = None) -> int:
     rows = list(csv.DictReader(table.open()))
     cfg = VolumeConfig()
     images = {"as stored": 0, "256 levels": 0, "60 levels": 0}
-    segs, first = 0, None
+    segs = masks = other = 0
+    first = first_mask = None
+    shares = []
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:
             t1 = args.data / row["t1"]
-            images["as stored"] += _refused(t1, cfg) is not None
+            message, share = _read(t1, cfg)
+            images["as stored"] += bool(message and "label map" in message)
+            other += message is not None
+            shares.append(share)
             for levels in (256, 60):
                 q = _quantised(t1, levels, Path(tmp) / f"q{levels}.nii.gz")
                 images[f"{levels} levels"] += _refused(q, cfg) is not None
             message = _refused(args.data / row["seg"], cfg)
             segs += message is not None
             first = first or message
+            message = _refused(_mask(args.data / row["seg"], Path(tmp) / "mask.nii.gz"), cfg)
+            masks += message is not None
+            first_mask = first_mask or message
     n = len(rows)
     for name, count in images.items():
         print(f"T1 {name}: {count} of {n} refused as label maps")
+    print(f"T1 as stored, refused for any reason: {other} of {n}; largest foreground share "
+          f"{np.nanmax(shares):.1%} (smallest {np.nanmin(shares):.1%})")
     print(f"DLMUSE segmentations in the image column: {segs} of {n} refused")
-    if first:
-        print(f"message: {first}")
+    print(f"brain masks (seg > 0) in the image column: {masks} of {n} refused")
+    for message in (first, first_mask):
+        if message:
+            print(f"message: {message}")
     return 0
 
 

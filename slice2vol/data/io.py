@@ -93,9 +93,13 @@ class VolumeConfig:
         min_foreground_fraction: a volume whose foreground mask covers less of its grid than this is
             refused (0 turns the check off): a head covers 10-60% of its grid; a few specks in a blank
             volume are no head.
-        refuse_label_maps: refuse an image that is piecewise constant on 8 to 1,024 integer values
-            (:func:`label_map_problem`): a segmentation (DLMUSE, FreeSurfer aseg) put in an image
-            column passed every other check and was embedded as a head.
+        max_foreground_fraction: a volume whose foreground mask covers more of its grid than this is
+            refused (1 turns the check off): a head leaves air around it (IXI T1s 29-45%,
+            ``scripts/reproduce/label_maps.py``); uniform noise or an image stored inverted (the air
+            brightest) fill the grid.
+        refuse_label_maps: refuse an image that is piecewise constant on 1 to 1,024 integer values
+            (:func:`label_map_problem`): a segmentation (DLMUSE, FreeSurfer aseg), a tissue map or a
+            binary brain mask put in an image column passed every other check and was embedded as a head.
         min_extent_ratio: the field of view's shortest axis must reach this fraction of its longest
             (0 turns the check off): a localizer/scout of 3 slices (230 x 230 x 30 mm, 0.13) or a
             thin slab is no whole head, yet fills every plane like one; a whole-head scan is 0.5-1,
@@ -119,6 +123,7 @@ class VolumeConfig:
     min_extent_ratio: float = 0.2
     min_voxels: int = 8
     min_foreground_fraction: float = 0.01
+    max_foreground_fraction: float = 0.9
     refuse_label_maps: bool = True
     allow_oblique: dataclasses.InitVar[bool | None] = None
 
@@ -148,6 +153,9 @@ class VolumeConfig:
         if not (isinstance(self.min_foreground_fraction, (int, float)) and not isinstance(self.min_foreground_fraction, bool)
                 and 0 <= self.min_foreground_fraction <= 1):
             raise ValueError(f"min_foreground_fraction must be a number in [0, 1], got {self.min_foreground_fraction!r}")
+        top = self.max_foreground_fraction
+        if not (isinstance(top, (int, float)) and not isinstance(top, bool) and self.min_foreground_fraction < top <= 1):
+            raise ValueError(f"max_foreground_fraction must be a number in (min_foreground_fraction, 1], got {top!r}")
         if not (isinstance(self.min_extent_ratio, (int, float)) and 0 <= self.min_extent_ratio <= 1):
             raise ValueError(f"min_extent_ratio must be a number in [0, 1], got {self.min_extent_ratio!r}")
         lo, hi = self.clip_percentiles
@@ -551,6 +559,11 @@ def _raw_header_problem(path: Path) -> str | None:
         # NaN or Inf, like a slope of 1e38 that overflows (_scaling_problem)
         return (f"the header's scaling (scl_slope {slope:g}, scl_inter {inter:g}) makes every voxel NaN/Inf: "
                 "fix scl_slope/scl_inter")
+    if slope < 0:
+        # an MR or CT intensity is never stored inverted: with a positive intercept every voxel stays
+        # > 0, the air reads brightest, and the image was embedded as a head
+        return (f"negative scl_slope ({slope:g}, scl_inter {inter:g}) in the header: the intensities read inverted, "
+                "the air brightest; fix scl_slope/scl_inter")
     if len(head) > header_size and head[header_size] != 0:  # the extension flag: extensions follow
         return _extension_problem(path, gz, order, header_end, int(offset))
     return None
@@ -1517,34 +1530,41 @@ def load_volume(
                                  f"it (file {size})") from None
 
 
-def label_map_problem(data: np.ndarray, max_samples: int = 4_000_000) -> str | None:
+def label_map_problem(data: np.ndarray, max_samples: int = 1_000_000) -> str | None:
     """Why ``data`` (X, Y, Z) looks like a label map rather than an image (None: it does not).
 
-    A segmentation is piecewise constant: 8 to 1,024 integer labels, and most neighbouring voxels
-    inside the head carry the same one (0.75-0.8 of them in a 2 mm DLMUSE map, more at 1 mm). An
-    image's neighbours differ: 0.12-0.15 equal in 2 mm IXI T1s, about 0.2 with the T1 quantised to 60
-    levels. Reads whole slices (every ``step``-th along the first axis), at most ``max_samples`` voxels.
+    A segmentation or mask is piecewise constant: 1 to 1,024 integer labels besides 0 (a binary brain
+    mask has one, a tissue map three, DLMUSE 145), and most in-plane neighbour pairs that touch the
+    foreground carry the same one (0.70-0.77 in the 2 mm IXI DLMUSE maps, more at 1 mm; refused from
+    0.5). An image's neighbours differ: under 0.25 in IXI T1s quantised to 60 levels. Scattered specks
+    (every pair a speck and background) stay low and are left to the foreground check. Reads whole
+    slices (every ``step``-th along the first axis), at most ``max_samples`` voxels.
     """
     step = max(1, -(-data.size // max_samples)) if data.ndim == 3 else 1
     sample = np.asarray(data[::step])
     values = sample[sample != 0]
+    if values.size < 0.01 * sample.size:  # a few specks: the foreground check names them
+        return None
     if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
         return None
     levels = np.unique(values)
-    if not 8 <= len(levels) <= 1024:
-        return None
+    if not 1 <= len(levels) <= 1024 or (len(levels) == 1 and values.size == sample.size):
+        return None  # one value everywhere is a constant volume, refused as such later
     same = []
     for axis in range(1, sample.ndim):  # in-plane neighbours: the kept slices are whole
         a = np.moveaxis(sample, axis, 0)
         x, y = a[1:], a[:-1]
-        both = (x != 0) & (y != 0)
-        if both.any():
-            same.append(float(np.mean(x[both] == y[both])))
+        # pairs touching the foreground: a label map's differ only on its boundaries; scattered
+        # specks (every pair speck-background) and an image's textured voxels differ almost everywhere
+        either = (x != 0) | (y != 0)
+        if either.any():
+            same.append(float(np.mean(x[either] == y[either])))
     share = float(np.mean(same)) if same else 0.0
-    if share < 0.6:
+    if share < 0.5:
         return None
-    shown = ", ".join(f"{v:g}" for v in levels[:4])
-    return (f"looks like a label map, not an image: {len(levels)} distinct integer values ({shown}, ...) in "
+    shown = ", ".join(f"{v:g}" for v in levels[:4]) + (", ..." if len(levels) > 4 else "")
+    what = "value" if len(levels) == 1 else "values"
+    return (f"looks like a label map or mask, not an image: {len(levels)} distinct non-zero integer {what} ({shown}) in "
             f"patches, {share:.0%} of neighbouring voxels equal (a segmentation in an image column? "
             "VolumeConfig.refuse_label_maps=false lets it through)")
 
@@ -1630,6 +1650,11 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
                                  f"of {mask.size} voxels), under {_percent(cfg.min_foreground_fraction)}: no head in it "
                                  "(a blank volume with specks, or the wrong file; VolumeConfig.min_foreground_fraction "
                                  "sets the limit, 0 turns it off)")
+    if share > cfg.max_foreground_fraction:
+        raise VolumeError(first, f"the foreground covers {100 * share:.1f}% of the grid, over "
+                                 f"{_percent(cfg.max_foreground_fraction)}: no background around a head (noise, an "
+                                 "inverted image with the air brightest, or not a head scan; "
+                                 "VolumeConfig.max_foreground_fraction sets the limit, 1 turns it off)")
     if cfg.normalize == "zscore":
         scaled = normalize_intensity(stacked, mask, cfg)
 

@@ -246,6 +246,8 @@ def load_manifest(
         raise ManifestError(f"{path}: manifest not found") from None
     except InputFileError as err:
         raise ManifestError(str(err)) from None
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: cannot read the manifest: {err.reason}") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeError, csv.Error) as err:
         raise ManifestError(f"{path}: cannot read manifest ({' '.join(str(err).split())[:120]})") from None
     # pandas skips blank lines (before the header too) and a quoted cell may span lines: the index
@@ -339,19 +341,41 @@ def _read_decimal_commas(table: pd.DataFrame, skip: str) -> None:
 
 def text_encoding(path: str | Path) -> str:
     """``utf-16`` for a file starting with a UTF-16 byte-order mark (spreadsheets' "Unicode Text"),
-    else ``utf-8-sig`` (UTF-8 with or without its mark)."""
+    ``utf-16-le``/``-be`` for UTF-16 without the mark, else ``utf-8-sig`` (UTF-8 with or without its mark)."""
     with open(path, "rb") as fh:
-        return _encoding_of(fh.read(2))
+        return _encoding_of(fh.read(64))
 
 
 def _encoding_of(start: bytes) -> str:
-    return "utf-16" if start[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    if start[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    # UTF-16 without a byte-order mark (iconv -t UTF-16LE): ASCII column names alternate with NUL
+    # bytes; read as UTF-8 the NULs stayed inside the names ("no 's\x00u\x00b\x00...' column")
+    head = start[:64] if len(start) % 2 == 0 else start[:63]
+    if len(head) >= 4:
+        if not any(head[1::2]) and all(head[0::2]):
+            return "utf-16-le"
+        if not any(head[0::2]) and all(head[1::2]):
+            return "utf-16-be"
+    return "utf-8-sig"
 
 
 def decode_text(raw: bytes) -> str:
-    """The text of a table or list file's bytes: UTF-16 with a byte-order mark, else UTF-8 (its mark,
-    if any, dropped). Raises UnicodeDecodeError."""
-    return raw.decode(_encoding_of(raw))
+    """The text of a table or list file's bytes: UTF-16 (with a byte-order mark, or ASCII-led text
+    without one), else UTF-8 (its mark, if any, dropped).
+
+    Raises:
+        UnicodeDecodeError: with a reason that says to save the file as UTF-8 (a Latin-1 or
+            Windows-1252 export: ``byte 0xfc at position 41 is not UTF-8``).
+    """
+    encoding = _encoding_of(raw[:64])
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        byte = raw[err.start:err.start + 1].hex()
+        raise UnicodeDecodeError(err.encoding, err.object, err.start, err.end,
+                                 f"byte 0x{byte} at position {err.start} is not {encoding.upper().replace('-SIG', '')} "
+                                 "text (a Latin-1 or Windows-1252 export?); save the file as UTF-8") from None
 
 
 def read_id_list(path: str | Path, flag: str) -> list[str]:
@@ -372,7 +396,7 @@ def read_id_list(path: str | Path, flag: str) -> list[str]:
     except InputFileError as err:
         raise ValueError(str(err)) from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: cannot read the {flag} file ({err})") from None
+        raise ValueError(f"{path}: cannot read the {flag} file: {err.reason}") from None
     # NFC, as a manifest's IDs are stored (_build_cohort): a list typed on macOS names the same subjects
     ids = [unicodedata.normalize("NFC", ln.strip()) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not ids:

@@ -831,7 +831,8 @@ def test_minmax_of_an_image_without_spread_keeps_its_contrast(tmp_path):
     """Percentiles that coincide (a binary image, one bright voxel) fall back to the full range
     instead of clipping every voxel to 0."""
     binary = (blob_volume() > 50).astype(np.uint8)
-    vol = load_volume(write_nifti(tmp_path / "binary.nii.gz", binary))
+    # (a binary image is refused as a mask by default: this is about normalisation)
+    vol = load_volume(write_nifti(tmp_path / "binary.nii.gz", binary), VolumeConfig(refuse_label_maps=False))
     np.testing.assert_array_equal(vol.data[0], binary.astype(np.float32))
     spot = np.zeros((12, 12, 12), np.float32)
     spot[5, 6, 7] = 3.0
@@ -873,8 +874,9 @@ def test_a_segmentation_in_an_image_column_is_refused_and_a_quantised_image_is_n
     found = np.unique(labels[labels != 0])
     assert len(found) >= 8
     first = ", ".join(str(v) for v in found[:4])
-    with pytest.raises(VolumeError, match=rf"seg_as_t1\.nii\.gz: looks like a label map, not an image: {len(found)} "
-                                          rf"distinct integer values \({first}, \.\.\.\) in patches, \d+% of neighbouring"):
+    with pytest.raises(VolumeError, match=rf"seg_as_t1\.nii\.gz: looks like a label map or mask, not an image: {len(found)} "
+                                          rf"distinct non-zero integer values \({first}, \.\.\.\) in patches, \d+% of "
+                                          "neighbouring"):
         load_volume(path)
     assert load_volume(path, VolumeConfig(refuse_label_maps=False)).data.shape[1:] == (40, 48, 36)
     # the same head as an image quantised to 60 integer levels (an 8-bit or rescaled T1) loads
@@ -888,9 +890,14 @@ def test_an_image_with_every_voxel_at_most_zero_is_refused(tmp_path):
     img = nib.Nifti1Image((blob_volume() * 10).astype(np.int16), np.eye(4))
     img.header.set_slope_inter(-2.0, 0.0)
     nib.save(img, tmp_path / "inverted.nii.gz")
-    with pytest.raises(VolumeError, match=r"inverted\.nii\.gz: every voxel is <= 0 \(range -\d+ to 0\): an inverted image "
-                                          r"\(a negative scl_slope\?\) or not an intensity image$"):
+    with pytest.raises(VolumeError, match=r"inverted\.nii\.gz: negative scl_slope \(-2, scl_inter 0\) in the header: the "
+                                          r"intensities read inverted, the air brightest; fix scl_slope/scl_inter$"):
         load_volume(tmp_path / "inverted.nii.gz")
+    # the same values stored negative (no scaling): refused by their range
+    negative = write_nifti(tmp_path / "negative.nii.gz", -(blob_volume() * 20).astype(np.int16))
+    with pytest.raises(VolumeError, match=r"negative\.nii\.gz: every voxel is <= 0 \(range -\d+ to 0\): an inverted image "
+                                          r"\(a negative scl_slope\?\) or not an intensity image$"):
+        load_volume(negative)
     # negative values with a positive top (a CT-like or z-scored image) are read as before
     shifted = load_volume(write_nifti(tmp_path / "shifted.nii.gz", blob_volume() - 50.0))
     assert shifted.data.min() == 0.0 and shifted.data.max() == 1.0
@@ -1189,6 +1196,7 @@ def test_loading_keeps_few_copies_of_a_volume(tmp_path):
     x = np.linspace(-1, 1, n, dtype=np.float32)
     radius = np.sqrt(x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2)
     head = (np.where(radius < 0.8, 100, 0) + (radius < 0.4) * 50).astype(np.int16)
+    head[radius < 0.8] += np.random.default_rng(0).integers(0, 30, int((radius < 0.8).sum())).astype(np.int16)  # texture
     path = tmp_path / "head.nii.gz"
     nib.save(nib.Nifti1Image(head[::-1], np.diag([-1.0, 1, 1, 1])), path)  # LAS: reorienting copies
     tracemalloc.start()
@@ -1536,3 +1544,51 @@ def test_a_file_that_reports_0_bytes_but_reads_is_not_called_empty(tmp_path):
     assert _cut_header(ReportsNoSize(tmp_path / "status")) == (
         "reports a size of 0 bytes yet reads as text or data (a /proc or /sys file?): not a NIfTI image")
     assert _cut_header(ReportsNoSize(tmp_path / "empty.nii")) == "empty file (0 bytes)"
+
+
+def test_a_brain_mask_or_tissue_map_in_an_image_column_is_refused(tmp_path):
+    """Label maps of 1-7 values (a binary brain mask, a thresholded T1, a 3-tissue map) passed the
+    label-map check, which started at 8 values, and were embedded as heads (fuzz round 22)."""
+    from tests.conftest import blob_volume
+
+    head = blob_volume((40, 48, 36), seed=2)
+    mask = (head > 0).astype(np.uint8)
+    tissues = np.where(head > 0, 1 + np.digitize(head, [40, 80]), 0).astype(np.uint8)
+    with pytest.raises(VolumeError, match=r"mask\.nii\.gz: looks like a label map or mask, not an image: 1 distinct "
+                                          r"non-zero integer value \(1\) in patches, \d+% of neighbouring voxels equal"):
+        load_volume(write_nifti(tmp_path / "mask.nii.gz", mask))
+    with pytest.raises(VolumeError, match=r"tissues\.nii\.gz: looks like a label map or mask, not an image: 3 distinct "
+                                          r"non-zero integer values \(1, 2, 3\) in patches"):
+        load_volume(write_nifti(tmp_path / "tissues.nii.gz", tissues))
+    # a constant volume is still named as such
+    with pytest.raises(VolumeError, match=r"constant volume \(all voxels = 7\)"):
+        load_volume(write_nifti(tmp_path / "seven.nii.gz", np.full((40, 48, 36), 7, np.int16)))
+
+
+def test_a_volume_without_background_around_a_head_is_refused(tmp_path):
+    """Uniform noise (95% of the grid taken for foreground) and a T1 inverted by a negative slope with a
+    positive intercept (air brightest, 90%) were embedded as heads (fuzz round 22)."""
+    import nibabel as nib
+
+    from tests.conftest import blob_volume
+
+    rng = np.random.default_rng(0)
+    noise = write_nifti(tmp_path / "noise.nii.gz", rng.random((40, 48, 36)).astype(np.float32))
+    with pytest.raises(VolumeError, match=r"noise\.nii\.gz: the foreground covers 9\d\.\d% of the grid, over 90%: "
+                                          r"no background around a head \(noise, an inverted image with the air "
+                                          r"brightest, or not a head scan; VolumeConfig.max_foreground_fraction sets "
+                                          r"the limit, 1 turns it off\)$"):
+        load_volume(noise)
+    assert load_volume(noise, VolumeConfig(max_foreground_fraction=1)).data.shape[1:] == (40, 48, 36)
+    head = (blob_volume((40, 48, 36), seed=3) * 20).astype(np.int16)
+    inverted = write_nifti(tmp_path / "inverted.nii.gz", (head.max() + 10 - head).astype(np.int16))  # all > 0
+    with pytest.raises(VolumeError, match=r"inverted\.nii\.gz: the foreground covers (9\d|100)\.\d% of the grid, over 90%"):
+        load_volume(inverted)
+    img = nib.Nifti1Image(head, np.eye(4))
+    img.header.set_slope_inter(-1.0, float(head.max()) + 10)  # the same by the header's scaling
+    nib.save(img, tmp_path / "scaled.nii.gz")
+    with pytest.raises(VolumeError, match=r"scaled\.nii\.gz: negative scl_slope \(-1, scl_inter \d+\) in the header"):
+        load_volume(tmp_path / "scaled.nii.gz")
+    assert load_volume(write_nifti(tmp_path / "head.nii.gz", head)).data.shape[1:] == (40, 48, 36)
+    with pytest.raises(ValueError, match=r"max_foreground_fraction must be a number in \(min_foreground_fraction, 1\]"):
+        VolumeConfig(max_foreground_fraction=0.005)

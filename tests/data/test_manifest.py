@@ -781,3 +781,25 @@ def test_a_glob_cohort_meets_its_participants_table_across_unicode_forms(tmp_pat
     (tmp_path / "participants.tsv").write_text(table, encoding="utf-8")
     cohort = cohort_from_glob(tmp_path, "*.nii.gz", id_regex=r"^([^_]+)_")
     assert cohort.ids == ["jos\u00e9"] and cohort.subjects[0].labels == {"age": 30.5}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_a_utf16_manifest_without_a_byte_order_mark_is_read(tmp_path, encoding):
+    """``iconv -t UTF-16LE`` writes no mark: read as UTF-8 the NUL bytes stayed inside the column names
+    ("no 'subject_id' column (columns: ['s\\x00u\\x00b\\x00...'])", fuzz round 22)."""
+    _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_bytes("subject_id,t1,age\na,img/a.nii.gz,30.5\nb,img/b.nii.gz,40.5\n".encode(encoding))
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"] and [s.labels["age"] for s in cohort.subjects] == [30.5, 40.5]
+
+
+def test_a_latin1_manifest_is_refused_with_the_byte_and_what_to_do(tmp_path):
+    _files(tmp_path, ["a.nii.gz"])
+    csv = tmp_path / "m.csv"
+    text = "subject_id,t1,site\na,img/a.nii.gz,München\n"
+    csv.write_bytes(text.encode("latin-1"))
+    at = text.index("ü")  # one byte per character in Latin-1
+    with pytest.raises(ManifestError, match=rf"^{csv}: cannot read the manifest: byte 0xfc at position {at} is not "
+                                            r"UTF-8 text \(a Latin-1 or Windows-1252 export\?\); save the file as UTF-8$"):
+        load_manifest(csv)

@@ -22,6 +22,10 @@ REPO = Path(__file__).resolve().parents[2]
 N = 48
 
 
+#: a ball of radius 3 voxels in the 8^3 grid (22% of it)
+BALL = np.sum((np.indices((8, 8, 8)) - 3.5) ** 2, axis=0) <= 9
+
+
 def noise_cohort(root: Path, n: int = N, dim: int = 16, seed: int = 0) -> tuple[Path, Path]:
     """A manifest of ``n`` tiny volumes with a balanced ``sex`` label, and a store of pure-noise slice features."""
     rng = np.random.default_rng(seed)
@@ -29,8 +33,10 @@ def noise_cohort(root: Path, n: int = N, dim: int = 16, seed: int = 0) -> tuple[
     rows, subjects = [], []
     for i in range(n):
         sid = f"sub-{i:02d}"
-        write_nifti(root / f"{sid}.nii.gz", rng.normal(size=(8, 8, 8)).astype(np.float32) + 10,
-                    np.diag([2.0, 2.0, 2.0, 1.0]))  # 16 mm across: 8 mm is no head (field-of-view check)
+        # a ball of noise in air (a grid of noise alone is refused: no background around a head);
+        # 16 mm across: 8 mm is no head (field-of-view check)
+        write_nifti(root / f"{sid}.nii.gz", np.where(BALL, rng.normal(size=(8, 8, 8)) + 10, 0).astype(np.float32),
+                    np.diag([2.0, 2.0, 2.0, 1.0]))
         rows.append({"subject_id": sid, "t1": f"{sid}.nii.gz", "sex": sex[i], "age": 20.0 + i})
         planes = {}
         for p, axis in (("axial", 2), ("coronal", 1)):
