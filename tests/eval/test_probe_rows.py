@@ -41,8 +41,15 @@ def _close(row, ref):
     assert abs(row["ci_low"] - ref[0]) < 0.25 * width and abs(row["ci_high"] - ref[1]) < 0.25 * width, (row, ref)
 
 
-def _sk_auc(truth, scores):
-    return roc_auc_score(truth, scores) if 0 < truth.sum() < truth.size else np.nan
+def _subject_auc(truth, scores, owner):
+    """The pooled AUROC (scikit-learn) of the slices of a draw of subjects, repeats counted again."""
+    members = [np.flatnonzero(owner == i) for i in range(owner.max() + 1)]
+
+    def stat(draw):
+        idx = np.concatenate([members[i] for i in draw])
+        return roc_auc_score(truth[idx], scores[idx]) if 0 < truth[idx].sum() < idx.size else np.nan
+
+    return stat
 
 
 def test_slice_auroc_row_resamples_subjects_and_takes_the_fold_sd_with_ddof_1():
@@ -52,13 +59,7 @@ def test_slice_auroc_row_resamples_subjects_and_takes_the_fold_sd_with_ddof_1():
     n = fold_of.size
     row = _cluster_auc_row("anomaly", "slice-level", "enc", "v", truth, scores, owner, n, fold_of, 4, N_BOOT, 0)
     assert row["estimate"] == pytest.approx(roc_auc_score(truth, scores))
-    members = [np.flatnonzero(owner == i) for i in range(n)]
-
-    def stat(draw):
-        idx = np.concatenate([members[i] for i in draw])
-        return _sk_auc(truth[idx], scores[idx])
-
-    _close(row, _cluster_interval(stat, n))
+    _close(row, _cluster_interval(_subject_auc(truth, scores, owner), n))
     folds = [roc_auc_score(truth[np.isin(owner, np.flatnonzero(fold_of == f))],
                            scores[np.isin(owner, np.flatnonzero(fold_of == f))]) for f in range(4)]
     assert row["fold_mean"] == pytest.approx(np.mean(folds))
@@ -73,13 +74,7 @@ def test_pooled_voxel_auroc_interval_resamples_whole_subjects():
     tests = [np.flatnonzero(fold_of == f) for f in range(4)]
     out = _pooled_auroc(scores, truth, owner, n, 4096, N_BOOT, 0, tests=tests)
     assert out["estimate"] == pytest.approx(roc_auc_score(truth, scores))
-    members = [np.flatnonzero(owner == i) for i in range(n)]
-
-    def stat(draw):
-        idx = np.concatenate([members[i] for i in draw])
-        return _sk_auc(truth[idx], scores[idx])
-
-    _close(out, _cluster_interval(stat, n))
+    _close(out, _cluster_interval(_subject_auc(truth, scores, owner), n))
 
 
 def test_detection_rate_row_pools_lesions_and_resamples_subjects():
