@@ -743,3 +743,37 @@ def test_the_cache_jobs_log_file_ends_with_its_summary_and_failures(tmp_path, mo
     failed = [line for line in console.splitlines() if line.startswith("  b: ")]
     assert len(failed) == 1 and failed[0] in log.splitlines()
     assert console.count("1 subject(s) cached") == 1  # the summary is not printed twice
+
+
+def test_volume_settings_reach_cache_and_info_and_bad_ones_are_one_line(tmp_path, monkeypatch, capsys):
+    """A refusal names its VolumeConfig setting, but `cache` and `info` had no way to set one."""
+    monkeypatch.chdir(tmp_path)
+    write_nifti(tmp_path / "mask.nii.gz", (blob_volume(seed=0) > 0).astype(np.uint8))
+    (tmp_path / "m.csv").write_text("subject_id,t1\nm,mask.nii.gz\n")
+    cache = ["cache", "--manifest", "m.csv", "--encoder", "tv/resnet18", "--store", "s.h5", "--size", "32",
+             "--stride", "4", "--no-progress"]
+    assert main(["info", "mask.nii.gz"]) == 2
+    assert "looks like a label map or mask" in capsys.readouterr().err
+    assert main(["info", "mask.nii.gz", "--volume", "refuse_label_maps=false"]) == 0
+    assert main(["info", "mask.nii.gz", "--volume", "refuse_label_maps=false", "--volume", "spacing=4"]) == 0
+    assert " spacing_mm: (4, 4, 4)" in capsys.readouterr().out  # one number: isotropic
+    assert main(cache) == 1
+    capsys.readouterr()
+    # the setting is part of the feature set: the store made without it refuses these features
+    assert main(cache + ["--volume", "refuse_label_maps=false"]) == 2
+    assert "differs in: volume_config.refuse_label_maps: (absent) -> False" in capsys.readouterr().err
+    assert main(cache + ["--volume", "spacing=2"]) == 2
+    assert "--volume spacing: set it with --spacing" in capsys.readouterr().err
+    assert main([*cache[:6], "s2.h5", *cache[7:], "--volume", "refuse_label_maps=false"]) == 0
+    from slice2vol.cache import FeatureStore
+
+    assert FeatureStore(tmp_path / "s2.h5").subjects() == ["m"]
+    capsys.readouterr()
+    for flag, message in [("foo=1", "--volume foo: not a VolumeConfig setting; known: clip_percentiles, "),
+                          ("max_foreground_fraction=2", "--volume: max_foreground_fraction must be a number in "),
+                          ("spacing=[2,x,2]", "--volume: spacing must be 3 voxel sizes of 0.05-20 mm (or one, "
+                                              "isotropic), got [2, 'x', 2]"),
+                          ("refuse_label_maps", "--volume 'refuse_label_maps': expected KEY=VALUE")]:
+        assert main(["info", "mask.nii.gz", "--volume", flag]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

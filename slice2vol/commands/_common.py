@@ -80,6 +80,42 @@ def add_device(parser: argparse.ArgumentParser, *, config_key: str | None = None
                             help="auto (CUDA when available), cpu, cuda or cuda:N")
 
 
+def add_volume_options(parser: argparse.ArgumentParser) -> None:
+    """``--volume KEY=VALUE`` (repeatable): any :class:`~slice2vol.data.io.VolumeConfig` field, e.g. a
+    check a refusal names (``--volume max_foreground_fraction=1``); the file-reading rules are otherwise
+    fixed for jobs without a config file."""
+    parser.add_argument("--volume", action="append", default=[], metavar="KEY=VALUE",
+                        help="a VolumeConfig setting, repeatable (e.g. --volume refuse_label_maps=false, "
+                             "--volume max_foreground_fraction=1; docs/data.md lists them)")
+
+
+def volume_config(args: argparse.Namespace, **fixed):
+    """The :class:`~slice2vol.data.io.VolumeConfig` of ``fixed`` fields (set by their own flags) and
+    ``--volume`` settings; a bad key or value is a ValueError naming ``--volume``."""
+    import dataclasses
+
+    import yaml
+
+    from slice2vol.data.io import VolumeConfig
+
+    known = {f.name for f in dataclasses.fields(VolumeConfig)}
+    settings = {}
+    for item in getattr(args, "volume", None) or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--volume {item!r}: expected KEY=VALUE, e.g. --volume max_foreground_fraction=1")
+        if key not in known:
+            raise ValueError(f"--volume {key}: not a VolumeConfig setting; known: {', '.join(sorted(known))}")
+        if key in fixed:
+            raise ValueError(f"--volume {key}: set it with --{key.replace('_', '-')}")
+        settings[key] = yaml.safe_load(text) if text.strip() else None
+    try:
+        return VolumeConfig(**fixed, **settings)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--volume: {err}") from None
+
+
 def weights_arg(text: str) -> str:
     """argparse type of ``--weights``: an empty value (``--weights "$CKPT"`` with the variable unset)
     is refused; it used to mean random weights."""

@@ -31,10 +31,12 @@ from slice2vol.commands._common import (
     add_manifest,
     add_progress,
     add_run_log,
+    add_volume_options,
     log_to_run_files,
     progress_enabled,
     resolve_device,
     seed_type,
+    volume_config,
     weights_arg,
 )
 
@@ -75,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reader", choices=["auto", "thread", "process"], default="auto",
                         help="readers are threads of this process (the default on CPU: no fork, no copy of the "
                              "slices) or DataLoader processes (the default on GPU, where one reader is too slow)")
+    add_volume_options(parser)
     add_device(parser)
     parser.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast on CUDA")
     parser.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
@@ -178,7 +181,6 @@ def _cache(args: argparse.Namespace) -> int:
     for flag, value, low in (("--workers", args.workers, 0), ("--commit-every", args.commit_every, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    from slice2vol.data.io import VolumeConfig
     from slice2vol.data.manifest import load_manifest
     from slice2vol.data.slicing import SliceConfig
     from slice2vol.extract import cache_cohort, parse_shard, shard_from_env, shard_path
@@ -198,7 +200,8 @@ def _cache(args: argparse.Namespace) -> int:
 
     slice_cfg = SliceConfig(planes=args.planes, stride=args.stride, min_foreground=args.min_foreground,
                             context=args.context, size=args.size)
-    volume_cfg = VolumeConfig(spacing=(args.spacing,) * 3 if args.spacing is not None else None, oblique=args.oblique)
+    volume_cfg = volume_config(args, spacing=(args.spacing,) * 3 if args.spacing is not None else None,
+                               oblique=args.oblique)
     cohort = load_manifest(args.manifest)
     report = cache_cohort(
         cohort, args.encoder, store, weights=args.weights, encoder_kwargs=_encoder_kwargs(args.encoder_arg),

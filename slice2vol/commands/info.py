@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slice2vol.commands._common import add_manifest, add_progress, progress_enabled
+from slice2vol.commands._common import add_manifest, add_progress, add_volume_options, progress_enabled, volume_config
 
 HELP = "shape, spacing, orientation, obliquity, intensities, foreground and slices per plane of a volume or cohort"
 DESCRIPTION = __doc__
@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=1, help="slice stride for the slice counts")
     parser.add_argument("--min-foreground", type=float, default=0.05,
                         help="skip slices with less foreground than this fraction")
+    add_volume_options(parser)
     add_progress(parser)
 
 
@@ -95,7 +96,7 @@ def _plain(value) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slice2vol.data.io import VolumeConfig, load_volume, printable_path
+    from slice2vol.data.io import load_volume, printable_path
     from slice2vol.data.manifest import Failure
     from slice2vol.data.manifest import load_manifest, load_subject
     from slice2vol.progress import track
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if not target:
         raise ValueError("give a NIfTI file, a feature store, or --manifest cohort.csv")
     path = Path(target)
-    cfg = VolumeConfig(oblique=args.oblique)
+    cfg = volume_config(args, oblique=args.oblique)
     if path.name and (path.suffix in (".h5", ".hdf5") or path.with_name(path.name + ".parts").is_dir()):
         from slice2vol.cache import FeatureStore
 

@@ -137,7 +137,13 @@ class VolumeConfig:
         if self.reslice_order not in (1, 3):
             raise ValueError(f"reslice_order must be 1 (trilinear) or 3 (cubic), got {self.reslice_order!r}")
         if self.spacing is not None:
-            spacing = tuple(float(v) for v in self.spacing)
+            if isinstance(self.spacing, (int, float)) and not isinstance(self.spacing, bool):
+                self.spacing = (self.spacing,) * 3  # one number: isotropic (``spacing: 2`` in a config)
+            try:
+                spacing = tuple(float(v) for v in self.spacing)
+            except (TypeError, ValueError):
+                raise ValueError(f"spacing must be 3 voxel sizes of {self.min_spacing:g}-{self.max_spacing:g} mm "
+                                 f"(or one, isotropic), got {self.spacing!r}") from None
             # the range a loaded file's own spacing must lie in: anything else is a typo (0.01 mm would
             # resample a head into 10^10 voxels, -1 into one voxel, 0 used to be ignored)
             if len(spacing) != 3 or not all(math.isfinite(v) and self.min_spacing <= v <= self.max_spacing
