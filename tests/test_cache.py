@@ -933,3 +933,19 @@ def test_a_symbolic_link_that_loops_is_refused_in_one_line(tmp_path: Path) -> No
     with pytest.raises(StoreError, match=r"loop\.h5: a symbolic link that loops back on itself") as info:
         FeatureStore(loop, mode="a")
     assert "\n" not in str(info.value)
+
+
+def test_checksums_are_the_documented_hashes_whatever_the_byte_order():
+    """``block_sha256`` is sha256 of the little-endian bytes (a big-endian copy hashes the same);
+    ``volume_sha256`` is sha256 of the ids joined by newlines, then the float32 rows."""
+    import hashlib
+
+    from slice2vol.cache import block_sha256, volume_sha256
+
+    a = np.arange(12, dtype="<f4").reshape(3, 4) / 7
+    b = np.arange(3, dtype="<i8")
+    assert block_sha256(a, b) == hashlib.sha256(a.tobytes() + b.tobytes()).hexdigest()
+    assert block_sha256(a.astype(">f4"), b.astype(">i8")) == block_sha256(a, b)
+    x = np.ones((2, 3), "<f4")
+    assert volume_sha256(["ab", "c"], x) == hashlib.sha256(b"ab\nc" + x.tobytes()).hexdigest()
+    assert volume_sha256(["ab", "c"], x) != volume_sha256(["a", "bc"], x)

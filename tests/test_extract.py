@@ -1102,3 +1102,25 @@ def test_a_changed_input_that_fails_to_cache_again_leaves_no_stale_features(tmp_
     again = FeatureStore(out)
     assert sorted(again.subjects()) == ["sub0", "sub1", "sub2"]
     assert_fp16_close(again.slice_features("sub2", "axial"), before["sub2"])
+
+
+def test_feature_provenance_records_the_weights_files_sha256(tmp_path):
+    """The store's identity of a checkpoint is its sha256 (paths differ between machines)."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from slice2vol.data.io import VolumeConfig
+    from slice2vol.data.slicing import SliceConfig
+    from slice2vol.encoders import build_encoder
+    from slice2vol.extract import feature_provenance
+
+    torch.manual_seed(0)
+    state = build_encoder("tv/resnet18", weights="random").model.state_dict()
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    encoder = build_encoder("tv/resnet18", weights=str(path))
+    prov = feature_provenance(encoder, "tv/resnet18", {}, VolumeConfig(), SliceConfig(), dtype="float16", tokens=False)
+    assert prov["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert prov["weights"] == "file" and prov["weights_path"] == str(path)

@@ -870,3 +870,16 @@ def test_a_manifest_given_at_build_gives_the_labels_not_the_store(cohort_store, 
     assert first["subject_id"] == "s3" and first["age"] == 99 and first["sex"] == "F"
     assert main(build + ["--out", str(tmp_path / "plain")]) == 0  # no manifest: the store's labels, as before
     assert Index.load(tmp_path / "plain").labels.loc["s3", "age"] == 41
+
+
+@pytest.mark.parametrize("key", ["encoder", "weights_sha256", "state_sha256", "encoder_kwargs", "volume_cfg",
+                                 "slice_cfg", "feature_dtype", "embed_dim"])
+def test_each_pipeline_key_alone_is_a_provenance_difference(key):
+    """A random-init network differs from its twin only in ``state_sha256``: each key must count alone."""
+    base = {"encoder": "tv/resnet18", "weights_sha256": "a" * 64, "state_sha256": "b" * 64,
+            "encoder_kwargs": {}, "volume_cfg": {"oblique": "reslice"}, "slice_cfg": {"stride": 1},
+            "feature_dtype": "float16", "embed_dim": 512}
+    other = {**base, key: "changed"}
+    assert provenance_differences({"pipeline": base}, {"pipeline": base}) == []
+    assert provenance_differences({"pipeline": base}, {"pipeline": other}) == [
+        f"{key}: 'changed' differs from the index's {base[key]!r}"]

@@ -201,3 +201,20 @@ def test_trainable_aggregators_see_features_of_random_init_scale(name, params):
     spread = np.abs(X_tiny - X_tiny.mean(0)).max() / max(np.abs(X_tiny).max(), 1e-30)
     assert spread > 1e-2, spread  # distinct subjects, not one vector
     np.testing.assert_allclose(X_tiny, X, rtol=1e-3, atol=1e-3 * np.abs(X).max())
+
+
+def test_sinusoidal_encoding_against_hand_computed_values():
+    """dim 6: three frequencies from 1 (period 2*pi mm) down to 2*pi / max_period; sines, then cosines."""
+    import math
+
+    import torch
+
+    from slice2vol.aggregate.transformer import sinusoidal_encoding
+
+    coords = torch.tensor([0.0, 3.0])
+    enc = sinusoidal_encoding(coords, 6, max_period=1000.0)
+    freqs = [math.exp(-math.log(1000.0 / (2 * math.pi)) * i / 2) for i in range(3)]
+    expected = [[math.sin(c * f) for f in freqs] + [math.cos(c * f) for f in freqs] for c in (0.0, 3.0)]
+    torch.testing.assert_close(enc, torch.tensor(expected))
+    assert freqs[0] == 1.0 and math.isclose(2 * math.pi / freqs[-1], 1000.0)
+    assert sinusoidal_encoding(coords, 7).shape == (2, 7) and bool((sinusoidal_encoding(coords, 7)[:, -1] == 0).all())

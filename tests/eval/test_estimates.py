@@ -103,3 +103,25 @@ def test_a_paired_row_without_permutations_is_not_tested_not_p_1():
                      n_boot=50, n_perm=0, seed=0)
     assert np.isnan(row["p_value"]) and np.isfinite(row["delta"])
     assert np.isnan(add_holm([row])[0]["p_holm"])
+
+
+def test_the_summary_takes_each_sets_own_paired_row_and_its_holm_p():
+    from slice2vol.eval.estimates import summary
+
+    def row(encoder, estimate, metric="roc_auc", task="linear"):
+        return {"label": "sex", "task": task, "variant": "logreg", "metric": metric, "encoder": encoder,
+                "estimate": estimate, "ci_low": estimate - 0.1, "ci_high": estimate + 0.1, "estimate_kind": "pooled"}
+
+    def test(encoder, delta, p, p_holm, metric="roc_auc"):
+        return {"label": "sex", "task": "linear", "variant": "logreg", "metric": metric, "encoder": encoder,
+                "delta": delta, "ci_low": delta - 0.05, "ci_high": delta + 0.05, "p_value": p, "p_holm": p_holm}
+
+    rows = [row("ref", 0.7), row("a", 0.8), row("b", 0.6), row("a", 0.9, task="knn")]
+    paired = [test("a", 0.1, 0.01, 0.02, metric="balanced_accuracy"), test("b", -0.1, 0.03, 0.06),
+              test("a", 0.1, 0.01, 0.02)]
+    out = summary(rows, paired, {"sex": ("linear", "logreg", "roc_auc")})
+    assert [r["encoder"] for r in out] == ["ref", "a", "b"]  # the knn row is not the primary task
+    ref, a, b = out
+    assert ref["delta"] is None and ref["p_holm"] is None
+    assert (a["estimate"], a["delta"], a["delta_ci_low"], a["p_holm"]) == (0.8, 0.1, 0.05, 0.02)
+    assert (b["delta"], b["p_holm"], b["lower_is_better"]) == (-0.1, 0.06, False)
