@@ -37,3 +37,25 @@ def test_rotation_refuses_non_cubic_crops():
     cfg = from_dict(SSLConfig, {"method": "rotation", "data": {"crop_size": [32, 32, 16]}})
     with pytest.raises(ValueError, match="cubic"):
         build_method(cfg)
+
+
+def test_each_sample_is_rotated_by_its_own_label(monkeypatch):
+    """The rotated batch the backbone sees, against rotate(sample, label's rotation) per sample."""
+    import slice2vol.ssl.rotation as rotation_module
+    from slice2vol.ssl import build_method
+    from slice2vol.ssl.rotation import rotate
+    from tests.ssl.conftest import tiny_config
+
+    model = build_method(tiny_config("rotation", 3))
+    seen = {}
+    model.backbone.register_forward_pre_hook(lambda module, args: seen.update(rotated=args[0]))
+    real_loss = rotation_module.classification_loss
+    monkeypatch.setattr(rotation_module, "classification_loss",
+                        lambda logits, labels: seen.update(labels=labels) or real_loss(logits, labels))
+    batch = torch.rand(6, 1, 24, 24, 24)
+    torch.manual_seed(3)
+    model.training_step(batch)
+    labels = seen["labels"].tolist()
+    assert len(set(labels)) > 1  # mixed labels: a mix-up between samples would show
+    for x, c, got in zip(batch, labels, seen["rotated"]):
+        assert torch.equal(got, rotate(x, *model.classes[c]))
