@@ -35,3 +35,27 @@ def test_tiles_are_shuffled_by_the_labelled_permutation():
 def test_jigsaw_fits_fixed_batch(dims, bank, tmp_path):
     before, after, _ = fit_fixed_batch(tiny_config("jigsaw", dims), bank, tmp_path)
     assert after < before - 0.5, (before, after)
+
+
+def test_the_step_shows_each_sample_its_own_labelled_permutation(monkeypatch):
+    """In training_step itself: position i of sample b shows tile permutations[label_b][i] of sample b."""
+    import slice2vol.ssl.jigsaw as jigsaw_module
+
+    model = build_method(tiny_config("jigsaw", 3))
+    seen = {}
+    real_tiles, real_loss = model.tiles, jigsaw_module.classification_loss
+    monkeypatch.setattr(model, "tiles", lambda batch: seen.setdefault("tiles", real_tiles(batch)))
+    monkeypatch.setattr(jigsaw_module, "classification_loss",
+                        lambda logits, labels: seen.update(labels=labels) or real_loss(logits, labels))
+    model.backbone.register_forward_pre_hook(lambda module, args: seen.update(shown=args[0]))
+    batch = torch.rand(5, 1, 24, 24, 24)
+    torch.manual_seed(1)
+    model.training_step(batch)
+    tiles, labels = seen["tiles"], seen["labels"].tolist()
+    n_tiles = tiles.shape[1]
+    shown = seen["shown"].view(5, n_tiles, *tiles.shape[2:])
+    assert len(set(labels)) > 1
+    for b, label in enumerate(labels):
+        order = model.permutations[label].tolist()
+        for i in range(n_tiles):
+            assert torch.equal(shown[b, i], tiles[b, order[i]]), (b, i)
