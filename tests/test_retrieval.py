@@ -72,6 +72,9 @@ def test_labels_join_and_exclude_self(clustered):
     for row in table.itertuples():
         j = int(row.subject_id[4:])
         assert row.age == pytest.approx(j + 20.5) and row.sex == ["F", "M"][j % 2]
+    # a query not in the index: nothing to drop, still exactly k neighbours, ranks 1..k
+    table = index.search(index.vector("sub-0010"), k=3, query_ids=["new-scan"], exclude_self=True)
+    assert table["rank"].tolist() == [1, 2, 3] and table["subject_id"].tolist()[0] == "sub-0010"
 
 
 @pytest.mark.parametrize("kind,param", [("ivf", "nprobe"), ("hnsw", "ef_search")])
