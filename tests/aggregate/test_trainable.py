@@ -218,3 +218,29 @@ def test_sinusoidal_encoding_against_hand_computed_values():
     torch.testing.assert_close(enc, torch.tensor(expected))
     assert freqs[0] == 1.0 and math.isclose(2 * math.pi / freqs[-1], 1000.0)
     assert sinusoidal_encoding(coords, 7).shape == (2, 7) and bool((sinusoidal_encoding(coords, 7)[:, -1] == 0).all())
+
+
+def test_slice_transformer_attention_is_a_distribution_over_real_slices_and_position_matters():
+    """The exposed CLS attention sums to 1 over each bag's real slices (padding gets none), and moving
+    one slice along its axis changes the embedding (the position encoding reaches the tokens)."""
+    import torch
+
+    from slice2vol.aggregate.trainer import PaddedPlane
+    from slice2vol.aggregate.transformer import SliceTransformerModule
+
+    torch.manual_seed(0)
+    module = SliceTransformerModule(in_dim=8, d_model=16, depth=2, heads=2, dropout=0.0).eval()
+    feats = {p: torch.randn(2, 5, 8) for p in ("axial", "coronal")}
+    masks = {"axial": torch.tensor([[True] * 5, [True] * 3 + [False] * 2]), "coronal": torch.ones(2, 5, dtype=torch.bool)}
+    coords = {p: torch.arange(5.0).repeat(2, 1) * 4 - 8 for p in feats}
+    batch = {p: PaddedPlane(feats[p] * masks[p][..., None], masks[p], coords[p]) for p in feats}
+    with torch.no_grad():
+        emb, attention = module(batch)
+        total = sum(a.sum(1) for a in attention.values())
+        torch.testing.assert_close(total, torch.ones(2))
+        assert bool((attention["axial"][1, 3:] == 0).all())
+        moved = dict(batch)
+        shifted = coords["axial"].clone()
+        shifted[:, 0] += 30.0
+        moved["axial"] = PaddedPlane(batch["axial"].features, masks["axial"], shifted)
+        assert not torch.allclose(module(moved)[0], emb, atol=1e-4)
