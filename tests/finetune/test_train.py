@@ -64,6 +64,11 @@ def test_only_the_mode_s_parameters_change(mode):
     elif mode == "last_blocks":
         assert changed and all(k.startswith(("blocks.1.", "norm.", "fc_norm.", "head.")) for k in changed)
         assert not any(k.startswith("blocks.0.") for k in changed)
+        # every parameter of the last block and after it trains, the first of them included
+        names = [n for n, _ in encoder.model.named_parameters()]
+        start = next(i for i, n in enumerate(names) if n.startswith("blocks.1."))
+        assert setup["trainable"] == names[start:]
+        assert all(p.requires_grad == (i >= start) for i, (_, p) in enumerate(encoder.model.named_parameters()))
     else:
         assert changed == [] and setup["trainable"] == []
     assert any(not torch.equal(a, b) for a, b in zip(head_before, objective.parameters()))
