@@ -244,3 +244,32 @@ def test_slice_transformer_attention_is_a_distribution_over_real_slices_and_posi
         shifted[:, 0] += 30.0
         moved["axial"] = PaddedPlane(batch["axial"].features, masks["axial"], shifted)
         assert not torch.allclose(module(moved)[0], emb, atol=1e-4)
+
+
+def test_head3d_is_the_masked_mean_over_slices_and_patches_averaged_over_planes():
+    """Without residual blocks the head is gelu(1x1x1 conv) averaged over real slices and every token
+    of their grids (by hand from the conv's weights), then over planes."""
+    import torch
+    import torch.nn.functional as F
+
+    from slice2vol.aggregate.head3d import Head3DModule
+    from slice2vol.aggregate.trainer import PaddedPlane
+
+    torch.manual_seed(0)
+    head = Head3DModule(in_dim=4, channels=3, depth=0, dropout=0.0).eval()
+    w, b = head.reduce.weight[:, :, 0, 0, 0], head.reduce.bias
+
+    def plane(s, real, grid):
+        tokens = torch.randn(2, s, grid[0] * grid[1], 4)
+        mask = torch.arange(s)[None, :] < torch.tensor(real)[:, None]
+        return PaddedPlane(torch.zeros(2, s, 4), mask, torch.zeros(2, s), tokens * mask[..., None, None], grid)
+
+    def by_hand(pp):
+        out = F.gelu(pp.tokens @ w.T + b)  # (B, S, T, C)
+        return torch.stack([out[i, pp.mask[i]].mean((0, 1)) for i in range(len(out))])
+
+    axial, coronal = plane(5, [5, 3], (2, 3)), plane(4, [2, 4], (2, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(head({"axial": axial})[0], by_hand(axial))
+        both = head({"axial": axial, "coronal": coronal})[0]
+        torch.testing.assert_close(both, (by_hand(axial) + by_hand(coronal)) / 2)
