@@ -184,3 +184,17 @@ def test_hub_weights_come_from_the_hf_cache_offline(monkeypatch, tmp_path):
     x = torch.rand(1, 1, 64, 64)
     with torch.inference_mode():
         assert torch.equal(cached.encode(x), source.encode(x))
+
+
+def test_register_tokens_are_no_patch_tokens():
+    """ViTs with register tokens (DINOv2 *_reg4, 5 prefix tokens): tokens and mean pooling skip all of
+    the prefix, not only the CLS token."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        vit = build_encoder("timm/vit_small_patch16_224", img_size=64, model_kwargs=dict(depth=1, reg_tokens=4),
+                            pooling="mean")
+        assert vit.model.num_prefix_tokens == 5
+        tokens, grid = vit.tokens(x)
+        assert grid == (4, 4) and tokens.shape == (2, 16, 384)
+        assert torch.allclose(vit.encode(x), tokens.mean(1), atol=1e-5)
