@@ -949,3 +949,15 @@ def test_checksums_are_the_documented_hashes_whatever_the_byte_order():
     x = np.ones((2, 3), "<f4")
     assert volume_sha256(["ab", "c"], x) == hashlib.sha256(b"ab\nc" + x.tobytes()).hexdigest()
     assert volume_sha256(["ab", "c"], x) != volume_sha256(["a", "bc"], x)
+
+
+def test_row_runs_join_only_when_consecutive_in_source_and_destination():
+    """(start, stop, at): rows start..stop of a segment go to rows at.. of the packed array; one HDF5
+    read may serve two ranges only if both sides continue each other (a subject asked for out of
+    store order breaks the destination side)."""
+    from slice2vol.cache import _runs
+
+    assert _runs([(0, 5, 0), (5, 8, 5), (8, 9, 8)]) == [(0, 9, 0)]
+    assert _runs([(0, 5, 3), (5, 8, 0)]) == [(0, 5, 3), (5, 8, 0)]  # consecutive in the source only
+    assert _runs([(0, 5, 0), (6, 8, 5)]) == [(0, 5, 0), (6, 8, 5)]  # consecutive in the destination only
+    assert _runs([]) == []
