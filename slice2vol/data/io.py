@@ -315,6 +315,13 @@ def read_nifti(path: str | Path, *, check_values: bool = True) -> nib.Nifti1Imag
             _warn_once(path, "q-s", f"%s: the qform ({''.join(q_axes)}) and sform ({''.join(s_axes)}) disagree "
                        "on the orientation; read with the sform, as nibabel does: check the left-right and set "
                        "both to the same affine")
+        else:
+            gap = _xform_gap(qform, sform)
+            if gap:
+                # same orientation letters, but other voxel sizes or axes rotated: a tool that prefers the
+                # qform reads another scale or tilt (fuzz round 23: 2 mm vs 1 mm was read as 1 mm unsaid)
+                _warn_once(path, "q-s-gap", f"%s: the qform and sform disagree ({gap}); read with the sform, as "
+                           "nibabel does: check which is right and set both to the same affine")
     if check_values:
         try:
             with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # reported below, in one line
@@ -668,6 +675,24 @@ def _data_extent(img: nib.Nifti1Image) -> tuple[int, int]:
     # the image's header is a copy with vox_offset reset; the array proxy keeps the file's
     offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
     return offset, offset + math.prod(int(n) for n in img.shape) * img.header.get_data_dtype().itemsize
+
+
+def _xform_gap(qform: np.ndarray, sform: np.ndarray) -> str | None:
+    """How a qform and an sform with the same orientation letters still differ, or None: voxel sizes
+    more than 1% apart, or a voxel axis turned by more than 1 deg (the default ``max_obliquity_deg``).
+    A translation alone changes no slice and is not reported."""
+    with np.errstate(all="ignore"):
+        q_mm, s_mm = (np.linalg.norm(a[:3, :3], axis=0) for a in (qform, sform))
+        cos = np.sum(qform[:3, :3] * sform[:3, :3], axis=0) / (q_mm * s_mm)
+    if not (np.isfinite(q_mm).all() and np.isfinite(s_mm).all() and np.isfinite(cos).all()):
+        return None  # a broken matrix: the checks of the affine read name it
+    parts = []
+    if np.any(np.abs(q_mm - s_mm) > 0.01 * np.maximum(q_mm, s_mm)):
+        parts.append(f"voxel sizes {_fmt_mm(q_mm)} vs {_fmt_mm(s_mm)}")
+    turn = float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))).max())
+    if turn > 1.0:
+        parts.append(f"voxel axes turned by up to {turn:.3g} deg")
+    return "; ".join(parts) or None
 
 
 def _usable_qform(img: nib.Nifti1Image) -> tuple[np.ndarray | None, str | None]:
@@ -1116,6 +1141,30 @@ def _check_affine(path: Path, affine: np.ndarray, unit: tuple[str, float] | None
         # non-zero columns that are parallel: two voxel axes point the same way, no 3D grid
         raise VolumeError(path, f"singular affine: its voxel axes are not independent (columns "
                                 f"{_fmt_axes(affine[:3, :3])}); the header's orientation is broken")
+    (i, j), angle = _closest_axes(affine)
+    if angle < MIN_AXIS_ANGLE_DEG:
+        # nearly parallel columns passed the determinant test (axes 0.003 deg apart: det 5e-5 of the
+        # orthogonal one) and were resliced onto a grid one voxel thick; a scanner's voxel axes are
+        # orthogonal, and a CT gantry tilt shears them to 60 deg at most
+        raise VolumeError(path, f"{'near-singular' if angle < 1 else 'sheared'} affine: voxel axes {'ijk'[i]} and "
+                                f"{'ijk'[j]} are only {angle:.3g} deg apart (columns {_fmt_axes(affine[:3, :3])}; "
+                                f"refused below {MIN_AXIS_ANGLE_DEG:g} deg: a scanner's are 90 deg apart, a CT "
+                                "gantry tilt shears them to 60); the header's orientation is broken")
+
+
+#: voxel axes closer than this (degrees) are refused as a broken header (orthogonal: 90; a CT gantry
+#: tilt of 30 deg shears two of them to 60)
+MIN_AXIS_ANGLE_DEG = 45.0
+
+
+def _closest_axes(affine: np.ndarray) -> tuple[tuple[int, int], float]:
+    """The two voxel axes (columns of ``affine[:3, :3]``) closest to parallel, and their angle in
+    degrees (0-90: a flipped axis is the same line)."""
+    cols = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    cosines = [min(1.0, abs(float(cols[:, a] @ cols[:, b]))) for a, b in pairs]
+    k = int(np.argmax(cosines))
+    return pairs[k], float(np.degrees(np.arccos(cosines[k])))
 
 
 def _fmt_mm(values: Sequence[float]) -> str:

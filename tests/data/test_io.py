@@ -16,7 +16,7 @@ import pytest
 
 from slice2vol.cli import main
 from slice2vol.data import VolumeConfig, VolumeError, load_manifest, load_subject, load_volume
-from slice2vol.data.io import resample
+from slice2vol.data.io import read_nifti, resample
 from tests.conftest import blob_volume, shared_weight, write_nifti
 
 
@@ -345,6 +345,16 @@ BAD_CASES = {
                                             np.array([[2, 2, 0, 0], [2, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1.0]])),
                       r"singular affine: its voxel axes are not independent \(columns \(2, 2, 0\), \(2, 2, 0\), "
                       r"\(0, 0, 2\)\)"),
+    # fuzz round 23: columns 0.003 deg apart passed the determinant test and were resliced onto a grid
+    # one voxel thick; a shear of 3 (axes 18 deg apart) was resliced onto a 477-voxel axis
+    "nearly_parallel_axes": (lambda t: write_nifti(t / "nearpar.nii.gz", blob_volume(),
+                                                   np.array([[2, 2, 0, 0], [0, 1e-4, 0, 0], [0, 0, 2, 0],
+                                                             [0, 0, 0, 1.0]])),
+                             r"near-singular affine: voxel axes i and j are only 0.00286 deg apart \(columns "
+                             r"\(2, 0, 0\), \(2, 0.0001, 0\), \(0, 0, 2\); refused below 45 deg"),
+    "strong_shear": (lambda t: write_nifti(t / "shear.nii.gz", blob_volume(),
+                                           np.array([[2, 6, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1.0]])),
+                     r"sheared affine: voxel axes i and j are only 18.4 deg apart"),
     # corrupt headers: caught before any voxel is read (these used to end in MemoryError, nibabel's
     # HeaderDataError or numpy's DTypePromotionError, none naming the file; the last two killed a job)
     "huge_dims_gz": (lambda t: _patched(t, "huge", _dims(3, 2000, 2000, 2000)),
@@ -577,6 +587,22 @@ def test_oblique_policies(tmp_path):
         assert VolumeConfig(allow_oblique=True).oblique == "snap"
     with pytest.raises(ValueError, match="oblique must be one of"):
         VolumeConfig(oblique="rotate")
+
+
+def test_a_gantry_tilt_shear_loads_and_the_axis_angle_limit_sits_between(tmp_path):
+    """A CT gantry tilt of 30 deg shears two voxel axes to 60 deg: that file loads (resliced); at 44
+    deg apart it is refused, at 46 it loads, so the limit is the documented 45 deg."""
+    def sheared(deg):
+        # column k leans towards column j: the angle between them is ``deg``
+        aff = np.diag([2.0, 2.0, 2.0, 1.0])
+        aff[:3, 2] = 2 * np.array([0, np.cos(np.radians(deg)), np.sin(np.radians(deg))])
+        return write_nifti(tmp_path / f"tilt{deg}.nii.gz", blob_volume(), aff)
+
+    for deg in (60, 46):
+        vol = load_volume(sheared(deg))
+        assert vol.oblique_action == "resliced"
+    with pytest.raises(VolumeError, match=r"sheared affine: voxel axes j and k are only 44 deg apart"):
+        load_volume(sheared(44))
 
 
 def test_a_thin_oblique_file_is_refused_on_its_own_grid_before_reslicing(tmp_path, monkeypatch):
@@ -986,6 +1012,33 @@ def test_qform_and_sform_that_disagree_are_warned_once_per_file(tmp_path, caplog
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'qs.nii.gz'}: the qform (RAS) and sform (LAS) disagree on the orientation; read with the "
         "sform, as nibabel does: check the left-right and set both to the same affine"]
+
+
+def test_qform_and_sform_with_other_voxel_sizes_or_tilt_are_warned(tmp_path, caplog):
+    """Fuzz round 23: same orientation letters, but a 2 mm qform beside a 1 mm sform, or an sform turned
+    30 deg from the qform, loaded without a word. Within 1% and 1 deg, or moved only, it says nothing."""
+    def saved(name, sform):
+        img = nib.Nifti1Image(blob_volume(), np.eye(4))
+        img.set_qform(np.diag([2.0, 2.0, 2.0, 1.0]), code=1)
+        img.set_sform(sform, code=1)
+        nib.save(img, tmp_path / f"{name}.nii.gz")
+        return tmp_path / f"{name}.nii.gz"
+
+    turned = np.diag([2.0, 2.0, 2.0, 1.0])
+    turned[:3, :3] = nib.eulerangles.euler2mat(z=np.radians(30)) @ turned[:3, :3]
+    moved = np.diag([2.0, 2.0, 2.0, 1.0])
+    moved[:3, 3] = [10, -5, 3]
+    almost = nib.affines.from_matvec(nib.eulerangles.euler2mat(z=np.radians(0.5)) * 2.01)
+    paths = [saved("scale", np.diag([1.0, 2.0, 2.0, 1.0])), saved("turned", turned), saved("moved", moved),
+             saved("almost", almost)]
+    with caplog.at_level("WARNING", logger="slice2vol.data.io"):
+        for path in paths:
+            read_nifti(path)
+    assert [r.getMessage() for r in caplog.records if "disagree" in r.getMessage()] == [
+        f"{paths[0]}: the qform and sform disagree (voxel sizes (2, 2, 2) vs (1, 2, 2)); read with the sform, as "
+        "nibabel does: check which is right and set both to the same affine",
+        f"{paths[1]}: the qform and sform disagree (voxel axes turned by up to 30 deg); read with the sform, as "
+        "nibabel does: check which is right and set both to the same affine"]
 
 
 def test_info_warns_once_for_a_file_without_orientation(tmp_path, capsys, caplog):
