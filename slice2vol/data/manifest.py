@@ -186,6 +186,10 @@ def _exists(path: Path) -> bool:
         return False
 
 
+#: a URL in a path cell, as Path() leaves it (``https:/host/x`` under the manifest's folder)
+_URL = re.compile(r"(?:^|/)((https?|s?ftp|s3|gs|file):/+)(.*)", re.IGNORECASE)
+
+
 def _absent(column: str, path: Path | None) -> str:
     """``t1 (path)`` for a missing file; a dangling link names its target (``ls`` lists the link itself),
     a link loop or a name the system refuses says so, in the words the file given alone gets."""
@@ -196,9 +200,15 @@ def _absent(column: str, path: Path | None) -> str:
     if problem is not None and problem != "file not found":
         return f"{column} ({path}: {problem})"
     text = str(path)
-    if re.search(r"(^|/)(https?|s?ftp|s3|gs|file):/", text, re.IGNORECASE):
-        # Path() folds 'https://host' into 'https:/host' under the manifest's folder
-        return f"{column} ({path}: a URL, not a path: the manifest takes local paths (download the file, or drop file://))"
+    url = _URL.search(text)
+    if url:
+        # Path() folds 'https://host' into 'https:/host' under the manifest's folder: the URL is shown
+        # as written, from its scheme on
+        scheme = url.group(2).lower()
+        shown = f"{url.group(2)}://{'/' if scheme == 'file' else ''}{url.group(3)}"
+        advice = ("drop file:// and give the path" if scheme == "file"
+                  else "download the file and give its local path")
+        return f"{column} ({shown}: a URL, not a path: the manifest takes local paths; {advice})"
     if "\\" in text:
         return f"{column} ({path}: Windows '\\' separators; write the path with '/')"
     return f"{column} ({path})"
@@ -347,8 +357,18 @@ def text_encoding(path: str | Path) -> str:
 
 
 def _encoding_of(start: bytes) -> str:
+    # UTF-32 first: its little-endian mark starts like UTF-16's, and decoded as UTF-16 every
+    # character came with a NUL, which read as rows of the wrong length
+    if start[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return "utf-32"
     if start[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return "utf-16"
+    quad = start[:len(start) - len(start) % 4]
+    if len(quad) >= 8:  # UTF-32 without the mark: ASCII column names, each followed or led by 3 NULs
+        if all(quad[0::4]) and not any(quad[1::4] + quad[2::4] + quad[3::4]):
+            return "utf-32-le"
+        if all(quad[3::4]) and not any(quad[0::4] + quad[1::4] + quad[2::4]):
+            return "utf-32-be"
     # UTF-16 without a byte-order mark (iconv -t UTF-16LE): ASCII column names alternate with NUL
     # bytes; read as UTF-8 the NULs stayed inside the names ("no 's\x00u\x00b\x00...' column")
     head = start[:64] if len(start) % 2 == 0 else start[:63]
@@ -414,6 +434,20 @@ def check_ids_known(path: str | Path, ids: Sequence[str], known: Sequence[str], 
         raise ValueError(f"{path}: {len(unknown)} subject ID(s) not in {where}, e.g. {unknown[:3]}")
 
 
+def _unclosed_quote(text: str, sep: str) -> int | None:
+    """The line (1-based) of the record whose quoted value is still open at the end of ``text``, or
+    None. A ``"`` inside an unquoted value is a plain character and no quote (``a"b.nii.gz`` loads)."""
+    end = 0
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+    try:
+        for _ in reader:
+            end = reader.line_num
+    except csv.Error as err:
+        # other strict-mode complaints ('"x"y': a character after a closing quote) pandas reads leniently
+        return end + 1 if "unexpected end of data" in str(err) else None
+    return None
+
+
 def _check_layout(path: Path, text: str, sep: str) -> tuple[list[int], list[int]]:
     """Refuses header names that repeat (after stripping spaces), rows with more filled cells than
     the header, and columns without a name that hold values (``text`` is the content of ``path``):
@@ -433,6 +467,11 @@ def _check_layout(path: Path, text: str, sep: str) -> tuple[list[int], list[int]
             if len(row) > 1 or any(c.strip() for c in row):
                 yield start, row
 
+    line = _unclosed_quote(text, sep)
+    if line is not None:
+        # pandas' words were "EOF inside string", and the rows it swallowed read as cells left out
+        raise ManifestError(f"{path}: line {line} opens a quoted value ('\"') that is never closed: it runs to the "
+                            "end of the file and swallows every row after it; close the quote, or remove it")
     with io.StringIO(text, newline="") as fh:
         rows = records(csv.reader(fh, delimiter=sep))
         header = [h.strip() for h in next(rows, (0, []))[1]]
@@ -652,7 +691,8 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             first = next((p for p in [*images.values(), seg] if p is not None), None)
             # the line starts with the missing file, or with the row when the first file is there (a
             # missing second modality): "b_t1.nii.gz: file not found: t2" read as if b_t1 were missing
-            where = first if first is not None and not _exists(first) else None
+            # (a URL folded by Path() is no file to name: the row is)
+            where = first if first is not None and not _exists(first) and not _URL.search(str(first)) else None
             failures.append(Failure(sid, str(where or source), f"{where or at}: file not found: {', '.join(absent)}"))
             continue
         labels = {c: _clean(row[c], types[c]) for c in types}

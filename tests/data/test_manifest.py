@@ -110,9 +110,11 @@ def test_a_url_or_windows_path_in_a_manifest_says_so(tmp_path):
     cohort = load_manifest(csv)
     assert cohort.ids == ["a"]
     messages = {f.subject_id: f.message for f in cohort.failures}
-    assert messages["b"].endswith("https:/example.org/b.nii.gz: a URL, not a path: the manifest takes local paths "
-                                  "(download the file, or drop file://))")
-    assert "a URL, not a path" in messages["d"]
+    # the URL as written (Path() folded its '//'), and the row named, not a folded path (fuzz round 23)
+    assert messages["b"] == (f"{csv}: row 3 (b): file not found: t1 (https://example.org/b.nii.gz: a URL, not a path: "
+                             "the manifest takes local paths; download the file and give its local path)")
+    assert messages["d"].endswith("t1 (file:///data/d.nii.gz: a URL, not a path: the manifest takes local paths; "
+                                  "drop file:// and give the path)")
     assert messages["c"].endswith("img\\a.nii.gz: Windows '\\' separators; write the path with '/')")
 
 
@@ -783,15 +785,31 @@ def test_a_glob_cohort_meets_its_participants_table_across_unicode_forms(tmp_pat
     assert cohort.ids == ["jos\u00e9"] and cohort.subjects[0].labels == {"age": 30.5}
 
 
-@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
 def test_a_utf16_manifest_without_a_byte_order_mark_is_read(tmp_path, encoding):
     """``iconv -t UTF-16LE`` writes no mark: read as UTF-8 the NUL bytes stayed inside the column names
-    ("no 'subject_id' column (columns: ['s\\x00u\\x00b\\x00...'])", fuzz round 22)."""
+    ("no 'subject_id' column (columns: ['s\\x00u\\x00b\\x00...'])", fuzz round 22). UTF-32, with its mark
+    (which starts like UTF-16's) or without, read as rows of the wrong length (fuzz round 23)."""
     _files(tmp_path, ["a.nii.gz", "b.nii.gz"])
     csv = tmp_path / "m.csv"
     csv.write_bytes("subject_id,t1,age\na,img/a.nii.gz,30.5\nb,img/b.nii.gz,40.5\n".encode(encoding))
     cohort = load_manifest(csv)
     assert cohort.ids == ["a", "b"] and [s.labels["age"] for s in cohort.subjects] == [30.5, 40.5]
+
+
+def test_an_unclosed_quote_is_named_with_its_line(tmp_path):
+    """Fuzz round 23: a '"' that is never closed swallowed the rest of the file into one cell, and the
+    row was blamed on a value left out. A '"' inside an unquoted value is a plain character, and a
+    quoted value over two lines, closed, loads."""
+    _files(tmp_path, ['a".nii.gz', "b.nii.gz", "c.nii.gz"])
+    csv = tmp_path / "m.csv"
+    csv.write_text('subject_id,t1,age\na,img/a".nii.gz,30\nb,"img/b.nii.gz,40\nc,img/c.nii.gz,50\n')
+    with pytest.raises(ManifestError, match=rf"^{csv}: line 3 opens a quoted value \('\"'\) that is never closed: it "
+                                            r"runs to the end of the file and swallows every row after it; close the "
+                                            r"quote, or remove it$"):
+        load_manifest(csv)
+    csv.write_text('subject_id,t1,age,note\na,img/a".nii.gz,30,"two\nlines"\nb,"img/b.nii.gz",40,\n')
+    assert load_manifest(csv).ids == ["a", "b"]
 
 
 def test_a_latin1_manifest_is_refused_with_the_byte_and_what_to_do(tmp_path):
