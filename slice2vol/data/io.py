@@ -1617,7 +1617,7 @@ def label_map_problem(data: np.ndarray, max_samples: int = 1_000_000) -> str | N
     share = float(np.mean(same)) if same else 0.0
     if share < 0.5:
         return None
-    shown = ", ".join(f"{v:g}" for v in levels[:4]) + (", ..." if len(levels) > 4 else "")
+    shown = ", ".join(f"{v:.10g}" for v in levels[:4]) + (", ..." if len(levels) > 4 else "")
     what = "value" if len(levels) == 1 else "values"
     return (f"looks like a label map or mask, not an image: {len(levels)} distinct non-zero integer {what} ({shown}) in "
             f"patches, {share:.0%} of neighbouring voxels equal (a segmentation in an image column? "

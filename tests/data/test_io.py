@@ -1613,6 +1613,12 @@ def test_a_brain_mask_or_tissue_map_in_an_image_column_is_refused(tmp_path):
     with pytest.raises(VolumeError, match=r"tissues\.nii\.gz: looks like a label map or mask, not an image: 3 distinct "
                                           r"non-zero integer values \(1, 2, 3\) in patches"):
         load_volume(write_nifti(tmp_path / "tissues.nii.gz", tissues))
+    # labels 1e9 apart by 64 (a float32 image lifted by 1e9 keeps steps of 64): shown in full, not as
+    # four times "1e+09" (fuzz round 23)
+    lifted = np.where(tissues > 0, 1e9 + 64 * tissues, 0).astype(np.float64)
+    with pytest.raises(VolumeError, match=r"lifted\.nii\.gz: .* 3 distinct non-zero integer values \(1000000064, "
+                                          r"1000000128, 1000000192\) in patches"):
+        load_volume(write_nifti(tmp_path / "lifted.nii.gz", lifted))
     # a constant volume is still named as such
     with pytest.raises(VolumeError, match=r"constant volume \(all voxels = 7\)"):
         load_volume(write_nifti(tmp_path / "seven.nii.gz", np.full((40, 48, 36), 7, np.int16)))
