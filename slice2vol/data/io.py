@@ -1251,6 +1251,38 @@ def reslice(img: nib.Nifti1Image, affine: np.ndarray, shape: Sequence[int], *, o
 _COMPRESSION = {b"\x1f\x8b": ("gzip", ".gz"), b"BZh": ("bzip2", ".bz2"), b"\x28\xb5\x2f\xfd": ("zstd", ".zst")}
 
 
+#: other formats a file named .nii or .nii.gz turns out to hold: (start, offset, what, what to do)
+_OTHER_FORMATS = (
+    (b"\xfd7zXZ\x00", 0, "xz-compressed data", "decompress it (xz -d) and save it as .nii or .nii.gz"),
+    (b"PK\x03\x04", 0, "a zip archive", "unzip it and list the .nii/.nii.gz inside"),
+    (b"7z\xbc\xaf\x27\x1c", 0, "a 7-Zip archive", "extract it and list the .nii/.nii.gz inside"),
+    (b"\x89HDF\r\n\x1a\n", 0, "an HDF5 file", "export the volume to NIfTI"),
+    (b"\x89PNG\r\n\x1a\n", 0, "a PNG image", "a 2D picture is no volume: give the scan as NIfTI"),
+    (b"\xff\xd8\xff", 0, "a JPEG image", "a 2D picture is no volume: give the scan as NIfTI"),
+    (b"DICM", 128, "a DICOM file", "convert the series to NIfTI first (dcm2niix)"),
+    (b"NRRD", 0, "an NRRD image", "convert it to NIfTI first (e.g. SimpleITK.WriteImage)"),
+    (b"ObjectType", 0, "a MetaImage (.mha/.mhd) header", "convert it to NIfTI first (e.g. SimpleITK.WriteImage)"),
+)
+
+
+def _other_format(raw: bytes) -> tuple[str, str] | None:
+    """(what ``raw``, a file's first bytes, is, what to do), for a known non-NIfTI format, or None.
+    zlib data without gzip's wrapper (``zlib.compress``) is recognised by decoding its start."""
+    for magic, at, what, advice in _OTHER_FORMATS:
+        if raw[at:at + len(magic)] == magic:
+            return what, advice
+    if len(raw) >= 2 and raw[0] == 0x78 and (raw[0] << 8 | raw[1]) % 31 == 0:
+        try:
+            start = zlib.decompressobj().decompress(raw, 4)
+        except zlib.error:
+            return None
+        if start[:4] in (struct.pack("<i", 348), struct.pack(">i", 348), struct.pack("<i", 540),
+                         struct.pack(">i", 540)):
+            return ("zlib-compressed data without the gzip wrapper",
+                    "decompress it (python: zlib.decompress) and gzip it (.nii.gz)")
+    return None
+
+
 def _cut_header(path: Path) -> str | None:
     """Why nibabel could not read ``path``, when it is an empty file, compressed data under another
     name, or a NIfTI cut off early (a copy or download that stopped); None otherwise.
@@ -1271,6 +1303,9 @@ def _cut_header(path: Path) -> str | None:
         return None
     kind, suffix = next((v for magic, v in _COMPRESSION.items() if raw.startswith(magic)), (None, ""))
     name = path.name.lower()
+    other = None if kind else _other_format(raw)
+    if other:  # nibabel's words were "not a gzip file" or "cannot work out file type"
+        return f"{other[0]}, not a NIfTI image: {other[1]}"
     if kind and not name.endswith(suffix):  # nibabel goes by the name
         return f"{kind}-compressed data in a file named {path.name}: rename it to end in .nii{suffix}"
     head = raw
@@ -1286,6 +1321,9 @@ def _cut_header(path: Path) -> str | None:
     inner = next((v[0] for magic, v in _COMPRESSION.items() if head.startswith(magic)), None)
     if kind and inner:
         return f"compressed twice ({inner} data inside the {kind} stream): decompress it once (e.g. gunzip)"
+    if head[257:262] == b"ustar":  # a POSIX tar header's magic, in a plain file or in the stream
+        where = f" inside the {kind} stream" if kind else ""
+        return f"a tar archive{where}, not a NIfTI image: extract it (tar xf) and list the .nii/.nii.gz inside"
     if head[:4] == b"\0\0\0\1" and len(head) >= 30 and struct.unpack(">h", head[28:30])[0] in (0, 1):
         # MGH: big-endian version 1, then width, height, depth, frames, type, dof, goodRASflag (int16)
         return ("a FreeSurfer MGH/MGZ image, not a NIfTI: convert it first (mri_convert x.mgz x.nii.gz, or "

@@ -1651,3 +1651,55 @@ def test_a_volume_without_background_around_a_head_is_refused(tmp_path):
     assert load_volume(write_nifti(tmp_path / "head.nii.gz", head)).data.shape[1:] == (40, 48, 36)
     with pytest.raises(ValueError, match=r"max_foreground_fraction must be a number in \(min_foreground_fraction, 1\]"):
         VolumeConfig(max_foreground_fraction=0.005)
+
+
+def _other_format_files(t: Path) -> dict[str, tuple[Path, str]]:
+    """Files named .nii/.nii.gz that hold another format, and the words their error must hold."""
+    import io as _io
+    import lzma
+    import tarfile
+    import zipfile
+
+    import h5py
+
+    nifti = write_nifti(t / "real.nii", blob_volume()).read_bytes()
+    made: dict[str, tuple[Path, str]] = {}
+
+    def add(name, data, words):
+        (t / name).write_bytes(data)
+        made[name] = (t / name, words)
+
+    add("xz.nii.gz", lzma.compress(nifti), r"xz-compressed data, not a NIfTI image: decompress it \(xz -d\)")
+    buf = _io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("real.nii", nifti)
+    add("zip.nii.gz", buf.getvalue(), r"a zip archive, not a NIfTI image: unzip it")
+    add("zlib.nii.gz", zlib.compress(nifti), r"zlib-compressed data without the gzip wrapper, not a NIfTI image")
+    buf = _io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(t / "real.nii", arcname="real.nii")
+    add("tar.nii.gz", buf.getvalue(), r"a tar archive inside the gzip stream, not a NIfTI image: extract it \(tar xf\)")
+    buf = _io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(t / "real.nii", arcname="real.nii")
+    add("tar.nii", buf.getvalue(), r"a tar archive, not a NIfTI image")
+    add("dicom.nii", b"\0" * 128 + b"DICM" + bytes(400), r"a DICOM file, not a NIfTI image: convert the series to "
+                                                         r"NIfTI first \(dcm2niix\)")
+    add("png.nii", b"\x89PNG\r\n\x1a\n" + bytes(400), r"a PNG image, not a NIfTI image: a 2D picture is no volume")
+    add("nrrd.nii", b"NRRD0004\ntype: float\ndimension: 3\n" + bytes(400), r"an NRRD image, not a NIfTI image")
+    with h5py.File(t / "h5.nii", "w") as f:
+        f["x"] = np.zeros(3)
+    made["h5.nii"] = (t / "h5.nii", r"an HDF5 file, not a NIfTI image")
+    return made
+
+
+def test_a_file_in_another_format_is_named_for_what_it_is(tmp_path):
+    """Fuzz round 23: xz, zip, zlib and tar data under a NIfTI name ended in nibabel's "not a gzip
+    file" or "cannot work out file type"; a DICOM, PNG, NRRD or HDF5 file the same way. Each is named
+    for what it is, with what to do, in one line that starts with the file."""
+    for name, (path, words) in _other_format_files(tmp_path).items():
+        with pytest.raises(VolumeError) as info:
+            load_volume(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message, name
+        assert re.search(words, message), (name, message)
