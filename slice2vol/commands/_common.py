@@ -96,6 +96,7 @@ def volume_config(args: argparse.Namespace, **fixed):
 
     import yaml
 
+    from slice2vol.config import load_yaml
     from slice2vol.data.io import VolumeConfig
 
     known = {f.name for f in dataclasses.fields(VolumeConfig)}
@@ -109,7 +110,12 @@ def volume_config(args: argparse.Namespace, **fixed):
             raise ValueError(f"--volume {key}: not a VolumeConfig setting; known: {', '.join(sorted(known))}")
         if key in fixed:
             raise ValueError(f"--volume {key}: set it with --{key.replace('_', '-')}")
-        settings[key] = yaml.safe_load(text) if text.strip() else None
+        # the config files' reader: '1e9' is a number there (PyYAML's safe_load left it a string)
+        try:
+            settings[key] = load_yaml(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem", None) or "not a YAML value"
+            raise ValueError(f"--volume {key}: cannot read {text.strip()!r} ({where})") from None
     try:
         return VolumeConfig(**fixed, **settings)
     except (TypeError, ValueError) as err:

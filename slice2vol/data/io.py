@@ -30,7 +30,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, NamedTuple, Sequence
+from typing import Any, Iterator, Literal, NamedTuple, Sequence
 
 import nibabel as nib
 from nibabel.tripwire import TripWireError
@@ -132,41 +132,84 @@ class VolumeConfig:
             warnings.warn("VolumeConfig(allow_oblique=...) is deprecated; use oblique='snap' | 'refuse' | "
                           "'reslice'", DeprecationWarning, stacklevel=3)
             self.oblique = "snap" if allow_oblique else "refuse"
+        # every field is checked here: YAML and ``--volume`` hand over strings for numbers it does not
+        # read as such ('1e9', 'inf'), and an unknown ``normalize`` used to fall through to min-max
         if self.oblique not in OBLIQUE_POLICIES:
             raise ValueError(f"oblique must be one of {OBLIQUE_POLICIES}, got {self.oblique!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        for name in ("crop_foreground", "refuse_label_maps"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
+        self.reslice_order = _number("reslice_order", self.reslice_order, whole=True)
         if self.reslice_order not in (1, 3):
             raise ValueError(f"reslice_order must be 1 (trilinear) or 3 (cubic), got {self.reslice_order!r}")
+        for name in ("min_spacing", "max_spacing", "min_fov_mm", "max_fov_mm", "max_obliquity_deg",
+                     "min_extent_ratio", "min_foreground_fraction", "max_foreground_fraction"):
+            setattr(self, name, _number(name, getattr(self, name)))
+        for name in ("crop_margin", "min_voxels"):
+            setattr(self, name, _number(name, getattr(self, name), whole=True))
+        for name in ("min_spacing", "max_spacing", "crop_margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not self.min_spacing < self.max_spacing:
+            raise ValueError(f"min_spacing ({self.min_spacing:g} mm) must be below max_spacing ({self.max_spacing:g} mm)")
+        if not 0 < self.min_fov_mm < self.max_fov_mm:
+            raise ValueError(f"min_fov_mm and max_fov_mm must satisfy 0 < min_fov_mm < max_fov_mm, got "
+                             f"{self.min_fov_mm:g} and {self.max_fov_mm:g}")
+        if not 0 <= self.max_obliquity_deg < 90:
+            # below 0 every straight scan was resliced with a cubic spline
+            raise ValueError(f"max_obliquity_deg must be in [0, 90), got {self.max_obliquity_deg:g}")
         if self.spacing is not None:
-            if isinstance(self.spacing, (int, float)) and not isinstance(self.spacing, bool):
+            if isinstance(self.spacing, (int, float, str)) and not isinstance(self.spacing, bool):
                 self.spacing = (self.spacing,) * 3  # one number: isotropic (``spacing: 2`` in a config)
             try:
-                spacing = tuple(float(v) for v in self.spacing)
+                spacing = tuple(_number("spacing", v) for v in self.spacing)
             except (TypeError, ValueError):
                 raise ValueError(f"spacing must be 3 voxel sizes of {self.min_spacing:g}-{self.max_spacing:g} mm "
                                  f"(or one, isotropic), got {self.spacing!r}") from None
             # the range a loaded file's own spacing must lie in: anything else is a typo (0.01 mm would
             # resample a head into 10^10 voxels, -1 into one voxel, 0 used to be ignored)
-            if len(spacing) != 3 or not all(math.isfinite(v) and self.min_spacing <= v <= self.max_spacing
-                                            for v in spacing):
+            if len(spacing) != 3 or not all(self.min_spacing <= v <= self.max_spacing for v in spacing):
                 raise ValueError(f"spacing must be 3 voxel sizes of {self.min_spacing:g}-{self.max_spacing:g} mm, "
                                  f"got {self.spacing}")
             self.spacing = spacing
-        for name in ("min_spacing", "max_spacing", "crop_margin"):
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if isinstance(self.min_voxels, bool) or not isinstance(self.min_voxels, int) or self.min_voxels < 0:
+        if self.min_voxels < 0:
             raise ValueError(f"min_voxels must be a whole number >= 0, got {self.min_voxels!r}")
-        if not (isinstance(self.min_foreground_fraction, (int, float)) and not isinstance(self.min_foreground_fraction, bool)
-                and 0 <= self.min_foreground_fraction <= 1):
+        if not 0 <= self.min_foreground_fraction <= 1:
             raise ValueError(f"min_foreground_fraction must be a number in [0, 1], got {self.min_foreground_fraction!r}")
         top = self.max_foreground_fraction
-        if not (isinstance(top, (int, float)) and not isinstance(top, bool) and self.min_foreground_fraction < top <= 1):
+        if not self.min_foreground_fraction < top <= 1:
             raise ValueError(f"max_foreground_fraction must be a number in (min_foreground_fraction, 1], got {top!r}")
-        if not (isinstance(self.min_extent_ratio, (int, float)) and 0 <= self.min_extent_ratio <= 1):
+        if not 0 <= self.min_extent_ratio <= 1:
             raise ValueError(f"min_extent_ratio must be a number in [0, 1], got {self.min_extent_ratio!r}")
-        lo, hi = self.clip_percentiles
+        try:
+            lo, hi = (_number("clip_percentiles", v) for v in self.clip_percentiles)
+        except (TypeError, ValueError):
+            raise ValueError(f"clip_percentiles must be two numbers, low and high, got {self.clip_percentiles!r}") from None
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
+        self.clip_percentiles = (lo, hi)
+
+
+#: ``VolumeConfig.normalize`` values
+NORMALIZATIONS = ("minmax", "zscore", "none")
+
+
+def _number(name: str, value: Any, whole: bool = False) -> float | int:
+    """``value`` as a finite number (a numeric string such as ``'1e9'``, which YAML leaves a string,
+    included); ``whole``: an int. Raises ValueError naming the setting ``name``."""
+    what = "a whole number" if whole else "a finite number"
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    try:
+        number = float(value.strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    if not math.isfinite(number) or (whole and number != int(number)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(number) if whole else number
 
 
 @dataclass
@@ -1461,6 +1504,33 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between[:-1]))])
 
 
+def background_to_floor(channel: np.ndarray, share: float = 0.5) -> np.ndarray | None:
+    """``channel`` (X, Y, Z) with its background set to its darkest value, when the background is not
+    the darkest value; None (nothing to change) otherwise.
+
+    The background is the value that fills over ``share`` of the grid's border voxels exactly (air
+    stored as 0, or a constant pad). Normalisation and the foreground mask take the darkest value
+    for the background: a skull-stripped brain z-scored inside its mask (0 around it, half the brain
+    below 0) came out with a grey background and 100% foreground. A scan whose border is noisy air,
+    or whose constant border is its minimum (the usual case: all 48 IXI T1s), is left as it is.
+    """
+    border = np.concatenate([np.ravel(f) for axis in range(channel.ndim)
+                             for f in (np.take(channel, 0, axis=axis), np.take(channel, -1, axis=axis))])
+    values, counts = np.unique(border, return_counts=True)
+    k = int(np.argmax(counts))
+    if counts[k] <= share * border.size:
+        return None
+    background = values[k]
+    below = np.count_nonzero(channel < background)
+    above = np.count_nonzero(channel > background)
+    # tissue on both sides of it: a background that is the brightest value (an image stored inverted)
+    # is left for the foreground check to refuse, and one with a few voxels under it (a spline's
+    # undershoot at the skull, -0.5 under a 0 background) is in effect the minimum already
+    if min(below, above) < 0.05 * (below + above):
+        return None
+    return np.where(channel == background, channel.min(), channel)
+
+
 def foreground_mask(data: np.ndarray, fraction: float = 0.5) -> np.ndarray:
     """Head foreground of a (C, X, Y, Z) array: ``fraction`` x Otsu per channel (union), holes filled.
 
@@ -1711,6 +1781,9 @@ def _load_volume(images, cfg: VolumeConfig, seg, maps, subject_id) -> Volume:
     sources = [str(p) for p in named.values()]
     original_shape = ref.shape[:3]
     assert affine is not None
+    # a background above the darkest voxels (a brain z-scored inside its mask: 0 around it, half the
+    # brain below 0) read as foreground, and the volume was refused as 100% foreground
+    channels = [floored if (floored := background_to_floor(c)) is not None else c for c in channels]
     stacked = channels[0][None] if len(channels) == 1 else np.stack(channels)  # one channel: a view, no copy
     del channels, data  # several channels were copied into `stacked`
 

@@ -879,7 +879,7 @@ def test_specks_in_a_blank_volume_are_no_head(tmp_path):
     assert load_volume(path, VolumeConfig(min_foreground_fraction=0)).mask.sum() == 8
     assert load_volume(path, VolumeConfig(min_foreground_fraction=1e-4)).mask.sum() == 8
     for bad in (-0.1, 2, True, "1%"):
-        with pytest.raises(ValueError, match=r"min_foreground_fraction must be a number in \[0, 1\], got "):
+        with pytest.raises(ValueError, match=r"min_foreground_fraction must be a (finite number|number in \[0, 1\]), got "):
             VolumeConfig(min_foreground_fraction=bad)
 
 
@@ -1061,7 +1061,7 @@ def test_a_localizer_is_loaded_when_the_slab_check_is_off(tmp_path):
     with pytest.raises(ValueError, match=r"min_extent_ratio must be a number in \[0, 1\], got 2"):
         VolumeConfig(min_extent_ratio=2)
     for bad in (-1, 2.5, True):
-        with pytest.raises(ValueError, match=r"min_voxels must be a whole number >= 0, got "):
+        with pytest.raises(ValueError, match=r"min_voxels must be a whole number( >= 0)?, got "):
             VolumeConfig(min_voxels=bad)
 
 
@@ -1703,3 +1703,55 @@ def test_a_file_in_another_format_is_named_for_what_it_is(tmp_path):
         message = str(info.value)
         assert message.startswith(f"{path}: ") and "\n" not in message, name
         assert re.search(words, message), (name, message)
+
+
+def test_volume_config_reads_numeric_strings_and_checks_every_field():
+    """YAML reads '1e9' and 'inf' as strings: numbers in exponent notation are numbers; anything that
+    is no finite number, an unknown normalize, a truthy string for a switch, and crossed limits are
+    refused naming the setting."""
+    cfg = VolumeConfig(max_fov_mm="1e9", clip_percentiles=["1", "99"], min_voxels="4", spacing="2")
+    assert cfg.max_fov_mm == 1e9 and cfg.clip_percentiles == (1.0, 99.0) and cfg.min_voxels == 4
+    assert cfg.spacing == (2.0, 2.0, 2.0)
+    bad = {"max_obliquity_deg": ["inf", float("nan"), -1, 90], "min_fov_mm": [0, 2000], "max_fov_mm": ["-inf", 5],
+           "normalize": ["ZSCORE", "", None], "crop_foreground": ["maybe", 2, "true"],
+           "refuse_label_maps": ["no", 0], "crop_margin": [1.5, -1, "x"], "min_spacing": [30, float("inf")],
+           "max_spacing": [0.01], "clip_percentiles": [(1, "x"), (1, 2, 3), (99, 1)], "reslice_order": [2, "cubic"],
+           "min_extent_ratio": ["nan", 1.5]}
+    for name, values in bad.items():
+        for value in values:
+            with pytest.raises(ValueError, match=rf"\b{name}\b"):
+                VolumeConfig(**{name: value})
+
+
+def test_a_brain_zscored_inside_its_mask_loads_like_the_brain_itself(tmp_path):
+    """Fuzz round 23: a skull-stripped brain z-scored inside its mask (0 around it, half the brain below
+    0) was refused as 100% foreground: the 0 background, above the darkest voxels, read as tissue. Its
+    background now goes to the floor, and it loads as the same brain unscaled does: same mask, the
+    same normalised intensities (min-max is blind to the affine z-score)."""
+    from slice2vol.data.io import background_to_floor
+    from tests.conftest import blob_volume
+
+    brain = blob_volume((40, 48, 36), seed=5).astype(np.float32)
+    inside = brain > 0
+    z = np.zeros_like(brain)
+    z[inside] = (brain[inside] - brain[inside].mean()) / brain[inside].std()
+    assert (z[inside] < 0).mean() > 0.2  # a real share of the brain lies below the background
+    raw = load_volume(write_nifti(tmp_path / "brain.nii.gz", brain))
+    scored = load_volume(write_nifti(tmp_path / "zscored.nii.gz", z))
+    # (the darkest brain voxel now shares the background's value, so the percentile sample differs by it)
+    assert (scored.mask != raw.mask).mean() < 1e-3 and scored.mask.mean() == pytest.approx(raw.mask.mean(), rel=1e-3)
+    np.testing.assert_allclose(scored.data, raw.data, atol=0.01)
+    # left alone: a constant border that is the minimum, a noisy border, a border constant on under half
+    assert background_to_floor(brain) is None
+    noisy = brain + np.random.default_rng(0).normal(5, 1, brain.shape).astype(np.float32)
+    assert background_to_floor(noisy) is None
+    half = z.copy()
+    half[:, :, :18] = np.random.default_rng(1).normal(0, 1, (40, 48, 18))
+    assert background_to_floor(half) is None
+    # the brightest value as background (stored inverted), or a few voxels under it (a spline's undershoot)
+    assert background_to_floor(brain.max() + 10 - brain) is None
+    undershoot = brain.copy()
+    undershoot[inside & (brain < np.percentile(brain[inside], 2))] = -0.5
+    assert background_to_floor(undershoot) is None
+    floored = background_to_floor(z)
+    assert floored is not None and floored[~inside].min() == floored[~inside].max() == z.min()
