@@ -20,6 +20,7 @@ import io
 import logging
 import re
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -243,7 +244,12 @@ def load_manifest(
         raise ManifestError(f"{path}: is a directory, not a manifest CSV (for a BIDS folder use cohort_from_glob)")
     try:
         # read once and parse from memory: a pipe (<(...), /dev/stdin) cannot be read a second time
-        text = decode_text(read_input_bytes(path, "manifest"))
+        raw = read_input_bytes(path, "manifest")
+        problem = binary_problem(raw)
+        if problem:
+            raise ManifestError(f"{path}: {problem}, not a text table; the manifest is a CSV/TSV file of subject "
+                                "IDs, image paths and labels")
+        text = decode_text(raw)
         sep = _sniff(text)
         lines, unnamed = _check_layout(path, text, sep)
         # index_col=False: a row with a trailing delimiter must not turn the first column into the index
@@ -380,6 +386,40 @@ def _encoding_of(start: bytes) -> str:
     return "utf-8-sig"
 
 
+#: leading bytes of files that are no text table
+_BINARY_STARTS = (
+    (b"\x1f\x8b", "gzip-compressed data (decompress it first: gunzip)"),
+    (b"BZh", "bzip2-compressed data (decompress it first: bunzip2)"),
+    (b"\xfd7zXZ\x00", "xz-compressed data (decompress it first: xz -d)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data (decompress it first: zstd -d)"),
+    (b"PK\x03\x04", "a zip archive (an .xlsx workbook? save the sheet as CSV)"),
+    (b"\xd0\xcf\x11\xe0", "an old Office file (an .xls workbook? save the sheet as CSV)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (a feature store?)"),
+    (b"\x5c\x01\x00\x00", "a NIfTI image"), (b"\x00\x00\x01\x5c", "a NIfTI image"),
+    (b"\x1c\x02\x00\x00", "a NIfTI-2 image"), (b"\x00\x00\x02\x1c", "a NIfTI-2 image"),
+)
+
+
+def binary_problem(raw: bytes) -> str | None:
+    """What binary data ``raw`` (a table or list file's bytes) holds, or None for text: compressed
+    data, a spreadsheet workbook, a feature store, a NIfTI image, or NUL bytes in what is not UTF-16/32
+    (read as text, each came out as "byte 0x8b ... is not UTF-8 (a Latin-1 export?)")."""
+    if raw.startswith(b"\x1f\x8b"):
+        try:  # a .nii.gz given as the table says so
+            inner = zlib.decompressobj(wbits=31).decompress(raw[:1024], 4)
+        except zlib.error:
+            inner = b""
+        named = next((what for start, what in _BINARY_STARTS if "NIfTI" in what and inner.startswith(start)), None)
+        if named:
+            return f"{named} (gzip-compressed)"
+    for start, what in _BINARY_STARTS:
+        if raw.startswith(start):
+            return what
+    if _encoding_of(raw[:64]) == "utf-8-sig" and b"\0" in raw[:1 << 16]:
+        return "binary data (NUL bytes)"
+    return None
+
+
 def decode_text(raw: bytes) -> str:
     """The text of a table or list file's bytes: UTF-16 (with a byte-order mark, or ASCII-led text
     without one), else UTF-8 (its mark, if any, dropped).
@@ -410,7 +450,11 @@ def read_id_list(path: str | Path, flag: str) -> list[str]:
     if path.is_dir():
         raise ValueError(f"{path}: is a directory; the {flag} file holds one subject ID per line")
     try:
-        lines = decode_text(read_input_bytes(path, flag)).splitlines()
+        raw = read_input_bytes(path, flag)
+        problem = binary_problem(raw)
+        if problem:
+            raise ValueError(f"{path}: {problem}, not a text file; the {flag} file holds one subject ID per line")
+        lines = decode_text(raw).splitlines()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {flag} file not found (one subject ID per line)") from None
     except InputFileError as err:

@@ -821,3 +821,36 @@ def test_a_latin1_manifest_is_refused_with_the_byte_and_what_to_do(tmp_path):
     with pytest.raises(ManifestError, match=rf"^{csv}: cannot read the manifest: byte 0xfc at position {at} is not "
                                             r"UTF-8 text \(a Latin-1 or Windows-1252 export\?\); save the file as UTF-8$"):
         load_manifest(csv)
+
+
+def test_a_binary_file_given_as_the_manifest_is_named_for_what_it_is(tmp_path):
+    """Fuzz round 23: a gzipped CSV, a NIfTI image or a feature store given as --manifest was called
+    "byte 0x8b at position 1 is not UTF-8 text (a Latin-1 or Windows-1252 export?)"."""
+    import gzip
+
+    import h5py
+    import numpy as np
+
+    from slice2vol.data.manifest import read_id_list
+
+    text = "subject_id,t1\na,img/a.nii.gz\n"
+    (tmp_path / "m.csv.gz").write_bytes(gzip.compress(text.encode()))
+    image = _files(tmp_path, ["a.nii.gz"])[0]
+    plain = write_nifti(tmp_path / "plain.nii", blob_volume())
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["x"] = np.zeros(2)
+    (tmp_path / "nul.csv").write_bytes(b"subject_id,t1\na,\x00\x01\x02\n")
+    expected = {"m.csv.gz": "gzip-compressed data (decompress it first: gunzip)",
+                str(image.relative_to(tmp_path)): "a NIfTI image (gzip-compressed)", "plain.nii": "a NIfTI image",
+                "s.h5": "an HDF5 file (a feature store?)", "nul.csv": "binary data (NUL bytes)"}
+    for name, what in expected.items():
+        with pytest.raises(ManifestError) as err:
+            load_manifest(tmp_path / name)
+        assert str(err.value) == (f"{tmp_path / name}: {what}, not a text table; the manifest is a CSV/TSV file of "
+                                  "subject IDs, image paths and labels")
+    with pytest.raises(ValueError, match=r"m\.csv\.gz: gzip-compressed data \(decompress it first: gunzip\), not a "
+                                         r"text file; the --subjects file holds one subject ID per line$"):
+        read_id_list(tmp_path / "m.csv.gz", "--subjects")
+    # UTF-16 text has NUL bytes and is text
+    (tmp_path / "u16.csv").write_bytes(text.replace("img/a.nii.gz", str(image)).encode("utf-16-le"))
+    assert load_manifest(tmp_path / "u16.csv").ids == ["a"]
