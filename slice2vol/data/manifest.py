@@ -403,7 +403,8 @@ _BINARY_STARTS = (
 def binary_problem(raw: bytes) -> str | None:
     """What binary data ``raw`` (a table or list file's bytes) holds, or None for text: compressed
     data, a spreadsheet workbook, a feature store, a NIfTI image, or NUL bytes in what is not UTF-16/32
-    (read as text, each came out as "byte 0x8b ... is not UTF-8 (a Latin-1 export?)")."""
+    (read as text, each came out as "byte 0x8b ... is not UTF-8 (a Latin-1 export?)"); NUL bytes count
+    in the first line or when over a tenth of the bytes."""
     if raw.startswith(b"\x1f\x8b"):
         try:  # a .nii.gz given as the table says so
             inner = zlib.decompressobj(wbits=31).decompress(raw[:1024], 4)
@@ -415,7 +416,9 @@ def binary_problem(raw: bytes) -> str | None:
     for start, what in _BINARY_STARTS:
         if raw.startswith(start):
             return what
-    if _encoding_of(raw[:64]) == "utf-8-sig" and b"\0" in raw[:1 << 16]:
+    head = raw[:1 << 16]
+    # NULs in the header line, or many: a NUL inside one cell is that row's problem (the row is left out)
+    if _encoding_of(raw[:64]) == "utf-8-sig" and (b"\0" in head.split(b"\n", 1)[0] or head.count(b"\0") > 0.1 * len(head)):
         return "binary data (NUL bytes)"
     return None
 

@@ -839,7 +839,7 @@ def test_a_binary_file_given_as_the_manifest_is_named_for_what_it_is(tmp_path):
     plain = write_nifti(tmp_path / "plain.nii", blob_volume())
     with h5py.File(tmp_path / "s.h5", "w") as f:
         f["x"] = np.zeros(2)
-    (tmp_path / "nul.csv").write_bytes(b"subject_id,t1\na,\x00\x01\x02\n")
+    (tmp_path / "nul.csv").write_bytes(b"subject_id\x00\x01,t1\na,a\n")
     expected = {"m.csv.gz": "gzip-compressed data (decompress it first: gunzip)",
                 str(image.relative_to(tmp_path)): "a NIfTI image (gzip-compressed)", "plain.nii": "a NIfTI image",
                 "s.h5": "an HDF5 file (a feature store?)", "nul.csv": "binary data (NUL bytes)"}
