@@ -457,15 +457,14 @@ def test_gallery_warns_once_for_an_unreadable_indexed_scan(cohort_store, tmp_pat
     root, name, _ = cohort_store
     manifest = pd.read_csv(root / "manifest.csv")
     bad = tmp_path / "s2_truncated.nii.gz"
-    data = (root / "s2.nii.gz").read_bytes()
-    bad.write_bytes(data[: len(data) // 2])
     for sid in manifest["subject_id"]:
-        if sid != "s2":
-            shutil.copy(root / f"{sid}.nii.gz", tmp_path / f"{sid}.nii.gz")
+        shutil.copy(root / f"{sid}.nii.gz", bad if sid == "s2" else tmp_path / f"{sid}.nii.gz")
     manifest["t1"] = [str(bad if s == "s2" else tmp_path / f"{s}.nii.gz") for s in manifest["subject_id"]]
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
     assert main(["index", "build", "--store", str(root / "store.h5"), "--embeddings", name, "--no-progress",
                  "--out", str(tmp_path / "idx"), "--manifest", str(tmp_path / "manifest.csv")]) == 0
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # damaged after the build (a build refuses a changed input)
     with caplog.at_level("WARNING"):
         assert main(["search", "--index", str(tmp_path / "idx"), "--subject", "s2", "-k", "3",
                      "--gallery", str(tmp_path / "g.html")]) == 0
@@ -873,6 +872,31 @@ def test_a_manifest_given_at_build_gives_the_labels_not_the_store(cohort_store, 
     assert first["subject_id"] == "s3" and first["age"] == 99 and first["sex"] == "F"
     assert main(build + ["--out", str(tmp_path / "plain")]) == 0  # no manifest: the store's labels, as before
     assert Index.load(tmp_path / "plain").labels.loc["s3", "age"] == 41
+
+
+def test_a_manifest_naming_other_files_for_indexed_subjects_is_refused_at_build(cohort_store, tmp_path, capsys):
+    """Fuzz round 23: a manifest mapping the store's subjects to other scans was taken at `index build`
+    without a word; `search --nifti X --exclude-self` then returned X's own scan at rank 1, since the
+    index thought X was another subject's file. The store's input fingerprints refuse it."""
+    from slice2vol.cli import main
+
+    root, name, _ = cohort_store
+    table = pd.read_csv(root / "manifest.csv")
+    table["t1"] = [str(root / t) for t in table["t1"]]
+    swapped = table.copy()
+    swapped.loc[swapped["subject_id"] == "s1", "t1"], swapped.loc[swapped["subject_id"] == "s2", "t1"] = (
+        table.loc[table["subject_id"] == "s2", "t1"].values, table.loc[table["subject_id"] == "s1", "t1"].values)
+    swapped.to_csv(tmp_path / "swapped.csv", index=False)
+    table.to_csv(tmp_path / "same.csv", index=False)
+    build = ["index", "build", "--store", str(root / "store.h5"), "--embeddings", name, "--no-progress"]
+    assert main(build + ["--out", str(tmp_path / "bad"), "--manifest", str(tmp_path / "swapped.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "swapped.csv: 2 indexed subject(s) have other input files than the store cached " \
+        "(s1: input changed since " in err[0] and err[0].endswith(
+            "give the manifest the store was cached from, or cache these subjects again"), err
+    assert not (tmp_path / "bad").exists()
+    # the same files under other paths (absolute here, relative at caching) are the same inputs
+    assert main(build + ["--out", str(tmp_path / "good"), "--manifest", str(tmp_path / "same.csv")]) == 0
 
 
 @pytest.mark.parametrize("key", ["encoder", "weights_sha256", "state_sha256", "encoder_kwargs", "volume_cfg",

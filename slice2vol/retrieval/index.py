@@ -449,6 +449,10 @@ class Index:
             manifest: optional cohort manifest; its image paths are remembered for galleries, and its
                 labels replace the store's (those of the first caching: the manifest is what the user
                 states now).
+
+        Raises:
+            StoreMismatch: the manifest names other input files for indexed subjects than the store
+                cached (their fingerprints differ).
         """
         from slice2vol.retrieval.provenance import store_provenance
 
@@ -467,7 +471,19 @@ class Index:
         if manifest is not None:
             from slice2vol.data.manifest import load_manifest
 
+            from slice2vol.cache import StoreMismatch
+            from slice2vol.eval.sets import changed_inputs
+
             cohort = load_manifest(manifest)
+            # a manifest naming other files for the store's subjects would show, label and exclude (search
+            # --exclude-self) by files the features were not made from: the query's own scan came first
+            changed = changed_inputs(store, _store_name(store), cohort)
+            if changed:
+                raise StoreMismatch(
+                    f"{manifest}: {len(changed)} indexed subject(s) have other input files than the store cached "
+                    f"({'; '.join(list(changed.values())[:2]).replace(': cache it again', '')}"
+                    f"{'; ...' if len(changed) > 2 else ''}): give the manifest the store was cached from, or "
+                    "cache these subjects again")
             prov["images"] = _manifest_images(cohort)
             prov["manifest"] = str(Path(manifest).resolve())
             # the store's labels are those of its first caching; a corrected manifest must win (one that
