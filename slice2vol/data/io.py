@@ -448,6 +448,9 @@ def file_problem(path: str | Path) -> str | None:
     if not stat.S_ISREG(mode):
         kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
         return f"{kind}, not a regular file"
+    if not os.access(path, os.R_OK):
+        # nibabel's words were "Could not read file", and `info` called the file "not a NIfTI image"
+        return "unreadable (Permission denied)"
     return None
 
 

@@ -740,7 +740,13 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             # missing second modality): "b_t1.nii.gz: file not found: t2" read as if b_t1 were missing
             # (a URL folded by Path() is no file to name: the row is)
             where = first if first is not None and not _exists(first) and not _URL.search(str(first)) else None
-            failures.append(Failure(sid, str(where or source), f"{where or at}: file not found: {', '.join(absent)}"))
+            # a file that is there but cannot be read (permissions, a folder that may not be entered)
+            # is no "file not found"
+            missing = [p for p in [*images.values(), *([seg] if seg is not None else []), *maps.values()]
+                       if p is None or not _exists(p)]
+            heading = ("cannot read" if all(p is not None and (file_problem(p) or "").startswith("unreadable")
+                                            for p in missing) else "file not found")
+            failures.append(Failure(sid, str(where or source), f"{where or at}: {heading}: {', '.join(absent)}"))
             continue
         labels = {c: _clean(row[c], types[c]) for c in types}
         for c, v in labels.items():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from slice2vol.data import ManifestError, cohort_from_glob, load_manifest
+from slice2vol.data import ManifestError, VolumeError, cohort_from_glob, load_manifest, load_volume
 from slice2vol.data.manifest import infer_label_type
 from tests.conftest import blob_volume, fail_subject, write_nifti
 
@@ -854,3 +856,29 @@ def test_a_binary_file_given_as_the_manifest_is_named_for_what_it_is(tmp_path):
     # UTF-16 text has NUL bytes and is text
     (tmp_path / "u16.csv").write_bytes(text.replace("img/a.nii.gz", str(image)).encode("utf-16-le"))
     assert load_manifest(tmp_path / "u16.csv").ids == ["a"]
+
+
+def test_a_file_that_cannot_be_read_is_not_called_missing(tmp_path, monkeypatch):
+    """Fuzz round 23: a scan without read permission was "not a NIfTI image (Could not read file)" in
+    `info`, and a path the system refuses (a name over 255 bytes, a folder that may not be entered)
+    was listed under "file not found"."""
+    import os
+
+    import slice2vol.data.io as io_mod
+
+    good, locked = _files(tmp_path, ["a.nii.gz", "locked.nii.gz"])
+    real_access = os.access
+    # (root reads a mode-000 file anyway: the permission is taken away where it is asked)
+    monkeypatch.setattr(io_mod.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    with pytest.raises(VolumeError, match=r"locked\.nii\.gz: unreadable \(Permission denied\)$"):
+        load_volume(locked)
+    long = "x" * 300 + ".nii.gz"
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"subject_id,t1\na,img/a.nii.gz\nb,img/locked.nii.gz\nc,img/{long}\nd,img/gone.nii.gz\n")
+    cohort = load_manifest(csv)
+    assert cohort.ids == ["a", "b"]  # b is there: reading it fails, and the cohort goes on
+    assert [v.subject_id for v in cohort.iter_volumes()] == ["a"]
+    messages = {f.subject_id: f.message for f in cohort.failures}
+    assert messages["b"].endswith("locked.nii.gz: unreadable (Permission denied)")
+    assert f": cannot read: t1 ({tmp_path / 'img' / long}: unreadable (File name too long))" in messages["c"]
+    assert messages["d"].endswith(f"file not found: t1 ({tmp_path / 'img' / 'gone.nii.gz'})")
