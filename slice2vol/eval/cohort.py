@@ -188,9 +188,7 @@ def make_label_splits(labels, label_types: Mapping[str, str], subject_sets: list
             if len(classes) < 2:
                 skip(label, f"one class ({classes[0] if len(classes) else 'none'!s}) among the {where}")
                 continue
-            if len(common) < 2 * n_folds:
-                skip(label, f"{where}: fewer than 2 x splits.n_folds = {2 * n_folds}")
-                continue
+            # (two classes of at least n_folds subjects each hold 2 x n_folds: the size rule above still holds)
             _warn_case_variants(label, classes)
         groups = None
         if cfg.splits.group:
