@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import re
 import unicodedata
 import zlib
@@ -177,6 +178,13 @@ def _is_path_column(series: pd.Series) -> bool:
     return float(values.map(lambda v: bool(_NIFTI.search(v) or _PATH_LIKE.search(v))).mean()) >= 0.5
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _exists(path: Path) -> bool:
     """Whether ``path`` names a file or folder; False for any error (``Path.exists`` raises for a name
     over the system's length limit, or a folder it may not search, which ended the whole manifest in a
@@ -293,6 +301,9 @@ def load_manifest(
                             "but no subject rows")
     # a pipe's folder (/dev/fd, /proc/self/fd) holds no images: its rows are read like the user's shell would
     root = path.parent if path.is_file() else Path.cwd()
+    linked_root = path.resolve().parent if path.is_file() else None
+    if linked_root is not None and linked_root == root.resolve():
+        linked_root = None
     path_columns = [c for c in table.columns if c != id_column and _is_path_column(table[c])]
     if seg_column not in table.columns:
         seg_column = None
@@ -339,7 +350,7 @@ def load_manifest(
                                     f"numbers (e.g. {str(bad.iloc[0])!r}); make it categorical or clean the column")
     types.update(label_types or {})
     return _build_cohort(table, root, str(path), id_column, list(image_columns), seg_column,
-                         map_columns, types, lines=line_of)
+                         map_columns, types, lines=line_of, linked_root=linked_root)
 
 
 def _read_decimal_commas(table: pd.DataFrame, skip: str) -> None:
@@ -636,11 +647,15 @@ def _sniff(text: str) -> str:
 def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
                   image_columns: list[str], seg_column: str | None, map_columns: list[str],
                   types: dict[str, LabelType], *, numbered: bool = True,
-                  lines: dict[Any, int] | None = None) -> Cohort:
+                  lines: dict[Any, int] | None = None, linked_root: Path | None = None) -> Cohort:
     """Subjects from a table of one row per subject (``numbered``: the rows are a file's lines after
     its header, so messages and :attr:`Subject.row` can give the line; ``lines``: the table's index ->
-    the file line its row starts on, where blank lines or cells spanning lines make it not index + 2)."""
+    the file line its row starts on, where blank lines or cells spanning lines make it not index + 2;
+    ``linked_root``: the folder of the file a linked manifest points to, where relative paths not found
+    under ``root`` (the link's folder, as a shell there reads them) are looked for; one found in both
+    as different files is named in a warning: another scan was read without a word)."""
     failures: list[Failure] = []
+    ambiguous: list[str] = []
     # not astype(str): with pandas' string dtype an empty cell stays NaN (a float) instead of "nan"
     written = table[id_column].map(lambda v: "" if pd.isna(v) else str(v).strip())
     # IDs are stored in NFC, the form most tools write: an accent typed on macOS (NFD: e + U+0301) must
@@ -681,8 +696,15 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             return None
         cell = str(value)
         p = under_root(cell.strip())
+        q = None
+        if linked_root is not None and not Path(cell.strip()).expanduser().is_absolute():
+            q = linked_root / cell.strip()
         if _exists(p):
+            if q is not None and _exists(q) and not _same_file(p, q):
+                ambiguous.append(cell.strip())
             return p
+        if q is not None and _exists(q):
+            return q
         # a file whose name starts or ends with a space: the cell as written names it
         tried = [cell] if cell != cell.strip() and not _control_characters(cell) else []
         # a name written in NFD (macOS: e + U+0301) for a file stored in NFC, or the reverse: the two
@@ -795,6 +817,10 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
                                                      f"{copies}; all left out"))
             left_out.add(sid)
     subjects = [s for s in subjects if s.subject_id not in left_out]
+    if ambiguous:
+        log.warning("%s: a link to %s; %d relative path(s) name different files next to the link (read) and next "
+                    "to the linked manifest, e.g. %s: give absolute paths, or copy the manifest instead of linking it",
+                    source, Path(source).resolve(), len(ambiguous), ambiguous[0])
     return Cohort(subjects, types, failures, source)
 
 

@@ -882,3 +882,30 @@ def test_a_file_that_cannot_be_read_is_not_called_missing(tmp_path, monkeypatch)
     assert messages["b"].endswith("locked.nii.gz: unreadable (Permission denied)")
     assert f": cannot read: t1 ({tmp_path / 'img' / long}: unreadable (File name too long))" in messages["c"]
     assert messages["d"].endswith(f"file not found: t1 ({tmp_path / 'img' / 'gone.nii.gz'})")
+
+
+def test_a_linked_manifest_finds_files_next_to_its_target_and_warns_of_two_readings(tmp_path, caplog):
+    """Fuzz round 23: a manifest reached through a link read its relative paths against the link's
+    folder only: a file next to the real manifest was "not found", and a different scan under the same
+    relative name next to the link was read without a word."""
+    import logging
+
+    (tmp_path / "A" / "img").mkdir(parents=True)
+    (tmp_path / "B" / "img").mkdir(parents=True)
+    write_nifti(tmp_path / "A" / "img" / "x.nii.gz", blob_volume(seed=1))
+    write_nifti(tmp_path / "A" / "img" / "y.nii.gz", blob_volume(seed=2))
+    write_nifti(tmp_path / "B" / "img" / "x.nii.gz", blob_volume(seed=3))  # another scan, same name
+    (tmp_path / "A" / "m.csv").write_text("subject_id,t1\nx,img/x.nii.gz\ny,img/y.nii.gz\n")
+    (tmp_path / "B" / "link.csv").symlink_to(Path("..") / "A" / "m.csv")
+    with caplog.at_level(logging.WARNING, logger="slice2vol.data.manifest"):
+        cohort = load_manifest(tmp_path / "B" / "link.csv")
+    images = {s.subject_id: s.images["t1"] for s in cohort.subjects}
+    assert images == {"x": tmp_path / "B" / "img" / "x.nii.gz", "y": tmp_path / "A" / "img" / "y.nii.gz"}
+    warned = [r.getMessage() for r in caplog.records if "a link to" in r.getMessage()]
+    assert warned == [f"{tmp_path / 'B' / 'link.csv'}: a link to {(tmp_path / 'A' / 'm.csv').resolve()}; 1 relative path(s) "
+                      "name different files next to the link (read) and next to the linked manifest, e.g. "
+                      "img/x.nii.gz: give absolute paths, or copy the manifest instead of linking it"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slice2vol.data.manifest"):
+        assert load_manifest(tmp_path / "A" / "m.csv").ids == ["x", "y"]  # the file itself: no warning
+    assert not [r for r in caplog.records if "a link to" in r.getMessage()]
