@@ -725,12 +725,15 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
         if key == "":  # empty, or only zero-width characters
             failures.append(Failure("?", source, f"{source}: row {line} has no subject_id; left out"))
             continue
-        control = _control_characters(sid)
+        control = _control_characters(sid) + [c for c in sid if c in _BIDI_CONTROLS]
         if control:
-            # a NUL cannot be stored in HDF5 names, a newline breaks every one-line message
-            shown = printable_path(sid)
+            # a NUL cannot be stored in HDF5 names, a newline breaks every one-line message, and a
+            # right-to-left override prints the ID (and the rest of its line) reversed
+            shown = "".join(f"\\u{ord(c):04x}" if c in _BIDI_CONTROLS else c for c in printable_path(sid))
+            first = control[0]
+            named = f"\\u{ord(first):04x}" if first in _BIDI_CONTROLS else printable_path(first)
             failures.append(Failure(shown, source, f"{source}: row {line}: subject_id '{shown}' holds a control "
-                                                   f"character ({printable_path(control[0])}); left out"))
+                                                   f"character ({named}); left out"))
             continue
         at = f"{source}: row {line} ({sid})" if numbered else f"{source}: {sid}"
         # a path with a newline or CR breaks (or overwrites) the one-line messages that name the file
@@ -853,6 +856,11 @@ def _warn_case_only(source: str, ids: pd.Series, rows_of: Callable[[pd.Series], 
         shown = "; ".join(f"{', '.join(g[:-1])} and {g[-1]}" for g in groups[:3]) + ("; ..." if len(groups) > 3 else "")
         log.warning("%s: subject_ids that differ only in case: %s; kept as different subjects (IDs are "
                     "case-sensitive), but such rows are most often one subject typed twice", source, shown)
+
+
+#: Unicode bidirectional controls (embeddings, overrides, isolates, marks): they reorder what follows
+#: them on screen
+_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def _control_characters(text: str) -> list[str]:

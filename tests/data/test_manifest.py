@@ -516,7 +516,9 @@ def test_a_label_column_mixing_numbers_and_much_text_is_warned(tmp_path, caplog)
 
 
 @pytest.mark.parametrize("sid, shown", [("bad\0x", "bad\\x00x"), ("x\ty", "x\\ty"),
-                                        ("Müller\tß", "Müller\\tß")])  # letters stay letters
+                                        ("Müller\tß", "Müller\\tß"),  # letters stay letters
+                                        # a right-to-left override printed the ID, and the rest of the line, reversed
+                                        ("abc\u202edef", "abc\\u202edef")])
 def test_a_subject_id_with_a_control_character_fails_its_row(sid, shown, tmp_path):
     """A NUL cannot be written as an HDF5 string (the caching job used to stop at its first commit);
     a newline or tab breaks one-line messages: the row fails, the others stay."""
