@@ -1511,19 +1511,19 @@ def background_to_floor(channel: np.ndarray, share: float = 0.5) -> np.ndarray |
     """``channel`` (X, Y, Z) with its background set to its darkest value, when the background is not
     the darkest value; None (nothing to change) otherwise.
 
-    The background is the value that fills over ``share`` of the grid's border voxels exactly (air
-    stored as 0, or a constant pad). Normalisation and the foreground mask take the darkest value
+    The background is the border's darkest value when it fills over ``share`` of the grid's border
+    voxels exactly (air stored as 0, or a constant pad). Normalisation and the foreground mask take the darkest value
     for the background: a skull-stripped brain z-scored inside its mask (0 around it, half the brain
     below 0) came out with a grey background and 100% foreground. A scan whose border is noisy air,
     or whose constant border is its minimum (the usual case: all 48 IXI T1s), is left as it is.
     """
     border = np.concatenate([np.ravel(f) for axis in range(channel.ndim)
                              for f in (np.take(channel, 0, axis=axis), np.take(channel, -1, axis=axis))])
-    values, counts = np.unique(border, return_counts=True)
-    k = int(np.argmax(counts))
-    if counts[k] <= share * border.size:
+    # the border's darkest value: a constant background is that (air stored as 0, or a pad), and the
+    # usual scan has it as its minimum too, decided in one pass over the volume (no sort)
+    background = border.min()
+    if np.count_nonzero(border == background) <= share * border.size or not channel.min() < background:
         return None
-    background = values[k]
     below = np.count_nonzero(channel < background)
     above = np.count_nonzero(channel > background)
     # tissue on both sides of it: a background that is the brightest value (an image stored inverted)
