@@ -36,6 +36,9 @@ def test_orientation_of_the_three_groups_by_hand():
 CASES = [  # (kernel, stride, padding, dilation, groups)
     (3, 1, 1, 1, 1), (3, 2, 1, 1, 1), (1, 2, 0, 1, 1), (7, 2, 3, 1, 1), (3, 1, 0, 1, 1),
     (3, 1, 2, 2, 1), (5, 2, 1, 1, 1), (2, 2, 0, 1, 1), (3, 2, 1, 1, 6), (3, 1, 1, 1, 2),
+    # even kernels whose padding equals the centre tap's offset (k // 2): the collapsed axis still
+    # grows by one, as Conv3d's does (a shortcut for p == centre skipped it)
+    (2, 1, 1, 1, 1), (4, 2, 2, 1, 1),
 ]
 
 
