@@ -756,6 +756,16 @@ class FeatureStore:
         self.path = checked_store_path(path)
         self.given = Path(path)  # as the user named it, for messages
         self.mode = mode
+        if mode == "a":
+            try:
+                bits = self.path.stat().st_mode
+            except OSError:
+                bits = None  # absent: a writer creates it
+            if bits is not None and not bits & 0o222:
+                # a new version replaces the file (its folder is writable), so a store protected with
+                # chmod a-w was rewritten, keeping its mode 444, as if the protection were not there
+                raise StoreError(f"{self.shown}: the store is read-only (mode {stat.S_IMODE(bits):o}): make it writable "
+                                 "(chmod u+w) to add to it, or give another store")
         self._segments: list[_Segment] | None = None
         self._pid: int | None = None
         self._lookup: dict[str, dict[str, tuple[int, int, int, int]]] | None = None

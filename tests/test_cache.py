@@ -163,6 +163,29 @@ def test_writer_lock_and_read_only(tmp_path: Path) -> None:
         FeatureStore(tmp_path / "none.h5").subjects()
 
 
+def test_a_store_without_write_permission_is_read_but_not_rewritten(tmp_path: Path) -> None:
+    """Fuzz round 23: a store protected with chmod a-w was still rewritten by `cache` and `aggregate`
+    (a new version replaces the file, its folder being writable), and kept its mode 444."""
+    import os
+
+    from slice2vol.cache import StoreError
+
+    path = tmp_path / "ro.h5"
+    write_store(path, ids=[0, 1])
+    before = path.read_bytes()
+    os.chmod(path, 0o444)
+    try:
+        assert FeatureStore(path).subjects() == ["s0", "s1"]  # reading is fine
+        with pytest.raises(StoreError, match=rf"^{path}: the store is read-only \(mode 444\): make it writable "
+                                             r"\(chmod u\+w\) to add to it, or give another store$"):
+            FeatureStore(path, mode="a")
+        assert path.read_bytes() == before
+        os.chmod(path, 0o644)
+        FeatureStore(path, mode="a")  # writable again
+    finally:
+        os.chmod(path, 0o644)
+
+
 def test_volume_embeddings(tmp_path: Path) -> None:
     store = write_store(tmp_path / "v.h5", ids=range(3))
     writer = FeatureStore(tmp_path / "v.h5", mode="a")
