@@ -314,10 +314,9 @@ def _annotate(path: Path, name: str, params: dict) -> None:
     """Rewrites the set with the requested parameters in its provenance (for the freshness check)."""
     from slice2vol.cache import FeatureStore
 
-    store = FeatureStore(path, mode="a")
-    ids, X, prov = store.volume_embeddings(name)
-    if prov.get("params_requested") != params:
-        store.write_volume_embeddings(name, ids, X, {**prov, "params_requested": params})
+    ids, X, prov = FeatureStore(path).volume_embeddings(name)
+    if prov.get("params_requested") != params:  # a store opened for writing only when it is written
+        FeatureStore(path, mode="a").write_volume_embeddings(name, ids, X, {**prov, "params_requested": params})
 
 
 def _short_prov(prov: Mapping) -> dict:
