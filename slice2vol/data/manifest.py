@@ -755,10 +755,9 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             failures.append(Failure(sid, source, f"{at}: not a NIfTI file name "
                                                  f"({_NIFTI_NAMES}): {', '.join(odd)}; left out"))
             continue
-        absent = [_absent(c, p) for c, p in images.items() if p is None or not _exists(p)]
-        if seg is not None and not _exists(seg):
-            absent.append(_absent(seg_column, seg))
-        absent += [_absent(c, p) for c, p in maps.items() if not _exists(p)]
+        named_files = [*images.items(), *([(seg_column, seg)] if seg is not None else []), *maps.items()]
+        missing = [(c, p) for c, p in named_files if p is None or not _exists(p)]
+        absent = [_absent(c, p) for c, p in missing]
         if absent:
             first = next((p for p in [*images.values(), seg] if p is not None), None)
             # the line starts with the missing file, or with the row when the first file is there (a
@@ -767,10 +766,8 @@ def _build_cohort(table: pd.DataFrame, root: Path, source: str, id_column: str,
             where = first if first is not None and not _exists(first) and not _URL.search(str(first)) else None
             # a file that is there but cannot be read (permissions, a folder that may not be entered)
             # is no "file not found"
-            missing = [p for p in [*images.values(), *([seg] if seg is not None else []), *maps.values()]
-                       if p is None or not _exists(p)]
             heading = ("cannot read" if all(p is not None and (file_problem(p) or "").startswith("unreadable")
-                                            for p in missing) else "file not found")
+                                            for _, p in missing) else "file not found")
             failures.append(Failure(sid, str(where or source), f"{where or at}: {heading}: {', '.join(absent)}"))
             continue
         labels = {c: _clean(row[c], types[c]) for c in types}
